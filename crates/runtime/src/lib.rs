@@ -1,0 +1,11 @@
+//! The shared runtime of every recsys service: how a service reads its configuration,
+//! logs, binds and serves gRPC (with health, reflection and graceful shutdown), and
+//! connects to the services it calls. Service crates hold only their own domain logic.
+
+pub mod client;
+pub mod config;
+pub mod server;
+pub mod telemetry;
+
+pub use config::{load_config, ConfigError};
+pub use server::{run_service, serve, ServeOptions, ServerConfig};

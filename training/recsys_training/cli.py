@@ -1,0 +1,59 @@
+"""Command line of the training pipeline: ``python -m recsys_training <command>``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .bundle import verify
+from .data import DataError, convert_movielens, fetch_movielens
+from .train import TrainConfig, train_bundle
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="recsys_training", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    prepare = commands.add_parser("prepare-movielens", help="download MovieLens-100k and convert it to the project's format")
+    prepare.add_argument("--out", type=Path, required=True)
+    prepare.add_argument("--cache", type=Path, default=Path(os.environ.get("RECSYS_CACHE", Path.home() / ".cache/recsys")))
+
+    train = commands.add_parser("train", help="train every model and publish a bundle")
+    train.add_argument("--data", type=Path, required=True)
+    train.add_argument("--out", type=Path, required=True, help="bundle root; the bundle lands in OUT/<version> and OUT/current")
+    train.add_argument("--seed", type=int, default=42)
+    train.add_argument("--version", help="bundle version (default: timestamp and data hash)")
+    train.add_argument("--quick", action="store_true", help="few epochs, for tests")
+
+    check = commands.add_parser("verify", help="check a bundle's files against its manifest")
+    check.add_argument("bundle", type=Path)
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "prepare-movielens":
+            if (args.out / "interactions.csv").is_file():
+                print(f"[data] {args.out} already prepared")
+                return 0
+            raw = fetch_movielens(args.cache)
+            convert_movielens(raw, args.out)
+            print(f"[data] MovieLens-100k written to {args.out}")
+        elif args.command == "train":
+            config = TrainConfig(seed=args.seed)
+            if args.quick:
+                config.bpr_epochs, config.ranker_epochs = 3, 1
+            train_bundle(args.data, args.out, config, args.version)
+        elif args.command == "verify":
+            problems = verify(args.bundle)
+            for problem in problems:
+                print(problem)
+            return 1 if problems else 0
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -14,6 +14,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod embeddings;
 mod features;
 
 use std::{
@@ -24,6 +25,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+pub use embeddings::EmbeddingSpace;
 pub use features::{FeatureSpec, RankerInputs, UserAttributes};
 
 /// Bundle format this code reads.

@@ -1,1 +1,78 @@
+//! rank-svc: orders recall's candidates for one user in two steps. Coarse ranking scores
+//! every candidate cheaply in the bundle's embedding space and keeps the best few hundred;
+//! fine ranking runs the bundle's ONNX model (through `ort`) on those. Item features are
+//! looked up here, from the bundle, so requests carry only ids.
 
+#![forbid(unsafe_code)]
+
+mod error;
+mod model;
+mod ranking;
+mod service;
+
+use std::{future::Future, path::PathBuf, sync::Arc};
+
+use recsys_runtime::{server::ServiceConfig, ServerConfig};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+
+pub use error::{RankError, Result};
+pub use model::{onnx_environment, OnnxRanker};
+pub use ranking::{RankedCandidate, Ranker};
+pub use service::RankGrpc;
+
+pub const SERVICE_NAME: &str = "recsys.v1.RankService";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    /// Bundle directory, or a root holding `current`.
+    pub bundle: PathBuf,
+    /// ONNX Runtime shared library; when unset, `ORT_DYLIB_PATH` is used.
+    pub onnxruntime_library: Option<PathBuf>,
+    /// Candidates kept after coarse ranking when the request does not say.
+    pub coarse_keep: usize,
+    /// Independent ONNX sessions, so that concurrent requests do not queue on one.
+    pub sessions: usize,
+    /// Threads each session may use inside one inference.
+    pub intra_op_threads: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            server: ServerConfig::with_listen("127.0.0.1:50054"),
+            bundle: PathBuf::from("models/bundles"),
+            onnxruntime_library: None,
+            coarse_keep: 200,
+            sessions: 2,
+            intra_op_threads: 1,
+        }
+    }
+}
+
+impl ServiceConfig for Config {
+    fn server(&self) -> &ServerConfig {
+        &self.server
+    }
+}
+
+pub async fn serve(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let bundle_dir = recsys_bundle::resolve_dir(&config.bundle)?;
+    let environment = onnx_environment(config.onnxruntime_library.as_deref())?;
+    let ranker = Arc::new(Ranker::load(&bundle_dir, &environment, config.sessions, config.intra_op_threads)?);
+    tracing::info!(bundle = %ranker.version(), "ranker loaded");
+    let max_message_bytes = config.server.max_message_bytes;
+    let options = config.server.serve_options();
+    let service = RankGrpc::new(ranker, config.coarse_keep)
+        .into_server()
+        .max_decoding_message_size(max_message_bytes);
+    recsys_runtime::serve(listener, &[SERVICE_NAME], tonic::service::Routes::new(service), options, shutdown)
+        .await?;
+    Ok(())
+}

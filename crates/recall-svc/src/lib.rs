@@ -1,1 +1,115 @@
+//! recall-svc: turns one user into ~hundreds of candidates. Each channel (embedding,
+//! item-to-item, real-time behaviour, popular, cold start) proposes a ranked list on its
+//! own; `fusion` merges them by weighted reciprocal rank and removes what the user has
+//! already seen or asked to exclude.
 
+#![forbid(unsafe_code)]
+
+mod channels;
+mod error;
+mod fusion;
+mod service;
+
+use std::{future::Future, path::PathBuf, sync::Arc};
+
+use recsys_runtime::{server::ServiceConfig, ServerConfig};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+
+pub use channels::{Channel, RecallIndex};
+pub use error::{RecallError, Result};
+pub use fusion::{fuse_channels, ChannelList, FusedCandidate};
+pub use service::RecallGrpc;
+
+pub const SERVICE_NAME: &str = "recsys.v1.RecallService";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    /// Bundle directory, or a root holding `current`.
+    pub bundle: PathBuf,
+    /// Fused candidates returned when the request does not say.
+    pub candidate_count: usize,
+    /// Reciprocal-rank constant: larger flattens the advantage of top positions.
+    pub rrf_k: f32,
+    pub channels: ChannelSettings,
+}
+
+/// Per channel: how many items it proposes (0 disables it) and its weight in fusion.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ChannelSettings {
+    pub embedding: ChannelQuota,
+    pub item_cf: ChannelQuota,
+    pub realtime: ChannelQuota,
+    pub popular: ChannelQuota,
+    pub cold_start: ChannelQuota,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelQuota {
+    pub quota: usize,
+    pub weight: f32,
+}
+
+impl Default for ChannelSettings {
+    fn default() -> Self {
+        Self {
+            embedding: ChannelQuota { quota: 400, weight: 1.0 },
+            item_cf: ChannelQuota { quota: 300, weight: 1.0 },
+            realtime: ChannelQuota { quota: 200, weight: 0.6 },
+            popular: ChannelQuota { quota: 150, weight: 0.5 },
+            cold_start: ChannelQuota { quota: 50, weight: 0.2 },
+        }
+    }
+}
+
+impl ChannelSettings {
+    pub fn quota(&self, channel: Channel) -> ChannelQuota {
+        match channel {
+            Channel::Embedding => self.embedding,
+            Channel::ItemCf => self.item_cf,
+            Channel::Realtime => self.realtime,
+            Channel::Popular => self.popular,
+            Channel::ColdStart => self.cold_start,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            server: ServerConfig::with_listen("127.0.0.1:50053"),
+            bundle: PathBuf::from("models/bundles"),
+            candidate_count: 500,
+            rrf_k: 60.0,
+            channels: ChannelSettings::default(),
+        }
+    }
+}
+
+impl ServiceConfig for Config {
+    fn server(&self) -> &ServerConfig {
+        &self.server
+    }
+}
+
+pub async fn serve(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let bundle_dir = recsys_bundle::resolve_dir(&config.bundle)?;
+    let index = Arc::new(RecallIndex::load(&bundle_dir)?);
+    tracing::info!(bundle = %index.version, items = index.embeddings.num_items(), "recall index loaded");
+    let max_message_bytes = config.server.max_message_bytes;
+    let options = config.server.serve_options();
+    let service = RecallGrpc::new(index, config)
+        .into_server()
+        .max_decoding_message_size(max_message_bytes);
+    recsys_runtime::serve(listener, &[SERVICE_NAME], tonic::service::Routes::new(service), options, shutdown)
+        .await?;
+    Ok(())
+}

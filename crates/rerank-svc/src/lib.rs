@@ -1,1 +1,67 @@
+//! rerank-svc: shapes the final list. It drops excluded items and trades relevance for
+//! genre diversity with maximal marginal relevance (MMR), so a top 10 is not ten
+//! near-identical items.
 
+#![forbid(unsafe_code)]
+
+mod error;
+mod mmr;
+mod service;
+
+use std::{future::Future, path::PathBuf, sync::Arc};
+
+use recsys_runtime::{server::ServiceConfig, ServerConfig};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+
+pub use error::{RerankError, Result};
+pub use mmr::{diversify, GenreIndex, Picked};
+pub use service::RerankGrpc;
+
+pub const SERVICE_NAME: &str = "recsys.v1.RerankService";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    /// Bundle directory, or a root holding `current` (for item genres).
+    pub bundle: PathBuf,
+    /// MMR trade-off: 1.0 keeps the ranked order, lower values diversify more.
+    pub relevance_weight: f32,
+    /// MMR considers at most `window_factor × top_k` of the best candidates.
+    pub window_factor: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            server: ServerConfig::with_listen("127.0.0.1:50055"),
+            bundle: PathBuf::from("models/bundles"),
+            relevance_weight: 0.8,
+            window_factor: 5,
+        }
+    }
+}
+
+impl ServiceConfig for Config {
+    fn server(&self) -> &ServerConfig {
+        &self.server
+    }
+}
+
+pub async fn serve(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let bundle_dir = recsys_bundle::resolve_dir(&config.bundle)?;
+    let genres = Arc::new(GenreIndex::load(&bundle_dir)?);
+    let max_message_bytes = config.server.max_message_bytes;
+    let options = config.server.serve_options();
+    let service = RerankGrpc::new(genres, config)
+        .into_server()
+        .max_decoding_message_size(max_message_bytes);
+    recsys_runtime::serve(listener, &[SERVICE_NAME], tonic::service::Routes::new(service), options, shutdown)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,113 @@
+//! The BPR embedding space of a bundle, shared by recall-svc (embedding and real-time
+//! channels) and rank-svc (coarse ranking) so both derive a user's vector the same way.
+
+use std::{collections::HashMap, path::Path};
+
+use crate::{read_catalog, read_manifest, read_matrix, read_user_ids, Matrix, Result};
+
+/// How many of the most recent history items stand in for a user the embeddings
+/// were not trained on.
+const HISTORY_ITEMS_FOR_UNKNOWN_USER: usize = 50;
+
+pub struct EmbeddingSpace {
+    pub item_ids: Vec<String>,
+    item_positions: HashMap<String, usize>,
+    user_positions: HashMap<String, usize>,
+    pub item_vectors: Matrix,
+    user_vectors: Matrix,
+}
+
+impl EmbeddingSpace {
+    pub fn load(dir: &Path) -> Result<Self> {
+        let manifest = read_manifest(dir)?;
+        let item_ids: Vec<String> = read_catalog(dir)?.into_iter().map(|item| item.id).collect();
+        let user_ids = read_user_ids(dir)?;
+        let item_vectors = read_matrix(
+            &dir.join("item_embeddings.f32"),
+            item_ids.len(),
+            manifest.embedding_dim,
+        )?;
+        let user_vectors = read_matrix(
+            &dir.join("user_embeddings.f32"),
+            user_ids.len(),
+            manifest.embedding_dim,
+        )?;
+        Ok(Self::new(item_ids, user_ids, item_vectors, user_vectors))
+    }
+
+    pub fn new(item_ids: Vec<String>, user_ids: Vec<String>, item_vectors: Matrix, user_vectors: Matrix) -> Self {
+        let item_positions = item_ids.iter().enumerate().map(|(n, id)| (id.clone(), n)).collect();
+        let user_positions = user_ids.iter().enumerate().map(|(n, id)| (id.clone(), n)).collect();
+        Self {
+            item_ids,
+            item_positions,
+            user_positions,
+            item_vectors,
+            user_vectors,
+        }
+    }
+
+    pub fn item_position(&self, item_id: &str) -> Option<usize> {
+        self.item_positions.get(item_id).copied()
+    }
+
+    pub fn num_items(&self) -> usize {
+        self.item_ids.len()
+    }
+
+    /// The user's trained vector, or for a user trained without (new since the bundle was
+    /// built) the mean of their most recent items' vectors; `None` with no signal at all.
+    pub fn user_vector(&self, user_id: &str, history: &[String]) -> Option<Vec<f32>> {
+        if let Some(&position) = self.user_positions.get(user_id) {
+            return Some(self.user_vectors.row(position).to_vec());
+        }
+        self.mean_item_vector(history.iter().take(HISTORY_ITEMS_FOR_UNKNOWN_USER))
+    }
+
+    /// Mean vector of the given items that the bundle knows.
+    pub fn mean_item_vector<'a>(&self, items: impl Iterator<Item = &'a String>) -> Option<Vec<f32>> {
+        let mut sum = vec![0.0f32; self.item_vectors.cols];
+        let mut count = 0usize;
+        for position in items.filter_map(|id| self.item_position(id)) {
+            for (total, value) in sum.iter_mut().zip(self.item_vectors.row(position)) {
+                *total += value;
+            }
+            count += 1;
+        }
+        (count > 0).then(|| sum.into_iter().map(|value| value / count as f32).collect())
+    }
+
+    pub fn score(&self, user_vector: &[f32], item_position: usize) -> f32 {
+        dot(user_vector, self.item_vectors.row(item_position))
+    }
+}
+
+pub fn dot(left: &[f32], right: &[f32]) -> f32 {
+    left.iter().zip(right).map(|(a, b)| a * b).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn space() -> EmbeddingSpace {
+        EmbeddingSpace::new(
+            vec!["a".into(), "b".into()],
+            vec!["u".into()],
+            Matrix { rows: 2, cols: 2, values: vec![1.0, 0.0, 0.0, 1.0] },
+            Matrix { rows: 1, cols: 2, values: vec![0.5, 2.0] },
+        )
+    }
+
+    #[test]
+    fn trained_user_uses_their_own_vector() {
+        assert_eq!(space().user_vector("u", &[]), Some(vec![0.5, 2.0]));
+    }
+
+    #[test]
+    fn new_user_is_the_mean_of_their_known_history_items() {
+        let history = vec!["a".to_string(), "zzz".to_string(), "b".to_string()];
+        assert_eq!(space().user_vector("new", &history), Some(vec![0.5, 0.5]));
+        assert_eq!(space().user_vector("new", &[]), None);
+    }
+}

@@ -1,0 +1,374 @@
+//! The embedded store: per-user state in memory, rebuilt at start-up from the seed data
+//! and an append-only event log. An event batch is acknowledged only after it is written
+//! and synced to the log, so a crash loses nothing that was acknowledged (a torn last
+//! line, from a batch that was never acknowledged, is skipped on replay).
+
+use std::{
+    collections::{HashMap, VecDeque},
+    fs::{File, OpenOptions},
+    io::{BufRead, BufReader, Write},
+    path::{Path, PathBuf},
+    sync::{Mutex, RwLock},
+};
+
+use recsys_proto::v1::{EventType, UserFeatures, UserProfile};
+use serde::{Deserialize, Serialize};
+
+use crate::{FeatureError, Result};
+
+const MAX_ID_BYTES: usize = 256;
+
+/// One validated feedback event, as stored in the log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredEvent {
+    pub user_id: String,
+    pub item_id: String,
+    pub event: String,
+    pub timestamp_ms: i64,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub request_id: String,
+    #[serde(default)]
+    pub value: f32,
+}
+
+impl StoredEvent {
+    /// Validates one event of a batch; `index` names it in the error.
+    pub fn from_proto(index: usize, event: &recsys_proto::v1::Event) -> Result<Self> {
+        let invalid = |what: &str| FeatureError::InvalidArgument(format!("events[{index}].{what}"));
+        if event.user_id.is_empty() {
+            return Err(invalid("user_id is empty"));
+        }
+        if event.item_id.is_empty() {
+            return Err(invalid("item_id is empty"));
+        }
+        if event.user_id.len() > MAX_ID_BYTES
+            || event.item_id.len() > MAX_ID_BYTES
+            || event.request_id.len() > MAX_ID_BYTES
+        {
+            return Err(invalid(&format!("ids must be at most {MAX_ID_BYTES} bytes")));
+        }
+        let event_type = match EventType::try_from(event.r#type) {
+            Ok(EventType::Unspecified) | Err(_) => {
+                return Err(invalid(&format!("type {} is not a known event type", event.r#type)))
+            }
+            Ok(event_type) => event_type,
+        };
+        if event.timestamp_ms <= 0 {
+            return Err(invalid("timestamp_ms must be a positive Unix time in milliseconds"));
+        }
+        if event_type == EventType::Rating && !(event.value.is_finite() && (0.0..=5.0).contains(&event.value)) {
+            return Err(invalid("value must be a rating in 0..=5"));
+        }
+        Ok(Self {
+            user_id: event.user_id.clone(),
+            item_id: event.item_id.clone(),
+            event: event_type.as_str_name().to_string(),
+            timestamp_ms: event.timestamp_ms,
+            request_id: event.request_id.clone(),
+            value: event.value,
+        })
+    }
+
+    /// Impressions count as activity but are not behaviour the user chose.
+    fn is_engagement(&self) -> bool {
+        self.event != EventType::Impression.as_str_name()
+    }
+}
+
+#[derive(Debug, Default, Clone)]
+struct UserState {
+    profile: Option<UserProfile>,
+    /// (item id, Unix seconds), most recent first, at most `max_history` long.
+    history: VecDeque<(String, i64)>,
+    event_count: u64,
+}
+
+pub struct FeatureStore {
+    users: RwLock<HashMap<String, UserState>>,
+    log: Mutex<File>,
+    log_path: PathBuf,
+    max_history: usize,
+}
+
+impl FeatureStore {
+    /// Loads the seed data (if any), replays the event log and opens it for appending.
+    pub fn open(seed_dir: Option<&Path>, log_path: &Path, max_history: usize) -> Result<Self> {
+        let mut users = HashMap::new();
+        if let Some(dir) = seed_dir {
+            load_seed(dir, &mut users, max_history)?;
+        }
+        let log_error = |source| FeatureError::EventLog {
+            path: log_path.to_path_buf(),
+            source,
+        };
+        if let Some(parent) = log_path.parent() {
+            std::fs::create_dir_all(parent).map_err(log_error)?;
+        }
+        let replayed = replay_log(log_path, &mut users, max_history).map_err(log_error)?;
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log_path)
+            .map_err(log_error)?;
+        tracing::info!(users = users.len(), replayed, log = %log_path.display(), "feature store opened");
+        Ok(Self {
+            users: RwLock::new(users),
+            log: Mutex::new(log),
+            log_path: log_path.to_path_buf(),
+            max_history,
+        })
+    }
+
+    pub fn user_features(&self, user_id: &str, max_history: usize) -> UserFeatures {
+        let users = self.users.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let Some(state) = users.get(user_id) else {
+            return UserFeatures {
+                user_id: user_id.to_string(),
+                ..UserFeatures::default()
+            };
+        };
+        let take = max_history.min(state.history.len());
+        UserFeatures {
+            user_id: user_id.to_string(),
+            known: true,
+            profile: state.profile.clone(),
+            history_item_ids: state.history.iter().take(take).map(|(id, _)| id.clone()).collect(),
+            history_timestamps: state.history.iter().take(take).map(|(_, ts)| *ts).collect(),
+            event_count: state.event_count,
+        }
+    }
+
+    /// Durably appends `events`, then applies them. Blocking: call from a blocking thread.
+    pub fn append(&self, events: &[StoredEvent]) -> Result<()> {
+        let mut batch = Vec::with_capacity(events.len() * 128);
+        for event in events {
+            serde_json::to_writer(&mut batch, event).expect("events serialise to JSON");
+            batch.push(b'\n');
+        }
+        {
+            // The log lock orders batches, so replay applies them in acknowledgement order.
+            let mut log = self.log.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            log.write_all(&batch)
+                .and_then(|()| log.sync_data())
+                .map_err(|source| FeatureError::EventLog {
+                    path: self.log_path.clone(),
+                    source,
+                })?;
+            let mut users = self.users.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+            for event in events {
+                apply(&mut users, event, self.max_history);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn apply(users: &mut HashMap<String, UserState>, event: &StoredEvent, max_history: usize) {
+    let state = users.entry(event.user_id.clone()).or_default();
+    state.event_count += 1;
+    if event.is_engagement() {
+        record_interaction(state, &event.item_id, event.timestamp_ms / 1000, max_history);
+    }
+}
+
+/// Moves `item_id` to the front of the history (an item appears once).
+fn record_interaction(state: &mut UserState, item_id: &str, timestamp: i64, max_history: usize) {
+    if let Some(position) = state.history.iter().position(|(id, _)| id == item_id) {
+        state.history.remove(position);
+    }
+    state.history.push_front((item_id.to_string(), timestamp));
+    state.history.truncate(max_history);
+}
+
+fn replay_log(path: &Path, users: &mut HashMap<String, UserState>, max_history: usize) -> std::io::Result<usize> {
+    let file = match File::open(path) {
+        Ok(file) => file,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(error) => return Err(error),
+    };
+    let mut replayed = 0;
+    for (number, line) in BufReader::new(file).lines().enumerate() {
+        let line = line?;
+        match serde_json::from_str::<StoredEvent>(&line) {
+            Ok(event) => {
+                apply(users, &event, max_history);
+                replayed += 1;
+            }
+            Err(error) => {
+                tracing::warn!(line = number + 1, %error, "skipping unreadable event log line (torn write of an unacknowledged batch)");
+            }
+        }
+    }
+    Ok(replayed)
+}
+
+#[derive(Debug, Deserialize)]
+struct SeedInteraction {
+    user_id: String,
+    item_id: String,
+    timestamp: i64,
+    #[serde(default)]
+    event: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct SeedUser {
+    user_id: String,
+    #[serde(default)]
+    age: Option<u32>,
+    #[serde(default)]
+    gender: Option<String>,
+    #[serde(default)]
+    occupation: Option<String>,
+}
+
+fn load_seed(dir: &Path, users: &mut HashMap<String, UserState>, max_history: usize) -> Result<()> {
+    let interactions_path = dir.join("interactions.csv");
+    let mut interactions: Vec<SeedInteraction> = read_csv(&interactions_path)?;
+    interactions.sort_by_key(|row| row.timestamp);
+    for row in interactions {
+        let state = users.entry(row.user_id).or_default();
+        state.event_count += 1;
+        if row.event.as_deref() != Some("impression") {
+            record_interaction(state, &row.item_id, row.timestamp, max_history);
+        }
+    }
+    let users_path = dir.join("users.csv");
+    if users_path.exists() {
+        for row in read_csv::<SeedUser>(&users_path)? {
+            users.entry(row.user_id).or_default().profile = Some(UserProfile {
+                age: row.age.unwrap_or(0),
+                gender: row.gender.unwrap_or_default(),
+                occupation: row.occupation.unwrap_or_default(),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn read_csv<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
+    let seed_error = |reason: String| FeatureError::Seed {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let mut reader = csv::Reader::from_path(path).map_err(|error| seed_error(error.to_string()))?;
+    reader
+        .deserialize()
+        .collect::<Result<Vec<T>, csv::Error>>()
+        .map_err(|error| seed_error(error.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use recsys_proto::v1::Event;
+
+    fn click(user: &str, item: &str, timestamp_ms: i64) -> StoredEvent {
+        StoredEvent::from_proto(
+            0,
+            &Event {
+                user_id: user.into(),
+                item_id: item.into(),
+                r#type: EventType::Click as i32,
+                timestamp_ms,
+                ..Event::default()
+            },
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn acknowledged_events_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("events.jsonl");
+        {
+            let store = FeatureStore::open(None, &log, 10).unwrap();
+            store.append(&[click("u1", "a", 1_000), click("u1", "b", 2_000)]).unwrap();
+        }
+        let reopened = FeatureStore::open(None, &log, 10).unwrap();
+        let features = reopened.user_features("u1", 10);
+        assert!(features.known);
+        assert_eq!(features.history_item_ids, vec!["b", "a"]);
+        assert_eq!(features.event_count, 2);
+    }
+
+    #[test]
+    fn torn_last_line_is_skipped_on_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("events.jsonl");
+        {
+            let store = FeatureStore::open(None, &log, 10).unwrap();
+            store.append(&[click("u1", "a", 1_000)]).unwrap();
+        }
+        let mut file = OpenOptions::new().append(true).open(&log).unwrap();
+        file.write_all(b"{\"user_id\":\"u1\",\"ite").unwrap();
+        let reopened = FeatureStore::open(None, &log, 10).unwrap();
+        assert_eq!(reopened.user_features("u1", 10).history_item_ids, vec!["a"]);
+    }
+
+    #[test]
+    fn history_is_most_recent_first_without_duplicates_and_capped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FeatureStore::open(None, &dir.path().join("e.jsonl"), 2).unwrap();
+        store
+            .append(&[click("u", "a", 1_000), click("u", "b", 2_000), click("u", "a", 3_000), click("u", "c", 4_000)])
+            .unwrap();
+        assert_eq!(store.user_features("u", 10).history_item_ids, vec!["c", "a"]);
+    }
+
+    #[test]
+    fn impressions_count_but_do_not_enter_history() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FeatureStore::open(None, &dir.path().join("e.jsonl"), 10).unwrap();
+        let mut impression = click("u", "a", 1_000);
+        impression.event = EventType::Impression.as_str_name().to_string();
+        store.append(&[impression]).unwrap();
+        let features = store.user_features("u", 10);
+        assert_eq!(features.event_count, 1);
+        assert!(features.history_item_ids.is_empty());
+    }
+
+    #[test]
+    fn seed_data_gives_profiles_and_time_ordered_history() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("interactions.csv"),
+            "user_id,item_id,timestamp,event,rating\n7,10,200,rating,4\n7,11,100,rating,3\n",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("users.csv"), "user_id,age,gender,occupation\n7,30,F,artist\n").unwrap();
+        let store = FeatureStore::open(Some(dir.path()), &dir.path().join("e.jsonl"), 10).unwrap();
+        let features = store.user_features("7", 10);
+        assert_eq!(features.history_item_ids, vec!["10", "11"]);
+        assert_eq!(features.profile.unwrap().occupation, "artist");
+        assert!(!store.user_features("unknown", 10).known);
+    }
+
+    #[test]
+    fn malformed_seed_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("interactions.csv"), "user_id,item_id,timestamp\n7,10,notanumber\n").unwrap();
+        let error = FeatureStore::open(Some(dir.path()), &dir.path().join("e.jsonl"), 10)
+            .err()
+            .unwrap();
+        assert!(error.to_string().contains("interactions.csv"), "{error}");
+    }
+
+    #[test]
+    fn invalid_events_name_the_offending_field() {
+        let event = Event {
+            user_id: "u".into(),
+            r#type: EventType::Click as i32,
+            timestamp_ms: 1,
+            ..Event::default()
+        };
+        let error = StoredEvent::from_proto(3, &event).unwrap_err();
+        assert_eq!(error.to_string(), "events[3].item_id is empty");
+        let unspecified = Event {
+            item_id: "i".into(),
+            r#type: 0,
+            ..event
+        };
+        assert!(StoredEvent::from_proto(0, &unspecified).unwrap_err().to_string().contains("type"));
+    }
+}

@@ -1,0 +1,75 @@
+//! gRPC surface of rank-svc: validation, then the model run on a blocking thread so it
+//! never stalls the async workers.
+
+use std::sync::Arc;
+
+use recsys_proto::v1::{
+    rank_service_server::{RankService, RankServiceServer},
+    RankRequest, RankResponse, RankedItem,
+};
+use tonic::{Request, Response, Status};
+
+use crate::{RankError, Ranker};
+
+const MAX_ITEMS: usize = 5_000;
+
+#[derive(Clone)]
+pub struct RankGrpc {
+    ranker: Arc<Ranker>,
+    default_coarse_keep: usize,
+}
+
+impl RankGrpc {
+    pub fn new(ranker: Arc<Ranker>, default_coarse_keep: usize) -> Self {
+        Self {
+            ranker,
+            default_coarse_keep,
+        }
+    }
+
+    pub fn into_server(self) -> RankServiceServer<Self> {
+        RankServiceServer::new(self)
+    }
+}
+
+#[tonic::async_trait]
+impl RankService for RankGrpc {
+    async fn rank(&self, request: Request<RankRequest>) -> Result<Response<RankResponse>, Status> {
+        let RankRequest {
+            user,
+            item_ids,
+            coarse_keep,
+            fine_keep,
+            context: _,
+        } = request.into_inner();
+        let user = user.ok_or_else(|| RankError::InvalidArgument("user is required".into()))?;
+        if item_ids.len() > MAX_ITEMS {
+            return Err(RankError::InvalidArgument(format!(
+                "{} item_ids; at most {MAX_ITEMS} allowed",
+                item_ids.len()
+            ))
+            .into());
+        }
+        let coarse_keep = if coarse_keep == 0 { self.default_coarse_keep } else { coarse_keep as usize };
+        let ranker = Arc::clone(&self.ranker);
+        let ranked = tokio::task::spawn_blocking(move || {
+            let items = ranker.resolve_items(&item_ids);
+            ranker.rank(&user, &items, coarse_keep)
+        })
+        .await
+        .map_err(|error| Status::internal(format!("ranking task failed: {error}")))??;
+        let keep = if fine_keep == 0 { ranked.len() } else { fine_keep as usize };
+        Ok(Response::new(RankResponse {
+            items: ranked
+                .into_iter()
+                .take(keep)
+                .map(|candidate| RankedItem {
+                    item_id: self.ranker.item_id(candidate.item).to_string(),
+                    coarse_score: candidate.coarse_score,
+                    fine_score: candidate.fine_score,
+                })
+                .collect(),
+            model_version: self.ranker.version().to_string(),
+        }))
+    }
+}

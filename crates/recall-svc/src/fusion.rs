@@ -1,0 +1,88 @@
+//! Merges the channels' ranked lists into one candidate list by weighted reciprocal rank
+//! fusion: an item scores `Σ weight / (k + rank)` over the channels that proposed it, so
+//! items several channels agree on rise, and no channel's raw score scale dominates.
+
+use std::collections::{HashMap, HashSet};
+
+use crate::Channel;
+
+/// One channel's proposals (item positions, best first) and its fusion weight.
+pub struct ChannelList {
+    pub channel: Channel,
+    pub weight: f32,
+    pub items: Vec<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct FusedCandidate {
+    pub item: usize,
+    pub score: f32,
+    pub channels: Vec<Channel>,
+}
+
+/// Fuses `lists`, skipping `excluded` items, and keeps the best `limit`.
+pub fn fuse_channels(lists: &[ChannelList], excluded: &HashSet<usize>, rrf_k: f32, limit: usize) -> Vec<FusedCandidate> {
+    let mut fused: HashMap<usize, FusedCandidate> = HashMap::new();
+    for list in lists {
+        let mut rank = 0usize;
+        for &item in &list.items {
+            if excluded.contains(&item) {
+                continue;
+            }
+            rank += 1;
+            let candidate = fused.entry(item).or_insert_with(|| FusedCandidate {
+                item,
+                score: 0.0,
+                channels: Vec::new(),
+            });
+            if !candidate.channels.contains(&list.channel) {
+                candidate.score += list.weight / (rrf_k + rank as f32);
+                candidate.channels.push(list.channel);
+            }
+        }
+    }
+    let mut candidates: Vec<FusedCandidate> = fused.into_values().collect();
+    // Ties broken by item position so the output is deterministic.
+    candidates.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.item.cmp(&b.item)));
+    candidates.truncate(limit);
+    candidates
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn list(channel: Channel, weight: f32, items: &[usize]) -> ChannelList {
+        ChannelList { channel, weight, items: items.to_vec() }
+    }
+
+    #[test]
+    fn items_proposed_by_several_channels_rank_first() {
+        let lists = [
+            list(Channel::Embedding, 1.0, &[1, 2, 3]),
+            list(Channel::ItemCf, 1.0, &[3, 4]),
+        ];
+        let fused = fuse_channels(&lists, &HashSet::new(), 60.0, 10);
+        assert_eq!(fused[0].item, 3);
+        assert_eq!(fused[0].channels, vec![Channel::Embedding, Channel::ItemCf]);
+        assert_eq!(fused.len(), 4);
+    }
+
+    #[test]
+    fn excluded_items_never_appear_and_do_not_use_up_ranks() {
+        let lists = [list(Channel::Popular, 1.0, &[7, 8]), list(Channel::Embedding, 1.0, &[9, 8])];
+        let fused = fuse_channels(&lists, &HashSet::from([7]), 60.0, 10);
+        assert!(fused.iter().all(|c| c.item != 7));
+        // 8 is rank 1 in popular (after the exclusion) and rank 2 in embedding.
+        let eight = fused.iter().find(|c| c.item == 8).unwrap();
+        assert!((eight.score - (1.0 / 61.0 + 1.0 / 62.0)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn weights_scale_a_channel_and_limit_truncates() {
+        let lists = [list(Channel::Popular, 0.1, &[1]), list(Channel::Embedding, 1.0, &[2])];
+        let fused = fuse_channels(&lists, &HashSet::new(), 60.0, 1);
+        assert_eq!(fused.len(), 1);
+        assert_eq!(fused[0].item, 2);
+    }
+}

@@ -35,9 +35,22 @@ impl EmbeddingSpace {
         Ok(Self::new(item_ids, user_ids, item_vectors, user_vectors))
     }
 
-    pub fn new(item_ids: Vec<String>, user_ids: Vec<String>, item_vectors: Matrix, user_vectors: Matrix) -> Self {
-        let item_positions = item_ids.iter().enumerate().map(|(n, id)| (id.clone(), n)).collect();
-        let user_positions = user_ids.iter().enumerate().map(|(n, id)| (id.clone(), n)).collect();
+    pub fn new(
+        item_ids: Vec<String>,
+        user_ids: Vec<String>,
+        item_vectors: Matrix,
+        user_vectors: Matrix,
+    ) -> Self {
+        let item_positions = item_ids
+            .iter()
+            .enumerate()
+            .map(|(n, id)| (id.clone(), n))
+            .collect();
+        let user_positions = user_ids
+            .iter()
+            .enumerate()
+            .map(|(n, id)| (id.clone(), n))
+            .collect();
         Self {
             item_ids,
             item_positions,
@@ -65,7 +78,10 @@ impl EmbeddingSpace {
     }
 
     /// Mean vector of the given items that the bundle knows.
-    pub fn mean_item_vector<'a>(&self, items: impl Iterator<Item = &'a String>) -> Option<Vec<f32>> {
+    pub fn mean_item_vector<'a>(
+        &self,
+        items: impl Iterator<Item = &'a String>,
+    ) -> Option<Vec<f32>> {
         let mut sum = vec![0.0f32; self.item_vectors.cols];
         let mut count = 0usize;
         for position in items.filter_map(|id| self.item_position(id)) {
@@ -94,8 +110,16 @@ mod tests {
         EmbeddingSpace::new(
             vec!["a".into(), "b".into()],
             vec!["u".into()],
-            Matrix { rows: 2, cols: 2, values: vec![1.0, 0.0, 0.0, 1.0] },
-            Matrix { rows: 1, cols: 2, values: vec![0.5, 2.0] },
+            Matrix {
+                rows: 2,
+                cols: 2,
+                values: vec![1.0, 0.0, 0.0, 1.0],
+            },
+            Matrix {
+                rows: 1,
+                cols: 2,
+                values: vec![0.5, 2.0],
+            },
         )
     }
 

@@ -55,7 +55,11 @@ pub async fn serve(
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let store = FeatureStore::open(config.seed_dir.as_deref(), &config.event_log, config.max_history)?;
+    let store = FeatureStore::open(
+        config.seed_dir.as_deref(),
+        &config.event_log,
+        config.max_history,
+    )?;
     let service = FeatureGrpc::new(std::sync::Arc::new(store))
         .into_server()
         .max_decoding_message_size(config.server.max_message_bytes);

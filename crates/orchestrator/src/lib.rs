@@ -1,1 +1,145 @@
+//! The orchestrator serves the public `recsys.v1.Recommender` API. It validates each
+//! request once at the edge, then runs feature → recall → rank → rerank, giving each
+//! downstream call only the time that is left of the caller's deadline, and falls back
+//! stage by stage (reported in `degraded_stages`) rather than failing the request.
 
+#![forbid(unsafe_code)]
+
+mod deadline;
+mod error;
+mod fallback;
+mod pipeline;
+mod request;
+mod service;
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use recsys_runtime::{server::ServiceConfig, ServerConfig};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+
+pub use error::{OrchestratorError, Result};
+pub use pipeline::{Downstream, Pipeline};
+pub use request::{RecommendQuery, RequestLimits};
+pub use service::RecommenderGrpc;
+
+pub const SERVICE_NAME: &str = "recsys.v1.Recommender";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub downstream: DownstreamConfig,
+    pub limits: RequestLimits,
+    pub budgets: StageBudgets,
+    /// Candidates asked of recall.
+    pub candidate_count: u32,
+    /// Candidates rank-svc keeps after coarse ranking.
+    pub coarse_keep: u32,
+    /// Ranked items handed to rerank, as a multiple of top_k.
+    pub rerank_window_factor: u32,
+    /// How often the popular fallback list is refreshed from recall.
+    pub fallback_refresh_ms: u64,
+}
+
+/// Addresses (`host:port`) of the four leaf services.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DownstreamConfig {
+    pub feature: String,
+    pub recall: String,
+    pub rank: String,
+    pub rerank: String,
+    pub connect_timeout_ms: u64,
+}
+
+/// Per-stage time budgets (ms). A stage gets the smaller of its budget and what is left
+/// of the request's deadline.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StageBudgets {
+    /// Used when the caller sends no `grpc-timeout`.
+    pub default_deadline_ms: u64,
+    pub feature_ms: u64,
+    pub recall_ms: u64,
+    pub rank_ms: u64,
+    pub rerank_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            server: ServerConfig::with_listen("127.0.0.1:50051"),
+            downstream: DownstreamConfig::default(),
+            limits: RequestLimits::default(),
+            budgets: StageBudgets::default(),
+            candidate_count: 500,
+            coarse_keep: 200,
+            rerank_window_factor: 5,
+            fallback_refresh_ms: 30_000,
+        }
+    }
+}
+
+impl Default for DownstreamConfig {
+    fn default() -> Self {
+        Self {
+            feature: "127.0.0.1:50052".into(),
+            recall: "127.0.0.1:50053".into(),
+            rank: "127.0.0.1:50054".into(),
+            rerank: "127.0.0.1:50055".into(),
+            connect_timeout_ms: 200,
+        }
+    }
+}
+
+impl Default for StageBudgets {
+    fn default() -> Self {
+        Self {
+            default_deadline_ms: 500,
+            feature_ms: 50,
+            recall_ms: 100,
+            rank_ms: 200,
+            rerank_ms: 50,
+        }
+    }
+}
+
+impl StageBudgets {
+    pub fn default_deadline(&self) -> Duration {
+        Duration::from_millis(self.default_deadline_ms)
+    }
+}
+
+impl ServiceConfig for Config {
+    fn server(&self) -> &ServerConfig {
+        &self.server
+    }
+}
+
+pub async fn serve(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let downstream = Downstream::connect(&config.downstream)?;
+    let pipeline = Arc::new(Pipeline::new(downstream, config.clone()));
+    let refresher = tokio::spawn(fallback::keep_refreshed(
+        Arc::clone(&pipeline),
+        Duration::from_millis(config.fallback_refresh_ms),
+    ));
+    let service = RecommenderGrpc::new(pipeline)
+        .into_server()
+        .max_decoding_message_size(config.server.max_message_bytes);
+    let result = recsys_runtime::serve(
+        listener,
+        &[SERVICE_NAME],
+        tonic::service::Routes::new(service),
+        config.server.serve_options(),
+        shutdown,
+    )
+    .await;
+    refresher.abort();
+    result?;
+    Ok(())
+}

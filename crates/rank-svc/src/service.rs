@@ -50,7 +50,11 @@ impl RankService for RankGrpc {
             ))
             .into());
         }
-        let coarse_keep = if coarse_keep == 0 { self.default_coarse_keep } else { coarse_keep as usize };
+        let coarse_keep = if coarse_keep == 0 {
+            self.default_coarse_keep
+        } else {
+            coarse_keep as usize
+        };
         let ranker = Arc::clone(&self.ranker);
         let ranked = tokio::task::spawn_blocking(move || {
             let items = ranker.resolve_items(&item_ids);
@@ -58,7 +62,11 @@ impl RankService for RankGrpc {
         })
         .await
         .map_err(|error| Status::internal(format!("ranking task failed: {error}")))??;
-        let keep = if fine_keep == 0 { ranked.len() } else { fine_keep as usize };
+        let keep = if fine_keep == 0 {
+            ranked.len()
+        } else {
+            fine_keep as usize
+        };
         Ok(Response::new(RankResponse {
             items: ranked
                 .into_iter()

@@ -4,7 +4,8 @@
 use std::{collections::HashSet, path::Path};
 
 use recsys_bundle::{
-    embeddings::dot, read_catalog, read_item_neighbors, read_manifest, read_popularity, EmbeddingSpace,
+    embeddings::dot, read_catalog, read_item_neighbors, read_manifest, read_popularity,
+    EmbeddingSpace,
 };
 
 use crate::Result;
@@ -73,7 +74,9 @@ impl RecallIndex {
                     .remove(id)
                     .unwrap_or_default()
                     .into_iter()
-                    .filter_map(|(neighbor, similarity)| Some((embeddings.item_position(&neighbor)?, similarity)))
+                    .filter_map(|(neighbor, similarity)| {
+                        Some((embeddings.item_position(&neighbor)?, similarity))
+                    })
                     .collect()
             })
             .collect();
@@ -82,7 +85,13 @@ impl RecallIndex {
             .filter_map(|(id, _)| embeddings.item_position(&id))
             .collect();
         let mut newest: Vec<usize> = (0..catalog.len()).collect();
-        newest.sort_by_key(|&n| (std::cmp::Reverse(catalog[n].year), catalog[n].interactions, n));
+        newest.sort_by_key(|&n| {
+            (
+                std::cmp::Reverse(catalog[n].year),
+                catalog[n].interactions,
+                n,
+            )
+        });
         Ok(Self {
             version: manifest.version,
             embeddings,
@@ -94,7 +103,14 @@ impl RecallIndex {
 
     /// One channel's proposals for a user with `history` (most recent first), skipping
     /// `excluded` so that the quota is spent on items that can be served.
-    pub fn propose(&self, channel: Channel, user_id: &str, history: &[String], excluded: &HashSet<usize>, quota: usize) -> Vec<usize> {
+    pub fn propose(
+        &self,
+        channel: Channel,
+        user_id: &str,
+        history: &[String],
+        excluded: &HashSet<usize>,
+        quota: usize,
+    ) -> Vec<usize> {
         if quota == 0 {
             return Vec::new();
         }
@@ -103,7 +119,10 @@ impl RecallIndex {
                 Some(vector) => self.nearest(&vector, excluded, quota),
                 None => Vec::new(),
             },
-            Channel::Realtime => match self.embeddings.mean_item_vector(history.iter().take(REALTIME_WINDOW)) {
+            Channel::Realtime => match self
+                .embeddings
+                .mean_item_vector(history.iter().take(REALTIME_WINDOW))
+            {
                 Some(vector) => self.nearest(&vector, excluded, quota),
                 None => Vec::new(),
             },
@@ -146,7 +165,12 @@ impl RecallIndex {
 }
 
 fn take_allowed(ranked: &[usize], excluded: &HashSet<usize>, quota: usize) -> Vec<usize> {
-    ranked.iter().copied().filter(|n| !excluded.contains(n)).take(quota).collect()
+    ranked
+        .iter()
+        .copied()
+        .filter(|n| !excluded.contains(n))
+        .take(quota)
+        .collect()
 }
 
 fn top_by_score(scored: &mut Vec<(f32, usize)>, quota: usize) -> Vec<usize> {

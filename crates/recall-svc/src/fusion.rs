@@ -21,7 +21,12 @@ pub struct FusedCandidate {
 }
 
 /// Fuses `lists`, skipping `excluded` items, and keeps the best `limit`.
-pub fn fuse_channels(lists: &[ChannelList], excluded: &HashSet<usize>, rrf_k: f32, limit: usize) -> Vec<FusedCandidate> {
+pub fn fuse_channels(
+    lists: &[ChannelList],
+    excluded: &HashSet<usize>,
+    rrf_k: f32,
+    limit: usize,
+) -> Vec<FusedCandidate> {
     let mut fused: HashMap<usize, FusedCandidate> = HashMap::new();
     for list in lists {
         let mut rank = 0usize;
@@ -53,7 +58,11 @@ mod tests {
     use super::*;
 
     fn list(channel: Channel, weight: f32, items: &[usize]) -> ChannelList {
-        ChannelList { channel, weight, items: items.to_vec() }
+        ChannelList {
+            channel,
+            weight,
+            items: items.to_vec(),
+        }
     }
 
     #[test]
@@ -70,7 +79,10 @@ mod tests {
 
     #[test]
     fn excluded_items_never_appear_and_do_not_use_up_ranks() {
-        let lists = [list(Channel::Popular, 1.0, &[7, 8]), list(Channel::Embedding, 1.0, &[9, 8])];
+        let lists = [
+            list(Channel::Popular, 1.0, &[7, 8]),
+            list(Channel::Embedding, 1.0, &[9, 8]),
+        ];
         let fused = fuse_channels(&lists, &HashSet::from([7]), 60.0, 10);
         assert!(fused.iter().all(|c| c.item != 7));
         // 8 is rank 1 in popular (after the exclusion) and rank 2 in embedding.
@@ -80,7 +92,10 @@ mod tests {
 
     #[test]
     fn weights_scale_a_channel_and_limit_truncates() {
-        let lists = [list(Channel::Popular, 0.1, &[1]), list(Channel::Embedding, 1.0, &[2])];
+        let lists = [
+            list(Channel::Popular, 0.1, &[1]),
+            list(Channel::Embedding, 1.0, &[2]),
+        ];
         let fused = fuse_channels(&lists, &HashSet::new(), 60.0, 1);
         assert_eq!(fused.len(), 1);
         assert_eq!(fused[0].item, 2);

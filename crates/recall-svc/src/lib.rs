@@ -57,11 +57,26 @@ pub struct ChannelQuota {
 impl Default for ChannelSettings {
     fn default() -> Self {
         Self {
-            embedding: ChannelQuota { quota: 400, weight: 1.0 },
-            item_cf: ChannelQuota { quota: 300, weight: 1.0 },
-            realtime: ChannelQuota { quota: 200, weight: 0.6 },
-            popular: ChannelQuota { quota: 150, weight: 0.5 },
-            cold_start: ChannelQuota { quota: 50, weight: 0.2 },
+            embedding: ChannelQuota {
+                quota: 400,
+                weight: 1.0,
+            },
+            item_cf: ChannelQuota {
+                quota: 300,
+                weight: 1.0,
+            },
+            realtime: ChannelQuota {
+                quota: 200,
+                weight: 0.6,
+            },
+            popular: ChannelQuota {
+                quota: 150,
+                weight: 0.5,
+            },
+            cold_start: ChannelQuota {
+                quota: 50,
+                weight: 0.2,
+            },
         }
     }
 }
@@ -109,7 +124,13 @@ pub async fn serve(
     let service = RecallGrpc::new(index, config)
         .into_server()
         .max_decoding_message_size(max_message_bytes);
-    recsys_runtime::serve(listener, &[SERVICE_NAME], tonic::service::Routes::new(service), options, shutdown)
-        .await?;
+    recsys_runtime::serve(
+        listener,
+        &[SERVICE_NAME],
+        tonic::service::Routes::new(service),
+        options,
+        shutdown,
+    )
+    .await?;
     Ok(())
 }

@@ -63,7 +63,13 @@ impl RecallGrpc {
                 ChannelList {
                     channel,
                     weight: quota.weight,
-                    items: self.index.propose(channel, &user.user_id, &user.history_item_ids, &excluded, quota.quota),
+                    items: self.index.propose(
+                        channel,
+                        &user.user_id,
+                        &user.history_item_ids,
+                        &excluded,
+                        quota.quota,
+                    ),
                 }
             })
             .collect();
@@ -74,7 +80,11 @@ impl RecallGrpc {
                 .map(|candidate| Candidate {
                     item_id: embeddings.item_ids[candidate.item].clone(),
                     score: candidate.score,
-                    channels: candidate.channels.iter().map(|c| c.name().to_string()).collect(),
+                    channels: candidate
+                        .channels
+                        .iter()
+                        .map(|c| c.name().to_string())
+                        .collect(),
                 })
                 .collect(),
             bundle_version: self.index.version.clone(),
@@ -84,7 +94,10 @@ impl RecallGrpc {
 
 #[tonic::async_trait]
 impl RecallService for RecallGrpc {
-    async fn recall(&self, request: Request<RecallRequest>) -> Result<Response<RecallResponse>, Status> {
+    async fn recall(
+        &self,
+        request: Request<RecallRequest>,
+    ) -> Result<Response<RecallResponse>, Status> {
         let response = self.recall_candidates(request.into_inner())?;
         tracing::debug!(candidates = response.candidates.len(), "recall served");
         Ok(Response::new(response))

@@ -61,7 +61,13 @@ pub async fn serve(
     let service = RerankGrpc::new(genres, config)
         .into_server()
         .max_decoding_message_size(max_message_bytes);
-    recsys_runtime::serve(listener, &[SERVICE_NAME], tonic::service::Routes::new(service), options, shutdown)
-        .await?;
+    recsys_runtime::serve(
+        listener,
+        &[SERVICE_NAME],
+        tonic::service::Routes::new(service),
+        options,
+        shutdown,
+    )
+    .await?;
     Ok(())
 }

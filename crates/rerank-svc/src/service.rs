@@ -33,7 +33,10 @@ impl RerankGrpc {
 
 #[tonic::async_trait]
 impl RerankService for RerankGrpc {
-    async fn rerank(&self, request: Request<RerankRequest>) -> Result<Response<RerankResponse>, Status> {
+    async fn rerank(
+        &self,
+        request: Request<RerankRequest>,
+    ) -> Result<Response<RerankResponse>, Status> {
         let RerankRequest {
             candidates,
             top_k,

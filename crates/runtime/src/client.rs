@@ -6,7 +6,10 @@ use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 
 /// Builds a lazily connecting channel to `address` (`host:port` or a full `http://` URI).
-pub fn lazy_channel(address: &str, connect_timeout: Duration) -> Result<Channel, tonic::transport::Error> {
+pub fn lazy_channel(
+    address: &str,
+    connect_timeout: Duration,
+) -> Result<Channel, tonic::transport::Error> {
     let uri = if address.contains("://") {
         address.to_string()
     } else {

@@ -55,9 +55,8 @@ where
         merge(&mut merged, from_file);
     }
     let prefix = format!("{env_prefix}__");
-    let mut overrides: Vec<(String, String)> = vars
-        .filter(|(name, _)| name.starts_with(&prefix))
-        .collect();
+    let mut overrides: Vec<(String, String)> =
+        vars.filter(|(name, _)| name.starts_with(&prefix)).collect();
     // Sorted so that the result does not depend on the process's environment order.
     overrides.sort();
     for (name, raw) in overrides {

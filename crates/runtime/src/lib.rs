@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod config;
+mod oversized;
 pub mod server;
 pub mod telemetry;
 

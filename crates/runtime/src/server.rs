@@ -82,7 +82,11 @@ struct ServiceArgs {
 
 /// The `main` of every service: flags, configuration, telemetry, bind, then `start`
 /// with the bound listener and a future that resolves on SIGTERM or Ctrl-C.
-pub async fn run_service<C, F, Fut>(service: &'static str, env_prefix: &str, start: F) -> anyhow::Result<()>
+pub async fn run_service<C, F, Fut>(
+    service: &'static str,
+    env_prefix: &str,
+    start: F,
+) -> anyhow::Result<()>
 where
     C: ServiceConfig,
     F: FnOnce(C, TcpListener) -> Fut,
@@ -146,14 +150,10 @@ pub async fn serve(
             .set_service_status(name, ServingStatus::Serving)
             .await;
     }
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(recsys_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    let reflection_v1 = reflection_builder(service_names)
         .build_v1()
         .expect("the compiled-in descriptor sets are valid");
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(recsys_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    let reflection_v1alpha = reflection_builder(service_names)
         .build_v1alpha()
         .expect("the compiled-in descriptor sets are valid");
     let routes = routes
@@ -163,6 +163,9 @@ pub async fn serve(
 
     let (stop_accepting, stop_accepting_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
+        .layer(tower::util::MapResponseLayer::new(
+            crate::oversized::rewrite_oversized_status,
+        ))
         .add_routes(routes)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             let _ = stop_accepting_rx.await;
@@ -183,8 +186,24 @@ pub async fn serve(
     match tokio::time::timeout(options.drain_timeout, server).await {
         Ok(result) => result,
         Err(_) => {
-            tracing::warn!(timeout_ms = options.drain_timeout.as_millis() as u64, "drain timed out; exiting with calls in flight");
+            tracing::warn!(
+                timeout_ms = options.drain_timeout.as_millis() as u64,
+                "drain timed out; exiting with calls in flight"
+            );
             Ok(())
         }
     }
+}
+
+/// Reflection over every recsys proto, advertising only what this server serves
+/// (the descriptor set holds all five services' definitions).
+fn reflection_builder<'a>(service_names: &[&str]) -> tonic_reflection::server::Builder<'a> {
+    let mut builder = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(recsys_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .with_service_name("grpc.health.v1.Health");
+    for name in service_names {
+        builder = builder.with_service_name(*name);
+    }
+    builder
 }

@@ -1,0 +1,43 @@
+# The two commands of the README: `make run` and `make test`. Everything they need is
+# fetched from the package registries on first use and cached under ~/.cache/recsys.
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+ENV := source target/recsys.env
+
+.PHONY: run test bootstrap build bundle test-rust test-python lint fmt clean-state
+
+run: bootstrap build
+	@deploy/local/run-cluster.sh
+
+test: bootstrap test-rust test-python lint
+
+bootstrap:
+	@deploy/local/bootstrap.sh
+
+build:
+	@echo "==> building the workspace (first build takes a few minutes)"
+	cargo build --workspace --bins
+
+test-rust:
+	@echo "==> Rust unit and cluster tests"
+	$(ENV) && cargo test --workspace
+
+test-python:
+	@echo "==> training pipeline tests"
+	$(ENV) && cd training && "$$RECSYS_PYTHON" -m pytest -q
+
+lint:
+	@echo "==> rustfmt and clippy"
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	cargo fmt --all
+
+# Train a new bundle from data/ml-100k and make it current.
+bundle: bootstrap
+	$(ENV) && "$$RECSYS_PYTHON" -m recsys_training train --data data/ml-100k --out models/bundles
+
+# Forget the feature store's event log (user behaviour logged since the seed data).
+clean-state:
+	rm -rf data/state

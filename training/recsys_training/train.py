@@ -34,8 +34,11 @@ class TrainConfig:
     threads: int = 2
 
 
+_STARTED = time.monotonic()
+
+
 def log(message: str) -> None:
-    print(f"[train] {message}", flush=True)
+    print(f"[train {time.monotonic() - _STARTED:6.1f}s] {message}", flush=True)
 
 
 def _numeric_first(ids):
@@ -136,6 +139,32 @@ def train_ranker(dataset, spec, user_ids, user_events, item_interactions, user_i
     return model, float(auc(labels[val], val_scores)), val_scores, held_out
 
 
+def ranker_fixture(dataset, user_ids, user_events, held_out, model, count: int = 8) -> list[dict]:
+    """Examples with the exact tensors and PyTorch scores of training, so rank-svc's tests
+    can prove that serving builds the same inputs and the ONNX model gives the same score."""
+    users, items, user_features, item_features = (t[:count] for t in held_out)
+    with torch.no_grad():
+        expected = model(users, items, user_features, item_features).numpy()
+    examples = []
+    for n in range(len(users)):
+        uid = user_ids[int(users[n]) - 1]
+        user = dataset.users.get(uid)
+        examples.append({
+            "user_id": uid,
+            "age": user.age if user else 0,
+            "gender": user.gender if user else "",
+            "occupation": user.occupation if user else "",
+            "event_count": user_events.get(uid, 0),
+            "item_id": dataset.items[int(items[n]) - 1].item_id,
+            "user_index": int(users[n]),
+            "item_index": int(items[n]),
+            "user_features": user_features[n].tolist(),
+            "item_features": item_features[n].tolist(),
+            "score": float(expected[n]),
+        })
+    return examples
+
+
 def export_ranker(model, held_out, path: Path) -> float:
     """Exports to ONNX with a dynamic batch axis and returns the max abs difference
     between PyTorch and ONNX Runtime on the held-out batch."""
@@ -193,6 +222,8 @@ def train_bundle(data_dir: Path, out_root: Path, config: TrainConfig | None = No
     if onnx_diff > 1e-4:
         raise RuntimeError(f"ONNX export differs from PyTorch by {onnx_diff}")
 
+    fixture = ranker_fixture(dataset, user_ids, user_events, held_out, model)
+    (staging / "ranker_fixture.json").write_text(json.dumps(fixture))
     catalog = [
         {"id": item.item_id, "title": item.title, "genres": item.genres, "year": item.year,
          "interactions": item_interactions.get(item.item_id, 0)}

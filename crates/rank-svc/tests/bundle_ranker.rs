@@ -1,0 +1,131 @@
+//! rank-svc against the real default bundle (`make test` bootstraps it): serving builds
+//! exactly the tensors training built, and ONNX Runtime through `ort` reproduces the
+//! PyTorch scores recorded in the bundle's `ranker_fixture.json`.
+
+use std::path::PathBuf;
+
+use rank_svc::{onnx_environment, Ranker};
+use recsys_proto::v1::{UserFeatures, UserProfile};
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+struct FixtureExample {
+    user_id: String,
+    age: u32,
+    gender: String,
+    occupation: String,
+    event_count: u64,
+    item_id: String,
+    user_index: i64,
+    item_index: i64,
+    user_features: Vec<f32>,
+    item_features: Vec<f32>,
+    score: f32,
+}
+
+fn bundle_dir() -> PathBuf {
+    let root = std::env::var_os("RECSYS_TEST_BUNDLE").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/bundles"),
+        PathBuf::from,
+    );
+    recsys_bundle::resolve_dir(&root)
+        .expect("a bundle exists: run `make test`, which bootstraps it")
+}
+
+fn load_ranker() -> Ranker {
+    let environment = onnx_environment(None)
+        .expect("ORT_DYLIB_PATH points at libonnxruntime (make test sets it)");
+    Ranker::load(&bundle_dir(), &environment, 1, 1).expect("the default bundle loads")
+}
+
+fn user(example: &FixtureExample) -> UserFeatures {
+    UserFeatures {
+        user_id: example.user_id.clone(),
+        known: true,
+        profile: Some(UserProfile {
+            age: example.age,
+            gender: example.gender.clone(),
+            occupation: example.occupation.clone(),
+        }),
+        event_count: example.event_count,
+        ..UserFeatures::default()
+    }
+}
+
+#[test]
+fn serving_builds_training_tensors_and_onnx_reproduces_pytorch_scores() {
+    let ranker = load_ranker();
+    let fixture: Vec<FixtureExample> = serde_json::from_str(
+        &std::fs::read_to_string(bundle_dir().join("ranker_fixture.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(!fixture.is_empty());
+    for example in &fixture {
+        let items = ranker.resolve_items(std::slice::from_ref(&example.item_id));
+        let inputs = ranker.fine_inputs(&user(example), &items);
+        assert_eq!(inputs.user_index, vec![example.user_index], "{example:?}");
+        assert_eq!(inputs.item_index, vec![example.item_index], "{example:?}");
+        for (served, trained) in inputs.user_features.iter().zip(&example.user_features) {
+            assert!(
+                (served - trained).abs() < 1e-6,
+                "user features {:?} vs {:?}",
+                inputs.user_features,
+                example.user_features
+            );
+        }
+        for (served, trained) in inputs.item_features.iter().zip(&example.item_features) {
+            assert!(
+                (served - trained).abs() < 1e-6,
+                "item features {:?} vs {:?}",
+                inputs.item_features,
+                example.item_features
+            );
+        }
+        let ranked = ranker.rank(&user(example), &items, 10).unwrap();
+        assert!(
+            (ranked[0].fine_score - example.score).abs() <= 1e-4,
+            "onnx {} vs pytorch {}",
+            ranked[0].fine_score,
+            example.score
+        );
+    }
+}
+
+#[test]
+fn ranking_keeps_the_coarse_cut_orders_by_fine_score_and_drops_unknown_items() {
+    let ranker = load_ranker();
+    let ids: Vec<String> = (1..=300)
+        .map(|n| n.to_string())
+        .chain(["not-an-item".to_string()])
+        .collect();
+    let items = ranker.resolve_items(&ids);
+    assert_eq!(items.len(), 300);
+    let user = UserFeatures {
+        user_id: "196".into(),
+        known: true,
+        ..UserFeatures::default()
+    };
+    let ranked = ranker.rank(&user, &items, 50).unwrap();
+    assert_eq!(ranked.len(), 50);
+    assert!(ranked
+        .windows(2)
+        .all(|pair| pair[0].fine_score >= pair[1].fine_score));
+    assert!(ranked.iter().all(|c| (0.0..=1.0).contains(&c.fine_score)));
+    // The 50 kept are the coarse top 50.
+    let mut coarse = ranker.coarse(&user, &items);
+    coarse.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let threshold = coarse[49].1;
+    assert!(ranked.iter().all(|c| c.coarse_score >= threshold));
+}
+
+#[test]
+fn a_user_without_any_signal_is_still_ranked() {
+    let ranker = load_ranker();
+    let items = ranker.resolve_items(&["1".to_string(), "2".to_string(), "50".to_string()]);
+    let nobody = UserFeatures {
+        user_id: "nobody".into(),
+        ..UserFeatures::default()
+    };
+    let ranked = ranker.rank(&nobody, &items, 10).unwrap();
+    assert_eq!(ranked.len(), 3);
+}

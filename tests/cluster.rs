@@ -4,38 +4,25 @@ use std::collections::HashSet;
 
 use cluster_tests::{Cluster, Service};
 use recsys_proto::v1::{
-    feature_service_client::FeatureServiceClient, recommender_client::RecommenderClient, Event,
-    EventType, GetUserFeaturesRequest, LogEventsRequest, RecommendRequest, RecommendResponse,
+    feature_service_client::FeatureServiceClient, recommender_client::RecommenderClient, Event, EventType,
+    GetUserFeaturesRequest, LogEventsRequest, RecommendRequest, RecommendResponse,
 };
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 
 fn recommend_request(user_id: &str, top_k: u32) -> RecommendRequest {
-    RecommendRequest {
-        user_id: user_id.to_string(),
-        top_k,
-        ..RecommendRequest::default()
-    }
+    RecommendRequest { user_id: user_id.to_string(), top_k, ..RecommendRequest::default() }
 }
 
-async fn recommend(
-    cluster: &Cluster,
-    request: RecommendRequest,
-) -> Result<RecommendResponse, tonic::Status> {
+async fn recommend(cluster: &Cluster, request: RecommendRequest) -> Result<RecommendResponse, tonic::Status> {
     let mut client = RecommenderClient::new(cluster.channel(Service::Orchestrator));
-    client
-        .recommend(request)
-        .await
-        .map(tonic::Response::into_inner)
+    client.recommend(request).await.map(tonic::Response::into_inner)
 }
 
 async fn history(cluster: &Cluster, user_id: &str) -> Vec<String> {
     let mut client = FeatureServiceClient::new(cluster.channel(Service::Feature));
     client
-        .get_user_features(GetUserFeaturesRequest {
-            user_id: user_id.to_string(),
-            max_history: 0,
-        })
+        .get_user_features(GetUserFeaturesRequest { user_id: user_id.to_string(), max_history: 0 })
         .await
         .expect("feature-svc answers")
         .into_inner()
@@ -44,11 +31,7 @@ async fn history(cluster: &Cluster, user_id: &str) -> Vec<String> {
 
 fn assert_well_formed(response: &RecommendResponse, top_k: usize) {
     assert_eq!(response.items.len(), top_k, "{response:?}");
-    let unique: HashSet<&str> = response
-        .items
-        .iter()
-        .map(|item| item.item_id.as_str())
-        .collect();
+    let unique: HashSet<&str> = response.items.iter().map(|item| item.item_id.as_str()).collect();
     assert_eq!(unique.len(), top_k, "items are unique");
     for (position, item) in response.items.iter().enumerate() {
         assert_eq!(item.rank as usize, position + 1);
@@ -65,71 +48,35 @@ async fn recommend_serves_known_and_unknown_users_and_learns_from_events() {
     // A real MovieLens user: ten unseen items, every stage healthy, traces on request.
     let seen: HashSet<String> = history(&cluster, "196").await.into_iter().collect();
     assert!(seen.len() >= 20, "user 196 has MovieLens history");
-    let response = recommend(
-        &cluster,
-        RecommendRequest {
-            debug: true,
-            ..recommend_request("196", 10)
-        },
-    )
-    .await
-    .expect("recommend succeeds");
+    let response = recommend(&cluster, RecommendRequest { debug: true, ..recommend_request("196", 10) })
+        .await
+        .expect("recommend succeeds");
     assert_well_formed(&response, 10);
-    assert!(
-        response.degraded_stages.is_empty(),
-        "{:?}",
-        response.degraded_stages
-    );
+    assert!(response.degraded_stages.is_empty(), "{:?}", response.degraded_stages);
     for item in &response.items {
-        assert!(
-            !seen.contains(&item.item_id),
-            "item {} was already seen",
-            item.item_id
-        );
+        assert!(!seen.contains(&item.item_id), "item {} was already seen", item.item_id);
         let trace = item.trace.as_ref().expect("debug requests carry traces");
         assert!(!trace.recall_channels.is_empty());
-        assert_eq!(
-            trace.fine_score, item.score,
-            "the served score is the fine ranker's"
-        );
+        assert_eq!(trace.fine_score, item.score, "the served score is the fine ranker's");
     }
-    let without_debug = recommend(&cluster, recommend_request("196", 10))
-        .await
-        .unwrap();
+    let without_debug = recommend(&cluster, recommend_request("196", 10)).await.unwrap();
     assert!(without_debug.items.iter().all(|item| item.trace.is_none()));
 
     // Excluded items never come back.
-    let excluded: Vec<String> = response
-        .items
-        .iter()
-        .take(3)
-        .map(|item| item.item_id.clone())
-        .collect();
-    let response = recommend(
-        &cluster,
-        RecommendRequest {
-            exclude_item_ids: excluded.clone(),
-            ..recommend_request("196", 10)
-        },
-    )
-    .await
-    .unwrap();
-    assert!(response
-        .items
-        .iter()
-        .all(|item| !excluded.contains(&item.item_id)));
+    let excluded: Vec<String> = response.items.iter().take(3).map(|item| item.item_id.clone()).collect();
+    let response =
+        recommend(&cluster, RecommendRequest { exclude_item_ids: excluded.clone(), ..recommend_request("196", 10) })
+            .await
+            .unwrap();
+    assert!(response.items.iter().all(|item| !excluded.contains(&item.item_id)));
 
     // A user nobody has seen is served, not rejected.
-    let response = recommend(&cluster, recommend_request("no-such-user-42", 10))
-        .await
-        .expect("unknown user served");
+    let response = recommend(&cluster, recommend_request("no-such-user-42", 10)).await.expect("unknown user served");
     assert_well_formed(&response, 10);
     assert!(response.degraded_stages.is_empty());
 
     // Feedback is acknowledged, stored, and what a user clicked is not recommended again.
-    let first = recommend(&cluster, recommend_request("new-user-7", 5))
-        .await
-        .unwrap();
+    let first = recommend(&cluster, recommend_request("new-user-7", 5)).await.unwrap();
     let clicked = first.items[0].item_id.clone();
     let mut client = RecommenderClient::new(cluster.channel(Service::Orchestrator));
     let accepted = client
@@ -149,9 +96,7 @@ async fn recommend_serves_known_and_unknown_users_and_learns_from_events() {
         .accepted;
     assert_eq!(accepted, 1);
     assert_eq!(history(&cluster, "new-user-7").await, vec![clicked.clone()]);
-    let after = recommend(&cluster, recommend_request("new-user-7", 5))
-        .await
-        .unwrap();
+    let after = recommend(&cluster, recommend_request("new-user-7", 5)).await.unwrap();
     assert!(after.items.iter().all(|item| item.item_id != clicked));
 }
 
@@ -161,48 +106,27 @@ async fn bad_requests_are_rejected_with_invalid_argument() {
     let cases = [
         ("top_k 0", recommend_request("196", 0), "top_k"),
         ("top_k absurd", recommend_request("196", 1_000_000), "top_k"),
-        (
-            "empty user_id",
-            recommend_request("", 10),
-            "user_id is empty",
-        ),
-        (
-            "long user_id",
-            recommend_request(&"u".repeat(100_000), 10),
-            "user_id is 100000 bytes",
-        ),
+        ("empty user_id", recommend_request("", 10), "user_id is empty"),
+        ("long user_id", recommend_request(&"u".repeat(100_000), 10), "user_id is 100000 bytes"),
         (
             "huge exclusion list",
-            RecommendRequest {
-                exclude_item_ids: vec!["1".into(); 50_000],
-                ..recommend_request("196", 10)
-            },
+            RecommendRequest { exclude_item_ids: vec!["1".into(); 50_000], ..recommend_request("196", 10) },
             "exclude_item_ids",
         ),
         (
             "message over the transport limit",
-            RecommendRequest {
-                scene: "s".repeat(5 * 1024 * 1024),
-                ..recommend_request("196", 10)
-            },
+            RecommendRequest { scene: "s".repeat(5 * 1024 * 1024), ..recommend_request("196", 10) },
             "request message too large",
         ),
     ];
     for (name, request, expected) in cases {
         let status = recommend(&cluster, request).await.expect_err(name);
         assert_eq!(status.code(), Code::InvalidArgument, "{name}: {status:?}");
-        assert!(
-            status.message().contains(expected),
-            "{name}: {:?}",
-            status.message()
-        );
+        assert!(status.message().contains(expected), "{name}: {:?}", status.message());
     }
 
     let mut client = RecommenderClient::new(cluster.channel(Service::Orchestrator));
-    let status = client
-        .log_events(LogEventsRequest { events: vec![] })
-        .await
-        .unwrap_err();
+    let status = client.log_events(LogEventsRequest { events: vec![] }).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     let status = client
         .log_events(LogEventsRequest {
@@ -220,12 +144,7 @@ async fn bad_requests_are_rejected_with_invalid_argument() {
     assert_eq!(status.message(), "events[0].item_id is empty");
 
     // The cluster is still healthy after all of that.
-    assert_well_formed(
-        &recommend(&cluster, recommend_request("196", 10))
-            .await
-            .unwrap(),
-        10,
-    );
+    assert_well_formed(&recommend(&cluster, recommend_request("196", 10)).await.unwrap(), 10);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -239,27 +158,14 @@ async fn every_service_reports_health_and_lists_itself_by_reflection() {
         (Service::Rerank, "recsys.v1.RerankService"),
     ];
     for (service, name) in expected {
-        assert_eq!(
-            cluster.health(service).await,
-            Some(ServingStatus::Serving),
-            "{service:?}"
-        );
-        let v1 = cluster_tests::reflection::list_services_v1(cluster.channel(service))
-            .await
-            .unwrap();
-        let v1alpha = cluster_tests::reflection::list_services_v1alpha(cluster.channel(service))
-            .await
-            .unwrap();
+        assert_eq!(cluster.health(service).await, Some(ServingStatus::Serving), "{service:?}");
+        let v1 = cluster_tests::reflection::list_services_v1(cluster.channel(service)).await.unwrap();
+        let v1alpha = cluster_tests::reflection::list_services_v1alpha(cluster.channel(service)).await.unwrap();
         for listed in [&v1, &v1alpha] {
-            assert!(
-                listed.contains(&name.to_string()),
-                "{service:?} lists {listed:?}"
-            );
+            assert!(listed.contains(&name.to_string()), "{service:?} lists {listed:?}");
             assert!(listed.contains(&"grpc.health.v1.Health".to_string()));
             assert!(
-                !listed
-                    .iter()
-                    .any(|other| other.starts_with("recsys.") && other != name),
+                !listed.iter().any(|other| other.starts_with("recsys.") && other != name),
                 "{service:?} advertises only itself: {listed:?}"
             );
         }
@@ -270,23 +176,17 @@ async fn every_service_reports_health_and_lists_itself_by_reflection() {
 async fn a_stopped_leaf_degrades_the_answer_instead_of_failing_it() {
     let mut cluster = Cluster::start().await.expect("cluster starts");
     cluster.stop(Service::Rerank).await.unwrap();
-    let response = recommend(&cluster, recommend_request("196", 10))
-        .await
-        .expect("served without rerank");
+    let response = recommend(&cluster, recommend_request("196", 10)).await.expect("served without rerank");
     assert_well_formed(&response, 10);
     assert_eq!(response.degraded_stages, vec!["rerank"]);
 
     cluster.stop(Service::Rank).await.unwrap();
-    let response = recommend(&cluster, recommend_request("196", 10))
-        .await
-        .expect("served without rank");
+    let response = recommend(&cluster, recommend_request("196", 10)).await.expect("served without rank");
     assert_well_formed(&response, 10);
     assert_eq!(response.degraded_stages, vec!["rank", "rerank"]);
 
     cluster.stop(Service::Feature).await.unwrap();
-    let response = recommend(&cluster, recommend_request("196", 10))
-        .await
-        .expect("served without features");
+    let response = recommend(&cluster, recommend_request("196", 10)).await.expect("served without features");
     assert_eq!(response.items.len(), 10);
     assert_eq!(response.degraded_stages, vec!["feature", "rank", "rerank"]);
 }

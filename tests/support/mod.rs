@@ -15,9 +15,7 @@ use anyhow::{bail, Context};
 use recsys_runtime::ServerConfig;
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tonic::transport::Channel;
-use tonic_health::pb::{
-    health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
-};
+use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Service {
@@ -29,13 +27,8 @@ pub enum Service {
 }
 
 impl Service {
-    pub const ALL: [Service; 5] = [
-        Service::Feature,
-        Service::Recall,
-        Service::Rank,
-        Service::Rerank,
-        Service::Orchestrator,
-    ];
+    pub const ALL: [Service; 5] =
+        [Service::Feature, Service::Recall, Service::Rank, Service::Rerank, Service::Orchestrator];
 }
 
 struct Running {
@@ -65,8 +58,7 @@ fn server_config(listener: &TcpListener) -> ServerConfig {
 impl Cluster {
     pub async fn start() -> anyhow::Result<Self> {
         let root = workspace_root();
-        let bundle = std::env::var_os("RECSYS_TEST_BUNDLE")
-            .map_or_else(|| root.join("models/bundles"), PathBuf::from);
+        let bundle = std::env::var_os("RECSYS_TEST_BUNDLE").map_or_else(|| root.join("models/bundles"), PathBuf::from);
         let seed = root.join("data/ml-100k");
         if recsys_bundle_missing(&bundle) || !seed.join("interactions.csv").is_file() {
             bail!(
@@ -80,8 +72,7 @@ impl Cluster {
         for service in Service::ALL {
             listeners.insert(service, TcpListener::bind("127.0.0.1:0").await?);
         }
-        let address =
-            |service: Service| listeners[&service].local_addr().expect("bound").to_string();
+        let address = |service: Service| listeners[&service].local_addr().expect("bound").to_string();
 
         let orchestrator_config = orchestrator::Config {
             server: server_config(&listeners[&Service::Orchestrator]),
@@ -125,43 +116,19 @@ impl Cluster {
                 let _ = stopped.await;
             };
             let task = match service {
-                Service::Feature => tokio::spawn(feature_svc::serve(
-                    listener,
-                    feature_config.clone(),
-                    shutdown,
-                )),
-                Service::Recall => {
-                    tokio::spawn(recall_svc::serve(listener, recall_config.clone(), shutdown))
+                Service::Feature => tokio::spawn(feature_svc::serve(listener, feature_config.clone(), shutdown)),
+                Service::Recall => tokio::spawn(recall_svc::serve(listener, recall_config.clone(), shutdown)),
+                Service::Rank => tokio::spawn(rank_svc::serve(listener, rank_config.clone(), shutdown)),
+                Service::Rerank => tokio::spawn(rerank_svc::serve(listener, rerank_config.clone(), shutdown)),
+                Service::Orchestrator => {
+                    tokio::spawn(orchestrator::serve(listener, orchestrator_config.clone(), shutdown))
                 }
-                Service::Rank => {
-                    tokio::spawn(rank_svc::serve(listener, rank_config.clone(), shutdown))
-                }
-                Service::Rerank => {
-                    tokio::spawn(rerank_svc::serve(listener, rerank_config.clone(), shutdown))
-                }
-                Service::Orchestrator => tokio::spawn(orchestrator::serve(
-                    listener,
-                    orchestrator_config.clone(),
-                    shutdown,
-                )),
             };
-            services.insert(
-                service,
-                Running {
-                    address,
-                    stop: Some(stop),
-                    task,
-                },
-            );
+            services.insert(service, Running { address, stop: Some(stop), task });
         }
-        let mut cluster = Self {
-            services,
-            _state: state,
-        };
+        let mut cluster = Self { services, _state: state };
         for service in Service::ALL {
-            cluster
-                .wait_serving(service, Duration::from_secs(60))
-                .await?;
+            cluster.wait_serving(service, Duration::from_secs(60)).await?;
         }
         Ok(cluster)
     }
@@ -171,11 +138,8 @@ impl Cluster {
     }
 
     pub fn channel(&self, service: Service) -> Channel {
-        recsys_runtime::client::lazy_channel(
-            &self.address(service).to_string(),
-            Duration::from_secs(1),
-        )
-        .expect("loopback address is a valid endpoint")
+        recsys_runtime::client::lazy_channel(&self.address(service).to_string(), Duration::from_secs(1))
+            .expect("loopback address is a valid endpoint")
     }
 
     /// Shuts one service down the way SIGTERM would and waits until it has exited.
@@ -211,12 +175,7 @@ impl Cluster {
     /// The service's overall health status, `None` when it cannot be reached.
     pub async fn health(&self, service: Service) -> Option<ServingStatus> {
         let mut client = HealthClient::new(self.channel(service));
-        let response = client
-            .check(HealthCheckRequest {
-                service: String::new(),
-            })
-            .await
-            .ok()?;
+        let response = client.check(HealthCheckRequest { service: String::new() }).await.ok()?;
         ServingStatus::try_from(response.into_inner().status).ok()
     }
 }

@@ -22,42 +22,15 @@ impl EmbeddingSpace {
         let manifest = read_manifest(dir)?;
         let item_ids: Vec<String> = read_catalog(dir)?.into_iter().map(|item| item.id).collect();
         let user_ids = read_user_ids(dir)?;
-        let item_vectors = read_matrix(
-            &dir.join("item_embeddings.f32"),
-            item_ids.len(),
-            manifest.embedding_dim,
-        )?;
-        let user_vectors = read_matrix(
-            &dir.join("user_embeddings.f32"),
-            user_ids.len(),
-            manifest.embedding_dim,
-        )?;
+        let item_vectors = read_matrix(&dir.join("item_embeddings.f32"), item_ids.len(), manifest.embedding_dim)?;
+        let user_vectors = read_matrix(&dir.join("user_embeddings.f32"), user_ids.len(), manifest.embedding_dim)?;
         Ok(Self::new(item_ids, user_ids, item_vectors, user_vectors))
     }
 
-    pub fn new(
-        item_ids: Vec<String>,
-        user_ids: Vec<String>,
-        item_vectors: Matrix,
-        user_vectors: Matrix,
-    ) -> Self {
-        let item_positions = item_ids
-            .iter()
-            .enumerate()
-            .map(|(n, id)| (id.clone(), n))
-            .collect();
-        let user_positions = user_ids
-            .iter()
-            .enumerate()
-            .map(|(n, id)| (id.clone(), n))
-            .collect();
-        Self {
-            item_ids,
-            item_positions,
-            user_positions,
-            item_vectors,
-            user_vectors,
-        }
+    pub fn new(item_ids: Vec<String>, user_ids: Vec<String>, item_vectors: Matrix, user_vectors: Matrix) -> Self {
+        let item_positions = item_ids.iter().enumerate().map(|(n, id)| (id.clone(), n)).collect();
+        let user_positions = user_ids.iter().enumerate().map(|(n, id)| (id.clone(), n)).collect();
+        Self { item_ids, item_positions, user_positions, item_vectors, user_vectors }
     }
 
     pub fn item_position(&self, item_id: &str) -> Option<usize> {
@@ -78,10 +51,7 @@ impl EmbeddingSpace {
     }
 
     /// Mean vector of the given items that the bundle knows.
-    pub fn mean_item_vector<'a>(
-        &self,
-        items: impl Iterator<Item = &'a String>,
-    ) -> Option<Vec<f32>> {
+    pub fn mean_item_vector<'a>(&self, items: impl Iterator<Item = &'a String>) -> Option<Vec<f32>> {
         let mut sum = vec![0.0f32; self.item_vectors.cols];
         let mut count = 0usize;
         for position in items.filter_map(|id| self.item_position(id)) {
@@ -110,16 +80,8 @@ mod tests {
         EmbeddingSpace::new(
             vec!["a".into(), "b".into()],
             vec!["u".into()],
-            Matrix {
-                rows: 2,
-                cols: 2,
-                values: vec![1.0, 0.0, 0.0, 1.0],
-            },
-            Matrix {
-                rows: 1,
-                cols: 2,
-                values: vec![0.5, 2.0],
-            },
+            Matrix { rows: 2, cols: 2, values: vec![1.0, 0.0, 0.0, 1.0] },
+            Matrix { rows: 1, cols: 2, values: vec![0.5, 2.0] },
         )
     }
 

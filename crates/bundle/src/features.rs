@@ -46,21 +46,13 @@ impl FeatureSpec {
         out.push(user.age as f32 / self.age_scale);
         out.push(f32::from(u8::from(user.gender == "M")));
         out.push(f32::from(u8::from(user.gender == "F")));
-        out.extend(
-            self.occupations
-                .iter()
-                .map(|occupation| f32::from(u8::from(occupation == user.occupation))),
-        );
+        out.extend(self.occupations.iter().map(|occupation| f32::from(u8::from(occupation == user.occupation))));
         out.push((user.event_count as f32).ln_1p() / self.user_events_log_scale);
     }
 
     /// `[genre multi-hot…, release year in [0, 1] (0 unknown), log interactions]`.
     pub fn item_features(&self, item: &CatalogItem, out: &mut Vec<f32>) {
-        out.extend(
-            self.genres
-                .iter()
-                .map(|genre| f32::from(u8::from(item.genres.contains(genre)))),
-        );
+        out.extend(self.genres.iter().map(|genre| f32::from(u8::from(item.genres.contains(genre)))));
         let year = if item.year == 0 || self.year_max <= self.year_min {
             0.0
         } else {
@@ -112,12 +104,7 @@ mod tests {
     #[test]
     fn user_features_encode_age_gender_occupation_and_activity() {
         let mut out = Vec::new();
-        let user = UserAttributes {
-            age: 25,
-            gender: "F",
-            occupation: "student",
-            event_count: 0,
-        };
+        let user = UserAttributes { age: 25, gender: "F", occupation: "student", event_count: 0 };
         spec().user_features(&user, &mut out);
         assert_eq!(out, vec![0.25, 0.0, 1.0, 0.0, 1.0, 0.0]);
         assert_eq!(out.len(), spec().user_feature_dim());

@@ -34,10 +34,7 @@ pub const FORMAT_VERSION: u32 = 1;
 #[derive(Debug, thiserror::Error)]
 pub enum BundleError {
     #[error("cannot read {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{path} is malformed: {reason}")]
     Malformed { path: PathBuf, reason: String },
     #[error("no bundle under {0} (run `make bundle` or set the bundle path)")]
@@ -113,10 +110,7 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
     if manifest.format != FORMAT_VERSION {
         return Err(BundleError::Malformed {
             path: dir.join("manifest.json"),
-            reason: format!(
-                "format {} is not the supported format {FORMAT_VERSION}",
-                manifest.format
-            ),
+            reason: format!("format {} is not the supported format {FORMAT_VERSION}", manifest.format),
         });
     }
     Ok(manifest)
@@ -142,10 +136,7 @@ pub fn read_popularity(dir: &Path) -> Result<Vec<(String, f32)>> {
 
 /// Reads a little-endian f32 matrix that must have `rows × cols` values.
 pub fn read_matrix(path: &Path, rows: usize, cols: usize) -> Result<Matrix> {
-    let bytes = fs::read(path).map_err(|source| BundleError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let bytes = fs::read(path).map_err(|source| BundleError::Io { path: path.to_path_buf(), source })?;
     if bytes.len() != rows * cols * 4 {
         return Err(BundleError::Malformed {
             path: path.to_path_buf(),
@@ -156,22 +147,15 @@ pub fn read_matrix(path: &Path, rows: usize, cols: usize) -> Result<Matrix> {
             ),
         });
     }
-    let values = bytes
-        .chunks_exact(4)
-        .map(|chunk| f32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]))
-        .collect();
+    let values =
+        bytes.chunks_exact(4).map(|chunk| f32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]])).collect();
     Ok(Matrix { rows, cols, values })
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = fs::read_to_string(path).map_err(|source| BundleError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    serde_json::from_str(&text).map_err(|error| BundleError::Malformed {
-        path: path.to_path_buf(),
-        reason: error.to_string(),
-    })
+    let text = fs::read_to_string(path).map_err(|source| BundleError::Io { path: path.to_path_buf(), source })?;
+    serde_json::from_str(&text)
+        .map_err(|error| BundleError::Malformed { path: path.to_path_buf(), reason: error.to_string() })
 }
 
 #[cfg(test)]

@@ -7,10 +7,7 @@ pub enum FeatureError {
     #[error("{0}")]
     InvalidArgument(String),
     #[error("event log {path}: {source}")]
-    EventLog {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    EventLog { path: PathBuf, source: std::io::Error },
     #[error("seed data {path}: {reason}")]
     Seed { path: PathBuf, reason: String },
 }

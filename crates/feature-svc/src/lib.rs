@@ -50,27 +50,12 @@ impl ServiceConfig for Config {
 }
 
 /// Opens the store and serves until `shutdown` resolves.
-pub async fn serve(
-    listener: TcpListener,
-    config: Config,
-    shutdown: impl Future<Output = ()>,
-) -> anyhow::Result<()> {
-    let store = FeatureStore::open(
-        config.seed_dir.as_deref(),
-        &config.event_log,
-        config.max_history,
-    )?;
+pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let store = FeatureStore::open(config.seed_dir.as_deref(), &config.event_log, config.max_history)?;
     let service = FeatureGrpc::new(std::sync::Arc::new(store))
         .into_server()
         .max_decoding_message_size(config.server.max_message_bytes);
     let routes = tonic::service::Routes::new(service);
-    recsys_runtime::serve(
-        listener,
-        &[SERVICE_NAME],
-        routes,
-        config.server.serve_options(),
-        shutdown,
-    )
-    .await?;
+    recsys_runtime::serve(listener, &[SERVICE_NAME], routes, config.server.serve_options(), shutdown).await?;
     Ok(())
 }

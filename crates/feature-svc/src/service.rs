@@ -35,10 +35,7 @@ impl FeatureService for FeatureGrpc {
         &self,
         request: Request<GetUserFeaturesRequest>,
     ) -> Result<Response<UserFeatures>, Status> {
-        let GetUserFeaturesRequest {
-            user_id,
-            max_history,
-        } = request.into_inner();
+        let GetUserFeaturesRequest { user_id, max_history } = request.into_inner();
         if user_id.is_empty() {
             return Err(FeatureError::InvalidArgument("user_id is empty".into()).into());
         }
@@ -49,11 +46,7 @@ impl FeatureService for FeatureGrpc {
             ))
             .into());
         }
-        let limit = if max_history == 0 {
-            usize::MAX
-        } else {
-            max_history as usize
-        };
+        let limit = if max_history == 0 { usize::MAX } else { max_history as usize };
         Ok(Response::new(self.store.user_features(&user_id, limit)))
     }
 

@@ -45,27 +45,18 @@ impl StoredEvent {
             || event.item_id.len() > MAX_ID_BYTES
             || event.request_id.len() > MAX_ID_BYTES
         {
-            return Err(invalid(&format!(
-                "ids must be at most {MAX_ID_BYTES} bytes"
-            )));
+            return Err(invalid(&format!("ids must be at most {MAX_ID_BYTES} bytes")));
         }
         let event_type = match EventType::try_from(event.r#type) {
             Ok(EventType::Unspecified) | Err(_) => {
-                return Err(invalid(&format!(
-                    "type {} is not a known event type",
-                    event.r#type
-                )))
+                return Err(invalid(&format!("type {} is not a known event type", event.r#type)))
             }
             Ok(event_type) => event_type,
         };
         if event.timestamp_ms <= 0 {
-            return Err(invalid(
-                "timestamp_ms must be a positive Unix time in milliseconds",
-            ));
+            return Err(invalid("timestamp_ms must be a positive Unix time in milliseconds"));
         }
-        if event_type == EventType::Rating
-            && !(event.value.is_finite() && (0.0..=5.0).contains(&event.value))
-        {
+        if event_type == EventType::Rating && !(event.value.is_finite() && (0.0..=5.0).contains(&event.value)) {
             return Err(invalid("value must be a rating in 0..=5"));
         }
         Ok(Self {
@@ -106,50 +97,27 @@ impl FeatureStore {
         if let Some(dir) = seed_dir {
             load_seed(dir, &mut users, max_history)?;
         }
-        let log_error = |source| FeatureError::EventLog {
-            path: log_path.to_path_buf(),
-            source,
-        };
+        let log_error = |source| FeatureError::EventLog { path: log_path.to_path_buf(), source };
         if let Some(parent) = log_path.parent() {
             std::fs::create_dir_all(parent).map_err(log_error)?;
         }
         let replayed = replay_log(log_path, &mut users, max_history).map_err(log_error)?;
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log_path)
-            .map_err(log_error)?;
+        let log = OpenOptions::new().create(true).append(true).open(log_path).map_err(log_error)?;
         tracing::info!(users = users.len(), replayed, log = %log_path.display(), "feature store opened");
-        Ok(Self {
-            users: RwLock::new(users),
-            log: Mutex::new(log),
-            log_path: log_path.to_path_buf(),
-            max_history,
-        })
+        Ok(Self { users: RwLock::new(users), log: Mutex::new(log), log_path: log_path.to_path_buf(), max_history })
     }
 
     pub fn user_features(&self, user_id: &str, max_history: usize) -> UserFeatures {
-        let users = self
-            .users
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let users = self.users.read().unwrap_or_else(|poisoned| poisoned.into_inner());
         let Some(state) = users.get(user_id) else {
-            return UserFeatures {
-                user_id: user_id.to_string(),
-                ..UserFeatures::default()
-            };
+            return UserFeatures { user_id: user_id.to_string(), ..UserFeatures::default() };
         };
         let take = max_history.min(state.history.len());
         UserFeatures {
             user_id: user_id.to_string(),
             known: true,
             profile: state.profile.clone(),
-            history_item_ids: state
-                .history
-                .iter()
-                .take(take)
-                .map(|(id, _)| id.clone())
-                .collect(),
+            history_item_ids: state.history.iter().take(take).map(|(id, _)| id.clone()).collect(),
             history_timestamps: state.history.iter().take(take).map(|(_, ts)| *ts).collect(),
             event_count: state.event_count,
         }
@@ -164,20 +132,11 @@ impl FeatureStore {
         }
         {
             // The log lock orders batches, so replay applies them in acknowledgement order.
-            let mut log = self
-                .log
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut log = self.log.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             log.write_all(&batch)
                 .and_then(|()| log.sync_data())
-                .map_err(|source| FeatureError::EventLog {
-                    path: self.log_path.clone(),
-                    source,
-                })?;
-            let mut users = self
-                .users
-                .write()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+                .map_err(|source| FeatureError::EventLog { path: self.log_path.clone(), source })?;
+            let mut users = self.users.write().unwrap_or_else(|poisoned| poisoned.into_inner());
             for event in events {
                 apply(&mut users, event, self.max_history);
             }
@@ -190,12 +149,7 @@ fn apply(users: &mut HashMap<String, UserState>, event: &StoredEvent, max_histor
     let state = users.entry(event.user_id.clone()).or_default();
     state.event_count += 1;
     if event.is_engagement() {
-        record_interaction(
-            state,
-            &event.item_id,
-            event.timestamp_ms / 1000,
-            max_history,
-        );
+        record_interaction(state, &event.item_id, event.timestamp_ms / 1000, max_history);
     }
 }
 
@@ -208,11 +162,7 @@ fn record_interaction(state: &mut UserState, item_id: &str, timestamp: i64, max_
     state.history.truncate(max_history);
 }
 
-fn replay_log(
-    path: &Path,
-    users: &mut HashMap<String, UserState>,
-    max_history: usize,
-) -> std::io::Result<usize> {
+fn replay_log(path: &Path, users: &mut HashMap<String, UserState>, max_history: usize) -> std::io::Result<usize> {
     let file = match File::open(path) {
         Ok(file) => file,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(0),
@@ -279,15 +229,9 @@ fn load_seed(dir: &Path, users: &mut HashMap<String, UserState>, max_history: us
 }
 
 fn read_csv<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
-    let seed_error = |reason: String| FeatureError::Seed {
-        path: path.to_path_buf(),
-        reason,
-    };
+    let seed_error = |reason: String| FeatureError::Seed { path: path.to_path_buf(), reason };
     let mut reader = csv::Reader::from_path(path).map_err(|error| seed_error(error.to_string()))?;
-    reader
-        .deserialize()
-        .collect::<Result<Vec<T>, csv::Error>>()
-        .map_err(|error| seed_error(error.to_string()))
+    reader.deserialize().collect::<Result<Vec<T>, csv::Error>>().map_err(|error| seed_error(error.to_string()))
 }
 
 #[cfg(test)]
@@ -315,9 +259,7 @@ mod tests {
         let log = dir.path().join("events.jsonl");
         {
             let store = FeatureStore::open(None, &log, 10).unwrap();
-            store
-                .append(&[click("u1", "a", 1_000), click("u1", "b", 2_000)])
-                .unwrap();
+            store.append(&[click("u1", "a", 1_000), click("u1", "b", 2_000)]).unwrap();
         }
         let reopened = FeatureStore::open(None, &log, 10).unwrap();
         let features = reopened.user_features("u1", 10);
@@ -345,17 +287,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = FeatureStore::open(None, &dir.path().join("e.jsonl"), 2).unwrap();
         store
-            .append(&[
-                click("u", "a", 1_000),
-                click("u", "b", 2_000),
-                click("u", "a", 3_000),
-                click("u", "c", 4_000),
-            ])
+            .append(&[click("u", "a", 1_000), click("u", "b", 2_000), click("u", "a", 3_000), click("u", "c", 4_000)])
             .unwrap();
-        assert_eq!(
-            store.user_features("u", 10).history_item_ids,
-            vec!["c", "a"]
-        );
+        assert_eq!(store.user_features("u", 10).history_item_ids, vec!["c", "a"]);
     }
 
     #[test]
@@ -378,11 +312,7 @@ mod tests {
             "user_id,item_id,timestamp,event,rating\n7,10,200,rating,4\n7,11,100,rating,3\n",
         )
         .unwrap();
-        std::fs::write(
-            dir.path().join("users.csv"),
-            "user_id,age,gender,occupation\n7,30,F,artist\n",
-        )
-        .unwrap();
+        std::fs::write(dir.path().join("users.csv"), "user_id,age,gender,occupation\n7,30,F,artist\n").unwrap();
         let store = FeatureStore::open(Some(dir.path()), &dir.path().join("e.jsonl"), 10).unwrap();
         let features = store.user_features("7", 10);
         assert_eq!(features.history_item_ids, vec!["10", "11"]);
@@ -393,35 +323,17 @@ mod tests {
     #[test]
     fn malformed_seed_names_the_file() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join("interactions.csv"),
-            "user_id,item_id,timestamp\n7,10,notanumber\n",
-        )
-        .unwrap();
-        let error = FeatureStore::open(Some(dir.path()), &dir.path().join("e.jsonl"), 10)
-            .err()
-            .unwrap();
+        std::fs::write(dir.path().join("interactions.csv"), "user_id,item_id,timestamp\n7,10,notanumber\n").unwrap();
+        let error = FeatureStore::open(Some(dir.path()), &dir.path().join("e.jsonl"), 10).err().unwrap();
         assert!(error.to_string().contains("interactions.csv"), "{error}");
     }
 
     #[test]
     fn invalid_events_name_the_offending_field() {
-        let event = Event {
-            user_id: "u".into(),
-            r#type: EventType::Click as i32,
-            timestamp_ms: 1,
-            ..Event::default()
-        };
+        let event = Event { user_id: "u".into(), r#type: EventType::Click as i32, timestamp_ms: 1, ..Event::default() };
         let error = StoredEvent::from_proto(3, &event).unwrap_err();
         assert_eq!(error.to_string(), "events[3].item_id is empty");
-        let unspecified = Event {
-            item_id: "i".into(),
-            r#type: 0,
-            ..event
-        };
-        assert!(StoredEvent::from_proto(0, &unspecified)
-            .unwrap_err()
-            .to_string()
-            .contains("type"));
+        let unspecified = Event { item_id: "i".into(), r#type: 0, ..event };
+        assert!(StoredEvent::from_proto(0, &unspecified).unwrap_err().to_string().contains("type"));
     }
 }

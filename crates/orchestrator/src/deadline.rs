@@ -15,9 +15,7 @@ pub struct Deadline {
 
 impl Deadline {
     pub fn after(timeout: Duration) -> Self {
-        Self {
-            at: Instant::now() + timeout,
-        }
+        Self { at: Instant::now() + timeout }
     }
 
     /// From request metadata, else `default`.
@@ -33,10 +31,7 @@ impl Deadline {
     /// What a stage with `budget` may spend: its budget, capped by the time left.
     /// `None` when nothing is left.
     pub fn stage_timeout(&self, budget: Duration) -> Option<Duration> {
-        let left = self
-            .at
-            .saturating_duration_since(Instant::now())
-            .checked_sub(RESERVE)?;
+        let left = self.at.saturating_duration_since(Instant::now()).checked_sub(RESERVE)?;
         (!left.is_zero()).then(|| left.min(budget))
     }
 }
@@ -77,15 +72,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn stage_gets_its_budget_capped_by_what_is_left() {
         let deadline = Deadline::after(Duration::from_millis(100));
-        assert_eq!(
-            deadline.stage_timeout(Duration::from_millis(30)),
-            Some(Duration::from_millis(30))
-        );
+        assert_eq!(deadline.stage_timeout(Duration::from_millis(30)), Some(Duration::from_millis(30)));
         tokio::time::advance(Duration::from_millis(90)).await;
-        assert_eq!(
-            deadline.stage_timeout(Duration::from_millis(30)),
-            Some(Duration::from_millis(8))
-        );
+        assert_eq!(deadline.stage_timeout(Duration::from_millis(30)), Some(Duration::from_millis(8)));
         tokio::time::advance(Duration::from_millis(20)).await;
         assert_eq!(deadline.stage_timeout(Duration::from_millis(30)), None);
     }

@@ -7,10 +7,7 @@ pub enum OrchestratorError {
     #[error("deadline exceeded during {stage}")]
     DeadlineExceeded { stage: &'static str },
     #[error("{service} unavailable: {reason}")]
-    Unavailable {
-        service: &'static str,
-        reason: String,
-    },
+    Unavailable { service: &'static str, reason: String },
     #[error("downstream configuration: {0}")]
     Config(String),
 }
@@ -21,9 +18,7 @@ impl From<OrchestratorError> for Status {
     fn from(error: OrchestratorError) -> Self {
         match error {
             OrchestratorError::InvalidArgument(message) => Status::invalid_argument(message),
-            OrchestratorError::DeadlineExceeded { .. } => {
-                Status::deadline_exceeded(error.to_string())
-            }
+            OrchestratorError::DeadlineExceeded { .. } => Status::deadline_exceeded(error.to_string()),
             OrchestratorError::Unavailable { .. } => Status::unavailable(error.to_string()),
             OrchestratorError::Config(_) => Status::internal(error.to_string()),
         }

@@ -95,13 +95,7 @@ impl Default for DownstreamConfig {
 
 impl Default for StageBudgets {
     fn default() -> Self {
-        Self {
-            default_deadline_ms: 500,
-            feature_ms: 50,
-            recall_ms: 100,
-            rank_ms: 200,
-            rerank_ms: 50,
-        }
+        Self { default_deadline_ms: 500, feature_ms: 50, recall_ms: 100, rank_ms: 200, rerank_ms: 50 }
     }
 }
 
@@ -117,20 +111,15 @@ impl ServiceConfig for Config {
     }
 }
 
-pub async fn serve(
-    listener: TcpListener,
-    config: Config,
-    shutdown: impl Future<Output = ()>,
-) -> anyhow::Result<()> {
+pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let downstream = Downstream::connect(&config.downstream)?;
     let pipeline = Arc::new(Pipeline::new(downstream, config.clone()));
     let refresher = tokio::spawn(fallback::keep_refreshed(
         Arc::clone(&pipeline),
         Duration::from_millis(config.fallback_refresh_ms),
     ));
-    let service = RecommenderGrpc::new(pipeline)
-        .into_server()
-        .max_decoding_message_size(config.server.max_message_bytes);
+    let service =
+        RecommenderGrpc::new(pipeline).into_server().max_decoding_message_size(config.server.max_message_bytes);
     let result = recsys_runtime::serve(
         listener,
         &[SERVICE_NAME],

@@ -13,16 +13,13 @@ use std::{
 
 use recsys_proto::v1::{
     feature_service_client::FeatureServiceClient, rank_service_client::RankServiceClient,
-    recall_service_client::RecallServiceClient, rerank_service_client::RerankServiceClient,
-    AppendEventsRequest, Candidate, Event, GetUserFeaturesRequest, ItemTrace, RankRequest,
-    RecallRequest, RecommendResponse, RecommendedItem, RerankCandidate, RerankRequest,
-    UserFeatures,
+    recall_service_client::RecallServiceClient, rerank_service_client::RerankServiceClient, AppendEventsRequest,
+    Candidate, Event, GetUserFeaturesRequest, ItemTrace, RankRequest, RecallRequest, RecommendResponse,
+    RecommendedItem, RerankCandidate, RerankRequest, UserFeatures,
 };
 use tonic::{transport::Channel, Request, Response, Status};
 
-use crate::{
-    deadline::Deadline, Config, DownstreamConfig, OrchestratorError, RecommendQuery, Result,
-};
+use crate::{deadline::Deadline, Config, DownstreamConfig, OrchestratorError, RecommendQuery, Result};
 
 /// History handed to recall (for exclusion and item-to-item seeds) and rank.
 const MAX_HISTORY: u32 = 1_000;
@@ -67,11 +64,7 @@ struct Scores {
 
 impl Pipeline {
     pub fn new(downstream: Downstream, config: Config) -> Self {
-        Self {
-            downstream,
-            config,
-            popular_fallback: RwLock::new(Vec::new()),
-        }
+        Self { downstream, config, popular_fallback: RwLock::new(Vec::new()) }
     }
 
     pub fn config(&self) -> &Config {
@@ -93,10 +86,7 @@ impl Pipeline {
                 "feature",
                 deadline,
                 budgets.feature_ms,
-                GetUserFeaturesRequest {
-                    user_id: query.user_id.clone(),
-                    max_history: MAX_HISTORY,
-                },
+                GetUserFeaturesRequest { user_id: query.user_id.clone(), max_history: MAX_HISTORY },
                 |r| {
                     let mut client = self.downstream.feature.clone();
                     async move { client.get_user_features(r).await }
@@ -108,10 +98,7 @@ impl Pipeline {
             Err(error) => {
                 tracing::warn!(%error, "feature stage degraded");
                 degraded.push("feature".to_string());
-                UserFeatures {
-                    user_id: query.user_id.clone(),
-                    ..UserFeatures::default()
-                }
+                UserFeatures { user_id: query.user_id.clone(), ..UserFeatures::default() }
             }
         };
 
@@ -147,10 +134,7 @@ impl Pipeline {
 
         let mut scores = Scores::default();
         if query.debug {
-            scores.recall = candidates
-                .iter()
-                .map(|c| (c.item_id.clone(), (c.score, c.channels.clone())))
-                .collect();
+            scores.recall = candidates.iter().map(|c| (c.item_id.clone(), (c.score, c.channels.clone()))).collect();
         }
         let window = top_k * self.config.rerank_window_factor.max(1) as usize;
         let rank_request = RankRequest {
@@ -176,30 +160,19 @@ impl Pipeline {
                         .map(|item| (item.item_id.clone(), (item.coarse_score, item.fine_score)))
                         .collect();
                 }
-                response
-                    .items
-                    .into_iter()
-                    .map(|item| (item.item_id, item.fine_score))
-                    .collect()
+                response.items.into_iter().map(|item| (item.item_id, item.fine_score)).collect()
             }
             Err(error) => {
                 tracing::warn!(%error, "rank stage degraded: keeping recall order");
                 degraded.push("rank".to_string());
-                candidates
-                    .into_iter()
-                    .take(window)
-                    .map(|c| (c.item_id, c.score))
-                    .collect()
+                candidates.into_iter().take(window).map(|c| (c.item_id, c.score)).collect()
             }
         };
 
         let rerank_request = RerankRequest {
             candidates: ranked
                 .iter()
-                .map(|(item_id, score)| RerankCandidate {
-                    item_id: item_id.clone(),
-                    score: *score,
-                })
+                .map(|(item_id, score)| RerankCandidate { item_id: item_id.clone(), score: *score })
                 .collect(),
             top_k: query.top_k,
             exclude_item_ids: query.exclude_item_ids.clone(),
@@ -212,11 +185,9 @@ impl Pipeline {
             })
             .await
         {
-            Ok(response) => response
-                .items
-                .into_iter()
-                .map(|item| (item.item_id, item.score, item.rerank_score))
-                .collect(),
+            Ok(response) => {
+                response.items.into_iter().map(|item| (item.item_id, item.score, item.rerank_score)).collect()
+            }
             Err(error) => {
                 tracing::warn!(%error, "rerank stage degraded: serving ranked top-k");
                 degraded.push("rerank".to_string());
@@ -235,41 +206,21 @@ impl Pipeline {
             .enumerate()
             .map(|(position, (item_id, score, rerank_score))| {
                 let trace = query.debug.then(|| {
-                    let (recall_score, recall_channels) =
-                        scores.recall.get(&item_id).cloned().unwrap_or_default();
-                    let (coarse_score, fine_score) =
-                        scores.ranked.get(&item_id).copied().unwrap_or_default();
-                    ItemTrace {
-                        recall_channels,
-                        recall_score,
-                        coarse_score,
-                        fine_score,
-                        rerank_score,
-                    }
+                    let (recall_score, recall_channels) = scores.recall.get(&item_id).cloned().unwrap_or_default();
+                    let (coarse_score, fine_score) = scores.ranked.get(&item_id).copied().unwrap_or_default();
+                    ItemTrace { recall_channels, recall_score, coarse_score, fine_score, rerank_score }
                 });
-                RecommendedItem {
-                    item_id,
-                    score,
-                    rank: position as u32 + 1,
-                    trace,
-                }
+                RecommendedItem { item_id, score, rank: position as u32 + 1, trace }
             })
             .collect();
-        Ok(RecommendResponse {
-            items,
-            request_id,
-            model_version,
-            degraded_stages: degraded,
-        })
+        Ok(RecommendResponse { items, request_id, model_version, degraded_stages: degraded })
     }
 
     /// Forwards feedback to feature-svc; acknowledged only once feature-svc has it durably.
     pub async fn log_events(&self, events: Vec<Event>, deadline: Deadline) -> Result<u32, Status> {
         let budget = deadline
             .stage_timeout(self.config.budgets.default_deadline())
-            .ok_or_else(|| {
-                Status::deadline_exceeded("deadline exceeded before the events could be stored")
-            })?;
+            .ok_or_else(|| Status::deadline_exceeded("deadline exceeded before the events could be stored"))?;
         let mut request = Request::new(AppendEventsRequest { events });
         request.set_timeout(budget);
         let mut client = self.downstream.feature.clone();
@@ -281,9 +232,7 @@ impl Pipeline {
                 "event intake unavailable, events were not stored: {}",
                 status.message()
             ))),
-            Err(_) => Err(Status::deadline_exceeded(
-                "events were not acknowledged in time; retry",
-            )),
+            Err(_) => Err(Status::deadline_exceeded("events were not acknowledged in time; retry")),
         }
     }
 
@@ -291,10 +240,7 @@ impl Pipeline {
     /// and cold-start channels).
     pub async fn refresh_fallback(&self) -> Result<usize> {
         let request = RecallRequest {
-            user: Some(UserFeatures {
-                user_id: "__fallback__".into(),
-                ..UserFeatures::default()
-            }),
+            user: Some(UserFeatures { user_id: "__fallback__".into(), ..UserFeatures::default() }),
             candidate_count: self.config.candidate_count,
             exclude_item_ids: Vec::new(),
         };
@@ -306,10 +252,7 @@ impl Pipeline {
             })
             .await?;
         let count = response.candidates.len();
-        *self
-            .popular_fallback
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = response.candidates;
+        *self.popular_fallback.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = response.candidates;
         Ok(count)
     }
 

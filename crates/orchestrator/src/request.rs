@@ -44,33 +44,16 @@ pub struct RecommendQuery {
 }
 
 impl RecommendQuery {
-    pub fn parse(
-        request: RecommendRequest,
-        limits: &RequestLimits,
-    ) -> Result<Self, OrchestratorError> {
+    pub fn parse(request: RecommendRequest, limits: &RequestLimits) -> Result<Self, OrchestratorError> {
         // Destructured whole, so a new proto field cannot be ignored by accident.
-        let RecommendRequest {
-            user_id,
-            top_k,
-            scene,
-            context,
-            exclude_item_ids,
-            debug,
-        } = request;
+        let RecommendRequest { user_id, top_k, scene, context, exclude_item_ids, debug } = request;
         let invalid = |message: String| Err(OrchestratorError::InvalidArgument(message));
         check_id("user_id", &user_id, limits.max_id_bytes)?;
         if top_k == 0 || top_k > limits.max_top_k {
-            return invalid(format!(
-                "top_k must be between 1 and {}, got {top_k}",
-                limits.max_top_k
-            ));
+            return invalid(format!("top_k must be between 1 and {}, got {top_k}", limits.max_top_k));
         }
         if scene.len() > limits.max_scene_bytes {
-            return invalid(format!(
-                "scene is {} bytes; at most {} allowed",
-                scene.len(),
-                limits.max_scene_bytes
-            ));
+            return invalid(format!("scene is {} bytes; at most {} allowed", scene.len(), limits.max_scene_bytes));
         }
         if context.len() > limits.max_context_entries {
             return invalid(format!(
@@ -81,10 +64,7 @@ impl RecommendQuery {
         }
         for (key, value) in &context {
             if key.is_empty() || key.len() > limits.max_id_bytes {
-                return invalid(format!(
-                    "context keys must be 1 to {} bytes",
-                    limits.max_id_bytes
-                ));
+                return invalid(format!("context keys must be 1 to {} bytes", limits.max_id_bytes));
             }
             if value.len() > limits.max_context_value_bytes {
                 return invalid(format!(
@@ -102,28 +82,15 @@ impl RecommendQuery {
             ));
         }
         for (index, item_id) in exclude_item_ids.iter().enumerate() {
-            check_id(
-                &format!("exclude_item_ids[{index}]"),
-                item_id,
-                limits.max_id_bytes,
-            )?;
+            check_id(&format!("exclude_item_ids[{index}]"), item_id, limits.max_id_bytes)?;
         }
-        Ok(Self {
-            user_id,
-            top_k,
-            scene,
-            context,
-            exclude_item_ids,
-            debug,
-        })
+        Ok(Self { user_id, top_k, scene, context, exclude_item_ids, debug })
     }
 }
 
 fn check_id(field: &str, value: &str, max_bytes: usize) -> Result<(), OrchestratorError> {
     if value.is_empty() {
-        return Err(OrchestratorError::InvalidArgument(format!(
-            "{field} is empty"
-        )));
+        return Err(OrchestratorError::InvalidArgument(format!("{field} is empty")));
     }
     if value.len() > max_bytes {
         return Err(OrchestratorError::InvalidArgument(format!(
@@ -132,9 +99,7 @@ fn check_id(field: &str, value: &str, max_bytes: usize) -> Result<(), Orchestrat
         )));
     }
     if value.chars().any(char::is_control) {
-        return Err(OrchestratorError::InvalidArgument(format!(
-            "{field} contains control characters"
-        )));
+        return Err(OrchestratorError::InvalidArgument(format!("{field} contains control characters")));
     }
     Ok(())
 }
@@ -144,17 +109,11 @@ mod tests {
     use super::*;
 
     fn request() -> RecommendRequest {
-        RecommendRequest {
-            user_id: "196".into(),
-            top_k: 10,
-            ..RecommendRequest::default()
-        }
+        RecommendRequest { user_id: "196".into(), top_k: 10, ..RecommendRequest::default() }
     }
 
     fn rejection(request: RecommendRequest) -> String {
-        RecommendQuery::parse(request, &RequestLimits::default())
-            .unwrap_err()
-            .to_string()
+        RecommendQuery::parse(request, &RequestLimits::default()).unwrap_err().to_string()
     }
 
     #[test]
@@ -166,60 +125,27 @@ mod tests {
 
     #[test]
     fn top_k_out_of_range_is_rejected_with_the_range() {
-        assert_eq!(
-            rejection(RecommendRequest {
-                top_k: 0,
-                ..request()
-            }),
-            "top_k must be between 1 and 200, got 0"
-        );
-        assert!(rejection(RecommendRequest {
-            top_k: u32::MAX,
-            ..request()
-        })
-        .contains("top_k"));
+        assert_eq!(rejection(RecommendRequest { top_k: 0, ..request() }), "top_k must be between 1 and 200, got 0");
+        assert!(rejection(RecommendRequest { top_k: u32::MAX, ..request() }).contains("top_k"));
     }
 
     #[test]
     fn empty_or_oversized_user_id_is_rejected() {
-        assert_eq!(
-            rejection(RecommendRequest {
-                user_id: String::new(),
-                ..request()
-            }),
-            "user_id is empty"
-        );
-        let long = RecommendRequest {
-            user_id: "x".repeat(10_000),
-            ..request()
-        };
-        assert_eq!(
-            rejection(long),
-            "user_id is 10000 bytes; at most 128 allowed"
-        );
-        let control = RecommendRequest {
-            user_id: "a\u{0}b".into(),
-            ..request()
-        };
+        assert_eq!(rejection(RecommendRequest { user_id: String::new(), ..request() }), "user_id is empty");
+        let long = RecommendRequest { user_id: "x".repeat(10_000), ..request() };
+        assert_eq!(rejection(long), "user_id is 10000 bytes; at most 128 allowed");
+        let control = RecommendRequest { user_id: "a\u{0}b".into(), ..request() };
         assert!(rejection(control).contains("control"));
     }
 
     #[test]
     fn oversized_collections_are_rejected() {
-        let excluded = RecommendRequest {
-            exclude_item_ids: vec!["1".into(); 5_000],
-            ..request()
-        };
+        let excluded = RecommendRequest { exclude_item_ids: vec!["1".into(); 5_000], ..request() };
         assert!(rejection(excluded).contains("exclude_item_ids has 5000 entries"));
-        let context = RecommendRequest {
-            context: (0..100).map(|n| (n.to_string(), String::new())).collect(),
-            ..request()
-        };
+        let context =
+            RecommendRequest { context: (0..100).map(|n| (n.to_string(), String::new())).collect(), ..request() };
         assert!(rejection(context).contains("context has 100 entries"));
-        let empty_item = RecommendRequest {
-            exclude_item_ids: vec![String::new()],
-            ..request()
-        };
+        let empty_item = RecommendRequest { exclude_item_ids: vec![String::new()], ..request() };
         assert_eq!(rejection(empty_item), "exclude_item_ids[0] is empty");
     }
 }

@@ -29,13 +29,9 @@ impl RecommenderGrpc {
 
 #[tonic::async_trait]
 impl Recommender for RecommenderGrpc {
-    async fn recommend(
-        &self,
-        request: Request<RecommendRequest>,
-    ) -> Result<Response<RecommendResponse>, Status> {
+    async fn recommend(&self, request: Request<RecommendRequest>) -> Result<Response<RecommendResponse>, Status> {
         let config = self.pipeline.config();
-        let deadline =
-            Deadline::from_metadata(request.metadata(), config.budgets.default_deadline());
+        let deadline = Deadline::from_metadata(request.metadata(), config.budgets.default_deadline());
         let request_id = uuid::Uuid::new_v4().to_string();
         let query = RecommendQuery::parse(request.into_inner(), &config.limits)?;
         let response = self.pipeline.recommend(query, deadline, request_id).await?;
@@ -45,14 +41,8 @@ impl Recommender for RecommenderGrpc {
         Ok(Response::new(response))
     }
 
-    async fn log_events(
-        &self,
-        request: Request<LogEventsRequest>,
-    ) -> Result<Response<LogEventsResponse>, Status> {
-        let deadline = Deadline::from_metadata(
-            request.metadata(),
-            self.pipeline.config().budgets.default_deadline(),
-        );
+    async fn log_events(&self, request: Request<LogEventsRequest>) -> Result<Response<LogEventsResponse>, Status> {
+        let deadline = Deadline::from_metadata(request.metadata(), self.pipeline.config().budgets.default_deadline());
         let LogEventsRequest { events } = request.into_inner();
         if events.is_empty() {
             return Err(Status::invalid_argument("events is empty"));

@@ -18,9 +18,7 @@ impl From<RankError> for Status {
     fn from(error: RankError) -> Self {
         match error {
             RankError::InvalidArgument(message) => Status::invalid_argument(message),
-            RankError::Bundle(_) | RankError::ModelContract { .. } => {
-                Status::failed_precondition(error.to_string())
-            }
+            RankError::Bundle(_) | RankError::ModelContract { .. } => Status::failed_precondition(error.to_string()),
             RankError::Onnx(_) => Status::internal(error.to_string()),
         }
     }

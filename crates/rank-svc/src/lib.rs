@@ -58,32 +58,14 @@ impl ServiceConfig for Config {
     }
 }
 
-pub async fn serve(
-    listener: TcpListener,
-    config: Config,
-    shutdown: impl Future<Output = ()>,
-) -> anyhow::Result<()> {
+pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let bundle_dir = recsys_bundle::resolve_dir(&config.bundle)?;
     let environment = onnx_environment(config.onnxruntime_library.as_deref())?;
-    let ranker = Arc::new(Ranker::load(
-        &bundle_dir,
-        &environment,
-        config.sessions,
-        config.intra_op_threads,
-    )?);
+    let ranker = Arc::new(Ranker::load(&bundle_dir, &environment, config.sessions, config.intra_op_threads)?);
     tracing::info!(bundle = %ranker.version(), "ranker loaded");
     let max_message_bytes = config.server.max_message_bytes;
     let options = config.server.serve_options();
-    let service = RankGrpc::new(ranker, config.coarse_keep)
-        .into_server()
-        .max_decoding_message_size(max_message_bytes);
-    recsys_runtime::serve(
-        listener,
-        &[SERVICE_NAME],
-        tonic::service::Routes::new(service),
-        options,
-        shutdown,
-    )
-    .await?;
+    let service = RankGrpc::new(ranker, config.coarse_keep).into_server().max_decoding_message_size(max_message_bytes);
+    recsys_runtime::serve(listener, &[SERVICE_NAME], tonic::service::Routes::new(service), options, shutdown).await?;
     Ok(())
 }

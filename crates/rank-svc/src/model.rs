@@ -47,12 +47,7 @@ pub struct OnnxRanker {
 }
 
 impl OnnxRanker {
-    pub fn load(
-        path: &Path,
-        environment: &Environment,
-        sessions: usize,
-        intra_op_threads: usize,
-    ) -> Result<Self> {
+    pub fn load(path: &Path, environment: &Environment, sessions: usize, intra_op_threads: usize) -> Result<Self> {
         let name = path.display().to_string();
         let onnx = |error: ort::Error| RankError::Onnx(format!("{name}: {error}"));
         let sessions = (0..sessions.max(1))
@@ -66,30 +61,22 @@ impl OnnxRanker {
                     .map(Mutex::new)
             })
             .collect::<Result<Vec<_>>>()?;
-        let ranker = Self {
-            name,
-            sessions,
-            next: AtomicUsize::new(0),
-        };
+        let ranker = Self { name, sessions, next: AtomicUsize::new(0) };
         ranker.check_contract()?;
         Ok(ranker)
     }
 
     /// Fails at load time, not on the first request, if the model's inputs are not ours.
     fn check_contract(&self) -> Result<()> {
-        let session = self.sessions[0]
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let session = self.sessions[0].lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let inputs: Vec<&str> = session.inputs().iter().map(|input| input.name()).collect();
-        let outputs: Vec<&str> = session
-            .outputs()
-            .iter()
-            .map(|output| output.name())
-            .collect();
+        let outputs: Vec<&str> = session.outputs().iter().map(|output| output.name()).collect();
         if inputs != INPUT_NAMES || outputs.first() != Some(&OUTPUT_NAME) {
             return Err(RankError::ModelContract {
                 model: self.name.clone(),
-                reason: format!("expected inputs {INPUT_NAMES:?} and output {OUTPUT_NAME:?}, found {inputs:?} -> {outputs:?}"),
+                reason: format!(
+                    "expected inputs {INPUT_NAMES:?} and output {OUTPUT_NAME:?}, found {inputs:?} -> {outputs:?}"
+                ),
             });
         }
         Ok(())
@@ -112,9 +99,7 @@ impl OnnxRanker {
         ];
         let mut session = self.acquire();
         let outputs = session.run(feed).map_err(onnx)?;
-        let (_, scores) = outputs[OUTPUT_NAME]
-            .try_extract_tensor::<f32>()
-            .map_err(onnx)?;
+        let (_, scores) = outputs[OUTPUT_NAME].try_extract_tensor::<f32>().map_err(onnx)?;
         if scores.len() != batch {
             return Err(RankError::ModelContract {
                 model: self.name.clone(),
@@ -131,8 +116,6 @@ impl OnnxRanker {
                 return session;
             }
         }
-        self.sessions[start % self.sessions.len()]
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.sessions[start % self.sessions.len()].lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }

@@ -4,8 +4,7 @@ use std::{collections::HashMap, path::Path};
 
 use ort::environment::Environment;
 use recsys_bundle::{
-    read_catalog, read_manifest, read_user_ids, CatalogItem, EmbeddingSpace, FeatureSpec,
-    RankerInputs, UserAttributes,
+    read_catalog, read_manifest, read_user_ids, CatalogItem, EmbeddingSpace, FeatureSpec, RankerInputs, UserAttributes,
 };
 use recsys_proto::v1::UserFeatures;
 
@@ -31,32 +30,15 @@ pub struct Ranker {
 }
 
 impl Ranker {
-    pub fn load(
-        dir: &Path,
-        environment: &Environment,
-        sessions: usize,
-        intra_op_threads: usize,
-    ) -> Result<Self> {
+    pub fn load(dir: &Path, environment: &Environment, sessions: usize, intra_op_threads: usize) -> Result<Self> {
         let manifest = read_manifest(dir)?;
         let catalog = read_catalog(dir)?;
-        let user_index = read_user_ids(dir)?
-            .into_iter()
-            .enumerate()
-            .map(|(n, id)| (id, n as i64 + 1))
-            .collect();
-        let mut item_features =
-            Vec::with_capacity(catalog.len() * manifest.feature_spec.item_feature_dim());
+        let user_index = read_user_ids(dir)?.into_iter().enumerate().map(|(n, id)| (id, n as i64 + 1)).collect();
+        let mut item_features = Vec::with_capacity(catalog.len() * manifest.feature_spec.item_feature_dim());
         for item in &catalog {
-            manifest
-                .feature_spec
-                .item_features(item, &mut item_features);
+            manifest.feature_spec.item_features(item, &mut item_features);
         }
-        let model = OnnxRanker::load(
-            &dir.join("ranker.onnx"),
-            environment,
-            sessions,
-            intra_op_threads,
-        )?;
+        let model = OnnxRanker::load(&dir.join("ranker.onnx"), environment, sessions, intra_op_threads)?;
         Ok(Self {
             version: manifest.version,
             embeddings: EmbeddingSpace::load(dir)?,
@@ -79,26 +61,14 @@ impl Ranker {
     /// Positions of the known items among `item_ids` (unknown ids are dropped: they
     /// come from another bundle version and cannot be scored).
     pub fn resolve_items(&self, item_ids: &[String]) -> Vec<usize> {
-        item_ids
-            .iter()
-            .filter_map(|id| self.embeddings.item_position(id))
-            .collect()
+        item_ids.iter().filter_map(|id| self.embeddings.item_position(id)).collect()
     }
 
     /// Inner product with the user's embedding; without any user signal, popularity.
     pub fn coarse(&self, user: &UserFeatures, items: &[usize]) -> Vec<(usize, f32)> {
-        match self
-            .embeddings
-            .user_vector(&user.user_id, &user.history_item_ids)
-        {
-            Some(vector) => items
-                .iter()
-                .map(|&item| (item, self.embeddings.score(&vector, item)))
-                .collect(),
-            None => items
-                .iter()
-                .map(|&item| (item, (self.catalog[item].interactions as f32).ln_1p()))
-                .collect(),
+        match self.embeddings.user_vector(&user.user_id, &user.history_item_ids) {
+            Some(vector) => items.iter().map(|&item| (item, self.embeddings.score(&vector, item))).collect(),
+            None => items.iter().map(|&item| (item, (self.catalog[item].interactions as f32).ln_1p())).collect(),
         }
     }
 
@@ -120,21 +90,14 @@ impl Ranker {
             inputs.user_index.push(user_index);
             inputs.item_index.push(item as i64 + 1);
             inputs.user_features.extend_from_slice(&user_row);
-            inputs
-                .item_features
-                .extend_from_slice(&self.item_features[item * item_dim..(item + 1) * item_dim]);
+            inputs.item_features.extend_from_slice(&self.item_features[item * item_dim..(item + 1) * item_dim]);
         }
         inputs
     }
 
     /// Coarse-ranks `items`, keeps `coarse_keep`, fine-ranks those; best first.
     /// Blocking (runs the model).
-    pub fn rank(
-        &self,
-        user: &UserFeatures,
-        items: &[usize],
-        coarse_keep: usize,
-    ) -> Result<Vec<RankedCandidate>> {
+    pub fn rank(&self, user: &UserFeatures, items: &[usize], coarse_keep: usize) -> Result<Vec<RankedCandidate>> {
         let mut coarse = self.coarse(user, items);
         coarse.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         coarse.truncate(coarse_keep);
@@ -143,17 +106,9 @@ impl Ranker {
         let mut ranked: Vec<RankedCandidate> = coarse
             .into_iter()
             .zip(fine)
-            .map(|((item, coarse_score), fine_score)| RankedCandidate {
-                item,
-                coarse_score,
-                fine_score,
-            })
+            .map(|((item, coarse_score), fine_score)| RankedCandidate { item, coarse_score, fine_score })
             .collect();
-        ranked.sort_by(|a, b| {
-            b.fine_score
-                .total_cmp(&a.fine_score)
-                .then(a.item.cmp(&b.item))
-        });
+        ranked.sort_by(|a, b| b.fine_score.total_cmp(&a.fine_score).then(a.item.cmp(&b.item)));
         Ok(ranked)
     }
 }

@@ -21,10 +21,7 @@ pub struct RankGrpc {
 
 impl RankGrpc {
     pub fn new(ranker: Arc<Ranker>, default_coarse_keep: usize) -> Self {
-        Self {
-            ranker,
-            default_coarse_keep,
-        }
+        Self { ranker, default_coarse_keep }
     }
 
     pub fn into_server(self) -> RankServiceServer<Self> {
@@ -35,13 +32,7 @@ impl RankGrpc {
 #[tonic::async_trait]
 impl RankService for RankGrpc {
     async fn rank(&self, request: Request<RankRequest>) -> Result<Response<RankResponse>, Status> {
-        let RankRequest {
-            user,
-            item_ids,
-            coarse_keep,
-            fine_keep,
-            context: _,
-        } = request.into_inner();
+        let RankRequest { user, item_ids, coarse_keep, fine_keep, context: _ } = request.into_inner();
         let user = user.ok_or_else(|| RankError::InvalidArgument("user is required".into()))?;
         if item_ids.len() > MAX_ITEMS {
             return Err(RankError::InvalidArgument(format!(
@@ -50,11 +41,7 @@ impl RankService for RankGrpc {
             ))
             .into());
         }
-        let coarse_keep = if coarse_keep == 0 {
-            self.default_coarse_keep
-        } else {
-            coarse_keep as usize
-        };
+        let coarse_keep = if coarse_keep == 0 { self.default_coarse_keep } else { coarse_keep as usize };
         let ranker = Arc::clone(&self.ranker);
         let ranked = tokio::task::spawn_blocking(move || {
             let items = ranker.resolve_items(&item_ids);
@@ -62,11 +49,7 @@ impl RankService for RankGrpc {
         })
         .await
         .map_err(|error| Status::internal(format!("ranking task failed: {error}")))??;
-        let keep = if fine_keep == 0 {
-            ranked.len()
-        } else {
-            fine_keep as usize
-        };
+        let keep = if fine_keep == 0 { ranked.len() } else { fine_keep as usize };
         Ok(Response::new(RankResponse {
             items: ranked
                 .into_iter()

@@ -24,17 +24,13 @@ struct FixtureExample {
 }
 
 fn bundle_dir() -> PathBuf {
-    let root = std::env::var_os("RECSYS_TEST_BUNDLE").map_or_else(
-        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/bundles"),
-        PathBuf::from,
-    );
-    recsys_bundle::resolve_dir(&root)
-        .expect("a bundle exists: run `make test`, which bootstraps it")
+    let root = std::env::var_os("RECSYS_TEST_BUNDLE")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/bundles"), PathBuf::from);
+    recsys_bundle::resolve_dir(&root).expect("a bundle exists: run `make test`, which bootstraps it")
 }
 
 fn load_ranker() -> Ranker {
-    let environment = onnx_environment(None)
-        .expect("ORT_DYLIB_PATH points at libonnxruntime (make test sets it)");
+    let environment = onnx_environment(None).expect("ORT_DYLIB_PATH points at libonnxruntime (make test sets it)");
     Ranker::load(&bundle_dir(), &environment, 1, 1).expect("the default bundle loads")
 }
 
@@ -55,10 +51,8 @@ fn user(example: &FixtureExample) -> UserFeatures {
 #[test]
 fn serving_builds_training_tensors_and_onnx_reproduces_pytorch_scores() {
     let ranker = load_ranker();
-    let fixture: Vec<FixtureExample> = serde_json::from_str(
-        &std::fs::read_to_string(bundle_dir().join("ranker_fixture.json")).unwrap(),
-    )
-    .unwrap();
+    let fixture: Vec<FixtureExample> =
+        serde_json::from_str(&std::fs::read_to_string(bundle_dir().join("ranker_fixture.json")).unwrap()).unwrap();
     assert!(!fixture.is_empty());
     for example in &fixture {
         let items = ranker.resolve_items(std::slice::from_ref(&example.item_id));
@@ -94,22 +88,13 @@ fn serving_builds_training_tensors_and_onnx_reproduces_pytorch_scores() {
 #[test]
 fn ranking_keeps_the_coarse_cut_orders_by_fine_score_and_drops_unknown_items() {
     let ranker = load_ranker();
-    let ids: Vec<String> = (1..=300)
-        .map(|n| n.to_string())
-        .chain(["not-an-item".to_string()])
-        .collect();
+    let ids: Vec<String> = (1..=300).map(|n| n.to_string()).chain(["not-an-item".to_string()]).collect();
     let items = ranker.resolve_items(&ids);
     assert_eq!(items.len(), 300);
-    let user = UserFeatures {
-        user_id: "196".into(),
-        known: true,
-        ..UserFeatures::default()
-    };
+    let user = UserFeatures { user_id: "196".into(), known: true, ..UserFeatures::default() };
     let ranked = ranker.rank(&user, &items, 50).unwrap();
     assert_eq!(ranked.len(), 50);
-    assert!(ranked
-        .windows(2)
-        .all(|pair| pair[0].fine_score >= pair[1].fine_score));
+    assert!(ranked.windows(2).all(|pair| pair[0].fine_score >= pair[1].fine_score));
     assert!(ranked.iter().all(|c| (0.0..=1.0).contains(&c.fine_score)));
     // The 50 kept are the coarse top 50.
     let mut coarse = ranker.coarse(&user, &items);
@@ -122,10 +107,7 @@ fn ranking_keeps_the_coarse_cut_orders_by_fine_score_and_drops_unknown_items() {
 fn a_user_without_any_signal_is_still_ranked() {
     let ranker = load_ranker();
     let items = ranker.resolve_items(&["1".to_string(), "2".to_string(), "50".to_string()]);
-    let nobody = UserFeatures {
-        user_id: "nobody".into(),
-        ..UserFeatures::default()
-    };
+    let nobody = UserFeatures { user_id: "nobody".into(), ..UserFeatures::default() };
     let ranked = ranker.rank(&nobody, &items, 10).unwrap();
     assert_eq!(ranked.len(), 3);
 }

@@ -4,8 +4,7 @@
 use std::{collections::HashSet, path::Path};
 
 use recsys_bundle::{
-    embeddings::dot, read_catalog, read_item_neighbors, read_manifest, read_popularity,
-    EmbeddingSpace,
+    embeddings::dot, read_catalog, read_item_neighbors, read_manifest, read_popularity, EmbeddingSpace,
 };
 
 use crate::Result;
@@ -32,13 +31,8 @@ pub enum Channel {
 }
 
 impl Channel {
-    pub const ALL: [Channel; 5] = [
-        Channel::Embedding,
-        Channel::ItemCf,
-        Channel::Realtime,
-        Channel::Popular,
-        Channel::ColdStart,
-    ];
+    pub const ALL: [Channel; 5] =
+        [Channel::Embedding, Channel::ItemCf, Channel::Realtime, Channel::Popular, Channel::ColdStart];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -74,31 +68,14 @@ impl RecallIndex {
                     .remove(id)
                     .unwrap_or_default()
                     .into_iter()
-                    .filter_map(|(neighbor, similarity)| {
-                        Some((embeddings.item_position(&neighbor)?, similarity))
-                    })
+                    .filter_map(|(neighbor, similarity)| Some((embeddings.item_position(&neighbor)?, similarity)))
                     .collect()
             })
             .collect();
-        let popular = read_popularity(dir)?
-            .into_iter()
-            .filter_map(|(id, _)| embeddings.item_position(&id))
-            .collect();
+        let popular = read_popularity(dir)?.into_iter().filter_map(|(id, _)| embeddings.item_position(&id)).collect();
         let mut newest: Vec<usize> = (0..catalog.len()).collect();
-        newest.sort_by_key(|&n| {
-            (
-                std::cmp::Reverse(catalog[n].year),
-                catalog[n].interactions,
-                n,
-            )
-        });
-        Ok(Self {
-            version: manifest.version,
-            embeddings,
-            neighbors,
-            popular,
-            newest,
-        })
+        newest.sort_by_key(|&n| (std::cmp::Reverse(catalog[n].year), catalog[n].interactions, n));
+        Ok(Self { version: manifest.version, embeddings, neighbors, popular, newest })
     }
 
     /// One channel's proposals for a user with `history` (most recent first), skipping
@@ -119,10 +96,7 @@ impl RecallIndex {
                 Some(vector) => self.nearest(&vector, excluded, quota),
                 None => Vec::new(),
             },
-            Channel::Realtime => match self
-                .embeddings
-                .mean_item_vector(history.iter().take(REALTIME_WINDOW))
-            {
+            Channel::Realtime => match self.embeddings.mean_item_vector(history.iter().take(REALTIME_WINDOW)) {
                 Some(vector) => self.nearest(&vector, excluded, quota),
                 None => Vec::new(),
             },
@@ -136,10 +110,8 @@ impl RecallIndex {
     /// a scan beats an approximate index; a larger catalog would swap in HNSW here.
     fn nearest(&self, vector: &[f32], excluded: &HashSet<usize>, quota: usize) -> Vec<usize> {
         let vectors = &self.embeddings.item_vectors;
-        let mut scored: Vec<(f32, usize)> = (0..vectors.rows)
-            .filter(|n| !excluded.contains(n))
-            .map(|n| (dot(vector, vectors.row(n)), n))
-            .collect();
+        let mut scored: Vec<(f32, usize)> =
+            (0..vectors.rows).filter(|n| !excluded.contains(n)).map(|n| (dot(vector, vectors.row(n)), n)).collect();
         top_by_score(&mut scored, quota)
     }
 
@@ -165,12 +137,7 @@ impl RecallIndex {
 }
 
 fn take_allowed(ranked: &[usize], excluded: &HashSet<usize>, quota: usize) -> Vec<usize> {
-    ranked
-        .iter()
-        .copied()
-        .filter(|n| !excluded.contains(n))
-        .take(quota)
-        .collect()
+    ranked.iter().copied().filter(|n| !excluded.contains(n)).take(quota).collect()
 }
 
 fn top_by_score(scored: &mut Vec<(f32, usize)>, quota: usize) -> Vec<usize> {

@@ -35,11 +35,8 @@ pub fn fuse_channels(
                 continue;
             }
             rank += 1;
-            let candidate = fused.entry(item).or_insert_with(|| FusedCandidate {
-                item,
-                score: 0.0,
-                channels: Vec::new(),
-            });
+            let candidate =
+                fused.entry(item).or_insert_with(|| FusedCandidate { item, score: 0.0, channels: Vec::new() });
             if !candidate.channels.contains(&list.channel) {
                 candidate.score += list.weight / (rrf_k + rank as f32);
                 candidate.channels.push(list.channel);
@@ -58,19 +55,12 @@ mod tests {
     use super::*;
 
     fn list(channel: Channel, weight: f32, items: &[usize]) -> ChannelList {
-        ChannelList {
-            channel,
-            weight,
-            items: items.to_vec(),
-        }
+        ChannelList { channel, weight, items: items.to_vec() }
     }
 
     #[test]
     fn items_proposed_by_several_channels_rank_first() {
-        let lists = [
-            list(Channel::Embedding, 1.0, &[1, 2, 3]),
-            list(Channel::ItemCf, 1.0, &[3, 4]),
-        ];
+        let lists = [list(Channel::Embedding, 1.0, &[1, 2, 3]), list(Channel::ItemCf, 1.0, &[3, 4])];
         let fused = fuse_channels(&lists, &HashSet::new(), 60.0, 10);
         assert_eq!(fused[0].item, 3);
         assert_eq!(fused[0].channels, vec![Channel::Embedding, Channel::ItemCf]);
@@ -79,10 +69,7 @@ mod tests {
 
     #[test]
     fn excluded_items_never_appear_and_do_not_use_up_ranks() {
-        let lists = [
-            list(Channel::Popular, 1.0, &[7, 8]),
-            list(Channel::Embedding, 1.0, &[9, 8]),
-        ];
+        let lists = [list(Channel::Popular, 1.0, &[7, 8]), list(Channel::Embedding, 1.0, &[9, 8])];
         let fused = fuse_channels(&lists, &HashSet::from([7]), 60.0, 10);
         assert!(fused.iter().all(|c| c.item != 7));
         // 8 is rank 1 in popular (after the exclusion) and rank 2 in embedding.
@@ -92,10 +79,7 @@ mod tests {
 
     #[test]
     fn weights_scale_a_channel_and_limit_truncates() {
-        let lists = [
-            list(Channel::Popular, 0.1, &[1]),
-            list(Channel::Embedding, 1.0, &[2]),
-        ];
+        let lists = [list(Channel::Popular, 0.1, &[1]), list(Channel::Embedding, 1.0, &[2])];
         let fused = fuse_channels(&lists, &HashSet::new(), 60.0, 1);
         assert_eq!(fused.len(), 1);
         assert_eq!(fused[0].item, 2);

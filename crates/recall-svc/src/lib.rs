@@ -57,26 +57,11 @@ pub struct ChannelQuota {
 impl Default for ChannelSettings {
     fn default() -> Self {
         Self {
-            embedding: ChannelQuota {
-                quota: 400,
-                weight: 1.0,
-            },
-            item_cf: ChannelQuota {
-                quota: 300,
-                weight: 1.0,
-            },
-            realtime: ChannelQuota {
-                quota: 200,
-                weight: 0.6,
-            },
-            popular: ChannelQuota {
-                quota: 150,
-                weight: 0.5,
-            },
-            cold_start: ChannelQuota {
-                quota: 50,
-                weight: 0.2,
-            },
+            embedding: ChannelQuota { quota: 400, weight: 1.0 },
+            item_cf: ChannelQuota { quota: 300, weight: 1.0 },
+            realtime: ChannelQuota { quota: 200, weight: 0.6 },
+            popular: ChannelQuota { quota: 150, weight: 0.5 },
+            cold_start: ChannelQuota { quota: 50, weight: 0.2 },
         }
     }
 }
@@ -111,26 +96,13 @@ impl ServiceConfig for Config {
     }
 }
 
-pub async fn serve(
-    listener: TcpListener,
-    config: Config,
-    shutdown: impl Future<Output = ()>,
-) -> anyhow::Result<()> {
+pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let bundle_dir = recsys_bundle::resolve_dir(&config.bundle)?;
     let index = Arc::new(RecallIndex::load(&bundle_dir)?);
     tracing::info!(bundle = %index.version, items = index.embeddings.num_items(), "recall index loaded");
     let max_message_bytes = config.server.max_message_bytes;
     let options = config.server.serve_options();
-    let service = RecallGrpc::new(index, config)
-        .into_server()
-        .max_decoding_message_size(max_message_bytes);
-    recsys_runtime::serve(
-        listener,
-        &[SERVICE_NAME],
-        tonic::service::Routes::new(service),
-        options,
-        shutdown,
-    )
-    .await?;
+    let service = RecallGrpc::new(index, config).into_server().max_decoding_message_size(max_message_bytes);
+    recsys_runtime::serve(listener, &[SERVICE_NAME], tonic::service::Routes::new(service), options, shutdown).await?;
     Ok(())
 }

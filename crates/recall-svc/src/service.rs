@@ -20,10 +20,7 @@ pub struct RecallGrpc {
 
 impl RecallGrpc {
     pub fn new(index: Arc<RecallIndex>, config: Config) -> Self {
-        Self {
-            index,
-            config: Arc::new(config),
-        }
+        Self { index, config: Arc::new(config) }
     }
 
     pub fn into_server(self) -> RecallServiceServer<Self> {
@@ -31,11 +28,7 @@ impl RecallGrpc {
     }
 
     fn recall_candidates(&self, request: RecallRequest) -> Result<RecallResponse, RecallError> {
-        let RecallRequest {
-            user,
-            candidate_count,
-            exclude_item_ids,
-        } = request;
+        let RecallRequest { user, candidate_count, exclude_item_ids } = request;
         let user = user.ok_or_else(|| RecallError::InvalidArgument("user is required".into()))?;
         if user.user_id.is_empty() {
             return Err(RecallError::InvalidArgument("user.user_id is empty".into()));
@@ -63,13 +56,7 @@ impl RecallGrpc {
                 ChannelList {
                     channel,
                     weight: quota.weight,
-                    items: self.index.propose(
-                        channel,
-                        &user.user_id,
-                        &user.history_item_ids,
-                        &excluded,
-                        quota.quota,
-                    ),
+                    items: self.index.propose(channel, &user.user_id, &user.history_item_ids, &excluded, quota.quota),
                 }
             })
             .collect();
@@ -80,11 +67,7 @@ impl RecallGrpc {
                 .map(|candidate| Candidate {
                     item_id: embeddings.item_ids[candidate.item].clone(),
                     score: candidate.score,
-                    channels: candidate
-                        .channels
-                        .iter()
-                        .map(|c| c.name().to_string())
-                        .collect(),
+                    channels: candidate.channels.iter().map(|c| c.name().to_string()).collect(),
                 })
                 .collect(),
             bundle_version: self.index.version.clone(),
@@ -94,10 +77,7 @@ impl RecallGrpc {
 
 #[tonic::async_trait]
 impl RecallService for RecallGrpc {
-    async fn recall(
-        &self,
-        request: Request<RecallRequest>,
-    ) -> Result<Response<RecallResponse>, Status> {
+    async fn recall(&self, request: Request<RecallRequest>) -> Result<Response<RecallResponse>, Status> {
         let response = self.recall_candidates(request.into_inner())?;
         tracing::debug!(candidates = response.candidates.len(), "recall served");
         Ok(Response::new(response))

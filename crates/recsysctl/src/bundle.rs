@@ -22,19 +22,10 @@ pub fn verify(path: &Path) -> anyhow::Result<()> {
         println!("PROBLEM  {problem}");
     }
     if problems.is_empty() {
-        println!(
-            "bundle {} at {} is intact ({} files)",
-            manifest.version,
-            dir.display(),
-            manifest.files.len()
-        );
+        println!("bundle {} at {} is intact ({} files)", manifest.version, dir.display(), manifest.files.len());
         Ok(())
     } else {
-        anyhow::bail!(
-            "bundle {} has {} problem(s)",
-            manifest.version,
-            problems.len()
-        )
+        anyhow::bail!("bundle {} has {} problem(s)", manifest.version, problems.len())
     }
 }
 
@@ -49,9 +40,5 @@ fn sha256_of(path: &Path) -> std::io::Result<String> {
         }
         hasher.update(&buffer[..read]);
     }
-    Ok(hasher
-        .finalize()
-        .iter()
-        .map(|byte| format!("{byte:02x}"))
-        .collect())
+    Ok(hasher.finalize().iter().map(|byte| format!("{byte:02x}")).collect())
 }

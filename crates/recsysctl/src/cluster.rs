@@ -7,12 +7,8 @@ use std::{
 };
 
 use anyhow::Context;
-use recsys_proto::v1::{
-    recommender_client::RecommenderClient, Event, EventType, LogEventsRequest, RecommendRequest,
-};
-use tonic_health::pb::{
-    health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
-};
+use recsys_proto::v1::{recommender_client::RecommenderClient, Event, EventType, LogEventsRequest, RecommendRequest};
+use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
 
 fn uri(address: &str) -> String {
     if address.contains("://") {
@@ -43,48 +39,25 @@ async fn serving(address: &str) -> bool {
     let Ok(endpoint) = tonic::transport::Endpoint::from_shared(uri(address)) else {
         return false;
     };
-    let Ok(channel) = endpoint
-        .connect_timeout(Duration::from_secs(1))
-        .connect()
-        .await
-    else {
+    let Ok(channel) = endpoint.connect_timeout(Duration::from_secs(1)).connect().await else {
         return false;
     };
     let mut client = HealthClient::new(channel);
     client
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
+        .check(HealthCheckRequest { service: String::new() })
         .await
         .is_ok_and(|response| response.into_inner().status == ServingStatus::Serving as i32)
 }
 
-pub async fn recommend(
-    address: &str,
-    user: &str,
-    top_k: u32,
-    debug: bool,
-    bundle: &Path,
-) -> anyhow::Result<()> {
+pub async fn recommend(address: &str, user: &str, top_k: u32, debug: bool, bundle: &Path) -> anyhow::Result<()> {
     let titles: HashMap<String, String> = recsys_bundle::resolve_dir(bundle)
         .and_then(|dir| recsys_bundle::read_catalog(&dir))
-        .map(|catalog| {
-            catalog
-                .into_iter()
-                .map(|item| (item.id, item.title))
-                .collect()
-        })
+        .map(|catalog| catalog.into_iter().map(|item| (item.id, item.title)).collect())
         .unwrap_or_default();
-    let mut client = RecommenderClient::connect(uri(address))
-        .await
-        .with_context(|| format!("connecting to {address}"))?;
+    let mut client =
+        RecommenderClient::connect(uri(address)).await.with_context(|| format!("connecting to {address}"))?;
     let response = client
-        .recommend(RecommendRequest {
-            user_id: user.to_string(),
-            top_k,
-            debug,
-            ..RecommendRequest::default()
-        })
+        .recommend(RecommendRequest { user_id: user.to_string(), top_k, debug, ..RecommendRequest::default() })
         .await?
         .into_inner();
     println!(
@@ -101,10 +74,7 @@ pub async fn recommend(
     println!("{:>4}  {:>7}  {:>8}  title", "rank", "item", "score");
     for item in &response.items {
         let title = titles.get(&item.item_id).map_or("?", String::as_str);
-        print!(
-            "{:>4}  {:>7}  {:>8.4}  {title}",
-            item.rank, item.item_id, item.score
-        );
+        print!("{:>4}  {:>7}  {:>8.4}  {title}", item.rank, item.item_id, item.score);
         if let Some(trace) = &item.trace {
             print!(
                 "   [{}; coarse {:.3}, fine {:.3}]",

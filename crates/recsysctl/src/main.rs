@@ -72,27 +72,13 @@ enum BundleCommand {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::WaitReady {
-            addresses,
-            timeout_s,
-        } => cluster::wait_ready(&addresses, timeout_s).await,
-        Command::Recommend {
-            addr,
-            user,
-            top_k,
-            debug,
-            bundle,
-        } => cluster::recommend(&addr, &user, top_k, debug, &bundle).await,
-        Command::LogEvent {
-            addr,
-            user,
-            item,
-            r#type,
-            request_id,
-            value,
-        } => cluster::log_event(&addr, &user, &item, &r#type, &request_id, value).await,
-        Command::Bundle {
-            command: BundleCommand::Verify { path },
-        } => bundle::verify(&path),
+        Command::WaitReady { addresses, timeout_s } => cluster::wait_ready(&addresses, timeout_s).await,
+        Command::Recommend { addr, user, top_k, debug, bundle } => {
+            cluster::recommend(&addr, &user, top_k, debug, &bundle).await
+        }
+        Command::LogEvent { addr, user, item, r#type, request_id, value } => {
+            cluster::log_event(&addr, &user, &item, &r#type, &request_id, value).await
+        }
+        Command::Bundle { command: BundleCommand::Verify { path } } => bundle::verify(&path),
     }
 }

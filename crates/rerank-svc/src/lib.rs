@@ -49,25 +49,12 @@ impl ServiceConfig for Config {
     }
 }
 
-pub async fn serve(
-    listener: TcpListener,
-    config: Config,
-    shutdown: impl Future<Output = ()>,
-) -> anyhow::Result<()> {
+pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let bundle_dir = recsys_bundle::resolve_dir(&config.bundle)?;
     let genres = Arc::new(GenreIndex::load(&bundle_dir)?);
     let max_message_bytes = config.server.max_message_bytes;
     let options = config.server.serve_options();
-    let service = RerankGrpc::new(genres, config)
-        .into_server()
-        .max_decoding_message_size(max_message_bytes);
-    recsys_runtime::serve(
-        listener,
-        &[SERVICE_NAME],
-        tonic::service::Routes::new(service),
-        options,
-        shutdown,
-    )
-    .await?;
+    let service = RerankGrpc::new(genres, config).into_server().max_decoding_message_size(max_message_bytes);
+    recsys_runtime::serve(listener, &[SERVICE_NAME], tonic::service::Routes::new(service), options, shutdown).await?;
     Ok(())
 }

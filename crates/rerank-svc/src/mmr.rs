@@ -16,25 +16,14 @@ pub struct GenreIndex {
 impl GenreIndex {
     pub fn load(dir: &Path) -> Result<Self> {
         let catalog = read_catalog(dir)?;
-        let mut vocabulary: Vec<&str> = catalog
-            .iter()
-            .flat_map(|item| item.genres.iter().map(String::as_str))
-            .collect();
+        let mut vocabulary: Vec<&str> =
+            catalog.iter().flat_map(|item| item.genres.iter().map(String::as_str)).collect();
         vocabulary.sort_unstable();
         vocabulary.dedup();
-        let bit = |genre: &str| {
-            vocabulary
-                .binary_search(&genre)
-                .map_or(0, |n| 1u64 << (n % 64))
-        };
+        let bit = |genre: &str| vocabulary.binary_search(&genre).map_or(0, |n| 1u64 << (n % 64));
         let genres = catalog
             .iter()
-            .map(|item| {
-                (
-                    item.id.clone(),
-                    item.genres.iter().fold(0u64, |set, g| set | bit(g)),
-                )
-            })
+            .map(|item| (item.id.clone(), item.genres.iter().fold(0u64, |set, g| set | bit(g))))
             .collect();
         Ok(Self { genres })
     }
@@ -70,11 +59,8 @@ pub fn diversify(
     relevance_weight: f32,
     genres: &GenreIndex,
 ) -> Vec<Picked> {
-    let (min, max) = candidates
-        .iter()
-        .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), (_, s)| {
-            (lo.min(*s), hi.max(*s))
-        });
+    let (min, max) =
+        candidates.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), (_, s)| (lo.min(*s), hi.max(*s)));
     let span = if max > min { max - min } else { 1.0 };
     let relevance: Vec<f32> = candidates.iter().map(|(_, s)| (s - min) / span).collect();
     // Highest similarity of each remaining candidate to anything picked so far.
@@ -82,9 +68,7 @@ pub fn diversify(
     let mut remaining: Vec<usize> = (0..candidates.len()).collect();
     let mut picked = Vec::with_capacity(top_k.min(candidates.len()));
     while picked.len() < top_k && !remaining.is_empty() {
-        let objective = |n: usize| {
-            relevance_weight * relevance[n] - (1.0 - relevance_weight) * max_similarity[n]
-        };
+        let objective = |n: usize| relevance_weight * relevance[n] - (1.0 - relevance_weight) * max_similarity[n];
         let (slot, &best) = remaining
             .iter()
             .enumerate()
@@ -96,11 +80,7 @@ pub fn diversify(
             let similarity = genres.similarity(&candidates[n].0, &candidates[best].0);
             max_similarity[n] = max_similarity[n].max(similarity);
         }
-        picked.push(Picked {
-            item_id: candidates[best].0.clone(),
-            score: candidates[best].1,
-            mmr_score,
-        });
+        picked.push(Picked { item_id: candidates[best].0.clone(), score: candidates[best].1, mmr_score });
     }
     picked
 }
@@ -118,11 +98,7 @@ mod tests {
     }
 
     fn candidates() -> Vec<(String, f32)> {
-        vec![
-            ("action1".into(), 0.9),
-            ("action2".into(), 0.85),
-            ("comedy".into(), 0.8),
-        ]
+        vec![("action1".into(), 0.9), ("action2".into(), 0.85), ("comedy".into(), 0.8)]
     }
 
     #[test]
@@ -142,10 +118,7 @@ mod tests {
 
     #[test]
     fn similarity_is_cosine_of_genre_sets() {
-        let index = GenreIndex::from_sets(HashMap::from([
-            ("a".to_string(), 0b11),
-            ("b".to_string(), 0b01),
-        ]));
+        let index = GenreIndex::from_sets(HashMap::from([("a".to_string(), 0b11), ("b".to_string(), 0b01)]));
         assert!((index.similarity("a", "b") - 1.0 / 2f32.sqrt()).abs() < 1e-6);
         assert_eq!(index.similarity("a", "missing"), 0.0);
     }

@@ -20,10 +20,7 @@ pub struct RerankGrpc {
 
 impl RerankGrpc {
     pub fn new(genres: Arc<GenreIndex>, config: Config) -> Self {
-        Self {
-            genres,
-            config: Arc::new(config),
-        }
+        Self { genres, config: Arc::new(config) }
     }
 
     pub fn into_server(self) -> RerankServiceServer<Self> {
@@ -33,16 +30,8 @@ impl RerankGrpc {
 
 #[tonic::async_trait]
 impl RerankService for RerankGrpc {
-    async fn rerank(
-        &self,
-        request: Request<RerankRequest>,
-    ) -> Result<Response<RerankResponse>, Status> {
-        let RerankRequest {
-            candidates,
-            top_k,
-            exclude_item_ids,
-            relevance_weight,
-        } = request.into_inner();
+    async fn rerank(&self, request: Request<RerankRequest>) -> Result<Response<RerankResponse>, Status> {
+        let RerankRequest { candidates, top_k, exclude_item_ids, relevance_weight } = request.into_inner();
         if top_k == 0 {
             return Err(RerankError::InvalidArgument("top_k must be at least 1".into()).into());
         }
@@ -55,10 +44,9 @@ impl RerankService for RerankGrpc {
         }
         let relevance_weight = relevance_weight.unwrap_or(self.config.relevance_weight);
         if !(0.0..=1.0).contains(&relevance_weight) {
-            return Err(RerankError::InvalidArgument(format!(
-                "relevance_weight {relevance_weight} is outside [0, 1]"
-            ))
-            .into());
+            return Err(
+                RerankError::InvalidArgument(format!("relevance_weight {relevance_weight} is outside [0, 1]")).into()
+            );
         }
         let excluded: HashSet<&str> = exclude_item_ids.iter().map(String::as_str).collect();
         let mut seen = HashSet::new();
@@ -73,11 +61,7 @@ impl RerankService for RerankGrpc {
         Ok(Response::new(RerankResponse {
             items: picked
                 .into_iter()
-                .map(|p| RerankedItem {
-                    item_id: p.item_id,
-                    score: p.score,
-                    rerank_score: p.mmr_score,
-                })
+                .map(|p| RerankedItem { item_id: p.item_id, score: p.score, rerank_score: p.mmr_score })
                 .collect(),
         }))
     }

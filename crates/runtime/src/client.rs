@@ -6,15 +6,8 @@ use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 
 /// Builds a lazily connecting channel to `address` (`host:port` or a full `http://` URI).
-pub fn lazy_channel(
-    address: &str,
-    connect_timeout: Duration,
-) -> Result<Channel, tonic::transport::Error> {
-    let uri = if address.contains("://") {
-        address.to_string()
-    } else {
-        format!("http://{address}")
-    };
+pub fn lazy_channel(address: &str, connect_timeout: Duration) -> Result<Channel, tonic::transport::Error> {
+    let uri = if address.contains("://") { address.to_string() } else { format!("http://{address}") };
     Ok(Endpoint::from_shared(uri)?
         .connect_timeout(connect_timeout)
         .tcp_nodelay(true)

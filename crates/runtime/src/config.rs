@@ -9,15 +9,9 @@ use serde::{de::DeserializeOwned, Serialize};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("config file {path} is not valid TOML: {source}")]
-    Parse {
-        path: String,
-        source: toml::de::Error,
-    },
+    Parse { path: String, source: toml::de::Error },
     #[error("environment variable {name} cannot override a non-table value")]
     EnvPath { name: String },
     #[error("invalid configuration: {0}")]
@@ -40,36 +34,24 @@ fn load_config_from<T>(
 where
     T: Serialize + DeserializeOwned + Default,
 {
-    let mut merged = toml::Value::try_from(T::default())
-        .map_err(|error| ConfigError::Invalid(error.to_string()))?;
+    let mut merged = toml::Value::try_from(T::default()).map_err(|error| ConfigError::Invalid(error.to_string()))?;
     if let Some(path) = file {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
         let from_file: toml::Value =
-            toml::from_str(&text).map_err(|source| ConfigError::Parse {
-                path: path.display().to_string(),
-                source,
-            })?;
+            toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.display().to_string(), source })?;
         merge(&mut merged, from_file);
     }
     let prefix = format!("{env_prefix}__");
-    let mut overrides: Vec<(String, String)> =
-        vars.filter(|(name, _)| name.starts_with(&prefix)).collect();
+    let mut overrides: Vec<(String, String)> = vars.filter(|(name, _)| name.starts_with(&prefix)).collect();
     // Sorted so that the result does not depend on the process's environment order.
     overrides.sort();
     for (name, raw) in overrides {
-        let keys: Vec<String> = name[prefix.len()..]
-            .split("__")
-            .map(str::to_ascii_lowercase)
-            .collect();
+        let keys: Vec<String> = name[prefix.len()..].split("__").map(str::to_ascii_lowercase).collect();
         set_path(&mut merged, &keys, parse_env_value(&raw))
             .map_err(|()| ConfigError::EnvPath { name: name.clone() })?;
     }
-    merged
-        .try_into()
-        .map_err(|error: toml::de::Error| ConfigError::Invalid(error.to_string()))
+    merged.try_into().map_err(|error: toml::de::Error| ConfigError::Invalid(error.to_string()))
 }
 
 fn merge(base: &mut toml::Value, overlay: toml::Value) {
@@ -95,9 +77,7 @@ fn set_path(root: &mut toml::Value, keys: &[String], value: toml::Value) -> Resu
     let mut node = root;
     for key in parents {
         let table = node.as_table_mut().ok_or(())?;
-        node = table
-            .entry(key.clone())
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        node = table.entry(key.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
     }
     node.as_table_mut().ok_or(())?.insert(last.clone(), value);
     Ok(())
@@ -133,11 +113,7 @@ mod tests {
 
     impl Default for Sample {
         fn default() -> Self {
-            Self {
-                listen: "127.0.0.1:1".into(),
-                workers: 2,
-                nested: Nested::default(),
-            }
+            Self { listen: "127.0.0.1:1".into(), workers: 2, nested: Nested::default() }
         }
     }
 

@@ -5,6 +5,7 @@
 pub mod client;
 pub mod config;
 mod oversized;
+pub mod resilience;
 pub mod server;
 pub mod telemetry;
 

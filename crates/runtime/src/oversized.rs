@@ -14,32 +14,20 @@ use percent_encoding::{percent_decode, utf8_percent_encode, AsciiSet, CONTROLS};
 use tonic::codegen::http::{HeaderMap, HeaderValue, Response};
 
 /// Characters the gRPC spec percent-encodes in grpc-message (tonic's set).
-const GRPC_MESSAGE: &AsciiSet = &CONTROLS
-    .add(b' ')
-    .add(b'"')
-    .add(b'#')
-    .add(b'<')
-    .add(b'>')
-    .add(b'`')
-    .add(b'?')
-    .add(b'{')
-    .add(b'}')
-    .add(b'%');
+const GRPC_MESSAGE: &AsciiSet =
+    &CONTROLS.add(b' ').add(b'"').add(b'#').add(b'<').add(b'>').add(b'`').add(b'?').add(b'{').add(b'}').add(b'%');
 const TONIC_TOO_LARGE: &str = "Error, decoded message length too large: ";
 
 /// The response layer's function: rewrites the status in headers now and in trailers
 /// when they arrive.
-pub fn rewrite_oversized_status(
-    mut response: Response<tonic::body::Body>,
-) -> Response<tonic::body::Body> {
+pub fn rewrite_oversized_status(mut response: Response<tonic::body::Body>) -> Response<tonic::body::Body> {
     rewrite_status(response.headers_mut());
     response.map(|body| tonic::body::Body::new(RewriteTrailers { inner: body }))
 }
 
 fn rewrite_status(headers: &mut HeaderMap) {
-    let is_out_of_range = headers
-        .get("grpc-status")
-        .is_some_and(|status| status == HeaderValue::from(tonic::Code::OutOfRange as i32));
+    let is_out_of_range =
+        headers.get("grpc-status").is_some_and(|status| status == HeaderValue::from(tonic::Code::OutOfRange as i32));
     if !is_out_of_range {
         return;
     }
@@ -51,14 +39,9 @@ fn rewrite_status(headers: &mut HeaderMap) {
     else {
         return;
     };
-    headers.insert(
-        "grpc-status",
-        HeaderValue::from(tonic::Code::InvalidArgument as i32),
-    );
+    headers.insert("grpc-status", HeaderValue::from(tonic::Code::InvalidArgument as i32));
     let message = format!("request message too large: {detail}");
-    if let Ok(encoded) =
-        HeaderValue::from_str(&utf8_percent_encode(&message, GRPC_MESSAGE).to_string())
-    {
+    if let Ok(encoded) = HeaderValue::from_str(&utf8_percent_encode(&message, GRPC_MESSAGE).to_string()) {
         headers.insert("grpc-message", encoded);
     }
 }
@@ -71,10 +54,7 @@ impl HttpBody for RewriteTrailers {
     type Data = Bytes;
     type Error = tonic::Status;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(match frame.into_trailers() {
                 Ok(mut trailers) => {

@@ -28,10 +28,7 @@ pub struct ServerConfig {
 
 impl ServerConfig {
     pub fn with_listen(listen: &str) -> Self {
-        Self {
-            listen: listen.to_string(),
-            ..Self::default()
-        }
+        Self { listen: listen.to_string(), ..Self::default() }
     }
 
     pub fn serve_options(&self) -> ServeOptions {
@@ -82,11 +79,7 @@ struct ServiceArgs {
 
 /// The `main` of every service: flags, configuration, telemetry, bind, then `start`
 /// with the bound listener and a future that resolves on SIGTERM or Ctrl-C.
-pub async fn run_service<C, F, Fut>(
-    service: &'static str,
-    env_prefix: &str,
-    start: F,
-) -> anyhow::Result<()>
+pub async fn run_service<C, F, Fut>(service: &'static str, env_prefix: &str, start: F) -> anyhow::Result<()>
 where
     C: ServiceConfig,
     F: FnOnce(C, TcpListener) -> Fut,
@@ -100,9 +93,8 @@ where
     }
     crate::telemetry::init(service);
     let listen = config.server().listen.clone();
-    let listener = TcpListener::bind(&listen)
-        .await
-        .map_err(|error| anyhow::anyhow!("cannot bind {listen}: {error}"))?;
+    let listener =
+        TcpListener::bind(&listen).await.map_err(|error| anyhow::anyhow!("cannot bind {listen}: {error}"))?;
     tracing::info!(service, address = %listener.local_addr()?, "listening");
     let result = start(config, listener).await;
     match &result {
@@ -117,9 +109,8 @@ pub async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut terminate =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .expect("installing a SIGTERM handler cannot fail on unix");
+        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler cannot fail on unix");
         tokio::select! {
             _ = ctrl_c => {}
             _ = terminate.recv() => {}
@@ -146,26 +137,17 @@ pub async fn serve(
     let mut reported: Vec<String> = vec![String::new()];
     reported.extend(service_names.iter().map(|name| name.to_string()));
     for name in &reported {
-        health_reporter
-            .set_service_status(name, ServingStatus::Serving)
-            .await;
+        health_reporter.set_service_status(name, ServingStatus::Serving).await;
     }
-    let reflection_v1 = reflection_builder(service_names)
-        .build_v1()
-        .expect("the compiled-in descriptor sets are valid");
-    let reflection_v1alpha = reflection_builder(service_names)
-        .build_v1alpha()
-        .expect("the compiled-in descriptor sets are valid");
-    let routes = routes
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha);
+    let reflection_v1 =
+        reflection_builder(service_names).build_v1().expect("the compiled-in descriptor sets are valid");
+    let reflection_v1alpha =
+        reflection_builder(service_names).build_v1alpha().expect("the compiled-in descriptor sets are valid");
+    let routes = routes.add_service(health_service).add_service(reflection_v1).add_service(reflection_v1alpha);
 
     let (stop_accepting, stop_accepting_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
-        .layer(tower::util::MapResponseLayer::new(
-            crate::oversized::rewrite_oversized_status,
-        ))
+        .layer(tower::util::MapResponseLayer::new(crate::oversized::rewrite_oversized_status))
         .add_routes(routes)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             let _ = stop_accepting_rx.await;
@@ -177,9 +159,7 @@ pub async fn serve(
     }
     tracing::info!("shutdown requested: reporting NOT_SERVING");
     for name in &reported {
-        health_reporter
-            .set_service_status(name, ServingStatus::NotServing)
-            .await;
+        health_reporter.set_service_status(name, ServingStatus::NotServing).await;
     }
     tokio::time::sleep(options.not_serving_delay).await;
     let _ = stop_accepting.send(());

@@ -11,18 +11,10 @@ pub fn init(service: &'static str) {
     let text = std::env::var("RECSYS_LOG_FORMAT").is_ok_and(|format| format == "text");
     let registry = tracing_subscriber::registry().with(filter);
     let installed = if text {
-        registry
-            .with(fmt::layer().with_writer(std::io::stderr))
-            .try_init()
+        registry.with(fmt::layer().with_writer(std::io::stderr)).try_init()
     } else {
         registry
-            .with(
-                fmt::layer()
-                    .json()
-                    .flatten_event(true)
-                    .with_current_span(false)
-                    .with_writer(std::io::stderr),
-            )
+            .with(fmt::layer().json().flatten_event(true).with_current_span(false).with_writer(std::io::stderr))
             .try_init()
     };
     if installed.is_ok() {

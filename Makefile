@@ -25,6 +25,8 @@ test-rust:
 test-python:
 	@echo "==> training pipeline tests"
 	$(ENV) && cd training && "$$RECSYS_PYTHON" -m pytest -q
+	@echo "==> deployment checks (helm lint)"
+	$(ENV) && "$$RECSYS_PYTHON" -m pytest -q deploy/tests
 
 lint:
 	@echo "==> rustfmt and clippy"

@@ -4,9 +4,11 @@ SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
 ENV := source target/recsys.env
 
-.PHONY: run test bootstrap build bundle test-rust test-python lint fmt clean-state
+.PHONY: run test bootstrap build bundle test-rust test-python lint fmt clean-state chaos
 
-run: bootstrap build
+# Bootstrap (Python, data, bundle) and the Rust build are independent: run them side by side.
+run:
+	@$(MAKE) --no-print-directory -j2 bootstrap build
 	@deploy/local/run-cluster.sh
 
 test: bootstrap test-rust test-python lint
@@ -35,6 +37,11 @@ lint:
 
 fmt:
 	cargo fmt --all
+
+# Chaos suite: faults under steady load, then overload; writes target/reports/chaos.json.
+chaos: bootstrap build
+	@echo "==> chaos suite (about two minutes)"
+	$(ENV) && target/debug/recsys-chaos --bin-dir target/debug
 
 # Train a new bundle from data/ml-100k and make it current.
 bundle: bootstrap

@@ -88,6 +88,7 @@ async fn recommend_serves_known_and_unknown_users_and_learns_from_events() {
                 timestamp_ms: 1_700_000_000_000,
                 request_id: first.request_id.clone(),
                 value: 0.0,
+                experiments: first.experiments.clone(),
             }],
         })
         .await
@@ -150,23 +151,25 @@ async fn bad_requests_are_rejected_with_invalid_argument() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_service_reports_health_and_lists_itself_by_reflection() {
     let cluster = Cluster::start().await.expect("cluster starts");
-    let expected = [
-        (Service::Orchestrator, "recsys.v1.Recommender"),
-        (Service::Feature, "recsys.v1.FeatureService"),
-        (Service::Recall, "recsys.v1.RecallService"),
-        (Service::Rank, "recsys.v1.RankService"),
-        (Service::Rerank, "recsys.v1.RerankService"),
+    let expected: [(Service, &[&str]); 5] = [
+        (Service::Orchestrator, &["recsys.v1.Recommender", "recsys.v1.Admin"]),
+        (Service::Feature, &["recsys.v1.FeatureService"]),
+        (Service::Recall, &["recsys.v1.RecallService"]),
+        (Service::Rank, &["recsys.v1.RankService"]),
+        (Service::Rerank, &["recsys.v1.RerankService"]),
     ];
-    for (service, name) in expected {
+    for (service, names) in expected {
         assert_eq!(cluster.health(service).await, Some(ServingStatus::Serving), "{service:?}");
         let v1 = cluster_tests::reflection::list_services_v1(cluster.channel(service)).await.unwrap();
         let v1alpha = cluster_tests::reflection::list_services_v1alpha(cluster.channel(service)).await.unwrap();
         for listed in [&v1, &v1alpha] {
-            assert!(listed.contains(&name.to_string()), "{service:?} lists {listed:?}");
+            for name in names {
+                assert!(listed.contains(&name.to_string()), "{service:?} lists {listed:?}");
+            }
             assert!(listed.contains(&"grpc.health.v1.Health".to_string()));
             assert!(
-                !listed.iter().any(|other| other.starts_with("recsys.") && other != name),
-                "{service:?} advertises only itself: {listed:?}"
+                !listed.iter().any(|other| other.starts_with("recsys.") && !names.contains(&other.as_str())),
+                "{service:?} advertises only its own services: {listed:?}"
             );
         }
     }
@@ -189,4 +192,71 @@ async fn a_stopped_leaf_degrades_the_answer_instead_of_failing_it() {
     let response = recommend(&cluster, recommend_request("196", 10)).await.expect("served without features");
     assert_eq!(response.items.len(), 10);
     assert_eq!(response.degraded_stages, vec!["feature", "rank", "rerank"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn experiments_and_the_rank_canary_are_applied_and_operable_at_run_time() {
+    use cluster_tests::ClusterOptions;
+    use orchestrator::experiments::{ExperimentConfig, Layer, Overrides, Variant};
+    use recsys_proto::v1::{admin_client::AdminClient, PromoteCanaryRequest, SetCanaryShareRequest};
+
+    let layer = Layer {
+        name: "diversity".into(),
+        salt: "diversity-1".into(),
+        variants: vec![
+            Variant { name: "control".into(), share: 50.0, overrides: Overrides::default() },
+            Variant {
+                name: "relevance_only".into(),
+                share: 50.0,
+                overrides: Overrides {
+                    relevance_weight: Some(1.0),
+                    channel_weights: [("item_cf".to_string(), 2.0)].into(),
+                    ..Overrides::default()
+                },
+            },
+        ],
+    };
+    let options =
+        ClusterOptions { canary_share_percent: Some(50.0), experiments: ExperimentConfig { layers: vec![layer] } };
+    let cluster = Cluster::start_with(options).await.expect("cluster starts");
+
+    let mut variants = HashSet::new();
+    let mut tracks = HashSet::new();
+    for user in 1..=40 {
+        let user_id = user.to_string();
+        let first = recommend(&cluster, recommend_request(&user_id, 10)).await.unwrap();
+        let again = recommend(&cluster, recommend_request(&user_id, 10)).await.unwrap();
+        assert_well_formed(&first, 10);
+        assert!(first.degraded_stages.is_empty(), "{:?}", first.degraded_stages);
+        assert_eq!(first.experiments.len(), 1);
+        assert_eq!(first.experiments, again.experiments, "assignment is sticky");
+        assert_eq!(first.track, again.track, "canary routing is sticky");
+        variants.insert(first.experiments[0].variant.clone());
+        tracks.insert(first.track.clone());
+    }
+    assert_eq!(variants, HashSet::from(["control".to_string(), "relevance_only".to_string()]));
+    assert_eq!(tracks, HashSet::from(["stable".to_string(), "canary".to_string()]));
+
+    let mut admin = AdminClient::new(cluster.channel(Service::Orchestrator));
+    let split = admin.set_canary_share(SetCanaryShareRequest { share_percent: 0.0 }).await.unwrap().into_inner();
+    assert_eq!(split.canary_share_percent, 0.0);
+    for user in 1..=10 {
+        assert_eq!(recommend(&cluster, recommend_request(&user.to_string(), 5)).await.unwrap().track, "stable");
+    }
+    let bad = admin.set_canary_share(SetCanaryShareRequest { share_percent: 150.0 }).await.unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+
+    let split = admin.get_traffic_split(recsys_proto::v1::GetTrafficSplitRequest {}).await.unwrap().into_inner();
+    assert_eq!(split.tracks.len(), 2);
+    assert!(split.tracks.iter().all(|track| track.requests > 0 && !track.model_version.is_empty()), "{split:?}");
+
+    let canary_address = cluster.address(Service::RankCanary).to_string();
+    let promoted = admin.promote_canary(PromoteCanaryRequest {}).await.unwrap().into_inner();
+    assert_eq!(promoted.stable_address, canary_address);
+    assert!(promoted.canary_address.is_empty());
+    for user in 1..=10 {
+        let response = recommend(&cluster, recommend_request(&user.to_string(), 5)).await.unwrap();
+        assert_eq!(response.track, "stable");
+        assert!(response.degraded_stages.is_empty());
+    }
 }

@@ -24,11 +24,21 @@ pub enum Service {
     Recall,
     Rank,
     Rerank,
+    /// A second rank-svc, started only when the options ask for a canary.
+    RankCanary,
 }
 
 impl Service {
     pub const ALL: [Service; 5] =
         [Service::Feature, Service::Recall, Service::Rank, Service::Rerank, Service::Orchestrator];
+}
+
+/// What a test changes about the default cluster.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterOptions {
+    /// Start a canary rank-svc and send this share of users to it.
+    pub canary_share_percent: Option<f64>,
+    pub experiments: orchestrator::ExperimentConfig,
 }
 
 struct Running {
@@ -57,6 +67,10 @@ fn server_config(listener: &TcpListener) -> ServerConfig {
 
 impl Cluster {
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(ClusterOptions::default()).await
+    }
+
+    pub async fn start_with(options: ClusterOptions) -> anyhow::Result<Self> {
         let root = workspace_root();
         let bundle = std::env::var_os("RECSYS_TEST_BUNDLE").map_or_else(|| root.join("models/bundles"), PathBuf::from);
         let seed = root.join("data/ml-100k");
@@ -69,7 +83,11 @@ impl Cluster {
         }
         let state = tempfile::tempdir()?;
         let mut listeners = HashMap::new();
-        for service in Service::ALL {
+        let mut started: Vec<Service> = Service::ALL.to_vec();
+        if options.canary_share_percent.is_some() {
+            started.push(Service::RankCanary);
+        }
+        for &service in &started {
             listeners.insert(service, TcpListener::bind("127.0.0.1:0").await?);
         }
         let address = |service: Service| listeners[&service].local_addr().expect("bound").to_string();
@@ -84,6 +102,16 @@ impl Cluster {
                 ..orchestrator::DownstreamConfig::default()
             },
             fallback_refresh_ms: 500,
+            fallback_bundle: Some(bundle.clone()),
+            experiments: options.experiments.clone(),
+            canary: orchestrator::CanaryConfig {
+                rank: listeners
+                    .get(&Service::RankCanary)
+                    .map(|l| l.local_addr().expect("bound").to_string())
+                    .unwrap_or_default(),
+                share_percent: options.canary_share_percent.unwrap_or(0.0),
+                ..orchestrator::CanaryConfig::default()
+            },
             ..orchestrator::Config::default()
         };
         let feature_config = feature_svc::Config {
@@ -118,7 +146,10 @@ impl Cluster {
             let task = match service {
                 Service::Feature => tokio::spawn(feature_svc::serve(listener, feature_config.clone(), shutdown)),
                 Service::Recall => tokio::spawn(recall_svc::serve(listener, recall_config.clone(), shutdown)),
-                Service::Rank => tokio::spawn(rank_svc::serve(listener, rank_config.clone(), shutdown)),
+                Service::Rank | Service::RankCanary => {
+                    let config = rank_svc::Config { server: server_config(&listener), ..rank_config.clone() };
+                    tokio::spawn(rank_svc::serve(listener, config, shutdown))
+                }
                 Service::Rerank => tokio::spawn(rerank_svc::serve(listener, rerank_config.clone(), shutdown)),
                 Service::Orchestrator => {
                     tokio::spawn(orchestrator::serve(listener, orchestrator_config.clone(), shutdown))
@@ -127,7 +158,7 @@ impl Cluster {
             services.insert(service, Running { address, stop: Some(stop), task });
         }
         let mut cluster = Self { services, _state: state };
-        for service in Service::ALL {
+        for service in started {
             cluster.wait_serving(service, Duration::from_secs(60)).await?;
         }
         Ok(cluster)

@@ -4,7 +4,7 @@
 //! line, from a batch that was never acknowledged, is skipped on replay).
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{BTreeMap, HashMap, VecDeque},
     fs::{File, OpenOptions},
     io::{BufRead, BufReader, Write},
     path::{Path, PathBuf},
@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::{FeatureError, Result};
 
 const MAX_ID_BYTES: usize = 256;
+const MAX_EXPERIMENTS: usize = 32;
 
 /// One validated feedback event, as stored in the log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -29,6 +30,9 @@ pub struct StoredEvent {
     pub request_id: String,
     #[serde(default)]
     pub value: f32,
+    /// Experiment layer → variant of the response the event answers.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub experiments: BTreeMap<String, String>,
 }
 
 impl StoredEvent {
@@ -59,6 +63,16 @@ impl StoredEvent {
         if event_type == EventType::Rating && !(event.value.is_finite() && (0.0..=5.0).contains(&event.value)) {
             return Err(invalid("value must be a rating in 0..=5"));
         }
+        if event.experiments.len() > MAX_EXPERIMENTS
+            || event
+                .experiments
+                .iter()
+                .any(|a| a.layer.is_empty() || a.layer.len() > MAX_ID_BYTES || a.variant.len() > MAX_ID_BYTES)
+        {
+            return Err(invalid(&format!(
+                "experiments must be at most {MAX_EXPERIMENTS} assignments with non-empty layer names of at most {MAX_ID_BYTES} bytes"
+            )));
+        }
         Ok(Self {
             user_id: event.user_id.clone(),
             item_id: event.item_id.clone(),
@@ -66,6 +80,7 @@ impl StoredEvent {
             timestamp_ms: event.timestamp_ms,
             request_id: event.request_id.clone(),
             value: event.value,
+            experiments: event.experiments.iter().map(|a| (a.layer.clone(), a.variant.clone())).collect(),
         })
     }
 

@@ -5,25 +5,34 @@
 
 #![forbid(unsafe_code)]
 
+mod admin;
 mod deadline;
+mod downstream;
 mod error;
+pub mod experiments;
 mod fallback;
 mod pipeline;
 mod request;
 mod service;
+pub mod tracks;
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{future::Future, path::PathBuf, sync::Arc, time::Duration};
 
 use recsys_runtime::{server::ServiceConfig, ServerConfig};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
+pub use admin::AdminGrpc;
+pub use downstream::ResilienceConfig;
 pub use error::{OrchestratorError, Result};
-pub use pipeline::{Downstream, Pipeline};
+pub use experiments::ExperimentConfig;
+pub use pipeline::Pipeline;
 pub use request::{RecommendQuery, RequestLimits};
 pub use service::RecommenderGrpc;
+pub use tracks::CanaryConfig;
 
 pub const SERVICE_NAME: &str = "recsys.v1.Recommender";
+pub const ADMIN_SERVICE_NAME: &str = "recsys.v1.Admin";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -40,6 +49,11 @@ pub struct Config {
     pub rerank_window_factor: u32,
     /// How often the popular fallback list is refreshed from recall.
     pub fallback_refresh_ms: u64,
+    /// Bundle whose popularity list seeds the fallback at start-up (before recall answers).
+    pub fallback_bundle: Option<PathBuf>,
+    pub resilience: ResilienceConfig,
+    pub experiments: ExperimentConfig,
+    pub canary: CanaryConfig,
 }
 
 /// Addresses (`host:port`) of the four leaf services.
@@ -69,7 +83,7 @@ pub struct StageBudgets {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            server: ServerConfig::with_listen("127.0.0.1:50051"),
+            server: ServerConfig { max_concurrent_requests: 64, ..ServerConfig::with_listen("127.0.0.1:50051") },
             downstream: DownstreamConfig::default(),
             limits: RequestLimits::default(),
             budgets: StageBudgets::default(),
@@ -77,6 +91,10 @@ impl Default for Config {
             coarse_keep: 200,
             rerank_window_factor: 5,
             fallback_refresh_ms: 30_000,
+            fallback_bundle: Some(PathBuf::from("models/bundles")),
+            resilience: ResilienceConfig::default(),
+            experiments: ExperimentConfig::default(),
+            canary: CanaryConfig::default(),
         }
     }
 }
@@ -103,6 +121,22 @@ impl StageBudgets {
     pub fn default_deadline(&self) -> Duration {
         Duration::from_millis(self.default_deadline_ms)
     }
+
+    pub fn feature(&self) -> Duration {
+        Duration::from_millis(self.feature_ms)
+    }
+
+    pub fn recall(&self) -> Duration {
+        Duration::from_millis(self.recall_ms)
+    }
+
+    pub fn rank(&self) -> Duration {
+        Duration::from_millis(self.rank_ms)
+    }
+
+    pub fn rerank(&self) -> Duration {
+        Duration::from_millis(self.rerank_ms)
+    }
 }
 
 impl ServiceConfig for Config {
@@ -112,18 +146,20 @@ impl ServiceConfig for Config {
 }
 
 pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let downstream = Downstream::connect(&config.downstream)?;
-    let pipeline = Arc::new(Pipeline::new(downstream, config.clone()));
+    let pipeline = Arc::new(Pipeline::new(config.clone())?);
     let refresher = tokio::spawn(fallback::keep_refreshed(
         Arc::clone(&pipeline),
         Duration::from_millis(config.fallback_refresh_ms),
     ));
-    let service =
-        RecommenderGrpc::new(pipeline).into_server().max_decoding_message_size(config.server.max_message_bytes);
+    let recommender = RecommenderGrpc::new(Arc::clone(&pipeline))
+        .into_server()
+        .max_decoding_message_size(config.server.max_message_bytes);
+    let admin = AdminGrpc::new(Arc::clone(&pipeline)).into_server();
+    let routes = tonic::service::Routes::new(recommender).add_service(admin);
     let result = recsys_runtime::serve(
         listener,
-        &[SERVICE_NAME],
-        tonic::service::Routes::new(service),
+        &[SERVICE_NAME, ADMIN_SERVICE_NAME],
+        routes,
         config.server.serve_options(),
         shutdown,
     )

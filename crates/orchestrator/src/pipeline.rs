@@ -1,57 +1,39 @@
-//! The request path: feature → recall → rank → rerank, each call bounded by the stage's
-//! budget and the caller's remaining deadline, each failure replaced by a fallback that
-//! is recorded in `degraded_stages`:
+//! The request path: feature → recall → rank → rerank. Each call gets the smaller of its
+//! stage budget and what is left of the caller's deadline, and each failure is replaced
+//! by a fallback recorded in `degraded_stages`:
 //! feature down → an anonymous profile; recall down → the cached popular list;
-//! rank down → fused recall order; rerank down → the ranked top-k.
+//! rank down → fused recall order; rerank down → the ranked top-k. The popular list is
+//! seeded from the bundle at start-up and refreshed from recall, so the last resort
+//! never depends on a service being up.
 
 use std::{
     collections::{HashMap, HashSet},
-    future::Future,
     sync::RwLock,
     time::Duration,
 };
 
 use recsys_proto::v1::{
-    feature_service_client::FeatureServiceClient, rank_service_client::RankServiceClient,
-    recall_service_client::RecallServiceClient, rerank_service_client::RerankServiceClient, AppendEventsRequest,
-    Candidate, Event, GetUserFeaturesRequest, ItemTrace, RankRequest, RecallRequest, RecommendResponse,
-    RecommendedItem, RerankCandidate, RerankRequest, UserFeatures,
+    AppendEventsRequest, Candidate, Event, GetUserFeaturesRequest, ItemTrace, RankRequest, RecallRequest,
+    RecommendResponse, RecommendedItem, RerankCandidate, RerankRequest, UserFeatures,
 };
-use tonic::{transport::Channel, Request, Response, Status};
+use tokio::time::Instant;
+use tonic::{Request, Status};
 
-use crate::{deadline::Deadline, Config, DownstreamConfig, OrchestratorError, RecommendQuery, Result};
+use crate::{
+    deadline::Deadline,
+    downstream::Downstream,
+    tracks::{RankRouting, RankTrack, CANARY, STABLE},
+    Config, OrchestratorError, RecommendQuery, Result,
+};
 
 /// History handed to recall (for exclusion and item-to-item seeds) and rank.
 const MAX_HISTORY: u32 = 1_000;
 
-#[derive(Clone)]
-pub struct Downstream {
-    feature: FeatureServiceClient<Channel>,
-    recall: RecallServiceClient<Channel>,
-    rank: RankServiceClient<Channel>,
-    rerank: RerankServiceClient<Channel>,
-}
-
-impl Downstream {
-    pub fn connect(config: &DownstreamConfig) -> Result<Self> {
-        let timeout = Duration::from_millis(config.connect_timeout_ms);
-        let channel = |address: &str| {
-            recsys_runtime::client::lazy_channel(address, timeout)
-                .map_err(|error| OrchestratorError::Config(format!("{address}: {error}")))
-        };
-        Ok(Self {
-            feature: FeatureServiceClient::new(channel(&config.feature)?),
-            recall: RecallServiceClient::new(channel(&config.recall)?),
-            rank: RankServiceClient::new(channel(&config.rank)?),
-            rerank: RerankServiceClient::new(channel(&config.rerank)?),
-        })
-    }
-}
-
 pub struct Pipeline {
     downstream: Downstream,
+    rank: RankRouting,
     config: Config,
-    /// Popular items from the last successful anonymous recall: the answer of last resort.
+    /// Popular items: the answer of last resort.
     popular_fallback: RwLock<Vec<Candidate>>,
 }
 
@@ -63,35 +45,41 @@ struct Scores {
 }
 
 impl Pipeline {
-    pub fn new(downstream: Downstream, config: Config) -> Self {
-        Self { downstream, config, popular_fallback: RwLock::new(Vec::new()) }
+    pub fn new(config: Config) -> Result<Self> {
+        config.experiments.validate().map_err(OrchestratorError::Config)?;
+        let downstream = Downstream::connect(&config.downstream, &config.resilience)?;
+        let connect_timeout = Duration::from_millis(config.downstream.connect_timeout_ms);
+        let stable = RankTrack::connect(STABLE, &config.downstream.rank, connect_timeout, &config.resilience.breaker)?;
+        let canary = (!config.canary.rank.is_empty())
+            .then(|| RankTrack::connect(CANARY, &config.canary.rank, connect_timeout, &config.resilience.breaker))
+            .transpose()?;
+        let rank = RankRouting::new(stable, canary, config.canary.share_percent, config.canary.salt.clone());
+        let popular = seed_popular(&config);
+        Ok(Self { downstream, rank, config, popular_fallback: RwLock::new(popular) })
     }
 
     pub fn config(&self) -> &Config {
         &self.config
     }
 
-    pub async fn recommend(
-        &self,
-        query: RecommendQuery,
-        deadline: Deadline,
-        request_id: String,
-    ) -> Result<RecommendResponse> {
+    pub fn rank_routing(&self) -> &RankRouting {
+        &self.rank
+    }
+
+    pub async fn recommend(&self, query: RecommendQuery, deadline: Deadline, request_id: String) -> RecommendResponse {
+        let started = Instant::now();
         let budgets = &self.config.budgets;
+        let (experiments, overrides) = self.config.experiments.assign(&query.user_id);
         let mut degraded = Vec::new();
         let top_k = query.top_k as usize;
 
+        let feature_request = GetUserFeaturesRequest { user_id: query.user_id.clone(), max_history: MAX_HISTORY };
         let user = match self
-            .call(
-                "feature",
-                deadline,
-                budgets.feature_ms,
-                GetUserFeaturesRequest { user_id: query.user_id.clone(), max_history: MAX_HISTORY },
-                |r| {
-                    let mut client = self.downstream.feature.clone();
-                    async move { client.get_user_features(r).await }
-                },
-            )
+            .downstream
+            .feature
+            .call("feature", deadline, budgets.feature(), feature_request, |mut client, request| async move {
+                client.get_user_features(request).await
+            })
             .await
         {
             Ok(user) => user,
@@ -104,14 +92,16 @@ impl Pipeline {
 
         let recall_request = RecallRequest {
             user: Some(user.clone()),
-            candidate_count: self.config.candidate_count,
+            candidate_count: overrides.candidate_count.unwrap_or(self.config.candidate_count),
             exclude_item_ids: query.exclude_item_ids.clone(),
+            channel_weights: overrides.channel_weights.clone(),
         };
         let mut model_version = String::new();
         let candidates = match self
-            .call("recall", deadline, budgets.recall_ms, recall_request, |r| {
-                let mut client = self.downstream.recall.clone();
-                async move { client.recall(r).await }
+            .downstream
+            .recall
+            .call("recall", deadline, budgets.recall(), recall_request, |mut client, request| async move {
+                client.recall(request).await
             })
             .await
         {
@@ -125,32 +115,23 @@ impl Pipeline {
                 self.popular_excluding(&user, &query.exclude_item_ids)
             }
         };
-        if candidates.is_empty() && degraded.iter().any(|stage| stage == "recall") {
-            return Err(OrchestratorError::Unavailable {
-                service: "recall",
-                reason: "no candidates and no cached fallback yet".into(),
-            });
-        }
 
         let mut scores = Scores::default();
         if query.debug {
             scores.recall = candidates.iter().map(|c| (c.item_id.clone(), (c.score, c.channels.clone()))).collect();
         }
         let window = top_k * self.config.rerank_window_factor.max(1) as usize;
+        let track = self.rank.track_for(&query.user_id, overrides.rank_track.as_deref());
         let rank_request = RankRequest {
             user: Some(user),
             item_ids: candidates.iter().map(|c| c.item_id.clone()).collect(),
-            coarse_keep: self.config.coarse_keep,
+            coarse_keep: overrides.coarse_keep.unwrap_or(self.config.coarse_keep),
             fine_keep: window as u32,
             context: query.context.clone(),
         };
-        let ranked: Vec<(String, f32)> = match self
-            .call("rank", deadline, budgets.rank_ms, rank_request, |r| {
-                let mut client = self.downstream.rank.clone();
-                async move { client.rank(r).await }
-            })
-            .await
-        {
+        let ranked = self.rank(&track, deadline, rank_request).await;
+        let rank_failed = ranked.is_err();
+        let ranked: Vec<(String, f32)> = match ranked {
             Ok(response) => {
                 model_version = response.model_version;
                 if query.debug {
@@ -163,7 +144,7 @@ impl Pipeline {
                 response.items.into_iter().map(|item| (item.item_id, item.fine_score)).collect()
             }
             Err(error) => {
-                tracing::warn!(%error, "rank stage degraded: keeping recall order");
+                tracing::warn!(%error, track = track.name, "rank stage degraded: keeping recall order");
                 degraded.push("rank".to_string());
                 candidates.into_iter().take(window).map(|c| (c.item_id, c.score)).collect()
             }
@@ -176,12 +157,13 @@ impl Pipeline {
                 .collect(),
             top_k: query.top_k,
             exclude_item_ids: query.exclude_item_ids.clone(),
-            relevance_weight: None,
+            relevance_weight: overrides.relevance_weight,
         };
         let final_list: Vec<(String, f32, f32)> = match self
-            .call("rerank", deadline, budgets.rerank_ms, rerank_request, |r| {
-                let mut client = self.downstream.rerank.clone();
-                async move { client.rerank(r).await }
+            .downstream
+            .rerank
+            .call("rerank", deadline, budgets.rerank(), rerank_request, |mut client, request| async move {
+                client.rerank(request).await
             })
             .await
         {
@@ -213,17 +195,42 @@ impl Pipeline {
                 RecommendedItem { item_id, score, rank: position as u32 + 1, trace }
             })
             .collect();
-        Ok(RecommendResponse { items, request_id, model_version, degraded_stages: degraded })
+        track.stats.record(started.elapsed(), rank_failed, &model_version);
+        RecommendResponse {
+            items,
+            request_id,
+            model_version,
+            degraded_stages: degraded,
+            experiments,
+            track: track.name.to_string(),
+        }
+    }
+
+    async fn rank(
+        &self,
+        track: &RankTrack,
+        deadline: Deadline,
+        request: RankRequest,
+    ) -> Result<recsys_proto::v1::RankResponse> {
+        // Each track has its own breaker: a bad canary must not trip the stable model.
+        let guarded =
+            crate::downstream::Guarded::new(track.client.clone(), track.breaker.clone(), &self.config.resilience);
+        guarded
+            .call("rank", deadline, self.config.budgets.rank(), request, |mut client, request| async move {
+                client.rank(request).await
+            })
+            .await
     }
 
     /// Forwards feedback to feature-svc; acknowledged only once feature-svc has it durably.
+    /// Not retried here: an append is not idempotent, so the client decides.
     pub async fn log_events(&self, events: Vec<Event>, deadline: Deadline) -> Result<u32, Status> {
         let budget = deadline
             .stage_timeout(self.config.budgets.default_deadline())
             .ok_or_else(|| Status::deadline_exceeded("deadline exceeded before the events could be stored"))?;
         let mut request = Request::new(AppendEventsRequest { events });
         request.set_timeout(budget);
-        let mut client = self.downstream.feature.clone();
+        let mut client = self.downstream.feature.client.clone();
         match tokio::time::timeout(budget, client.append_events(request)).await {
             Ok(Ok(response)) => Ok(response.into_inner().accepted),
             // Validation errors are the caller's to fix: pass them through as they are.
@@ -232,7 +239,7 @@ impl Pipeline {
                 "event intake unavailable, events were not stored: {}",
                 status.message()
             ))),
-            Err(_) => Err(Status::deadline_exceeded("events were not acknowledged in time; retry")),
+            Err(_) => Err(Status::deadline_exceeded("events were not acknowledged in time; they may be retried")),
         }
     }
 
@@ -243,16 +250,23 @@ impl Pipeline {
             user: Some(UserFeatures { user_id: "__fallback__".into(), ..UserFeatures::default() }),
             candidate_count: self.config.candidate_count,
             exclude_item_ids: Vec::new(),
+            channel_weights: HashMap::new(),
         };
-        let deadline = Deadline::after(Duration::from_secs(5));
         let response = self
-            .call("recall", deadline, 5_000, request, |r| {
-                let mut client = self.downstream.recall.clone();
-                async move { client.recall(r).await }
-            })
+            .downstream
+            .recall
+            .call(
+                "recall",
+                Deadline::after(Duration::from_secs(5)),
+                Duration::from_secs(5),
+                request,
+                |mut client, request| async move { client.recall(request).await },
+            )
             .await?;
         let count = response.candidates.len();
-        *self.popular_fallback.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = response.candidates;
+        if count > 0 {
+            *self.popular_fallback.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = response.candidates;
+        }
         Ok(count)
     }
 
@@ -266,33 +280,22 @@ impl Pipeline {
             .cloned()
             .collect()
     }
+}
 
-    /// One downstream call within `min(budget, time left)`.
-    async fn call<Req, Resp, F, Fut>(
-        &self,
-        stage: &'static str,
-        deadline: Deadline,
-        budget_ms: u64,
-        message: Req,
-        call: F,
-    ) -> Result<Resp>
-    where
-        F: FnOnce(Request<Req>) -> Fut,
-        Fut: Future<Output = Result<Response<Resp>, Status>>,
-    {
-        let timeout = deadline
-            .stage_timeout(Duration::from_millis(budget_ms))
-            .ok_or(OrchestratorError::DeadlineExceeded { stage })?;
-        let mut request = Request::new(message);
-        // Propagated as grpc-timeout, so the callee stops working when we stop waiting.
-        request.set_timeout(timeout);
-        match tokio::time::timeout(timeout, call(request)).await {
-            Ok(Ok(response)) => Ok(response.into_inner()),
-            Ok(Err(status)) => Err(OrchestratorError::Unavailable {
-                service: stage,
-                reason: format!("{:?}: {}", status.code(), status.message()),
-            }),
-            Err(_) => Err(OrchestratorError::DeadlineExceeded { stage }),
+/// The bundle's popularity list, so the fallback exists before recall ever answers.
+fn seed_popular(config: &Config) -> Vec<Candidate> {
+    let Some(root) = &config.fallback_bundle else {
+        return Vec::new();
+    };
+    match recsys_bundle::resolve_dir(root).and_then(|dir| recsys_bundle::read_popularity(&dir)) {
+        Ok(popular) => popular
+            .into_iter()
+            .take(config.candidate_count as usize)
+            .map(|(item_id, score)| Candidate { item_id, score, channels: vec!["fallback".into()] })
+            .collect(),
+        Err(error) => {
+            tracing::warn!(%error, "no popular fallback from the bundle; waiting for recall");
+            Vec::new()
         }
     }
 }

@@ -34,7 +34,7 @@ impl Recommender for RecommenderGrpc {
         let deadline = Deadline::from_metadata(request.metadata(), config.budgets.default_deadline());
         let request_id = uuid::Uuid::new_v4().to_string();
         let query = RecommendQuery::parse(request.into_inner(), &config.limits)?;
-        let response = self.pipeline.recommend(query, deadline, request_id).await?;
+        let response = self.pipeline.recommend(query, deadline, request_id).await;
         if !response.degraded_stages.is_empty() {
             tracing::warn!(request_id = %response.request_id, degraded = ?response.degraded_stages, "served degraded");
         }

@@ -34,6 +34,10 @@ impl Channel {
     pub const ALL: [Channel; 5] =
         [Channel::Embedding, Channel::ItemCf, Channel::Realtime, Channel::Popular, Channel::ColdStart];
 
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|channel| channel.name() == name)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Channel::Embedding => "embedding",

@@ -28,7 +28,15 @@ impl RecallGrpc {
     }
 
     fn recall_candidates(&self, request: RecallRequest) -> Result<RecallResponse, RecallError> {
-        let RecallRequest { user, candidate_count, exclude_item_ids } = request;
+        let RecallRequest { user, candidate_count, exclude_item_ids, channel_weights } = request;
+        for (name, weight) in &channel_weights {
+            if Channel::from_name(name).is_none() {
+                return Err(RecallError::InvalidArgument(format!("channel_weights names unknown channel {name:?}")));
+            }
+            if !(weight.is_finite() && *weight >= 0.0) {
+                return Err(RecallError::InvalidArgument(format!("channel_weights[{name:?}] must be finite and >= 0")));
+            }
+        }
         let user = user.ok_or_else(|| RecallError::InvalidArgument("user is required".into()))?;
         if user.user_id.is_empty() {
             return Err(RecallError::InvalidArgument("user.user_id is empty".into()));
@@ -55,7 +63,7 @@ impl RecallGrpc {
                 let quota = self.config.channels.quota(channel);
                 ChannelList {
                     channel,
-                    weight: quota.weight,
+                    weight: channel_weights.get(channel.name()).copied().unwrap_or(quota.weight),
                     items: self.index.propose(channel, &user.user_id, &user.history_item_ids, &excluded, quota.quota),
                 }
             })

@@ -7,7 +7,12 @@ use std::{
 };
 
 use anyhow::Context;
-use recsys_proto::v1::{recommender_client::RecommenderClient, Event, EventType, LogEventsRequest, RecommendRequest};
+use recsys_proto::v1::{
+    admin_client::AdminClient, recommender_client::RecommenderClient, Event, EventType, GetTrafficSplitRequest,
+    LogEventsRequest, PromoteCanaryRequest, RecommendRequest, RollbackCanaryRequest, SetCanaryShareRequest,
+};
+
+use crate::CanaryCommand as CanaryAction;
 use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
 
 fn uri(address: &str) -> String {
@@ -95,7 +100,16 @@ pub async fn log_event(
     kind: &str,
     request_id: &str,
     value: f32,
+    experiments: &[String],
 ) -> anyhow::Result<()> {
+    let experiments = experiments
+        .iter()
+        .map(|pair| {
+            let (layer, variant) =
+                pair.split_once('=').with_context(|| format!("--experiment {pair:?} is not layer=variant"))?;
+            Ok(recsys_proto::v1::ExperimentAssignment { layer: layer.to_string(), variant: variant.to_string() })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let event_type = EventType::from_str_name(&format!("EVENT_TYPE_{}", kind.to_ascii_uppercase()))
         .with_context(|| format!("unknown event type {kind:?}"))?;
     let timestamp_ms = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as i64;
@@ -109,10 +123,46 @@ pub async fn log_event(
                 timestamp_ms,
                 request_id: request_id.to_string(),
                 value,
+                experiments,
             }],
         })
         .await?
         .into_inner();
     println!("accepted {}", response.accepted);
+    Ok(())
+}
+
+pub async fn canary(address: &str, action: CanaryAction) -> anyhow::Result<()> {
+    let mut client = AdminClient::connect(uri(address)).await.with_context(|| format!("connecting to {address}"))?;
+    let split = match action {
+        CanaryAction::Status => client.get_traffic_split(GetTrafficSplitRequest {}).await?,
+        CanaryAction::SetShare { percent } => {
+            client.set_canary_share(SetCanaryShareRequest { share_percent: percent }).await?
+        }
+        CanaryAction::Promote => client.promote_canary(PromoteCanaryRequest {}).await?,
+        CanaryAction::Rollback => client.rollback_canary(RollbackCanaryRequest {}).await?,
+    }
+    .into_inner();
+    println!("stable  {}", split.stable_address);
+    if split.canary_address.is_empty() {
+        println!("canary  (none)");
+    } else {
+        println!("canary  {} ({}% of users)", split.canary_address, split.canary_share_percent);
+    }
+    println!(
+        "{:<8} {:<28} {:>9} {:>13} {:>8} {:>8}",
+        "track", "model", "requests", "rank failures", "p50 ms", "p99 ms"
+    );
+    for track in split.tracks {
+        println!(
+            "{:<8} {:<28} {:>9} {:>13} {:>8.2} {:>8.2}",
+            track.track,
+            track.model_version,
+            track.requests,
+            track.rank_failures,
+            track.latency_p50_ms,
+            track.latency_p99_ms
+        );
+    }
     Ok(())
 }

@@ -2,7 +2,9 @@
 
 #![forbid(unsafe_code)]
 
+mod ab;
 mod bundle;
+mod chart;
 mod cluster;
 
 use std::path::PathBuf;
@@ -55,12 +57,58 @@ enum Command {
         request_id: String,
         #[arg(long, default_value_t = 0.0)]
         value: f32,
+        /// Experiment assignment of the response the event answers, as layer=variant (repeatable).
+        #[arg(long = "experiment")]
+        experiments: Vec<String>,
     },
     /// Model bundle operations.
     Bundle {
         #[command(subcommand)]
         command: BundleCommand,
     },
+    /// A/B experiment analysis.
+    Ab {
+        #[command(subcommand)]
+        command: AbCommand,
+    },
+    /// Canary traffic split of the rank stage (orchestrator Admin service).
+    Canary {
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        addr: String,
+        #[command(subcommand)]
+        command: CanaryCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AbCommand {
+    /// Per-variant impressions, clicks, CTR, lift with a 95% CI, z-test p-value and a
+    /// sample-ratio-mismatch check, from the feature store's event log.
+    Report {
+        #[arg(long, default_value = "data/state/feature-events.jsonl")]
+        events: PathBuf,
+        /// Variant every other variant is compared with.
+        #[arg(long, default_value = "control")]
+        control: String,
+        /// Orchestrator configuration with the experiment layers (for the expected shares).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Also write a PNG chart of CTR per variant with confidence intervals.
+        #[arg(long)]
+        chart: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CanaryCommand {
+    /// Current split and per-track statistics.
+    Status,
+    /// Send this percentage of users to the canary.
+    SetShare { percent: f64 },
+    /// Make the canary the stable track.
+    Promote,
+    /// Send every user back to the stable track.
+    Rollback,
 }
 
 #[derive(Debug, Subcommand)]
@@ -76,9 +124,61 @@ async fn main() -> anyhow::Result<()> {
         Command::Recommend { addr, user, top_k, debug, bundle } => {
             cluster::recommend(&addr, &user, top_k, debug, &bundle).await
         }
-        Command::LogEvent { addr, user, item, r#type, request_id, value } => {
-            cluster::log_event(&addr, &user, &item, &r#type, &request_id, value).await
+        Command::LogEvent { addr, user, item, r#type, request_id, value, experiments } => {
+            cluster::log_event(&addr, &user, &item, &r#type, &request_id, value, &experiments).await
         }
         Command::Bundle { command: BundleCommand::Verify { path } } => bundle::verify(&path),
+        Command::Ab { command: AbCommand::Report { events, control, config, chart } } => {
+            ab_report(&events, &control, config.as_deref(), chart.as_deref())
+        }
+        Command::Canary { addr, command } => cluster::canary(&addr, command).await,
+    }
+}
+
+fn ab_report(
+    events: &std::path::Path,
+    control: &str,
+    config: Option<&std::path::Path>,
+    chart_path: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    let shares = match config {
+        Some(path) => {
+            let config: orchestrator::Config = recsys_runtime::load_config(Some(path), "RECSYS_ORCHESTRATOR")?;
+            config
+                .experiments
+                .layers
+                .into_iter()
+                .map(|layer| (layer.name, layer.variants.into_iter().map(|v| (v.name, v.share)).collect()))
+                .collect()
+        }
+        None => std::collections::HashMap::new(),
+    };
+    let outcomes = ab::read_outcomes(events)?;
+    if outcomes.is_empty() {
+        anyhow::bail!("no experiment-tagged events in {}", events.display());
+    }
+    let rows = ab::report(&outcomes, control, &shares);
+    if let Some(path) = chart_path {
+        let bars: Vec<chart::Bar> = rows
+            .into_iter()
+            .map(|(layer, variant, ctr, low, high)| chart::Bar {
+                label: format!("{layer}/{variant}"),
+                value: ctr,
+                low,
+                high,
+            })
+            .collect();
+        chart::bar_chart(path, "CTR per variant (95% CI)", "CTR", &bars)?;
+        println!("chart written to {}", path.display());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
     }
 }

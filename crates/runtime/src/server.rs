@@ -24,6 +24,9 @@ pub struct ServerConfig {
     pub drain_timeout_ms: u64,
     /// Largest request message accepted (bytes).
     pub max_message_bytes: usize,
+    /// Requests handled at once; beyond it new requests are shed at once with
+    /// RESOURCE_EXHAUSTED instead of queueing into their deadline. 0 = unlimited.
+    pub max_concurrent_requests: usize,
 }
 
 impl ServerConfig {
@@ -35,6 +38,7 @@ impl ServerConfig {
         ServeOptions {
             not_serving_delay: Duration::from_millis(self.not_serving_delay_ms),
             drain_timeout: Duration::from_millis(self.drain_timeout_ms),
+            max_concurrent_requests: self.max_concurrent_requests,
         }
     }
 }
@@ -46,6 +50,7 @@ impl Default for ServerConfig {
             not_serving_delay_ms: 500,
             drain_timeout_ms: 10_000,
             max_message_bytes: 4 * 1024 * 1024,
+            max_concurrent_requests: 0,
         }
     }
 }
@@ -59,6 +64,7 @@ pub trait ServiceConfig: Serialize + DeserializeOwned + Default {
 pub struct ServeOptions {
     pub not_serving_delay: Duration,
     pub drain_timeout: Duration,
+    pub max_concurrent_requests: usize,
 }
 
 impl Default for ServeOptions {
@@ -146,8 +152,18 @@ pub async fn serve(
     let routes = routes.add_service(health_service).add_service(reflection_v1).add_service(reflection_v1alpha);
 
     let (stop_accepting, stop_accepting_rx) = tokio::sync::oneshot::channel::<()>();
+    // Layers, outermost first: the oversized-status rewrite, then load shedding, which
+    // sits in front of the concurrency limit so that a request finding no free
+    // slot is refused at once (tonic maps the refusal to RESOURCE_EXHAUSTED) instead of
+    // waiting for one: a queued request would only spend its deadline in the queue.
+    let limit = match options.max_concurrent_requests {
+        0 => tokio::sync::Semaphore::MAX_PERMITS,
+        limit => limit,
+    };
     let server = tonic::transport::Server::builder()
         .layer(tower::util::MapResponseLayer::new(crate::oversized::rewrite_oversized_status))
+        .layer(tower::load_shed::LoadShedLayer::new())
+        .layer(tower::limit::ConcurrencyLimitLayer::new(limit))
         .add_routes(routes)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             let _ = stop_accepting_rx.await;

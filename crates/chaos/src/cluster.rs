@@ -1,0 +1,221 @@
+//! The cluster under test: the five service binaries as child processes on free loopback
+//! ports, with rank-svc reached through a latency-injecting TCP proxy.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Stdio,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    process::{Child, Command},
+};
+use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Leaf {
+    Feature,
+    Recall,
+    Rank,
+    Rerank,
+}
+
+impl Leaf {
+    pub const ALL: [Leaf; 4] = [Leaf::Feature, Leaf::Recall, Leaf::Rank, Leaf::Rerank];
+
+    pub fn binary(self) -> &'static str {
+        match self {
+            Leaf::Feature => "feature-svc",
+            Leaf::Recall => "recall-svc",
+            Leaf::Rank => "rank-svc",
+            Leaf::Rerank => "rerank-svc",
+        }
+    }
+
+    fn env_prefix(self) -> &'static str {
+        match self {
+            Leaf::Feature => "RECSYS_FEATURE",
+            Leaf::Recall => "RECSYS_RECALL",
+            Leaf::Rank => "RECSYS_RANK",
+            Leaf::Rerank => "RECSYS_RERANK",
+        }
+    }
+}
+
+pub struct Settings {
+    pub bin_dir: PathBuf,
+    pub bundle: PathBuf,
+    pub seed: PathBuf,
+    pub state: PathBuf,
+    pub logs: PathBuf,
+    pub orchestrator_env: Vec<(String, String)>,
+}
+
+pub struct Cluster {
+    settings: Settings,
+    pub orchestrator: SocketAddr,
+    addresses: HashMap<Leaf, SocketAddr>,
+    children: HashMap<Leaf, Child>,
+    orchestrator_child: Child,
+    /// Delay added to every chunk sent towards rank-svc through the proxy.
+    pub rank_delay_ms: Arc<AtomicU64>,
+}
+
+async fn free_port() -> anyhow::Result<SocketAddr> {
+    Ok(TcpListener::bind("127.0.0.1:0").await?.local_addr()?)
+}
+
+impl Cluster {
+    pub async fn start(settings: Settings) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&settings.logs)?;
+        let mut addresses = HashMap::new();
+        for leaf in Leaf::ALL {
+            addresses.insert(leaf, free_port().await?);
+        }
+        let rank_delay_ms = Arc::new(AtomicU64::new(0));
+        let proxy = TcpListener::bind("127.0.0.1:0").await?;
+        let proxy_address = proxy.local_addr()?;
+        tokio::spawn(run_proxy(proxy, addresses[&Leaf::Rank], Arc::clone(&rank_delay_ms)));
+        let orchestrator = free_port().await?;
+
+        let mut children = HashMap::new();
+        for leaf in Leaf::ALL {
+            children.insert(leaf, spawn_leaf(&settings, leaf, addresses[&leaf])?);
+        }
+        let mut command = Command::new(settings.bin_dir.join("orchestrator"));
+        command
+            .env("RECSYS_ORCHESTRATOR__SERVER__LISTEN", orchestrator.to_string())
+            .env("RECSYS_ORCHESTRATOR__DOWNSTREAM__FEATURE", addresses[&Leaf::Feature].to_string())
+            .env("RECSYS_ORCHESTRATOR__DOWNSTREAM__RECALL", addresses[&Leaf::Recall].to_string())
+            .env("RECSYS_ORCHESTRATOR__DOWNSTREAM__RANK", proxy_address.to_string())
+            .env("RECSYS_ORCHESTRATOR__DOWNSTREAM__RERANK", addresses[&Leaf::Rerank].to_string())
+            .env("RECSYS_ORCHESTRATOR__FALLBACK_BUNDLE", &settings.bundle)
+            .envs(settings.orchestrator_env.iter().cloned());
+        let orchestrator_child = spawn_logged(command, &settings.logs.join("orchestrator.log"))?;
+        let cluster = Self { settings, orchestrator, addresses, children, orchestrator_child, rank_delay_ms };
+        for leaf in Leaf::ALL {
+            wait_serving(cluster.addresses[&leaf], Duration::from_secs(60)).await.context(leaf.binary())?;
+        }
+        wait_serving(orchestrator, Duration::from_secs(60)).await.context("orchestrator")?;
+        Ok(cluster)
+    }
+
+    pub fn pid(&self, leaf: Leaf) -> anyhow::Result<u32> {
+        self.children[&leaf].id().context("process has exited")
+    }
+
+    pub fn signal(&self, leaf: Leaf, signal: &str) -> anyhow::Result<()> {
+        let status =
+            std::process::Command::new("kill").arg(format!("-{signal}")).arg(self.pid(leaf)?.to_string()).status()?;
+        if !status.success() {
+            bail!("kill -{signal} {} failed", leaf.binary());
+        }
+        Ok(())
+    }
+
+    pub async fn kill(&mut self, leaf: Leaf) -> anyhow::Result<()> {
+        let child = self.children.get_mut(&leaf).context("unknown leaf")?;
+        child.kill().await?;
+        Ok(())
+    }
+
+    /// Starts the leaf again on its old port and returns when it reports SERVING.
+    pub async fn restart(&mut self, leaf: Leaf) -> anyhow::Result<Instant> {
+        let child = spawn_leaf(&self.settings, leaf, self.addresses[&leaf])?;
+        self.children.insert(leaf, child);
+        wait_serving(self.addresses[&leaf], Duration::from_secs(60)).await?;
+        Ok(Instant::now())
+    }
+
+    pub async fn shutdown(mut self) {
+        for child in self.children.values_mut() {
+            let _ = child.kill().await;
+        }
+        let _ = self.orchestrator_child.kill().await;
+    }
+}
+
+fn spawn_leaf(settings: &Settings, leaf: Leaf, address: SocketAddr) -> anyhow::Result<Child> {
+    let prefix = leaf.env_prefix();
+    let mut command = Command::new(settings.bin_dir.join(leaf.binary()));
+    command.env(format!("{prefix}__SERVER__LISTEN"), address.to_string());
+    match leaf {
+        Leaf::Feature => {
+            command
+                .env(format!("{prefix}__SEED_DIR"), &settings.seed)
+                .env(format!("{prefix}__EVENT_LOG"), settings.state.join("events.jsonl"));
+        }
+        _ => {
+            command.env(format!("{prefix}__BUNDLE"), &settings.bundle);
+        }
+    }
+    spawn_logged(command, &settings.logs.join(format!("{}.log", leaf.binary())))
+}
+
+fn spawn_logged(mut command: Command, log: &Path) -> anyhow::Result<Child> {
+    let file = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+    command.stdout(Stdio::null()).stderr(file).kill_on_drop(true);
+    command.spawn().with_context(|| format!("starting {command:?}"))
+}
+
+pub async fn wait_serving(address: SocketAddr, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://{address}")) {
+            if let Ok(channel) = endpoint.connect_timeout(Duration::from_millis(200)).connect().await {
+                let status = HealthClient::new(channel).check(HealthCheckRequest { service: String::new() }).await;
+                if status.is_ok_and(|s| s.into_inner().status == ServingStatus::Serving as i32) {
+                    return Ok(());
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("{address} not SERVING after {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Forwards connections to `target`, delaying each chunk towards it by the current delay.
+async fn run_proxy(listener: TcpListener, target: SocketAddr, delay_ms: Arc<AtomicU64>) {
+    while let Ok((inbound, _)) = listener.accept().await {
+        let delay_ms = Arc::clone(&delay_ms);
+        tokio::spawn(async move {
+            let Ok(outbound) = TcpStream::connect(target).await else {
+                return;
+            };
+            let _ = inbound.set_nodelay(true);
+            let _ = outbound.set_nodelay(true);
+            let (mut in_read, mut in_write) = inbound.into_split();
+            let (mut out_read, mut out_write) = outbound.into_split();
+            let upstream = async move {
+                let mut buffer = vec![0u8; 64 * 1024];
+                loop {
+                    let read = in_read.read(&mut buffer).await?;
+                    if read == 0 {
+                        return out_write.shutdown().await;
+                    }
+                    let delay = delay_ms.load(Ordering::Relaxed);
+                    if delay > 0 {
+                        tokio::time::sleep(Duration::from_millis(delay)).await;
+                    }
+                    out_write.write_all(&buffer[..read]).await?;
+                }
+            };
+            let downstream = async move {
+                tokio::io::copy(&mut out_read, &mut in_write).await?;
+                in_write.shutdown().await
+            };
+            let _: (std::io::Result<()>, std::io::Result<()>) = tokio::join!(upstream, downstream);
+        });
+    }
+}

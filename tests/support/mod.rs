@@ -102,6 +102,15 @@ impl Cluster {
                 ..orchestrator::DownstreamConfig::default()
             },
             fallback_refresh_ms: 500,
+            // Tests check behaviour, not latency: several clusters share two cores here,
+            // so stage budgets are generous to keep slow scheduling from degrading answers.
+            budgets: orchestrator::StageBudgets {
+                default_deadline_ms: 10_000,
+                feature_ms: 2_000,
+                recall_ms: 2_000,
+                rank_ms: 2_000,
+                rerank_ms: 2_000,
+            },
             fallback_bundle: Some(bundle.clone()),
             experiments: options.experiments.clone(),
             canary: orchestrator::CanaryConfig {

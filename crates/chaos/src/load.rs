@@ -34,11 +34,19 @@ pub struct Sample {
     pub outcome: Outcome,
 }
 
+/// Connections the generator spreads requests over, as a gateway's pool would (one
+/// HTTP/2 connection would serialise every frame through one connection task).
+const CONNECTIONS: usize = 4;
+
 fn channel(target: SocketAddr) -> Channel {
     tonic::transport::Endpoint::from_shared(format!("http://{target}"))
         .expect("valid address")
         .tcp_nodelay(true)
         .connect_lazy()
+}
+
+fn client_pool(target: SocketAddr) -> Vec<RecommenderClient<Channel>> {
+    (0..CONNECTIONS).map(|_| RecommenderClient::new(channel(target))).collect()
 }
 
 /// One request for a MovieLens user (every tenth an unknown one).
@@ -77,7 +85,7 @@ impl OpenLoop {
     pub fn start(target: SocketAddr, rate: f64, deadline: Duration, t0: Instant) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let (sender, samples) = mpsc::unbounded_channel();
-        let client = RecommenderClient::new(channel(target));
+        let clients = client_pool(target);
         let stop_flag = Arc::clone(&stop);
         let sequence = Arc::new(AtomicU64::new(0));
         let driver = tokio::spawn(async move {
@@ -86,9 +94,9 @@ impl OpenLoop {
             let mut in_flight = Vec::new();
             while !stop_flag.load(Ordering::Relaxed) {
                 ticker.tick().await;
-                let mut client = client.clone();
-                let sender = sender.clone();
                 let n = sequence.fetch_add(1, Ordering::Relaxed);
+                let mut client = clients[n as usize % CONNECTIONS].clone();
+                let sender = sender.clone();
                 in_flight.push(tokio::spawn(async move {
                     let started = t0.elapsed();
                     let (latency, outcome) = one_request(&mut client, n, deadline).await;

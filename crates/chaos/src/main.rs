@@ -32,16 +32,18 @@ struct Args {
     seed: PathBuf,
     #[arg(long, default_value = "target/reports/chaos.json")]
     out: PathBuf,
-    /// Steady load, requests per second (open loop).
-    #[arg(long, default_value_t = 100)]
-    rate: u32,
+    /// Steady load during the fault phase, requests per second (open loop).
+    #[arg(long, default_value_t = 100.0)]
+    rate: f64,
     /// Deadline each client request carries.
     #[arg(long, default_value_t = 300)]
     deadline_ms: u64,
     /// How long each fault lasts.
     #[arg(long, default_value_t = 4)]
     fault_s: u64,
-    /// The orchestrator's concurrency limit during the run.
+    /// The orchestrator's concurrency limit during the run, sized for this 2-core machine
+    /// (the shipped default, 64, is for a pod of its own). It must cover the requests that
+    /// pile up while a stopped leaf is being detected (rate × stage budget).
     #[arg(long, default_value_t = 8)]
     max_concurrent: usize,
 }
@@ -65,14 +67,7 @@ async fn main() -> anyhow::Result<()> {
         logs: PathBuf::from("target/chaos-logs"),
         orchestrator_env: vec![
             ("RECSYS_ORCHESTRATOR__SERVER__MAX_CONCURRENT_REQUESTS".into(), args.max_concurrent.to_string()),
-            ("RECSYS_ORCHESTRATOR__BUDGETS__FEATURE_MS".into(), "40".into()),
-            ("RECSYS_ORCHESTRATOR__BUDGETS__RECALL_MS".into(), "60".into()),
-            ("RECSYS_ORCHESTRATOR__BUDGETS__RANK_MS".into(), "80".into()),
-            ("RECSYS_ORCHESTRATOR__BUDGETS__RERANK_MS".into(), "40".into()),
-            ("RECSYS_ORCHESTRATOR__RESILIENCE__BREAKER__CONSECUTIVE_FAILURES".into(), "3".into()),
-            ("RECSYS_ORCHESTRATOR__RESILIENCE__BREAKER__BASE_OPEN_MS".into(), "200".into()),
-            ("RECSYS_ORCHESTRATOR__RESILIENCE__BREAKER__MAX_OPEN_MS".into(), "1000".into()),
-            ("RECSYS_ORCHESTRATOR__FALLBACK_REFRESH_MS".into(), "2000".into()),
+            // Everything else (stage budgets, breakers, retry budget) is the shipped default.
         ],
     };
     println!("==> starting the cluster from {}", args.bin_dir.display());
@@ -80,9 +75,16 @@ async fn main() -> anyhow::Result<()> {
     let deadline = Duration::from_millis(args.deadline_ms);
     let target = cluster.orchestrator;
 
-    println!("==> steady load at {} req/s, deadline {} ms", args.rate, args.deadline_ms);
+    // The sustainable rate is what the concurrency limit lets through back to back; the
+    // steady phase runs below it, the overload phase at three times it.
+    println!("==> measuring sustainable throughput ({} back-to-back clients)", args.max_concurrent);
+    let _warm_up = load::closed_loop_throughput(target, args.max_concurrent, deadline, Duration::from_secs(2)).await;
+    let capacity = load::closed_loop_throughput(target, args.max_concurrent, deadline, Duration::from_secs(5)).await;
+    let steady_rate = args.rate;
+    println!("    sustainable ≈ {capacity:.0} req/s");
+    println!("==> steady load at {steady_rate:.0} req/s, deadline {} ms", args.deadline_ms);
     let t0 = Instant::now();
-    let steady = load::OpenLoop::start(target, args.rate as f64, deadline, t0);
+    let steady = load::OpenLoop::start(target, steady_rate, deadline, t0);
     tokio::time::sleep(Duration::from_secs(3)).await;
     let fault = Duration::from_secs(args.fault_s);
     let settle = Duration::from_secs(6);
@@ -113,16 +115,15 @@ async fn main() -> anyhow::Result<()> {
     tokio::time::sleep(settle).await;
     let steady_samples = steady.stop().await;
 
-    println!("==> overload");
-    let capacity = load::closed_loop_throughput(target, args.max_concurrent, deadline, Duration::from_secs(5)).await;
     let overload_rate = capacity * 3.0;
-    println!("    sustainable ≈ {capacity:.0} req/s; offering {overload_rate:.0} req/s");
+    println!("==> overload: offering {overload_rate:.0} req/s (3x sustainable)");
     let overload = load::OpenLoop::start(target, overload_rate, deadline, Instant::now());
     tokio::time::sleep(Duration::from_secs(5)).await;
     let overload_samples = overload.stop().await;
     cluster.shutdown().await;
 
-    let report = build_report(&steady_samples, &overload_samples, &faults, deadline, capacity, overload_rate);
+    let mut report = build_report(&steady_samples, &overload_samples, &faults, deadline, capacity, overload_rate);
+    report["steady_rps"] = serde_json::json!(steady_rate);
     print_report(&report, &faults, &steady_samples);
     if let Some(parent) = args.out.parent() {
         std::fs::create_dir_all(parent)?;
@@ -167,8 +168,23 @@ fn build_report(
             *entry = serde_json::json!(entry.as_u64().unwrap_or(0) + 1);
         }
     }
+    // When the failures happened (seconds into the steady phase), for diagnosis.
+    let failed_at_s: Vec<serde_json::Value> = steady
+        .iter()
+        .filter(|s| !matches!(s.outcome, Outcome::Ok { .. }))
+        .take(100)
+        .map(|s| {
+            serde_json::json!({
+                "at_s": (s.started.as_secs_f64() * 1000.0).round() / 1000.0,
+                "latency_ms": s.latency.as_secs_f64() * 1000.0,
+                "outcome": format!("{:?}", s.outcome),
+            })
+        })
+        .collect();
     serde_json::json!({
         "failures_by_code": failures_by_code,
+        "failed_at_s": failed_at_s,
+        "faults": faults.iter().map(|f| serde_json::json!({"name": f.name, "started_s": f.started.as_secs_f64(), "returned_s": f.returned.as_secs_f64()})).collect::<Vec<_>>(),
         "requests": steady.len(),
         "failed_requests": failed,
         "deadline_misses": deadline_misses,

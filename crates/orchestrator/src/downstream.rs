@@ -82,7 +82,16 @@ impl<C: Clone> Guarded<C> {
             let timeout = deadline
                 .stage_timeout(stage_deadline.saturating_duration_since(Instant::now()))
                 .ok_or(OrchestratorError::DeadlineExceeded { stage })?;
+            let attempt_started = Instant::now();
             let result = self.attempt(timeout, message.clone(), call.clone()).await;
+            tracing::debug!(
+                stage,
+                attempt,
+                timeout_ms = timeout.as_millis() as u64,
+                took_ms = attempt_started.elapsed().as_millis() as u64,
+                ok = result.is_ok(),
+                "downstream attempt"
+            );
             match result {
                 Ok(response) => return Ok(response),
                 Err(status)
@@ -94,7 +103,7 @@ impl<C: Clone> Guarded<C> {
                     attempt += 1;
                     tracing::debug!(stage, attempt, "retrying after UNAVAILABLE");
                 }
-                Err(status) if status.code() == Code::DeadlineExceeded => {
+                Err(status) if matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled) => {
                     return Err(OrchestratorError::DeadlineExceeded { stage })
                 }
                 Err(status) => {
@@ -142,7 +151,13 @@ fn counts_against_breaker<T>(result: &Result<T, Status>) -> bool {
         Ok(_) => false,
         Err(status) => matches!(
             status.code(),
-            Code::Unavailable | Code::DeadlineExceeded | Code::Internal | Code::Unknown | Code::DataLoss
+            // tonic reports a callee-side timeout as CANCELLED "Timeout expired".
+            Code::Unavailable
+                | Code::DeadlineExceeded
+                | Code::Cancelled
+                | Code::Internal
+                | Code::Unknown
+                | Code::DataLoss
         ),
     }
 }

@@ -7,7 +7,6 @@ use std::{future::Future, path::PathBuf, time::Duration};
 use clap::Parser;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::Routes;
 use tonic_health::ServingStatus;
 
@@ -165,7 +164,7 @@ pub async fn serve(
         .layer(tower::load_shed::LoadShedLayer::new())
         .layer(tower::limit::ConcurrencyLimitLayer::new(limit))
         .add_routes(routes)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+        .serve_with_incoming_shutdown(incoming(listener), async move {
             let _ = stop_accepting_rx.await;
         });
     tokio::pin!(server);
@@ -189,6 +188,12 @@ pub async fn serve(
             Ok(())
         }
     }
+}
+
+/// Accepted connections with Nagle's algorithm off: gRPC writes small frames, and Nagle
+/// plus delayed ACKs would add tens of milliseconds to a call.
+fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
 /// Reflection over every recsys proto, advertising only what this server serves

@@ -35,7 +35,9 @@ pub struct BreakerConfig {
 impl Default for BreakerConfig {
     fn default() -> Self {
         Self {
-            consecutive_failures: 5,
+            // Low, because each failure before the breaker opens holds a request for a
+            // whole stage budget, and concurrent requests pile up behind it.
+            consecutive_failures: 3,
             window_ms: 10_000,
             min_requests: 20,
             error_rate: 0.5,

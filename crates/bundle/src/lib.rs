@@ -57,6 +57,17 @@ pub struct Manifest {
     pub files: HashMap<String, FileEntry>,
     #[serde(default)]
     pub metrics: serde_json::Value,
+    /// Histogram of the fine ranker's scores on held-out data at training time: the
+    /// reference that live scores are compared with for drift.
+    #[serde(default)]
+    pub score_distribution: Option<ScoreDistribution>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScoreDistribution {
+    /// Bin edges, one more than `counts`.
+    pub edges: Vec<f64>,
+    pub counts: Vec<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -94,6 +94,7 @@ impl Cluster {
         let mut command = Command::new(settings.bin_dir.join("orchestrator"));
         command
             .env("RECSYS_ORCHESTRATOR__SERVER__LISTEN", orchestrator.to_string())
+            .env("RECSYS_ORCHESTRATOR__SERVER__METRICS_LISTEN", "")
             .env("RECSYS_ORCHESTRATOR__DOWNSTREAM__FEATURE", addresses[&Leaf::Feature].to_string())
             .env("RECSYS_ORCHESTRATOR__DOWNSTREAM__RECALL", addresses[&Leaf::Recall].to_string())
             .env("RECSYS_ORCHESTRATOR__DOWNSTREAM__RANK", proxy_address.to_string())
@@ -147,7 +148,8 @@ impl Cluster {
 fn spawn_leaf(settings: &Settings, leaf: Leaf, address: SocketAddr) -> anyhow::Result<Child> {
     let prefix = leaf.env_prefix();
     let mut command = Command::new(settings.bin_dir.join(leaf.binary()));
-    command.env(format!("{prefix}__SERVER__LISTEN"), address.to_string());
+    // No metrics endpoints: their fixed default ports would clash with a running `make run`.
+    command.env(format!("{prefix}__SERVER__LISTEN"), address.to_string()).env(format!("{prefix}__SERVER__METRICS_LISTEN"), "");
     match leaf {
         Leaf::Feature => {
             command

@@ -35,7 +35,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            server: ServerConfig::with_listen("127.0.0.1:50052"),
+            server: ServerConfig::with_addresses("127.0.0.1:50052", "127.0.0.1:9092"),
             seed_dir: Some(PathBuf::from("data/ml-100k")),
             event_log: PathBuf::from("data/state/feature-events.jsonl"),
             max_history: 1000,

@@ -12,6 +12,24 @@ use tonic::{Request, Response, Status};
 use crate::{FeatureError, FeatureStore, StoredEvent};
 
 const MAX_USER_ID_BYTES: usize = 256;
+
+/// Store lookups by outcome: the hit rate is the share of users the store knows.
+static USER_LOOKUPS: std::sync::LazyLock<prometheus::IntCounterVec> = std::sync::LazyLock::new(|| {
+    prometheus::register_int_counter_vec!(
+        "recsys_feature_lookups_total",
+        "User feature lookups by result (hit, miss)",
+        &["result"]
+    )
+    .expect("metric registers once")
+});
+
+static EVENTS_APPENDED: std::sync::LazyLock<prometheus::IntCounter> = std::sync::LazyLock::new(|| {
+    prometheus::register_int_counter!(
+        "recsys_events_appended_total",
+        "Feedback events durably appended to the event log"
+    )
+    .expect("metric registers once")
+});
 const MAX_EVENTS_PER_BATCH: usize = 10_000;
 
 #[derive(Clone)]
@@ -47,7 +65,9 @@ impl FeatureService for FeatureGrpc {
             .into());
         }
         let limit = if max_history == 0 { usize::MAX } else { max_history as usize };
-        Ok(Response::new(self.store.user_features(&user_id, limit)))
+        let features = tracing::info_span!("feature_read").in_scope(|| self.store.user_features(&user_id, limit));
+        USER_LOOKUPS.with_label_values(&[if features.known { "hit" } else { "miss" }]).inc();
+        Ok(Response::new(features))
     }
 
     async fn append_events(
@@ -68,10 +88,12 @@ impl FeatureService for FeatureGrpc {
             .map(|(index, event)| StoredEvent::from_proto(index, event))
             .collect::<Result<Vec<_>, _>>()?;
         let accepted = validated.len() as u32;
+        let span = tracing::info_span!("event_append", events = accepted);
         let store = Arc::clone(&self.store);
-        tokio::task::spawn_blocking(move || store.append(&validated))
+        tokio::task::spawn_blocking(move || span.in_scope(|| store.append(&validated)))
             .await
             .map_err(|error| Status::internal(format!("event write task failed: {error}")))??;
+        EVENTS_APPENDED.inc_by(u64::from(accepted));
         Ok(Response::new(AppendEventsResponse { accepted }))
     }
 }

@@ -140,7 +140,10 @@ impl<C: Clone> Guarded<C> {
         let mut request = Request::new(message);
         // Propagated as grpc-timeout: the callee stops working when we stop waiting.
         request.set_timeout(timeout);
-        service.oneshot(request).await
+        recsys_runtime::telemetry::inject_trace_context(request.metadata_mut());
+        let result = service.oneshot(request).await;
+        self.breaker.export_state();
+        result
     }
 }
 

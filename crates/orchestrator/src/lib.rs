@@ -11,6 +11,7 @@ mod downstream;
 mod error;
 pub mod experiments;
 mod fallback;
+mod metrics;
 mod pipeline;
 mod request;
 mod service;
@@ -85,7 +86,10 @@ pub struct StageBudgets {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            server: ServerConfig { max_concurrent_requests: 64, ..ServerConfig::with_listen("127.0.0.1:50051") },
+            server: ServerConfig {
+                max_concurrent_requests: 64,
+                ..ServerConfig::with_addresses("127.0.0.1:50051", "127.0.0.1:9091")
+            },
             downstream: DownstreamConfig::default(),
             limits: RequestLimits::default(),
             budgets: StageBudgets::default(),

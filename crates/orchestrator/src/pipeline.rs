@@ -18,10 +18,12 @@ use recsys_proto::v1::{
 };
 use tokio::time::Instant;
 use tonic::{Request, Status};
+use tracing::Instrument;
 
 use crate::{
     deadline::Deadline,
     downstream::Downstream,
+    metrics::{EXPERIMENT_ASSIGNMENTS, SERVED_SCORE, STAGE_CANDIDATES, STAGE_DEGRADED, STAGE_DURATION, TRACK_REQUESTS},
     tracks::{RankRouting, RankTrack, CANARY, STABLE},
     Config, OrchestratorError, RecommendQuery, Result,
 };
@@ -75,11 +77,16 @@ impl Pipeline {
 
         let feature_request = GetUserFeaturesRequest { user_id: query.user_id.clone(), max_history: MAX_HISTORY };
         let user = match self
-            .downstream
-            .feature
-            .call("feature", deadline, budgets.feature(), feature_request, |mut client, request| async move {
-                client.get_user_features(request).await
-            })
+            .stage(
+                "feature",
+                self.downstream.feature.call(
+                    "feature",
+                    deadline,
+                    budgets.feature(),
+                    feature_request,
+                    |mut client, request| async move { client.get_user_features(request).await },
+                ),
+            )
             .await
         {
             Ok(user) => user,
@@ -98,11 +105,16 @@ impl Pipeline {
         };
         let mut model_version = String::new();
         let candidates = match self
-            .downstream
-            .recall
-            .call("recall", deadline, budgets.recall(), recall_request, |mut client, request| async move {
-                client.recall(request).await
-            })
+            .stage(
+                "recall",
+                self.downstream.recall.call(
+                    "recall",
+                    deadline,
+                    budgets.recall(),
+                    recall_request,
+                    |mut client, request| async move { client.recall(request).await },
+                ),
+            )
             .await
         {
             Ok(response) => {
@@ -116,6 +128,7 @@ impl Pipeline {
             }
         };
 
+        STAGE_CANDIDATES.with_label_values(&["recall"]).observe(candidates.len() as f64);
         let mut scores = Scores::default();
         if query.debug {
             scores.recall = candidates.iter().map(|c| (c.item_id.clone(), (c.score, c.channels.clone()))).collect();
@@ -129,7 +142,7 @@ impl Pipeline {
             fine_keep: window as u32,
             context: query.context.clone(),
         };
-        let ranked = self.rank(&track, deadline, rank_request).await;
+        let ranked = self.stage("rank", self.rank(&track, deadline, rank_request)).await;
         let rank_failed = ranked.is_err();
         let ranked: Vec<(String, f32)> = match ranked {
             Ok(response) => {
@@ -150,6 +163,7 @@ impl Pipeline {
             }
         };
 
+        let ranked_count = ranked.len();
         let rerank_request = RerankRequest {
             candidates: ranked
                 .iter()
@@ -160,11 +174,16 @@ impl Pipeline {
             relevance_weight: overrides.relevance_weight,
         };
         let final_list: Vec<(String, f32, f32)> = match self
-            .downstream
-            .rerank
-            .call("rerank", deadline, budgets.rerank(), rerank_request, |mut client, request| async move {
-                client.rerank(request).await
-            })
+            .stage(
+                "rerank",
+                self.downstream.rerank.call(
+                    "rerank",
+                    deadline,
+                    budgets.rerank(),
+                    rerank_request,
+                    |mut client, request| async move { client.rerank(request).await },
+                ),
+            )
             .await
         {
             Ok(response) => {
@@ -183,7 +202,8 @@ impl Pipeline {
             }
         };
 
-        let items = final_list
+        STAGE_CANDIDATES.with_label_values(&["rank"]).observe(ranked_count as f64);
+        let items: Vec<RecommendedItem> = final_list
             .into_iter()
             .enumerate()
             .map(|(position, (item_id, score, rerank_score))| {
@@ -196,6 +216,14 @@ impl Pipeline {
             })
             .collect();
         track.stats.record(started.elapsed(), rank_failed, &model_version);
+        TRACK_REQUESTS.with_label_values(&[track.name, if rank_failed { "false" } else { "true" }]).inc();
+        for assignment in &experiments {
+            EXPERIMENT_ASSIGNMENTS.with_label_values(&[assignment.layer.as_str(), assignment.variant.as_str()]).inc();
+        }
+        for item in &items {
+            SERVED_SCORE.observe(f64::from(item.score));
+        }
+        STAGE_CANDIDATES.with_label_values(&["served"]).observe(items.len() as f64);
         RecommendResponse {
             items,
             request_id,
@@ -204,6 +232,17 @@ impl Pipeline {
             experiments,
             track: track.name.to_string(),
         }
+    }
+
+    /// Runs one stage under its span, timing it and counting its fallbacks.
+    async fn stage<T>(&self, stage: &'static str, call: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+        let started = Instant::now();
+        let result = call.instrument(tracing::info_span!("stage", stage)).await;
+        STAGE_DURATION.with_label_values(&[stage]).observe(started.elapsed().as_secs_f64());
+        if result.is_err() {
+            STAGE_DEGRADED.with_label_values(&[stage]).inc();
+        }
+        result
     }
 
     async fn rank(

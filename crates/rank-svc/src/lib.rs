@@ -5,6 +5,7 @@
 
 #![forbid(unsafe_code)]
 
+mod drift;
 mod error;
 mod model;
 mod ranking;
@@ -16,6 +17,7 @@ use recsys_runtime::{server::ServiceConfig, ServerConfig};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
+pub use drift::{psi, ScoreDrift};
 pub use error::{RankError, Result};
 pub use model::{onnx_environment, OnnxRanker};
 pub use ranking::{RankedCandidate, Ranker};
@@ -42,7 +44,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            server: ServerConfig::with_listen("127.0.0.1:50054"),
+            server: ServerConfig::with_addresses("127.0.0.1:50054", "127.0.0.1:9094"),
             bundle: PathBuf::from("models/bundles"),
             onnxruntime_library: None,
             coarse_keep: 200,

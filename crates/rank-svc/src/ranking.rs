@@ -8,7 +8,26 @@ use recsys_bundle::{
 };
 use recsys_proto::v1::UserFeatures;
 
-use crate::{OnnxRanker, Result};
+use crate::{drift::ScoreDrift, OnnxRanker, Result};
+
+static BATCH_SIZE: std::sync::LazyLock<prometheus::HistogramVec> = std::sync::LazyLock::new(|| {
+    prometheus::register_histogram_vec!(
+        "recsys_rank_batch_size",
+        "Items scored per request by each ranking step",
+        &["step"],
+        prometheus::exponential_buckets(1.0, 2.0, 13).expect("valid buckets")
+    )
+    .expect("metric registers once")
+});
+
+static MODEL_INFO: std::sync::LazyLock<prometheus::IntGaugeVec> = std::sync::LazyLock::new(|| {
+    prometheus::register_int_gauge_vec!(
+        "recsys_model_info",
+        "Loaded model bundle (value 1) by service and version",
+        &["service", "version"]
+    )
+    .expect("metric registers once")
+});
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct RankedCandidate {
@@ -27,6 +46,7 @@ pub struct Ranker {
     /// Item features precomputed once: they change only with the bundle.
     item_features: Vec<f32>,
     model: OnnxRanker,
+    drift: Option<ScoreDrift>,
 }
 
 impl Ranker {
@@ -39,6 +59,11 @@ impl Ranker {
             manifest.feature_spec.item_features(item, &mut item_features);
         }
         let model = OnnxRanker::load(&dir.join("ranker.onnx"), environment, sessions, intra_op_threads)?;
+        let drift = manifest.score_distribution.as_ref().and_then(ScoreDrift::new);
+        if drift.is_none() {
+            tracing::warn!("bundle has no training score distribution: drift is not monitored");
+        }
+        MODEL_INFO.with_label_values(&["rank", manifest.version.as_str()]).set(1);
         Ok(Self {
             version: manifest.version,
             embeddings: EmbeddingSpace::load(dir)?,
@@ -47,6 +72,7 @@ impl Ranker {
             user_index,
             item_features,
             model,
+            drift,
         })
     }
 
@@ -98,11 +124,20 @@ impl Ranker {
     /// Coarse-ranks `items`, keeps `coarse_keep`, fine-ranks those; best first.
     /// Blocking (runs the model).
     pub fn rank(&self, user: &UserFeatures, items: &[usize], coarse_keep: usize) -> Result<Vec<RankedCandidate>> {
+        let coarse_span = tracing::info_span!("coarse", items = items.len()).entered();
+        BATCH_SIZE.with_label_values(&["coarse"]).observe(items.len() as f64);
         let mut coarse = self.coarse(user, items);
         coarse.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         coarse.truncate(coarse_keep);
+        drop(coarse_span);
         let kept: Vec<usize> = coarse.iter().map(|&(item, _)| item).collect();
+        let fine_span = tracing::info_span!("fine", items = kept.len()).entered();
+        BATCH_SIZE.with_label_values(&["fine"]).observe(kept.len() as f64);
         let fine = self.model.score(&self.fine_inputs(user, &kept))?;
+        drop(fine_span);
+        if let Some(drift) = &self.drift {
+            drift.observe(&fine);
+        }
         let mut ranked: Vec<RankedCandidate> = coarse
             .into_iter()
             .zip(fine)

@@ -43,7 +43,10 @@ impl RankService for RankGrpc {
         }
         let coarse_keep = if coarse_keep == 0 { self.default_coarse_keep } else { coarse_keep as usize };
         let ranker = Arc::clone(&self.ranker);
+        // The model runs on a blocking thread; carry the request's span there.
+        let span = tracing::Span::current();
         let ranked = tokio::task::spawn_blocking(move || {
+            let _entered = span.enter();
             let items = ranker.resolve_items(&item_ids);
             ranker.rank(&user, &items, coarse_keep)
         })

@@ -81,7 +81,7 @@ impl ChannelSettings {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            server: ServerConfig::with_listen("127.0.0.1:50053"),
+            server: ServerConfig::with_addresses("127.0.0.1:50053", "127.0.0.1:9093"),
             bundle: PathBuf::from("models/bundles"),
             candidate_count: 500,
             rrf_k: 60.0,

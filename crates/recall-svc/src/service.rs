@@ -12,6 +12,16 @@ use crate::{fuse_channels, Channel, ChannelList, Config, RecallError, RecallInde
 
 const MAX_CANDIDATES: usize = 5_000;
 
+static CHANNEL_CANDIDATES: std::sync::LazyLock<prometheus::HistogramVec> = std::sync::LazyLock::new(|| {
+    prometheus::register_histogram_vec!(
+        "recsys_recall_channel_candidates",
+        "Items proposed by each recall channel per request",
+        &["channel"],
+        prometheus::exponential_buckets(1.0, 2.0, 12).expect("valid buckets")
+    )
+    .expect("metric registers once")
+});
+
 #[derive(Clone)]
 pub struct RecallGrpc {
     index: Arc<RecallIndex>,
@@ -61,11 +71,14 @@ impl RecallGrpc {
             .iter()
             .map(|&channel| {
                 let quota = self.config.channels.quota(channel);
-                ChannelList {
+                let _span = tracing::info_span!("recall_channel", channel = channel.name()).entered();
+                let list = ChannelList {
                     channel,
                     weight: channel_weights.get(channel.name()).copied().unwrap_or(quota.weight),
                     items: self.index.propose(channel, &user.user_id, &user.history_item_ids, &excluded, quota.quota),
-                }
+                };
+                CHANNEL_CANDIDATES.with_label_values(&[channel.name()]).observe(list.items.len() as f64);
+                list
             })
             .collect();
         let fused = fuse_channels(&lists, &excluded, self.config.rrf_k, limit);

@@ -35,7 +35,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            server: ServerConfig::with_listen("127.0.0.1:50055"),
+            server: ServerConfig::with_addresses("127.0.0.1:50055", "127.0.0.1:9095"),
             bundle: PathBuf::from("models/bundles"),
             relevance_weight: 0.8,
             window_factor: 5,

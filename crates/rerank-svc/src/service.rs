@@ -57,7 +57,8 @@ impl RerankService for RerankGrpc {
             .take(window)
             .map(|c| (c.item_id, c.score))
             .collect();
-        let picked = diversify(&allowed, top_k as usize, relevance_weight, &self.genres);
+        let picked = tracing::info_span!("mmr", candidates = allowed.len())
+            .in_scope(|| diversify(&allowed, top_k as usize, relevance_weight, &self.genres));
         Ok(Response::new(RerankResponse {
             items: picked
                 .into_iter()

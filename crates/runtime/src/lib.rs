@@ -4,6 +4,8 @@
 
 pub mod client;
 pub mod config;
+pub mod metrics;
+mod observe;
 mod oversized;
 pub mod resilience;
 pub mod server;

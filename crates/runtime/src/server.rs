@@ -26,6 +26,10 @@ pub struct ServerConfig {
     /// Requests handled at once; beyond it new requests are shed at once with
     /// RESOURCE_EXHAUSTED instead of queueing into their deadline. 0 = unlimited.
     pub max_concurrent_requests: usize,
+    /// `host:port` of the Prometheus `/metrics` endpoint; empty disables it.
+    pub metrics_listen: String,
+    /// OTLP/gRPC collector for spans (e.g. `http://127.0.0.1:4317`); empty disables export.
+    pub otlp_endpoint: String,
 }
 
 impl ServerConfig {
@@ -33,11 +37,17 @@ impl ServerConfig {
         Self { listen: listen.to_string(), ..Self::default() }
     }
 
+    /// The default of a service: its gRPC and Prometheus addresses.
+    pub fn with_addresses(listen: &str, metrics_listen: &str) -> Self {
+        Self { listen: listen.to_string(), metrics_listen: metrics_listen.to_string(), ..Self::default() }
+    }
+
     pub fn serve_options(&self) -> ServeOptions {
         ServeOptions {
             not_serving_delay: Duration::from_millis(self.not_serving_delay_ms),
             drain_timeout: Duration::from_millis(self.drain_timeout_ms),
             max_concurrent_requests: self.max_concurrent_requests,
+            metrics_listen: self.metrics_listen.clone(),
         }
     }
 }
@@ -50,6 +60,8 @@ impl Default for ServerConfig {
             drain_timeout_ms: 10_000,
             max_message_bytes: 4 * 1024 * 1024,
             max_concurrent_requests: 0,
+            metrics_listen: String::new(),
+            otlp_endpoint: String::new(),
         }
     }
 }
@@ -59,11 +71,13 @@ pub trait ServiceConfig: Serialize + DeserializeOwned + Default {
     fn server(&self) -> &ServerConfig;
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ServeOptions {
     pub not_serving_delay: Duration,
     pub drain_timeout: Duration,
     pub max_concurrent_requests: usize,
+    /// Prometheus endpoint address; empty for none.
+    pub metrics_listen: String,
 }
 
 impl Default for ServeOptions {
@@ -96,7 +110,7 @@ where
         println!("{}", toml::to_string_pretty(&config)?);
         return Ok(());
     }
-    crate::telemetry::init(service);
+    let _telemetry = crate::telemetry::init(service, &config.server().otlp_endpoint);
     let listen = config.server().listen.clone();
     let listener =
         TcpListener::bind(&listen).await.map_err(|error| anyhow::anyhow!("cannot bind {listen}: {error}"))?;
@@ -138,6 +152,9 @@ pub async fn serve(
     options: ServeOptions,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
+    if let Err(error) = crate::metrics::spawn_metrics_endpoint(&options.metrics_listen).await {
+        tracing::error!(%error, address = %options.metrics_listen, "metrics endpoint not started");
+    }
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     let mut reported: Vec<String> = vec![String::new()];
     reported.extend(service_names.iter().map(|name| name.to_string()));
@@ -151,15 +168,18 @@ pub async fn serve(
     let routes = routes.add_service(health_service).add_service(reflection_v1).add_service(reflection_v1alpha);
 
     let (stop_accepting, stop_accepting_rx) = tokio::sync::oneshot::channel::<()>();
-    // Layers, outermost first: the oversized-status rewrite, then load shedding, which
-    // sits in front of the concurrency limit so that a request finding no free
+    // Layers, outermost first: the span and metrics of each call (outermost, so it sees
+    // shed requests and rewritten statuses), the oversized-status rewrite, then load
+    // shedding, which sits in front of the concurrency limit so that a request finding no free
     // slot is refused at once (tonic maps the refusal to RESOURCE_EXHAUSTED) instead of
     // waiting for one: a queued request would only spend its deadline in the queue.
     let limit = match options.max_concurrent_requests {
         0 => tokio::sync::Semaphore::MAX_PERMITS,
         limit => limit,
     };
+    let label: &'static str = service_label(service_names);
     let server = tonic::transport::Server::builder()
+        .layer(crate::observe::ObserveLayer::new(label))
         .layer(tower::util::MapResponseLayer::new(crate::oversized::rewrite_oversized_status))
         .layer(tower::load_shed::LoadShedLayer::new())
         .layer(tower::limit::ConcurrencyLimitLayer::new(limit))
@@ -188,6 +208,13 @@ pub async fn serve(
             Ok(())
         }
     }
+}
+
+/// The metrics label of a server: the short name of its first service
+/// (`recsys.v1.RankService` → `RankService`), leaked once per server start.
+fn service_label(service_names: &[&str]) -> &'static str {
+    let name = service_names.first().map_or("unknown", |name| name.rsplit('.').next().unwrap_or(name));
+    Box::leak(name.to_string().into_boxed_str())
 }
 
 /// Accepted connections with Nagle's algorithm off: gRPC writes small frames, and Nagle

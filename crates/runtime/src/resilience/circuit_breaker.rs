@@ -125,6 +125,11 @@ impl CircuitBreaker {
         &self.service
     }
 
+    /// Publishes the current state on the breaker gauge.
+    pub fn export_state(&self) {
+        crate::metrics::BREAKER_STATE.with_label_values(&[self.service.as_str()]).set(self.state().as_gauge());
+    }
+
     pub fn state(&self) -> BreakerState {
         let mut inner = self.lock();
         let now = Instant::now();
@@ -195,6 +200,7 @@ impl CircuitBreaker {
             calls >= self.config.min_requests && f64::from(failures) / f64::from(calls) > self.config.error_rate;
         if inner.consecutive_failures >= self.config.consecutive_failures || rate_tripped {
             tracing::warn!(service = %self.service, calls, failures, "circuit breaker opened");
+            crate::metrics::BREAKER_OPENED.with_label_values(&[self.service.as_str()]).inc();
             inner.phase = Phase::Open { until: now + base, backoff: base };
         }
     }

@@ -4,7 +4,7 @@ SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
 ENV := source target/recsys.env
 
-.PHONY: run test bootstrap build bundle test-rust test-python lint fmt clean-state chaos
+.PHONY: run test bootstrap build bundle test-rust test-python lint fmt clean-state chaos bench-observability
 
 # Bootstrap (Python, data, bundle) and the Rust build are independent: run them side by side.
 run:
@@ -42,6 +42,11 @@ fmt:
 chaos: bootstrap build
 	@echo "==> chaos suite (about two minutes)"
 	$(ENV) && target/debug/recsys-chaos --bin-dir target/debug
+
+# Telemetry overhead: export on vs off in one run; writes target/reports/bench-observability.json.
+bench-observability: bootstrap build
+	@echo "==> observability overhead benchmark (about a minute)"
+	$(ENV) && target/debug/bench-observability --bin-dir target/debug
 
 # Train a new bundle from data/ml-100k and make it current.
 bundle: bootstrap

@@ -57,7 +57,7 @@ async fn one_recommend_is_one_trace_across_all_five_services() {
             .add_service(TraceServiceServer::new(collector.clone()))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
-    let telemetry = recsys_runtime::telemetry::init("cluster-test", &endpoint);
+    let telemetry = recsys_runtime::telemetry::init("cluster-test", &endpoint, 1.0);
 
     let cluster = Cluster::start().await.expect("cluster starts");
     let mut client = RecommenderClient::new(cluster.channel(Service::Orchestrator));

@@ -52,6 +52,10 @@ impl Leaf {
 }
 
 pub struct Settings {
+    /// OTLP collector every process exports spans to; empty for none.
+    pub otlp_endpoint: String,
+    /// Serve `/metrics` from every process (on free ports, see `Cluster::metrics_addresses`).
+    pub metrics: bool,
     pub bin_dir: PathBuf,
     pub bundle: PathBuf,
     pub seed: PathBuf,
@@ -66,6 +70,7 @@ pub struct Cluster {
     addresses: HashMap<Leaf, SocketAddr>,
     children: HashMap<Leaf, Child>,
     orchestrator_child: Child,
+    pub metrics_addresses: Vec<SocketAddr>,
     /// Delay added to every chunk sent towards rank-svc through the proxy.
     pub rank_delay_ms: Arc<AtomicU64>,
 }
@@ -88,13 +93,19 @@ impl Cluster {
         let orchestrator = free_port().await?;
 
         let mut children = HashMap::new();
+        let mut metrics_addresses = Vec::new();
         for leaf in Leaf::ALL {
-            children.insert(leaf, spawn_leaf(&settings, leaf, addresses[&leaf])?);
+            let metrics = if settings.metrics { Some(free_port().await?) } else { None };
+            metrics_addresses.extend(metrics);
+            children.insert(leaf, spawn_leaf(&settings, leaf, addresses[&leaf], metrics)?);
         }
+        let metrics = if settings.metrics { Some(free_port().await?) } else { None };
+        metrics_addresses.extend(metrics);
         let mut command = Command::new(settings.bin_dir.join("orchestrator"));
         command
             .env("RECSYS_ORCHESTRATOR__SERVER__LISTEN", orchestrator.to_string())
-            .env("RECSYS_ORCHESTRATOR__SERVER__METRICS_LISTEN", "")
+            .env("RECSYS_ORCHESTRATOR__SERVER__METRICS_LISTEN", metrics.map(|a| a.to_string()).unwrap_or_default())
+            .env("RECSYS_ORCHESTRATOR__SERVER__OTLP_ENDPOINT", &settings.otlp_endpoint)
             .env("RECSYS_ORCHESTRATOR__DOWNSTREAM__FEATURE", addresses[&Leaf::Feature].to_string())
             .env("RECSYS_ORCHESTRATOR__DOWNSTREAM__RECALL", addresses[&Leaf::Recall].to_string())
             .env("RECSYS_ORCHESTRATOR__DOWNSTREAM__RANK", proxy_address.to_string())
@@ -102,7 +113,8 @@ impl Cluster {
             .env("RECSYS_ORCHESTRATOR__FALLBACK_BUNDLE", &settings.bundle)
             .envs(settings.orchestrator_env.iter().cloned());
         let orchestrator_child = spawn_logged(command, &settings.logs.join("orchestrator.log"))?;
-        let cluster = Self { settings, orchestrator, addresses, children, orchestrator_child, rank_delay_ms };
+        let cluster =
+            Self { settings, orchestrator, addresses, children, orchestrator_child, metrics_addresses, rank_delay_ms };
         for leaf in Leaf::ALL {
             wait_serving(cluster.addresses[&leaf], Duration::from_secs(60)).await.context(leaf.binary())?;
         }
@@ -131,7 +143,7 @@ impl Cluster {
 
     /// Starts the leaf again on its old port and returns when it reports SERVING.
     pub async fn restart(&mut self, leaf: Leaf) -> anyhow::Result<Instant> {
-        let child = spawn_leaf(&self.settings, leaf, self.addresses[&leaf])?;
+        let child = spawn_leaf(&self.settings, leaf, self.addresses[&leaf], None)?;
         self.children.insert(leaf, child);
         wait_serving(self.addresses[&leaf], Duration::from_secs(60)).await?;
         Ok(Instant::now())
@@ -145,11 +157,19 @@ impl Cluster {
     }
 }
 
-fn spawn_leaf(settings: &Settings, leaf: Leaf, address: SocketAddr) -> anyhow::Result<Child> {
+fn spawn_leaf(
+    settings: &Settings,
+    leaf: Leaf,
+    address: SocketAddr,
+    metrics: Option<SocketAddr>,
+) -> anyhow::Result<Child> {
     let prefix = leaf.env_prefix();
     let mut command = Command::new(settings.bin_dir.join(leaf.binary()));
-    // No metrics endpoints: their fixed default ports would clash with a running `make run`.
-    command.env(format!("{prefix}__SERVER__LISTEN"), address.to_string()).env(format!("{prefix}__SERVER__METRICS_LISTEN"), "");
+    // Metrics only on free ports: the fixed defaults would clash with a running `make run`.
+    command
+        .env(format!("{prefix}__SERVER__LISTEN"), address.to_string())
+        .env(format!("{prefix}__SERVER__METRICS_LISTEN"), metrics.map(|a| a.to_string()).unwrap_or_default())
+        .env(format!("{prefix}__SERVER__OTLP_ENDPOINT"), &settings.otlp_endpoint);
     match leaf {
         Leaf::Feature => {
             command

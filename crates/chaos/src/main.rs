@@ -8,9 +8,6 @@
 
 #![forbid(unsafe_code)]
 
-mod cluster;
-mod load;
-
 use std::{
     path::PathBuf,
     sync::atomic::Ordering,
@@ -18,8 +15,10 @@ use std::{
 };
 
 use clap::Parser;
-use cluster::{Cluster, Leaf, Settings};
-use load::{Outcome, Sample};
+use recsys_chaos::{
+    cluster::{Cluster, Leaf, Settings},
+    load::{self, Outcome, Sample},
+};
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -60,6 +59,8 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let state = tempfile::tempdir()?;
     let settings = Settings {
+        otlp_endpoint: String::new(),
+        metrics: false,
         bin_dir: args.bin_dir.clone(),
         bundle: std::fs::canonicalize(&args.bundle)?,
         seed: std::fs::canonicalize(&args.seed)?,

@@ -30,6 +30,8 @@ pub struct ServerConfig {
     pub metrics_listen: String,
     /// OTLP/gRPC collector for spans (e.g. `http://127.0.0.1:4317`); empty disables export.
     pub otlp_endpoint: String,
+    /// Share of requests traced (head sampling at the root; callees follow the caller).
+    pub otlp_sample_ratio: f64,
 }
 
 impl ServerConfig {
@@ -62,6 +64,7 @@ impl Default for ServerConfig {
             max_concurrent_requests: 0,
             metrics_listen: String::new(),
             otlp_endpoint: String::new(),
+            otlp_sample_ratio: 0.1,
         }
     }
 }
@@ -110,7 +113,7 @@ where
         println!("{}", toml::to_string_pretty(&config)?);
         return Ok(());
     }
-    let _telemetry = crate::telemetry::init(service, &config.server().otlp_endpoint);
+    let _telemetry = crate::telemetry::init(service, &config.server().otlp_endpoint, config.server().otlp_sample_ratio);
     let listen = config.server().listen.clone();
     let listener =
         TcpListener::bind(&listen).await.map_err(|error| anyhow::anyhow!("cannot bind {listen}: {error}"))?;
@@ -178,6 +181,8 @@ pub async fn serve(
         limit => limit,
     };
     let label: &'static str = service_label(service_names);
+    // Series exist from the start (at zero), so alerts and rates see them before any shed.
+    crate::metrics::LOAD_SHED.with_label_values(&[label]).inc_by(0);
     let server = tonic::transport::Server::builder()
         .layer(crate::observe::ObserveLayer::new(label))
         .layer(tower::util::MapResponseLayer::new(crate::oversized::rewrite_oversized_status))

@@ -6,7 +6,11 @@
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig;
-use opentelemetry_sdk::{propagation::TraceContextPropagator, trace::SdkTracerProvider, Resource};
+use opentelemetry_sdk::{
+    propagation::TraceContextPropagator,
+    trace::{Sampler, SdkTracerProvider},
+    Resource,
+};
 use tracing_subscriber::{fmt, prelude::*, EnvFilter, Layer};
 
 /// Flushes and stops span export when dropped (at the end of `main`).
@@ -34,12 +38,22 @@ impl Drop for TelemetryGuard {
 /// Installs the global subscriber and propagator; exports spans to `otlp_endpoint` when
 /// it is not empty. Must run inside a Tokio runtime (the OTLP client is tonic). A second
 /// call in the same process (tests) keeps the first subscriber.
-pub fn init(service: &'static str, otlp_endpoint: &str) -> TelemetryGuard {
+pub fn init(service: &'static str, otlp_endpoint: &str, sample_ratio: f64) -> TelemetryGuard {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-    let provider = (!otlp_endpoint.is_empty()).then(|| tracer_provider(service, otlp_endpoint)).flatten();
+    let provider = (!otlp_endpoint.is_empty()).then(|| tracer_provider(service, otlp_endpoint, sample_ratio)).flatten();
     let otel_layer = provider.as_ref().map(|provider| {
         opentelemetry::global::set_tracer_provider(provider.clone());
-        tracing_opentelemetry::layer().with_tracer(provider.tracer(service))
+        // Our spans only: hyper, h2 and tower emit many debug/trace spans per call that
+        // would multiply the export volume without telling an operator anything.
+        // Timing of idle/busy periods, source locations and thread names cost clock reads
+        // and allocations on every poll of every span; the span's own duration is enough.
+        tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer(service))
+            .with_tracked_inactivity(false)
+            .with_location(false)
+            .with_threads(false)
+            .with_target(false)
+            .with_filter(tracing_subscriber::filter::LevelFilter::INFO)
     });
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let text = std::env::var("RECSYS_LOG_FORMAT").is_ok_and(|format| format == "text");
@@ -61,7 +75,10 @@ pub fn init(service: &'static str, otlp_endpoint: &str) -> TelemetryGuard {
     TelemetryGuard { provider }
 }
 
-fn tracer_provider(service: &'static str, endpoint: &str) -> Option<SdkTracerProvider> {
+/// Head sampling: the orchestrator decides for the whole trace (`sample_ratio` of root
+/// calls), and every service follows the decision carried in `traceparent`, so a trace is
+/// either complete or absent.
+fn tracer_provider(service: &'static str, endpoint: &str, sample_ratio: f64) -> Option<SdkTracerProvider> {
     let exporter = match opentelemetry_otlp::SpanExporter::builder().with_tonic().with_endpoint(endpoint).build() {
         Ok(exporter) => exporter,
         Err(error) => {
@@ -71,6 +88,7 @@ fn tracer_provider(service: &'static str, endpoint: &str) -> Option<SdkTracerPro
     };
     Some(
         SdkTracerProvider::builder()
+            .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(sample_ratio.clamp(0.0, 1.0)))))
             .with_batch_exporter(exporter)
             .with_resource(Resource::builder().with_service_name(service).build())
             .build(),

@@ -110,8 +110,12 @@ pub struct CircuitBreaker {
 
 impl CircuitBreaker {
     pub fn new(service: impl Into<String>, config: BreakerConfig) -> Self {
+        let service = service.into();
+        // Series exist from the start, at zero and closed.
+        crate::metrics::BREAKER_OPENED.with_label_values(&[service.as_str()]).inc_by(0);
+        crate::metrics::BREAKER_STATE.with_label_values(&[service.as_str()]).set(0);
         Self {
-            service: service.into(),
+            service,
             config,
             inner: Mutex::new(Inner {
                 phase: Phase::Closed,

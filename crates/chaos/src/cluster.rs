@@ -54,6 +54,8 @@ impl Leaf {
 pub struct Settings {
     /// OTLP collector every process exports spans to; empty for none.
     pub otlp_endpoint: String,
+    /// Trace sampling ratio for every process; `None` keeps the shipped default.
+    pub otlp_sample_ratio: Option<f64>,
     /// Serve `/metrics` from every process (on free ports, see `Cluster::metrics_addresses`).
     pub metrics: bool,
     pub bin_dir: PathBuf,
@@ -106,6 +108,7 @@ impl Cluster {
             .env("RECSYS_ORCHESTRATOR__SERVER__LISTEN", orchestrator.to_string())
             .env("RECSYS_ORCHESTRATOR__SERVER__METRICS_LISTEN", metrics.map(|a| a.to_string()).unwrap_or_default())
             .env("RECSYS_ORCHESTRATOR__SERVER__OTLP_ENDPOINT", &settings.otlp_endpoint)
+            .envs(settings.otlp_sample_ratio.map(|r| ("RECSYS_ORCHESTRATOR__SERVER__OTLP_SAMPLE_RATIO", r.to_string())))
             .env("RECSYS_ORCHESTRATOR__DOWNSTREAM__FEATURE", addresses[&Leaf::Feature].to_string())
             .env("RECSYS_ORCHESTRATOR__DOWNSTREAM__RECALL", addresses[&Leaf::Recall].to_string())
             .env("RECSYS_ORCHESTRATOR__DOWNSTREAM__RANK", proxy_address.to_string())
@@ -170,6 +173,9 @@ fn spawn_leaf(
         .env(format!("{prefix}__SERVER__LISTEN"), address.to_string())
         .env(format!("{prefix}__SERVER__METRICS_LISTEN"), metrics.map(|a| a.to_string()).unwrap_or_default())
         .env(format!("{prefix}__SERVER__OTLP_ENDPOINT"), &settings.otlp_endpoint);
+    if let Some(ratio) = settings.otlp_sample_ratio {
+        command.env(format!("{prefix}__SERVER__OTLP_SAMPLE_RATIO"), ratio.to_string());
+    }
     match leaf {
         Leaf::Feature => {
             command

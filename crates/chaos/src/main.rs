@@ -60,6 +60,7 @@ async fn main() -> anyhow::Result<()> {
     let state = tempfile::tempdir()?;
     let settings = Settings {
         otlp_endpoint: String::new(),
+        otlp_sample_ratio: None,
         metrics: false,
         bin_dir: args.bin_dir.clone(),
         bundle: std::fs::canonicalize(&args.bundle)?,

@@ -89,8 +89,14 @@ where
         let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
             propagator.extract(&HeaderExtractor(request.headers()))
         });
+        // Without an exporter the span has no OpenTelemetry context, but a caller's
+        // traceparent still names the trace: logs carry it either way.
+        let remote_trace_id = parent.span().span_context().trace_id();
         let _ = span.set_parent(parent);
-        let trace_id = span.context().span().span_context().trace_id();
+        let mut trace_id = span.context().span().span_context().trace_id();
+        if trace_id == opentelemetry::trace::TraceId::INVALID {
+            trace_id = remote_trace_id;
+        }
         if trace_id != opentelemetry::trace::TraceId::INVALID {
             span.record("trace_id", tracing::field::display(trace_id));
         }

@@ -49,6 +49,9 @@ struct Args {
     /// What "on" turns on: both (the measured configuration), or one part for diagnosis.
     #[arg(long, value_enum, default_value_t = OnMode::Both)]
     on: OnMode,
+    /// Trace sampling ratio with export on; unset measures the shipped default.
+    #[arg(long)]
+    sample_ratio: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -111,6 +114,7 @@ async fn main() -> anyhow::Result<()> {
             let settings = Settings {
                 otlp_endpoint: if on && args.on != OnMode::Metrics { endpoint.clone() } else { String::new() },
                 metrics: on && args.on != OnMode::Traces,
+                otlp_sample_ratio: args.sample_ratio,
                 bin_dir: args.bin_dir.clone(),
                 bundle: std::fs::canonicalize(&args.bundle)?,
                 seed: std::fs::canonicalize(&args.seed)?,
@@ -180,6 +184,7 @@ async fn main() -> anyhow::Result<()> {
         "rate_rps": args.rate,
         "rounds": args.rounds,
         "on": format!("{:?}", args.on).to_lowercase(),
+        "sample_ratio": args.sample_ratio.map_or_else(|| serde_json::json!("default"), |r| serde_json::json!(r)),
         "round_s": args.round_s,
     });
     println!();

@@ -8,6 +8,7 @@ use crate::Pipeline;
 const RETRY_WHILE_EMPTY: Duration = Duration::from_secs(1);
 
 pub async fn keep_refreshed(pipeline: Arc<Pipeline>, interval: Duration) {
+    pipeline.warm_up().await;
     loop {
         let wait = match pipeline.refresh_fallback().await {
             Ok(count) => {

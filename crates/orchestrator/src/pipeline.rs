@@ -282,6 +282,45 @@ impl Pipeline {
         }
     }
 
+    /// Opens the connections to every leaf before traffic arrives, so the first requests
+    /// do not spend their stage budgets on TCP and HTTP/2 handshakes.
+    pub async fn warm_up(&self) {
+        let deadline = Deadline::after(Duration::from_secs(2));
+        let budget = Duration::from_secs(2);
+        let user = UserFeatures { user_id: "__warm_up__".into(), ..UserFeatures::default() };
+        let feature = self.downstream.feature.call(
+            "feature",
+            deadline,
+            budget,
+            GetUserFeaturesRequest { user_id: "__warm_up__".into(), max_history: 1 },
+            |mut client, request| async move { client.get_user_features(request).await },
+        );
+        let track = self.rank_routing().track_for("__warm_up__", None);
+        let guarded_rank =
+            crate::downstream::Guarded::new(track.client.clone(), track.breaker.clone(), &self.config.resilience);
+        let rank = guarded_rank.call(
+            "rank",
+            deadline,
+            budget,
+            RankRequest { user: Some(user), ..RankRequest::default() },
+            |mut client, request| async move { client.rank(request).await },
+        );
+        let rerank = self.downstream.rerank.call(
+            "rerank",
+            deadline,
+            budget,
+            RerankRequest { top_k: 1, ..RerankRequest::default() },
+            |mut client, request| async move { client.rerank(request).await },
+        );
+        let (feature, rank, rerank) = tokio::join!(feature, rank, rerank);
+        tracing::debug!(
+            feature = feature.is_ok(),
+            rank = rank.is_ok(),
+            rerank = rerank.is_ok(),
+            "connections warmed up"
+        );
+    }
+
     /// Refreshes the popular fallback from recall (an anonymous user gets the popular
     /// and cold-start channels).
     pub async fn refresh_fallback(&self) -> Result<usize> {

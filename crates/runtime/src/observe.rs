@@ -156,6 +156,15 @@ struct ObservedBody {
     recorder: Option<Recorder>,
 }
 
+impl Drop for ObservedBody {
+    /// A body dropped before its trailers is a call the client gave up on.
+    fn drop(&mut self) {
+        if let Some(recorder) = self.recorder.take() {
+            recorder.record("Cancelled");
+        }
+    }
+}
+
 impl HttpBody for ObservedBody {
     type Data = Bytes;
     type Error = tonic::Status;

@@ -51,6 +51,35 @@ impl Leaf {
     }
 }
 
+/// Where the cluster's binaries, bundle and seed data are: the flags both tools share.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ClusterPaths {
+    /// Directory with the five service binaries.
+    #[arg(long, default_value = "target/debug")]
+    pub bin_dir: PathBuf,
+    #[arg(long, default_value = "models/bundles")]
+    pub bundle: PathBuf,
+    #[arg(long, default_value = "data/ml-100k")]
+    pub seed: PathBuf,
+}
+
+impl ClusterPaths {
+    /// Settings for a cluster with telemetry export off and the given state directory.
+    pub fn settings(&self, state: &Path, logs: &str) -> anyhow::Result<Settings> {
+        Ok(Settings {
+            otlp_endpoint: String::new(),
+            otlp_sample_ratio: None,
+            metrics: false,
+            bin_dir: self.bin_dir.clone(),
+            bundle: std::fs::canonicalize(&self.bundle).with_context(|| format!("{}", self.bundle.display()))?,
+            seed: std::fs::canonicalize(&self.seed).with_context(|| format!("{}", self.seed.display()))?,
+            state: state.to_path_buf(),
+            logs: PathBuf::from(logs),
+            orchestrator_env: Vec::new(),
+        })
+    }
+}
+
 pub struct Settings {
     /// OTLP collector every process exports spans to; empty for none.
     pub otlp_endpoint: String,

@@ -16,19 +16,16 @@ use std::{
 
 use clap::Parser;
 use recsys_chaos::{
-    cluster::{Cluster, Leaf, Settings},
+    cluster::{Cluster, ClusterPaths, Leaf},
     load::{self, Outcome, Sample},
 };
 
+/// Faults under steady load, then overload, against the cluster's real binaries.
 #[derive(Debug, Parser)]
+#[command(name = "recsys-chaos")]
 struct Args {
-    /// Directory with the five service binaries.
-    #[arg(long, default_value = "target/debug")]
-    bin_dir: PathBuf,
-    #[arg(long, default_value = "models/bundles")]
-    bundle: PathBuf,
-    #[arg(long, default_value = "data/ml-100k")]
-    seed: PathBuf,
+    #[command(flatten)]
+    paths: ClusterPaths,
     #[arg(long, default_value = "target/reports/chaos.json")]
     out: PathBuf,
     /// Steady load during the fault phase, requests per second (open loop).
@@ -58,21 +55,12 @@ struct Fault {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let state = tempfile::tempdir()?;
-    let settings = Settings {
-        otlp_endpoint: String::new(),
-        otlp_sample_ratio: None,
-        metrics: false,
-        bin_dir: args.bin_dir.clone(),
-        bundle: std::fs::canonicalize(&args.bundle)?,
-        seed: std::fs::canonicalize(&args.seed)?,
-        state: state.path().to_path_buf(),
-        logs: PathBuf::from("target/chaos-logs"),
-        orchestrator_env: vec![
-            ("RECSYS_ORCHESTRATOR__SERVER__MAX_CONCURRENT_REQUESTS".into(), args.max_concurrent.to_string()),
-            // Everything else (stage budgets, breakers, retry budget) is the shipped default.
-        ],
-    };
-    println!("==> starting the cluster from {}", args.bin_dir.display());
+    let mut settings = args.paths.settings(state.path(), "target/chaos-logs")?;
+    settings.orchestrator_env = vec![
+        ("RECSYS_ORCHESTRATOR__SERVER__MAX_CONCURRENT_REQUESTS".into(), args.max_concurrent.to_string()),
+        // Everything else (stage budgets, breakers, retry budget) is the shipped default.
+    ];
+    println!("==> starting the cluster from {}", args.paths.bin_dir.display());
     let mut cluster = Cluster::start(settings).await?;
     let deadline = Duration::from_millis(args.deadline_ms);
     let target = cluster.orchestrator;

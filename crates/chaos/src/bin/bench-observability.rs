@@ -22,19 +22,17 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use recsys_chaos::{
-    cluster::{Cluster, Settings},
+    cluster::{Cluster, ClusterPaths},
     load::{self, Outcome},
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// Telemetry overhead: the cluster with export off and on, alternately, under one load.
 #[derive(Debug, Parser)]
+#[command(name = "bench-observability")]
 struct Args {
-    #[arg(long, default_value = "target/debug")]
-    bin_dir: PathBuf,
-    #[arg(long, default_value = "models/bundles")]
-    bundle: PathBuf,
-    #[arg(long, default_value = "data/ml-100k")]
-    seed: PathBuf,
+    #[command(flatten)]
+    paths: ClusterPaths,
     #[arg(long, default_value = "target/reports/bench-observability.json")]
     out: PathBuf,
     /// Requests per second (open loop) in every round.
@@ -111,17 +109,12 @@ async fn main() -> anyhow::Result<()> {
     for round in 0..args.rounds {
         for (mode, on) in [(0usize, false), (1usize, true)] {
             let state = tempfile::tempdir()?;
-            let settings = Settings {
-                otlp_endpoint: if on && args.on != OnMode::Metrics { endpoint.clone() } else { String::new() },
-                metrics: on && args.on != OnMode::Traces,
-                otlp_sample_ratio: args.sample_ratio,
-                bin_dir: args.bin_dir.clone(),
-                bundle: std::fs::canonicalize(&args.bundle)?,
-                seed: std::fs::canonicalize(&args.seed)?,
-                state: state.path().to_path_buf(),
-                logs: PathBuf::from("target/bench-logs"),
-                orchestrator_env: Vec::new(),
-            };
+            let mut settings = args.paths.settings(state.path(), "target/bench-logs")?;
+            if on && args.on != OnMode::Metrics {
+                settings.otlp_endpoint = endpoint.clone();
+                settings.otlp_sample_ratio = args.sample_ratio;
+            }
+            settings.metrics = on && args.on != OnMode::Traces;
             let cluster = Cluster::start(settings).await?;
             let warm_up = load::OpenLoop::start(cluster.orchestrator, args.rate, deadline, Instant::now());
             tokio::time::sleep(Duration::from_secs(2)).await;

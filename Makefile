@@ -4,7 +4,7 @@ SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
 ENV := source target/recsys.env
 
-.PHONY: run test bootstrap build bundle test-rust test-python lint fmt clean-state chaos bench-observability
+.PHONY: run test bootstrap build bundle test-rust test-python lint fmt clean-state chaos bench-observability eval
 
 # Bootstrap (Python, data, bundle) and the Rust build are independent: run them side by side.
 run:
@@ -47,6 +47,11 @@ chaos: bootstrap build
 bench-observability: bootstrap build
 	@echo "==> observability overhead benchmark (about a minute)"
 	$(ENV) && target/debug/bench-observability --bin-dir target/debug
+
+# The served pipeline on the published MovieLens-100k protocol; writes target/reports/eval-ml100k.json.
+eval: bootstrap build
+	@echo "==> offline evaluation of the served pipeline"
+	$(ENV) && "$$RECSYS_PYTHON" -m recsys_training eval --data data/ml-100k --work target/eval --bin-dir target/debug
 
 # Train a new bundle from data/ml-100k and make it current.
 bundle: bootstrap

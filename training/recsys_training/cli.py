@@ -27,6 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--version", help="bundle version (default: timestamp and data hash)")
     train.add_argument("--quick", action="store_true", help="few epochs, for tests")
 
+    evaluate = commands.add_parser("eval", help="score the served pipeline on the published MovieLens-100k protocol")
+    evaluate.add_argument("--data", type=Path, required=True)
+    evaluate.add_argument("--work", type=Path, default=Path("target/eval"))
+    evaluate.add_argument("--bin-dir", type=Path, default=Path("target/debug"))
+    evaluate.add_argument("--report", type=Path, default=Path("target/reports/eval-ml100k.json"))
+
     check = commands.add_parser("verify", help="check a bundle's files against its manifest")
     check.add_argument("bundle", type=Path)
 
@@ -44,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.quick:
                 config.bpr_epochs, config.ranker_epochs = 3, 1
             train_bundle(args.data, args.out, config, args.version)
+        elif args.command == "eval":
+            from .serving_eval import run
+            run(args.data, args.work, args.bin_dir, args.report)
         elif args.command == "verify":
             problems = verify(args.bundle)
             for problem in problems:

@@ -36,34 +36,40 @@ pub fn bar_chart(path: &Path, title: &str, y_label: &str, bars: &[Bar]) -> anyho
     let top = bars.iter().map(|b| b.high.max(b.value)).fold(0.0f64, f64::max).max(1e-6) * 1.15;
     let root = BitMapBackend::new(path, (960, 540)).into_drawing_area();
     root.fill(&WHITE)?;
+    let count = bars.len() as i32;
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 24))
         .margin(16)
-        .x_label_area_size(60)
+        .x_label_area_size(40)
         .y_label_area_size(70)
-        .build_cartesian_2d(0f64..bars.len() as f64, 0f64..top)?;
-    let labels: Vec<String> = bars.iter().map(|b| b.label.clone()).collect();
+        // A segmented range over 0..n has n + 1 segments: one per bar needs 0..n-1.
+        .build_cartesian_2d((0..(count - 1).max(0)).into_segmented(), 0f64..top)?;
     chart
         .configure_mesh()
         .disable_x_mesh()
         .x_labels(bars.len().max(1))
-        .x_label_formatter(&|x| labels.get(x.floor() as usize).cloned().unwrap_or_default())
+        .x_label_formatter(&|x| match x {
+            SegmentValue::CenterOf(n) => bars.get(*n as usize).map(|b| b.label.clone()).unwrap_or_default(),
+            _ => String::new(),
+        })
         .y_desc(y_label)
         .label_style(("sans-serif", 14))
         .draw()?;
-    chart.draw_series(bars.iter().enumerate().map(|(n, bar)| {
-        let x = n as f64;
-        Rectangle::new([(x + 0.2, 0.0), (x + 0.8, bar.value)], BLUE.mix(0.6).filled())
+    chart.draw_series(bars.iter().zip(0..).map(|(bar, n)| {
+        let mut rectangle = Rectangle::new(
+            [(SegmentValue::Exact(n), 0.0), (SegmentValue::Exact(n + 1), bar.value)],
+            BLUE.mix(0.6).filled(),
+        );
+        rectangle.set_margin(0, 0, 30, 30);
+        rectangle
     }))?;
-    chart.draw_series(
-        bars.iter()
-            .enumerate()
-            .map(|(n, bar)| ErrorBar::new_vertical(n as f64 + 0.5, bar.low, bar.value, bar.high, BLACK.filled(), 12)),
-    )?;
-    chart.draw_series(bars.iter().enumerate().map(|(n, bar)| {
+    chart.draw_series(bars.iter().zip(0..).map(|(bar, n)| {
+        ErrorBar::new_vertical(SegmentValue::CenterOf(n), bar.low, bar.value, bar.high, BLACK.filled(), 12)
+    }))?;
+    chart.draw_series(bars.iter().zip(0..).map(|(bar, n)| {
         Text::new(
             format!("{:.4}", bar.value),
-            (n as f64 + 0.3, bar.high.max(bar.value) + top * 0.02),
+            (SegmentValue::Exact(n), bar.high.max(bar.value) + top * 0.02),
             ("sans-serif", 14),
         )
     }))?;

@@ -177,6 +177,40 @@ fn ab_report(
 #[cfg(test)]
 mod tests {
     #[test]
+    fn ab_report_reads_a_log_and_draws_the_chart() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("events.jsonl");
+        let mut lines = Vec::new();
+        for n in 0..400 {
+            let variant = if n % 2 == 0 { "control" } else { "treatment" };
+            lines.push(format!(
+                r#"{{"user_id":"u{n}","item_id":"i","event":"EVENT_TYPE_IMPRESSION","timestamp_ms":1,"experiments":{{"rank":"{variant}"}}}}"#
+            ));
+            // Treatment users click twice as often.
+            if n % 10 == 0 || (variant == "treatment" && n % 10 == 1) || (variant == "treatment" && n % 10 == 3) {
+                lines.push(format!(
+                    r#"{{"user_id":"u{n}","item_id":"i","event":"EVENT_TYPE_CLICK","timestamp_ms":2,"experiments":{{"rank":"{variant}"}}}}"#
+                ));
+            }
+        }
+        std::fs::write(&log, lines.join("\n")).unwrap();
+        let chart = dir.path().join("ab.png");
+        super::ab_report(&log, "control", None, Some(&chart)).unwrap();
+        let png = std::fs::read(&chart).unwrap();
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+        assert!(png.len() > 5_000, "a real chart, not an empty image");
+    }
+
+    #[test]
+    fn ab_report_refuses_a_log_without_experiments() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("events.jsonl");
+        std::fs::write(&log, r#"{"user_id":"u","item_id":"i","event":"EVENT_TYPE_CLICK","timestamp_ms":1}"#).unwrap();
+        let error = super::ab_report(&log, "control", None, None).unwrap_err();
+        assert!(error.to_string().contains("no experiment-tagged events"), "{error}");
+    }
+
+    #[test]
     fn cli_definition_is_consistent() {
         use clap::CommandFactory;
         super::Cli::command().debug_assert();

@@ -51,9 +51,9 @@ impl Pipeline {
         config.experiments.validate().map_err(OrchestratorError::Config)?;
         let downstream = Downstream::connect(&config.downstream, &config.resilience)?;
         let connect_timeout = Duration::from_millis(config.downstream.connect_timeout_ms);
-        let stable = RankTrack::connect(STABLE, &config.downstream.rank, connect_timeout, &config.resilience.breaker)?;
+        let stable = RankTrack::connect(STABLE, &config.downstream.rank, connect_timeout, &config.resilience)?;
         let canary = (!config.canary.rank.is_empty())
-            .then(|| RankTrack::connect(CANARY, &config.canary.rank, connect_timeout, &config.resilience.breaker))
+            .then(|| RankTrack::connect(CANARY, &config.canary.rank, connect_timeout, &config.resilience))
             .transpose()?;
         let rank = RankRouting::new(stable, canary, config.canary.share_percent, config.canary.salt.clone());
         let popular = seed_popular(&config);
@@ -251,10 +251,8 @@ impl Pipeline {
         deadline: Deadline,
         request: RankRequest,
     ) -> Result<recsys_proto::v1::RankResponse> {
-        // Each track has its own breaker: a bad canary must not trip the stable model.
-        let guarded =
-            crate::downstream::Guarded::new(track.client.clone(), track.breaker.clone(), &self.config.resilience);
-        guarded
+        track
+            .rank
             .call("rank", deadline, self.config.budgets.rank(), request, |mut client, request| async move {
                 client.rank(request).await
             })
@@ -296,9 +294,7 @@ impl Pipeline {
             |mut client, request| async move { client.get_user_features(request).await },
         );
         let track = self.rank_routing().track_for("__warm_up__", None);
-        let guarded_rank =
-            crate::downstream::Guarded::new(track.client.clone(), track.breaker.clone(), &self.config.resilience);
-        let rank = guarded_rank.call(
+        let rank = track.rank.call(
             "rank",
             deadline,
             budget,

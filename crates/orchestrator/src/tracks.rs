@@ -13,11 +13,14 @@ use std::{
 };
 
 use recsys_proto::v1::{rank_service_client::RankServiceClient, TrackStats};
-use recsys_runtime::resilience::{BreakerConfig, CircuitBreaker};
+use recsys_runtime::resilience::CircuitBreaker;
 use serde::{Deserialize, Serialize};
 use tonic::transport::Channel;
 
-use crate::{experiments, OrchestratorError, Result};
+use crate::{
+    downstream::{Guarded, ResilienceConfig},
+    experiments, OrchestratorError, Result,
+};
 
 pub const STABLE: &str = "stable";
 pub const CANARY: &str = "canary";
@@ -41,8 +44,9 @@ impl Default for CanaryConfig {
 pub struct RankTrack {
     pub name: &'static str,
     pub address: String,
-    pub client: RankServiceClient<Channel>,
-    pub breaker: Arc<CircuitBreaker>,
+    /// The client with this track's own breaker and retry budget: a bad canary must not
+    /// trip the stable model, and budgets only work when they persist across calls.
+    pub rank: Guarded<RankServiceClient<Channel>>,
     pub stats: TrackCounters,
 }
 
@@ -51,15 +55,18 @@ impl RankTrack {
         name: &'static str,
         address: &str,
         connect_timeout: Duration,
-        breaker: &BreakerConfig,
+        resilience: &ResilienceConfig,
     ) -> Result<Self> {
         let channel = recsys_runtime::client::lazy_channel(address, connect_timeout)
             .map_err(|error| OrchestratorError::Config(format!("{address}: {error}")))?;
         Ok(Self {
             name,
             address: address.to_string(),
-            client: RankServiceClient::new(channel),
-            breaker: Arc::new(CircuitBreaker::new(format!("rank/{name}"), breaker.clone())),
+            rank: Guarded::new(
+                RankServiceClient::new(channel),
+                Arc::new(CircuitBreaker::new(format!("rank/{name}"), resilience.breaker.clone())),
+                resilience,
+            ),
             stats: TrackCounters::default(),
         })
     }
@@ -68,13 +75,7 @@ impl RankTrack {
 impl RankTrack {
     /// The same service under another track name, with fresh statistics.
     fn promoted(&self) -> Self {
-        Self {
-            name: STABLE,
-            address: self.address.clone(),
-            client: self.client.clone(),
-            breaker: Arc::clone(&self.breaker),
-            stats: TrackCounters::default(),
-        }
+        Self { name: STABLE, address: self.address.clone(), rank: self.rank.clone(), stats: TrackCounters::default() }
     }
 }
 
@@ -255,7 +256,7 @@ mod tests {
     use super::*;
 
     fn track(name: &'static str, address: &str) -> RankTrack {
-        RankTrack::connect(name, address, Duration::from_millis(10), &BreakerConfig::default()).unwrap()
+        RankTrack::connect(name, address, Duration::from_millis(10), &ResilienceConfig::default()).unwrap()
     }
 
     #[tokio::test]

@@ -242,6 +242,14 @@ def train_bundle(data_dir: Path, out_root: Path, config: TrainConfig | None = No
     (staging / "popularity.json").write_text(json.dumps([[iid, round(s, 6)] for iid, s in popularity]))
 
     counts, edges = np.histogram(val_scores, bins=20, range=(0.0, 1.0))
+    # Reference distributions of two ranker inputs over the training interactions, for
+    # feature drift in rank-svc (same encoding as the model sees, so values lie in [0, 1]).
+    user_feature_rows = user_feature_matrix(spec, dataset, user_ids, user_events)
+    item_feature_rows = item_feature_matrix(spec, dataset, item_interactions)
+    feature_distributions = {}
+    for name, values in (("user_events", user_feature_rows[user_idx + 1, -1]), ("item_interactions", item_feature_rows[item_idx + 1, -1])):
+        f_counts, f_edges = np.histogram(values, bins=20, range=(0.0, 1.0))
+        feature_distributions[name] = {"edges": [round(e, 4) for e in f_edges.tolist()], "counts": f_counts.tolist()}
     manifest = {
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "training_data_sha256": dataset.sha256,
@@ -252,6 +260,7 @@ def train_bundle(data_dir: Path, out_root: Path, config: TrainConfig | None = No
         "metrics": {"ranker_val_auc": round(ranker_auc, 6), "onnx_max_abs_diff": onnx_diff,
                     "training_seconds": round(time.monotonic() - started, 1)},
         "score_distribution": {"edges": [round(e, 4) for e in edges.tolist()], "counts": counts.tolist()},
+        "feature_distributions": feature_distributions,
         "training_config": config.__dict__,
     }
     published = bundle.publish(staging, out_root, version, manifest)

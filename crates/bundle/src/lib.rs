@@ -61,6 +61,9 @@ pub struct Manifest {
     /// reference that live scores are compared with for drift.
     #[serde(default)]
     pub score_distribution: Option<ScoreDistribution>,
+    /// Training-time histograms of selected ranker inputs (encoded values), by feature.
+    #[serde(default)]
+    pub feature_distributions: HashMap<String, ScoreDistribution>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -1,16 +1,25 @@
-//! Score drift: the live distribution of fine-ranker scores against the distribution the
-//! bundle recorded at training time, as a population stability index (PSI) over the same
-//! fixed bins. PSI below 0.1 is usually read as stable, above 0.25 as a real shift; the
-//! alert rule in `deploy/prometheus/alerts.yml` fires on the exported gauge.
+//! Drift: the live distribution of fine-ranker scores (and of a few key inputs) against
+//! the distribution the bundle recorded at training time, as a population stability index
+//! (PSI) over the same fixed bins. PSI below 0.1 is usually read as stable, above 0.25 as
+//! a real shift; the alert rule in `deploy/prometheus/alerts.yml` fires on the score gauge.
 
 use std::sync::{LazyLock, Mutex};
 
-use prometheus::{register_gauge, Gauge};
+use prometheus::{register_gauge, register_gauge_vec, Gauge, GaugeVec};
 use recsys_bundle::ScoreDistribution;
 
 pub static SCORE_PSI: LazyLock<Gauge> = LazyLock::new(|| {
     register_gauge!("recsys_score_psi", "Population stability index of live fine-ranker scores vs training")
         .expect("metric registers once")
+});
+
+pub static FEATURE_PSI: LazyLock<GaugeVec> = LazyLock::new(|| {
+    register_gauge_vec!(
+        "recsys_feature_psi",
+        "Population stability index of live ranker inputs vs training",
+        &["feature"]
+    )
+    .expect("metric registers once")
 });
 
 /// Live counts are halved once they hold this many scores, so the index follows recent
@@ -23,16 +32,32 @@ pub struct ScoreDrift {
     edges: Vec<f64>,
     expected: Vec<f64>,
     live: Mutex<Vec<f64>>,
+    gauge: Gauge,
 }
 
 impl ScoreDrift {
+    /// Drift of the fine-ranker scores (`recsys_score_psi`).
     pub fn new(reference: &ScoreDistribution) -> Option<Self> {
+        Self::with_gauge(reference, SCORE_PSI.clone())
+    }
+
+    /// Drift of one ranker input (`recsys_feature_psi{feature}`).
+    pub fn for_feature(feature: &str, reference: &ScoreDistribution) -> Option<Self> {
+        Self::with_gauge(reference, FEATURE_PSI.with_label_values(&[feature]))
+    }
+
+    fn with_gauge(reference: &ScoreDistribution, gauge: Gauge) -> Option<Self> {
         let total: u64 = reference.counts.iter().sum();
         if total == 0 || reference.edges.len() != reference.counts.len() + 1 {
             return None;
         }
         let expected = reference.counts.iter().map(|&c| c as f64 / total as f64).collect();
-        Some(Self { edges: reference.edges.clone(), expected, live: Mutex::new(vec![0.0; reference.counts.len()]) })
+        Some(Self {
+            edges: reference.edges.clone(),
+            expected,
+            live: Mutex::new(vec![0.0; reference.counts.len()]),
+            gauge,
+        })
     }
 
     /// Adds a batch of served scores and returns the updated index.
@@ -45,7 +70,7 @@ impl ScoreDrift {
             live.iter_mut().for_each(|count| *count /= 2.0);
         }
         let psi = psi(&self.expected, &live);
-        SCORE_PSI.set(psi);
+        self.gauge.set(psi);
         psi
     }
 

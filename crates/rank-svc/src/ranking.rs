@@ -47,6 +47,9 @@ pub struct Ranker {
     item_features: Vec<f32>,
     model: OnnxRanker,
     drift: Option<ScoreDrift>,
+    /// Drift of the user-activity and item-popularity inputs (last column of each row).
+    user_activity_drift: Option<ScoreDrift>,
+    item_popularity_drift: Option<ScoreDrift>,
 }
 
 impl Ranker {
@@ -63,6 +66,11 @@ impl Ranker {
         if drift.is_none() {
             tracing::warn!("bundle has no training score distribution: drift is not monitored");
         }
+        let feature_drift = |name: &str| {
+            manifest.feature_distributions.get(name).and_then(|reference| ScoreDrift::for_feature(name, reference))
+        };
+        let user_activity_drift = feature_drift("user_events");
+        let item_popularity_drift = feature_drift("item_interactions");
         MODEL_INFO.with_label_values(&["rank", manifest.version.as_str()]).set(1);
         Ok(Self {
             version: manifest.version,
@@ -73,6 +81,8 @@ impl Ranker {
             item_features,
             model,
             drift,
+            user_activity_drift,
+            item_popularity_drift,
         })
     }
 
@@ -121,6 +131,23 @@ impl Ranker {
         inputs
     }
 
+    /// Feeds the last (log-activity / log-popularity) column of the inputs to the drift
+    /// monitors: one value per request for the user, one per ranked item.
+    fn observe_input_drift(&self, inputs: &RankerInputs) {
+        if inputs.is_empty() {
+            return;
+        }
+        let user_dim = inputs.user_features.len() / inputs.len();
+        let item_dim = inputs.item_features.len() / inputs.len();
+        if let Some(drift) = &self.user_activity_drift {
+            drift.observe(&[inputs.user_features[user_dim - 1]]);
+        }
+        if let Some(drift) = &self.item_popularity_drift {
+            let values: Vec<f32> = inputs.item_features.chunks_exact(item_dim).map(|row| row[item_dim - 1]).collect();
+            drift.observe(&values);
+        }
+    }
+
     /// Coarse-ranks `items`, keeps `coarse_keep`, fine-ranks those; best first.
     /// Blocking (runs the model).
     pub fn rank(&self, user: &UserFeatures, items: &[usize], coarse_keep: usize) -> Result<Vec<RankedCandidate>> {
@@ -133,8 +160,10 @@ impl Ranker {
         let kept: Vec<usize> = coarse.iter().map(|&(item, _)| item).collect();
         let fine_span = tracing::info_span!("fine", items = kept.len()).entered();
         BATCH_SIZE.with_label_values(&["fine"]).observe(kept.len() as f64);
-        let fine = self.model.score(&self.fine_inputs(user, &kept))?;
+        let inputs = self.fine_inputs(user, &kept);
+        let fine = self.model.score(&inputs)?;
         drop(fine_span);
+        self.observe_input_drift(&inputs);
         if let Some(drift) = &self.drift {
             drift.observe(&fine);
         }

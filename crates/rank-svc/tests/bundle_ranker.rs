@@ -94,6 +94,14 @@ fn ranking_keeps_the_coarse_cut_orders_by_fine_score_and_drops_unknown_items() {
     let user = UserFeatures { user_id: "196".into(), known: true, ..UserFeatures::default() };
     let ranked = ranker.rank(&user, &items, 50).unwrap();
     assert_eq!(ranked.len(), 50);
+    let metrics = recsys_runtime::metrics::render();
+    for series in [
+        "recsys_score_psi",
+        "recsys_feature_psi{feature=\"user_events\"}",
+        "recsys_feature_psi{feature=\"item_interactions\"}",
+    ] {
+        assert!(metrics.contains(series), "{series} not exported after ranking");
+    }
     assert!(ranked.windows(2).all(|pair| pair[0].fine_score >= pair[1].fine_score));
     assert!(ranked.iter().all(|c| (0.0..=1.0).contains(&c.fine_score)));
     // The 50 kept are the coarse top 50.

@@ -15,14 +15,6 @@ use recsys_proto::v1::{
 use crate::CanaryCommand as CanaryAction;
 use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
 
-fn uri(address: &str) -> String {
-    if address.contains("://") {
-        address.to_string()
-    } else {
-        format!("http://{address}")
-    }
-}
-
 pub async fn wait_ready(addresses: &[String], timeout_s: u64) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(timeout_s);
     for address in addresses {
@@ -41,7 +33,7 @@ pub async fn wait_ready(addresses: &[String], timeout_s: u64) -> anyhow::Result<
 }
 
 async fn serving(address: &str) -> bool {
-    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(uri(address)) else {
+    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(recsys_runtime::client::endpoint_uri(address)) else {
         return false;
     };
     let Ok(channel) = endpoint.connect_timeout(Duration::from_secs(1)).connect().await else {
@@ -59,8 +51,9 @@ pub async fn recommend(address: &str, user: &str, top_k: u32, debug: bool, bundl
         .and_then(|dir| recsys_bundle::read_catalog(&dir))
         .map(|catalog| catalog.into_iter().map(|item| (item.id, item.title)).collect())
         .unwrap_or_default();
-    let mut client =
-        RecommenderClient::connect(uri(address)).await.with_context(|| format!("connecting to {address}"))?;
+    let mut client = RecommenderClient::connect(recsys_runtime::client::endpoint_uri(address))
+        .await
+        .with_context(|| format!("connecting to {address}"))?;
     let response = client
         .recommend(RecommendRequest { user_id: user.to_string(), top_k, debug, ..RecommendRequest::default() })
         .await?
@@ -113,7 +106,7 @@ pub async fn log_event(
     let event_type = EventType::from_str_name(&format!("EVENT_TYPE_{}", kind.to_ascii_uppercase()))
         .with_context(|| format!("unknown event type {kind:?}"))?;
     let timestamp_ms = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as i64;
-    let mut client = RecommenderClient::connect(uri(address)).await?;
+    let mut client = RecommenderClient::connect(recsys_runtime::client::endpoint_uri(address)).await?;
     let response = client
         .log_events(LogEventsRequest {
             events: vec![Event {
@@ -133,7 +126,9 @@ pub async fn log_event(
 }
 
 pub async fn canary(address: &str, action: CanaryAction) -> anyhow::Result<()> {
-    let mut client = AdminClient::connect(uri(address)).await.with_context(|| format!("connecting to {address}"))?;
+    let mut client = AdminClient::connect(recsys_runtime::client::endpoint_uri(address))
+        .await
+        .with_context(|| format!("connecting to {address}"))?;
     let split = match action {
         CanaryAction::Status => client.get_traffic_split(GetTrafficSplitRequest {}).await?,
         CanaryAction::SetShare { percent } => {

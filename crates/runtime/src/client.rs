@@ -14,3 +14,12 @@ pub fn lazy_channel(address: &str, connect_timeout: Duration) -> Result<Channel,
         .http2_keep_alive_interval(Duration::from_secs(30))
         .connect_lazy())
 }
+
+/// `host:port` as a plaintext gRPC URI; full URIs pass through unchanged.
+pub fn endpoint_uri(address: &str) -> String {
+    if address.contains("://") {
+        address.to_string()
+    } else {
+        format!("http://{address}")
+    }
+}

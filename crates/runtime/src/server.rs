@@ -37,10 +37,6 @@ pub struct ServerConfig {
 }
 
 impl ServerConfig {
-    pub fn with_listen(listen: &str) -> Self {
-        Self { listen: listen.to_string(), ..Self::default() }
-    }
-
     /// The default of a service: its gRPC and Prometheus addresses.
     pub fn with_addresses(listen: &str, metrics_listen: &str) -> Self {
         Self { listen: listen.to_string(), metrics_listen: metrics_listen.to_string(), ..Self::default() }

@@ -40,8 +40,8 @@ step "MovieLens-100k in data/ml-100k"
 "$python" -m recsys_training prepare-movielens --out data/ml-100k
 
 step "Default model bundle in models/bundles/current"
-if [ -f models/bundles/current/manifest.json ]; then
-  echo "    $(readlink models/bundles/current) already trained (make bundle retrains)"
+if "$python" -m recsys_training up-to-date models/bundles/current; then
+  echo "    $(readlink models/bundles/current) already trained by this pipeline (make bundle retrains)"
 else
   "$python" -m recsys_training train --data data/ml-100k --out models/bundles
 fi

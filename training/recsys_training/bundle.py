@@ -10,7 +10,7 @@ import os
 import shutil
 from pathlib import Path
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def sha256_file(path: Path) -> str:
@@ -21,6 +21,17 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def pipeline_fingerprint() -> str:
+    """sha256 over the pipeline's code and the feature configuration: a bundle records it,
+    so a checkout whose pipeline changed knows its bundle is stale."""
+    package = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(package.glob("*.py")) + [package.parent / "feature_config.toml"]:
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def publish(staging: Path, out_root: Path, version: str, manifest: dict) -> Path:
     """Adds the file list and checksums to ``manifest``, writes it into ``staging`` and
     moves ``staging`` to ``out_root/version``; returns the published directory."""
@@ -28,7 +39,8 @@ def publish(staging: Path, out_root: Path, version: str, manifest: dict) -> Path
     for path in sorted(staging.iterdir()):
         if path.is_file() and path.name != "manifest.json":
             files[path.name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-    manifest = {**manifest, "format": FORMAT_VERSION, "version": version, "files": files}
+    manifest = {**manifest, "format": FORMAT_VERSION, "version": version, "files": files,
+                "pipeline_sha256": pipeline_fingerprint()}
     (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
     final = out_root / version
     if final.exists():

@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--bin-dir", type=Path, default=Path("target/debug"))
     evaluate.add_argument("--report", type=Path, default=Path("target/reports/eval-ml100k.json"))
 
+    fresh = commands.add_parser("up-to-date", help="exit 0 when BUNDLE was trained by this pipeline code and feature configuration")
+    fresh.add_argument("bundle", type=Path)
+
     check = commands.add_parser("verify", help="check a bundle's files against its manifest")
     check.add_argument("bundle", type=Path)
 
@@ -53,6 +56,15 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "eval":
             from .serving_eval import run
             run(args.data, args.work, args.bin_dir, args.report)
+        elif args.command == "up-to-date":
+            from .bundle import pipeline_fingerprint
+            manifest = args.bundle / "manifest.json"
+            if not manifest.is_file():
+                return 1
+            import json
+            if json.loads(manifest.read_text()).get("pipeline_sha256") != pipeline_fingerprint():
+                print(f"    {args.bundle} was trained by other pipeline code: retraining")
+                return 1
         elif args.command == "verify":
             problems = verify(args.bundle)
             for problem in problems:

@@ -1,87 +1,309 @@
-"""Ranker input features, encoded exactly as ``crates/bundle/src/features.rs`` does.
+"""Ranker input features, declared in ``training/feature_config.toml`` and encoded exactly
+as ``crates/bundle/src/features.rs`` encodes them.
 
-The specification (vocabularies and scales) is stored in the bundle manifest, so rank-svc
-rebuilds the same vectors from the same numbers.
+Training resolves the declarative file against the data (vocabularies, scales) and stores
+the resolved configuration in the bundle manifest, so rank-svc rebuilds the same vectors
+from the same numbers. Item statistics (counts over windows, like rate) are computed here
+and shipped in the catalog; user activity windows are counted from the history timestamps,
+which serving has too.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+import re
+import tomllib
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-from .data import Dataset, Item
+from .data import Dataset, Interaction, Item, User
+
+CONFIG_PATH = Path(__file__).resolve().parent.parent / "feature_config.toml"
+DAY_SECONDS = 86_400
+_WINDOW = re.compile(r"^(events|interactions)_(\d+)d$")
+ENCODINGS = ("scale", "log1p", "min_max", "one_hot", "multi_hot", "identity")
+CROSS_SOURCES = ("item_cf_score", "item_cf_zscore", "embedding_score")
+FINE_MODELS = ("din", "deepfm")
+
+
+def window_days(source: str) -> int | None:
+    match = _WINDOW.match(source)
+    return int(match.group(2)) if match else None
 
 
 @dataclass
-class FeatureSpec:
-    genres: list[str]
-    occupations: list[str]
-    age_scale: float
-    user_events_log_scale: float
-    item_interactions_log_scale: float
-    year_min: int
-    year_max: int
+class Feature:
+    source: str
+    encoding: str
+    scale: float = 1.0
+    min: float = 0.0
+    max: float = 0.0
+    vocabulary: list[str] = field(default_factory=list)
 
     @property
-    def user_feature_dim(self) -> int:
-        return 3 + len(self.occupations) + 1
+    def width(self) -> int:
+        return len(self.vocabulary) if self.encoding in ("one_hot", "multi_hot") else 1
+
+    def encode(self, value, out: list[float]) -> None:
+        if self.encoding == "one_hot":
+            out.extend(float(v == value) for v in self.vocabulary)
+        elif self.encoding == "multi_hot":
+            out.extend(float(v in value) for v in self.vocabulary)
+        elif self.encoding == "scale":
+            out.append(float(value) / self.scale)
+        elif self.encoding == "log1p":
+            out.append(math.log1p(float(value)) / self.scale)
+        elif self.encoding == "min_max":
+            if value == 0 or self.max <= self.min:
+                out.append(0.0)
+            else:
+                out.append((min(max(float(value), self.min), self.max) - self.min) / (self.max - self.min))
+        else:
+            out.append(float(value))
+
+
+@dataclass
+class FeatureConfig:
+    fine_model: str
+    coarse_model: str
+    embedding_dim: int
+    history_length: int
+    user: list[Feature]
+    item: list[Feature]
+    cross: list[str]
 
     @property
-    def item_feature_dim(self) -> int:
-        return len(self.genres) + 2
+    def user_dim(self) -> int:
+        return sum(f.width for f in self.user)
+
+    @property
+    def item_dim(self) -> int:
+        return sum(f.width for f in self.item)
+
+    @property
+    def cross_dim(self) -> int:
+        return len(self.cross)
+
+    def offset(self, group: str, source: str) -> int:
+        """Column of a (single-width) feature within its group's vector."""
+        column = 0
+        for feature in getattr(self, group):
+            if feature.source == source:
+                return column
+            column += feature.width
+        raise KeyError(f"no {group} feature with source {source!r}")
 
     def to_json(self) -> dict:
         return asdict(self)
 
-    def user_features(self, age: int, gender: str, occupation: str, event_count: int) -> list[float]:
-        return (
-            [age / self.age_scale, float(gender == "M"), float(gender == "F")]
-            + [float(o == occupation) for o in self.occupations]
-            + [math.log1p(event_count) / self.user_events_log_scale]
-        )
+    def encode_user(self, sources: dict) -> list[float]:
+        out: list[float] = []
+        for feature in self.user:
+            feature.encode(sources[feature.source], out)
+        return out
 
-    def item_features(self, item: Item, interactions: int) -> list[float]:
-        if item.year == 0 or self.year_max <= self.year_min:
-            year = 0.0
-        else:
-            year = (min(max(item.year, self.year_min), self.year_max) - self.year_min) / (self.year_max - self.year_min)
-        return (
-            [float(g in item.genres) for g in self.genres]
-            + [year, math.log1p(interactions) / self.item_interactions_log_scale]
-        )
+    def encode_item(self, sources: dict) -> list[float]:
+        out: list[float] = []
+        for feature in self.item:
+            feature.encode(sources[feature.source], out)
+        return out
 
 
-def build_spec(dataset: Dataset, user_events: dict[str, int], item_interactions: dict[str, int]) -> FeatureSpec:
-    genres = sorted({g for item in dataset.items for g in item.genres})
-    occupations = sorted({u.occupation for u in dataset.users.values() if u.occupation})
-    years = [item.year for item in dataset.items if item.year > 0]
-    return FeatureSpec(
-        genres=genres,
-        occupations=occupations,
-        age_scale=100.0,
-        user_events_log_scale=max(math.log1p(max(user_events.values(), default=1)), 1.0),
-        item_interactions_log_scale=max(math.log1p(max(item_interactions.values(), default=1)), 1.0),
-        year_min=min(years, default=0),
-        year_max=max(years, default=0),
+class FeatureConfigError(ValueError):
+    pass
+
+
+def user_sources(user: User | None, timestamps: list[int], event_count: int, sources: list[str]) -> dict:
+    """The raw values of a user's sources; windows count events within N days of the latest."""
+    values = {
+        "age": user.age if user else 0,
+        "gender": user.gender if user else "",
+        "occupation": user.occupation if user else "",
+        "event_count": event_count,
+    }
+    latest = max(timestamps, default=0)
+    for source in sources:
+        days = window_days(source)
+        if days is not None and source.startswith("events_"):
+            values[source] = sum(1 for t in timestamps if latest - t < days * DAY_SECONDS)
+    return values
+
+
+def item_statistics(items: list[Item], interactions: list[Interaction], sources: list[str]) -> dict[str, dict[str, float]]:
+    """Per item id: ``interactions``, each ``interactions_<N>d`` up to the end of the data,
+    and ``like_rate`` (smoothed share of ratings >= 4 or like/purchase events)."""
+    end = max((i.timestamp for i in interactions), default=0)
+    windows = sorted({d for s in sources if s.startswith("interactions_") and (d := window_days(s)) is not None})
+    counts: dict[str, dict[str, float]] = {
+        item.item_id: {"interactions": 0.0, "likes": 0.0, **{f"interactions_{d}d": 0.0 for d in windows}} for item in items
+    }
+    for interaction in interactions:
+        stats = counts[interaction.item_id]
+        stats["interactions"] += 1
+        stats["likes"] += float(interaction.rating >= 4 or interaction.event in ("like", "purchase"))
+        for d in windows:
+            if end - interaction.timestamp < d * DAY_SECONDS:
+                stats[f"interactions_{d}d"] += 1
+    for stats in counts.values():
+        stats["like_rate"] = round((stats.pop("likes") + 1.0) / (stats["interactions"] + 2.0), 6)
+    return counts
+
+
+def item_sources(item: Item, stats: dict[str, float]) -> dict:
+    return {"genres": item.genres, "year": item.year, **stats}
+
+
+def _parse(raw: dict, group: str) -> list[dict]:
+    features = raw.get(group, [])
+    for n, feature in enumerate(features):
+        where = f"feature_config [[{group}]] #{n + 1}"
+        if "source" not in feature:
+            raise FeatureConfigError(f"{where}: missing 'source'")
+        encoding = feature.get("encoding", "identity")
+        if encoding not in ENCODINGS:
+            raise FeatureConfigError(f"{where} ({feature['source']}): unknown encoding {encoding!r}")
+    return features
+
+
+def resolve(raw: dict, user_values: list[dict], item_values: list[dict]) -> FeatureConfig:
+    """Turns the declarative file into concrete encodings using the training data."""
+    def resolve_group(group: str, rows: list[dict]) -> list[Feature]:
+        resolved = []
+        for spec in _parse(raw, group):
+            source, encoding = spec["source"], spec.get("encoding", "identity")
+            if rows and source not in rows[0]:
+                raise FeatureConfigError(f"feature_config [[{group}]]: unknown source {source!r}")
+            values = [row[source] for row in rows]
+            feature = Feature(source=source, encoding=encoding)
+            if encoding in ("one_hot", "multi_hot"):
+                vocabulary = spec.get("vocabulary", "from_data")
+                if vocabulary == "from_data":
+                    flat = (v for value in values for v in (value if encoding == "multi_hot" else [value]))
+                    vocabulary = sorted({v for v in flat if v})
+                feature.vocabulary = list(vocabulary)
+            elif encoding in ("scale", "log1p"):
+                scale = spec.get("scale", 1.0)
+                if scale == "max":
+                    largest = max((float(v) for v in values), default=1.0)
+                    scale = max(math.log1p(largest), 1.0) if encoding == "log1p" else max(largest, 1.0)
+                feature.scale = float(scale)
+            elif encoding == "min_max":
+                known = [float(v) for v in values if v]
+                feature.min = float(min(known, default=0.0)) if spec.get("min") == "from_data" else float(spec.get("min", 0))
+                feature.max = float(max(known, default=0.0)) if spec.get("max") == "from_data" else float(spec.get("max", 0))
+            resolved.append(feature)
+        return resolved
+
+    cross = [spec["source"] for spec in _parse(raw, "cross")]
+    for source in cross:
+        if source not in CROSS_SOURCES:
+            raise FeatureConfigError(f"feature_config [[cross]]: unknown source {source!r} (known: {CROSS_SOURCES})")
+    model = raw.get("model", {})
+    fine = model.get("fine", "din")
+    if fine not in FINE_MODELS:
+        raise FeatureConfigError(f"feature_config [model] fine = {fine!r}: expected one of {FINE_MODELS}")
+    return FeatureConfig(
+        fine_model=fine,
+        coarse_model=model.get("coarse", "mlp"),
+        embedding_dim=int(raw.get("ids", {}).get("embedding_dim", 16)),
+        history_length=int(raw.get("sequence", {}).get("history_length", 50)),
+        user=resolve_group("user", user_values),
+        item=resolve_group("item", item_values),
+        cross=cross,
     )
 
 
-def user_feature_matrix(spec: FeatureSpec, dataset: Dataset, user_ids: list[str], user_events: dict[str, int]) -> np.ndarray:
-    """Row ``i + 1`` holds user ``user_ids[i]``; row 0 is the unknown user."""
-    rows = [spec.user_features(0, "", "", 0)]
-    for uid in user_ids:
-        user = dataset.users.get(uid)
-        rows.append(spec.user_features(
-            user.age if user else 0, user.gender if user else "", user.occupation if user else "",
-            user_events.get(uid, 0),
-        ))
-    return np.asarray(rows, dtype=np.float32)
+def load_raw_config(path: Path | None = None) -> dict:
+    with open(path or CONFIG_PATH, "rb") as f:
+        return tomllib.load(f)
 
 
-def item_feature_matrix(spec: FeatureSpec, dataset: Dataset, item_interactions: dict[str, int]) -> np.ndarray:
-    """Row ``i + 1`` holds catalog item ``i``; row 0 is an unknown item."""
-    rows = [[0.0] * spec.item_feature_dim]
-    rows += [spec.item_features(item, item_interactions.get(item.item_id, 0)) for item in dataset.items]
-    return np.asarray(rows, dtype=np.float32)
+def source_names(raw: dict, group: str) -> list[str]:
+    return [spec["source"] for spec in raw.get(group, [])]
+
+
+@dataclass
+class UserHistory:
+    """One user's interactions as serving sees them: item positions most recent first."""
+    items: list[int]
+    timestamps: list[int]
+
+
+def user_histories(interactions: list[Interaction], user_position: dict[str, int],
+                   item_position: dict[str, int], num_users: int) -> list[UserHistory]:
+    by_user: dict[int, list[tuple[int, int, int]]] = defaultdict(list)
+    for order, interaction in enumerate(interactions):
+        by_user[user_position[interaction.user_id]].append((interaction.timestamp, order, item_position[interaction.item_id]))
+    histories = []
+    for user in range(num_users):
+        # Most recent first; among equal timestamps the later row first (the feature
+        # store moves each new event to the front, so it serves the same order).
+        rows = sorted(by_user.get(user, []), reverse=True)
+        histories.append(UserHistory(items=[item for _, _, item in rows], timestamps=[ts for ts, _, _ in rows]))
+    return histories
+
+
+def history_tensor(histories: list[UserHistory], length: int) -> np.ndarray:
+    """Row ``u`` holds user u's latest ``length`` item indices (1-based, 0-padded)."""
+    out = np.zeros((len(histories), length), dtype=np.int64)
+    for user, history in enumerate(histories):
+        latest = history.items[:length]
+        out[user, :len(latest)] = np.asarray(latest, dtype=np.int64) + 1
+    return out
+
+
+class CrossScorer:
+    """The user-item cross features of one model state (item-to-item weights and
+    retrieval embeddings), computed the way rank-svc computes them."""
+
+    def __init__(self, neighbor_weights: np.ndarray, user_vectors: np.ndarray, item_vectors: np.ndarray,
+                 cross: list[str]) -> None:
+        self.weights = neighbor_weights.astype(np.float32)
+        self.user_vectors = user_vectors.astype(np.float32)
+        self.item_vectors = item_vectors.astype(np.float32)
+        self.cross = cross
+
+    def item_cf_scores(self, history_items: list[int]) -> np.ndarray:
+        return self.weights[history_items].sum(axis=0, dtype=np.float64) if history_items else np.zeros(self.weights.shape[0])
+
+    def features(self, user: int, history_items: list[int], items: np.ndarray) -> np.ndarray:
+        scores = self.item_cf_scores(history_items)
+        unseen = np.ones(len(scores), dtype=bool)
+        unseen[history_items] = False
+        mean = float(scores[unseen].mean()) if unseen.any() else 0.0
+        std = float(scores[unseen].std()) if unseen.any() else 0.0
+        columns = []
+        for source in self.cross:
+            if source == "item_cf_score":
+                columns.append(scores[items])
+            elif source == "item_cf_zscore":
+                columns.append((scores[items] - mean) / std if std > 1e-9 else np.zeros(len(items)))
+            elif source == "embedding_score":
+                vector = self.user_vectors[user] if user >= 0 else np.zeros(self.item_vectors.shape[1], np.float32)
+                columns.append(self.item_vectors[items] @ vector)
+        return np.stack(columns, axis=1).astype(np.float32)
+
+
+def user_feature_rows(config: FeatureConfig, dataset: Dataset, user_ids: list[str], histories: list[UserHistory]) -> np.ndarray:
+    sources = [f.source for f in config.user]
+    return np.asarray([
+        config.encode_user(user_sources(dataset.users.get(uid), h.timestamps, len(h.items), sources))
+        for uid, h in zip(user_ids, histories)
+    ], dtype=np.float32).reshape(len(user_ids), config.user_dim)
+
+
+def item_feature_rows(config: FeatureConfig, items: list[Item], statistics: dict[str, dict[str, float]]) -> np.ndarray:
+    return np.asarray([config.encode_item(item_sources(item, statistics[item.item_id])) for item in items],
+                      dtype=np.float32).reshape(len(items), config.item_dim)
+
+
+def build_config(raw: dict, dataset: Dataset, interactions: list[Interaction], user_ids: list[str],
+                 histories: list[UserHistory], statistics: dict[str, dict[str, float]]) -> FeatureConfig:
+    user_names = source_names(raw, "user")
+    user_values = [user_sources(dataset.users.get(uid), h.timestamps, len(h.items), user_names)
+                   for uid, h in zip(user_ids, histories)]
+    item_values = [item_sources(item, statistics[item.item_id]) for item in dataset.items]
+    return resolve(raw, user_values, item_values)

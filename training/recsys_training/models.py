@@ -1,5 +1,6 @@
-"""PyTorch models: BPR matrix factorisation for embedding recall and coarse ranking, and
-the fine-ranking MLP exported to ONNX for rank-svc."""
+"""The bundle's models: BPR matrix factorisation (embedding recall), EASE item-to-item
+weights (item-CF recall and a cross feature), the coarse MLP and the fine rankers (DIN,
+DeepFM), the last two exported to ONNX for rank-svc."""
 
 from __future__ import annotations
 
@@ -27,30 +28,136 @@ class BprMatrixFactorization(nn.Module):
         return -nn.functional.logsigmoid(margin).mean() + regulariser
 
 
-class FineRanker(nn.Module):
-    """Click-style probability from id embeddings, their interaction and side features.
+def ease_weights(interactions: np.ndarray, l2: float) -> np.ndarray:
+    """EASE (Steck, 2019): the item-to-item weight matrix ``B`` minimising
+    ``|X - XB|^2 + l2 |B|^2`` with a zero diagonal, in closed form. ``B[j, i]`` is how much
+    having consumed ``j`` says about ``i``; negative weights are informative too."""
+    gram = interactions.T.astype(np.float64) @ interactions.astype(np.float64)
+    gram[np.diag_indices_from(gram)] += l2
+    inverse = np.linalg.inv(gram)
+    weights = -inverse / np.diag(inverse)
+    np.fill_diagonal(weights, 0.0)
+    return weights
 
-    Index 0 of both embedding tables is the unknown user/item (training drops user ids to
-    0 now and then so the unknown row learns a useful default)."""
 
-    def __init__(self, num_users: int, num_items: int, user_dim: int, item_dim: int, embedding_dim: int = 32) -> None:
+def sparsify(weights: np.ndarray, keep: int) -> np.ndarray:
+    """Keeps each row's ``keep`` largest weights by magnitude (what the bundle ships)."""
+    keep = min(keep, weights.shape[1] - 1)
+    out = np.zeros_like(weights, dtype=np.float32)
+    for row, values in enumerate(weights):
+        top = np.argpartition(-np.abs(values), keep)[:keep]
+        out[row, top] = values[top]
+    return out
+
+
+class CoarseRanker(nn.Module):
+    """The coarse stage: a shallow MLP over the cheap cross features only, so it can score
+    every recalled candidate."""
+
+    def __init__(self, cross_dim: int, hidden: int = 16) -> None:
         super().__init__()
-        self.user_embedding = nn.Embedding(num_users + 1, embedding_dim)
-        self.item_embedding = nn.Embedding(num_items + 1, embedding_dim)
+        self.mlp = nn.Sequential(nn.Linear(cross_dim, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+    def logit(self, cross_features):
+        return self.mlp(cross_features).squeeze(-1)
+
+    def forward(self, cross_features):
+        return torch.sigmoid(self.logit(cross_features))
+
+
+class Residual(nn.Module):
+    """Fine rankers refine the coarse ranker rather than start from scratch: their output
+    is added to the (frozen) coarse logit, and their last layer starts at zero, so training
+    begins at the coarse ranker's quality and only keeps what improves on it."""
+
+    def __init__(self, base: CoarseRanker | None) -> None:
+        super().__init__()
+        self.base = base
+        if base is not None:
+            for parameter in base.parameters():
+                parameter.requires_grad_(False)
+
+    def base_logit(self, cross_features):
+        return self.base.logit(cross_features) if self.base is not None else 0.0
+
+
+def _mlp(width: int) -> nn.Sequential:
+    mlp = nn.Sequential(nn.Linear(width, 128), nn.ReLU(), nn.Dropout(0.1), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 1))
+    nn.init.zeros_(mlp[-1].weight)
+    nn.init.zeros_(mlp[-1].bias)
+    return mlp
+
+
+class Din(Residual):
+    """Deep Interest Network (Zhou et al., 2018): the candidate attends over the user's
+    behaviour sequence, so the user's interest vector depends on the item being scored.
+
+    Index 0 of the id tables is the unknown user/item and the sequence padding. As in the
+    paper the attention weights are not softmax-normalised (intensity matters); the sum is
+    divided by the sequence length only to keep its scale independent of history length."""
+
+    def __init__(self, num_users: int, num_items: int, user_dim: int, item_dim: int, cross_dim: int, dim: int,
+                 base: CoarseRanker | None = None) -> None:
+        super().__init__(base)
+        self.user_embedding = nn.Embedding(num_users + 1, dim)
+        self.item_embedding = nn.Embedding(num_items + 1, dim)
         nn.init.normal_(self.user_embedding.weight, std=0.05)
         nn.init.normal_(self.item_embedding.weight, std=0.05)
-        width = 3 * embedding_dim + user_dim + item_dim
-        self.mlp = nn.Sequential(
-            nn.Linear(width, 128), nn.ReLU(),
-            nn.Linear(128, 64), nn.ReLU(),
-            nn.Linear(64, 1),
-        )
+        self.attention = nn.Sequential(nn.Linear(4 * dim, 32), nn.ReLU(), nn.Linear(32, 1))
+        self.mlp = _mlp(3 * dim + user_dim + item_dim + cross_dim)
 
-    def forward(self, user_index, item_index, user_features, item_features):
-        u = self.user_embedding(user_index)
-        i = self.item_embedding(item_index)
-        x = torch.cat([u, i, u * i, user_features, item_features], dim=-1)
-        return torch.sigmoid(self.mlp(x).squeeze(-1))
+    def forward(self, user_index, item_index, history, user_features, item_features, cross_features):
+        user = self.user_embedding(user_index)
+        item = self.item_embedding(item_index)
+        behaviour = self.item_embedding(history)
+        query = item.unsqueeze(1).expand_as(behaviour)
+        weights = self.attention(torch.cat([behaviour, query, behaviour - query, behaviour * query], dim=-1)).squeeze(-1)
+        mask = (history > 0).to(weights.dtype)
+        interest = ((weights * mask).unsqueeze(-1) * behaviour).sum(1) / mask.sum(1, keepdim=True).clamp(min=1.0)
+        x = torch.cat([user, item, interest, user_features, item_features, cross_features], dim=-1)
+        return torch.sigmoid(self.base_logit(cross_features) + self.mlp(x).squeeze(-1))
+
+
+class DeepFm(Residual):
+    """DeepFM (Guo et al., 2017): first-order terms, pairwise factorisation-machine
+    interactions between field embeddings, and a deep MLP over the same embeddings.
+    Fields: user id, item id, the mean of the behaviour sequence, and one learned
+    projection each of the user, item and cross feature vectors."""
+
+    def __init__(self, num_users: int, num_items: int, user_dim: int, item_dim: int, cross_dim: int, dim: int,
+                 base: CoarseRanker | None = None) -> None:
+        super().__init__(base)
+        self.user_embedding = nn.Embedding(num_users + 1, dim)
+        self.item_embedding = nn.Embedding(num_items + 1, dim)
+        nn.init.normal_(self.user_embedding.weight, std=0.05)
+        nn.init.normal_(self.item_embedding.weight, std=0.05)
+        self.user_bias = nn.Embedding(num_users + 1, 1)
+        self.item_bias = nn.Embedding(num_items + 1, 1)
+        nn.init.zeros_(self.user_bias.weight)
+        nn.init.zeros_(self.item_bias.weight)
+        self.linear = nn.Linear(user_dim + item_dim + cross_dim, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+        self.user_field = nn.Linear(user_dim, dim)
+        self.item_field = nn.Linear(item_dim, dim)
+        self.cross_field = nn.Linear(cross_dim, dim)
+        self.mlp = _mlp(6 * dim)
+
+    def forward(self, user_index, item_index, history, user_features, item_features, cross_features):
+        mask = (history > 0).to(user_features.dtype).unsqueeze(-1)
+        behaviour = (self.item_embedding(history) * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        fields = torch.stack([
+            self.user_embedding(user_index), self.item_embedding(item_index), behaviour,
+            self.user_field(user_features), self.item_field(item_features), self.cross_field(cross_features),
+        ], dim=1)
+        first_order = (self.linear(torch.cat([user_features, item_features, cross_features], dim=-1))
+                       + self.user_bias(user_index) + self.item_bias(item_index)).squeeze(-1)
+        pairwise = 0.5 * (fields.sum(1).pow(2) - fields.pow(2).sum(1)).sum(-1)
+        deep = self.mlp(fields.flatten(1)).squeeze(-1)
+        return torch.sigmoid(self.base_logit(cross_features) + first_order + pairwise + deep)
+
+
+FINE_RANKERS = {"din": Din, "deepfm": DeepFm}
 
 
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from collections import Counter
@@ -13,25 +14,39 @@ import numpy as np
 import torch
 
 from . import bundle
-from .data import Dataset, load_dataset
-from .features import build_spec, item_feature_matrix, user_feature_matrix
-from .models import BprMatrixFactorization, FineRanker, auc
+from .data import Dataset, Interaction, load_dataset
+from .features import (
+    CrossScorer, FeatureConfig, UserHistory, build_config, history_tensor, item_feature_rows, item_statistics,
+    load_raw_config, source_names, user_feature_rows, user_histories,
+)
+from .models import FINE_RANKERS, BprMatrixFactorization, CoarseRanker, auc, ease_weights, sparsify
 
 
 @dataclass
 class TrainConfig:
     seed: int = 42
+    # Retrieval embeddings (BPR).
     embedding_dim: int = 64
     bpr_epochs: int = 40
     bpr_lr: float = 0.01
     bpr_l2: float = 1e-4
-    neighbors: int = 50
+    # Item-to-item model (EASE): ridge strength and weights kept per item.
+    item_cf_l2: float = 400.0
+    neighbors: int = 200
+    # Rankers learn from a part of the training data held out from the models that make
+    # their features (like serving, where features come from past behaviour only).
+    ranker_holdout: float = 0.2
+    ranker_candidates: int = 100
+    ranker_random_negatives: int = 100
+    ranker_validation_users: float = 0.1
     ranker_epochs: int = 4
-    ranker_negatives: int = 4
+    coarse_epochs: int = 3
     ranker_lr: float = 2e-3
     user_dropout: float = 0.1
-    batch_size: int = 4096
+    batch_size: int = 512
+    auc_negatives: int = 4
     threads: int = 2
+    feature_config: str = ""
 
 
 _STARTED = time.monotonic()
@@ -45,144 +60,218 @@ def _numeric_first(ids):
     return sorted(ids, key=lambda s: (0, int(s), s) if s.isdigit() else (1, 0, s))
 
 
-def train_bpr(num_users, num_items, user_idx, item_idx, config: TrainConfig, rng) -> tuple[np.ndarray, np.ndarray]:
+def train_bpr(num_users, num_items, user_idx, item_idx, config: TrainConfig, rng, label: str) -> tuple[np.ndarray, np.ndarray]:
     model = BprMatrixFactorization(num_users, num_items, config.embedding_dim)
     optimiser = torch.optim.Adam(model.parameters(), lr=config.bpr_lr)
     users_t = torch.as_tensor(user_idx)
     items_t = torch.as_tensor(item_idx)
     n = len(user_idx)
+    batch_size = 4096
     for epoch in range(config.bpr_epochs):
         permutation = torch.as_tensor(rng.permutation(n))
         negatives = torch.as_tensor(rng.integers(0, num_items, n))
         total = 0.0
-        for start in range(0, n, config.batch_size):
-            batch = permutation[start:start + config.batch_size]
+        for start in range(0, n, batch_size):
+            batch = permutation[start:start + batch_size]
             loss = model.bpr_loss(users_t[batch], items_t[batch], negatives[batch], config.bpr_l2)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
             total += loss.item() * len(batch)
         if epoch % 10 == 0 or epoch == config.bpr_epochs - 1:
-            log(f"bpr epoch {epoch + 1}/{config.bpr_epochs} loss {total / n:.4f}")
+            log(f"bpr ({label}) epoch {epoch + 1}/{config.bpr_epochs} loss {total / n:.4f}")
     return model.users.weight.detach().numpy().copy(), model.items.weight.detach().numpy().copy()
 
 
-def item_neighbors(num_users, num_items, user_idx, item_idx, k: int) -> list[list[tuple[int, float]]]:
-    """Item-to-item cosine similarity over co-occurrence in user histories."""
-    interactions = np.zeros((num_users, num_items), dtype=np.float32)
-    interactions[user_idx, item_idx] = 1.0
-    co_occurrence = interactions.T @ interactions
-    counts = np.diag(co_occurrence).copy()
-    similarity = co_occurrence / (np.sqrt(np.outer(counts, counts)) + 1e-9)
-    np.fill_diagonal(similarity, 0.0)
-    result = []
-    for row in similarity:
-        top = np.argpartition(-row, min(k, num_items - 1))[:k]
-        top = top[np.argsort(-row[top])]
-        result.append([(int(j), float(row[j])) for j in top if row[j] > 0])
-    return result
+@dataclass
+class ModelState:
+    """Everything features are computed from, fitted on one set of interactions."""
+    histories: list[UserHistory]
+    statistics: dict[str, dict[str, float]]
+    user_vectors: np.ndarray
+    item_vectors: np.ndarray
+    neighbor_weights: np.ndarray
+    cross: CrossScorer
+    user_rows: np.ndarray | None = None
+    item_rows: np.ndarray | None = None
+    history_rows: np.ndarray | None = None
 
 
-def train_ranker(dataset, spec, user_ids, user_events, item_interactions, user_idx, item_idx, config: TrainConfig, rng):
-    num_users, num_items = len(user_ids), len(dataset.items)
-    user_features = user_feature_matrix(spec, dataset, user_ids, user_events)
-    item_features = item_feature_matrix(spec, dataset, item_interactions)
-    positives = set((user_idx.astype(np.int64) * num_items + item_idx).tolist())
-    neg_users = np.repeat(user_idx, config.ranker_negatives)
-    neg_items = rng.integers(0, num_items, len(neg_users))
-    keep = ~np.isin(neg_users.astype(np.int64) * num_items + neg_items, np.fromiter(positives, dtype=np.int64))
-    users = np.concatenate([user_idx, neg_users[keep]]) + 1
-    items = np.concatenate([item_idx, neg_items[keep]]) + 1
-    labels = np.concatenate([np.ones(len(user_idx)), np.zeros(keep.sum())]).astype(np.float32)
-    order = rng.permutation(len(labels))
-    users, items, labels = users[order], items[order], labels[order]
-    holdout = max(len(labels) // 20, 1)
-    val = slice(0, holdout)
-    train = slice(holdout, None)
+@dataclass
+class Universe:
+    dataset: Dataset
+    user_ids: list[str]
+    user_position: dict[str, int]
+    item_position: dict[str, int]
+    raw_features: dict
 
-    model = FineRanker(num_users, num_items, spec.user_feature_dim, spec.item_feature_dim)
-    optimiser = torch.optim.Adam(model.parameters(), lr=config.ranker_lr)
+
+def fit_state(universe: Universe, interactions: list[Interaction], config: TrainConfig, rng, label: str) -> ModelState:
+    num_users, num_items = len(universe.user_ids), len(universe.dataset.items)
+    pairs = sorted({(universe.user_position[i.user_id], universe.item_position[i.item_id]) for i in interactions})
+    user_idx = np.array([p[0] for p in pairs], dtype=np.int64)
+    item_idx = np.array([p[1] for p in pairs], dtype=np.int64)
+    user_vectors, item_vectors = train_bpr(num_users, num_items, user_idx, item_idx, config, rng, label)
+    matrix = np.zeros((num_users, num_items), dtype=np.float32)
+    matrix[user_idx, item_idx] = 1.0
+    log(f"item-to-item weights ({label}): EASE, l2 {config.item_cf_l2}, {config.neighbors} per item")
+    weights = sparsify(ease_weights(matrix, config.item_cf_l2), config.neighbors)
+    histories = user_histories(interactions, universe.user_position, universe.item_position, num_users)
+    statistics = item_statistics(universe.dataset.items, interactions, source_names(universe.raw_features, "item"))
+    return ModelState(histories, statistics, user_vectors, item_vectors, weights,
+                      CrossScorer(weights, user_vectors, item_vectors, source_names(universe.raw_features, "cross")))
+
+
+def encode_state(state: ModelState, universe: Universe, features: FeatureConfig) -> None:
+    state.user_rows = user_feature_rows(features, universe.dataset, universe.user_ids, state.histories)
+    state.item_rows = item_feature_rows(features, universe.dataset.items, state.statistics)
+    state.history_rows = history_tensor(state.histories, features.history_length)
+
+
+@dataclass
+class RankerRows:
+    users: np.ndarray
+    items: np.ndarray
+    cross: np.ndarray
+    labels: np.ndarray
+
+    def tensors(self, state: ModelState) -> tuple[torch.Tensor, ...]:
+        """The fine model's inputs, in ONNX input order (ids are 1-based, 0 = unknown)."""
+        return (torch.as_tensor(self.users + 1), torch.as_tensor(self.items + 1),
+                torch.as_tensor(state.history_rows[self.users]), torch.as_tensor(state.user_rows[self.users]),
+                torch.as_tensor(state.item_rows[self.items]), torch.as_tensor(self.cross))
+
+    def take(self, index: np.ndarray) -> "RankerRows":
+        return RankerRows(self.users[index], self.items[index], self.cross[index], self.labels[index])
+
+
+def ranker_rows(state: ModelState, users: np.ndarray, held_out: dict[int, set[int]], config: TrainConfig, rng,
+                hard: bool) -> RankerRows:
+    """Training/validation rows for the rankers, per user with held-out items.
+
+    ``hard``: the item-to-item model's best unseen items plus as many random unseen ones
+    (what recall hands the rankers), labelled 1 when held out. Positives outside that set
+    are not added: every region of the score range must keep its true share of positives,
+    or the models learn that weak candidates are often right.
+
+    Otherwise: the held-out items against ``auc_negatives`` random unseen items each (the
+    classic sampled-negative AUC set)."""
+    num_items = state.item_vectors.shape[0]
+    all_users, all_items, all_cross, all_labels = [], [], [], []
+    for user in users:
+        positives = held_out.get(int(user), set())
+        if not positives:
+            continue
+        history = state.histories[user].items
+        unseen = np.ones(num_items, dtype=bool)
+        unseen[history] = False
+        candidates = np.flatnonzero(unseen)
+        if hard:
+            scores = state.cross.item_cf_scores(history)[candidates]
+            top = candidates[np.argsort(-scores, kind="stable")[:config.ranker_candidates]]
+            random = rng.choice(candidates, min(config.ranker_random_negatives, len(candidates)), replace=False)
+            items = np.union1d(top, random).astype(np.int64)
+        else:
+            negatives = np.setdiff1d(candidates, list(positives))
+            negatives = rng.choice(negatives, min(config.auc_negatives * len(positives), len(negatives)), replace=False)
+            items = np.concatenate([np.array(sorted(positives), dtype=np.int64), negatives.astype(np.int64)])
+        all_users.append(np.full(len(items), user, dtype=np.int64))
+        all_items.append(items)
+        all_cross.append(state.cross.features(int(user), history, items))
+        all_labels.append(np.isin(items, list(positives)).astype(np.float32))
+    return RankerRows(np.concatenate(all_users), np.concatenate(all_items), np.concatenate(all_cross),
+                      np.concatenate(all_labels))
+
+
+def _fit(model, inputs: tuple[torch.Tensor, ...], labels: torch.Tensor, epochs: int, config: TrainConfig, rng,
+         evaluate, label: str, drop_user_ids: bool) -> None:
+    optimiser = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.ranker_lr)
     loss_fn = torch.nn.BCELoss()
-    uf_t, if_t = torch.as_tensor(user_features), torch.as_tensor(item_features)
-    tr_users = torch.as_tensor(users[train])
-    tr_items = torch.as_tensor(items[train])
-    tr_labels = torch.as_tensor(labels[train])
-    n = len(tr_labels)
-
-    def scores(u, i):
-        with torch.no_grad():
-            return model(u, i, uf_t[u], if_t[i]).numpy()
-
-    val_u, val_i = torch.as_tensor(users[val]), torch.as_tensor(items[val])
-    for epoch in range(config.ranker_epochs):
+    n = len(labels)
+    best_auc, best_state = evaluate(), copy.deepcopy(model.state_dict())
+    for epoch in range(epochs):
         model.train()
         permutation = torch.as_tensor(rng.permutation(n))
         total = 0.0
         for start in range(0, n, config.batch_size):
             batch = permutation[start:start + config.batch_size]
-            u = tr_users[batch]
-            # Drop user ids now and then so index 0 (unknown user) learns a sensible default.
-            dropped = torch.as_tensor(rng.random(len(batch)) < config.user_dropout)
-            u_id = torch.where(dropped, torch.zeros_like(u), u)
-            i = tr_items[batch]
-            loss = loss_fn(model(u_id, i, uf_t[u], if_t[i]), tr_labels[batch])
+            feed = [t[batch] for t in inputs]
+            if drop_user_ids:
+                # Drop user ids now and then so index 0 (unknown user) learns a sensible default.
+                dropped = torch.as_tensor(rng.random(len(batch)) < config.user_dropout)
+                feed[0] = torch.where(dropped, torch.zeros_like(feed[0]), feed[0])
+            loss = loss_fn(model(*feed), labels[batch])
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
             total += loss.item() * len(batch)
         model.eval()
-        val_auc = auc(labels[val], scores(val_u, val_i))
-        log(f"ranker epoch {epoch + 1}/{config.ranker_epochs} loss {total / n:.4f} val_auc {val_auc:.4f}")
+        val_auc = evaluate()
+        log(f"{label} epoch {epoch + 1}/{epochs} loss {total / n:.4f} val_auc {val_auc:.4f}")
+        if val_auc > best_auc:
+            best_auc, best_state = val_auc, copy.deepcopy(model.state_dict())
+    # Early stopping: the epoch with the best validation AUC is kept.
+    model.load_state_dict(best_state)
     model.eval()
-    val_scores = scores(val_u, val_i)
-    held_out = (val_u, val_i, uf_t[val_u], if_t[val_i])
-    return model, float(auc(labels[val], val_scores)), val_scores, held_out
 
 
-def ranker_fixture(dataset, user_ids, user_events, held_out, model, count: int = 8) -> list[dict]:
-    """Examples with the exact tensors and PyTorch scores of training, so rank-svc's tests
-    can prove that serving builds the same inputs and the ONNX model gives the same score."""
-    users, items, user_features, item_features = (t[:count] for t in held_out)
+def predict(model, inputs: tuple[torch.Tensor, ...]) -> np.ndarray:
     with torch.no_grad():
-        expected = model(users, items, user_features, item_features).numpy()
-    examples = []
-    for n in range(len(users)):
-        uid = user_ids[int(users[n]) - 1]
-        user = dataset.users.get(uid)
-        examples.append({
-            "user_id": uid,
-            "age": user.age if user else 0,
-            "gender": user.gender if user else "",
-            "occupation": user.occupation if user else "",
-            "event_count": user_events.get(uid, 0),
-            "item_id": dataset.items[int(items[n]) - 1].item_id,
-            "user_index": int(users[n]),
-            "item_index": int(items[n]),
-            "user_features": user_features[n].tolist(),
-            "item_features": item_features[n].tolist(),
-            "score": float(expected[n]),
-        })
-    return examples
+        return np.concatenate([model(*(t[s:s + 8192] for t in inputs)).numpy()
+                               for s in range(0, len(inputs[0]), 8192)]) if len(inputs[0]) else np.zeros(0)
 
 
-def export_ranker(model, held_out, path: Path) -> float:
-    """Exports to ONNX with a dynamic batch axis and returns the max abs difference
-    between PyTorch and ONNX Runtime on the held-out batch."""
+def export_onnx(model, inputs: tuple[torch.Tensor, ...], names: list[str], path: Path) -> float:
+    """Exports with a dynamic batch axis and returns the max abs difference between
+    PyTorch and ONNX Runtime on ``inputs`` (a held-out batch)."""
     import onnxruntime
 
-    names = ["user_index", "item_index", "user_features", "item_features"]
-    sample = tuple(t[:8] for t in held_out)
+    sample = tuple(t[:8] for t in inputs)
     torch.onnx.export(
         model, sample, str(path), input_names=names, output_names=["score"],
         dynamic_axes={**{n: {0: "batch"} for n in names}, "score": {0: "batch"}},
         opset_version=17, dynamo=False,
     )
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feed = {n: t.numpy() for n, t in zip(names, held_out)}
-    onnx_scores = session.run(["score"], feed)[0]
-    with torch.no_grad():
-        torch_scores = model(*held_out).numpy()
-    return float(np.max(np.abs(onnx_scores - torch_scores)))
+    onnx_scores = session.run(["score"], {n: t.numpy() for n, t in zip(names, inputs)})[0]
+    return float(np.max(np.abs(onnx_scores - predict(model, inputs))))
+
+
+FINE_INPUTS = ["user_index", "item_index", "history", "user_features", "item_features", "cross_features"]
+COARSE_INPUTS = ["cross_features"]
+
+
+def ranker_fixture(universe: Universe, state: ModelState, users: np.ndarray, fine, coarse, rng, count: int = 8) -> list[dict]:
+    """Examples with the exact tensors and PyTorch scores of the published state, so
+    rank-svc's tests can prove that serving builds the same inputs from the same user
+    (profile, history, timestamps) and the ONNX models give the same scores."""
+    examples = []
+    for user in users[:count]:
+        history = state.histories[user]
+        scores = state.cross.item_cf_scores(history.items)
+        scores[history.items] = -np.inf
+        items = np.array([int(np.argmax(scores)), int(rng.integers(0, len(universe.dataset.items)))], dtype=np.int64)
+        rows = RankerRows(np.full(2, user, dtype=np.int64), items, state.cross.features(int(user), history.items, items),
+                          np.zeros(2, dtype=np.float32))
+        tensors = rows.tensors(state)
+        fine_scores, coarse_scores = predict(fine, tensors), predict(coarse, (tensors[-1],))
+        uid = universe.user_ids[user]
+        profile = universe.dataset.users.get(uid)
+        for n in range(2):
+            examples.append({
+                "user_id": uid,
+                "age": profile.age if profile else 0,
+                "gender": profile.gender if profile else "",
+                "occupation": profile.occupation if profile else "",
+                "event_count": len(history.items),
+                "history_item_ids": [universe.dataset.items[i].item_id for i in history.items],
+                "history_timestamps": history.timestamps,
+                "item_id": universe.dataset.items[int(items[n])].item_id,
+                **{name: tensor[n].tolist() for name, tensor in zip(FINE_INPUTS, tensors)},
+                "fine_score": float(fine_scores[n]),
+                "coarse_score": float(coarse_scores[n]),
+            })
+    return examples
 
 
 def train_bundle(data_dir: Path, out_root: Path, config: TrainConfig | None = None, version: str | None = None) -> Path:
@@ -194,21 +283,53 @@ def train_bundle(data_dir: Path, out_root: Path, config: TrainConfig | None = No
 
     dataset: Dataset = load_dataset(data_dir)
     log(f"loaded {len(dataset.interactions)} interactions, {len(dataset.items)} items, {len(dataset.users)} users from {data_dir}")
+    raw_features = load_raw_config(Path(config.feature_config) if config.feature_config else None)
     item_position = {item.item_id: n for n, item in enumerate(dataset.items)}
     user_ids = _numeric_first({i.user_id for i in dataset.interactions})
-    user_position = {uid: n for n, uid in enumerate(user_ids)}
-    pairs = sorted({(user_position[i.user_id], item_position[i.item_id]) for i in dataset.interactions})
-    user_idx = np.array([p[0] for p in pairs], dtype=np.int64)
-    item_idx = np.array([p[1] for p in pairs], dtype=np.int64)
-    user_events = Counter(i.user_id for i in dataset.interactions)
-    item_interactions = Counter(i.item_id for i in dataset.interactions)
-    spec = build_spec(dataset, user_events, item_interactions)
+    universe = Universe(dataset, user_ids, {uid: n for n, uid in enumerate(user_ids)}, item_position, raw_features)
 
-    user_vectors, item_vectors = train_bpr(len(user_ids), len(dataset.items), user_idx, item_idx, config, rng)
-    log("computing item-to-item neighbours")
-    neighbours = item_neighbors(len(user_ids), len(dataset.items), user_idx, item_idx, config.neighbors)
-    model, ranker_auc, val_scores, held_out = train_ranker(
-        dataset, spec, user_ids, user_events, item_interactions, user_idx, item_idx, config, rng)
+    # 1. Feature models on the "past" part; rankers learn to predict the held-out part.
+    held = rng.random(len(dataset.interactions)) < config.ranker_holdout
+    past_interactions = [i for i, h in zip(dataset.interactions, held) if not h]
+    held_out: dict[int, set[int]] = {}
+    for interaction, h in zip(dataset.interactions, held):
+        if h:
+            held_out.setdefault(universe.user_position[interaction.user_id], set()).add(item_position[interaction.item_id])
+    past = fit_state(universe, past_interactions, config, rng, "past")
+    for user, items in held_out.items():
+        items.difference_update(past.histories[user].items)  # re-consumed items are not news
+    final = fit_state(universe, dataset.interactions, config, rng, "all")
+    features = build_config(raw_features, dataset, dataset.interactions, user_ids, final.histories, final.statistics)
+    encode_state(past, universe, features)
+    encode_state(final, universe, features)
+
+    users = rng.permutation(len(user_ids))
+    validation_count = max(1, int(len(users) * config.ranker_validation_users))
+    validation_users, training_users = users[:validation_count], users[validation_count:]
+    train_rows = ranker_rows(past, training_users, held_out, config, rng, hard=True)
+    validation_rows = ranker_rows(past, validation_users, held_out, config, rng, hard=True)
+    auc_rows = ranker_rows(past, validation_users, held_out, config, rng, hard=False)
+    log(f"ranker data: {len(train_rows.labels)} training rows ({int(train_rows.labels.sum())} positive), "
+        f"{len(validation_rows.labels)} validation rows from {validation_count} held-out users")
+
+    train_inputs, labels = train_rows.tensors(past), torch.as_tensor(train_rows.labels)
+    validation_inputs = validation_rows.tensors(past)
+    coarse = CoarseRanker(features.cross_dim)
+    _fit(coarse, (train_inputs[-1],), labels, config.coarse_epochs, config, rng,
+         lambda: auc(validation_rows.labels, predict(coarse, (validation_inputs[-1],))), "coarse", drop_user_ids=False)
+    fine = FINE_RANKERS[features.fine_model](len(user_ids), len(dataset.items), features.user_dim, features.item_dim,
+                                             features.cross_dim, features.embedding_dim, base=coarse)
+    _fit(fine, train_inputs, labels, config.ranker_epochs, config, rng,
+         lambda: auc(validation_rows.labels, predict(fine, validation_inputs)), features.fine_model, drop_user_ids=True)
+    auc_inputs = auc_rows.tensors(past)
+    metrics = {
+        "coarse_auc": auc(auc_rows.labels, predict(coarse, (auc_inputs[-1],))),
+        "fine_auc": auc(auc_rows.labels, predict(fine, auc_inputs)),
+        "coarse_auc_recall_candidates": auc(validation_rows.labels, predict(coarse, (validation_inputs[-1],))),
+        "fine_auc_recall_candidates": auc(validation_rows.labels, predict(fine, validation_inputs)),
+    }
+    log("held-out AUC (sampled negatives): coarse {coarse_auc:.4f}, fine {fine_auc:.4f}; "
+        "on recall candidates: coarse {coarse_auc_recall_candidates:.4f}, fine {fine_auc_recall_candidates:.4f}".format(**metrics))
 
     out_root.mkdir(parents=True, exist_ok=True)
     version = version or f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{dataset.sha256[:8]}"
@@ -217,37 +338,46 @@ def train_bundle(data_dir: Path, out_root: Path, config: TrainConfig | None = No
         import shutil
         shutil.rmtree(staging)
     staging.mkdir()
-    onnx_diff = export_ranker(model, held_out, staging / "ranker.onnx")
-    log(f"ranker exported to ONNX; max |pytorch - onnxruntime| = {onnx_diff:.2e}")
+    fine_diff = export_onnx(fine, validation_inputs, FINE_INPUTS, staging / "ranker.onnx")
+    coarse_diff = export_onnx(coarse, (validation_inputs[-1],), COARSE_INPUTS, staging / "coarse.onnx")
+    onnx_diff = max(fine_diff, coarse_diff)
+    log(f"rankers exported to ONNX; max |pytorch - onnxruntime| = {fine_diff:.2e} (fine), {coarse_diff:.2e} (coarse)")
     if onnx_diff > 1e-4:
         raise RuntimeError(f"ONNX export differs from PyTorch by {onnx_diff}")
 
-    fixture = ranker_fixture(dataset, user_ids, user_events, held_out, model)
+    fixture = ranker_fixture(universe, final, validation_users, fine, coarse, rng)
     (staging / "ranker_fixture.json").write_text(json.dumps(fixture))
     catalog = [
         {"id": item.item_id, "title": item.title, "genres": item.genres, "year": item.year,
-         "interactions": item_interactions.get(item.item_id, 0)}
+         "interactions": int(final.statistics[item.item_id]["interactions"]), "stats": final.statistics[item.item_id]}
         for item in dataset.items
     ]
     (staging / "items.json").write_text(json.dumps(catalog))
     (staging / "users.json").write_text(json.dumps(user_ids))
-    user_vectors.astype("<f4").tofile(staging / "user_embeddings.f32")
-    item_vectors.astype("<f4").tofile(staging / "item_embeddings.f32")
-    (staging / "item_neighbors.json").write_text(json.dumps({
-        dataset.items[n].item_id: [[dataset.items[j].item_id, round(s, 6)] for j, s in row]
-        for n, row in enumerate(neighbours)
-    }))
+    final.user_vectors.astype("<f4").tofile(staging / "user_embeddings.f32")
+    final.item_vectors.astype("<f4").tofile(staging / "item_embeddings.f32")
+    neighbours = {}
+    for n, row in enumerate(final.neighbor_weights):
+        nonzero = np.flatnonzero(row)
+        nonzero = nonzero[np.argsort(-row[nonzero], kind="stable")]
+        neighbours[dataset.items[n].item_id] = [[dataset.items[j].item_id, round(float(row[j]), 7)] for j in nonzero]
+    (staging / "item_neighbors.json").write_text(json.dumps(neighbours))
+    item_interactions = Counter(i.item_id for i in dataset.interactions)
     max_count = max(item_interactions.values())
     popularity = sorted(((iid, c / max_count) for iid, c in item_interactions.items()), key=lambda p: (-p[1], p[0]))
     (staging / "popularity.json").write_text(json.dumps([[iid, round(s, 6)] for iid, s in popularity]))
 
+    val_scores = predict(fine, validation_inputs)
     counts, edges = np.histogram(val_scores, bins=20, range=(0.0, 1.0))
     # Reference distributions of two ranker inputs over the training interactions, for
-    # feature drift in rank-svc (same encoding as the model sees, so values lie in [0, 1]).
-    user_feature_rows = user_feature_matrix(spec, dataset, user_ids, user_events)
-    item_feature_rows = item_feature_matrix(spec, dataset, item_interactions)
+    # feature drift in rank-svc (same encoding as the model sees).
+    user_idx = np.array([universe.user_position[i.user_id] for i in dataset.interactions])
+    item_idx = np.array([item_position[i.item_id] for i in dataset.interactions])
     feature_distributions = {}
-    for name, values in (("user_events", user_feature_rows[user_idx + 1, -1]), ("item_interactions", item_feature_rows[item_idx + 1, -1])):
+    for name, values in (
+        ("user_events", final.user_rows[user_idx, features.offset("user", "event_count")]),
+        ("item_interactions", final.item_rows[item_idx, features.offset("item", "interactions")]),
+    ):
         f_counts, f_edges = np.histogram(values, bins=20, range=(0.0, 1.0))
         feature_distributions[name] = {"edges": [round(e, 4) for e in f_edges.tolist()], "counts": f_counts.tolist()}
     manifest = {
@@ -256,13 +386,14 @@ def train_bundle(data_dir: Path, out_root: Path, config: TrainConfig | None = No
         "embedding_dim": config.embedding_dim,
         "num_users": len(user_ids),
         "num_items": len(dataset.items),
-        "feature_spec": spec.to_json(),
-        "metrics": {"ranker_val_auc": round(ranker_auc, 6), "onnx_max_abs_diff": onnx_diff,
-                    "training_seconds": round(time.monotonic() - started, 1)},
+        "feature_config": features.to_json(),
+        "metrics": {**{k: round(v, 6) for k, v in metrics.items()}, "ranker_val_auc": round(metrics["fine_auc"], 6),
+                    "onnx_max_abs_diff": onnx_diff, "training_seconds": round(time.monotonic() - started, 1)},
         "score_distribution": {"edges": [round(e, 4) for e in edges.tolist()], "counts": counts.tolist()},
         "feature_distributions": feature_distributions,
         "training_config": config.__dict__,
     }
     published = bundle.publish(staging, out_root, version, manifest)
-    log(f"published bundle {version} at {published} in {time.monotonic() - started:.1f}s (ranker AUC {ranker_auc:.4f})")
+    log(f"published bundle {version} at {published} in {time.monotonic() - started:.1f}s "
+        f"(AUC coarse {metrics['coarse_auc']:.4f}, fine {metrics['fine_auc']:.4f})")
     return published

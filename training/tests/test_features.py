@@ -1,27 +1,94 @@
-from recsys_training.data import Item
-from recsys_training.features import FeatureSpec
+import numpy as np
+import pytest
+
+from recsys_training.data import Item, User
+from recsys_training.features import (
+    CrossScorer, Feature, FeatureConfig, FeatureConfigError, history_tensor, item_sources, item_statistics,
+    load_raw_config, resolve, user_histories, user_sources,
+)
+from recsys_training.data import Interaction
 
 
-def spec() -> FeatureSpec:
-    # The same specification as the Rust unit tests in crates/bundle/src/features.rs,
+def config() -> FeatureConfig:
+    # The same configuration as the Rust unit tests in crates/bundle/src/features.rs,
     # which assert the same vectors: the two encoders must agree.
-    return FeatureSpec(
-        genres=["Action", "Comedy"], occupations=["artist", "student"], age_scale=100.0,
-        user_events_log_scale=2.0, item_interactions_log_scale=4.0, year_min=1900, year_max=2000,
+    return FeatureConfig(
+        fine_model="din", coarse_model="mlp", embedding_dim=4, history_length=3,
+        user=[
+            Feature("age", "scale", scale=100.0),
+            Feature("gender", "one_hot", vocabulary=["M", "F"]),
+            Feature("occupation", "one_hot", vocabulary=["artist", "student"]),
+            Feature("event_count", "log1p", scale=2.0),
+            Feature("events_1d", "scale"),
+        ],
+        item=[
+            Feature("genres", "multi_hot", vocabulary=["Action", "Comedy"]),
+            Feature("year", "min_max", min=1900.0, max=2000.0),
+            Feature("interactions", "log1p", scale=4.0),
+            Feature("like_rate", "scale"),
+        ],
+        cross=["item_cf_score"],
     )
 
 
 def test_user_features_match_the_rust_encoder():
-    assert spec().user_features(25, "F", "student", 0) == [0.25, 0.0, 1.0, 0.0, 1.0, 0.0]
-    assert len(spec().user_features(0, "", "", 0)) == spec().user_feature_dim
+    sources = user_sources(User("u", 25, "F", "student"), [200_000, 190_000, 100_000], 0,
+                           ["age", "gender", "occupation", "event_count", "events_1d"])
+    assert config().encode_user(sources) == [0.25, 0.0, 1.0, 0.0, 1.0, 0.0, 2.0]
+    assert config().user_dim == 7 and config().offset("user", "event_count") == 5
 
 
 def test_item_features_match_the_rust_encoder():
     item = Item(item_id="1", title="t", genres=["Comedy"], year=1950)
-    assert spec().item_features(item, 0) == [0.0, 1.0, 0.5, 0.0]
-    assert len(spec().item_features(item, 3)) == spec().item_feature_dim
+    assert config().encode_item(item_sources(item, {"interactions": 0, "like_rate": 0.75})) == [0.0, 1.0, 0.5, 0.0, 0.75]
 
 
 def test_unknown_year_encodes_as_zero():
     item = Item(item_id="1", title="t", genres=[], year=0)
-    assert spec().item_features(item, 0)[2] == 0.0
+    assert config().encode_item(item_sources(item, {"interactions": 0, "like_rate": 0.5}))[2] == 0.0
+
+
+def test_the_declarative_file_resolves_against_the_data():
+    raw = load_raw_config()
+    users = [user_sources(User("a", 30, "M", "writer"), [10, 5], 2, ["events_1d", "events_7d", "events_30d"]),
+             user_sources(User("b", 40, "F", "artist"), [7], 1, ["events_1d", "events_7d", "events_30d"])]
+    items = [item_sources(Item("1", "t", ["Drama"], 1990), {"interactions": 3, "interactions_7d": 1,
+                                                              "interactions_30d": 2, "like_rate": 0.5})]
+    resolved = resolve(raw, users, items)
+    occupation = next(f for f in resolved.user if f.source == "occupation")
+    assert occupation.vocabulary == ["artist", "writer"]
+    year = next(f for f in resolved.item if f.source == "year")
+    assert (year.min, year.max) == (1990.0, 1990.0)
+    assert resolved.fine_model in ("din", "deepfm") and resolved.cross_dim == 3
+
+
+def test_bad_configurations_are_named():
+    with pytest.raises(FeatureConfigError, match="unknown encoding"):
+        resolve({"user": [{"source": "age", "encoding": "sqrt"}]}, [], [])
+    with pytest.raises(FeatureConfigError, match="unknown source"):
+        resolve({"cross": [{"source": "graph_score"}]}, [], [])
+    with pytest.raises(FeatureConfigError, match="fine"):
+        resolve({"model": {"fine": "transformer"}}, [], [])
+
+
+def test_windows_count_events_near_the_end():
+    items = [Item("a", "A", []), Item("b", "B", [])]
+    day = 86_400
+    rows = [Interaction("u", "a", 10 * day, rating=5), Interaction("u", "b", 10 * day - 3 * day, rating=1),
+            Interaction("v", "a", 1 * day, rating=4)]
+    stats = item_statistics(items, rows, ["interactions_7d"])
+    assert stats["a"]["interactions"] == 2 and stats["a"]["interactions_7d"] == 1
+    assert stats["b"]["interactions_7d"] == 1
+    assert stats["a"]["like_rate"] == pytest.approx(3 / 4)
+
+
+def test_histories_are_latest_first_and_cross_features_follow_the_weights():
+    rows = [Interaction("u", "a", 1), Interaction("u", "b", 5), Interaction("u", "c", 5)]
+    histories = user_histories(rows, {"u": 0}, {"a": 0, "b": 1, "c": 2, "d": 3}, 1)
+    assert histories[0].items == [2, 1, 0]  # equal timestamps: the later row first
+    assert history_tensor(histories, 4).tolist() == [[3, 2, 1, 0]]
+    weights = np.zeros((4, 4), dtype=np.float32)
+    weights[0, 3] = 0.5
+    weights[1, 3] = 0.25
+    scorer = CrossScorer(weights, np.ones((1, 2)), np.ones((4, 2)), ["item_cf_score", "embedding_score"])
+    assert scorer.features(0, [0, 1], np.array([3])).tolist() == [[0.75, 2.0]]

@@ -9,7 +9,8 @@ from recsys_training.train import TrainConfig, train_bundle
 
 
 def quick_config() -> TrainConfig:
-    return TrainConfig(bpr_epochs=15, ranker_epochs=3, batch_size=256, embedding_dim=16)
+    return TrainConfig(bpr_epochs=15, ranker_epochs=3, batch_size=256, embedding_dim=16, ranker_candidates=10,
+                       ranker_random_negatives=10)
 
 
 def test_training_publishes_a_complete_verified_bundle(small_dataset, tmp_path):
@@ -21,7 +22,8 @@ def test_training_publishes_a_complete_verified_bundle(small_dataset, tmp_path):
     manifest = json.loads((published / "manifest.json").read_text())
     assert manifest["num_items"] == 40 and manifest["num_users"] == 60
     assert set(manifest["files"]) >= {"ranker.onnx", "items.json", "users.json", "item_embeddings.f32",
-                                      "user_embeddings.f32", "item_neighbors.json", "popularity.json"}
+                                      "user_embeddings.f32", "item_neighbors.json", "popularity.json", "coarse.onnx",
+                                      "ranker_fixture.json"}
     assert manifest["metrics"]["onnx_max_abs_diff"] <= 1e-4
     assert sum(manifest["score_distribution"]["counts"]) > 0
     embeddings = np.fromfile(published / "item_embeddings.f32", dtype="<f4")
@@ -32,29 +34,32 @@ def test_training_publishes_a_complete_verified_bundle(small_dataset, tmp_path):
 def test_models_learn_the_planted_structure(small_dataset, tmp_path):
     published = train_bundle(small_dataset, tmp_path / "b", quick_config(), version="v1")
     manifest = json.loads((published / "manifest.json").read_text())
-    assert manifest["metrics"]["ranker_val_auc"] > 0.7
-    # Item-to-item neighbours stay inside the genre cluster the users consume together.
+    assert manifest["metrics"]["fine_auc"] > 0.7 and manifest["metrics"]["coarse_auc"] > 0.7
+    # The strongest item-to-item weights stay inside the genre cluster users consume together.
     neighbours = json.loads((published / "item_neighbors.json").read_text())
     top = [int(n) for n, _ in neighbours["3"][:5]]
     assert all(n < 20 for n in top), top
 
 
-def test_onnx_ranker_takes_any_batch_size(small_dataset, tmp_path):
+def test_onnx_rankers_take_any_batch_size(small_dataset, tmp_path):
     published = train_bundle(small_dataset, tmp_path / "b", quick_config(), version="v1")
-    manifest = json.loads((published / "manifest.json").read_text())
-    spec = manifest["feature_spec"]
-    user_dim = 3 + len(spec["occupations"]) + 1
-    item_dim = len(spec["genres"]) + 2
-    session = onnxruntime.InferenceSession(str(published / "ranker.onnx"), providers=["CPUExecutionProvider"])
+    features = json.loads((published / "manifest.json").read_text())["feature_config"]
+    width = lambda group: sum(len(f["vocabulary"]) if f["encoding"] in ("one_hot", "multi_hot") else 1 for f in features[group])
+    fine = onnxruntime.InferenceSession(str(published / "ranker.onnx"), providers=["CPUExecutionProvider"])
+    coarse = onnxruntime.InferenceSession(str(published / "coarse.onnx"), providers=["CPUExecutionProvider"])
     for batch in (1, 7, 300):
-        scores = session.run(["score"], {
+        cross = np.zeros((batch, len(features["cross"])), dtype=np.float32)
+        scores = fine.run(["score"], {
             "user_index": np.zeros(batch, dtype=np.int64),
             "item_index": np.arange(batch, dtype=np.int64) % 41,
-            "user_features": np.zeros((batch, user_dim), dtype=np.float32),
-            "item_features": np.zeros((batch, item_dim), dtype=np.float32),
+            "history": np.zeros((batch, features["history_length"]), dtype=np.int64),
+            "user_features": np.zeros((batch, width("user")), dtype=np.float32),
+            "item_features": np.zeros((batch, width("item")), dtype=np.float32),
+            "cross_features": cross,
         })[0]
         assert scores.shape == (batch,)
         assert np.all((scores >= 0) & (scores <= 1))
+        assert coarse.run(["score"], {"cross_features": cross})[0].shape == (batch,)
 
 
 def test_auc_matches_hand_computed_values():

@@ -1,78 +1,217 @@
-//! The ranker's input features, built here exactly as `training/recsys_training/features.py`
-//! builds them, from the specification the pipeline stores in the manifest. Keeping the
-//! encoding in one place on each side (and the vocabularies in the bundle) is what stops
-//! training and serving from drifting apart.
+//! The ranker's input features, assembled from the resolved feature configuration that
+//! training stores in the manifest (`training/feature_config.toml` is the declarative
+//! source). Each encoding here mirrors `training/recsys_training/features.py`; the bundle's
+//! `ranker_fixture.json` and rank-svc's bundle test prove the two build identical tensors.
 
 use serde::{Deserialize, Serialize};
 
 use crate::CatalogItem;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct FeatureSpec {
-    /// Genre vocabulary: one multi-hot slot each.
-    pub genres: Vec<String>,
-    /// Occupation vocabulary: one one-hot slot each (unknown → all zeros).
-    pub occupations: Vec<String>,
-    /// Age is divided by this.
-    pub age_scale: f32,
-    /// `log1p(user events)` is divided by this.
-    pub user_events_log_scale: f32,
-    /// `log1p(item interactions)` is divided by this.
-    pub item_interactions_log_scale: f32,
-    pub year_min: u32,
-    pub year_max: u32,
+const DAY_SECONDS: i64 = 86_400;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Encoding {
+    /// `value / scale`.
+    Scale,
+    /// `ln(1 + value) / scale`.
+    Log1p,
+    /// `(clamp(value, min, max) - min) / (max - min)`; 0 for a 0 (unknown) value.
+    MinMax,
+    /// One slot per vocabulary entry; an unknown value is all zeros.
+    OneHot,
+    /// One slot per vocabulary entry, for list-valued sources.
+    MultiHot,
+    /// The value as computed.
+    Identity,
 }
 
-/// The attributes of a user the ranker sees.
+/// One resolved feature: where its value comes from and how it is encoded.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Feature {
+    pub source: String,
+    pub encoding: Encoding,
+    #[serde(default = "one")]
+    pub scale: f32,
+    #[serde(default)]
+    pub min: f32,
+    #[serde(default)]
+    pub max: f32,
+    #[serde(default)]
+    pub vocabulary: Vec<String>,
+}
+
+fn one() -> f32 {
+    1.0
+}
+
+/// A raw source value before encoding.
+#[derive(Debug, Clone, Copy)]
+pub enum SourceValue<'a> {
+    Number(f64),
+    Text(&'a str),
+    List(&'a [String]),
+}
+
+impl Feature {
+    pub fn width(&self) -> usize {
+        match self.encoding {
+            Encoding::OneHot | Encoding::MultiHot => self.vocabulary.len(),
+            _ => 1,
+        }
+    }
+
+    fn encode(&self, value: SourceValue<'_>, out: &mut Vec<f32>) {
+        let flag = |hit: bool| f32::from(u8::from(hit));
+        match (self.encoding, value) {
+            (Encoding::OneHot, SourceValue::Text(text)) => out.extend(self.vocabulary.iter().map(|v| flag(v == text))),
+            (Encoding::MultiHot, SourceValue::List(values)) => {
+                out.extend(self.vocabulary.iter().map(|v| flag(values.contains(v))))
+            }
+            (Encoding::OneHot | Encoding::MultiHot, _) => out.extend(std::iter::repeat_n(0.0, self.width())),
+            (encoding, value) => {
+                let number = match value {
+                    SourceValue::Number(number) => number,
+                    _ => 0.0,
+                };
+                out.push(match encoding {
+                    Encoding::Scale => (number / f64::from(self.scale)) as f32,
+                    Encoding::Log1p => (number.ln_1p() / f64::from(self.scale)) as f32,
+                    Encoding::MinMax if number == 0.0 || self.max <= self.min => 0.0,
+                    Encoding::MinMax => {
+                        let (min, max) = (f64::from(self.min), f64::from(self.max));
+                        ((number.clamp(min, max) - min) / (max - min)) as f32
+                    }
+                    _ => number as f32,
+                });
+            }
+        }
+    }
+}
+
+/// The resolved feature configuration (manifest `feature_config`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FeatureConfig {
+    /// "din" or "deepfm": informational here, the ONNX graph is what runs.
+    pub fine_model: String,
+    pub coarse_model: String,
+    pub embedding_dim: usize,
+    /// Length of the behaviour sequence input (latest items, 0-padded).
+    pub history_length: usize,
+    pub user: Vec<Feature>,
+    pub item: Vec<Feature>,
+    /// Cross feature names, in column order (computed by rank-svc per candidate).
+    pub cross: Vec<String>,
+}
+
+/// What the ranker knows about the user of a request.
 #[derive(Debug, Clone, Default)]
 pub struct UserAttributes<'a> {
     pub age: u32,
     pub gender: &'a str,
     pub occupation: &'a str,
     pub event_count: u64,
+    /// Unix seconds of the history entries, most recent first.
+    pub history_timestamps: &'a [i64],
 }
 
-impl FeatureSpec {
-    pub fn user_feature_dim(&self) -> usize {
-        3 + self.occupations.len() + 1
+/// `events_<N>d` / `interactions_<N>d` → N.
+fn window_days(source: &str, prefix: &str) -> Option<i64> {
+    source.strip_prefix(prefix)?.strip_suffix('d')?.parse().ok()
+}
+
+impl FeatureConfig {
+    pub fn user_dim(&self) -> usize {
+        self.user.iter().map(Feature::width).sum()
     }
 
-    pub fn item_feature_dim(&self) -> usize {
-        self.genres.len() + 2
+    pub fn item_dim(&self) -> usize {
+        self.item.iter().map(Feature::width).sum()
     }
 
-    /// `[age, male, female, occupation one-hot…, log events]`.
+    pub fn cross_dim(&self) -> usize {
+        self.cross.len()
+    }
+
+    /// Column of a single-width user feature by source name.
+    pub fn user_offset(&self, source: &str) -> Option<usize> {
+        offset(&self.user, source)
+    }
+
+    pub fn item_offset(&self, source: &str) -> Option<usize> {
+        offset(&self.item, source)
+    }
+
+    /// Sources this code cannot provide, so a bundle from a newer pipeline is refused at
+    /// load time instead of being fed zeros.
+    pub fn unknown_sources(&self) -> Vec<String> {
+        let user = self.user.iter().map(|f| f.source.as_str()).filter(|s| {
+            !matches!(*s, "age" | "gender" | "occupation" | "event_count") && window_days(s, "events_").is_none()
+        });
+        let cross = self
+            .cross
+            .iter()
+            .map(String::as_str)
+            .filter(|s| !matches!(*s, "item_cf_score" | "item_cf_zscore" | "embedding_score"));
+        user.chain(cross).map(String::from).collect()
+    }
+
     pub fn user_features(&self, user: &UserAttributes<'_>, out: &mut Vec<f32>) {
-        out.push(user.age as f32 / self.age_scale);
-        out.push(f32::from(u8::from(user.gender == "M")));
-        out.push(f32::from(u8::from(user.gender == "F")));
-        out.extend(self.occupations.iter().map(|occupation| f32::from(u8::from(occupation == user.occupation))));
-        out.push((user.event_count as f32).ln_1p() / self.user_events_log_scale);
+        let latest = user.history_timestamps.iter().copied().max().unwrap_or(0);
+        for feature in &self.user {
+            let value = match feature.source.as_str() {
+                "age" => SourceValue::Number(f64::from(user.age)),
+                "gender" => SourceValue::Text(user.gender),
+                "occupation" => SourceValue::Text(user.occupation),
+                "event_count" => SourceValue::Number(user.event_count as f64),
+                source => match window_days(source, "events_") {
+                    Some(days) => SourceValue::Number(
+                        user.history_timestamps.iter().filter(|&&t| latest - t < days * DAY_SECONDS).count() as f64,
+                    ),
+                    None => SourceValue::Number(0.0),
+                },
+            };
+            feature.encode(value, out);
+        }
     }
 
-    /// `[genre multi-hot…, release year in [0, 1] (0 unknown), log interactions]`.
+    /// Item attributes come from the catalog, statistics from the catalog's `stats`
+    /// (computed when the bundle was trained); a missing statistic encodes as 0.
     pub fn item_features(&self, item: &CatalogItem, out: &mut Vec<f32>) {
-        out.extend(self.genres.iter().map(|genre| f32::from(u8::from(item.genres.contains(genre)))));
-        let year = if item.year == 0 || self.year_max <= self.year_min {
-            0.0
-        } else {
-            (item.year.clamp(self.year_min, self.year_max) - self.year_min) as f32
-                / (self.year_max - self.year_min) as f32
-        };
-        out.push(year);
-        out.push((item.interactions as f32).ln_1p() / self.item_interactions_log_scale);
+        for feature in &self.item {
+            let value = match feature.source.as_str() {
+                "genres" => SourceValue::List(&item.genres),
+                "year" => SourceValue::Number(f64::from(item.year)),
+                source => SourceValue::Number(item.stats.get(source).copied().unwrap_or_default()),
+            };
+            feature.encode(value, out);
+        }
     }
 }
 
-/// One batch of ranker inputs, flattened row-major, in the ONNX model's input order.
+fn offset(features: &[Feature], source: &str) -> Option<usize> {
+    let mut column = 0;
+    for feature in features {
+        if feature.source == source {
+            return Some(column);
+        }
+        column += feature.width();
+    }
+    None
+}
+
+/// One batch of fine-ranker inputs, flattened row-major, in the ONNX model's input order.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RankerInputs {
     /// 1-based index into `users.json`; 0 is the unknown user.
     pub user_index: Vec<i64>,
     /// 1-based index into `items.json`; 0 is an unknown item.
     pub item_index: Vec<i64>,
+    /// `history_length` 1-based item indices per row, latest first, 0-padded.
+    pub history: Vec<i64>,
     pub user_features: Vec<f32>,
     pub item_features: Vec<f32>,
+    pub cross_features: Vec<f32>,
 }
 
 impl RankerInputs {
@@ -87,41 +226,78 @@ impl RankerInputs {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
 
-    fn spec() -> FeatureSpec {
-        FeatureSpec {
-            genres: vec!["Action".into(), "Comedy".into()],
-            occupations: vec!["artist".into(), "student".into()],
-            age_scale: 100.0,
-            user_events_log_scale: 2.0,
-            item_interactions_log_scale: 4.0,
-            year_min: 1900,
-            year_max: 2000,
+    fn feature(source: &str, encoding: Encoding) -> Feature {
+        Feature { source: source.into(), encoding, scale: 1.0, min: 0.0, max: 0.0, vocabulary: Vec::new() }
+    }
+
+    /// The same configuration as `training/tests/test_features.py`, which asserts the
+    /// same vectors: the two encoders must agree.
+    fn config() -> FeatureConfig {
+        FeatureConfig {
+            fine_model: "din".into(),
+            coarse_model: "mlp".into(),
+            embedding_dim: 4,
+            history_length: 3,
+            user: vec![
+                Feature { scale: 100.0, ..feature("age", Encoding::Scale) },
+                Feature { vocabulary: vec!["M".into(), "F".into()], ..feature("gender", Encoding::OneHot) },
+                Feature { vocabulary: vec!["artist".into(), "student".into()], ..feature("occupation", Encoding::OneHot) },
+                Feature { scale: 2.0, ..feature("event_count", Encoding::Log1p) },
+                feature("events_1d", Encoding::Scale),
+            ],
+            item: vec![
+                Feature { vocabulary: vec!["Action".into(), "Comedy".into()], ..feature("genres", Encoding::MultiHot) },
+                Feature { min: 1900.0, max: 2000.0, ..feature("year", Encoding::MinMax) },
+                Feature { scale: 4.0, ..feature("interactions", Encoding::Log1p) },
+                feature("like_rate", Encoding::Scale),
+            ],
+            cross: vec!["item_cf_score".into()],
         }
     }
 
     #[test]
-    fn user_features_encode_age_gender_occupation_and_activity() {
+    fn user_features_encode_attributes_activity_and_windows() {
         let mut out = Vec::new();
-        let user = UserAttributes { age: 25, gender: "F", occupation: "student", event_count: 0 };
-        spec().user_features(&user, &mut out);
-        assert_eq!(out, vec![0.25, 0.0, 1.0, 0.0, 1.0, 0.0]);
-        assert_eq!(out.len(), spec().user_feature_dim());
+        let timestamps = [200_000, 190_000, 100_000];
+        let user = UserAttributes {
+            age: 25,
+            gender: "F",
+            occupation: "student",
+            event_count: 0,
+            history_timestamps: &timestamps,
+        };
+        config().user_features(&user, &mut out);
+        assert_eq!(out, vec![0.25, 0.0, 1.0, 0.0, 1.0, 0.0, 2.0]);
+        assert_eq!(out.len(), config().user_dim());
+        assert_eq!(config().user_offset("event_count"), Some(5));
     }
 
     #[test]
-    fn item_features_encode_genres_year_and_popularity() {
+    fn item_features_encode_genres_year_and_statistics() {
         let item = CatalogItem {
             id: "1".into(),
             title: "t".into(),
             genres: vec!["Comedy".into()],
             year: 1950,
             interactions: 0,
+            stats: HashMap::from([("like_rate".to_string(), 0.75)]),
         };
         let mut out = Vec::new();
-        spec().item_features(&item, &mut out);
-        assert_eq!(out, vec![0.0, 1.0, 0.5, 0.0]);
-        assert_eq!(out.len(), spec().item_feature_dim());
+        config().item_features(&item, &mut out);
+        assert_eq!(out, vec![0.0, 1.0, 0.5, 0.0, 0.75]);
+        assert_eq!(out.len(), config().item_dim());
+    }
+
+    #[test]
+    fn unknown_sources_are_reported() {
+        let mut config = config();
+        assert!(config.unknown_sources().is_empty());
+        config.user.push(feature("shoe_size", Encoding::Scale));
+        config.cross.push("graph_score".into());
+        assert_eq!(config.unknown_sources(), vec!["shoe_size".to_string(), "graph_score".to_string()]);
     }
 }

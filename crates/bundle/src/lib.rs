@@ -8,9 +8,10 @@
 //! - `items.json`: the catalog (id, title, genres, year, interaction count);
 //! - `users.json`: user ids known to the embeddings;
 //! - `user_embeddings.f32`, `item_embeddings.f32`: little-endian f32 matrices;
-//! - `item_neighbors.json`: item-to-item neighbours with similarity;
+//! - `item_neighbors.json`: item-to-item weights (EASE), the strongest per item;
 //! - `popularity.json`: items by popularity score;
-//! - `ranker.onnx`: the fine-ranking model.
+//! - `coarse.onnx`, `ranker.onnx`: the coarse and fine rankers;
+//! - `ranker_fixture.json`: examples with their exact inputs and scores (parity tests).
 
 #![forbid(unsafe_code)]
 
@@ -26,10 +27,10 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 pub use embeddings::EmbeddingSpace;
-pub use features::{FeatureSpec, RankerInputs, UserAttributes};
+pub use features::{Encoding, Feature, FeatureConfig, RankerInputs, UserAttributes};
 
 /// Bundle format this code reads.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BundleError {
@@ -52,7 +53,7 @@ pub struct Manifest {
     pub embedding_dim: usize,
     pub num_users: usize,
     pub num_items: usize,
-    pub feature_spec: FeatureSpec,
+    pub feature_config: FeatureConfig,
     /// File name → checksum and size, for `recsysctl bundle verify`.
     pub files: HashMap<String, FileEntry>,
     #[serde(default)]
@@ -90,6 +91,10 @@ pub struct CatalogItem {
     /// Interactions in the training data.
     #[serde(default)]
     pub interactions: u64,
+    /// Statistics computed at training time (`interactions_7d`, `like_rate`, …), read by
+    /// the ranker's item features.
+    #[serde(default)]
+    pub stats: HashMap<String, f64>,
 }
 
 /// Dense row-major matrix of f32.

@@ -1,7 +1,10 @@
 //! rank-svc: orders recall's candidates for one user in two steps. Coarse ranking scores
-//! every candidate cheaply in the bundle's embedding space and keeps the best few hundred;
-//! fine ranking runs the bundle's ONNX model (through `ort`) on those. Item features are
-//! looked up here, from the bundle, so requests carry only ids.
+//! every candidate with a shallow ONNX model over cheap user-item cross features (the
+//! item-to-item model's score given the user's history, the embedding inner product) and
+//! keeps the best few hundred; fine ranking runs the bundle's DIN or DeepFM model (through
+//! `ort`) on those, with the user's profile, activity, behaviour sequence and the items'
+//! attributes and statistics. Features are assembled here from the bundle, as the bundle's
+//! feature configuration says, so requests carry only ids.
 
 #![forbid(unsafe_code)]
 
@@ -19,7 +22,7 @@ use tokio::net::TcpListener;
 
 pub use drift::{psi, ScoreDrift};
 pub use error::{RankError, Result};
-pub use model::{onnx_environment, OnnxRanker};
+pub use model::{onnx_environment, ModelInput, OnnxModel, COARSE_INPUTS, FINE_INPUTS};
 pub use ranking::{RankedCandidate, Ranker};
 pub use service::RankGrpc;
 

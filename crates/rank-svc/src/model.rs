@@ -1,6 +1,6 @@
-//! The fine-ranking model: a small pool of ONNX Runtime sessions over the bundle's
-//! `ranker.onnx`. `Session::run` needs exclusive access, so each session sits behind its
-//! own mutex and a request takes whichever is free.
+//! The ranking models: a small pool of ONNX Runtime sessions over one of the bundle's
+//! `.onnx` files (`coarse.onnx`, `ranker.onnx`). `Session::run` needs exclusive access,
+//! so each session sits behind its own mutex and a request takes whichever is free.
 
 use std::{
     path::Path,
@@ -11,12 +11,23 @@ use std::{
 };
 
 use ort::{environment::Environment, session::Session, value::Tensor};
-use recsys_bundle::RankerInputs;
 
 use crate::{RankError, Result};
 
-const INPUT_NAMES: [&str; 4] = ["user_index", "item_index", "user_features", "item_features"];
+/// Every ranking model returns one score per row under this name.
 const OUTPUT_NAME: &str = "score";
+
+/// The fine ranker's inputs, in order (see `training/recsys_training/train.py`).
+pub const FINE_INPUTS: [&str; 6] =
+    ["user_index", "item_index", "history", "user_features", "item_features", "cross_features"];
+/// The coarse ranker sees only the cross features.
+pub const COARSE_INPUTS: [&str; 1] = ["cross_features"];
+
+/// One named input tensor of a batch: its row width and row-major values.
+pub enum ModelInput<'a> {
+    Int64 { name: &'static str, width: usize, values: &'a [i64] },
+    Float32 { name: &'static str, width: usize, values: &'a [f32] },
+}
 
 /// ONNX Runtime allows one environment per process (and one library load), so it is
 /// created once and shared, also by tests that start several rank services.
@@ -40,14 +51,22 @@ pub fn onnx_environment(library: Option<&Path>) -> Result<Environment> {
         .map_err(RankError::Onnx)
 }
 
-pub struct OnnxRanker {
+pub struct OnnxModel {
     name: String,
+    inputs: &'static [&'static str],
     sessions: Vec<Mutex<Session>>,
     next: AtomicUsize,
 }
 
-impl OnnxRanker {
-    pub fn load(path: &Path, environment: &Environment, sessions: usize, intra_op_threads: usize) -> Result<Self> {
+impl OnnxModel {
+    /// Loads `path` and checks that its inputs are `inputs` (in order) and its output is `score`.
+    pub fn load(
+        path: &Path,
+        inputs: &'static [&'static str],
+        environment: &Environment,
+        sessions: usize,
+        intra_op_threads: usize,
+    ) -> Result<Self> {
         let name = path.display().to_string();
         let onnx = |error: ort::Error| RankError::Onnx(format!("{name}: {error}"));
         let sessions = (0..sessions.max(1))
@@ -61,7 +80,7 @@ impl OnnxRanker {
                     .map(Mutex::new)
             })
             .collect::<Result<Vec<_>>>()?;
-        let ranker = Self { name, sessions, next: AtomicUsize::new(0) };
+        let ranker = Self { name, inputs, sessions, next: AtomicUsize::new(0) };
         ranker.check_contract()?;
         Ok(ranker)
     }
@@ -71,32 +90,36 @@ impl OnnxRanker {
         let session = self.sessions[0].lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let inputs: Vec<&str> = session.inputs().iter().map(|input| input.name()).collect();
         let outputs: Vec<&str> = session.outputs().iter().map(|output| output.name()).collect();
-        if inputs != INPUT_NAMES || outputs.first() != Some(&OUTPUT_NAME) {
+        if inputs != self.inputs || outputs.first() != Some(&OUTPUT_NAME) {
             return Err(RankError::ModelContract {
                 model: self.name.clone(),
                 reason: format!(
-                    "expected inputs {INPUT_NAMES:?} and output {OUTPUT_NAME:?}, found {inputs:?} -> {outputs:?}"
+                    "expected inputs {:?} and output {OUTPUT_NAME:?}, found {inputs:?} -> {outputs:?}",
+                    self.inputs
                 ),
             });
         }
         Ok(())
     }
 
-    /// Scores one batch. Blocking (runs the model): call from a blocking thread.
-    pub fn score(&self, inputs: &RankerInputs) -> Result<Vec<f32>> {
-        let batch = inputs.len();
+    /// Scores a batch of `batch` rows. Blocking (runs the model): call from a blocking thread.
+    pub fn score(&self, batch: usize, inputs: &[ModelInput<'_>]) -> Result<Vec<f32>> {
         if batch == 0 {
             return Ok(Vec::new());
         }
-        let user_dim = inputs.user_features.len() / batch;
-        let item_dim = inputs.item_features.len() / batch;
         let onnx = |error: ort::Error| RankError::Onnx(error.to_string());
-        let feed = ort::inputs![
-            INPUT_NAMES[0] => Tensor::from_array(([batch], inputs.user_index.clone())).map_err(onnx)?,
-            INPUT_NAMES[1] => Tensor::from_array(([batch], inputs.item_index.clone())).map_err(onnx)?,
-            INPUT_NAMES[2] => Tensor::from_array(([batch, user_dim], inputs.user_features.clone())).map_err(onnx)?,
-            INPUT_NAMES[3] => Tensor::from_array(([batch, item_dim], inputs.item_features.clone())).map_err(onnx)?,
-        ];
+        let mut feed: Vec<(&str, ort::value::DynValue)> = Vec::with_capacity(inputs.len());
+        for input in inputs {
+            let (name, value) = match *input {
+                ModelInput::Int64 { name, width, values } => {
+                    (name, Tensor::from_array((shape(batch, width), values.to_vec())).map_err(onnx)?.into_dyn())
+                }
+                ModelInput::Float32 { name, width, values } => {
+                    (name, Tensor::from_array((shape(batch, width), values.to_vec())).map_err(onnx)?.into_dyn())
+                }
+            };
+            feed.push((name, value));
+        }
         let mut session = self.acquire();
         let outputs = session.run(feed).map_err(onnx)?;
         let (_, scores) = outputs[OUTPUT_NAME].try_extract_tensor::<f32>().map_err(onnx)?;
@@ -117,5 +140,14 @@ impl OnnxRanker {
             }
         }
         self.sessions[start % self.sessions.len()].lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// `[batch]` for per-row scalars (width 0), `[batch, width]` otherwise.
+fn shape(batch: usize, width: usize) -> Vec<usize> {
+    if width == 0 {
+        vec![batch]
+    } else {
+        vec![batch, width]
     }
 }

@@ -4,11 +4,12 @@ use std::{collections::HashMap, path::Path};
 
 use ort::environment::Environment;
 use recsys_bundle::{
-    read_catalog, read_manifest, read_user_ids, CatalogItem, EmbeddingSpace, FeatureSpec, RankerInputs, UserAttributes,
+    read_catalog, read_item_neighbors, read_manifest, read_user_ids, CatalogItem, EmbeddingSpace, FeatureConfig,
+    RankerInputs, UserAttributes,
 };
 use recsys_proto::v1::UserFeatures;
 
-use crate::{drift::ScoreDrift, OnnxRanker, Result};
+use crate::{drift::ScoreDrift, ModelInput, OnnxModel, RankError, Result, COARSE_INPUTS, FINE_INPUTS};
 
 static BATCH_SIZE: std::sync::LazyLock<prometheus::HistogramVec> = std::sync::LazyLock::new(|| {
     prometheus::register_histogram_vec!(
@@ -40,46 +41,90 @@ pub struct Ranker {
     version: String,
     embeddings: EmbeddingSpace,
     catalog: Vec<CatalogItem>,
-    feature_spec: FeatureSpec,
+    features: FeatureConfig,
     /// 1-based model index of each trained user (0 is unknown).
     user_index: HashMap<String, i64>,
     /// Item features precomputed once: they change only with the bundle.
     item_features: Vec<f32>,
-    model: OnnxRanker,
+    /// Item-to-item weights by item position: (other item, weight).
+    neighbors: Vec<Vec<(usize, f32)>>,
+    coarse_model: OnnxModel,
+    fine_model: OnnxModel,
     drift: Option<ScoreDrift>,
-    /// Drift of the user-activity and item-popularity inputs (last column of each row).
-    user_activity_drift: Option<ScoreDrift>,
-    item_popularity_drift: Option<ScoreDrift>,
+    /// Drift of the user-activity and item-popularity inputs: (column, monitor).
+    user_activity_drift: Option<(usize, ScoreDrift)>,
+    item_popularity_drift: Option<(usize, ScoreDrift)>,
+}
+
+/// What one request's user contributes to every candidate's inputs, computed once.
+struct UserContext {
+    index: i64,
+    features: Vec<f32>,
+    /// `history_length` 1-based item indices, latest first, 0-padded.
+    history: Vec<i64>,
+    /// The item-to-item model's score of every catalog item given the whole history.
+    item_cf: Vec<f64>,
+    /// Mean and standard deviation of `item_cf` over the items the user has not seen.
+    item_cf_mean: f64,
+    item_cf_std: f64,
+    vector: Option<Vec<f32>>,
 }
 
 impl Ranker {
     pub fn load(dir: &Path, environment: &Environment, sessions: usize, intra_op_threads: usize) -> Result<Self> {
         let manifest = read_manifest(dir)?;
-        let catalog = read_catalog(dir)?;
-        let user_index = read_user_ids(dir)?.into_iter().enumerate().map(|(n, id)| (id, n as i64 + 1)).collect();
-        let mut item_features = Vec::with_capacity(catalog.len() * manifest.feature_spec.item_feature_dim());
-        for item in &catalog {
-            manifest.feature_spec.item_features(item, &mut item_features);
+        let features = manifest.feature_config;
+        let unknown = features.unknown_sources();
+        if !unknown.is_empty() {
+            return Err(RankError::ModelContract {
+                model: dir.display().to_string(),
+                reason: format!("the feature configuration names sources this rank-svc cannot compute: {unknown:?}"),
+            });
         }
-        let model = OnnxRanker::load(&dir.join("ranker.onnx"), environment, sessions, intra_op_threads)?;
+        let catalog = read_catalog(dir)?;
+        let embeddings = EmbeddingSpace::load(dir)?;
+        let user_index = read_user_ids(dir)?.into_iter().enumerate().map(|(n, id)| (id, n as i64 + 1)).collect();
+        let mut item_features = Vec::with_capacity(catalog.len() * features.item_dim());
+        for item in &catalog {
+            features.item_features(item, &mut item_features);
+        }
+        let mut neighbor_map = read_item_neighbors(dir)?;
+        let neighbors = embeddings
+            .item_ids
+            .iter()
+            .map(|id| {
+                neighbor_map
+                    .remove(id)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter_map(|(other, weight)| Some((embeddings.item_position(&other)?, weight)))
+                    .collect()
+            })
+            .collect();
+        let load = |file: &str, inputs| OnnxModel::load(&dir.join(file), inputs, environment, sessions, intra_op_threads);
+        let coarse_model = load("coarse.onnx", &COARSE_INPUTS)?;
+        let fine_model = load("ranker.onnx", &FINE_INPUTS)?;
         let drift = manifest.score_distribution.as_ref().and_then(ScoreDrift::new);
         if drift.is_none() {
             tracing::warn!("bundle has no training score distribution: drift is not monitored");
         }
-        let feature_drift = |name: &str| {
-            manifest.feature_distributions.get(name).and_then(|reference| ScoreDrift::for_feature(name, reference))
+        let feature_drift = |name: &str, column: Option<usize>| {
+            let reference = manifest.feature_distributions.get(name)?;
+            Some((column?, ScoreDrift::for_feature(name, reference)?))
         };
-        let user_activity_drift = feature_drift("user_events");
-        let item_popularity_drift = feature_drift("item_interactions");
+        let user_activity_drift = feature_drift("user_events", features.user_offset("event_count"));
+        let item_popularity_drift = feature_drift("item_interactions", features.item_offset("interactions"));
         MODEL_INFO.with_label_values(&["rank", manifest.version.as_str()]).set(1);
         Ok(Self {
             version: manifest.version,
-            embeddings: EmbeddingSpace::load(dir)?,
+            embeddings,
             catalog,
-            feature_spec: manifest.feature_spec,
+            features,
             user_index,
             item_features,
-            model,
+            neighbors,
+            coarse_model,
+            fine_model,
             drift,
             user_activity_drift,
             item_popularity_drift,
@@ -100,68 +145,161 @@ impl Ranker {
         item_ids.iter().filter_map(|id| self.embeddings.item_position(id)).collect()
     }
 
-    /// Inner product with the user's embedding; without any user signal, popularity.
-    pub fn coarse(&self, user: &UserFeatures, items: &[usize]) -> Vec<(usize, f32)> {
-        match self.embeddings.user_vector(&user.user_id, &user.history_item_ids) {
-            Some(vector) => items.iter().map(|&item| (item, self.embeddings.score(&vector, item))).collect(),
-            None => items.iter().map(|&item| (item, (self.catalog[item].interactions as f32).ln_1p())).collect(),
-        }
-    }
-
-    /// The fine model's inputs for `user` against each of `items`, in bundle encoding.
-    pub fn fine_inputs(&self, user: &UserFeatures, items: &[usize]) -> RankerInputs {
+    fn user_context(&self, user: &UserFeatures) -> UserContext {
         let profile = user.profile.clone().unwrap_or_default();
         let attributes = UserAttributes {
             age: profile.age,
             gender: &profile.gender,
             occupation: &profile.occupation,
             event_count: user.event_count,
+            history_timestamps: &user.history_timestamps,
         };
-        let mut user_row = Vec::with_capacity(self.feature_spec.user_feature_dim());
-        self.feature_spec.user_features(&attributes, &mut user_row);
-        let user_index = self.user_index.get(&user.user_id).copied().unwrap_or(0);
-        let item_dim = self.feature_spec.item_feature_dim();
-        let mut inputs = RankerInputs::default();
+        let mut features = Vec::with_capacity(self.features.user_dim());
+        self.features.user_features(&attributes, &mut features);
+        let history_items: Vec<usize> = self.resolve_items(&user.history_item_ids);
+        let mut history = vec![0i64; self.features.history_length];
+        for (slot, &item) in history.iter_mut().zip(&history_items) {
+            *slot = item as i64 + 1;
+        }
+        let mut item_cf = vec![0.0f64; self.catalog.len()];
+        let mut seen = vec![false; self.catalog.len()];
+        for &item in &history_items {
+            seen[item] = true;
+            for &(other, weight) in &self.neighbors[item] {
+                item_cf[other] += f64::from(weight);
+            }
+        }
+        let unseen: Vec<f64> = item_cf.iter().zip(&seen).filter(|(_, &seen)| !seen).map(|(&s, _)| s).collect();
+        let count = unseen.len().max(1) as f64;
+        let item_cf_mean = unseen.iter().sum::<f64>() / count;
+        let item_cf_std = (unseen.iter().map(|s| (s - item_cf_mean).powi(2)).sum::<f64>() / count).sqrt();
+        UserContext {
+            index: self.user_index.get(&user.user_id).copied().unwrap_or(0),
+            features,
+            history,
+            item_cf,
+            item_cf_mean,
+            item_cf_std,
+            vector: self.embeddings.user_vector(&user.user_id, &user.history_item_ids),
+        }
+    }
+
+    /// The cross features of `items`, rows in the configuration's column order.
+    fn cross_features(&self, context: &UserContext, items: &[usize]) -> Vec<f32> {
+        let mut out = Vec::with_capacity(items.len() * self.features.cross_dim());
         for &item in items {
-            inputs.user_index.push(user_index);
+            for source in &self.features.cross {
+                out.push(match source.as_str() {
+                    "item_cf_score" => context.item_cf[item] as f32,
+                    "item_cf_zscore" if context.item_cf_std > 1e-9 => {
+                        ((context.item_cf[item] - context.item_cf_mean) / context.item_cf_std) as f32
+                    }
+                    "embedding_score" => context.vector.as_ref().map_or(0.0, |v| self.embeddings.score(v, item)),
+                    // Checked at load time: only the z-score of a flat history lands here.
+                    _ => 0.0,
+                });
+            }
+        }
+        out
+    }
+
+    /// The fine model's inputs for `user` against each of `items`, in bundle encoding.
+    pub fn fine_inputs(&self, user: &UserFeatures, items: &[usize]) -> RankerInputs {
+        let context = self.user_context(user);
+        self.inputs_for(&context, items, self.cross_features(&context, items))
+    }
+
+    fn inputs_for(&self, context: &UserContext, items: &[usize], cross_features: Vec<f32>) -> RankerInputs {
+        let item_dim = self.features.item_dim();
+        let mut inputs = RankerInputs { cross_features, ..RankerInputs::default() };
+        for &item in items {
+            inputs.user_index.push(context.index);
             inputs.item_index.push(item as i64 + 1);
-            inputs.user_features.extend_from_slice(&user_row);
+            inputs.history.extend_from_slice(&context.history);
+            inputs.user_features.extend_from_slice(&context.features);
             inputs.item_features.extend_from_slice(&self.item_features[item * item_dim..(item + 1) * item_dim]);
         }
         inputs
     }
 
-    /// Feeds the last (log-activity / log-popularity) column of the inputs to the drift
-    /// monitors: one value per request for the user, one per ranked item.
+    /// Scores a batch with the fine model. Blocking.
+    pub fn fine_scores(&self, inputs: &RankerInputs) -> Result<Vec<f32>> {
+        let width = |values: usize| values / inputs.len().max(1);
+        self.fine_model.score(
+            inputs.len(),
+            &[
+                ModelInput::Int64 { name: FINE_INPUTS[0], width: 0, values: &inputs.user_index },
+                ModelInput::Int64 { name: FINE_INPUTS[1], width: 0, values: &inputs.item_index },
+                ModelInput::Int64 { name: FINE_INPUTS[2], width: width(inputs.history.len()), values: &inputs.history },
+                ModelInput::Float32 {
+                    name: FINE_INPUTS[3],
+                    width: width(inputs.user_features.len()),
+                    values: &inputs.user_features,
+                },
+                ModelInput::Float32 {
+                    name: FINE_INPUTS[4],
+                    width: width(inputs.item_features.len()),
+                    values: &inputs.item_features,
+                },
+                ModelInput::Float32 {
+                    name: FINE_INPUTS[5],
+                    width: width(inputs.cross_features.len()),
+                    values: &inputs.cross_features,
+                },
+            ],
+        )
+    }
+
+    /// Scores rows of cross features with the coarse model. Blocking.
+    pub fn coarse_scores(&self, cross_features: &[f32]) -> Result<Vec<f32>> {
+        let width = self.features.cross_dim();
+        let rows = cross_features.len() / width.max(1);
+        self.coarse_model
+            .score(rows, &[ModelInput::Float32 { name: COARSE_INPUTS[0], width, values: cross_features }])
+    }
+
+    /// Feeds the activity / popularity columns of the inputs to the drift monitors: one
+    /// value per request for the user, one per ranked item.
     fn observe_input_drift(&self, inputs: &RankerInputs) {
         if inputs.is_empty() {
             return;
         }
         let user_dim = inputs.user_features.len() / inputs.len();
         let item_dim = inputs.item_features.len() / inputs.len();
-        if let Some(drift) = &self.user_activity_drift {
-            drift.observe(&[inputs.user_features[user_dim - 1]]);
+        if let Some((column, drift)) = &self.user_activity_drift {
+            drift.observe(&[inputs.user_features[*column]]);
         }
-        if let Some(drift) = &self.item_popularity_drift {
-            let values: Vec<f32> = inputs.item_features.chunks_exact(item_dim).map(|row| row[item_dim - 1]).collect();
+        if let Some((column, drift)) = &self.item_popularity_drift {
+            let values: Vec<f32> = inputs.item_features.chunks_exact(item_dim).map(|row| row[*column]).collect();
             drift.observe(&values);
         }
+        debug_assert!(user_dim == self.features.user_dim());
     }
 
     /// Coarse-ranks `items`, keeps `coarse_keep`, fine-ranks those; best first.
-    /// Blocking (runs the model).
+    /// Blocking (runs the models).
     pub fn rank(&self, user: &UserFeatures, items: &[usize], coarse_keep: usize) -> Result<Vec<RankedCandidate>> {
         let coarse_span = tracing::info_span!("coarse", items = items.len()).entered();
         BATCH_SIZE.with_label_values(&["coarse"]).observe(items.len() as f64);
-        let mut coarse = self.coarse(user, items);
+        let context = self.user_context(user);
+        let cross = self.cross_features(&context, items);
+        let coarse_scores = self.coarse_scores(&cross)?;
+        let cross_dim = self.features.cross_dim();
+        let mut coarse: Vec<(usize, f32, &[f32])> = items
+            .iter()
+            .zip(coarse_scores)
+            .zip(cross.chunks_exact(cross_dim.max(1)))
+            .map(|((&item, score), row)| (item, score, row))
+            .collect();
         coarse.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         coarse.truncate(coarse_keep);
         drop(coarse_span);
-        let kept: Vec<usize> = coarse.iter().map(|&(item, _)| item).collect();
+        let kept: Vec<usize> = coarse.iter().map(|&(item, _, _)| item).collect();
+        let kept_cross: Vec<f32> = coarse.iter().flat_map(|&(_, _, row)| row.iter().copied()).collect();
         let fine_span = tracing::info_span!("fine", items = kept.len()).entered();
         BATCH_SIZE.with_label_values(&["fine"]).observe(kept.len() as f64);
-        let inputs = self.fine_inputs(user, &kept);
-        let fine = self.model.score(&inputs)?;
+        let inputs = self.inputs_for(&context, &kept, kept_cross);
+        let fine = self.fine_scores(&inputs)?;
         drop(fine_span);
         self.observe_input_drift(&inputs);
         if let Some(drift) = &self.drift {
@@ -170,7 +308,7 @@ impl Ranker {
         let mut ranked: Vec<RankedCandidate> = coarse
             .into_iter()
             .zip(fine)
-            .map(|((item, coarse_score), fine_score)| RankedCandidate { item, coarse_score, fine_score })
+            .map(|((item, coarse_score, _), fine_score)| RankedCandidate { item, coarse_score, fine_score })
             .collect();
         ranked.sort_by(|a, b| b.fine_score.total_cmp(&a.fine_score).then(a.item.cmp(&b.item)));
         Ok(ranked)

@@ -15,12 +15,24 @@ struct FixtureExample {
     gender: String,
     occupation: String,
     event_count: u64,
+    history_item_ids: Vec<String>,
+    history_timestamps: Vec<i64>,
     item_id: String,
     user_index: i64,
     item_index: i64,
+    history: Vec<i64>,
     user_features: Vec<f32>,
     item_features: Vec<f32>,
-    score: f32,
+    cross_features: Vec<f32>,
+    fine_score: f32,
+    coarse_score: f32,
+}
+
+fn assert_close(served: &[f32], trained: &[f32], tolerance: f32, what: &str) {
+    assert_eq!(served.len(), trained.len(), "{what}: {served:?} vs {trained:?}");
+    for (s, t) in served.iter().zip(trained) {
+        assert!((s - t).abs() <= tolerance * t.abs().max(1.0), "{what}: {served:?} vs {trained:?}");
+    }
 }
 
 fn bundle_dir() -> PathBuf {
@@ -44,7 +56,8 @@ fn user(example: &FixtureExample) -> UserFeatures {
             occupation: example.occupation.clone(),
         }),
         event_count: example.event_count,
-        ..UserFeatures::default()
+        history_item_ids: example.history_item_ids.clone(),
+        history_timestamps: example.history_timestamps.clone(),
     }
 }
 
@@ -57,30 +70,20 @@ fn serving_builds_training_tensors_and_onnx_reproduces_pytorch_scores() {
     for example in &fixture {
         let items = ranker.resolve_items(std::slice::from_ref(&example.item_id));
         let inputs = ranker.fine_inputs(&user(example), &items);
-        assert_eq!(inputs.user_index, vec![example.user_index], "{example:?}");
-        assert_eq!(inputs.item_index, vec![example.item_index], "{example:?}");
-        for (served, trained) in inputs.user_features.iter().zip(&example.user_features) {
-            assert!(
-                (served - trained).abs() < 1e-6,
-                "user features {:?} vs {:?}",
-                inputs.user_features,
-                example.user_features
-            );
-        }
-        for (served, trained) in inputs.item_features.iter().zip(&example.item_features) {
-            assert!(
-                (served - trained).abs() < 1e-6,
-                "item features {:?} vs {:?}",
-                inputs.item_features,
-                example.item_features
-            );
-        }
+        assert_eq!(inputs.user_index, vec![example.user_index], "{}", example.user_id);
+        assert_eq!(inputs.item_index, vec![example.item_index], "{}", example.user_id);
+        assert_eq!(inputs.history, example.history, "behaviour sequence of {}", example.user_id);
+        assert_close(&inputs.user_features, &example.user_features, 1e-6, "user features");
+        assert_close(&inputs.item_features, &example.item_features, 1e-6, "item features");
+        assert_close(&inputs.cross_features, &example.cross_features, 1e-5, "cross features");
+        let coarse = ranker.coarse_scores(&inputs.cross_features).unwrap();
+        assert!((coarse[0] - example.coarse_score).abs() <= 1e-4, "coarse onnx {} vs pytorch {}", coarse[0], example.coarse_score);
         let ranked = ranker.rank(&user(example), &items, 10).unwrap();
         assert!(
-            (ranked[0].fine_score - example.score).abs() <= 1e-4,
-            "onnx {} vs pytorch {}",
+            (ranked[0].fine_score - example.fine_score).abs() <= 1e-4,
+            "fine onnx {} vs pytorch {}",
             ranked[0].fine_score,
-            example.score
+            example.fine_score
         );
     }
 }
@@ -105,9 +108,10 @@ fn ranking_keeps_the_coarse_cut_orders_by_fine_score_and_drops_unknown_items() {
     assert!(ranked.windows(2).all(|pair| pair[0].fine_score >= pair[1].fine_score));
     assert!(ranked.iter().all(|c| (0.0..=1.0).contains(&c.fine_score)));
     // The 50 kept are the coarse top 50.
-    let mut coarse = ranker.coarse(&user, &items);
-    coarse.sort_by(|a, b| b.1.total_cmp(&a.1));
-    let threshold = coarse[49].1;
+    let inputs = ranker.fine_inputs(&user, &items);
+    let mut coarse = ranker.coarse_scores(&inputs.cross_features).unwrap();
+    coarse.sort_by(|a, b| b.total_cmp(a));
+    let threshold = coarse[49];
     assert!(ranked.iter().all(|c| c.coarse_score >= threshold));
 }
 

@@ -11,16 +11,12 @@ use crate::Result;
 
 /// The session-intent channel looks at this many of the latest items.
 const REALTIME_WINDOW: usize = 5;
-/// Item-to-item expansion starts from this many of the latest items.
-const ITEM_CF_SEEDS: usize = 30;
-/// Weight of the n-th most recent seed item is `ITEM_CF_DECAY^n`.
-const ITEM_CF_DECAY: f32 = 0.95;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Channel {
     /// Nearest items to the user's long-term vector.
     Embedding,
-    /// Neighbours (co-occurrence) of recently consumed items.
+    /// The item-to-item model (EASE weights) applied to the user's whole history.
     ItemCf,
     /// Nearest items to the mean of the last few items: what the user is into right now.
     Realtime,
@@ -120,15 +116,16 @@ impl RecallIndex {
     }
 
     fn item_cf(&self, history: &[String], excluded: &HashSet<usize>, quota: usize) -> Vec<usize> {
+        // The whole history, unweighted: that is the model EASE fits (X·B). Recency is
+        // the realtime channel's job. Weights can be negative ("people who watched this
+        // rarely want that"), so an item's score is only known after every seed.
         let mut scores = vec![0.0f32; self.neighbors.len()];
-        let mut weight = 1.0f32;
-        for seed in history.iter().take(ITEM_CF_SEEDS) {
+        for seed in history {
             if let Some(position) = self.embeddings.item_position(seed) {
-                for &(neighbor, similarity) in &self.neighbors[position] {
-                    scores[neighbor] += weight * similarity;
+                for &(neighbor, weight) in &self.neighbors[position] {
+                    scores[neighbor] += weight;
                 }
             }
-            weight *= ITEM_CF_DECAY;
         }
         let mut scored: Vec<(f32, usize)> = scores
             .into_iter()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -54,6 +54,16 @@ class RankingMetrics:
     ndcg_at_k: float
     map: float
     users: int
+    # Each user's nDCG@k, for confidence intervals.
+    ndcg_per_user: list[float] = field(default_factory=list)
+
+    def ndcg_ci95(self) -> tuple[float, float]:
+        """Normal-approximation 95% interval of the mean nDCG@k over users."""
+        values = np.asarray(self.ndcg_per_user)
+        if len(values) < 2:
+            return (self.ndcg_at_k, self.ndcg_at_k)
+        half = 1.96 * values.std(ddof=1) / math.sqrt(len(values))
+        return (self.ndcg_at_k - half, self.ndcg_at_k + half)
 
     def as_report(self, k: int) -> dict:
         return {f"precision@{k}": self.precision_at_k, f"recall@{k}": self.recall_at_k,
@@ -68,6 +78,7 @@ def ranking_metrics(relevant: dict[str, set[str]], recommended: dict[str, list[s
     if not users:
         return RankingMetrics(0.0, 0.0, 0.0, 0.0, 0)
     precision = recall = ndcg = average_precision = 0.0
+    per_user = []
     for user in users:
         truth = relevant[user]
         hits = [item in truth for item in recommended[user][:k]]
@@ -77,6 +88,7 @@ def ranking_metrics(relevant: dict[str, set[str]], recommended: dict[str, list[s
         dcg = sum(1.0 / math.log2(rank + 2) for rank, hit in enumerate(hits) if hit)
         ideal = sum(1.0 / math.log2(rank + 2) for rank in range(min(len(truth), k)))
         ndcg += dcg / ideal
+        per_user.append(dcg / ideal)
         seen = 0
         precision_sum = 0.0
         for rank, hit in enumerate(hits, start=1):
@@ -85,4 +97,4 @@ def ranking_metrics(relevant: dict[str, set[str]], recommended: dict[str, list[s
                 precision_sum += seen / rank
         average_precision += precision_sum / len(truth)
     n = len(users)
-    return RankingMetrics(precision / n, recall / n, ndcg / n, average_precision / n, n)
+    return RankingMetrics(precision / n, recall / n, ndcg / n, average_precision / n, n, per_user)

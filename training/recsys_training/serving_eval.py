@@ -4,7 +4,9 @@ Splits the data (see ``evaluation.stratified_split``), trains a bundle on the tr
 part only, starts the cluster on that bundle with the feature store seeded from the
 training part (so seen items are excluded the way serving excludes them), asks the
 orchestrator over gRPC for every test user's top 10 (``recsys-eval``), and scores the
-answers. Prints the result next to the published rows and writes the JSON report.
+answers; the same run records every pipeline step's top 10 for the ablation. A second
+run with the same seed (retrained from scratch) checks reproducibility. Prints the
+tables next to the published rows, writes the JSON report and the ablation chart.
 """
 
 from __future__ import annotations
@@ -49,34 +51,96 @@ def write_split(data_dir: Path, work: Path) -> tuple[Path, dict[str, set[str]]]:
     return train_dir, relevant
 
 
-def run(data_dir: Path, work: Path, bin_dir: Path, report: Path, seed: int = 42) -> dict:
-    started = time.monotonic()
-    train_dir, relevant = write_split(data_dir, work)
-    bundles = work / "bundles"
-    train_bundle(train_dir, bundles, TrainConfig(seed=seed), version="eval")
+METRIC_KEYS = ("ndcg@10", "map", "precision@10", "recall@10")
+# Ablation steps in pipeline order; "+rerank" is the served answer.
+ABLATION_STEPS = ("recall:embedding", "recall:item_cf", "recall:realtime", "recall:popular", "recall:cold_start",
+                  "recall:fused", "+coarse", "+fine", "+rerank")
+REPRODUCIBILITY_TOLERANCE = 0.005
+
+
+def serve_and_collect(bin_dir: Path, bundles: Path, train_dir: Path, users_file: Path, out: Path, ablation: bool) -> list[dict]:
+    command = [str(bin_dir / "recsys-eval"), "--bin-dir", str(bin_dir), "--bundle", str(bundles), "--seed", str(train_dir),
+               "--users", str(users_file), "--out", str(out)]
+    subprocess.run(command + (["--ablation"] if ablation else []), check=True)
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def score(relevant: dict[str, set[str]], answers: list[dict], step: str | None = None) -> tuple[dict, tuple[float, float]]:
+    if step is None or step == "+rerank":
+        recommended = {a["user_id"]: a["items"] for a in answers}
+    else:
+        recommended = {a["user_id"]: a["ablation"][step] for a in answers}
+    metrics = ranking_metrics(relevant, recommended, k=10)
+    report = metrics.as_report(10)
+    return {key: round(report[key], 6) for key in METRIC_KEYS}, metrics.ndcg_ci95()
+
+
+def one_run(data_dir: Path, work: Path, bin_dir: Path, seed: int, name: str, ablation: bool, relevant, train_dir: Path) -> dict:
+    bundles = work / f"bundles-{name}"
+    published = train_bundle(train_dir, bundles, TrainConfig(seed=seed), version=name)
+    manifest = json.loads((published / "manifest.json").read_text())
     users_file = work / "users.txt"
     users_file.write_text("\n".join(sorted(relevant)) + "\n")
-    predictions_file = work / "predictions.jsonl"
-    subprocess.run(
-        [str(bin_dir / "recsys-eval"), "--bin-dir", str(bin_dir), "--bundle", str(bundles), "--seed", str(train_dir),
-         "--users", str(users_file), "--out", str(predictions_file)],
-        check=True,
-    )
-    recommended = {}
-    for line in predictions_file.read_text().splitlines():
-        answer = json.loads(line)
-        recommended[answer["user_id"]] = answer["items"]
-    metrics = ranking_metrics(relevant, recommended, k=10).as_report(10)
-    result = {**{key: round(value, 6) for key, value in metrics.items() if key != "users"},
-              "users": metrics["users"], "protocol": "python_stratified_split ratio=0.75 filter_by=item seed=42, k=10",
-              "seconds": round(time.monotonic() - started, 1), "published": PUBLISHED}
+    answers = serve_and_collect(bin_dir, bundles, train_dir, users_file, work / f"predictions-{name}.jsonl", ablation)
+    served, _ = score(relevant, answers)
+    result = {"metrics": served, "users": len(answers), "model_version": manifest["version"],
+              "ranker_auc": {k: manifest["metrics"][k] for k in ("coarse_auc", "fine_auc", "coarse_auc_recall_candidates",
+                                                                  "fine_auc_recall_candidates")},
+              "fine_model": manifest["feature_config"]["fine_model"]}
+    if ablation:
+        result["ablation"] = {}
+        for step in ABLATION_STEPS:
+            metrics, (low, high) = score(relevant, answers, step)
+            result["ablation"][step] = {**metrics, "ndcg@10_ci95": [round(low, 6), round(high, 6)]}
+    return result
+
+
+def print_table(result: dict) -> None:
     print()
-    print(f"{'model':<22} {'MAP':>7} {'nDCG@10':>8} {'P@10':>7} {'R@10':>7}")
-    print(f"{'recsys (served)':<22} {result['map']:>7.3f} {result['ndcg@10']:>8.3f} {result['precision@10']:>7.3f} {result['recall@10']:>7.3f}")
+    print(f"{'pipeline step':<24} {'MAP':>7} {'nDCG@10':>8} {'P@10':>7} {'R@10':>7}")
+    for step, row in result["ablation"].items():
+        print(f"{step:<24} {row['map']:>7.3f} {row['ndcg@10']:>8.3f} {row['precision@10']:>7.3f} {row['recall@10']:>7.3f}")
+    print()
+    print(f"{'model':<24} {'MAP':>7} {'nDCG@10':>8} {'P@10':>7} {'R@10':>7}")
+    print(f"{'recsys (served)':<24} {result['map']:>7.3f} {result['ndcg@10']:>8.3f} {result['precision@10']:>7.3f} {result['recall@10']:>7.3f}")
     for name, row in PUBLISHED.items():
         cells = [f"{row[k]:.3f}" if k in row else "-" for k in ("map", "ndcg@10", "precision@10", "recall@10")]
-        print(f"{name + ' (published)':<22} {cells[0]:>7} {cells[1]:>8} {cells[2]:>7} {cells[3]:>7}")
+        print(f"{name + ' (published)':<24} {cells[0]:>7} {cells[1]:>8} {cells[2]:>7} {cells[3]:>7}")
+    auc = result["ranker_auc"]
+    print(f"\nranker AUC on held-out interactions vs sampled negatives: coarse {auc['coarse_auc']:.4f}, "
+          f"fine ({result['fine_model']}) {auc['fine_auc']:.4f}")
+    repro = result["reproducibility"]
+    print(f"reproducibility: {repro['runs']} runs with seed {repro['seed']}, largest metric difference "
+          f"{repro['max_abs_difference']:.4f} (tolerance {REPRODUCIBILITY_TOLERANCE})")
+
+
+def run(data_dir: Path, work: Path, bin_dir: Path, report: Path, seed: int = 42, runs: int = 2) -> dict:
+    started = time.monotonic()
+    train_dir, relevant = write_split(data_dir, work)
+    results = [one_run(data_dir, work, bin_dir, seed, f"eval-run{n + 1}", n == 0, relevant, train_dir) for n in range(runs)]
+    first = results[0]
+    differences = [abs(r["metrics"][k] - first["metrics"][k]) for r in results[1:] for k in METRIC_KEYS]
+    max_difference = round(max(differences, default=0.0), 6)
+    result = {
+        **first["metrics"],
+        "users": first["users"],
+        "protocol": "python_stratified_split ratio=0.75 filter_by=item seed=42, k=10",
+        "ablation": first["ablation"],
+        "ranker_auc": first["ranker_auc"],
+        "fine_model": first["fine_model"],
+        "reproducibility": {
+            "runs": runs, "seed": seed, "metrics": [r["metrics"] for r in results],
+            "max_abs_difference": max_difference, "tolerance": REPRODUCIBILITY_TOLERANCE,
+            "within_tolerance": max_difference <= REPRODUCIBILITY_TOLERANCE,
+        },
+        "targets": {"ndcg@10": 0.45, "recall@10": 0.22},
+        "published": PUBLISHED,
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    print_table(result)
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(json.dumps(result, indent=2))
-    print(f"\n[eval] report written to {report}")
+    chart = report.with_name(report.stem + "-ablation.png")
+    subprocess.run([str(bin_dir / "recsysctl"), "eval-chart", "--report", str(report), "--out", str(chart)], check=True)
+    print(f"\n[eval] report written to {report}, ablation chart to {chart}")
     return result

@@ -245,7 +245,10 @@ mod tests {
             user: vec![
                 Feature { scale: 100.0, ..feature("age", Encoding::Scale) },
                 Feature { vocabulary: vec!["M".into(), "F".into()], ..feature("gender", Encoding::OneHot) },
-                Feature { vocabulary: vec!["artist".into(), "student".into()], ..feature("occupation", Encoding::OneHot) },
+                Feature {
+                    vocabulary: vec!["artist".into(), "student".into()],
+                    ..feature("occupation", Encoding::OneHot)
+                },
                 Feature { scale: 2.0, ..feature("event_count", Encoding::Log1p) },
                 feature("events_1d", Encoding::Scale),
             ],

@@ -154,6 +154,11 @@ impl Cluster {
         Ok(cluster)
     }
 
+    /// Where a leaf service listens (for tools that call a stage directly).
+    pub fn address(&self, leaf: Leaf) -> SocketAddr {
+        self.addresses[&leaf]
+    }
+
     pub fn pid(&self, leaf: Leaf) -> anyhow::Result<u32> {
         self.children[&leaf].id().context("process has exited")
     }

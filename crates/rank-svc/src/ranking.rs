@@ -101,7 +101,8 @@ impl Ranker {
                     .collect()
             })
             .collect();
-        let load = |file: &str, inputs| OnnxModel::load(&dir.join(file), inputs, environment, sessions, intra_op_threads);
+        let load =
+            |file: &str, inputs| OnnxModel::load(&dir.join(file), inputs, environment, sessions, intra_op_threads);
         let coarse_model = load("coarse.onnx", &COARSE_INPUTS)?;
         let fine_model = load("ranker.onnx", &FINE_INPUTS)?;
         let drift = manifest.score_distribution.as_ref().and_then(ScoreDrift::new);
@@ -254,8 +255,7 @@ impl Ranker {
     pub fn coarse_scores(&self, cross_features: &[f32]) -> Result<Vec<f32>> {
         let width = self.features.cross_dim();
         let rows = cross_features.len() / width.max(1);
-        self.coarse_model
-            .score(rows, &[ModelInput::Float32 { name: COARSE_INPUTS[0], width, values: cross_features }])
+        self.coarse_model.score(rows, &[ModelInput::Float32 { name: COARSE_INPUTS[0], width, values: cross_features }])
     }
 
     /// Feeds the activity / popularity columns of the inputs to the drift monitors: one

@@ -77,7 +77,12 @@ fn serving_builds_training_tensors_and_onnx_reproduces_pytorch_scores() {
         assert_close(&inputs.item_features, &example.item_features, 1e-6, "item features");
         assert_close(&inputs.cross_features, &example.cross_features, 1e-5, "cross features");
         let coarse = ranker.coarse_scores(&inputs.cross_features).unwrap();
-        assert!((coarse[0] - example.coarse_score).abs() <= 1e-4, "coarse onnx {} vs pytorch {}", coarse[0], example.coarse_score);
+        assert!(
+            (coarse[0] - example.coarse_score).abs() <= 1e-4,
+            "coarse onnx {} vs pytorch {}",
+            coarse[0],
+            example.coarse_score
+        );
         let ranked = ranker.rank(&user(example), &items, 10).unwrap();
         assert!(
             (ranked[0].fine_score - example.fine_score).abs() <= 1e-4,

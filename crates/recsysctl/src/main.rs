@@ -71,6 +71,14 @@ enum Command {
         #[command(subcommand)]
         command: AbCommand,
     },
+    /// Draw the ablation of an offline evaluation report (`make eval`) as a PNG bar chart
+    /// of nDCG@10 per pipeline step with its 95% interval.
+    EvalChart {
+        #[arg(long, default_value = "target/reports/eval-ml100k.json")]
+        report: PathBuf,
+        #[arg(long, default_value = "target/reports/eval-ml100k-ablation.png")]
+        out: PathBuf,
+    },
     /// Canary traffic split of the rank stage (orchestrator Admin service).
     Canary {
         #[arg(long, default_value = "127.0.0.1:50051")]
@@ -131,8 +139,42 @@ async fn main() -> anyhow::Result<()> {
         Command::Ab { command: AbCommand::Report { events, control, config, chart } } => {
             ab_report(&events, &control, config.as_deref(), chart.as_deref())
         }
+        Command::EvalChart { report, out } => eval_chart(&report, &out),
         Command::Canary { addr, command } => cluster::canary(&addr, command).await,
     }
+}
+
+/// One bar per ablation step, in the report's (pipeline) order.
+fn ablation_bars(report: &serde_json::Value) -> anyhow::Result<Vec<chart::Bar>> {
+    let steps =
+        report["ablation"].as_object().ok_or_else(|| anyhow::anyhow!("the report has no \"ablation\" object"))?;
+    steps
+        .iter()
+        .map(|(step, metrics)| {
+            let value = metrics["ndcg@10"].as_f64().ok_or_else(|| anyhow::anyhow!("{step}: no ndcg@10"))?;
+            let interval = &metrics["ndcg@10_ci95"];
+            Ok(chart::Bar {
+                label: step.trim_start_matches("recall:").to_string(),
+                value,
+                low: interval[0].as_f64().unwrap_or(value),
+                high: interval[1].as_f64().unwrap_or(value),
+            })
+        })
+        .collect()
+}
+
+fn eval_chart(report_path: &std::path::Path, out: &std::path::Path) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(report_path)
+        .map_err(|error| anyhow::anyhow!("cannot read {}: {error}", report_path.display()))?;
+    let report: serde_json::Value = serde_json::from_str(&text)?;
+    chart::bar_chart(
+        out,
+        "Served pipeline ablation, MovieLens-100k (nDCG@10, 95% CI)",
+        "nDCG@10",
+        &ablation_bars(&report)?,
+    )?;
+    println!("chart written to {}", out.display());
+    Ok(())
 }
 
 fn ab_report(
@@ -208,6 +250,27 @@ mod tests {
         std::fs::write(&log, r#"{"user_id":"u","item_id":"i","event":"EVENT_TYPE_CLICK","timestamp_ms":1}"#).unwrap();
         let error = super::ab_report(&log, "control", None, None).unwrap_err();
         assert!(error.to_string().contains("no experiment-tagged events"), "{error}");
+    }
+
+    #[test]
+    fn eval_chart_keeps_the_pipeline_order_and_draws_every_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let report = dir.path().join("eval.json");
+        std::fs::write(
+            &report,
+            r#"{"ablation": {"recall:item_cf": {"ndcg@10": 0.48, "ndcg@10_ci95": [0.46, 0.50]},
+                "recall:fused": {"ndcg@10": 0.40, "ndcg@10_ci95": [0.38, 0.42]},
+                "+coarse": {"ndcg@10": 0.47, "ndcg@10_ci95": [0.45, 0.49]}}}"#,
+        )
+        .unwrap();
+        let parsed: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+        let labels: Vec<String> = super::ablation_bars(&parsed).unwrap().into_iter().map(|bar| bar.label).collect();
+        assert_eq!(labels, ["item_cf", "fused", "+coarse"]);
+        let chart = dir.path().join("ablation.png");
+        super::eval_chart(&report, &chart).unwrap();
+        assert_eq!(&std::fs::read(&chart).unwrap()[..8], b"\x89PNG\r\n\x1a\n");
+        std::fs::write(&report, "{}").unwrap();
+        assert!(super::eval_chart(&report, &chart).unwrap_err().to_string().contains("ablation"));
     }
 
     #[test]

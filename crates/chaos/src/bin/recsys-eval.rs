@@ -2,15 +2,32 @@
 //! bundle and seed data) for the top-k of every listed user, over gRPC, and writes one
 //! JSON line per user. The training pipeline's `eval` command scores the lines against
 //! the held-out interactions (`make eval`).
+//!
+//! With `--ablation`, each line also holds the top-k after every step of the pipeline,
+//! asked of the same running services: each recall channel alone (recall with only that
+//! channel's fusion weight), the fused recall, + coarse (rank-svc's coarse order), + fine
+//! (rank-svc's fine order); the orchestrator's answer is the last step, + rerank.
 
 #![forbid(unsafe_code)]
 
-use std::{io::Write, path::PathBuf, sync::Arc, time::Duration};
+use std::{collections::HashMap, io::Write, path::PathBuf, sync::Arc, time::Duration};
 
 use clap::Parser;
-use recsys_chaos::cluster::{Cluster, ClusterPaths};
-use recsys_proto::v1::{recommender_client::RecommenderClient, RecommendRequest};
+use recsys_chaos::cluster::{Cluster, ClusterPaths, Leaf};
+use recsys_proto::v1::{
+    feature_service_client::FeatureServiceClient, rank_service_client::RankServiceClient,
+    recall_service_client::RecallServiceClient, recommender_client::RecommenderClient, GetUserFeaturesRequest,
+    RankRequest, RecallRequest, RecommendRequest,
+};
 use tokio::sync::Semaphore;
+use tonic::transport::Channel;
+
+/// Recall channels, in the order the report lists them.
+const CHANNELS: [&str; 5] = ["embedding", "item_cf", "realtime", "popular", "cold_start"];
+/// What the orchestrator asks feature-svc for.
+const MAX_HISTORY: u32 = 1_000;
+/// Evaluation measures quality, not latency: a generous deadline.
+const DEADLINE: Duration = Duration::from_secs(10);
 
 /// Top-k of every listed user from the served pipeline.
 #[derive(Debug, Parser)]
@@ -28,6 +45,72 @@ struct Args {
     /// Requests in flight at once.
     #[arg(long, default_value_t = 4)]
     concurrency: usize,
+    /// Also record the top-k after every pipeline step.
+    #[arg(long)]
+    ablation: bool,
+}
+
+#[derive(Clone)]
+struct Clients {
+    orchestrator: Channel,
+    feature: Channel,
+    recall: Channel,
+    rank: Channel,
+}
+
+fn request<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(DEADLINE);
+    request
+}
+
+async fn connect(address: std::net::SocketAddr) -> anyhow::Result<Channel> {
+    Ok(tonic::transport::Endpoint::from_shared(format!("http://{address}"))?.connect().await?)
+}
+
+/// The top-k after each step before rerank, from the stages themselves.
+async fn ablation(clients: &Clients, user_id: &str, top_k: usize) -> anyhow::Result<HashMap<String, Vec<String>>> {
+    let user = FeatureServiceClient::new(clients.feature.clone())
+        .get_user_features(request(GetUserFeaturesRequest { user_id: user_id.into(), max_history: MAX_HISTORY }))
+        .await?
+        .into_inner();
+    let mut recall = RecallServiceClient::new(clients.recall.clone());
+    let mut steps = HashMap::new();
+    for channel in CHANNELS {
+        let weights = CHANNELS.iter().map(|c| (c.to_string(), if *c == channel { 1.0 } else { 0.0 })).collect();
+        let response = recall
+            .recall(request(RecallRequest {
+                user: Some(user.clone()),
+                candidate_count: top_k as u32,
+                channel_weights: weights,
+                ..RecallRequest::default()
+            }))
+            .await?
+            .into_inner();
+        // Items other channels proposed score 0 and sort last: keep the channel's own.
+        let own = response.candidates.into_iter().filter(|c| c.channels.iter().any(|name| name == channel));
+        steps.insert(format!("recall:{channel}"), own.map(|c| c.item_id).collect());
+    }
+    let fused = recall
+        .recall(request(RecallRequest { user: Some(user.clone()), ..RecallRequest::default() }))
+        .await?
+        .into_inner()
+        .candidates;
+    steps.insert("recall:fused".into(), fused.iter().take(top_k).map(|c| c.item_id.clone()).collect());
+    let ranked = RankServiceClient::new(clients.rank.clone())
+        .rank(request(RankRequest {
+            user: Some(user),
+            item_ids: fused.into_iter().map(|c| c.item_id).collect(),
+            ..RankRequest::default()
+        }))
+        .await?
+        .into_inner()
+        .items;
+    steps.insert("+fine".into(), ranked.iter().take(top_k).map(|i| i.item_id.clone()).collect());
+    let mut by_coarse = ranked;
+    by_coarse.sort_by(|a, b| b.coarse_score.total_cmp(&a.coarse_score));
+    steps.insert("+coarse".into(), by_coarse.into_iter().take(top_k).map(|i| i.item_id).collect());
+    Ok(steps)
 }
 
 #[tokio::main]
@@ -42,37 +125,45 @@ async fn main() -> anyhow::Result<()> {
     let state = tempfile::tempdir()?;
     let settings = args.paths.settings(state.path(), "target/eval-logs")?;
     let cluster = Cluster::start(settings).await?;
-    let channel =
-        tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.orchestrator))?.connect().await?;
+    let clients = Clients {
+        orchestrator: connect(cluster.orchestrator).await?,
+        feature: connect(cluster.address(Leaf::Feature)).await?,
+        recall: connect(cluster.address(Leaf::Recall)).await?,
+        rank: connect(cluster.address(Leaf::Rank)).await?,
+    };
     let permits = Arc::new(Semaphore::new(args.concurrency.max(1)));
     let mut tasks = Vec::with_capacity(users.len());
     for user in users {
-        let mut client = RecommenderClient::new(channel.clone());
+        let clients = clients.clone();
         let permit = Arc::clone(&permits).acquire_owned().await?;
-        let top_k = args.top_k;
+        let (top_k, with_ablation) = (args.top_k, args.ablation);
         tasks.push(tokio::spawn(async move {
             let _permit = permit;
-            let mut request =
-                tonic::Request::new(RecommendRequest { user_id: user.clone(), top_k, ..RecommendRequest::default() });
-            // Evaluation measures quality, not latency: a generous deadline.
-            request.set_timeout(Duration::from_secs(5));
-            let response = client.recommend(request).await.map(tonic::Response::into_inner);
-            (user, response)
+            let served = RecommenderClient::new(clients.orchestrator.clone())
+                .recommend(request(RecommendRequest { user_id: user.clone(), top_k, ..RecommendRequest::default() }))
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(|status| anyhow::anyhow!("user {user}: {status}"));
+            let steps = if with_ablation { Some(ablation(&clients, &user, top_k as usize).await) } else { None };
+            (user, served, steps)
         }));
     }
     let mut out = std::io::BufWriter::new(std::fs::File::create(&args.out)?);
     let (mut served, mut degraded) = (0usize, 0usize);
     for task in tasks {
-        let (user, response) = task.await?;
-        let response = response.map_err(|status| anyhow::anyhow!("user {user}: {status}"))?;
+        let (user, response, steps) = task.await?;
+        let response = response?;
         served += 1;
         degraded += usize::from(!response.degraded_stages.is_empty());
-        let line = serde_json::json!({
+        let mut line = serde_json::json!({
             "user_id": user,
             "items": response.items.iter().map(|i| i.item_id.as_str()).collect::<Vec<_>>(),
             "model_version": response.model_version,
             "degraded_stages": response.degraded_stages,
         });
+        if let Some(steps) = steps {
+            line["ablation"] = serde_json::to_value(steps.map_err(|error| anyhow::anyhow!("user {user}: {error}"))?)?;
+        }
         writeln!(out, "{line}")?;
     }
     out.flush()?;

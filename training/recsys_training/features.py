@@ -42,6 +42,7 @@ class Feature:
     min: float = 0.0
     max: float = 0.0
     vocabulary: list[str] = field(default_factory=list)
+    clip: bool = False
 
     @property
     def width(self) -> int:
@@ -53,9 +54,9 @@ class Feature:
         elif self.encoding == "multi_hot":
             out.extend(float(v in value) for v in self.vocabulary)
         elif self.encoding == "scale":
-            out.append(float(value) / self.scale)
+            out.append(self._clip(float(value) / self.scale))
         elif self.encoding == "log1p":
-            out.append(math.log1p(float(value)) / self.scale)
+            out.append(self._clip(math.log1p(float(value)) / self.scale))
         elif self.encoding == "min_max":
             if value == 0 or self.max <= self.min:
                 out.append(0.0)
@@ -63,6 +64,9 @@ class Feature:
                 out.append((min(max(float(value), self.min), self.max) - self.min) / (self.max - self.min))
         else:
             out.append(float(value))
+
+    def _clip(self, value: float) -> float:
+        return min(value, 1.0) if self.clip else value
 
 
 @dataclass
@@ -116,8 +120,22 @@ class FeatureConfigError(ValueError):
     pass
 
 
-def user_sources(user: User | None, timestamps: list[int], event_count: int, sources: list[str]) -> dict:
-    """The raw values of a user's sources; windows count events within N days of the latest."""
+def time_context(request_time: int, latest_event: int | None) -> dict:
+    """The request-time sources: UTC hour and weekday on the unit circle (so 23:00 is
+    next to 00:00) and the hours since the user's latest event (0 without one)."""
+    hour = (request_time % DAY_SECONDS) // 3600
+    weekday = (request_time // DAY_SECONDS + 3) % 7  # 1970-01-01 was a Thursday; Monday = 0
+    return {
+        "hour_sin": math.sin(2 * math.pi * hour / 24), "hour_cos": math.cos(2 * math.pi * hour / 24),
+        "weekday_sin": math.sin(2 * math.pi * weekday / 7), "weekday_cos": math.cos(2 * math.pi * weekday / 7),
+        "hours_since_last_event": max(0, request_time - latest_event) / 3600 if latest_event is not None else 0.0,
+    }
+
+
+def user_sources(user: User | None, timestamps: list[int], event_count: int, sources: list[str],
+                 request_time: int | None = None) -> dict:
+    """The raw values of a user's sources; windows count events within N days of the
+    latest; the request time defaults to the latest event (a request right after it)."""
     values = {
         "age": user.age if user else 0,
         "gender": user.gender if user else "",
@@ -125,6 +143,7 @@ def user_sources(user: User | None, timestamps: list[int], event_count: int, sou
         "event_count": event_count,
     }
     latest = max(timestamps, default=0)
+    values.update(time_context(latest if request_time is None else request_time, latest if timestamps else None))
     for source in sources:
         days = window_days(source)
         if days is not None and source.startswith("events_"):
@@ -190,6 +209,7 @@ def resolve(raw: dict, user_values: list[dict], item_values: list[dict]) -> Feat
                     largest = max((float(v) for v in values), default=1.0)
                     scale = max(math.log1p(largest), 1.0) if encoding == "log1p" else max(largest, 1.0)
                 feature.scale = float(scale)
+                feature.clip = bool(spec.get("clip", False))
             elif encoding == "min_max":
                 known = [float(v) for v in values if v]
                 feature.min = float(min(known, default=0.0)) if spec.get("min") == "from_data" else float(spec.get("min", 0))
@@ -287,11 +307,13 @@ class CrossScorer:
         return np.stack(columns, axis=1).astype(np.float32)
 
 
-def user_feature_rows(config: FeatureConfig, dataset: Dataset, user_ids: list[str], histories: list[UserHistory]) -> np.ndarray:
+def user_feature_rows(config: FeatureConfig, dataset: Dataset, user_ids: list[str], histories: list[UserHistory],
+                      request_times: list[int | None] | None = None) -> np.ndarray:
     sources = [f.source for f in config.user]
+    request_times = request_times or [None] * len(user_ids)
     return np.asarray([
-        config.encode_user(user_sources(dataset.users.get(uid), h.timestamps, len(h.items), sources))
-        for uid, h in zip(user_ids, histories)
+        config.encode_user(user_sources(dataset.users.get(uid), h.timestamps, len(h.items), sources, t))
+        for uid, h, t in zip(user_ids, histories, request_times)
     ], dtype=np.float32).reshape(len(user_ids), config.user_dim)
 
 

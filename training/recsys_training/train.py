@@ -17,7 +17,7 @@ from . import bundle
 from .data import Dataset, Interaction, load_dataset
 from .features import (
     CrossScorer, FeatureConfig, UserHistory, build_config, history_tensor, item_feature_rows, item_statistics,
-    load_raw_config, source_names, user_feature_rows, user_histories,
+    load_raw_config, source_names, user_feature_rows, user_histories, user_sources,
 )
 from .models import FINE_RANKERS, BprMatrixFactorization, CoarseRanker, auc, ease_weights, sparsify
 
@@ -122,8 +122,9 @@ def fit_state(universe: Universe, interactions: list[Interaction], config: Train
                       CrossScorer(weights, user_vectors, item_vectors, source_names(universe.raw_features, "cross")))
 
 
-def encode_state(state: ModelState, universe: Universe, features: FeatureConfig) -> None:
-    state.user_rows = user_feature_rows(features, universe.dataset, universe.user_ids, state.histories)
+def encode_state(state: ModelState, universe: Universe, features: FeatureConfig,
+                 request_times: list[int | None] | None = None) -> None:
+    state.user_rows = user_feature_rows(features, universe.dataset, universe.user_ids, state.histories, request_times)
     state.item_rows = item_feature_rows(features, universe.dataset.items, state.statistics)
     state.history_rows = history_tensor(state.histories, features.history_length)
 
@@ -241,7 +242,8 @@ FINE_INPUTS = ["user_index", "item_index", "history", "user_features", "item_fea
 COARSE_INPUTS = ["cross_features"]
 
 
-def ranker_fixture(universe: Universe, state: ModelState, users: np.ndarray, fine, coarse, rng, count: int = 8) -> list[dict]:
+def ranker_fixture(universe: Universe, state: ModelState, features: FeatureConfig, users: np.ndarray, fine, coarse, rng,
+                   count: int = 8) -> list[dict]:
     """Examples with the exact tensors and PyTorch scores of the published state, so
     rank-svc's tests can prove that serving builds the same inputs from the same user
     (profile, history, timestamps) and the ONNX models give the same scores."""
@@ -253,10 +255,15 @@ def ranker_fixture(universe: Universe, state: ModelState, users: np.ndarray, fin
         items = np.array([int(np.argmax(scores)), int(rng.integers(0, len(universe.dataset.items)))], dtype=np.int64)
         rows = RankerRows(np.full(2, user, dtype=np.int64), items, state.cross.features(int(user), history.items, items),
                           np.zeros(2, dtype=np.float32))
-        tensors = rows.tensors(state)
-        fine_scores, coarse_scores = predict(fine, tensors), predict(coarse, (tensors[-1],))
         uid = universe.user_ids[user]
         profile = universe.dataset.users.get(uid)
+        # A request some hours after the latest event, so the time features are exercised.
+        request_time = max(history.timestamps, default=1_700_000_000) + 3_600 * int(rng.integers(1, 5_000)) + 1_234
+        user_row = features.encode_user(user_sources(profile, history.timestamps, len(history.items),
+                                                     [f.source for f in features.user], request_time))
+        tensors = list(rows.tensors(state))
+        tensors[3] = torch.as_tensor(np.asarray([user_row, user_row], dtype=np.float32))
+        fine_scores, coarse_scores = predict(fine, tensors), predict(coarse, (tensors[-1],))
         for n in range(2):
             examples.append({
                 "user_id": uid,
@@ -264,6 +271,7 @@ def ranker_fixture(universe: Universe, state: ModelState, users: np.ndarray, fin
                 "gender": profile.gender if profile else "",
                 "occupation": profile.occupation if profile else "",
                 "event_count": len(history.items),
+                "request_time": request_time,
                 "history_item_ids": [universe.dataset.items[i].item_id for i in history.items],
                 "history_timestamps": history.timestamps,
                 "item_id": universe.dataset.items[int(items[n])].item_id,
@@ -300,7 +308,9 @@ def train_bundle(data_dir: Path, out_root: Path, config: TrainConfig | None = No
         items.difference_update(past.histories[user].items)  # re-consumed items are not news
     final = fit_state(universe, dataset.interactions, config, rng, "all")
     features = build_config(raw_features, dataset, dataset.interactions, user_ids, final.histories, final.statistics)
-    encode_state(past, universe, features)
+    # The rankers' "requests" happen right after each user's latest training activity
+    # (held out or not), as an offline replay of the data would ask them.
+    encode_state(past, universe, features, [max(h.timestamps, default=None) for h in final.histories])
     encode_state(final, universe, features)
 
     users = rng.permutation(len(user_ids))
@@ -345,7 +355,7 @@ def train_bundle(data_dir: Path, out_root: Path, config: TrainConfig | None = No
     if onnx_diff > 1e-4:
         raise RuntimeError(f"ONNX export differs from PyTorch by {onnx_diff}")
 
-    fixture = ranker_fixture(universe, final, validation_users, fine, coarse, rng)
+    fixture = ranker_fixture(universe, final, features, validation_users, fine, coarse, rng)
     (staging / "ranker_fixture.json").write_text(json.dumps(fixture))
     catalog = [
         {"id": item.item_id, "title": item.title, "genres": item.genres, "year": item.year,

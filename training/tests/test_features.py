@@ -20,6 +20,9 @@ def config() -> FeatureConfig:
             Feature("occupation", "one_hot", vocabulary=["artist", "student"]),
             Feature("event_count", "log1p", scale=2.0),
             Feature("events_1d", "scale"),
+            Feature("hour_cos", "identity"),
+            Feature("weekday_sin", "identity"),
+            Feature("hours_since_last_event", "log1p", scale=2.0, clip=True),
         ],
         item=[
             Feature("genres", "multi_hot", vocabulary=["Action", "Comedy"]),
@@ -32,10 +35,13 @@ def config() -> FeatureConfig:
 
 
 def test_user_features_match_the_rust_encoder():
+    # Monday 1970-01-05 12:00 UTC, 2 days after the latest event.
     sources = user_sources(User("u", 25, "F", "student"), [200_000, 190_000, 100_000], 0,
-                           ["age", "gender", "occupation", "event_count", "events_1d"])
-    assert config().encode_user(sources) == [0.25, 0.0, 1.0, 0.0, 1.0, 0.0, 2.0]
-    assert config().user_dim == 7 and config().offset("user", "event_count") == 5
+                           ["age", "gender", "occupation", "event_count", "events_1d"], request_time=4 * 86_400 + 12 * 3_600)
+    encoded = config().encode_user(sources)
+    assert encoded[:7] == [0.25, 0.0, 1.0, 0.0, 1.0, 0.0, 2.0]
+    assert encoded[7] == pytest.approx(-1.0) and encoded[8] == pytest.approx(0.0, abs=1e-9) and encoded[9] == 1.0
+    assert config().user_dim == 10 and config().offset("user", "event_count") == 5
 
 
 def test_item_features_match_the_rust_encoder():

@@ -39,6 +39,9 @@ pub struct Feature {
     pub max: f32,
     #[serde(default)]
     pub vocabulary: Vec<String>,
+    /// `scale` / `log1p` values stop at 1.
+    #[serde(default)]
+    pub clip: bool,
 }
 
 fn one() -> f32 {
@@ -74,9 +77,10 @@ impl Feature {
                     SourceValue::Number(number) => number,
                     _ => 0.0,
                 };
+                let clip = |value: f64| if self.clip { value.min(1.0) } else { value };
                 out.push(match encoding {
-                    Encoding::Scale => (number / f64::from(self.scale)) as f32,
-                    Encoding::Log1p => (number.ln_1p() / f64::from(self.scale)) as f32,
+                    Encoding::Scale => clip(number / f64::from(self.scale)) as f32,
+                    Encoding::Log1p => clip(number.ln_1p() / f64::from(self.scale)) as f32,
                     Encoding::MinMax if number == 0.0 || self.max <= self.min => 0.0,
                     Encoding::MinMax => {
                         let (min, max) = (f64::from(self.min), f64::from(self.max));
@@ -113,6 +117,25 @@ pub struct UserAttributes<'a> {
     pub event_count: u64,
     /// Unix seconds of the history entries, most recent first.
     pub history_timestamps: &'a [i64],
+    /// Unix seconds of the request (context features).
+    pub request_time: i64,
+}
+
+/// The request-time sources: UTC hour and weekday on the unit circle (so 23:00 is next to
+/// 00:00) and the hours since the user's latest event.
+fn time_context(source: &str, request_time: i64, latest_event: Option<i64>) -> Option<f64> {
+    use std::f64::consts::TAU;
+    let hour = request_time.rem_euclid(DAY_SECONDS) / 3600;
+    // 1970-01-01 was a Thursday; Monday = 0.
+    let weekday = (request_time.div_euclid(DAY_SECONDS) + 3).rem_euclid(7);
+    Some(match source {
+        "hour_sin" => (TAU * hour as f64 / 24.0).sin(),
+        "hour_cos" => (TAU * hour as f64 / 24.0).cos(),
+        "weekday_sin" => (TAU * weekday as f64 / 7.0).sin(),
+        "weekday_cos" => (TAU * weekday as f64 / 7.0).cos(),
+        "hours_since_last_event" => latest_event.map_or(0.0, |latest| (request_time - latest).max(0) as f64 / 3600.0),
+        _ => return None,
+    })
 }
 
 /// `events_<N>d` / `interactions_<N>d` → N.
@@ -146,7 +169,9 @@ impl FeatureConfig {
     /// load time instead of being fed zeros.
     pub fn unknown_sources(&self) -> Vec<String> {
         let user = self.user.iter().map(|f| f.source.as_str()).filter(|s| {
-            !matches!(*s, "age" | "gender" | "occupation" | "event_count") && window_days(s, "events_").is_none()
+            !matches!(*s, "age" | "gender" | "occupation" | "event_count")
+                && window_days(s, "events_").is_none()
+                && time_context(s, 0, None).is_none()
         });
         let cross = self
             .cross
@@ -157,7 +182,8 @@ impl FeatureConfig {
     }
 
     pub fn user_features(&self, user: &UserAttributes<'_>, out: &mut Vec<f32>) {
-        let latest = user.history_timestamps.iter().copied().max().unwrap_or(0);
+        let latest_event = user.history_timestamps.iter().copied().max();
+        let latest = latest_event.unwrap_or(0);
         for feature in &self.user {
             let value = match feature.source.as_str() {
                 "age" => SourceValue::Number(f64::from(user.age)),
@@ -168,7 +194,9 @@ impl FeatureConfig {
                     Some(days) => SourceValue::Number(
                         user.history_timestamps.iter().filter(|&&t| latest - t < days * DAY_SECONDS).count() as f64,
                     ),
-                    None => SourceValue::Number(0.0),
+                    None => {
+                        SourceValue::Number(time_context(source, user.request_time, latest_event).unwrap_or_default())
+                    }
                 },
             };
             feature.encode(value, out);
@@ -231,7 +259,7 @@ mod tests {
     use super::*;
 
     fn feature(source: &str, encoding: Encoding) -> Feature {
-        Feature { source: source.into(), encoding, scale: 1.0, min: 0.0, max: 0.0, vocabulary: Vec::new() }
+        Feature { source: source.into(), encoding, scale: 1.0, min: 0.0, max: 0.0, vocabulary: Vec::new(), clip: false }
     }
 
     /// The same configuration as `training/tests/test_features.py`, which asserts the
@@ -251,6 +279,9 @@ mod tests {
                 },
                 Feature { scale: 2.0, ..feature("event_count", Encoding::Log1p) },
                 feature("events_1d", Encoding::Scale),
+                feature("hour_cos", Encoding::Identity),
+                feature("weekday_sin", Encoding::Identity),
+                Feature { scale: 2.0, clip: true, ..feature("hours_since_last_event", Encoding::Log1p) },
             ],
             item: vec![
                 Feature { vocabulary: vec!["Action".into(), "Comedy".into()], ..feature("genres", Encoding::MultiHot) },
@@ -272,9 +303,14 @@ mod tests {
             occupation: "student",
             event_count: 0,
             history_timestamps: &timestamps,
+            // Monday 1970-01-05 12:00 UTC, 2 days after the latest event.
+            request_time: 4 * 86_400 + 12 * 3_600,
         };
         config().user_features(&user, &mut out);
-        assert_eq!(out, vec![0.25, 0.0, 1.0, 0.0, 1.0, 0.0, 2.0]);
+        assert_eq!(out[..7], [0.25, 0.0, 1.0, 0.0, 1.0, 0.0, 2.0]);
+        assert!((out[7] + 1.0).abs() < 1e-6, "cos of noon is -1: {}", out[7]);
+        assert!(out[8].abs() < 1e-6, "Monday is weekday 0: {}", out[8]);
+        assert_eq!(out[9], 1.0, "log1p(~100 h) / 2 is clipped at 1");
         assert_eq!(out.len(), config().user_dim());
         assert_eq!(config().user_offset("event_count"), Some(5));
     }

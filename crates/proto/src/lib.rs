@@ -9,3 +9,8 @@ pub mod v1 {
 
 /// Encoded `FileDescriptorSet` of every recsys proto, served by gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("recsys_descriptor");
+
+/// `RecommendRequest.context` / `RankRequest.context` key with the request's time in Unix
+/// seconds, for the rankers' time-of-request features. Live traffic leaves it out (the
+/// rank service's clock is used); an offline replay sets it to the replayed moment.
+pub const REQUEST_TIME_CONTEXT_KEY: &str = "request_time";

@@ -146,7 +146,7 @@ impl Ranker {
         item_ids.iter().filter_map(|id| self.embeddings.item_position(id)).collect()
     }
 
-    fn user_context(&self, user: &UserFeatures) -> UserContext {
+    fn user_context(&self, user: &UserFeatures, request_time: i64) -> UserContext {
         let profile = user.profile.clone().unwrap_or_default();
         let attributes = UserAttributes {
             age: profile.age,
@@ -154,6 +154,7 @@ impl Ranker {
             occupation: &profile.occupation,
             event_count: user.event_count,
             history_timestamps: &user.history_timestamps,
+            request_time,
         };
         let mut features = Vec::with_capacity(self.features.user_dim());
         self.features.user_features(&attributes, &mut features);
@@ -205,8 +206,8 @@ impl Ranker {
     }
 
     /// The fine model's inputs for `user` against each of `items`, in bundle encoding.
-    pub fn fine_inputs(&self, user: &UserFeatures, items: &[usize]) -> RankerInputs {
-        let context = self.user_context(user);
+    pub fn fine_inputs(&self, user: &UserFeatures, items: &[usize], request_time: i64) -> RankerInputs {
+        let context = self.user_context(user, request_time);
         self.inputs_for(&context, items, self.cross_features(&context, items))
     }
 
@@ -278,10 +279,17 @@ impl Ranker {
 
     /// Coarse-ranks `items`, keeps `coarse_keep`, fine-ranks those; best first.
     /// Blocking (runs the models).
-    pub fn rank(&self, user: &UserFeatures, items: &[usize], coarse_keep: usize) -> Result<Vec<RankedCandidate>> {
+    /// `request_time` (Unix seconds) feeds the context features.
+    pub fn rank(
+        &self,
+        user: &UserFeatures,
+        items: &[usize],
+        coarse_keep: usize,
+        request_time: i64,
+    ) -> Result<Vec<RankedCandidate>> {
         let coarse_span = tracing::info_span!("coarse", items = items.len()).entered();
         BATCH_SIZE.with_label_values(&["coarse"]).observe(items.len() as f64);
-        let context = self.user_context(user);
+        let context = self.user_context(user, request_time);
         let cross = self.cross_features(&context, items);
         let coarse_scores = self.coarse_scores(&cross)?;
         let cross_dim = self.features.cross_dim();

@@ -15,6 +15,7 @@ struct FixtureExample {
     gender: String,
     occupation: String,
     event_count: u64,
+    request_time: i64,
     history_item_ids: Vec<String>,
     history_timestamps: Vec<i64>,
     item_id: String,
@@ -34,6 +35,9 @@ fn assert_close(served: &[f32], trained: &[f32], tolerance: f32, what: &str) {
         assert!((s - t).abs() <= tolerance * t.abs().max(1.0), "{what}: {served:?} vs {trained:?}");
     }
 }
+
+/// A fixed request time (2026-01-01 UTC) for the tests that do not compare with training.
+const NOW: i64 = 1_767_225_600;
 
 fn bundle_dir() -> PathBuf {
     let root = std::env::var_os("RECSYS_TEST_BUNDLE")
@@ -69,7 +73,7 @@ fn serving_builds_training_tensors_and_onnx_reproduces_pytorch_scores() {
     assert!(!fixture.is_empty());
     for example in &fixture {
         let items = ranker.resolve_items(std::slice::from_ref(&example.item_id));
-        let inputs = ranker.fine_inputs(&user(example), &items);
+        let inputs = ranker.fine_inputs(&user(example), &items, example.request_time);
         assert_eq!(inputs.user_index, vec![example.user_index], "{}", example.user_id);
         assert_eq!(inputs.item_index, vec![example.item_index], "{}", example.user_id);
         assert_eq!(inputs.history, example.history, "behaviour sequence of {}", example.user_id);
@@ -83,7 +87,7 @@ fn serving_builds_training_tensors_and_onnx_reproduces_pytorch_scores() {
             coarse[0],
             example.coarse_score
         );
-        let ranked = ranker.rank(&user(example), &items, 10).unwrap();
+        let ranked = ranker.rank(&user(example), &items, 10, example.request_time).unwrap();
         assert!(
             (ranked[0].fine_score - example.fine_score).abs() <= 1e-4,
             "fine onnx {} vs pytorch {}",
@@ -100,7 +104,7 @@ fn ranking_keeps_the_coarse_cut_orders_by_fine_score_and_drops_unknown_items() {
     let items = ranker.resolve_items(&ids);
     assert_eq!(items.len(), 300);
     let user = UserFeatures { user_id: "196".into(), known: true, ..UserFeatures::default() };
-    let ranked = ranker.rank(&user, &items, 50).unwrap();
+    let ranked = ranker.rank(&user, &items, 50, NOW).unwrap();
     assert_eq!(ranked.len(), 50);
     let metrics = recsys_runtime::metrics::render();
     for series in [
@@ -113,7 +117,7 @@ fn ranking_keeps_the_coarse_cut_orders_by_fine_score_and_drops_unknown_items() {
     assert!(ranked.windows(2).all(|pair| pair[0].fine_score >= pair[1].fine_score));
     assert!(ranked.iter().all(|c| (0.0..=1.0).contains(&c.fine_score)));
     // The 50 kept are the coarse top 50.
-    let inputs = ranker.fine_inputs(&user, &items);
+    let inputs = ranker.fine_inputs(&user, &items, NOW);
     let mut coarse = ranker.coarse_scores(&inputs.cross_features).unwrap();
     coarse.sort_by(|a, b| b.total_cmp(a));
     let threshold = coarse[49];
@@ -125,6 +129,6 @@ fn a_user_without_any_signal_is_still_ranked() {
     let ranker = load_ranker();
     let items = ranker.resolve_items(&["1".to_string(), "2".to_string(), "50".to_string()]);
     let nobody = UserFeatures { user_id: "nobody".into(), ..UserFeatures::default() };
-    let ranked = ranker.rank(&nobody, &items, 10).unwrap();
+    let ranked = ranker.rank(&nobody, &items, 10, NOW).unwrap();
     assert_eq!(ranked.len(), 3);
 }

@@ -7,6 +7,9 @@
 //! asked of the same running services: each recall channel alone (recall with only that
 //! channel's fusion weight), the fused recall, + coarse (rank-svc's coarse order), + fine
 //! (rank-svc's fine order); the orchestrator's answer is the last step, + rerank.
+//!
+//! Every request carries the user's latest event time as `request_time` context: the
+//! replay asks as if right after the user's last known activity.
 
 #![forbid(unsafe_code)]
 
@@ -14,10 +17,13 @@ use std::{collections::HashMap, io::Write, path::PathBuf, sync::Arc, time::Durat
 
 use clap::Parser;
 use recsys_chaos::cluster::{Cluster, ClusterPaths, Leaf};
-use recsys_proto::v1::{
-    feature_service_client::FeatureServiceClient, rank_service_client::RankServiceClient,
-    recall_service_client::RecallServiceClient, recommender_client::RecommenderClient, GetUserFeaturesRequest,
-    RankRequest, RecallRequest, RecommendRequest,
+use recsys_proto::{
+    v1::{
+        feature_service_client::FeatureServiceClient, rank_service_client::RankServiceClient,
+        recall_service_client::RecallServiceClient, recommender_client::RecommenderClient, GetUserFeaturesRequest,
+        RankRequest, RecallRequest, RecommendRequest, UserFeatures,
+    },
+    REQUEST_TIME_CONTEXT_KEY,
 };
 use tokio::sync::Semaphore;
 use tonic::transport::Channel;
@@ -68,12 +74,22 @@ async fn connect(address: std::net::SocketAddr) -> anyhow::Result<Channel> {
     Ok(tonic::transport::Endpoint::from_shared(format!("http://{address}"))?.connect().await?)
 }
 
-/// The top-k after each step before rerank, from the stages themselves.
-async fn ablation(clients: &Clients, user_id: &str, top_k: usize) -> anyhow::Result<HashMap<String, Vec<String>>> {
-    let user = FeatureServiceClient::new(clients.feature.clone())
+async fn user_features(clients: &Clients, user_id: &str) -> anyhow::Result<UserFeatures> {
+    Ok(FeatureServiceClient::new(clients.feature.clone())
         .get_user_features(request(GetUserFeaturesRequest { user_id: user_id.into(), max_history: MAX_HISTORY }))
         .await?
-        .into_inner();
+        .into_inner())
+}
+
+/// An offline replay asks each user's request right after their latest known event (the
+/// time the rankers were trained to expect), not at today's date.
+fn replay_context(user: &UserFeatures) -> HashMap<String, String> {
+    let latest = user.history_timestamps.iter().max().copied().unwrap_or_default();
+    HashMap::from([(REQUEST_TIME_CONTEXT_KEY.to_string(), latest.to_string())])
+}
+
+/// The top-k after each step before rerank, from the stages themselves.
+async fn ablation(clients: &Clients, user: UserFeatures, top_k: usize) -> anyhow::Result<HashMap<String, Vec<String>>> {
     let mut recall = RecallServiceClient::new(clients.recall.clone());
     let mut steps = HashMap::new();
     for channel in CHANNELS {
@@ -99,6 +115,7 @@ async fn ablation(clients: &Clients, user_id: &str, top_k: usize) -> anyhow::Res
     steps.insert("recall:fused".into(), fused.iter().take(top_k).map(|c| c.item_id.clone()).collect());
     let ranked = RankServiceClient::new(clients.rank.clone())
         .rank(request(RankRequest {
+            context: replay_context(&user),
             user: Some(user),
             item_ids: fused.into_iter().map(|c| c.item_id).collect(),
             ..RankRequest::default()
@@ -139,12 +156,21 @@ async fn main() -> anyhow::Result<()> {
         let (top_k, with_ablation) = (args.top_k, args.ablation);
         tasks.push(tokio::spawn(async move {
             let _permit = permit;
+            let features = match user_features(&clients, &user).await {
+                Ok(features) => features,
+                Err(error) => return (user.clone(), Err(anyhow::anyhow!("user {user}: {error}")), None),
+            };
             let served = RecommenderClient::new(clients.orchestrator.clone())
-                .recommend(request(RecommendRequest { user_id: user.clone(), top_k, ..RecommendRequest::default() }))
+                .recommend(request(RecommendRequest {
+                    user_id: user.clone(),
+                    top_k,
+                    context: replay_context(&features),
+                    ..RecommendRequest::default()
+                }))
                 .await
                 .map(tonic::Response::into_inner)
                 .map_err(|status| anyhow::anyhow!("user {user}: {status}"));
-            let steps = if with_ablation { Some(ablation(&clients, &user, top_k as usize).await) } else { None };
+            let steps = if with_ablation { Some(ablation(&clients, features, top_k as usize).await) } else { None };
             (user, served, steps)
         }));
     }

@@ -119,9 +119,35 @@ def convert_movielens(raw_dir: Path, out_dir: Path) -> None:
             writer.writerow([row["user_id"], row["age"], row["gender"], row["occupation"]])
 
 
+def table_path(data_dir: Path, stem: str) -> Path:
+    """``<stem>.csv``, or ``<stem>.parquet`` when only that exists."""
+    csv_path, parquet_path = data_dir / f"{stem}.csv", data_dir / f"{stem}.parquet"
+    return parquet_path if parquet_path.is_file() and not csv_path.is_file() else csv_path
+
+
+def _parquet_rows(path: Path, required: list[str]):
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as error:  # pyarrow raises several types for unreadable files
+        raise DataError(f"{path}: not a readable Parquet file ({error})") from None
+    if table.num_rows == 0:
+        raise DataError(f"{path}: file is empty (expected columns {', '.join(required)})")
+    missing = [c for c in required if c not in table.column_names]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)} in columns {table.column_names}")
+    # Values are handed on as text, like CSV cells, so both formats share one validation.
+    for line, row in enumerate(table.to_pylist(), start=1):
+        yield line, {k: ("" if v is None else str(v)) for k, v in row.items()}
+
+
 def _rows(path: Path, required: list[str]):
     if not path.is_file():
         raise DataError(f"{path}: file not found")
+    if path.suffix == ".parquet":
+        yield from _parquet_rows(path, required)
+        return
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is None:
@@ -147,7 +173,7 @@ def _parse(path: Path, line: int, column: str, value: str | None, kind, default=
 def load_dataset(data_dir: Path) -> Dataset:
     """Reads and validates a data directory in the project's format."""
     digest = hashlib.sha256()
-    interactions_path = data_dir / "interactions.csv"
+    interactions_path = table_path(data_dir, "interactions")
     interactions = []
     for line, row in _rows(interactions_path, ["user_id", "item_id", "timestamp"]):
         interactions.append(Interaction(
@@ -159,7 +185,7 @@ def load_dataset(data_dir: Path) -> Dataset:
         ))
     if not interactions:
         raise DataError(f"{interactions_path}: no interactions")
-    items_path = data_dir / "items.csv"
+    items_path = table_path(data_dir, "items")
     items = []
     for line, row in _rows(items_path, ["item_id", "title"]):
         genres = [g for g in (row.get("genres") or "").split("|") if g]
@@ -170,7 +196,7 @@ def load_dataset(data_dir: Path) -> Dataset:
             year=_parse(items_path, line, "year", row.get("year"), int, 0),
         ))
     users: dict[str, User] = {}
-    users_path = data_dir / "users.csv"
+    users_path = table_path(data_dir, "users")
     if users_path.exists():
         for line, row in _rows(users_path, ["user_id"]):
             user = User(
@@ -181,11 +207,11 @@ def load_dataset(data_dir: Path) -> Dataset:
             )
             users[user.user_id] = user
     known_items = {item.item_id for item in items}
-    for line, interaction in enumerate(interactions, start=2):
+    first_row = 1 if interactions_path.suffix == ".parquet" else 2  # CSV counts its header line
+    for line, interaction in enumerate(interactions, start=first_row):
         if interaction.item_id not in known_items:
-            raise DataError(f"{interactions_path}: row {line}, column item_id: item {interaction.item_id!r} is not in items.csv")
-    for name in ("interactions.csv", "items.csv", "users.csv"):
-        path = data_dir / name
+            raise DataError(f"{interactions_path}: row {line}, column item_id: item {interaction.item_id!r} is not in {items_path.name}")
+    for path in (interactions_path, items_path, users_path):
         if path.exists():
             digest.update(path.read_bytes())
     return Dataset(interactions=interactions, items=items, users=users, sha256=digest.hexdigest())

@@ -54,3 +54,28 @@ def test_movielens_conversion_produces_the_project_format(tmp_path):
     assert dataset.items[0].genres == ["Action", "Crime"]
     assert dataset.items[0].year == 1995
     assert dataset.users["2"].occupation == "other"
+
+
+def test_parquet_tables_load_and_bad_values_are_named(small_dataset, tmp_path):
+    import csv
+
+    data = tmp_path / "parquet"
+    data.mkdir()
+    for stem in ("interactions", "items", "users"):
+        with open(small_dataset / f"{stem}.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        columns = {name: [row[name] for row in rows] for name in rows[0]}
+        if stem == "interactions":
+            columns["timestamp"] = [int(v) for v in columns["timestamp"]]
+        pq.write_table(pa.table(columns), data / f"{stem}.parquet")
+    from_csv, from_parquet = load_dataset(small_dataset), load_dataset(data)
+    assert from_parquet.interactions == from_csv.interactions
+    assert from_parquet.items == from_csv.items and from_parquet.users == from_csv.users
+
+    columns["age"] = ["old"] + columns["age"][1:]
+    pq.write_table(pa.table(columns), data / "users.parquet")
+    with pytest.raises(DataError, match=r"users.parquet: row 1, column age: 'old' is not a valid int"):
+        load_dataset(data)
+    pq.write_table(pa.table({"user_id": ["1"], "item_id": ["2"]}), data / "interactions.parquet")
+    with pytest.raises(DataError, match="missing column"):
+        load_dataset(data)

@@ -26,12 +26,15 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--seed", type=int, default=42)
     train.add_argument("--version", help="bundle version (default: timestamp and data hash)")
     train.add_argument("--quick", action="store_true", help="few epochs, for tests")
+    train.add_argument("--feature-config", type=Path, help="feature configuration (default: training/feature_config.toml)")
 
     evaluate = commands.add_parser("eval", help="score the served pipeline on the published MovieLens-100k protocol")
     evaluate.add_argument("--data", type=Path, required=True)
     evaluate.add_argument("--work", type=Path, default=Path("target/eval"))
     evaluate.add_argument("--bin-dir", type=Path, default=Path("target/debug"))
     evaluate.add_argument("--report", type=Path, default=Path("target/reports/eval-ml100k.json"))
+    evaluate.add_argument("--feature-config", type=Path, help="feature configuration (default: training/feature_config.toml)")
+    evaluate.add_argument("--runs", type=int, default=2, help="seeded runs (the second checks reproducibility)")
 
     fresh = commands.add_parser("up-to-date", help="exit 0 when BUNDLE was trained by this pipeline code and feature configuration")
     fresh.add_argument("bundle", type=Path)
@@ -49,13 +52,14 @@ def main(argv: list[str] | None = None) -> int:
             convert_movielens(raw, args.out)
             print(f"[data] MovieLens-100k written to {args.out}")
         elif args.command == "train":
-            config = TrainConfig(seed=args.seed)
+            config = TrainConfig(seed=args.seed, feature_config=str(args.feature_config or ""))
             if args.quick:
                 config.bpr_epochs, config.ranker_epochs = 3, 1
             train_bundle(args.data, args.out, config, args.version)
         elif args.command == "eval":
             from .serving_eval import run
-            run(args.data, args.work, args.bin_dir, args.report)
+            run(args.data, args.work, args.bin_dir, args.report, runs=args.runs,
+                feature_config=str(args.feature_config or ""))
         elif args.command == "up-to-date":
             from .bundle import pipeline_fingerprint
             manifest = args.bundle / "manifest.json"

@@ -25,7 +25,9 @@ CONFIG_PATH = Path(__file__).resolve().parent.parent / "feature_config.toml"
 DAY_SECONDS = 86_400
 _WINDOW = re.compile(r"^(events|interactions)_(\d+)d$")
 ENCODINGS = ("scale", "log1p", "min_max", "one_hot", "multi_hot", "identity")
-CROSS_SOURCES = ("item_cf_score", "item_cf_zscore", "embedding_score")
+CROSS_SOURCES = ("item_cf_score", "item_cf_zscore", "item_cf_recent_score", "embedding_score", "embedding_zscore")
+# item_cf_recent_score looks at this many of the latest history items (rank-svc: RECENT_ITEMS).
+RECENT_ITEMS = 10
 FINE_MODELS = ("din", "deepfm")
 
 
@@ -78,6 +80,11 @@ class FeatureConfig:
     user: list[Feature]
     item: list[Feature]
     cross: list[str]
+    # Columns of ``cross`` the coarse ranker reads (the fine ranker reads all).
+    coarse_cross: list[int] = field(default_factory=list)
+    # Multi-task fine ranker: weight of the like head in the served score, and of its loss.
+    like_weight: float = 0.0
+    like_loss_weight: float = 0.5
 
     @property
     def user_dim(self) -> int:
@@ -217,7 +224,11 @@ def resolve(raw: dict, user_values: list[dict], item_values: list[dict]) -> Feat
             resolved.append(feature)
         return resolved
 
-    cross = [spec["source"] for spec in _parse(raw, "cross")]
+    cross_specs = _parse(raw, "cross")
+    cross = [spec["source"] for spec in cross_specs]
+    coarse_cross = [n for n, spec in enumerate(cross_specs) if spec.get("coarse", True)]
+    if cross and not coarse_cross:
+        raise FeatureConfigError("feature_config [[cross]]: the coarse ranker needs at least one feature (coarse = true)")
     for source in cross:
         if source not in CROSS_SOURCES:
             raise FeatureConfigError(f"feature_config [[cross]]: unknown source {source!r} (known: {CROSS_SOURCES})")
@@ -233,6 +244,9 @@ def resolve(raw: dict, user_values: list[dict], item_values: list[dict]) -> Feat
         user=resolve_group("user", user_values),
         item=resolve_group("item", item_values),
         cross=cross,
+        coarse_cross=coarse_cross,
+        like_weight=float(model.get("like_weight", 0.0)),
+        like_loss_weight=float(model.get("like_loss_weight", 0.5)),
     )
 
 
@@ -290,20 +304,30 @@ class CrossScorer:
         return self.weights[history_items].sum(axis=0, dtype=np.float64) if history_items else np.zeros(self.weights.shape[0])
 
     def features(self, user: int, history_items: list[int], items: np.ndarray) -> np.ndarray:
-        scores = self.item_cf_scores(history_items)
-        unseen = np.ones(len(scores), dtype=bool)
+        """``history_items`` latest first; z-scores standardise over the unseen catalog."""
+        unseen = np.ones(self.weights.shape[0], dtype=bool)
         unseen[history_items] = False
-        mean = float(scores[unseen].mean()) if unseen.any() else 0.0
-        std = float(scores[unseen].std()) if unseen.any() else 0.0
+
+        def standardised(scores: np.ndarray) -> np.ndarray:
+            mean = float(scores[unseen].mean()) if unseen.any() else 0.0
+            std = float(scores[unseen].std()) if unseen.any() else 0.0
+            return (scores[items] - mean) / std if std > 1e-9 else np.zeros(len(items))
+
+        item_cf = self.item_cf_scores(history_items)
+        vector = self.user_vectors[user] if user >= 0 else np.zeros(self.item_vectors.shape[1], np.float32)
+        embedding = (self.item_vectors @ vector).astype(np.float64)
         columns = []
         for source in self.cross:
             if source == "item_cf_score":
-                columns.append(scores[items])
+                columns.append(item_cf[items])
             elif source == "item_cf_zscore":
-                columns.append((scores[items] - mean) / std if std > 1e-9 else np.zeros(len(items)))
+                columns.append(standardised(item_cf))
+            elif source == "item_cf_recent_score":
+                columns.append(self.item_cf_scores(history_items[:RECENT_ITEMS])[items])
             elif source == "embedding_score":
-                vector = self.user_vectors[user] if user >= 0 else np.zeros(self.item_vectors.shape[1], np.float32)
-                columns.append(self.item_vectors[items] @ vector)
+                columns.append(embedding[items])
+            elif source == "embedding_zscore":
+                columns.append(standardised(embedding))
         return np.stack(columns, axis=1).astype(np.float32)
 
 

@@ -51,44 +51,72 @@ def sparsify(weights: np.ndarray, keep: int) -> np.ndarray:
 
 
 class CoarseRanker(nn.Module):
-    """The coarse stage: a shallow MLP over the cheap cross features only, so it can score
-    every recalled candidate."""
+    """The coarse stage: a shallow MLP over a few cheap cross features (``columns`` of the
+    cross feature vector, chosen in the feature configuration), so it can score every
+    recalled candidate."""
 
-    def __init__(self, cross_dim: int, hidden: int = 16) -> None:
+    def __init__(self, columns: list[int], hidden: int = 16) -> None:
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(cross_dim, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        self.register_buffer("columns", torch.as_tensor(columns, dtype=torch.int64))
+        self.mlp = nn.Sequential(nn.Linear(len(columns), hidden), nn.ReLU(), nn.Linear(hidden, 1))
 
     def logit(self, cross_features):
-        return self.mlp(cross_features).squeeze(-1)
+        return self.mlp(cross_features.index_select(-1, self.columns)).squeeze(-1)
 
     def forward(self, cross_features):
         return torch.sigmoid(self.logit(cross_features))
 
 
-class Residual(nn.Module):
-    """Fine rankers refine the coarse ranker rather than start from scratch: their output
-    is added to the (frozen) coarse logit, and their last layer starts at zero, so training
-    begins at the coarse ranker's quality and only keeps what improves on it."""
+class FineRanker(nn.Module):
+    """What DIN and DeepFM share.
 
-    def __init__(self, base: CoarseRanker | None) -> None:
+    Residual on the coarse ranker: the click logit is added to the (frozen) coarse logit
+    and the click head starts at zero, so training begins at the coarse ranker's quality
+    and keeps only what improves on it.
+
+    Multi-task: two heads over the same inputs, *click* (the user engages with the item)
+    and *like* (given engagement, a rating >= 4 or a like/purchase event). The like tower
+    reads the inputs with gradients stopped, so the sparser like labels cannot pull the
+    shared embeddings away from the click task (sharing them cost engagement accuracy on
+    MovieLens). The served score fuses them: ``click * (1 - like_weight + like_weight *
+    like)``; ``like_weight = 0`` ranks by engagement alone. Subclasses implement
+    ``trunk_input`` and may add terms to the click logit with ``extra_click_logit``."""
+
+    def __init__(self, base: CoarseRanker | None, width: int, like_weight: float) -> None:
         super().__init__()
         self.base = base
         if base is not None:
             for parameter in base.parameters():
                 parameter.requires_grad_(False)
+        self.trunk = nn.Sequential(nn.Linear(width, 128), nn.ReLU(), nn.Dropout(0.1), nn.Linear(128, 64), nn.ReLU())
+        self.click_head = nn.Linear(64, 1)
+        nn.init.zeros_(self.click_head.weight)
+        nn.init.zeros_(self.click_head.bias)
+        self.like_tower = nn.Sequential(nn.Linear(width, 64), nn.ReLU(), nn.Linear(64, 1))
+        self.like_weight = float(like_weight)
 
     def base_logit(self, cross_features):
         return self.base.logit(cross_features) if self.base is not None else 0.0
 
+    def trunk_input(self, user_index, item_index, history, user_features, item_features, cross_features):
+        raise NotImplementedError
 
-def _mlp(width: int) -> nn.Sequential:
-    mlp = nn.Sequential(nn.Linear(width, 128), nn.ReLU(), nn.Dropout(0.1), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 1))
-    nn.init.zeros_(mlp[-1].weight)
-    nn.init.zeros_(mlp[-1].bias)
-    return mlp
+    def extra_click_logit(self, inputs, x):
+        return 0.0
+
+    def logits(self, *inputs):
+        """(click logit, like logit) per row, for training."""
+        x = self.trunk_input(*inputs)
+        hidden = self.trunk(x)
+        click = self.base_logit(inputs[-1]) + self.extra_click_logit(inputs, x) + self.click_head(hidden).squeeze(-1)
+        return click, self.like_tower(x.detach()).squeeze(-1)
+
+    def forward(self, user_index, item_index, history, user_features, item_features, cross_features):
+        click, like = self.logits(user_index, item_index, history, user_features, item_features, cross_features)
+        return torch.sigmoid(click) * (1.0 - self.like_weight + self.like_weight * torch.sigmoid(like))
 
 
-class Din(Residual):
+class Din(FineRanker):
     """Deep Interest Network (Zhou et al., 2018): the candidate attends over the user's
     behaviour sequence, so the user's interest vector depends on the item being scored.
 
@@ -97,16 +125,15 @@ class Din(Residual):
     divided by the sequence length only to keep its scale independent of history length."""
 
     def __init__(self, num_users: int, num_items: int, user_dim: int, item_dim: int, cross_dim: int, dim: int,
-                 base: CoarseRanker | None = None) -> None:
-        super().__init__(base)
+                 base: CoarseRanker | None = None, like_weight: float = 0.0) -> None:
+        super().__init__(base, 3 * dim + user_dim + item_dim + cross_dim, like_weight)
         self.user_embedding = nn.Embedding(num_users + 1, dim)
         self.item_embedding = nn.Embedding(num_items + 1, dim)
         nn.init.normal_(self.user_embedding.weight, std=0.05)
         nn.init.normal_(self.item_embedding.weight, std=0.05)
         self.attention = nn.Sequential(nn.Linear(4 * dim, 32), nn.ReLU(), nn.Linear(32, 1))
-        self.mlp = _mlp(3 * dim + user_dim + item_dim + cross_dim)
 
-    def forward(self, user_index, item_index, history, user_features, item_features, cross_features):
+    def trunk_input(self, user_index, item_index, history, user_features, item_features, cross_features):
         user = self.user_embedding(user_index)
         item = self.item_embedding(item_index)
         behaviour = self.item_embedding(history)
@@ -114,19 +141,18 @@ class Din(Residual):
         weights = self.attention(torch.cat([behaviour, query, behaviour - query, behaviour * query], dim=-1)).squeeze(-1)
         mask = (history > 0).to(weights.dtype)
         interest = ((weights * mask).unsqueeze(-1) * behaviour).sum(1) / mask.sum(1, keepdim=True).clamp(min=1.0)
-        x = torch.cat([user, item, interest, user_features, item_features, cross_features], dim=-1)
-        return torch.sigmoid(self.base_logit(cross_features) + self.mlp(x).squeeze(-1))
+        return torch.cat([user, item, interest, user_features, item_features, cross_features], dim=-1)
 
 
-class DeepFm(Residual):
+class DeepFm(FineRanker):
     """DeepFM (Guo et al., 2017): first-order terms, pairwise factorisation-machine
     interactions between field embeddings, and a deep MLP over the same embeddings.
     Fields: user id, item id, the mean of the behaviour sequence, and one learned
     projection each of the user, item and cross feature vectors."""
 
     def __init__(self, num_users: int, num_items: int, user_dim: int, item_dim: int, cross_dim: int, dim: int,
-                 base: CoarseRanker | None = None) -> None:
-        super().__init__(base)
+                 base: CoarseRanker | None = None, like_weight: float = 0.0) -> None:
+        super().__init__(base, 6 * dim, like_weight)
         self.user_embedding = nn.Embedding(num_users + 1, dim)
         self.item_embedding = nn.Embedding(num_items + 1, dim)
         nn.init.normal_(self.user_embedding.weight, std=0.05)
@@ -141,20 +167,31 @@ class DeepFm(Residual):
         self.user_field = nn.Linear(user_dim, dim)
         self.item_field = nn.Linear(item_dim, dim)
         self.cross_field = nn.Linear(cross_dim, dim)
-        self.mlp = _mlp(6 * dim)
+        # Small field vectors, so the pairwise term starts near 0 and training starts at
+        # the coarse ranker's quality (like the other terms).
+        for field in (self.user_field, self.item_field, self.cross_field):
+            nn.init.normal_(field.weight, std=0.01)
+            nn.init.zeros_(field.bias)
+        self.dim = dim
 
-    def forward(self, user_index, item_index, history, user_features, item_features, cross_features):
+    def trunk_input(self, user_index, item_index, history, user_features, item_features, cross_features):
+        """The deep part's input: the field embeddings, flattened."""
         mask = (history > 0).to(user_features.dtype).unsqueeze(-1)
         behaviour = (self.item_embedding(history) * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         fields = torch.stack([
             self.user_embedding(user_index), self.item_embedding(item_index), behaviour,
             self.user_field(user_features), self.item_field(item_features), self.cross_field(cross_features),
         ], dim=1)
+        return fields.flatten(1)
+
+    def extra_click_logit(self, inputs, x):
+        """First-order terms and the factorisation machine's pairwise interactions."""
+        user_index, item_index, _, user_features, item_features, cross_features = inputs
+        fields = x.reshape(-1, x.shape[1] // self.dim, self.dim)
         first_order = (self.linear(torch.cat([user_features, item_features, cross_features], dim=-1))
                        + self.user_bias(user_index) + self.item_bias(item_index)).squeeze(-1)
         pairwise = 0.5 * (fields.sum(1).pow(2) - fields.pow(2).sum(1)).sum(-1)
-        deep = self.mlp(fields.flatten(1)).squeeze(-1)
-        return torch.sigmoid(self.base_logit(cross_features) + first_order + pairwise + deep)
+        return first_order + pairwise
 
 
 FINE_RANKERS = {"din": Din, "deepfm": DeepFm}

@@ -75,9 +75,9 @@ def score(relevant: dict[str, set[str]], answers: list[dict], step: str | None =
     return {key: round(report[key], 6) for key in METRIC_KEYS}, metrics.ndcg_ci95()
 
 
-def one_run(data_dir: Path, work: Path, bin_dir: Path, seed: int, name: str, ablation: bool, relevant, train_dir: Path) -> dict:
+def one_run(work: Path, bin_dir: Path, config: TrainConfig, name: str, ablation: bool, relevant, train_dir: Path) -> dict:
     bundles = work / f"bundles-{name}"
-    published = train_bundle(train_dir, bundles, TrainConfig(seed=seed), version=name)
+    published = train_bundle(train_dir, bundles, config, version=name)
     manifest = json.loads((published / "manifest.json").read_text())
     users_file = work / "users.txt"
     users_file.write_text("\n".join(sorted(relevant)) + "\n")
@@ -114,10 +114,12 @@ def print_table(result: dict) -> None:
           f"{repro['max_abs_difference']:.4f} (tolerance {REPRODUCIBILITY_TOLERANCE})")
 
 
-def run(data_dir: Path, work: Path, bin_dir: Path, report: Path, seed: int = 42, runs: int = 2) -> dict:
+def run(data_dir: Path, work: Path, bin_dir: Path, report: Path, seed: int = 42, runs: int = 2,
+        feature_config: str = "") -> dict:
     started = time.monotonic()
     train_dir, relevant = write_split(data_dir, work)
-    results = [one_run(data_dir, work, bin_dir, seed, f"eval-run{n + 1}", n == 0, relevant, train_dir) for n in range(runs)]
+    config = TrainConfig(seed=seed, feature_config=feature_config)
+    results = [one_run(work, bin_dir, config, f"eval-run{n + 1}", n == 0, relevant, train_dir) for n in range(max(runs, 1))]
     first = results[0]
     differences = [abs(r["metrics"][k] - first["metrics"][k]) for r in results[1:] for k in METRIC_KEYS]
     max_difference = round(max(differences, default=0.0), 6)
@@ -129,7 +131,7 @@ def run(data_dir: Path, work: Path, bin_dir: Path, report: Path, seed: int = 42,
         "ranker_auc": first["ranker_auc"],
         "fine_model": first["fine_model"],
         "reproducibility": {
-            "runs": runs, "seed": seed, "metrics": [r["metrics"] for r in results],
+            "runs": len(results), "seed": seed, "metrics": [r["metrics"] for r in results],
             "max_abs_difference": max_difference, "tolerance": REPRODUCIBILITY_TOLERANCE,
             "within_tolerance": max_difference <= REPRODUCIBILITY_TOLERANCE,
         },

@@ -42,6 +42,7 @@ class TrainConfig:
     ranker_epochs: int = 4
     coarse_epochs: int = 3
     ranker_lr: float = 2e-3
+    ranker_weight_decay: float = 0.0
     user_dropout: float = 0.1
     batch_size: int = 512
     auc_negatives: int = 4
@@ -135,6 +136,8 @@ class RankerRows:
     items: np.ndarray
     cross: np.ndarray
     labels: np.ndarray
+    # 1 where the held-out interaction was a like (rating >= 4, like or purchase).
+    likes: np.ndarray
 
     def tensors(self, state: ModelState) -> tuple[torch.Tensor, ...]:
         """The fine model's inputs, in ONNX input order (ids are 1-based, 0 = unknown)."""
@@ -143,11 +146,11 @@ class RankerRows:
                 torch.as_tensor(state.item_rows[self.items]), torch.as_tensor(self.cross))
 
     def take(self, index: np.ndarray) -> "RankerRows":
-        return RankerRows(self.users[index], self.items[index], self.cross[index], self.labels[index])
+        return RankerRows(self.users[index], self.items[index], self.cross[index], self.labels[index], self.likes[index])
 
 
-def ranker_rows(state: ModelState, users: np.ndarray, held_out: dict[int, set[int]], config: TrainConfig, rng,
-                hard: bool) -> RankerRows:
+def ranker_rows(state: ModelState, users: np.ndarray, held_out: dict[int, set[int]], liked: set[tuple[int, int]],
+                config: TrainConfig, rng, hard: bool) -> RankerRows:
     """Training/validation rows for the rankers, per user with held-out items.
 
     ``hard``: the item-to-item model's best unseen items plus as many random unseen ones
@@ -158,7 +161,7 @@ def ranker_rows(state: ModelState, users: np.ndarray, held_out: dict[int, set[in
     Otherwise: the held-out items against ``auc_negatives`` random unseen items each (the
     classic sampled-negative AUC set)."""
     num_items = state.item_vectors.shape[0]
-    all_users, all_items, all_cross, all_labels = [], [], [], []
+    all_users, all_items, all_cross, all_labels, all_likes = [], [], [], [], []
     for user in users:
         positives = held_out.get(int(user), set())
         if not positives:
@@ -180,15 +183,18 @@ def ranker_rows(state: ModelState, users: np.ndarray, held_out: dict[int, set[in
         all_items.append(items)
         all_cross.append(state.cross.features(int(user), history, items))
         all_labels.append(np.isin(items, list(positives)).astype(np.float32))
+        all_likes.append(np.array([(int(user), int(item)) in liked for item in items], dtype=np.float32))
     return RankerRows(np.concatenate(all_users), np.concatenate(all_items), np.concatenate(all_cross),
-                      np.concatenate(all_labels))
+                      np.concatenate(all_labels), np.concatenate(all_likes))
 
 
-def _fit(model, inputs: tuple[torch.Tensor, ...], labels: torch.Tensor, epochs: int, config: TrainConfig, rng,
-         evaluate, label: str, drop_user_ids: bool) -> None:
-    optimiser = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.ranker_lr)
-    loss_fn = torch.nn.BCELoss()
-    n = len(labels)
+def _fit(model, inputs: tuple[torch.Tensor, ...], targets: tuple[torch.Tensor, ...], loss_of, epochs: int,
+         config: TrainConfig, rng, evaluate, label: str, drop_user_ids: bool) -> None:
+    """Mini-batch Adam on ``loss_of(model, feed, targets)``, keeping the epoch with the
+    best ``evaluate()`` (validation AUC)."""
+    optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.ranker_lr,
+                                  weight_decay=config.ranker_weight_decay)
+    n = len(targets[0])
     best_auc, best_state = evaluate(), copy.deepcopy(model.state_dict())
     for epoch in range(epochs):
         model.train()
@@ -201,7 +207,7 @@ def _fit(model, inputs: tuple[torch.Tensor, ...], labels: torch.Tensor, epochs: 
                 # Drop user ids now and then so index 0 (unknown user) learns a sensible default.
                 dropped = torch.as_tensor(rng.random(len(batch)) < config.user_dropout)
                 feed[0] = torch.where(dropped, torch.zeros_like(feed[0]), feed[0])
-            loss = loss_fn(model(*feed), labels[batch])
+            loss = loss_of(model, feed, [t[batch] for t in targets])
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
@@ -216,10 +222,38 @@ def _fit(model, inputs: tuple[torch.Tensor, ...], labels: torch.Tensor, epochs: 
     model.eval()
 
 
+def coarse_loss(model, feed, targets):
+    return torch.nn.functional.binary_cross_entropy_with_logits(model.logit(*feed), targets[0])
+
+
+def multi_task_loss(like_loss_weight: float):
+    """Click loss on every row plus the like loss on the engaged (click = 1) rows."""
+    def loss(model, feed, targets):
+        clicks, likes = targets
+        click_logit, like_logit = model.logits(*feed)
+        total = torch.nn.functional.binary_cross_entropy_with_logits(click_logit, clicks)
+        engaged = clicks > 0
+        if like_loss_weight > 0 and engaged.any():
+            total = total + like_loss_weight * torch.nn.functional.binary_cross_entropy_with_logits(
+                like_logit[engaged], likes[engaged])
+        return total
+    return loss
+
+
 def predict(model, inputs: tuple[torch.Tensor, ...]) -> np.ndarray:
     with torch.no_grad():
         return np.concatenate([model(*(t[s:s + 8192] for t in inputs)).numpy()
                                for s in range(0, len(inputs[0]), 8192)]) if len(inputs[0]) else np.zeros(0)
+
+
+def like_auc(model, rows: RankerRows, inputs: tuple[torch.Tensor, ...]) -> float:
+    """AUC of the like head among held-out (engaged) rows: liked vs not liked."""
+    engaged = rows.labels > 0
+    if engaged.sum() == 0:
+        return float("nan")
+    with torch.no_grad():
+        _, like_logit = model.logits(*(t[torch.as_tensor(engaged)] for t in inputs))
+    return auc(rows.likes[engaged], like_logit.numpy())
 
 
 def export_onnx(model, inputs: tuple[torch.Tensor, ...], names: list[str], path: Path) -> float:
@@ -254,7 +288,7 @@ def ranker_fixture(universe: Universe, state: ModelState, features: FeatureConfi
         scores[history.items] = -np.inf
         items = np.array([int(np.argmax(scores)), int(rng.integers(0, len(universe.dataset.items)))], dtype=np.int64)
         rows = RankerRows(np.full(2, user, dtype=np.int64), items, state.cross.features(int(user), history.items, items),
-                          np.zeros(2, dtype=np.float32))
+                          np.zeros(2, dtype=np.float32), np.zeros(2, dtype=np.float32))
         uid = universe.user_ids[user]
         profile = universe.dataset.users.get(uid)
         # A request some hours after the latest event, so the time features are exercised.
@@ -300,9 +334,13 @@ def train_bundle(data_dir: Path, out_root: Path, config: TrainConfig | None = No
     held = rng.random(len(dataset.interactions)) < config.ranker_holdout
     past_interactions = [i for i, h in zip(dataset.interactions, held) if not h]
     held_out: dict[int, set[int]] = {}
+    liked: set[tuple[int, int]] = set()
     for interaction, h in zip(dataset.interactions, held):
         if h:
-            held_out.setdefault(universe.user_position[interaction.user_id], set()).add(item_position[interaction.item_id])
+            pair = (universe.user_position[interaction.user_id], item_position[interaction.item_id])
+            held_out.setdefault(pair[0], set()).add(pair[1])
+            if interaction.rating >= 4 or interaction.event in ("like", "purchase"):
+                liked.add(pair)
     past = fit_state(universe, past_interactions, config, rng, "past")
     for user, items in held_out.items():
         items.difference_update(past.histories[user].items)  # re-consumed items are not news
@@ -316,30 +354,35 @@ def train_bundle(data_dir: Path, out_root: Path, config: TrainConfig | None = No
     users = rng.permutation(len(user_ids))
     validation_count = max(1, int(len(users) * config.ranker_validation_users))
     validation_users, training_users = users[:validation_count], users[validation_count:]
-    train_rows = ranker_rows(past, training_users, held_out, config, rng, hard=True)
-    validation_rows = ranker_rows(past, validation_users, held_out, config, rng, hard=True)
-    auc_rows = ranker_rows(past, validation_users, held_out, config, rng, hard=False)
+    train_rows = ranker_rows(past, training_users, held_out, liked, config, rng, hard=True)
+    validation_rows = ranker_rows(past, validation_users, held_out, liked, config, rng, hard=True)
+    auc_rows = ranker_rows(past, validation_users, held_out, liked, config, rng, hard=False)
     log(f"ranker data: {len(train_rows.labels)} training rows ({int(train_rows.labels.sum())} positive), "
         f"{len(validation_rows.labels)} validation rows from {validation_count} held-out users")
 
-    train_inputs, labels = train_rows.tensors(past), torch.as_tensor(train_rows.labels)
+    train_inputs = train_rows.tensors(past)
+    clicks, likes = torch.as_tensor(train_rows.labels), torch.as_tensor(train_rows.likes)
     validation_inputs = validation_rows.tensors(past)
-    coarse = CoarseRanker(features.cross_dim)
-    _fit(coarse, (train_inputs[-1],), labels, config.coarse_epochs, config, rng,
+    coarse = CoarseRanker(features.coarse_cross)
+    _fit(coarse, (train_inputs[-1],), (clicks,), coarse_loss, config.coarse_epochs, config, rng,
          lambda: auc(validation_rows.labels, predict(coarse, (validation_inputs[-1],))), "coarse", drop_user_ids=False)
     fine = FINE_RANKERS[features.fine_model](len(user_ids), len(dataset.items), features.user_dim, features.item_dim,
-                                             features.cross_dim, features.embedding_dim, base=coarse)
-    _fit(fine, train_inputs, labels, config.ranker_epochs, config, rng,
-         lambda: auc(validation_rows.labels, predict(fine, validation_inputs)), features.fine_model, drop_user_ids=True)
+                                             features.cross_dim, features.embedding_dim, base=coarse,
+                                             like_weight=features.like_weight)
+    _fit(fine, train_inputs, (clicks, likes), multi_task_loss(features.like_loss_weight), config.ranker_epochs, config,
+         rng, lambda: auc(validation_rows.labels, predict(fine, validation_inputs)), features.fine_model,
+         drop_user_ids=True)
     auc_inputs = auc_rows.tensors(past)
     metrics = {
         "coarse_auc": auc(auc_rows.labels, predict(coarse, (auc_inputs[-1],))),
         "fine_auc": auc(auc_rows.labels, predict(fine, auc_inputs)),
         "coarse_auc_recall_candidates": auc(validation_rows.labels, predict(coarse, (validation_inputs[-1],))),
         "fine_auc_recall_candidates": auc(validation_rows.labels, predict(fine, validation_inputs)),
+        "like_auc": like_auc(fine, validation_rows, validation_inputs),
     }
     log("held-out AUC (sampled negatives): coarse {coarse_auc:.4f}, fine {fine_auc:.4f}; "
-        "on recall candidates: coarse {coarse_auc_recall_candidates:.4f}, fine {fine_auc_recall_candidates:.4f}".format(**metrics))
+        "on recall candidates: coarse {coarse_auc_recall_candidates:.4f}, fine {fine_auc_recall_candidates:.4f}; "
+        "like head on engaged rows {like_auc:.4f}".format(**metrics))
 
     out_root.mkdir(parents=True, exist_ok=True)
     version = version or f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{dataset.sha256[:8]}"

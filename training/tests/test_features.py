@@ -65,7 +65,8 @@ def test_the_declarative_file_resolves_against_the_data():
     assert occupation.vocabulary == ["artist", "writer"]
     year = next(f for f in resolved.item if f.source == "year")
     assert (year.min, year.max) == (1990.0, 1990.0)
-    assert resolved.fine_model in ("din", "deepfm") and resolved.cross_dim == 3
+    assert resolved.fine_model in ("din", "deepfm") and resolved.cross_dim >= 3
+    assert resolved.coarse_cross and max(resolved.coarse_cross) < resolved.cross_dim
 
 
 def test_bad_configurations_are_named():
@@ -73,6 +74,8 @@ def test_bad_configurations_are_named():
         resolve({"user": [{"source": "age", "encoding": "sqrt"}]}, [], [])
     with pytest.raises(FeatureConfigError, match="unknown source"):
         resolve({"cross": [{"source": "graph_score"}]}, [], [])
+    with pytest.raises(FeatureConfigError, match="coarse ranker needs"):
+        resolve({"cross": [{"source": "item_cf_score", "coarse": False}]}, [], [])
     with pytest.raises(FeatureConfigError, match="fine"):
         resolve({"model": {"fine": "transformer"}}, [], [])
 
@@ -98,3 +101,17 @@ def test_histories_are_latest_first_and_cross_features_follow_the_weights():
     weights[1, 3] = 0.25
     scorer = CrossScorer(weights, np.ones((1, 2)), np.ones((4, 2)), ["item_cf_score", "embedding_score"])
     assert scorer.features(0, [0, 1], np.array([3])).tolist() == [[0.75, 2.0]]
+
+
+def test_recent_and_standardised_cross_features():
+    weights = np.zeros((14, 14), dtype=np.float32)
+    weights[:, 13] = 1.0  # every item points at item 13
+    item_vectors = np.arange(28, dtype=np.float32).reshape(14, 2)
+    scorer = CrossScorer(weights, np.array([[1.0, 0.0]]), item_vectors,
+                         ["item_cf_recent_score", "embedding_zscore", "item_cf_zscore"])
+    history = list(range(12))  # latest first: only the first 10 count as recent
+    recent, embedding_z, item_cf_z = scorer.features(0, history, np.array([12, 13])).T
+    assert recent.tolist() == [0.0, 10.0]
+    # Unseen items are 12 and 13 (embedding scores 24 and 26): standardised to -1 and +1.
+    assert embedding_z.tolist() == pytest.approx([-1.0, 1.0])
+    assert item_cf_z.tolist() == pytest.approx([-1.0, 1.0])

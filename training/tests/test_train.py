@@ -66,3 +66,27 @@ def test_auc_matches_hand_computed_values():
     assert auc(np.array([1, 0]), np.array([0.9, 0.1])) == 1.0
     assert auc(np.array([1, 0]), np.array([0.1, 0.9])) == 0.0
     assert auc(np.array([1, 0, 1, 0]), np.array([0.5, 0.5, 0.5, 0.5])) == 0.5
+
+
+def test_deepfm_is_selected_by_the_feature_configuration(small_dataset, tmp_path):
+    from recsys_training.features import CONFIG_PATH
+
+    config_path = tmp_path / "features.toml"
+    config_path.write_text(CONFIG_PATH.read_text().replace('fine = "din"', 'fine = "deepfm"'))
+    config = quick_config()
+    config.feature_config = str(config_path)
+    published = train_bundle(small_dataset, tmp_path / "b", config, version="v1")
+    manifest = json.loads((published / "manifest.json").read_text())
+    assert manifest["feature_config"]["fine_model"] == "deepfm"
+    assert manifest["metrics"]["onnx_max_abs_diff"] <= 1e-4
+    # Six validation users on this toy set: only "better than chance" is a stable claim.
+    assert manifest["metrics"]["fine_auc"] > 0.5
+
+
+def test_training_is_reproducible_with_a_seed(small_dataset, tmp_path):
+    first = train_bundle(small_dataset, tmp_path / "a", quick_config(), version="v1")
+    second = train_bundle(small_dataset, tmp_path / "b", quick_config(), version="v1")
+    metrics = [json.loads((p / "manifest.json").read_text())["metrics"] for p in (first, second)]
+    for key in ("coarse_auc", "fine_auc"):
+        assert metrics[0][key] == metrics[1][key]
+    assert (first / "ranker_fixture.json").read_text() == (second / "ranker_fixture.json").read_text()

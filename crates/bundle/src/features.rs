@@ -9,6 +9,12 @@ use crate::CatalogItem;
 
 const DAY_SECONDS: i64 = 86_400;
 
+/// The cross features rank-svc computes (see `training/feature_config.toml`).
+pub const CROSS_SOURCES: [&str; 5] =
+    ["item_cf_score", "item_cf_zscore", "item_cf_recent_score", "embedding_score", "embedding_zscore"];
+/// `item_cf_recent_score` looks at this many of the latest history items.
+pub const RECENT_ITEMS: usize = 10;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Encoding {
@@ -106,6 +112,9 @@ pub struct FeatureConfig {
     pub item: Vec<Feature>,
     /// Cross feature names, in column order (computed by rank-svc per candidate).
     pub cross: Vec<String>,
+    /// Columns of `cross` the coarse model reads (it selects them inside its graph).
+    #[serde(default)]
+    pub coarse_cross: Vec<usize>,
 }
 
 /// What the ranker knows about the user of a request.
@@ -173,11 +182,7 @@ impl FeatureConfig {
                 && window_days(s, "events_").is_none()
                 && time_context(s, 0, None).is_none()
         });
-        let cross = self
-            .cross
-            .iter()
-            .map(String::as_str)
-            .filter(|s| !matches!(*s, "item_cf_score" | "item_cf_zscore" | "embedding_score"));
+        let cross = self.cross.iter().map(String::as_str).filter(|s| !CROSS_SOURCES.contains(s));
         user.chain(cross).map(String::from).collect()
     }
 
@@ -290,6 +295,7 @@ mod tests {
                 feature("like_rate", Encoding::Scale),
             ],
             cross: vec!["item_cf_score".into()],
+            coarse_cross: vec![0],
         }
     }
 

@@ -27,7 +27,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 pub use embeddings::EmbeddingSpace;
-pub use features::{Encoding, Feature, FeatureConfig, RankerInputs, UserAttributes};
+pub use features::{Encoding, Feature, FeatureConfig, RankerInputs, UserAttributes, CROSS_SOURCES, RECENT_ITEMS};
 
 /// Bundle format this code reads.
 pub const FORMAT_VERSION: u32 = 2;

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use recsys_proto::v1::RecommendRequest;
+use recsys_proto::{v1::RecommendRequest, REQUEST_TIME_CONTEXT_KEY};
 use serde::{Deserialize, Serialize};
 
 use crate::OrchestratorError;
@@ -74,6 +74,11 @@ impl RecommendQuery {
                 ));
             }
         }
+        if let Some(value) = context.get(REQUEST_TIME_CONTEXT_KEY) {
+            if value.trim().parse::<i64>().is_err() {
+                return invalid(format!("context[{REQUEST_TIME_CONTEXT_KEY:?}] = {value:?} is not Unix seconds"));
+            }
+        }
         if exclude_item_ids.len() > limits.max_excluded_items {
             return invalid(format!(
                 "exclude_item_ids has {} entries; at most {} allowed",
@@ -114,6 +119,16 @@ mod tests {
 
     fn rejection(request: RecommendRequest) -> String {
         RecommendQuery::parse(request, &RequestLimits::default()).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_request_time_must_be_unix_seconds() {
+        let mut bad = request();
+        bad.context.insert(REQUEST_TIME_CONTEXT_KEY.into(), "tomorrow".into());
+        assert!(rejection(bad).contains("request_time"));
+        let mut good = request();
+        good.context.insert(REQUEST_TIME_CONTEXT_KEY.into(), "893286638".into());
+        assert!(RecommendQuery::parse(good, &RequestLimits::default()).is_ok());
     }
 
     #[test]

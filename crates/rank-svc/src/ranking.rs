@@ -5,7 +5,7 @@ use std::{collections::HashMap, path::Path};
 use ort::environment::Environment;
 use recsys_bundle::{
     read_catalog, read_item_neighbors, read_manifest, read_user_ids, CatalogItem, EmbeddingSpace, FeatureConfig,
-    RankerInputs, UserAttributes,
+    RankerInputs, UserAttributes, RECENT_ITEMS,
 };
 use recsys_proto::v1::UserFeatures;
 
@@ -62,12 +62,45 @@ struct UserContext {
     features: Vec<f32>,
     /// `history_length` 1-based item indices, latest first, 0-padded.
     history: Vec<i64>,
-    /// The item-to-item model's score of every catalog item given the whole history.
-    item_cf: Vec<f64>,
-    /// Mean and standard deviation of `item_cf` over the items the user has not seen.
-    item_cf_mean: f64,
-    item_cf_std: f64,
+    /// The item-to-item model's score of every catalog item given the whole history,
+    /// standardised over the items the user has not seen.
+    item_cf: Standardised,
+    /// The same given only the latest `RECENT_ITEMS` items (empty unless configured).
+    item_cf_recent: Vec<f64>,
+    /// The embedding inner product with every catalog item (empty unless configured).
+    embedding: Standardised,
     vector: Option<Vec<f32>>,
+}
+
+/// Scores over the catalog with their mean and standard deviation over unseen items.
+#[derive(Default)]
+struct Standardised {
+    scores: Vec<f64>,
+    mean: f64,
+    std: f64,
+}
+
+impl Standardised {
+    fn new(scores: Vec<f64>, seen: &[bool]) -> Self {
+        let unseen: Vec<f64> = scores.iter().zip(seen).filter(|(_, &seen)| !seen).map(|(&s, _)| s).collect();
+        let count = unseen.len().max(1) as f64;
+        let mean = unseen.iter().sum::<f64>() / count;
+        let std = (unseen.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / count).sqrt();
+        Self { scores, mean, std }
+    }
+
+    fn raw(&self, item: usize) -> f32 {
+        self.scores.get(item).copied().unwrap_or_default() as f32
+    }
+
+    /// 0 when the scores are flat (no signal), as training encodes it.
+    fn z(&self, item: usize) -> f32 {
+        if self.std > 1e-9 {
+            ((self.scores.get(item).copied().unwrap_or_default() - self.mean) / self.std) as f32
+        } else {
+            0.0
+        }
+    }
 }
 
 impl Ranker {
@@ -163,27 +196,45 @@ impl Ranker {
         for (slot, &item) in history.iter_mut().zip(&history_items) {
             *slot = item as i64 + 1;
         }
-        let mut item_cf = vec![0.0f64; self.catalog.len()];
         let mut seen = vec![false; self.catalog.len()];
         for &item in &history_items {
             seen[item] = true;
-            for &(other, weight) in &self.neighbors[item] {
-                item_cf[other] += f64::from(weight);
-            }
         }
-        let unseen: Vec<f64> = item_cf.iter().zip(&seen).filter(|(_, &seen)| !seen).map(|(&s, _)| s).collect();
-        let count = unseen.len().max(1) as f64;
-        let item_cf_mean = unseen.iter().sum::<f64>() / count;
-        let item_cf_std = (unseen.iter().map(|s| (s - item_cf_mean).powi(2)).sum::<f64>() / count).sqrt();
+        let wants = |source: &str| self.features.cross.iter().any(|s| s == source);
+        let vector = self.embeddings.user_vector(&user.user_id, &user.history_item_ids);
+        let embedding = if wants("embedding_zscore") {
+            let scores = (0..self.catalog.len())
+                .map(|item| vector.as_ref().map_or(0.0, |v| f64::from(self.embeddings.score(v, item))))
+                .collect();
+            Standardised::new(scores, &seen)
+        } else {
+            Standardised::default()
+        };
+        let item_cf_recent = if wants("item_cf_recent_score") {
+            self.item_cf_scores(&history_items[..history_items.len().min(RECENT_ITEMS)])
+        } else {
+            Vec::new()
+        };
         UserContext {
             index: self.user_index.get(&user.user_id).copied().unwrap_or(0),
             features,
             history,
-            item_cf,
-            item_cf_mean,
-            item_cf_std,
-            vector: self.embeddings.user_vector(&user.user_id, &user.history_item_ids),
+            item_cf: Standardised::new(self.item_cf_scores(&history_items), &seen),
+            item_cf_recent,
+            embedding,
+            vector,
         }
+    }
+
+    /// The item-to-item model's score of every catalog item given `history` (positions).
+    fn item_cf_scores(&self, history: &[usize]) -> Vec<f64> {
+        let mut scores = vec![0.0f64; self.catalog.len()];
+        for &item in history {
+            for &(other, weight) in &self.neighbors[item] {
+                scores[other] += f64::from(weight);
+            }
+        }
+        scores
     }
 
     /// The cross features of `items`, rows in the configuration's column order.
@@ -192,12 +243,12 @@ impl Ranker {
         for &item in items {
             for source in &self.features.cross {
                 out.push(match source.as_str() {
-                    "item_cf_score" => context.item_cf[item] as f32,
-                    "item_cf_zscore" if context.item_cf_std > 1e-9 => {
-                        ((context.item_cf[item] - context.item_cf_mean) / context.item_cf_std) as f32
-                    }
+                    "item_cf_score" => context.item_cf.raw(item),
+                    "item_cf_zscore" => context.item_cf.z(item),
+                    "item_cf_recent_score" => context.item_cf_recent.get(item).copied().unwrap_or_default() as f32,
                     "embedding_score" => context.vector.as_ref().map_or(0.0, |v| self.embeddings.score(v, item)),
-                    // Checked at load time: only the z-score of a flat history lands here.
+                    "embedding_zscore" => context.embedding.z(item),
+                    // Unknown sources are refused when the bundle loads.
                     _ => 0.0,
                 });
             }

@@ -21,7 +21,7 @@ use recsys_proto::{
     v1::{
         feature_service_client::FeatureServiceClient, rank_service_client::RankServiceClient,
         recall_service_client::RecallServiceClient, recommender_client::RecommenderClient, GetUserFeaturesRequest,
-        RankRequest, RecallRequest, RecommendRequest, UserFeatures,
+        RankRequest, RecallRequest, RecommendRequest, RecommendResponse, UserFeatures,
     },
     REQUEST_TIME_CONTEXT_KEY,
 };
@@ -86,6 +86,38 @@ async fn user_features(clients: &Clients, user_id: &str) -> anyhow::Result<UserF
 fn replay_context(user: &UserFeatures) -> HashMap<String, String> {
     let latest = user.history_timestamps.iter().max().copied().unwrap_or_default();
     HashMap::from([(REQUEST_TIME_CONTEXT_KEY.to_string(), latest.to_string())])
+}
+
+/// Attempts per user: a stage that misses its budget under a momentary CPU spike (two
+/// shared cores run the client and five services) degrades one answer; the evaluation
+/// measures quality, so such an answer is asked again rather than scored.
+const ATTEMPTS: usize = 3;
+
+/// The served answer and how many degraded answers were asked again.
+async fn recommend(
+    clients: &Clients,
+    user: &str,
+    top_k: u32,
+    context: HashMap<String, String>,
+) -> anyhow::Result<(RecommendResponse, usize)> {
+    let mut client = RecommenderClient::new(clients.orchestrator.clone());
+    let mut retried = 0;
+    loop {
+        let response = client
+            .recommend(request(RecommendRequest {
+                user_id: user.to_string(),
+                top_k,
+                context: context.clone(),
+                ..RecommendRequest::default()
+            }))
+            .await
+            .map_err(|status| anyhow::anyhow!("user {user}: {status}"))?
+            .into_inner();
+        if response.degraded_stages.is_empty() || retried + 1 >= ATTEMPTS {
+            return Ok((response, retried));
+        }
+        retried += 1;
+    }
 }
 
 /// The top-k after each step before rerank, from the stages themselves.
@@ -160,26 +192,18 @@ async fn main() -> anyhow::Result<()> {
                 Ok(features) => features,
                 Err(error) => return (user.clone(), Err(anyhow::anyhow!("user {user}: {error}")), None),
             };
-            let served = RecommenderClient::new(clients.orchestrator.clone())
-                .recommend(request(RecommendRequest {
-                    user_id: user.clone(),
-                    top_k,
-                    context: replay_context(&features),
-                    ..RecommendRequest::default()
-                }))
-                .await
-                .map(tonic::Response::into_inner)
-                .map_err(|status| anyhow::anyhow!("user {user}: {status}"));
+            let served = recommend(&clients, &user, top_k, replay_context(&features)).await;
             let steps = if with_ablation { Some(ablation(&clients, features, top_k as usize).await) } else { None };
             (user, served, steps)
         }));
     }
     let mut out = std::io::BufWriter::new(std::fs::File::create(&args.out)?);
-    let (mut served, mut degraded) = (0usize, 0usize);
+    let (mut served, mut degraded, mut retried) = (0usize, 0usize, 0usize);
     for task in tasks {
         let (user, response, steps) = task.await?;
-        let response = response?;
+        let (response, user_retries) = response?;
         served += 1;
+        retried += user_retries;
         degraded += usize::from(!response.degraded_stages.is_empty());
         let mut line = serde_json::json!({
             "user_id": user,
@@ -194,7 +218,10 @@ async fn main() -> anyhow::Result<()> {
     }
     out.flush()?;
     cluster.shutdown().await;
-    println!("served {served} users ({degraded} with a degraded stage) -> {}", args.out.display());
+    println!(
+        "served {served} users ({degraded} with a degraded stage; {retried} degraded answers asked again) -> {}",
+        args.out.display()
+    );
     if degraded > 0 {
         anyhow::bail!("{degraded} answers were degraded: the evaluation would not measure the full pipeline");
     }

@@ -4,8 +4,8 @@ use std::{collections::HashMap, path::Path};
 
 use ort::environment::Environment;
 use recsys_bundle::{
-    read_catalog, read_item_neighbors, read_manifest, read_user_ids, CatalogItem, EmbeddingSpace, FeatureConfig,
-    RankerInputs, UserAttributes, RECENT_ITEMS,
+    read_catalog, read_item_neighbor_positions, read_manifest, read_user_ids, CatalogItem, EmbeddingSpace,
+    FeatureConfig, RankerInputs, UserAttributes, RECENT_ITEMS,
 };
 use recsys_proto::v1::UserFeatures;
 
@@ -121,19 +121,7 @@ impl Ranker {
         for item in &catalog {
             features.item_features(item, &mut item_features);
         }
-        let mut neighbor_map = read_item_neighbors(dir)?;
-        let neighbors = embeddings
-            .item_ids
-            .iter()
-            .map(|id| {
-                neighbor_map
-                    .remove(id)
-                    .unwrap_or_default()
-                    .into_iter()
-                    .filter_map(|(other, weight)| Some((embeddings.item_position(&other)?, weight)))
-                    .collect()
-            })
-            .collect();
+        let neighbors = read_item_neighbor_positions(dir, &embeddings)?;
         let load =
             |file: &str, inputs| OnnxModel::load(&dir.join(file), inputs, environment, sessions, intra_op_threads);
         let coarse_model = load("coarse.onnx", &COARSE_INPUTS)?;

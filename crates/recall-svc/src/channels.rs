@@ -4,7 +4,7 @@
 use std::{collections::HashSet, path::Path};
 
 use recsys_bundle::{
-    embeddings::dot, read_catalog, read_item_neighbors, read_manifest, read_popularity, EmbeddingSpace,
+    embeddings::dot, read_catalog, read_item_neighbor_positions, read_manifest, read_popularity, EmbeddingSpace,
 };
 
 use crate::Result;
@@ -59,19 +59,7 @@ impl RecallIndex {
         let manifest = read_manifest(dir)?;
         let embeddings = EmbeddingSpace::load(dir)?;
         let catalog = read_catalog(dir)?;
-        let mut neighbor_map = read_item_neighbors(dir)?;
-        let neighbors = embeddings
-            .item_ids
-            .iter()
-            .map(|id| {
-                neighbor_map
-                    .remove(id)
-                    .unwrap_or_default()
-                    .into_iter()
-                    .filter_map(|(neighbor, similarity)| Some((embeddings.item_position(&neighbor)?, similarity)))
-                    .collect()
-            })
-            .collect();
+        let neighbors = read_item_neighbor_positions(dir, &embeddings)?;
         let popular = read_popularity(dir)?.into_iter().filter_map(|(id, _)| embeddings.item_position(&id)).collect();
         let mut newest: Vec<usize> = (0..catalog.len()).collect();
         newest.sort_by_key(|&n| (std::cmp::Reverse(catalog[n].year), catalog[n].interactions, n));

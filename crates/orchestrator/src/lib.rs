@@ -44,7 +44,9 @@ pub struct Config {
     pub budgets: StageBudgets,
     /// Candidates asked of recall.
     pub candidate_count: u32,
-    /// Candidates rank-svc keeps after coarse ranking.
+    /// Candidates rank-svc keeps after coarse ranking. The fine model's batch is the
+    /// largest per-request CPU cost of the cluster; 50 kept the offline quality of 200
+    /// (`make eval` ablation) and the overload behaviour on 2 cores (`make chaos`).
     pub coarse_keep: u32,
     /// Ranked items handed to rerank, as a multiple of top_k.
     pub rerank_window_factor: u32,
@@ -94,7 +96,7 @@ impl Default for Config {
             limits: RequestLimits::default(),
             budgets: StageBudgets::default(),
             candidate_count: 500,
-            coarse_keep: 200,
+            coarse_keep: 50,
             rerank_window_factor: 5,
             fallback_refresh_ms: 30_000,
             fallback_bundle: Some(PathBuf::from("models/bundles")),

@@ -50,7 +50,7 @@ impl Default for Config {
             server: ServerConfig::with_addresses("127.0.0.1:50054", "127.0.0.1:9094"),
             bundle: PathBuf::from("models/bundles"),
             onnxruntime_library: None,
-            coarse_keep: 200,
+            coarse_keep: 50,
             sessions: 2,
             intra_op_threads: 1,
         }

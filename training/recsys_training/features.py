@@ -346,8 +346,8 @@ def item_feature_rows(config: FeatureConfig, items: list[Item], statistics: dict
                       dtype=np.float32).reshape(len(items), config.item_dim)
 
 
-def build_config(raw: dict, dataset: Dataset, interactions: list[Interaction], user_ids: list[str],
-                 histories: list[UserHistory], statistics: dict[str, dict[str, float]]) -> FeatureConfig:
+def build_config(raw: dict, dataset: Dataset, user_ids: list[str], histories: list[UserHistory],
+                 statistics: dict[str, dict[str, float]]) -> FeatureConfig:
     user_names = source_names(raw, "user")
     user_values = [user_sources(dataset.users.get(uid), h.timestamps, len(h.items), user_names)
                    for uid, h in zip(user_ids, histories)]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import time
-from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -345,7 +344,7 @@ def train_bundle(data_dir: Path, out_root: Path, config: TrainConfig | None = No
     for user, items in held_out.items():
         items.difference_update(past.histories[user].items)  # re-consumed items are not news
     final = fit_state(universe, dataset.interactions, config, rng, "all")
-    features = build_config(raw_features, dataset, dataset.interactions, user_ids, final.histories, final.statistics)
+    features = build_config(raw_features, dataset, user_ids, final.histories, final.statistics)
     # The rankers' "requests" happen right after each user's latest training activity
     # (held out or not), as an offline replay of the data would ask them.
     encode_state(past, universe, features, [max(h.timestamps, default=None) for h in final.histories])
@@ -415,7 +414,7 @@ def train_bundle(data_dir: Path, out_root: Path, config: TrainConfig | None = No
         nonzero = nonzero[np.argsort(-row[nonzero], kind="stable")]
         neighbours[dataset.items[n].item_id] = [[dataset.items[j].item_id, round(float(row[j]), 7)] for j in nonzero]
     (staging / "item_neighbors.json").write_text(json.dumps(neighbours))
-    item_interactions = Counter(i.item_id for i in dataset.interactions)
+    item_interactions = {iid: s["interactions"] for iid, s in final.statistics.items() if s["interactions"] > 0}
     max_count = max(item_interactions.values())
     popularity = sorted(((iid, c / max_count) for iid, c in item_interactions.items()), key=lambda p: (-p[1], p[0]))
     (staging / "popularity.json").write_text(json.dumps([[iid, round(s, 6)] for iid, s in popularity]))

@@ -9,11 +9,32 @@ use crate::CatalogItem;
 
 const DAY_SECONDS: i64 = 86_400;
 
-/// The cross features rank-svc computes (see `training/feature_config.toml`).
-pub const CROSS_SOURCES: [&str; 5] =
-    ["item_cf_score", "item_cf_zscore", "item_cf_recent_score", "embedding_score", "embedding_zscore"];
 /// `item_cf_recent_score` looks at this many of the latest history items.
 pub const RECENT_ITEMS: usize = 10;
+
+/// A user-item cross feature rank-svc computes per candidate (see
+/// `training/feature_config.toml` for what each one is).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrossSource {
+    ItemCfScore,
+    ItemCfZscore,
+    ItemCfRecentScore,
+    EmbeddingScore,
+    EmbeddingZscore,
+}
+
+impl CrossSource {
+    pub fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "item_cf_score" => Self::ItemCfScore,
+            "item_cf_zscore" => Self::ItemCfZscore,
+            "item_cf_recent_score" => Self::ItemCfRecentScore,
+            "embedding_score" => Self::EmbeddingScore,
+            "embedding_zscore" => Self::EmbeddingZscore,
+            _ => return None,
+        })
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -182,7 +203,7 @@ impl FeatureConfig {
                 && window_days(s, "events_").is_none()
                 && time_context(s, 0, None).is_none()
         });
-        let cross = self.cross.iter().map(String::as_str).filter(|s| !CROSS_SOURCES.contains(s));
+        let cross = self.cross.iter().map(String::as_str).filter(|s| CrossSource::parse(s).is_none());
         user.chain(cross).map(String::from).collect()
     }
 

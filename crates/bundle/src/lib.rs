@@ -17,6 +17,7 @@
 
 pub mod embeddings;
 mod features;
+mod item_to_item;
 
 use std::{
     collections::HashMap,
@@ -27,7 +28,8 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 pub use embeddings::EmbeddingSpace;
-pub use features::{Encoding, Feature, FeatureConfig, RankerInputs, UserAttributes, CROSS_SOURCES, RECENT_ITEMS};
+pub use features::{CrossSource, Encoding, Feature, FeatureConfig, RankerInputs, UserAttributes, RECENT_ITEMS};
+pub use item_to_item::ItemToItem;
 
 /// Bundle format this code reads.
 pub const FORMAT_VERSION: u32 = 2;
@@ -146,24 +148,6 @@ pub fn read_user_ids(dir: &Path) -> Result<Vec<String>> {
 /// `item id → [(neighbour id, weight)]`, strongest first.
 pub fn read_item_neighbors(dir: &Path) -> Result<HashMap<String, Vec<(String, f32)>>> {
     read_json(&dir.join("item_neighbors.json"))
-}
-
-/// The item-to-item weights indexed by item position in `embeddings` (ids the embedding
-/// space does not know are dropped): row `i` lists `(other item position, weight)`.
-pub fn read_item_neighbor_positions(dir: &Path, embeddings: &EmbeddingSpace) -> Result<Vec<Vec<(usize, f32)>>> {
-    let mut by_id = read_item_neighbors(dir)?;
-    Ok(embeddings
-        .item_ids
-        .iter()
-        .map(|id| {
-            by_id
-                .remove(id)
-                .unwrap_or_default()
-                .into_iter()
-                .filter_map(|(other, weight)| Some((embeddings.item_position(&other)?, weight)))
-                .collect()
-        })
-        .collect())
 }
 
 /// `[(item id, score)]`, most popular first.

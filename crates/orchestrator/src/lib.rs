@@ -27,7 +27,7 @@ pub use admin::AdminGrpc;
 pub use downstream::ResilienceConfig;
 pub use error::{OrchestratorError, Result};
 pub use experiments::ExperimentConfig;
-pub use pipeline::Pipeline;
+pub use pipeline::{Pipeline, MAX_HISTORY};
 pub use request::{RecommendQuery, RequestLimits};
 pub use service::RecommenderGrpc;
 pub use tracks::CanaryConfig;

@@ -29,7 +29,7 @@ use crate::{
 };
 
 /// History handed to recall (for exclusion and item-to-item seeds) and rank.
-const MAX_HISTORY: u32 = 1_000;
+pub const MAX_HISTORY: u32 = 1_000;
 
 pub struct Pipeline {
     downstream: Downstream,

@@ -4,8 +4,8 @@ use std::{collections::HashMap, path::Path};
 
 use ort::environment::Environment;
 use recsys_bundle::{
-    read_catalog, read_item_neighbor_positions, read_manifest, read_user_ids, CatalogItem, EmbeddingSpace,
-    FeatureConfig, RankerInputs, UserAttributes, RECENT_ITEMS,
+    read_catalog, read_manifest, read_user_ids, CatalogItem, CrossSource, EmbeddingSpace, FeatureConfig, ItemToItem,
+    RankerInputs, UserAttributes, RECENT_ITEMS,
 };
 use recsys_proto::v1::UserFeatures;
 
@@ -46,8 +46,9 @@ pub struct Ranker {
     user_index: HashMap<String, i64>,
     /// Item features precomputed once: they change only with the bundle.
     item_features: Vec<f32>,
-    /// Item-to-item weights by item position: (other item, weight).
-    neighbors: Vec<Vec<(usize, f32)>>,
+    /// The cross features in column order (parsed once from `features.cross`).
+    cross: Vec<CrossSource>,
+    item_to_item: ItemToItem,
     coarse_model: OnnxModel,
     fine_model: OnnxModel,
     drift: Option<ScoreDrift>,
@@ -121,7 +122,8 @@ impl Ranker {
         for item in &catalog {
             features.item_features(item, &mut item_features);
         }
-        let neighbors = read_item_neighbor_positions(dir, &embeddings)?;
+        let item_to_item = ItemToItem::load(dir, &embeddings)?;
+        let cross = features.cross.iter().filter_map(|name| CrossSource::parse(name)).collect();
         let load =
             |file: &str, inputs| OnnxModel::load(&dir.join(file), inputs, environment, sessions, intra_op_threads);
         let coarse_model = load("coarse.onnx", &COARSE_INPUTS)?;
@@ -144,7 +146,8 @@ impl Ranker {
             features,
             user_index,
             item_features,
-            neighbors,
+            cross,
+            item_to_item,
             coarse_model,
             fine_model,
             drift,
@@ -188,9 +191,9 @@ impl Ranker {
         for &item in &history_items {
             seen[item] = true;
         }
-        let wants = |source: &str| self.features.cross.iter().any(|s| s == source);
+        let wants = |source: CrossSource| self.cross.contains(&source);
         let vector = self.embeddings.user_vector(&user.user_id, &user.history_item_ids);
-        let embedding = if wants("embedding_zscore") {
+        let embedding = if wants(CrossSource::EmbeddingZscore) {
             let scores = (0..self.catalog.len())
                 .map(|item| vector.as_ref().map_or(0.0, |v| f64::from(self.embeddings.score(v, item))))
                 .collect();
@@ -198,8 +201,8 @@ impl Ranker {
         } else {
             Standardised::default()
         };
-        let item_cf_recent = if wants("item_cf_recent_score") {
-            self.item_cf_scores(&history_items[..history_items.len().min(RECENT_ITEMS)])
+        let item_cf_recent = if wants(CrossSource::ItemCfRecentScore) {
+            self.item_to_item.scores(&history_items[..history_items.len().min(RECENT_ITEMS)])
         } else {
             Vec::new()
         };
@@ -207,37 +210,28 @@ impl Ranker {
             index: self.user_index.get(&user.user_id).copied().unwrap_or(0),
             features,
             history,
-            item_cf: Standardised::new(self.item_cf_scores(&history_items), &seen),
+            item_cf: Standardised::new(self.item_to_item.scores(&history_items), &seen),
             item_cf_recent,
             embedding,
             vector,
         }
     }
 
-    /// The item-to-item model's score of every catalog item given `history` (positions).
-    fn item_cf_scores(&self, history: &[usize]) -> Vec<f64> {
-        let mut scores = vec![0.0f64; self.catalog.len()];
-        for &item in history {
-            for &(other, weight) in &self.neighbors[item] {
-                scores[other] += f64::from(weight);
-            }
-        }
-        scores
-    }
-
     /// The cross features of `items`, rows in the configuration's column order.
     fn cross_features(&self, context: &UserContext, items: &[usize]) -> Vec<f32> {
-        let mut out = Vec::with_capacity(items.len() * self.features.cross_dim());
+        let mut out = Vec::with_capacity(items.len() * self.cross.len());
         for &item in items {
-            for source in &self.features.cross {
-                out.push(match source.as_str() {
-                    "item_cf_score" => context.item_cf.raw(item),
-                    "item_cf_zscore" => context.item_cf.z(item),
-                    "item_cf_recent_score" => context.item_cf_recent.get(item).copied().unwrap_or_default() as f32,
-                    "embedding_score" => context.vector.as_ref().map_or(0.0, |v| self.embeddings.score(v, item)),
-                    "embedding_zscore" => context.embedding.z(item),
-                    // Unknown sources are refused when the bundle loads.
-                    _ => 0.0,
+            for source in &self.cross {
+                out.push(match source {
+                    CrossSource::ItemCfScore => context.item_cf.raw(item),
+                    CrossSource::ItemCfZscore => context.item_cf.z(item),
+                    CrossSource::ItemCfRecentScore => {
+                        context.item_cf_recent.get(item).copied().unwrap_or_default() as f32
+                    }
+                    CrossSource::EmbeddingScore => {
+                        context.vector.as_ref().map_or(0.0, |v| self.embeddings.score(v, item))
+                    }
+                    CrossSource::EmbeddingZscore => context.embedding.z(item),
                 });
             }
         }
@@ -304,7 +298,6 @@ impl Ranker {
         if inputs.is_empty() {
             return;
         }
-        let user_dim = inputs.user_features.len() / inputs.len();
         let item_dim = inputs.item_features.len() / inputs.len();
         if let Some((column, drift)) = &self.user_activity_drift {
             drift.observe(&[inputs.user_features[*column]]);
@@ -313,7 +306,6 @@ impl Ranker {
             let values: Vec<f32> = inputs.item_features.chunks_exact(item_dim).map(|row| row[*column]).collect();
             drift.observe(&values);
         }
-        debug_assert!(user_dim == self.features.user_dim());
     }
 
     /// Coarse-ranks `items`, keeps `coarse_keep`, fine-ranks those; best first.

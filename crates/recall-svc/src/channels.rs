@@ -3,9 +3,7 @@
 
 use std::{collections::HashSet, path::Path};
 
-use recsys_bundle::{
-    embeddings::dot, read_catalog, read_item_neighbor_positions, read_manifest, read_popularity, EmbeddingSpace,
-};
+use recsys_bundle::{embeddings::dot, read_catalog, read_manifest, read_popularity, EmbeddingSpace, ItemToItem};
 
 use crate::Result;
 
@@ -49,7 +47,7 @@ impl Channel {
 pub struct RecallIndex {
     pub version: String,
     pub embeddings: EmbeddingSpace,
-    neighbors: Vec<Vec<(usize, f32)>>,
+    item_to_item: ItemToItem,
     popular: Vec<usize>,
     newest: Vec<usize>,
 }
@@ -59,11 +57,11 @@ impl RecallIndex {
         let manifest = read_manifest(dir)?;
         let embeddings = EmbeddingSpace::load(dir)?;
         let catalog = read_catalog(dir)?;
-        let neighbors = read_item_neighbor_positions(dir, &embeddings)?;
+        let item_to_item = ItemToItem::load(dir, &embeddings)?;
         let popular = read_popularity(dir)?.into_iter().filter_map(|(id, _)| embeddings.item_position(&id)).collect();
         let mut newest: Vec<usize> = (0..catalog.len()).collect();
         newest.sort_by_key(|&n| (std::cmp::Reverse(catalog[n].year), catalog[n].interactions, n));
-        Ok(Self { version: manifest.version, embeddings, neighbors, popular, newest })
+        Ok(Self { version: manifest.version, embeddings, item_to_item, popular, newest })
     }
 
     /// One channel's proposals for a user with `history` (most recent first), skipping
@@ -104,22 +102,15 @@ impl RecallIndex {
     }
 
     fn item_cf(&self, history: &[String], excluded: &HashSet<usize>, quota: usize) -> Vec<usize> {
-        // The whole history, unweighted: that is the model EASE fits (X·B). Recency is
-        // the realtime channel's job. Weights can be negative ("people who watched this
-        // rarely want that"), so an item's score is only known after every seed.
-        let mut scores = vec![0.0f32; self.neighbors.len()];
-        for seed in history {
-            if let Some(position) = self.embeddings.item_position(seed) {
-                for &(neighbor, weight) in &self.neighbors[position] {
-                    scores[neighbor] += weight;
-                }
-            }
-        }
-        let mut scored: Vec<(f32, usize)> = scores
+        // The whole history, unweighted (recency is the realtime channel's job).
+        let seeds: Vec<usize> = history.iter().filter_map(|id| self.embeddings.item_position(id)).collect();
+        let mut scored: Vec<(f32, usize)> = self
+            .item_to_item
+            .scores(&seeds)
             .into_iter()
             .enumerate()
             .filter(|&(n, score)| score > 0.0 && !excluded.contains(&n))
-            .map(|(n, score)| (score, n))
+            .map(|(n, score)| (score as f32, n))
             .collect();
         top_by_score(&mut scored, quota)
     }

@@ -28,10 +28,6 @@ use recsys_proto::{
 use tokio::sync::Semaphore;
 use tonic::transport::Channel;
 
-/// Recall channels, in the order the report lists them.
-const CHANNELS: [&str; 5] = ["embedding", "item_cf", "realtime", "popular", "cold_start"];
-/// What the orchestrator asks feature-svc for.
-const MAX_HISTORY: u32 = 1_000;
 /// Evaluation measures quality, not latency: a generous deadline.
 const DEADLINE: Duration = Duration::from_secs(10);
 
@@ -76,7 +72,10 @@ async fn connect(address: std::net::SocketAddr) -> anyhow::Result<Channel> {
 
 async fn user_features(clients: &Clients, user_id: &str) -> anyhow::Result<UserFeatures> {
     Ok(FeatureServiceClient::new(clients.feature.clone())
-        .get_user_features(request(GetUserFeaturesRequest { user_id: user_id.into(), max_history: MAX_HISTORY }))
+        .get_user_features(request(GetUserFeaturesRequest {
+            user_id: user_id.into(),
+            max_history: orchestrator::MAX_HISTORY,
+        }))
         .await?
         .into_inner())
 }
@@ -124,8 +123,10 @@ async fn recommend(
 async fn ablation(clients: &Clients, user: UserFeatures, top_k: usize) -> anyhow::Result<HashMap<String, Vec<String>>> {
     let mut recall = RecallServiceClient::new(clients.recall.clone());
     let mut steps = HashMap::new();
-    for channel in CHANNELS {
-        let weights = CHANNELS.iter().map(|c| (c.to_string(), if *c == channel { 1.0 } else { 0.0 })).collect();
+    // Recall's own channel list, in its order (the report lists them so).
+    let channels = recall_svc::Channel::ALL.map(recall_svc::Channel::name);
+    for channel in channels {
+        let weights = channels.iter().map(|c| (c.to_string(), if *c == channel { 1.0 } else { 0.0 })).collect();
         let response = recall
             .recall(request(RecallRequest {
                 user: Some(user.clone()),

@@ -197,7 +197,11 @@ async fn a_stopped_leaf_degrades_the_answer_instead_of_failing_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn experiments_and_the_rank_canary_are_applied_and_operable_at_run_time() {
     use cluster_tests::ClusterOptions;
-    use orchestrator::experiments::{ExperimentConfig, Layer, Overrides, Variant};
+    use orchestrator::{
+        domain::ChannelName,
+        experiments::{ExperimentConfig, Layer, Overrides, Variant},
+    };
+    use recsys_proto::v1::Channel;
     use recsys_proto::v1::{admin_client::AdminClient, PromoteCanaryRequest, SetCanaryShareRequest};
 
     let layer = Layer {
@@ -210,14 +214,23 @@ async fn experiments_and_the_rank_canary_are_applied_and_operable_at_run_time() 
                 share: 50.0,
                 overrides: Overrides {
                     relevance_weight: Some(1.0),
-                    channel_weights: [("item_cf".to_string(), 2.0)].into(),
+                    channel_weights: [(ChannelName(Channel::ItemCf), 2.0)].into(),
                     ..Overrides::default()
                 },
             },
         ],
     };
-    let options =
-        ClusterOptions { canary_share_percent: Some(50.0), experiments: ExperimentConfig { layers: vec![layer] } };
+    // A scene that recalls only the ten most popular unseen items.
+    let popular_only = Overrides {
+        candidate_count: Some(10),
+        channel_weights: Channel::ALL.map(|c| (ChannelName(c), if c == Channel::Popular { 1.0 } else { 0.0 })).into(),
+        ..Overrides::default()
+    };
+    let options = ClusterOptions {
+        canary_share_percent: Some(50.0),
+        experiments: ExperimentConfig { layers: vec![layer.clone()] },
+        scenes: [("popular_only".to_string(), popular_only)].into(),
+    };
     let cluster = Cluster::start_with(options).await.expect("cluster starts");
 
     let mut variants = HashSet::new();
@@ -249,6 +262,25 @@ async fn experiments_and_the_rank_canary_are_applied_and_operable_at_run_time() 
     let split = admin.get_traffic_split(recsys_proto::v1::GetTrafficSplitRequest {}).await.unwrap().into_inner();
     assert_eq!(split.tracks.len(), 2);
     assert!(split.tracks.iter().all(|track| track.requests > 0 && !track.model_version.is_empty()), "{split:?}");
+
+    // A configured scene selects its own serving configuration; an unknown one is refused.
+    let control_user = (1..=40)
+        .map(|user| user.to_string())
+        .find(|user| layer.variant_of(user).is_some_and(|variant| variant.name == "control"))
+        .expect("some user is in the control variant");
+    let request =
+        RecommendRequest { scene: "popular_only".into(), debug: true, ..recommend_request(&control_user, 10) };
+    let response = recommend(&cluster, request).await.unwrap();
+    assert_well_formed(&response, 10);
+    for item in &response.items {
+        let channels = &item.trace.as_ref().unwrap().recall_channels;
+        assert!(channels.contains(&"popular".to_string()), "{}: {channels:?}", item.item_id);
+    }
+    let unknown = recommend(&cluster, RecommendRequest { scene: "nowhere".into(), ..recommend_request("1", 10) })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::InvalidArgument);
+    assert!(unknown.message().contains("\"nowhere\"") && unknown.message().contains("popular_only"), "{unknown:?}");
 
     let canary_address = cluster.address(Service::RankCanary).to_string();
     let promoted = admin.promote_canary(PromoteCanaryRequest {}).await.unwrap().into_inner();

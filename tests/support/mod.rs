@@ -39,6 +39,7 @@ pub struct ClusterOptions {
     /// Start a canary rank-svc and send this share of users to it.
     pub canary_share_percent: Option<f64>,
     pub experiments: orchestrator::ExperimentConfig,
+    pub scenes: std::collections::BTreeMap<String, orchestrator::Overrides>,
 }
 
 struct Running {
@@ -113,6 +114,7 @@ impl Cluster {
             },
             fallback_bundle: Some(bundle.clone()),
             experiments: options.experiments.clone(),
+            scenes: options.scenes.clone(),
             canary: orchestrator::CanaryConfig {
                 rank: listeners
                     .get(&Service::RankCanary)

@@ -190,9 +190,22 @@ fn build_report(
         "overload_shed": shed.len(),
         "overload_other_failures": overload_failed,
         "overload_accepted_p99_ms": load::quantile_ms(accepted.iter().copied(), 0.99),
+        "overload_accepted_p50_ms": load::quantile_ms(accepted.iter().copied(), 0.5),
         "shed_p99_ms": load::quantile_ms(shed.iter().copied(), 0.99),
+        // What refusing costs next to serving, in the same run (noise on a shared machine
+        // moves both): a shed must be far cheaper than an answer to protect capacity.
+        "shed_p99_over_accepted_p50": shed_over_accepted(&shed, &accepted),
         "assignment_share_max_error": assignment_share_max_error(),
     })
+}
+
+/// p99 of a refused request ÷ p50 of an accepted one; null when either set is empty.
+fn shed_over_accepted(shed: &[Duration], accepted: &[Duration]) -> Option<f64> {
+    if shed.is_empty() || accepted.is_empty() {
+        return None;
+    }
+    let accepted_p50 = load::quantile_ms(accepted.iter().copied(), 0.5);
+    (accepted_p50 > 0.0).then(|| load::quantile_ms(shed.iter().copied(), 0.99) / accepted_p50)
 }
 
 /// Largest difference between a variant's configured and observed share (as a
@@ -260,8 +273,10 @@ fn print_report(report: &serde_json::Value, faults: &[Fault], steady: &[Sample])
         "overload_accepted",
         "overload_shed",
         "overload_other_failures",
+        "overload_accepted_p50_ms",
         "overload_accepted_p99_ms",
         "shed_p99_ms",
+        "shed_p99_over_accepted_p50",
     ] {
         println!("  {key:<26} {:>10}", format_number(&report[key]));
     }

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use recsys_proto::limits::{MAX_EVENTS_PER_CALL, MAX_ID_BYTES};
 use recsys_proto::v1::{
     feature_service_server::{FeatureService, FeatureServiceServer},
     AppendEventsRequest, AppendEventsResponse, GetUserFeaturesRequest, UserFeatures,
@@ -10,8 +11,6 @@ use recsys_proto::v1::{
 use tonic::{Request, Response, Status};
 
 use crate::{FeatureError, FeatureStore, StoredEvent};
-
-const MAX_USER_ID_BYTES: usize = 256;
 
 /// Store lookups by outcome: the hit rate is the share of users the store knows.
 static USER_LOOKUPS: std::sync::LazyLock<prometheus::IntCounterVec> = std::sync::LazyLock::new(|| {
@@ -30,7 +29,6 @@ static EVENTS_APPENDED: std::sync::LazyLock<prometheus::IntCounter> = std::sync:
     )
     .expect("metric registers once")
 });
-const MAX_EVENTS_PER_BATCH: usize = 10_000;
 
 #[derive(Clone)]
 pub struct FeatureGrpc {
@@ -57,9 +55,9 @@ impl FeatureService for FeatureGrpc {
         if user_id.is_empty() {
             return Err(FeatureError::InvalidArgument("user_id is empty".into()).into());
         }
-        if user_id.len() > MAX_USER_ID_BYTES {
+        if user_id.len() > MAX_ID_BYTES {
             return Err(FeatureError::InvalidArgument(format!(
-                "user_id is {} bytes; at most {MAX_USER_ID_BYTES} allowed",
+                "user_id is {} bytes; at most {MAX_ID_BYTES} allowed",
                 user_id.len()
             ))
             .into());
@@ -75,9 +73,9 @@ impl FeatureService for FeatureGrpc {
         request: Request<AppendEventsRequest>,
     ) -> Result<Response<AppendEventsResponse>, Status> {
         let AppendEventsRequest { events } = request.into_inner();
-        if events.len() > MAX_EVENTS_PER_BATCH {
+        if events.len() > MAX_EVENTS_PER_CALL {
             return Err(FeatureError::InvalidArgument(format!(
-                "{} events in one batch; at most {MAX_EVENTS_PER_BATCH} allowed",
+                "{} events in one batch; at most {MAX_EVENTS_PER_CALL} allowed",
                 events.len()
             ))
             .into());

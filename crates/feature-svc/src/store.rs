@@ -11,12 +11,14 @@ use std::{
     sync::{Mutex, RwLock},
 };
 
-use recsys_proto::v1::{EventType, UserFeatures, UserProfile};
+use recsys_proto::{
+    limits::MAX_ID_BYTES,
+    v1::{EventType, UserFeatures, UserProfile},
+};
 use serde::{Deserialize, Serialize};
 
 use crate::{FeatureError, Result};
 
-const MAX_ID_BYTES: usize = 256;
 const MAX_EXPERIMENTS: usize = 32;
 
 /// One validated feedback event, as stored in the log.

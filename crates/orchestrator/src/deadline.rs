@@ -1,5 +1,4 @@
-//! The caller's deadline, read from the `grpc-timeout` header, and how much of it each
-//! downstream call may use.
+//! The caller's deadline, read from the `grpc-timeout` header.
 
 use std::time::Duration;
 
@@ -28,11 +27,16 @@ impl Deadline {
         Self::after(timeout)
     }
 
-    /// What a stage with `budget` may spend: its budget, capped by the time left.
-    /// `None` when nothing is left.
-    pub fn stage_timeout(&self, budget: Duration) -> Option<Duration> {
-        let left = self.at.saturating_duration_since(Instant::now()).checked_sub(RESERVE)?;
-        (!left.is_zero()).then(|| left.min(budget))
+    /// When downstream calls must have answered: the deadline less what building the
+    /// response needs. Each client stack caps it further by its stage's budget.
+    pub fn for_calls(&self) -> Instant {
+        self.at.checked_sub(RESERVE).unwrap_or(self.at)
+    }
+
+    /// What is left for downstream calls, `None` when nothing is.
+    pub fn remaining(&self) -> Option<Duration> {
+        let left = self.for_calls().saturating_duration_since(Instant::now());
+        (!left.is_zero()).then_some(left)
     }
 }
 
@@ -70,12 +74,12 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn stage_gets_its_budget_capped_by_what_is_left() {
+    async fn calls_keep_a_reserve_for_the_response() {
         let deadline = Deadline::after(Duration::from_millis(100));
-        assert_eq!(deadline.stage_timeout(Duration::from_millis(30)), Some(Duration::from_millis(30)));
+        assert_eq!(deadline.for_calls(), Instant::now() + Duration::from_millis(98));
         tokio::time::advance(Duration::from_millis(90)).await;
-        assert_eq!(deadline.stage_timeout(Duration::from_millis(30)), Some(Duration::from_millis(8)));
+        assert_eq!(deadline.remaining(), Some(Duration::from_millis(8)));
         tokio::time::advance(Duration::from_millis(20)).await;
-        assert_eq!(deadline.stage_timeout(Duration::from_millis(30)), None);
+        assert_eq!(deadline.remaining(), None);
     }
 }

@@ -5,10 +5,12 @@
 //! other. Variants override serving parameters; when two layers override the same
 //! parameter, the later layer wins.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 use recsys_proto::v1::ExperimentAssignment;
 use serde::{Deserialize, Serialize};
+
+use crate::domain::{ChannelName, Track};
 
 /// Hash buckets per layer: shares have a resolution of 0.01%.
 pub const BUCKETS: u64 = 10_000;
@@ -38,33 +40,60 @@ pub struct Variant {
     pub overrides: Overrides,
 }
 
-/// Serving parameters a variant may change.
+/// Serving parameters a scene or an experiment variant may change. Channel names and
+/// tracks are typed: an unknown one fails when the configuration is read.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Overrides {
-    /// Recall fusion weight per channel name.
-    pub channel_weights: HashMap<String, f32>,
+    /// Recall fusion weight per channel.
+    pub channel_weights: BTreeMap<ChannelName, f32>,
     pub candidate_count: Option<u32>,
     pub coarse_keep: Option<u32>,
     /// MMR relevance weight in rerank (1.0 = no diversity).
     pub relevance_weight: Option<f32>,
-    /// Ranking track (model version) to use: "stable" or a configured canary track.
-    pub rank_track: Option<String>,
+    /// Ranking track to use: "stable", or "canary" when a canary is configured.
+    pub rank_track: Option<Track>,
 }
 
 impl Overrides {
-    fn apply(&mut self, other: &Overrides) {
-        self.channel_weights.extend(other.channel_weights.iter().map(|(k, v)| (k.clone(), *v)));
+    /// `other` on top of these: its values win where it sets them.
+    pub fn apply(&mut self, other: &Overrides) {
+        self.channel_weights.extend(other.channel_weights.iter().map(|(k, v)| (*k, *v)));
         self.candidate_count = other.candidate_count.or(self.candidate_count);
         self.coarse_keep = other.coarse_keep.or(self.coarse_keep);
         self.relevance_weight = other.relevance_weight.or(self.relevance_weight);
-        self.rank_track = other.rank_track.clone().or(self.rank_track.take());
+        self.rank_track = other.rank_track.or(self.rank_track);
+    }
+
+    /// Rejects values that cannot be served; `what` names the scene or variant.
+    pub fn validate(&self, what: &str, canary_configured: bool) -> Result<(), String> {
+        if let Some((channel, weight)) = self.channel_weights.iter().find(|(_, w)| !(w.is_finite() && **w >= 0.0)) {
+            return Err(format!("{what}: channel_weights.{} = {weight} must be finite and >= 0", channel.0.name()));
+        }
+        if let Some(weight) = self.relevance_weight.filter(|w| !(0.0..=1.0).contains(w)) {
+            return Err(format!("{what}: relevance_weight {weight} outside [0, 1]"));
+        }
+        if self.candidate_count == Some(0) || self.coarse_keep == Some(0) {
+            return Err(format!("{what}: candidate_count and coarse_keep must be at least 1"));
+        }
+        if let Some(count) = self.candidate_count.filter(|&n| n as usize > recsys_proto::limits::MAX_CANDIDATES) {
+            return Err(format!(
+                "{what}: candidate_count {count} exceeds the maximum {}",
+                recsys_proto::limits::MAX_CANDIDATES
+            ));
+        }
+        if self.rank_track == Some(Track::Canary) && !canary_configured {
+            return Err(format!(
+                "{what}: rank_track \"canary\" names a track that is not configured (canary.rank is empty)"
+            ));
+        }
+        Ok(())
     }
 }
 
 impl ExperimentConfig {
     /// Rejects configurations that cannot be served as written.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self, canary_configured: bool) -> Result<(), String> {
         let mut salts = std::collections::HashSet::new();
         for layer in &self.layers {
             if !salts.insert(layer.salt.as_str()) {
@@ -80,10 +109,9 @@ impl ExperimentConfig {
                     layer.name
                 ));
             }
-            if let Some(weight) =
-                layer.variants.iter().filter_map(|v| v.overrides.relevance_weight).find(|w| !(0.0..=1.0).contains(w))
-            {
-                return Err(format!("layer {:?}: relevance_weight {weight} outside [0, 1]", layer.name));
+            for variant in &layer.variants {
+                let what = format!("layer {:?} variant {:?}", layer.name, variant.name);
+                variant.overrides.validate(&what, canary_configured)?;
             }
         }
         Ok(())
@@ -139,7 +167,13 @@ pub fn stable_hash(salt: &str, user_id: &str) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
+
+    /// `stable_hash("s", "196")` and `bucket("recall-2026", "196")` as first shipped.
+    const PINNED_HASH: u64 = 16658588095140390073;
+    const PINNED_BUCKET: u64 = 9088;
 
     fn layer(name: &str, salt: &str, shares: &[(&str, f64)]) -> Layer {
         Layer {
@@ -158,9 +192,10 @@ mod tests {
         for user in ["1", "196", "alice"] {
             assert_eq!(config.assign(user).0, config.assign(user).0);
         }
-        // Pinned values: a change to the hash would silently reshuffle every experiment.
-        assert_eq!(stable_hash("s", "196"), stable_hash("s", "196"));
-        assert_eq!(bucket("recall-2026", "196"), bucket("recall-2026", "196"));
+        // Pinned values: a change to the hash would silently reshuffle every experiment
+        // (and every user's canary track) on the next deploy.
+        assert_eq!(stable_hash("s", "196"), PINNED_HASH);
+        assert_eq!(bucket("recall-2026", "196"), PINNED_BUCKET);
     }
 
     #[test]
@@ -216,9 +251,37 @@ mod tests {
     #[test]
     fn invalid_configurations_are_rejected() {
         let over = ExperimentConfig { layers: vec![layer("l", "s", &[("a", 60.0), ("b", 50.0)])] };
-        assert!(over.validate().unwrap_err().contains("sum"));
+        assert!(over.validate(false).unwrap_err().contains("sum"));
         let same_salt =
             ExperimentConfig { layers: vec![layer("l", "s", &[("a", 50.0)]), layer("m", "s", &[("b", 50.0)])] };
-        assert!(same_salt.validate().unwrap_err().contains("orthogonal"));
+        assert!(same_salt.validate(false).unwrap_err().contains("orthogonal"));
+    }
+
+    #[test]
+    fn a_variant_pinning_a_missing_canary_is_rejected_at_load() {
+        let mut pinned = layer("l", "s", &[("to_canary", 10.0)]);
+        pinned.variants[0].overrides.rank_track = Some(Track::Canary);
+        let config = ExperimentConfig { layers: vec![pinned] };
+        let error = config.validate(false).unwrap_err();
+        assert!(error.contains("\"to_canary\"") && error.contains("canary"), "{error}");
+        assert!(config.validate(true).is_ok());
+    }
+
+    #[test]
+    fn unknown_channels_and_tracks_fail_when_the_configuration_is_read() {
+        let channel = toml::from_str::<Overrides>("channel_weights = { itemcf = 2.0 }").unwrap_err().to_string();
+        assert!(channel.contains("unknown recall channel \"itemcf\""), "{channel}");
+        let track = toml::from_str::<Overrides>("rank_track = \"blue\"").unwrap_err().to_string();
+        assert!(track.contains("blue"), "{track}");
+        let good = toml::from_str::<Overrides>("channel_weights = { item_cf = 2.0 }\nrank_track = \"canary\"").unwrap();
+        assert_eq!(good.rank_track, Some(Track::Canary));
+    }
+
+    #[test]
+    fn negative_channel_weights_are_rejected() {
+        let mut bad = layer("l", "s", &[("v", 10.0)]);
+        bad.variants[0].overrides.channel_weights.insert(ChannelName(recsys_proto::v1::Channel::Popular), -1.0);
+        let error = ExperimentConfig { layers: vec![bad] }.validate(false).unwrap_err();
+        assert!(error.contains("channel_weights.popular"), "{error}");
     }
 }

@@ -1,34 +1,35 @@
-//! The orchestrator serves the public `recsys.v1.Recommender` API. It validates each
-//! request once at the edge, then runs feature → recall → rank → rerank, giving each
-//! downstream call only the time that is left of the caller's deadline, and falls back
-//! stage by stage (reported in `degraded_stages`) rather than failing the request.
+//! The orchestrator serves the public `recsys.v1.Recommender` API. It turns each request
+//! into a typed query once at the edge (`domain`), then runs feature → recall → rank →
+//! rerank (`pipeline`), giving each downstream call only the time that is left of the
+//! caller's deadline, and falls back stage by stage (reported in `degraded_stages`) rather
+//! than failing the request.
 
 #![forbid(unsafe_code)]
 
 mod admin;
 mod deadline;
-mod downstream;
+pub mod domain;
 mod error;
 pub mod experiments;
 mod fallback;
 mod metrics;
 mod pipeline;
-mod request;
 mod service;
 pub mod tracks;
 
-use std::{future::Future, path::PathBuf, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, future::Future, path::PathBuf, sync::Arc, time::Duration};
 
 use recsys_runtime::{server::ServiceConfig, ServerConfig};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
 pub use admin::AdminGrpc;
-pub use downstream::ResilienceConfig;
+pub use domain::{RecommendQuery, Stage, Track};
 pub use error::{OrchestratorError, Result};
-pub use experiments::ExperimentConfig;
-pub use pipeline::{Pipeline, MAX_HISTORY};
-pub use request::{RecommendQuery, RequestLimits};
+pub use experiments::{ExperimentConfig, Overrides};
+pub use pipeline::Pipeline;
+pub use recsys_proto::limits::MAX_HISTORY;
+pub use recsys_runtime::resilience::ResilienceConfig;
 pub use service::RecommenderGrpc;
 pub use tracks::CanaryConfig;
 
@@ -40,7 +41,6 @@ pub const ADMIN_SERVICE_NAME: &str = "recsys.v1.Admin";
 pub struct Config {
     pub server: ServerConfig,
     pub downstream: DownstreamConfig,
-    pub limits: RequestLimits,
     pub budgets: StageBudgets,
     /// Candidates asked of recall.
     pub candidate_count: u32,
@@ -57,6 +57,36 @@ pub struct Config {
     pub resilience: ResilienceConfig,
     pub experiments: ExperimentConfig,
     pub canary: CanaryConfig,
+    /// Per-surface serving configuration, selected by `RecommendRequest.scene` (as
+    /// PAI-REC configures per scene): e.g. `[scenes.detail] channel_weights = { item_cf =
+    /// 2.0 }`. Experiment variants apply on top of a scene. A request naming a scene
+    /// that is not here is rejected; an empty scene uses the defaults above.
+    pub scenes: BTreeMap<String, Overrides>,
+}
+
+impl Config {
+    /// Everything a request could trip over later, checked when the configuration is
+    /// loaded: experiments, scenes, and the tracks they name.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let canary_configured = !self.canary.rank.is_empty();
+        self.experiments.validate(canary_configured)?;
+        let defaults = Overrides {
+            candidate_count: Some(self.candidate_count),
+            coarse_keep: Some(self.coarse_keep),
+            ..Overrides::default()
+        };
+        defaults.validate("defaults", canary_configured)?;
+        for (scene, overrides) in &self.scenes {
+            if scene.is_empty() || scene.len() > recsys_proto::limits::MAX_SCENE_BYTES {
+                return Err(format!(
+                    "scene names must be 1 to {} bytes: {scene:?}",
+                    recsys_proto::limits::MAX_SCENE_BYTES
+                ));
+            }
+            overrides.validate(&format!("scene {scene:?}"), canary_configured)?;
+        }
+        Ok(())
+    }
 }
 
 /// Addresses (`host:port`) of the four leaf services.
@@ -93,7 +123,6 @@ impl Default for Config {
                 ..ServerConfig::with_addresses("127.0.0.1:50051", "127.0.0.1:9091")
             },
             downstream: DownstreamConfig::default(),
-            limits: RequestLimits::default(),
             budgets: StageBudgets::default(),
             candidate_count: 500,
             coarse_keep: 50,
@@ -103,6 +132,7 @@ impl Default for Config {
             resilience: ResilienceConfig::default(),
             experiments: ExperimentConfig::default(),
             canary: CanaryConfig::default(),
+            scenes: BTreeMap::new(),
         }
     }
 }

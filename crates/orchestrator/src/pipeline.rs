@@ -1,63 +1,162 @@
-//! The request path: feature → recall → rank → rerank. Each call gets the smaller of its
-//! stage budget and what is left of the caller's deadline, and each failure is replaced
-//! by a fallback recorded in `degraded_stages`:
-//! feature down → an anonymous profile; recall down → the cached popular list;
-//! rank down → fused recall order; rerank down → the ranked top-k. The popular list is
-//! seeded from the bundle at start-up and refreshed from recall, so the last resort
-//! never depends on a service being up.
+//! The request path, in a straight line: feature → recall → rank → rerank → response.
+//! Each stage is one function that returns its answer or its fallback (recorded in
+//! `degraded_stages`): feature down → an anonymous profile; recall down → the cached
+//! popular list; rank down → recall's order; rerank down → the ranked top-k. Each call
+//! goes through its downstream's client stack (timeout → retry → breaker), built once.
+//! Stage metrics are recorded in `run_stage`, request metrics and debug traces in
+//! `respond`. What each hop carries, and why, is in the README ("The request path").
 
 use std::{
-    collections::{HashMap, HashSet},
-    sync::RwLock,
+    collections::HashMap,
+    future::Future,
+    sync::{Arc, RwLock},
     time::Duration,
 };
 
-use recsys_proto::v1::{
-    AppendEventsRequest, Candidate, Event, GetUserFeaturesRequest, ItemTrace, RankRequest, RecallRequest,
-    RecommendResponse, RecommendedItem, RerankCandidate, RerankRequest, UserFeatures,
+use recsys_proto::{
+    limits::MAX_HISTORY,
+    v1::{
+        feature_service_client::FeatureServiceClient, AppendEventsRequest, Candidate, Channel, ChannelScore,
+        ChannelWeight, Event, ExperimentAssignment, GetUserFeaturesRequest, ItemTrace, RankRequest, RecallRequest,
+        RecallResponse, RecommendResponse, RecommendedItem, RerankCandidate, RerankRequest, RerankResponse,
+        RerankedItem, UserFeatures,
+    },
 };
+use recsys_runtime::{client::ResilientClient, resilience::CallError};
 use tokio::time::Instant;
-use tonic::{Request, Status};
+use tonic::{transport::Channel as GrpcChannel, Request, Status};
 use tracing::Instrument;
 
 use crate::{
     deadline::Deadline,
-    downstream::Downstream,
+    domain::{RecommendQuery, Stage, Track},
+    experiments::Overrides,
     metrics::{EXPERIMENT_ASSIGNMENTS, SERVED_SCORE, STAGE_CANDIDATES, STAGE_DEGRADED, STAGE_DURATION, TRACK_REQUESTS},
-    tracks::{RankRouting, RankTrack, CANARY, STABLE},
-    Config, OrchestratorError, RecommendQuery, Result,
+    tracks::{RankRouting, RankTrack},
+    Config, OrchestratorError, Result,
 };
 
-/// History handed to recall (for exclusion and item-to-item seeds) and rank.
-pub const MAX_HISTORY: u32 = 1_000;
-
 pub struct Pipeline {
-    downstream: Downstream,
+    clients: Clients,
     rank: RankRouting,
     config: Config,
     /// Popular items: the answer of last resort.
-    popular_fallback: RwLock<Vec<Candidate>>,
+    popular_fallback: RwLock<Arc<Vec<Candidate>>>,
 }
 
-/// Per-item scores collected along the way, for debug traces.
-#[derive(Default)]
-struct Scores {
+/// One client stack per leaf, built once.
+struct Clients {
+    feature: ResilientClient<GetUserFeaturesRequest, UserFeatures>,
+    recall: ResilientClient<RecallRequest, RecallResponse>,
+    rerank: ResilientClient<RerankRequest, RerankResponse>,
+    /// Event intake, outside the stacks: an append is not idempotent, so it is never
+    /// retried here (the client decides).
+    events: FeatureServiceClient<GrpcChannel>,
+}
+
+/// The serving parameters of one request: the defaults, then its scene's, then its
+/// experiment variants' (the later wins).
+struct Plan {
+    experiments: Vec<ExperimentAssignment>,
+    candidate_count: u32,
+    coarse_keep: u32,
+    relevance_weight: Option<f32>,
+    channel_weights: Vec<ChannelWeight>,
+    track: Arc<RankTrack>,
+    /// Ranked items handed to rerank.
+    window: usize,
+}
+
+/// A stage's answer, or its fallback.
+struct Outcome<T> {
+    value: T,
+    degraded: bool,
+}
+
+impl<T> Outcome<T> {
+    fn served(value: T) -> Self {
+        Self { value, degraded: false }
+    }
+
+    fn fallback(value: T) -> Self {
+        Self { value, degraded: true }
+    }
+}
+
+/// Recall's candidates and the bundle they come from (empty for the popular fallback).
+struct Recalled {
+    candidates: Vec<Candidate>,
+    bundle_version: String,
+}
+
+/// What the stages produced for one request, on its way into the response.
+struct Served {
+    /// Each stage and whether it fell back.
+    degraded: [(Stage, bool); 4],
+    model_version: String,
+    ranked_count: usize,
+    items: Vec<RerankedItem>,
+    traces: Option<DebugTraces>,
+}
+
+/// Per-item stage scores, collected only for `debug` requests.
+struct DebugTraces {
+    /// Recall's fused score and the channels that proposed the item.
     recall: HashMap<String, (f32, Vec<String>)>,
+    /// Coarse and fine score.
     ranked: HashMap<String, (f32, f32)>,
+}
+
+/// The ranked window handed to rerank.
+struct Ranked {
+    items: Vec<RerankCandidate>,
+    model_version: Option<String>,
+    /// Coarse and fine score by item, kept only for debug traces.
+    stage_scores: HashMap<String, (f32, f32)>,
 }
 
 impl Pipeline {
     pub fn new(config: Config) -> Result<Self> {
-        config.experiments.validate().map_err(OrchestratorError::Config)?;
-        let downstream = Downstream::connect(&config.downstream, &config.resilience)?;
+        config.validate().map_err(OrchestratorError::Config)?;
+        let budgets = &config.budgets;
+        let resilience = &config.resilience;
         let connect_timeout = Duration::from_millis(config.downstream.connect_timeout_ms);
-        let stable = RankTrack::connect(STABLE, &config.downstream.rank, connect_timeout, &config.resilience)?;
-        let canary = (!config.canary.rank.is_empty())
-            .then(|| RankTrack::connect(CANARY, &config.canary.rank, connect_timeout, &config.resilience))
-            .transpose()?;
+        let channel = |address: &str| {
+            recsys_runtime::client::lazy_channel(address, connect_timeout)
+                .map_err(|error| OrchestratorError::Config(format!("{address}: {error}")))
+        };
+        let feature_channel = channel(&config.downstream.feature)?;
+        let clients = Clients {
+            feature: ResilientClient::new(
+                "feature",
+                feature_channel.clone(),
+                "/recsys.v1.FeatureService/GetUserFeatures",
+                budgets.feature(),
+                resilience,
+            ),
+            recall: ResilientClient::new(
+                "recall",
+                channel(&config.downstream.recall)?,
+                "/recsys.v1.RecallService/Recall",
+                budgets.recall(),
+                resilience,
+            ),
+            rerank: ResilientClient::new(
+                "rerank",
+                channel(&config.downstream.rerank)?,
+                "/recsys.v1.RerankService/Rerank",
+                budgets.rerank(),
+                resilience,
+            ),
+            events: FeatureServiceClient::new(feature_channel),
+        };
+        let track =
+            |track, address: &str| RankTrack::connect(track, address, connect_timeout, budgets.rank(), resilience);
+        let stable = track(Track::Stable, &config.downstream.rank)?;
+        let canary = (!config.canary.rank.is_empty()).then(|| track(Track::Canary, &config.canary.rank)).transpose()?;
         let rank = RankRouting::new(stable, canary, config.canary.share_percent, config.canary.salt.clone());
-        let popular = seed_popular(&config);
-        Ok(Self { downstream, rank, config, popular_fallback: RwLock::new(popular) })
+        let popular = Arc::new(seed_popular(&config));
+        Ok(Self { clients, rank, config, popular_fallback: RwLock::new(popular) })
     }
 
     pub fn config(&self) -> &Config {
@@ -68,206 +167,261 @@ impl Pipeline {
         &self.rank
     }
 
-    pub async fn recommend(&self, query: RecommendQuery, deadline: Deadline, request_id: String) -> RecommendResponse {
+    /// Serves one request that passed the edge. Fails only for an unknown scene; every
+    /// downstream failure is replaced by its stage's fallback.
+    pub async fn recommend(
+        &self,
+        query: RecommendQuery,
+        deadline: Deadline,
+        request_id: String,
+    ) -> Result<RecommendResponse> {
         let started = Instant::now();
-        let budgets = &self.config.budgets;
-        let (experiments, overrides) = self.config.experiments.assign(&query.user_id);
-        let mut degraded = Vec::new();
-        let top_k = query.top_k as usize;
-
-        let feature_request = GetUserFeaturesRequest { user_id: query.user_id.clone(), max_history: MAX_HISTORY };
-        let user = match self
-            .stage(
-                "feature",
-                self.downstream.feature.call(
-                    "feature",
-                    deadline,
-                    budgets.feature(),
-                    feature_request,
-                    |mut client, request| async move { client.get_user_features(request).await },
-                ),
-            )
-            .await
-        {
-            Ok(user) => user,
-            Err(error) => {
-                tracing::warn!(%error, "feature stage degraded");
-                degraded.push("feature".to_string());
-                UserFeatures { user_id: query.user_id.clone(), ..UserFeatures::default() }
-            }
+        let plan = self.plan(&query)?;
+        let user = self.fetch_user(&query, deadline).await;
+        let recalled = self.recall(&query, &plan, &user.value, deadline).await;
+        let recall_traces = query.debug.then(|| recall_traces(&recalled.value.candidates));
+        let bundle_version = recalled.value.bundle_version.clone();
+        let ranked = self.rank(&query, &plan, user.value, recalled.value, deadline).await;
+        let reranked = self.rerank(&query, &plan, &bundle_version, &ranked.value.items, deadline).await;
+        let served = Served {
+            degraded: [
+                (Stage::Feature, user.degraded),
+                (Stage::Recall, recalled.degraded),
+                (Stage::Rank, ranked.degraded),
+                (Stage::Rerank, reranked.degraded),
+            ],
+            model_version: ranked.value.model_version.unwrap_or(bundle_version),
+            ranked_count: ranked.value.items.len(),
+            items: reranked.value,
+            traces: recall_traces.map(|recall| DebugTraces { recall, ranked: ranked.value.stage_scores }),
         };
+        Ok(self.respond(query, plan, request_id, started, served))
+    }
 
-        let recall_request = RecallRequest {
-            user: Some(user.clone()),
-            candidate_count: overrides.candidate_count.unwrap_or(self.config.candidate_count),
-            exclude_item_ids: query.exclude_item_ids.clone(),
-            channel_weights: overrides.channel_weights.clone(),
-        };
-        let mut model_version = String::new();
-        let candidates = match self
-            .stage(
-                "recall",
-                self.downstream.recall.call(
-                    "recall",
-                    deadline,
-                    budgets.recall(),
-                    recall_request,
-                    |mut client, request| async move { client.recall(request).await },
-                ),
-            )
-            .await
-        {
-            Ok(response) => {
-                model_version = response.bundle_version;
-                response.candidates
-            }
-            Err(error) => {
-                tracing::warn!(%error, "recall stage degraded: serving the popular fallback");
-                degraded.push("recall".to_string());
-                self.popular_excluding(&user, &query.exclude_item_ids)
-            }
-        };
-
-        STAGE_CANDIDATES.with_label_values(&["recall"]).observe(candidates.len() as f64);
-        let mut scores = Scores::default();
-        if query.debug {
-            scores.recall = candidates.iter().map(|c| (c.item_id.clone(), (c.score, c.channels.clone()))).collect();
+    fn plan(&self, query: &RecommendQuery) -> Result<Plan> {
+        let mut overrides = Overrides::default();
+        if let Some(scene) = &query.scene {
+            let configured = self.config.scenes.get(scene).ok_or_else(|| {
+                let known: Vec<&str> = self.config.scenes.keys().map(String::as_str).collect();
+                OrchestratorError::InvalidArgument(format!(
+                    "scene {scene:?} is not configured (configured scenes: [{}])",
+                    known.join(", ")
+                ))
+            })?;
+            overrides.apply(configured);
         }
-        let window = top_k * self.config.rerank_window_factor.max(1) as usize;
-        let track = self.rank.track_for(&query.user_id, overrides.rank_track.as_deref());
-        let rank_request = RankRequest {
-            user: Some(user),
-            item_ids: candidates.iter().map(|c| c.item_id.clone()).collect(),
-            coarse_keep: overrides.coarse_keep.unwrap_or(self.config.coarse_keep),
-            fine_keep: window as u32,
-            context: query.context.clone(),
-        };
-        let ranked = self.stage("rank", self.rank(&track, deadline, rank_request)).await;
-        let rank_failed = ranked.is_err();
-        let ranked: Vec<(String, f32)> = match ranked {
-            Ok(response) => {
-                model_version = response.model_version;
-                if query.debug {
-                    scores.ranked = response
-                        .items
-                        .iter()
-                        .map(|item| (item.item_id.clone(), (item.coarse_score, item.fine_score)))
-                        .collect();
-                }
-                response.items.into_iter().map(|item| (item.item_id, item.fine_score)).collect()
-            }
-            Err(error) => {
-                tracing::warn!(%error, track = track.name, "rank stage degraded: keeping recall order");
-                degraded.push("rank".to_string());
-                candidates.into_iter().take(window).map(|c| (c.item_id, c.score)).collect()
-            }
-        };
-
-        let ranked_count = ranked.len();
-        let rerank_request = RerankRequest {
-            candidates: ranked
-                .iter()
-                .map(|(item_id, score)| RerankCandidate { item_id: item_id.clone(), score: *score })
-                .collect(),
-            top_k: query.top_k,
-            exclude_item_ids: query.exclude_item_ids.clone(),
-            relevance_weight: overrides.relevance_weight,
-        };
-        let final_list: Vec<(String, f32, f32)> = match self
-            .stage(
-                "rerank",
-                self.downstream.rerank.call(
-                    "rerank",
-                    deadline,
-                    budgets.rerank(),
-                    rerank_request,
-                    |mut client, request| async move { client.rerank(request).await },
-                ),
-            )
-            .await
-        {
-            Ok(response) => {
-                response.items.into_iter().map(|item| (item.item_id, item.score, item.rerank_score)).collect()
-            }
-            Err(error) => {
-                tracing::warn!(%error, "rerank stage degraded: serving ranked top-k");
-                degraded.push("rerank".to_string());
-                let excluded: HashSet<&String> = query.exclude_item_ids.iter().collect();
-                ranked
-                    .into_iter()
-                    .filter(|(item_id, _)| !excluded.contains(item_id))
-                    .take(top_k)
-                    .map(|(item_id, score)| (item_id, score, score))
-                    .collect()
-            }
-        };
-
-        STAGE_CANDIDATES.with_label_values(&["rank"]).observe(ranked_count as f64);
-        let items: Vec<RecommendedItem> = final_list
-            .into_iter()
-            .enumerate()
-            .map(|(position, (item_id, score, rerank_score))| {
-                let trace = query.debug.then(|| {
-                    let (recall_score, recall_channels) = scores.recall.get(&item_id).cloned().unwrap_or_default();
-                    let (coarse_score, fine_score) = scores.ranked.get(&item_id).copied().unwrap_or_default();
-                    ItemTrace { recall_channels, recall_score, coarse_score, fine_score, rerank_score }
-                });
-                RecommendedItem { item_id, score, rank: position as u32 + 1, trace }
-            })
-            .collect();
-        track.stats.record(started.elapsed(), rank_failed, &model_version);
-        TRACK_REQUESTS.with_label_values(&[track.name, if rank_failed { "false" } else { "true" }]).inc();
-        for assignment in &experiments {
-            EXPERIMENT_ASSIGNMENTS.with_label_values(&[assignment.layer.as_str(), assignment.variant.as_str()]).inc();
-        }
-        for item in &items {
-            SERVED_SCORE.observe(f64::from(item.score));
-        }
-        STAGE_CANDIDATES.with_label_values(&["served"]).observe(items.len() as f64);
-        RecommendResponse {
-            items,
-            request_id,
-            model_version,
-            degraded_stages: degraded,
+        let (experiments, variants) = self.config.experiments.assign(query.user_id.as_str());
+        overrides.apply(&variants);
+        Ok(Plan {
             experiments,
-            track: track.name.to_string(),
+            candidate_count: overrides.candidate_count.unwrap_or(self.config.candidate_count),
+            coarse_keep: overrides.coarse_keep.unwrap_or(self.config.coarse_keep),
+            relevance_weight: overrides.relevance_weight,
+            channel_weights: overrides
+                .channel_weights
+                .iter()
+                .map(|(channel, &weight)| ChannelWeight { channel: channel.0 as i32, weight })
+                .collect(),
+            track: self.rank.track_for(query.user_id.as_str(), overrides.rank_track),
+            window: query.top_k as usize * self.config.rerank_window_factor.max(1) as usize,
+        })
+    }
+
+    async fn fetch_user(&self, query: &RecommendQuery, deadline: Deadline) -> Outcome<UserFeatures> {
+        let request = GetUserFeaturesRequest { user_id: query.user_id.as_str().to_string(), max_history: MAX_HISTORY };
+        let call = self.clients.feature.call(Arc::new(request), deadline.for_calls());
+        match self.run_stage(Stage::Feature, call).await {
+            Ok(user) => Outcome::served(user),
+            Err(_) => Outcome::fallback(UserFeatures {
+                user_id: query.user_id.as_str().to_string(),
+                ..UserFeatures::default()
+            }),
         }
     }
 
-    /// Runs one stage under its span, timing it and counting its fallbacks.
-    async fn stage<T>(&self, stage: &'static str, call: impl std::future::Future<Output = Result<T>>) -> Result<T> {
-        let started = Instant::now();
-        let result = call.instrument(tracing::info_span!("stage", stage)).await;
-        STAGE_DURATION.with_label_values(&[stage]).observe(started.elapsed().as_secs_f64());
-        if result.is_err() {
-            STAGE_DEGRADED.with_label_values(&[stage]).inc();
+    async fn recall(
+        &self,
+        query: &RecommendQuery,
+        plan: &Plan,
+        user: &UserFeatures,
+        deadline: Deadline,
+    ) -> Outcome<Recalled> {
+        let request = RecallRequest {
+            user: Some(user.clone()),
+            candidate_count: plan.candidate_count,
+            exclude_item_ids: query.exclude_item_ids.iter().map(|id| id.clone().into_string()).collect(),
+            channel_weights: plan.channel_weights.clone(),
+        };
+        let call = self.clients.recall.call(Arc::new(request), deadline.for_calls());
+        match self.run_stage(Stage::Recall, call).await {
+            Ok(RecallResponse { candidates, bundle_version }) => {
+                Outcome::served(Recalled { candidates, bundle_version })
+            }
+            Err(_) => Outcome::fallback(Recalled {
+                candidates: self.popular_excluding(user, query),
+                bundle_version: String::new(),
+            }),
         }
-        result
     }
 
     async fn rank(
         &self,
-        track: &RankTrack,
+        query: &RecommendQuery,
+        plan: &Plan,
+        user: UserFeatures,
+        recalled: Recalled,
         deadline: Deadline,
-        request: RankRequest,
-    ) -> Result<recsys_proto::v1::RankResponse> {
-        track
-            .rank
-            .call("rank", deadline, self.config.budgets.rank(), request, |mut client, request| async move {
-                client.rank(request).await
+    ) -> Outcome<Ranked> {
+        let request = Arc::new(RankRequest {
+            user: Some(user),
+            candidates: recalled.candidates,
+            coarse_keep: plan.coarse_keep,
+            fine_keep: plan.window as u32,
+            request_time: query.request_time.map(|time| time.0),
+            bundle_version: recalled.bundle_version,
+        });
+        let call = plan.track.rank.call(Arc::clone(&request), deadline.for_calls());
+        match self.run_stage(Stage::Rank, call).await {
+            Ok(response) => {
+                let stage_scores = if query.debug {
+                    response
+                        .items
+                        .iter()
+                        .map(|item| (item.item_id.clone(), (item.coarse_score, item.fine_score)))
+                        .collect()
+                } else {
+                    HashMap::new()
+                };
+                let items = response
+                    .items
+                    .into_iter()
+                    .map(|item| RerankCandidate { item_id: item.item_id, score: item.fine_score })
+                    .collect();
+                Outcome::served(Ranked { items, model_version: Some(response.model_version), stage_scores })
+            }
+            Err(_) => {
+                // The stack has dropped its references by now, so this takes the
+                // candidates back without a copy.
+                let candidates =
+                    Arc::try_unwrap(request).map_or_else(|shared| shared.candidates.clone(), |r| r.candidates);
+                let items = candidates
+                    .into_iter()
+                    .take(plan.window)
+                    .map(|candidate| RerankCandidate { item_id: candidate.item_id, score: candidate.score })
+                    .collect();
+                Outcome::fallback(Ranked { items, model_version: None, stage_scores: HashMap::new() })
+            }
+        }
+    }
+
+    async fn rerank(
+        &self,
+        query: &RecommendQuery,
+        plan: &Plan,
+        bundle_version: &str,
+        ranked: &[RerankCandidate],
+        deadline: Deadline,
+    ) -> Outcome<Vec<RerankedItem>> {
+        let request = RerankRequest {
+            candidates: ranked.to_vec(),
+            top_k: query.top_k,
+            relevance_weight: plan.relevance_weight,
+            bundle_version: bundle_version.to_string(),
+        };
+        let call = self.clients.rerank.call(Arc::new(request), deadline.for_calls());
+        match self.run_stage(Stage::Rerank, call).await {
+            Ok(response) => Outcome::served(response.items),
+            Err(_) => Outcome::fallback(
+                ranked
+                    .iter()
+                    .take(query.top_k as usize)
+                    .map(|item| RerankedItem {
+                        item_id: item.item_id.clone(),
+                        score: item.score,
+                        rerank_score: item.score,
+                    })
+                    .collect(),
+            ),
+        }
+    }
+
+    /// Builds the response and records the request's metrics.
+    fn respond(
+        &self,
+        query: RecommendQuery,
+        plan: Plan,
+        request_id: String,
+        started: Instant,
+        served: Served,
+    ) -> RecommendResponse {
+        let Served { degraded, model_version, ranked_count, items, traces } = served;
+        let items: Vec<RecommendedItem> = items
+            .into_iter()
+            .enumerate()
+            .map(|(position, item)| {
+                let trace = traces.as_ref().map(|traces| {
+                    let (recall_score, recall_channels) = traces.recall.get(&item.item_id).cloned().unwrap_or_default();
+                    let (coarse_score, fine_score) = traces.ranked.get(&item.item_id).copied().unwrap_or_default();
+                    ItemTrace {
+                        recall_channels,
+                        recall_score,
+                        coarse_score,
+                        fine_score,
+                        rerank_score: item.rerank_score,
+                    }
+                });
+                RecommendedItem { item_id: item.item_id, score: item.score, rank: position as u32 + 1, trace }
             })
-            .await
+            .collect();
+        let rank_failed = degraded.iter().any(|&(stage, failed)| stage == Stage::Rank && failed);
+        let track = &plan.track;
+        track.stats.record(started.elapsed(), rank_failed, &model_version);
+        TRACK_REQUESTS.with_label_values(&[track.track.name(), if rank_failed { "false" } else { "true" }]).inc();
+        for assignment in &plan.experiments {
+            EXPERIMENT_ASSIGNMENTS.with_label_values(&[assignment.layer.as_str(), assignment.variant.as_str()]).inc();
+        }
+        STAGE_CANDIDATES.with_label_values(&["rank"]).observe(ranked_count as f64);
+        STAGE_CANDIDATES.with_label_values(&["served"]).observe(items.len() as f64);
+        for item in &items {
+            SERVED_SCORE.observe(f64::from(item.score));
+        }
+        let degraded_stages: Vec<String> =
+            degraded.iter().filter(|(_, failed)| *failed).map(|(stage, _)| stage.name().to_string()).collect();
+        if !degraded_stages.is_empty() {
+            tracing::warn!(%request_id, user = query.user_id.as_str(), degraded = ?degraded_stages, "served degraded");
+        }
+        RecommendResponse {
+            items,
+            request_id,
+            model_version,
+            degraded_stages,
+            experiments: plan.experiments,
+            track: track.track.name().to_string(),
+        }
+    }
+
+    /// Runs one stage's call under its span, timing it and counting its fallbacks.
+    async fn run_stage<T>(&self, stage: Stage, call: impl Future<Output = Result<T, CallError>>) -> Result<T> {
+        let started = Instant::now();
+        let result = call.instrument(tracing::info_span!("stage", stage = stage.name())).await;
+        STAGE_DURATION.with_label_values(&[stage.name()]).observe(started.elapsed().as_secs_f64());
+        result.map_err(|source| {
+            STAGE_DEGRADED.with_label_values(&[stage.name()]).inc();
+            let error = OrchestratorError::Stage { stage, source };
+            tracing::warn!(%error, "stage degraded: serving its fallback");
+            error
+        })
     }
 
     /// Forwards feedback to feature-svc; acknowledged only once feature-svc has it durably.
     /// Not retried here: an append is not idempotent, so the client decides.
     pub async fn log_events(&self, events: Vec<Event>, deadline: Deadline) -> Result<u32, Status> {
         let budget = deadline
-            .stage_timeout(self.config.budgets.default_deadline())
+            .remaining()
             .ok_or_else(|| Status::deadline_exceeded("deadline exceeded before the events could be stored"))?;
         let mut request = Request::new(AppendEventsRequest { events });
         request.set_timeout(budget);
-        let mut client = self.downstream.feature.client.clone();
+        let mut client = self.clients.events.clone();
         match tokio::time::timeout(budget, client.append_events(request)).await {
             Ok(Ok(response)) => Ok(response.into_inner().accepted),
             // Validation errors are the caller's to fix: pass them through as they are.
@@ -283,31 +437,15 @@ impl Pipeline {
     /// Opens the connections to every leaf before traffic arrives, so the first requests
     /// do not spend their stage budgets on TCP and HTTP/2 handshakes.
     pub async fn warm_up(&self) {
-        let deadline = Deadline::after(Duration::from_secs(2));
-        let budget = Duration::from_secs(2);
+        let until = Instant::now() + Duration::from_secs(2);
         let user = UserFeatures { user_id: "__warm_up__".into(), ..UserFeatures::default() };
-        let feature = self.downstream.feature.call(
-            "feature",
-            deadline,
-            budget,
-            GetUserFeaturesRequest { user_id: "__warm_up__".into(), max_history: 1 },
-            |mut client, request| async move { client.get_user_features(request).await },
-        );
-        let track = self.rank_routing().track_for("__warm_up__", None);
-        let rank = track.rank.call(
-            "rank",
-            deadline,
-            budget,
-            RankRequest { user: Some(user), ..RankRequest::default() },
-            |mut client, request| async move { client.rank(request).await },
-        );
-        let rerank = self.downstream.rerank.call(
-            "rerank",
-            deadline,
-            budget,
-            RerankRequest { top_k: 1, ..RerankRequest::default() },
-            |mut client, request| async move { client.rerank(request).await },
-        );
+        let feature = self
+            .clients
+            .feature
+            .call(Arc::new(GetUserFeaturesRequest { user_id: "__warm_up__".into(), max_history: 1 }), until);
+        let track = self.rank.track_for("__warm_up__", None);
+        let rank = track.rank.call(Arc::new(RankRequest { user: Some(user), ..RankRequest::default() }), until);
+        let rerank = self.clients.rerank.call(Arc::new(RerankRequest { top_k: 1, ..RerankRequest::default() }), until);
         let (feature, rank, rerank) = tokio::join!(feature, rank, rerank);
         tracing::debug!(
             feature = feature.is_ok(),
@@ -323,37 +461,51 @@ impl Pipeline {
         let request = RecallRequest {
             user: Some(UserFeatures { user_id: "__fallback__".into(), ..UserFeatures::default() }),
             candidate_count: self.config.candidate_count,
-            exclude_item_ids: Vec::new(),
-            channel_weights: HashMap::new(),
+            ..RecallRequest::default()
         };
+        let until = Instant::now() + Duration::from_secs(5);
         let response = self
-            .downstream
+            .clients
             .recall
-            .call(
-                "recall",
-                Deadline::after(Duration::from_secs(5)),
-                Duration::from_secs(5),
-                request,
-                |mut client, request| async move { client.recall(request).await },
-            )
-            .await?;
+            .call(Arc::new(request), until)
+            .await
+            .map_err(|source| OrchestratorError::Stage { stage: Stage::Recall, source })?;
         let count = response.candidates.len();
         if count > 0 {
-            *self.popular_fallback.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = response.candidates;
+            *self.popular_fallback.write().unwrap_or_else(|poisoned| poisoned.into_inner()) =
+                Arc::new(response.candidates);
         }
         Ok(count)
     }
 
-    fn popular_excluding(&self, user: &UserFeatures, exclude: &[String]) -> Vec<Candidate> {
-        let excluded: HashSet<&String> = user.history_item_ids.iter().chain(exclude).collect();
-        self.popular_fallback
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    /// The popular list less the user's history and the caller's exclusions: the one
+    /// place besides recall that filters, because here recall could not.
+    fn popular_excluding(&self, user: &UserFeatures, query: &RecommendQuery) -> Vec<Candidate> {
+        let popular = Arc::clone(&self.popular_fallback.read().unwrap_or_else(|poisoned| poisoned.into_inner()));
+        let excluded: std::collections::HashSet<&str> = user
+            .history_item_ids
             .iter()
-            .filter(|c| !excluded.contains(&c.item_id))
-            .cloned()
-            .collect()
+            .map(String::as_str)
+            .chain(query.exclude_item_ids.iter().map(|id| id.as_str()))
+            .collect();
+        popular.iter().filter(|c| !excluded.contains(c.item_id.as_str())).cloned().collect()
     }
+}
+
+/// Recall's score and channels by item, for debug traces.
+fn recall_traces(candidates: &[Candidate]) -> HashMap<String, (f32, Vec<String>)> {
+    candidates
+        .iter()
+        .map(|candidate| {
+            let channels = candidate
+                .channel_scores
+                .iter()
+                .filter(|score| score.rank > 0)
+                .map(|score| score.channel().name().to_string())
+                .collect();
+            (candidate.item_id.clone(), (candidate.score, channels))
+        })
+        .collect()
 }
 
 /// The bundle's popularity list, so the fallback exists before recall ever answers.
@@ -365,7 +517,16 @@ fn seed_popular(config: &Config) -> Vec<Candidate> {
         Ok(popular) => popular
             .into_iter()
             .take(config.candidate_count as usize)
-            .map(|(item_id, score)| Candidate { item_id, score, channels: vec!["fallback".into()] })
+            .enumerate()
+            .map(|(position, (item_id, score))| Candidate {
+                item_id,
+                score,
+                channel_scores: vec![ChannelScore {
+                    channel: Channel::Popular as i32,
+                    score,
+                    rank: position as u32 + 1,
+                }],
+            })
             .collect(),
         Err(error) => {
             tracing::warn!(%error, "no popular fallback from the bundle; waiting for recall");

@@ -8,9 +8,9 @@ use recsys_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::{deadline::Deadline, Pipeline, RecommendQuery};
+use recsys_proto::limits::MAX_EVENTS_PER_CALL;
 
-const MAX_EVENTS_PER_CALL: usize = 10_000;
+use crate::{deadline::Deadline, Pipeline, RecommendQuery};
 
 #[derive(Clone)]
 pub struct RecommenderGrpc {
@@ -33,11 +33,8 @@ impl Recommender for RecommenderGrpc {
         let config = self.pipeline.config();
         let deadline = Deadline::from_metadata(request.metadata(), config.budgets.default_deadline());
         let request_id = uuid::Uuid::new_v4().to_string();
-        let query = RecommendQuery::parse(request.into_inner(), &config.limits)?;
-        let response = self.pipeline.recommend(query, deadline, request_id).await;
-        if !response.degraded_stages.is_empty() {
-            tracing::warn!(request_id = %response.request_id, degraded = ?response.degraded_stages, "served degraded");
-        }
+        let query = RecommendQuery::try_from(request.into_inner())?;
+        let response = self.pipeline.recommend(query, deadline, request_id).await?;
         Ok(Response::new(response))
     }
 

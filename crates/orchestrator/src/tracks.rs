@@ -12,18 +12,14 @@ use std::{
     time::Duration,
 };
 
-use recsys_proto::v1::{rank_service_client::RankServiceClient, TrackStats};
-use recsys_runtime::resilience::CircuitBreaker;
+use recsys_proto::v1::{RankRequest, RankResponse, TrackStats};
+use recsys_runtime::{client::ResilientClient, resilience::ResilienceConfig};
 use serde::{Deserialize, Serialize};
-use tonic::transport::Channel;
 
-use crate::{
-    downstream::{Guarded, ResilienceConfig},
-    experiments, OrchestratorError, Result,
-};
+use crate::{domain::Track, experiments, OrchestratorError, Result};
 
-pub const STABLE: &str = "stable";
-pub const CANARY: &str = "canary";
+/// The gRPC method a track serves.
+const RANK_METHOD: &str = "/recsys.v1.RankService/Rank";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -42,40 +38,40 @@ impl Default for CanaryConfig {
 }
 
 pub struct RankTrack {
-    pub name: &'static str,
+    pub track: Track,
     pub address: String,
-    /// The client with this track's own breaker and retry budget: a bad canary must not
+    /// This track's own client stack (breaker and retry budget): a bad canary must not
     /// trip the stable model, and budgets only work when they persist across calls.
-    pub rank: Guarded<RankServiceClient<Channel>>,
+    pub rank: ResilientClient<RankRequest, RankResponse>,
     pub stats: TrackCounters,
 }
 
 impl RankTrack {
     pub fn connect(
-        name: &'static str,
+        track: Track,
         address: &str,
         connect_timeout: Duration,
+        budget: Duration,
         resilience: &ResilienceConfig,
     ) -> Result<Self> {
         let channel = recsys_runtime::client::lazy_channel(address, connect_timeout)
             .map_err(|error| OrchestratorError::Config(format!("{address}: {error}")))?;
         Ok(Self {
-            name,
+            track,
             address: address.to_string(),
-            rank: Guarded::new(
-                RankServiceClient::new(channel),
-                Arc::new(CircuitBreaker::new(format!("rank/{name}"), resilience.breaker.clone())),
-                resilience,
-            ),
+            rank: ResilientClient::new(format!("rank/{}", track.name()), channel, RANK_METHOD, budget, resilience),
             stats: TrackCounters::default(),
         })
     }
-}
 
-impl RankTrack {
-    /// The same service under another track name, with fresh statistics.
+    /// The same service under the stable name, with fresh statistics.
     fn promoted(&self) -> Self {
-        Self { name: STABLE, address: self.address.clone(), rank: self.rank.clone(), stats: TrackCounters::default() }
+        Self {
+            track: Track::Stable,
+            address: self.address.clone(),
+            rank: self.rank.clone(),
+            stats: TrackCounters::default(),
+        }
     }
 }
 
@@ -101,12 +97,13 @@ impl RankRouting {
     }
 
     /// The track for a user: an experiment's explicit choice, else the sticky canary split.
-    pub fn track_for(&self, user_id: &str, requested: Option<&str>) -> Arc<RankTrack> {
+    /// (A variant pinned to a canary that was promoted since gets the new stable.)
+    pub fn track_for(&self, user_id: &str, requested: Option<Track>) -> Arc<RankTrack> {
         let state = self.read();
         let canary = state.canary.as_ref();
         match (requested, canary) {
-            (Some(CANARY), Some(canary)) => return Arc::clone(canary),
-            (Some(STABLE), _) => return Arc::clone(&state.stable),
+            (Some(Track::Canary), Some(canary)) => return Arc::clone(canary),
+            (Some(Track::Stable), _) => return Arc::clone(&state.stable),
             _ => {}
         }
         match canary {
@@ -153,9 +150,9 @@ impl RankRouting {
 
     pub fn snapshot(&self) -> recsys_proto::v1::TrafficSplit {
         let state = self.read();
-        let mut tracks = vec![state.stable.stats.snapshot(STABLE)];
+        let mut tracks = vec![state.stable.stats.snapshot(Track::Stable)];
         if let Some(canary) = &state.canary {
-            tracks.push(canary.stats.snapshot(CANARY));
+            tracks.push(canary.stats.snapshot(Track::Canary));
         }
         recsys_proto::v1::TrafficSplit {
             stable_address: state.stable.address.clone(),
@@ -197,9 +194,9 @@ impl TrackCounters {
         self.latency.record(latency);
     }
 
-    fn snapshot(&self, track: &str) -> TrackStats {
+    fn snapshot(&self, track: Track) -> TrackStats {
         TrackStats {
-            track: track.to_string(),
+            track: track.name().to_string(),
             model_version: self.model_version.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone(),
             requests: self.requests.load(Ordering::Relaxed),
             rank_failures: self.rank_failures.load(Ordering::Relaxed),
@@ -255,32 +252,42 @@ impl LatencyHistogram {
 mod tests {
     use super::*;
 
-    fn track(name: &'static str, address: &str) -> RankTrack {
-        RankTrack::connect(name, address, Duration::from_millis(10), &ResilienceConfig::default()).unwrap()
+    fn track(track: Track, address: &str) -> RankTrack {
+        let (connect, budget) = (Duration::from_millis(10), Duration::from_millis(10));
+        RankTrack::connect(track, address, connect, budget, &ResilienceConfig::default()).unwrap()
+    }
+
+    fn routing(share_percent: f64) -> RankRouting {
+        let (stable, canary) = (track(Track::Stable, "127.0.0.1:1"), track(Track::Canary, "127.0.0.1:2"));
+        RankRouting::new(stable, Some(canary), share_percent, "c".into())
     }
 
     #[tokio::test]
-    async fn canary_share_is_sticky_and_close_to_configuration() {
-        let routing =
-            RankRouting::new(track(STABLE, "127.0.0.1:1"), Some(track(CANARY, "127.0.0.1:2")), 20.0, "c".into());
-        let on_canary = (0..20_000).filter(|u| routing.track_for(&u.to_string(), None).name == CANARY).count();
-        assert!((on_canary as f64 / 20_000.0 - 0.20).abs() < 0.01, "{on_canary}");
-        for user in ["1", "2", "3"] {
-            assert_eq!(routing.track_for(user, None).name, routing.track_for(user, None).name);
+    async fn canary_share_is_sticky_across_replicas_and_close_to_configuration() {
+        let (replica, other_replica) = (routing(20.0), routing(20.0));
+        let mut on_canary = 0;
+        for user in (0..20_000).map(|u| u.to_string()) {
+            let track = replica.track_for(&user, None).track;
+            // Another replica (or a restart) routes the user the same way, and the way
+            // the hash of the salted user id says.
+            assert_eq!(track, other_replica.track_for(&user, None).track);
+            let by_hash = if experiments::bucket("c", &user) < 2_000 { Track::Canary } else { Track::Stable };
+            assert_eq!(track, by_hash, "user {user}");
+            on_canary += usize::from(track == Track::Canary);
         }
+        assert!((on_canary as f64 / 20_000.0 - 0.20).abs() < 0.01, "{on_canary}");
     }
 
     #[tokio::test]
     async fn promotion_and_rollback_change_routing_without_restart() {
-        let routing =
-            RankRouting::new(track(STABLE, "127.0.0.1:1"), Some(track(CANARY, "127.0.0.1:2")), 100.0, "c".into());
+        let routing = routing(100.0);
         assert_eq!(routing.track_for("u", None).address, "127.0.0.1:2");
         routing.rollback();
         assert_eq!(routing.track_for("u", None).address, "127.0.0.1:1");
         routing.set_share(100.0).unwrap();
         routing.promote().unwrap();
         assert_eq!(routing.track_for("u", None).address, "127.0.0.1:2");
-        assert_eq!(routing.track_for("u", None).name, STABLE);
+        assert_eq!(routing.track_for("u", None).track, Track::Stable);
         assert_eq!(routing.snapshot().canary_address, "");
         assert!(routing.set_share(10.0).is_err(), "no canary left after promotion");
         assert!(routing.promote().is_err());
@@ -288,11 +295,10 @@ mod tests {
 
     #[tokio::test]
     async fn experiments_can_pin_a_track() {
-        let routing =
-            RankRouting::new(track(STABLE, "127.0.0.1:1"), Some(track(CANARY, "127.0.0.1:2")), 0.0, "c".into());
-        assert_eq!(routing.track_for("u", Some(CANARY)).name, CANARY);
-        assert_eq!(routing.track_for("u", Some(STABLE)).name, STABLE);
-        assert_eq!(routing.track_for("u", None).name, STABLE);
+        let routing = routing(0.0);
+        assert_eq!(routing.track_for("u", Some(Track::Canary)).track, Track::Canary);
+        assert_eq!(routing.track_for("u", Some(Track::Stable)).track, Track::Stable);
+        assert_eq!(routing.track_for("u", None).track, Track::Stable);
     }
 
     #[test]

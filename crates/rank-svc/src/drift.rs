@@ -126,12 +126,15 @@ mod tests {
 
     #[test]
     fn a_shifted_distribution_moves_the_index_and_the_gauge() {
-        let drift = ScoreDrift::new(&reference()).unwrap();
+        // A gauge of this test's own: the process-wide one is written by other tests
+        // running in parallel.
+        let gauge = Gauge::new("test_score_psi", "drift of this test only").unwrap();
+        let drift = ScoreDrift::with_gauge(&reference(), gauge.clone()).unwrap();
         // Everything pushed towards high scores, as after a bad model or a traffic shift.
         let shifted = scores_like(&[0, 0, 0, 5, 10, 20, 40, 60, 80, 100], 3);
         let psi = drift.observe(&shifted);
         assert!(psi > 0.25, "{psi}");
-        assert!((SCORE_PSI.get() - psi).abs() < 1e-9);
+        assert_eq!(gauge.get(), psi);
     }
 
     #[test]

@@ -10,6 +10,8 @@ pub enum RankError {
     Onnx(String),
     #[error("model {model}: {reason}")]
     ModelContract { model: String, reason: String },
+    #[error("the request is pinned to bundle {pinned}, this rank-svc serves bundle {served}")]
+    BundleMismatch { pinned: String, served: String },
 }
 
 pub type Result<T, E = RankError> = std::result::Result<T, E>;
@@ -18,7 +20,9 @@ impl From<RankError> for Status {
     fn from(error: RankError) -> Self {
         match error {
             RankError::InvalidArgument(message) => Status::invalid_argument(message),
-            RankError::Bundle(_) | RankError::ModelContract { .. } => Status::failed_precondition(error.to_string()),
+            RankError::Bundle(_) | RankError::ModelContract { .. } | RankError::BundleMismatch { .. } => {
+                Status::failed_precondition(error.to_string())
+            }
             RankError::Onnx(_) => Status::internal(error.to_string()),
         }
     }

@@ -166,8 +166,8 @@ impl Ranker {
 
     /// Positions of the known items among `item_ids` (unknown ids are dropped: they
     /// come from another bundle version and cannot be scored).
-    pub fn resolve_items(&self, item_ids: &[String]) -> Vec<usize> {
-        item_ids.iter().filter_map(|id| self.embeddings.item_position(id)).collect()
+    pub fn resolve_items<'a>(&self, item_ids: impl IntoIterator<Item = &'a str>) -> Vec<usize> {
+        item_ids.into_iter().filter_map(|id| self.embeddings.item_position(id)).collect()
     }
 
     fn user_context(&self, user: &UserFeatures, request_time: i64) -> UserContext {
@@ -182,7 +182,7 @@ impl Ranker {
         };
         let mut features = Vec::with_capacity(self.features.user_dim());
         self.features.user_features(&attributes, &mut features);
-        let history_items: Vec<usize> = self.resolve_items(&user.history_item_ids);
+        let history_items: Vec<usize> = self.resolve_items(user.history_item_ids.iter().map(String::as_str));
         let mut history = vec![0i64; self.features.history_length];
         for (slot, &item) in history.iter_mut().zip(&history_items) {
             *slot = item as i64 + 1;

@@ -3,26 +3,22 @@
 
 use std::sync::Arc;
 
-use recsys_proto::v1::{
-    rank_service_server::{RankService, RankServiceServer},
-    RankRequest, RankResponse, RankedItem,
+use recsys_proto::{
+    limits::{MAX_CANDIDATES, MAX_HISTORY},
+    v1::{
+        rank_service_server::{RankService, RankServiceServer},
+        RankRequest, RankResponse, RankedItem,
+    },
 };
-use recsys_proto::REQUEST_TIME_CONTEXT_KEY;
 use tonic::{Request, Response, Status};
 
 use crate::{RankError, Ranker};
 
-const MAX_ITEMS: usize = 5_000;
-
-fn request_time(context: &std::collections::HashMap<String, String>) -> Result<i64, RankError> {
-    match context.get(REQUEST_TIME_CONTEXT_KEY) {
-        Some(value) => value.trim().parse::<i64>().map_err(|_| {
-            RankError::InvalidArgument(format!("context[{REQUEST_TIME_CONTEXT_KEY:?}] = {value:?} is not Unix seconds"))
-        }),
-        None => Ok(std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |elapsed| elapsed.as_secs() as i64)),
-    }
+/// The request's moment, else this service's clock.
+fn request_time_or_now(request_time: Option<i64>) -> i64 {
+    request_time.unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_secs() as i64)
+    })
 }
 
 #[derive(Clone)]
@@ -44,23 +40,33 @@ impl RankGrpc {
 #[tonic::async_trait]
 impl RankService for RankGrpc {
     async fn rank(&self, request: Request<RankRequest>) -> Result<Response<RankResponse>, Status> {
-        let RankRequest { user, item_ids, coarse_keep, fine_keep, context } = request.into_inner();
+        let RankRequest { user, candidates, coarse_keep, fine_keep, request_time, bundle_version } =
+            request.into_inner();
         let user = user.ok_or_else(|| RankError::InvalidArgument("user is required".into()))?;
-        if item_ids.len() > MAX_ITEMS {
+        if candidates.len() > MAX_CANDIDATES || user.history_item_ids.len() > MAX_HISTORY as usize {
             return Err(RankError::InvalidArgument(format!(
-                "{} item_ids; at most {MAX_ITEMS} allowed",
-                item_ids.len()
+                "{} candidates and {} history items; at most {MAX_CANDIDATES} and {MAX_HISTORY} allowed",
+                candidates.len(),
+                user.history_item_ids.len()
             ))
             .into());
         }
-        let request_time = request_time(&context)?;
+        // Item positions and features must agree with the bundle recall proposed from.
+        if !bundle_version.is_empty() && bundle_version != self.ranker.version() {
+            return Err(RankError::BundleMismatch {
+                pinned: bundle_version,
+                served: self.ranker.version().to_string(),
+            }
+            .into());
+        }
+        let request_time = request_time_or_now(request_time);
         let coarse_keep = if coarse_keep == 0 { self.default_coarse_keep } else { coarse_keep as usize };
         let ranker = Arc::clone(&self.ranker);
         // The model runs on a blocking thread; carry the request's span there.
         let span = tracing::Span::current();
         let ranked = tokio::task::spawn_blocking(move || {
             let _entered = span.enter();
-            let items = ranker.resolve_items(&item_ids);
+            let items = ranker.resolve_items(candidates.iter().map(|candidate| candidate.item_id.as_str()));
             ranker.rank(&user, &items, coarse_keep, request_time)
         })
         .await
@@ -83,17 +89,11 @@ impl RankService for RankGrpc {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
-
     use super::*;
 
     #[test]
-    fn request_time_comes_from_the_context_or_the_clock() {
-        let context = HashMap::from([(REQUEST_TIME_CONTEXT_KEY.to_string(), "893286638".to_string())]);
-        assert_eq!(request_time(&context).unwrap(), 893_286_638);
-        assert!(request_time(&HashMap::new()).unwrap() > 1_700_000_000);
-        let bad = HashMap::from([(REQUEST_TIME_CONTEXT_KEY.to_string(), "yesterday".to_string())]);
-        let error = request_time(&bad).unwrap_err().to_string();
-        assert!(error.contains("request_time") && error.contains("yesterday"), "{error}");
+    fn the_request_time_is_the_requests_or_the_clock() {
+        assert_eq!(request_time_or_now(Some(893_286_638)), 893_286_638);
+        assert!(request_time_or_now(None) > 1_700_000_000);
     }
 }

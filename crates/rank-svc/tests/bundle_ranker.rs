@@ -72,7 +72,7 @@ fn serving_builds_training_tensors_and_onnx_reproduces_pytorch_scores() {
         serde_json::from_str(&std::fs::read_to_string(bundle_dir().join("ranker_fixture.json")).unwrap()).unwrap();
     assert!(!fixture.is_empty());
     for example in &fixture {
-        let items = ranker.resolve_items(std::slice::from_ref(&example.item_id));
+        let items = ranker.resolve_items([example.item_id.as_str()]);
         let inputs = ranker.fine_inputs(&user(example), &items, example.request_time);
         assert_eq!(inputs.user_index, vec![example.user_index], "{}", example.user_id);
         assert_eq!(inputs.item_index, vec![example.item_index], "{}", example.user_id);
@@ -101,7 +101,7 @@ fn serving_builds_training_tensors_and_onnx_reproduces_pytorch_scores() {
 fn ranking_keeps_the_coarse_cut_orders_by_fine_score_and_drops_unknown_items() {
     let ranker = load_ranker();
     let ids: Vec<String> = (1..=300).map(|n| n.to_string()).chain(["not-an-item".to_string()]).collect();
-    let items = ranker.resolve_items(&ids);
+    let items = ranker.resolve_items(ids.iter().map(String::as_str));
     assert_eq!(items.len(), 300);
     let user = UserFeatures { user_id: "196".into(), known: true, ..UserFeatures::default() };
     let ranked = ranker.rank(&user, &items, 50, NOW).unwrap();
@@ -127,7 +127,7 @@ fn ranking_keeps_the_coarse_cut_orders_by_fine_score_and_drops_unknown_items() {
 #[test]
 fn a_user_without_any_signal_is_still_ranked() {
     let ranker = load_ranker();
-    let items = ranker.resolve_items(&["1".to_string(), "2".to_string(), "50".to_string()]);
+    let items = ranker.resolve_items(["1", "2", "50"]);
     let nobody = UserFeatures { user_id: "nobody".into(), ..UserFeatures::default() };
     let ranked = ranker.rank(&nobody, &items, 10, NOW).unwrap();
     assert_eq!(ranked.len(), 3);

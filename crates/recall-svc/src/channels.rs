@@ -1,55 +1,41 @@
-//! The recall channels. Each proposes item positions, best first, from one kind of
-//! evidence; none knows about the others (fusion combines them).
+//! The recall channels (`recsys_proto::v1::Channel`). Each proposes item positions, best
+//! first, from one kind of evidence; none knows about the others (fusion combines them).
+//! Each can also score any item for the user, so every candidate leaves recall with every
+//! channel's score (the recall → rank contract).
 
 use std::{collections::HashSet, path::Path};
 
 use recsys_bundle::{embeddings::dot, read_catalog, read_manifest, read_popularity, EmbeddingSpace, ItemToItem};
+use recsys_proto::v1::Channel;
 
 use crate::Result;
 
 /// The session-intent channel looks at this many of the latest items.
 const REALTIME_WINDOW: usize = 5;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Channel {
-    /// Nearest items to the user's long-term vector.
-    Embedding,
-    /// The item-to-item model (EASE weights) applied to the user's whole history.
-    ItemCf,
-    /// Nearest items to the mean of the last few items: what the user is into right now.
-    Realtime,
-    /// Most interacted items overall.
-    Popular,
-    /// Newest catalog items, which behaviour-based channels cannot yet surface.
-    ColdStart,
-}
-
-impl Channel {
-    pub const ALL: [Channel; 5] =
-        [Channel::Embedding, Channel::ItemCf, Channel::Realtime, Channel::Popular, Channel::ColdStart];
-
-    pub fn from_name(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|channel| channel.name() == name)
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Channel::Embedding => "embedding",
-            Channel::ItemCf => "item_cf",
-            Channel::Realtime => "realtime",
-            Channel::Popular => "popular",
-            Channel::ColdStart => "cold_start",
-        }
-    }
-}
-
 /// Everything recall needs from a bundle, indexed by item position.
 pub struct RecallIndex {
     pub version: String,
     pub embeddings: EmbeddingSpace,
     item_to_item: ItemToItem,
+    /// Item positions, most popular first, and each position's popularity score.
     popular: Vec<usize>,
+    popularity: Vec<f32>,
+    /// Item positions, newest first, and each position's release year.
     newest: Vec<usize>,
+    years: Vec<f32>,
+}
+
+/// What one user gives the channels, computed once per request and shared by every
+/// channel's proposals and by the per-candidate channel scores.
+pub struct UserSignals {
+    /// The long-term vector (trained, or the mean of the history for a new user).
+    vector: Option<Vec<f32>>,
+    /// The mean vector of the latest few items.
+    recent: Option<Vec<f32>>,
+    /// The item-to-item model's score of every item given the whole history; `None`
+    /// without a known history item.
+    item_cf: Option<Vec<f64>>,
 }
 
 impl RecallIndex {
@@ -58,19 +44,36 @@ impl RecallIndex {
         let embeddings = EmbeddingSpace::load(dir)?;
         let catalog = read_catalog(dir)?;
         let item_to_item = ItemToItem::load(dir, &embeddings)?;
-        let popular = read_popularity(dir)?.into_iter().filter_map(|(id, _)| embeddings.item_position(&id)).collect();
+        let mut popularity = vec![0.0f32; catalog.len()];
+        let mut popular = Vec::new();
+        for (id, score) in read_popularity(dir)? {
+            if let Some(position) = embeddings.item_position(&id) {
+                popularity[position] = score;
+                popular.push(position);
+            }
+        }
         let mut newest: Vec<usize> = (0..catalog.len()).collect();
         newest.sort_by_key(|&n| (std::cmp::Reverse(catalog[n].year), catalog[n].interactions, n));
-        Ok(Self { version: manifest.version, embeddings, item_to_item, popular, newest })
+        let years = catalog.iter().map(|item| item.year as f32).collect();
+        Ok(Self { version: manifest.version, embeddings, item_to_item, popular, popularity, newest, years })
     }
 
-    /// One channel's proposals for a user with `history` (most recent first), skipping
-    /// `excluded` so that the quota is spent on items that can be served.
+    /// The user's signals from `history` (most recent first).
+    pub fn signals(&self, user_id: &str, history: &[String]) -> UserSignals {
+        let seeds: Vec<usize> = history.iter().filter_map(|id| self.embeddings.item_position(id)).collect();
+        UserSignals {
+            vector: self.embeddings.user_vector(user_id, history),
+            recent: self.embeddings.mean_item_vector(history.iter().take(REALTIME_WINDOW)),
+            item_cf: (!seeds.is_empty()).then(|| self.item_to_item.scores(&seeds)),
+        }
+    }
+
+    /// One channel's proposals, best first, skipping `excluded` so that the quota is
+    /// spent on items that can be served.
     pub fn propose(
         &self,
         channel: Channel,
-        user_id: &str,
-        history: &[String],
+        signals: &UserSignals,
         excluded: &HashSet<usize>,
         quota: usize,
     ) -> Vec<usize> {
@@ -78,17 +81,25 @@ impl RecallIndex {
             return Vec::new();
         }
         match channel {
-            Channel::Embedding => match self.embeddings.user_vector(user_id, history) {
-                Some(vector) => self.nearest(&vector, excluded, quota),
-                None => Vec::new(),
-            },
-            Channel::Realtime => match self.embeddings.mean_item_vector(history.iter().take(REALTIME_WINDOW)) {
-                Some(vector) => self.nearest(&vector, excluded, quota),
-                None => Vec::new(),
-            },
-            Channel::ItemCf => self.item_cf(history, excluded, quota),
+            Channel::Embedding => signals.vector.as_ref().map(|v| self.nearest(v, excluded, quota)).unwrap_or_default(),
+            Channel::Realtime => signals.recent.as_ref().map(|v| self.nearest(v, excluded, quota)).unwrap_or_default(),
+            Channel::ItemCf => signals.item_cf.as_ref().map(|s| item_cf_top(s, excluded, quota)).unwrap_or_default(),
             Channel::Popular => take_allowed(&self.popular, excluded, quota),
             Channel::ColdStart => take_allowed(&self.newest, excluded, quota),
+            Channel::Unspecified => Vec::new(),
+        }
+    }
+
+    /// The channel's own score of `item` for this user, whether or not it proposed the
+    /// item; `None` when the channel has nothing to say about this user.
+    pub fn score(&self, channel: Channel, signals: &UserSignals, item: usize) -> Option<f32> {
+        match channel {
+            Channel::Embedding => signals.vector.as_ref().map(|v| self.embeddings.score(v, item)),
+            Channel::Realtime => signals.recent.as_ref().map(|v| self.embeddings.score(v, item)),
+            Channel::ItemCf => signals.item_cf.as_ref().map(|scores| scores[item] as f32),
+            Channel::Popular => Some(self.popularity[item]),
+            Channel::ColdStart => Some(self.years[item]),
+            Channel::Unspecified => None,
         }
     }
 
@@ -100,20 +111,17 @@ impl RecallIndex {
             (0..vectors.rows).filter(|n| !excluded.contains(n)).map(|n| (dot(vector, vectors.row(n)), n)).collect();
         top_by_score(&mut scored, quota)
     }
+}
 
-    fn item_cf(&self, history: &[String], excluded: &HashSet<usize>, quota: usize) -> Vec<usize> {
-        // The whole history, unweighted (recency is the realtime channel's job).
-        let seeds: Vec<usize> = history.iter().filter_map(|id| self.embeddings.item_position(id)).collect();
-        let mut scored: Vec<(f32, usize)> = self
-            .item_to_item
-            .scores(&seeds)
-            .into_iter()
-            .enumerate()
-            .filter(|&(n, score)| score > 0.0 && !excluded.contains(&n))
-            .map(|(n, score)| (score as f32, n))
-            .collect();
-        top_by_score(&mut scored, quota)
-    }
+/// The items the history gives positive item-to-item evidence for, strongest first.
+fn item_cf_top(scores: &[f64], excluded: &HashSet<usize>, quota: usize) -> Vec<usize> {
+    let mut scored: Vec<(f32, usize)> = scores
+        .iter()
+        .enumerate()
+        .filter(|&(n, &score)| score > 0.0 && !excluded.contains(&n))
+        .map(|(n, &score)| (score as f32, n))
+        .collect();
+    top_by_score(&mut scored, quota)
 }
 
 fn take_allowed(ranked: &[usize], excluded: &HashSet<usize>, quota: usize) -> Vec<usize> {

@@ -17,7 +17,9 @@ pub struct ChannelList {
 pub struct FusedCandidate {
     pub item: usize,
     pub score: f32,
-    pub channels: Vec<Channel>,
+    /// The channels that proposed the item, with its 1-based rank in each (counted after
+    /// exclusions, as fusion scores it).
+    pub channels: Vec<(Channel, u32)>,
 }
 
 /// Fuses `lists`, skipping `excluded` items, and keeps the best `limit`.
@@ -37,9 +39,9 @@ pub fn fuse_channels(
             rank += 1;
             let candidate =
                 fused.entry(item).or_insert_with(|| FusedCandidate { item, score: 0.0, channels: Vec::new() });
-            if !candidate.channels.contains(&list.channel) {
+            if !candidate.channels.iter().any(|&(channel, _)| channel == list.channel) {
                 candidate.score += list.weight / (rrf_k + rank as f32);
-                candidate.channels.push(list.channel);
+                candidate.channels.push((list.channel, rank as u32));
             }
         }
     }
@@ -63,7 +65,7 @@ mod tests {
         let lists = [list(Channel::Embedding, 1.0, &[1, 2, 3]), list(Channel::ItemCf, 1.0, &[3, 4])];
         let fused = fuse_channels(&lists, &HashSet::new(), 60.0, 10);
         assert_eq!(fused[0].item, 3);
-        assert_eq!(fused[0].channels, vec![Channel::Embedding, Channel::ItemCf]);
+        assert_eq!(fused[0].channels, vec![(Channel::Embedding, 3), (Channel::ItemCf, 1)]);
         assert_eq!(fused.len(), 4);
     }
 
@@ -75,6 +77,7 @@ mod tests {
         // 8 is rank 1 in popular (after the exclusion) and rank 2 in embedding.
         let eight = fused.iter().find(|c| c.item == 8).unwrap();
         assert!((eight.score - (1.0 / 61.0 + 1.0 / 62.0)).abs() < 1e-6);
+        assert_eq!(eight.channels, vec![(Channel::Popular, 1), (Channel::Embedding, 2)]);
     }
 
     #[test]

@@ -16,9 +16,10 @@ use recsys_runtime::{server::ServiceConfig, ServerConfig};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
-pub use channels::{Channel, RecallIndex};
+pub use channels::{RecallIndex, UserSignals};
 pub use error::{RecallError, Result};
 pub use fusion::{fuse_channels, ChannelList, FusedCandidate};
+pub use recsys_proto::v1::Channel;
 pub use service::RecallGrpc;
 
 pub const SERVICE_NAME: &str = "recsys.v1.RecallService";
@@ -74,6 +75,7 @@ impl ChannelSettings {
             Channel::Realtime => self.realtime,
             Channel::Popular => self.popular,
             Channel::ColdStart => self.cold_start,
+            Channel::Unspecified => ChannelQuota { quota: 0, weight: 0.0 },
         }
     }
 }

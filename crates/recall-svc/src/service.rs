@@ -1,16 +1,18 @@
-//! gRPC surface of recall-svc: validates the request, runs the channels, fuses.
+//! gRPC surface of recall-svc: the cheap self-protecting checks, the channels, fusion,
+//! and the candidates with every channel's score (the recall → rank contract).
 
 use std::{collections::HashSet, sync::Arc};
 
-use recsys_proto::v1::{
-    recall_service_server::{RecallService, RecallServiceServer},
-    Candidate, RecallRequest, RecallResponse,
+use recsys_proto::{
+    limits::{MAX_CANDIDATES, MAX_EXCLUDED_ITEMS, MAX_HISTORY},
+    v1::{
+        recall_service_server::{RecallService, RecallServiceServer},
+        Candidate, ChannelScore, ChannelWeight, RecallRequest, RecallResponse,
+    },
 };
 use tonic::{Request, Response, Status};
 
 use crate::{fuse_channels, Channel, ChannelList, Config, RecallError, RecallIndex};
-
-const MAX_CANDIDATES: usize = 5_000;
 
 static CHANNEL_CANDIDATES: std::sync::LazyLock<prometheus::HistogramVec> = std::sync::LazyLock::new(|| {
     prometheus::register_histogram_vec!(
@@ -39,34 +41,34 @@ impl RecallGrpc {
 
     fn recall_candidates(&self, request: RecallRequest) -> Result<RecallResponse, RecallError> {
         let RecallRequest { user, candidate_count, exclude_item_ids, channel_weights } = request;
-        for (name, weight) in &channel_weights {
-            if Channel::from_name(name).is_none() {
-                return Err(RecallError::InvalidArgument(format!("channel_weights names unknown channel {name:?}")));
-            }
-            if !(weight.is_finite() && *weight >= 0.0) {
-                return Err(RecallError::InvalidArgument(format!("channel_weights[{name:?}] must be finite and >= 0")));
-            }
-        }
+        let invalid = |message: String| Err(RecallError::InvalidArgument(message));
         let user = user.ok_or_else(|| RecallError::InvalidArgument("user is required".into()))?;
         if user.user_id.is_empty() {
-            return Err(RecallError::InvalidArgument("user.user_id is empty".into()));
+            return invalid("user.user_id is empty".into());
         }
+        if user.history_item_ids.len() > MAX_HISTORY as usize || exclude_item_ids.len() > MAX_EXCLUDED_ITEMS {
+            return invalid(format!(
+                "at most {MAX_HISTORY} history items and {MAX_EXCLUDED_ITEMS} exclusions are accepted"
+            ));
+        }
+        let weights = channel_weight_overrides(&channel_weights)?;
         let limit = match candidate_count as usize {
             0 => self.config.candidate_count,
             n if n > MAX_CANDIDATES => {
-                return Err(RecallError::InvalidArgument(format!(
-                    "candidate_count {n} exceeds the maximum {MAX_CANDIDATES}"
-                )))
+                return invalid(format!("candidate_count {n} exceeds the maximum {MAX_CANDIDATES}"))
             }
             n => n,
         };
-        let embeddings = &self.index.embeddings;
+        let index = &self.index;
+        let embeddings = &index.embeddings;
+        // The one place the request path removes seen and excluded items.
         let excluded: HashSet<usize> = user
             .history_item_ids
             .iter()
             .chain(&exclude_item_ids)
             .filter_map(|id| embeddings.item_position(id))
             .collect();
+        let signals = index.signals(&user.user_id, &user.history_item_ids);
         let lists: Vec<ChannelList> = Channel::ALL
             .iter()
             .map(|&channel| {
@@ -74,26 +76,51 @@ impl RecallGrpc {
                 let _span = tracing::info_span!("recall_channel", channel = channel.name()).entered();
                 let list = ChannelList {
                     channel,
-                    weight: channel_weights.get(channel.name()).copied().unwrap_or(quota.weight),
-                    items: self.index.propose(channel, &user.user_id, &user.history_item_ids, &excluded, quota.quota),
+                    weight: weights[channel as usize].unwrap_or(quota.weight),
+                    items: index.propose(channel, &signals, &excluded, quota.quota),
                 };
                 CHANNEL_CANDIDATES.with_label_values(&[channel.name()]).observe(list.items.len() as f64);
                 list
             })
             .collect();
         let fused = fuse_channels(&lists, &excluded, self.config.rrf_k, limit);
-        Ok(RecallResponse {
-            candidates: fused
-                .into_iter()
-                .map(|candidate| Candidate {
-                    item_id: embeddings.item_ids[candidate.item].clone(),
-                    score: candidate.score,
-                    channels: candidate.channels.iter().map(|c| c.name().to_string()).collect(),
-                })
-                .collect(),
-            bundle_version: self.index.version.clone(),
-        })
+        let candidates = fused
+            .into_iter()
+            .map(|candidate| Candidate {
+                item_id: embeddings.item_ids[candidate.item].clone(),
+                score: candidate.score,
+                channel_scores: Channel::ALL
+                    .iter()
+                    .filter_map(|&channel| {
+                        let score = index.score(channel, &signals, candidate.item)?;
+                        let rank = candidate.channels.iter().find(|(c, _)| *c == channel).map_or(0, |&(_, rank)| rank);
+                        Some(ChannelScore { channel: channel as i32, score, rank })
+                    })
+                    .collect(),
+            })
+            .collect();
+        Ok(RecallResponse { candidates, bundle_version: index.version.clone() })
     }
+}
+
+/// Fusion weight overrides by channel number. The orchestrator checked them when its
+/// configuration was loaded; this only protects recall from other callers.
+fn channel_weight_overrides(weights: &[ChannelWeight]) -> Result<[Option<f32>; 6], RecallError> {
+    let mut overrides = [None; 6];
+    for (index, ChannelWeight { channel, weight }) in weights.iter().enumerate() {
+        let known = Channel::try_from(*channel).ok().filter(|&c| c != Channel::Unspecified);
+        let Some(channel) = known else {
+            return Err(RecallError::InvalidArgument(format!("channel_weights[{index}] names no channel ({channel})")));
+        };
+        if !(weight.is_finite() && *weight >= 0.0) {
+            return Err(RecallError::InvalidArgument(format!(
+                "channel_weights[{index}] ({}) must be finite and >= 0",
+                channel.name()
+            )));
+        }
+        overrides[channel as usize] = Some(*weight);
+    }
+    Ok(overrides)
 }
 
 #[tonic::async_trait]
@@ -102,5 +129,23 @@ impl RecallService for RecallGrpc {
         let response = self.recall_candidates(request.into_inner())?;
         tracing::debug!(candidates = response.candidates.len(), "recall served");
         Ok(Response::new(response))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weight_overrides_must_name_a_channel_and_be_non_negative() {
+        let weight = |channel: i32, weight: f32| ChannelWeight { channel, weight };
+        let overrides = channel_weight_overrides(&[weight(Channel::ItemCf as i32, 2.0)]).unwrap();
+        assert_eq!(overrides[Channel::ItemCf as usize], Some(2.0));
+        assert_eq!(overrides[Channel::Popular as usize], None);
+        let unspecified = channel_weight_overrides(&[weight(0, 1.0)]).unwrap_err().to_string();
+        assert_eq!(unspecified, "channel_weights[0] names no channel (0)");
+        assert!(channel_weight_overrides(&[weight(42, 1.0)]).is_err());
+        let negative = channel_weight_overrides(&[weight(Channel::Popular as i32, -1.0)]).unwrap_err();
+        assert!(negative.to_string().contains("popular"), "{negative}");
     }
 }

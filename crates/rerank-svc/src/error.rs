@@ -6,6 +6,8 @@ pub enum RerankError {
     InvalidArgument(String),
     #[error(transparent)]
     Bundle(#[from] recsys_bundle::BundleError),
+    #[error("the request is pinned to bundle {pinned}, this rerank-svc serves bundle {served}")]
+    BundleMismatch { pinned: String, served: String },
 }
 
 pub type Result<T, E = RerankError> = std::result::Result<T, E>;
@@ -14,7 +16,9 @@ impl From<RerankError> for Status {
     fn from(error: RerankError) -> Self {
         match error {
             RerankError::InvalidArgument(message) => Status::invalid_argument(message),
-            RerankError::Bundle(error) => Status::failed_precondition(error.to_string()),
+            RerankError::Bundle(_) | RerankError::BundleMismatch { .. } => {
+                Status::failed_precondition(error.to_string())
+            }
         }
     }
 }

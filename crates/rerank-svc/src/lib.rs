@@ -1,6 +1,6 @@
-//! rerank-svc: shapes the final list. It drops excluded items and trades relevance for
-//! genre diversity with maximal marginal relevance (MMR), so a top 10 is not ten
-//! near-identical items.
+//! rerank-svc: shapes the final list. It trades relevance for genre diversity with
+//! maximal marginal relevance (MMR) over the window the orchestrator sends, so a top 10
+//! is not ten near-identical items. (Exclusions were applied by recall.)
 
 #![forbid(unsafe_code)]
 
@@ -29,8 +29,6 @@ pub struct Config {
     /// MMR trade-off: 1.0 keeps the ranked order, lower values diversify more. At 0.8 the
     /// genre penalty cost 0.006 nDCG@10 on MovieLens (`make eval`), at 0.9 about 0.002.
     pub relevance_weight: f32,
-    /// MMR considers at most `window_factor × top_k` of the best candidates.
-    pub window_factor: usize,
 }
 
 impl Default for Config {
@@ -39,7 +37,6 @@ impl Default for Config {
             server: ServerConfig::with_addresses("127.0.0.1:50055", "127.0.0.1:9095"),
             bundle: PathBuf::from("models/bundles"),
             relevance_weight: 0.9,
-            window_factor: 5,
         }
     }
 }
@@ -53,9 +50,10 @@ impl ServiceConfig for Config {
 pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let bundle_dir = recsys_bundle::resolve_dir(&config.bundle)?;
     let genres = Arc::new(GenreIndex::load(&bundle_dir)?);
+    let version = recsys_bundle::read_manifest(&bundle_dir)?.version;
     let max_message_bytes = config.server.max_message_bytes;
     let options = config.server.serve_options();
-    let service = RerankGrpc::new(genres, config).into_server().max_decoding_message_size(max_message_bytes);
+    let service = RerankGrpc::new(genres, version, config).into_server().max_decoding_message_size(max_message_bytes);
     recsys_runtime::serve(listener, &[SERVICE_NAME], tonic::service::Routes::new(service), options, shutdown).await?;
     Ok(())
 }

@@ -20,8 +20,8 @@ use recsys_chaos::cluster::{Cluster, ClusterPaths, Leaf};
 use recsys_proto::{
     v1::{
         feature_service_client::FeatureServiceClient, rank_service_client::RankServiceClient,
-        recall_service_client::RecallServiceClient, recommender_client::RecommenderClient, GetUserFeaturesRequest,
-        RankRequest, RecallRequest, RecommendRequest, RecommendResponse, UserFeatures,
+        recall_service_client::RecallServiceClient, recommender_client::RecommenderClient, ChannelWeight,
+        GetUserFeaturesRequest, RankRequest, RecallRequest, RecommendRequest, RecommendResponse, UserFeatures,
     },
     REQUEST_TIME_CONTEXT_KEY,
 };
@@ -82,9 +82,12 @@ async fn user_features(clients: &Clients, user_id: &str) -> anyhow::Result<UserF
 
 /// An offline replay asks each user's request right after their latest known event (the
 /// time the rankers were trained to expect), not at today's date.
+fn replay_time(user: &UserFeatures) -> i64 {
+    user.history_timestamps.iter().max().copied().unwrap_or_default()
+}
+
 fn replay_context(user: &UserFeatures) -> HashMap<String, String> {
-    let latest = user.history_timestamps.iter().max().copied().unwrap_or_default();
-    HashMap::from([(REQUEST_TIME_CONTEXT_KEY.to_string(), latest.to_string())])
+    HashMap::from([(REQUEST_TIME_CONTEXT_KEY.to_string(), replay_time(user).to_string())])
 }
 
 /// Attempts per user: a stage that misses its budget under a momentary CPU spike (two
@@ -124,9 +127,11 @@ async fn ablation(clients: &Clients, user: UserFeatures, top_k: usize) -> anyhow
     let mut recall = RecallServiceClient::new(clients.recall.clone());
     let mut steps = HashMap::new();
     // Recall's own channel list, in its order (the report lists them so).
-    let channels = recall_svc::Channel::ALL.map(recall_svc::Channel::name);
-    for channel in channels {
-        let weights = channels.iter().map(|c| (c.to_string(), if *c == channel { 1.0 } else { 0.0 })).collect();
+    for channel in recall_svc::Channel::ALL {
+        let weights = recall_svc::Channel::ALL
+            .iter()
+            .map(|&c| ChannelWeight { channel: c as i32, weight: if c == channel { 1.0 } else { 0.0 } })
+            .collect();
         let response = recall
             .recall(request(RecallRequest {
                 user: Some(user.clone()),
@@ -137,8 +142,11 @@ async fn ablation(clients: &Clients, user: UserFeatures, top_k: usize) -> anyhow
             .await?
             .into_inner();
         // Items other channels proposed score 0 and sort last: keep the channel's own.
-        let own = response.candidates.into_iter().filter(|c| c.channels.iter().any(|name| name == channel));
-        steps.insert(format!("recall:{channel}"), own.map(|c| c.item_id).collect());
+        let own = response
+            .candidates
+            .into_iter()
+            .filter(|c| c.channel_scores.iter().any(|score| score.channel() == channel && score.rank > 0));
+        steps.insert(format!("recall:{}", channel.name()), own.map(|c| c.item_id).collect());
     }
     let fused = recall
         .recall(request(RecallRequest { user: Some(user.clone()), ..RecallRequest::default() }))
@@ -148,9 +156,9 @@ async fn ablation(clients: &Clients, user: UserFeatures, top_k: usize) -> anyhow
     steps.insert("recall:fused".into(), fused.iter().take(top_k).map(|c| c.item_id.clone()).collect());
     let ranked = RankServiceClient::new(clients.rank.clone())
         .rank(request(RankRequest {
-            context: replay_context(&user),
+            request_time: Some(replay_time(&user)),
             user: Some(user),
-            item_ids: fused.into_iter().map(|c| c.item_id).collect(),
+            candidates: fused,
             ..RankRequest::default()
         }))
         .await?

@@ -94,6 +94,7 @@ struct Served {
     /// Each stage and whether it fell back.
     degraded: [(Stage, bool); 4],
     model_version: String,
+    recalled_count: usize,
     ranked_count: usize,
     items: Vec<RerankedItem>,
     traces: Option<DebugTraces>,
@@ -180,9 +181,11 @@ impl Pipeline {
         let user = self.fetch_user(&query, deadline).await;
         let recalled = self.recall(&query, &plan, &user.value, deadline).await;
         let recall_traces = query.debug.then(|| recall_traces(&recalled.value.candidates));
+        let recalled_count = recalled.value.candidates.len();
         let bundle_version = recalled.value.bundle_version.clone();
         let ranked = self.rank(&query, &plan, user.value, recalled.value, deadline).await;
-        let reranked = self.rerank(&query, &plan, &bundle_version, &ranked.value.items, deadline).await;
+        let ranked_count = ranked.value.items.len();
+        let reranked = self.rerank(&query, &plan, &bundle_version, ranked.value.items, deadline).await;
         let served = Served {
             degraded: [
                 (Stage::Feature, user.degraded),
@@ -191,7 +194,8 @@ impl Pipeline {
                 (Stage::Rerank, reranked.degraded),
             ],
             model_version: ranked.value.model_version.unwrap_or(bundle_version),
-            ranked_count: ranked.value.items.len(),
+            recalled_count,
+            ranked_count,
             items: reranked.value,
             traces: recall_traces.map(|recall| DebugTraces { recall, ranked: ranked.value.stage_scores }),
         };
@@ -319,29 +323,27 @@ impl Pipeline {
         query: &RecommendQuery,
         plan: &Plan,
         bundle_version: &str,
-        ranked: &[RerankCandidate],
+        ranked: Vec<RerankCandidate>,
         deadline: Deadline,
     ) -> Outcome<Vec<RerankedItem>> {
-        let request = RerankRequest {
-            candidates: ranked.to_vec(),
+        let request = Arc::new(RerankRequest {
+            candidates: ranked,
             top_k: query.top_k,
             relevance_weight: plan.relevance_weight,
             bundle_version: bundle_version.to_string(),
-        };
-        let call = self.clients.rerank.call(Arc::new(request), deadline.for_calls());
+        });
+        let call = self.clients.rerank.call(Arc::clone(&request), deadline.for_calls());
         match self.run_stage(Stage::Rerank, call).await {
             Ok(response) => Outcome::served(response.items),
-            Err(_) => Outcome::fallback(
-                ranked
-                    .iter()
-                    .take(query.top_k as usize)
-                    .map(|item| RerankedItem {
-                        item_id: item.item_id.clone(),
-                        score: item.score,
-                        rerank_score: item.score,
-                    })
-                    .collect(),
-            ),
+            Err(_) => {
+                let ranked = Arc::try_unwrap(request).map_or_else(|shared| shared.candidates.clone(), |r| r.candidates);
+                let top_k = ranked.into_iter().take(query.top_k as usize);
+                Outcome::fallback(
+                    top_k
+                        .map(|item| RerankedItem { item_id: item.item_id, score: item.score, rerank_score: item.score })
+                        .collect(),
+                )
+            }
         }
     }
 
@@ -354,7 +356,7 @@ impl Pipeline {
         started: Instant,
         served: Served,
     ) -> RecommendResponse {
-        let Served { degraded, model_version, ranked_count, items, traces } = served;
+        let Served { degraded, model_version, recalled_count, ranked_count, items, traces } = served;
         let items: Vec<RecommendedItem> = items
             .into_iter()
             .enumerate()
@@ -380,6 +382,7 @@ impl Pipeline {
         for assignment in &plan.experiments {
             EXPERIMENT_ASSIGNMENTS.with_label_values(&[assignment.layer.as_str(), assignment.variant.as_str()]).inc();
         }
+        STAGE_CANDIDATES.with_label_values(&["recall"]).observe(recalled_count as f64);
         STAGE_CANDIDATES.with_label_values(&["rank"]).observe(ranked_count as f64);
         STAGE_CANDIDATES.with_label_values(&["served"]).observe(items.len() as f64);
         for item in &items {

@@ -272,10 +272,19 @@ async fn experiments_and_the_rank_canary_are_applied_and_operable_at_run_time() 
         RecommendRequest { scene: "popular_only".into(), debug: true, ..recommend_request(&control_user, 10) };
     let response = recommend(&cluster, request).await.unwrap();
     assert_well_formed(&response, 10);
-    for item in &response.items {
-        let channels = &item.trace.as_ref().unwrap().recall_channels;
-        assert!(channels.contains(&"popular".to_string()), "{}: {channels:?}", item.item_id);
-    }
+    // Recall kept exactly the ten most popular items the user has not seen.
+    let seen: HashSet<String> = history(&cluster, &control_user).await.into_iter().collect();
+    let expected: HashSet<String> = recsys_bundle::read_popularity(cluster.bundle())
+        .unwrap()
+        .into_iter()
+        .map(|(item_id, _)| item_id)
+        .filter(|item_id| !seen.contains(item_id))
+        .take(10)
+        .collect();
+    let served: HashSet<String> = response.items.iter().map(|item| item.item_id.clone()).collect();
+    assert_eq!(served, expected);
+    let default = recommend(&cluster, recommend_request(&control_user, 10)).await.unwrap();
+    assert_ne!(default.items.iter().map(|item| item.item_id.clone()).collect::<HashSet<_>>(), expected);
     let unknown = recommend(&cluster, RecommendRequest { scene: "nowhere".into(), ..recommend_request("1", 10) })
         .await
         .unwrap_err();
@@ -291,4 +300,85 @@ async fn experiments_and_the_rank_canary_are_applied_and_operable_at_run_time() 
         assert_eq!(response.track, "stable");
         assert!(response.degraded_stages.is_empty());
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn candidates_carry_every_channels_work_and_requests_stay_on_one_bundle() {
+    use recsys_proto::v1::{
+        rank_service_client::RankServiceClient, recall_service_client::RecallServiceClient,
+        rerank_service_client::RerankServiceClient, Channel, RankRequest, RecallRequest, RerankCandidate,
+        RerankRequest,
+    };
+
+    let cluster = Cluster::start().await.expect("cluster starts");
+    let mut features = FeatureServiceClient::new(cluster.channel(Service::Feature));
+    let user = features
+        .get_user_features(GetUserFeaturesRequest { user_id: "196".into(), max_history: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    let recalled = RecallServiceClient::new(cluster.channel(Service::Recall))
+        .recall(RecallRequest { user: Some(user.clone()), candidate_count: 200, ..RecallRequest::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(recalled.candidates.len(), 200);
+    assert!(!recalled.bundle_version.is_empty());
+    for candidate in &recalled.candidates {
+        // A known user with history: every channel can score every candidate.
+        let channels: Vec<Channel> = candidate.channel_scores.iter().map(|score| score.channel()).collect();
+        assert_eq!(channels, Channel::ALL.to_vec(), "{}", candidate.item_id);
+        assert!(
+            candidate.channel_scores.iter().any(|score| score.rank > 0),
+            "some channel proposed {}",
+            candidate.item_id
+        );
+        assert!(candidate.channel_scores.iter().all(|score| score.score.is_finite()));
+    }
+    // The ranks are the channels' own orders: rank 1 of item-to-item is its best score.
+    let item_cf = |candidate: &recsys_proto::v1::Candidate| {
+        candidate.channel_scores.iter().find(|score| score.channel() == Channel::ItemCf).cloned().unwrap()
+    };
+    let first = recalled.candidates.iter().find(|c| item_cf(c).rank == 1).expect("item_cf's first proposal is fused");
+    let best = recalled.candidates.iter().map(|c| item_cf(c).score).fold(f32::MIN, f32::max);
+    assert_eq!(item_cf(first).score, best);
+
+    // rank and rerank refuse a request pinned to a bundle they do not serve.
+    let pinned_elsewhere = "some-other-bundle".to_string();
+    let rank = RankServiceClient::new(cluster.channel(Service::Rank))
+        .rank(RankRequest {
+            user: Some(user.clone()),
+            candidates: recalled.candidates.clone(),
+            bundle_version: pinned_elsewhere.clone(),
+            ..RankRequest::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(rank.code(), Code::FailedPrecondition);
+    assert!(rank.message().contains(&pinned_elsewhere) && rank.message().contains(&recalled.bundle_version));
+    let rerank_request = |bundle_version: String| RerankRequest {
+        candidates: vec![RerankCandidate { item_id: "50".into(), score: 1.0 }],
+        top_k: 1,
+        bundle_version,
+        ..RerankRequest::default()
+    };
+    let mut rerank = RerankServiceClient::new(cluster.channel(Service::Rerank));
+    let refused = rerank.rerank(rerank_request(pinned_elsewhere)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert!(rerank.rerank(rerank_request(recalled.bundle_version.clone())).await.is_ok());
+
+    // Pinned to recall's bundle, rank accepts the candidates as recall sent them.
+    let ranked = RankServiceClient::new(cluster.channel(Service::Rank))
+        .rank(RankRequest {
+            user: Some(user),
+            candidates: recalled.candidates,
+            bundle_version: recalled.bundle_version.clone(),
+            fine_keep: 20,
+            ..RankRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ranked.items.len(), 20);
+    assert_eq!(ranked.model_version, recalled.bundle_version);
 }

@@ -50,6 +50,8 @@ struct Running {
 
 pub struct Cluster {
     services: HashMap<Service, Running>,
+    /// The bundle directory every service loaded.
+    bundle: PathBuf,
     _state: tempfile::TempDir,
 }
 
@@ -82,6 +84,7 @@ impl Cluster {
                 seed.display()
             );
         }
+        let bundle_dir = recsys_bundle::resolve_dir(&bundle)?;
         let state = tempfile::tempdir()?;
         let mut listeners = HashMap::new();
         let mut started: Vec<Service> = Service::ALL.to_vec();
@@ -168,11 +171,15 @@ impl Cluster {
             };
             services.insert(service, Running { address, stop: Some(stop), task });
         }
-        let mut cluster = Self { services, _state: state };
+        let mut cluster = Self { services, bundle: bundle_dir, _state: state };
         for service in started {
             cluster.wait_serving(service, Duration::from_secs(60)).await?;
         }
         Ok(cluster)
+    }
+
+    pub fn bundle(&self) -> &std::path::Path {
+        &self.bundle
     }
 
     pub fn address(&self, service: Service) -> SocketAddr {

@@ -36,6 +36,14 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--feature-config", type=Path, help="feature configuration (default: training/feature_config.toml)")
     evaluate.add_argument("--runs", type=int, default=2, help="seeded runs (the second checks reproducibility)")
 
+    synth = commands.add_parser("synthesize", help="write synthetic data of any size in the project's format (Parquet)")
+    synth.add_argument("--out", type=Path, required=True)
+    synth.add_argument("--items", type=int, default=100_000)
+    synth.add_argument("--users", type=int, default=200_000)
+    synth.add_argument("--interactions", type=int, default=2_000_000)
+    synth.add_argument("--clusters", type=int, default=200, help="taste clusters of items and users")
+    synth.add_argument("--seed", type=int, default=42)
+
     fresh = commands.add_parser("up-to-date", help="exit 0 when BUNDLE was trained by this pipeline code and feature configuration")
     fresh.add_argument("bundle", type=Path)
 
@@ -56,6 +64,20 @@ def main(argv: list[str] | None = None) -> int:
             if args.quick:
                 config.bpr_epochs, config.ranker_epochs = 3, 1
             train_bundle(args.data, args.out, config, args.version)
+        elif args.command == "synthesize":
+            from .synthetic import SyntheticConfig, generate
+
+            config = SyntheticConfig(
+                items=args.items, users=args.users, interactions=args.interactions, clusters=args.clusters, seed=args.seed
+            )
+            try:
+                config.validate()
+            except ValueError as error:  # sizes that cannot make a data set
+                print(f"error: {error}", file=sys.stderr)
+                return 2
+            summary = generate(config, args.out)
+            print(f"[synth] {summary['interactions']:,} interactions of {summary['users']:,} users over "
+                  f"{summary['items']:,} items written to {args.out} in {summary['seconds']} s")
         elif args.command == "eval":
             from .serving_eval import run
             run(args.data, args.work, args.bin_dir, args.report, runs=args.runs,

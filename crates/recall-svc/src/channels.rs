@@ -3,7 +3,10 @@
 //! Each can also score any item for the user, so every candidate leaves recall with every
 //! channel's score (the recall → rank contract).
 
-use std::{collections::HashSet, path::Path};
+use std::{
+    collections::{HashMap, HashSet},
+    path::Path,
+};
 
 use recsys_bundle::{embeddings::dot, read_catalog, read_manifest, read_popularity, EmbeddingSpace, ItemToItem};
 use recsys_proto::v1::Channel;
@@ -33,9 +36,9 @@ pub struct UserSignals {
     vector: Option<Vec<f32>>,
     /// The mean vector of the latest few items.
     recent: Option<Vec<f32>>,
-    /// The item-to-item model's score of every item given the whole history; `None`
-    /// without a known history item.
-    item_cf: Option<Vec<f64>>,
+    /// The item-to-item model's scores given the whole history, for the items it has a
+    /// weight towards (the rest score 0); `None` without a known history item.
+    item_cf: Option<HashMap<usize, f64>>,
 }
 
 impl RecallIndex {
@@ -64,7 +67,7 @@ impl RecallIndex {
         UserSignals {
             vector: self.embeddings.user_vector(user_id, history),
             recent: self.embeddings.mean_item_vector(history.iter().take(REALTIME_WINDOW)),
-            item_cf: (!seeds.is_empty()).then(|| self.item_to_item.scores(&seeds)),
+            item_cf: (!seeds.is_empty()).then(|| self.item_to_item.sparse_scores(&seeds)),
         }
     }
 
@@ -96,7 +99,7 @@ impl RecallIndex {
         match channel {
             Channel::Embedding => signals.vector.as_ref().map(|v| self.embeddings.score(v, item)),
             Channel::Realtime => signals.recent.as_ref().map(|v| self.embeddings.score(v, item)),
-            Channel::ItemCf => signals.item_cf.as_ref().map(|scores| scores[item] as f32),
+            Channel::ItemCf => signals.item_cf.as_ref().map(|scores| scores.get(&item).copied().unwrap_or(0.0) as f32),
             Channel::Popular => Some(self.popularity[item]),
             Channel::ColdStart => Some(self.years[item]),
             Channel::Unspecified => None,
@@ -114,12 +117,11 @@ impl RecallIndex {
 }
 
 /// The items the history gives positive item-to-item evidence for, strongest first.
-fn item_cf_top(scores: &[f64], excluded: &HashSet<usize>, quota: usize) -> Vec<usize> {
+fn item_cf_top(scores: &HashMap<usize, f64>, excluded: &HashSet<usize>, quota: usize) -> Vec<usize> {
     let mut scored: Vec<(f32, usize)> = scores
         .iter()
-        .enumerate()
-        .filter(|&(n, &score)| score > 0.0 && !excluded.contains(&n))
-        .map(|(n, &score)| (score as f32, n))
+        .filter(|&(n, &score)| score > 0.0 && !excluded.contains(n))
+        .map(|(&n, &score)| (score as f32, n))
         .collect();
     top_by_score(&mut scored, quota)
 }

@@ -137,6 +137,8 @@ impl Cluster {
         let recall_config = recall_svc::Config {
             server: server_config(&listeners[&Service::Recall]),
             bundle: bundle.clone(),
+            // Generous, like the stage budgets above: answers must not depend on scheduling.
+            channels: generous_channel_budgets(recall_svc::Config::default().channels),
             ..recall_svc::Config::default()
         };
         let rank_config = rank_svc::Config {
@@ -227,6 +229,19 @@ impl Cluster {
         let response = client.check(HealthCheckRequest { service: String::new() }).await.ok()?;
         ServingStatus::try_from(response.into_inner().status).ok()
     }
+}
+
+fn generous_channel_budgets(mut channels: recall_svc::ChannelSettings) -> recall_svc::ChannelSettings {
+    for quota in [
+        &mut channels.embedding,
+        &mut channels.item_cf,
+        &mut channels.realtime,
+        &mut channels.popular,
+        &mut channels.cold_start,
+    ] {
+        quota.budget_ms = 2_000;
+    }
+    channels
 }
 
 fn recsys_bundle_missing(root: &std::path::Path) -> bool {

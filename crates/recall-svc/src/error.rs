@@ -6,6 +6,8 @@ pub enum RecallError {
     InvalidArgument(String),
     #[error(transparent)]
     Bundle(#[from] recsys_bundle::BundleError),
+    #[error("{0}")]
+    Internal(String),
 }
 
 pub type Result<T, E = RecallError> = std::result::Result<T, E>;
@@ -15,6 +17,7 @@ impl From<RecallError> for Status {
         match error {
             RecallError::InvalidArgument(message) => Status::invalid_argument(message),
             RecallError::Bundle(error) => Status::failed_precondition(error.to_string()),
+            RecallError::Internal(message) => Status::internal(message),
         }
     }
 }

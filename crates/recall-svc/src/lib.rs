@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 mod channels;
+mod concurrent;
 mod error;
 mod fusion;
 mod service;
@@ -17,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
 pub use channels::{RecallIndex, UserSignals};
+pub use concurrent::{propose_concurrently, ChannelJob};
 pub use error::{RecallError, Result};
 pub use fusion::{fuse_channels, ChannelList, FusedCandidate};
 pub use recsys_proto::v1::Channel;
@@ -53,16 +55,24 @@ pub struct ChannelSettings {
 pub struct ChannelQuota {
     pub quota: usize,
     pub weight: f32,
+    /// Time the channel may take; past it the answer goes out without this channel.
+    #[serde(default = "default_channel_budget_ms")]
+    pub budget_ms: u64,
+}
+
+/// Well inside the orchestrator's 30 ms recall budget, so fusion and the reply fit too.
+fn default_channel_budget_ms() -> u64 {
+    20
 }
 
 impl Default for ChannelSettings {
     fn default() -> Self {
         Self {
-            embedding: ChannelQuota { quota: 400, weight: 1.0 },
-            item_cf: ChannelQuota { quota: 300, weight: 1.0 },
-            realtime: ChannelQuota { quota: 200, weight: 0.6 },
-            popular: ChannelQuota { quota: 150, weight: 0.5 },
-            cold_start: ChannelQuota { quota: 50, weight: 0.2 },
+            embedding: ChannelQuota { quota: 400, weight: 1.0, budget_ms: default_channel_budget_ms() },
+            item_cf: ChannelQuota { quota: 300, weight: 1.0, budget_ms: default_channel_budget_ms() },
+            realtime: ChannelQuota { quota: 200, weight: 0.6, budget_ms: default_channel_budget_ms() },
+            popular: ChannelQuota { quota: 150, weight: 0.5, budget_ms: default_channel_budget_ms() },
+            cold_start: ChannelQuota { quota: 50, weight: 0.2, budget_ms: default_channel_budget_ms() },
         }
     }
 }
@@ -75,7 +85,7 @@ impl ChannelSettings {
             Channel::Realtime => self.realtime,
             Channel::Popular => self.popular,
             Channel::ColdStart => self.cold_start,
-            Channel::Unspecified => ChannelQuota { quota: 0, weight: 0.0 },
+            Channel::Unspecified => ChannelQuota { quota: 0, weight: 0.0, budget_ms: 0 },
         }
     }
 }

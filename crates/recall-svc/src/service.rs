@@ -1,7 +1,7 @@
 //! gRPC surface of recall-svc: the cheap self-protecting checks, the channels, fusion,
 //! and the candidates with every channel's score (the recall → rank contract).
 
-use std::{collections::HashSet, sync::Arc};
+use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use recsys_proto::{
     limits::{MAX_CANDIDATES, MAX_EXCLUDED_ITEMS, MAX_HISTORY},
@@ -12,7 +12,10 @@ use recsys_proto::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::{fuse_channels, Channel, ChannelList, Config, RecallError, RecallIndex};
+use crate::{
+    fuse_channels, propose_concurrently, Channel, ChannelJob, ChannelList, Config, RecallError, RecallIndex,
+    UserSignals,
+};
 
 static CHANNEL_CANDIDATES: std::sync::LazyLock<prometheus::HistogramVec> = std::sync::LazyLock::new(|| {
     prometheus::register_histogram_vec!(
@@ -39,7 +42,7 @@ impl RecallGrpc {
         RecallServiceServer::new(self)
     }
 
-    fn recall_candidates(&self, request: RecallRequest) -> Result<RecallResponse, RecallError> {
+    async fn recall_candidates(&self, request: RecallRequest) -> Result<RecallResponse, RecallError> {
         let RecallRequest { user, candidate_count, exclude_item_ids, channel_weights } = request;
         let invalid = |message: String| Err(RecallError::InvalidArgument(message));
         let user = user.ok_or_else(|| RecallError::InvalidArgument("user is required".into()))?;
@@ -59,40 +62,55 @@ impl RecallGrpc {
             }
             n => n,
         };
-        let index = &self.index;
-        let embeddings = &index.embeddings;
-        // The one place the request path removes seen and excluded items.
-        let excluded: HashSet<usize> = user
-            .history_item_ids
-            .iter()
-            .chain(&exclude_item_ids)
-            .filter_map(|id| embeddings.item_position(id))
-            .collect();
-        let signals = index.signals(&user.user_id, &user.history_item_ids);
-        let lists: Vec<ChannelList> = Channel::ALL
+        let index = Arc::clone(&self.index);
+        // The user's signals (vectors, item-to-item scores) and what to leave out, computed
+        // once off the async workers and shared by every channel.
+        let request = tokio::task::spawn_blocking(move || {
+            let embeddings = &index.embeddings;
+            // The one place the request path removes seen and excluded items.
+            let excluded: HashSet<usize> = user
+                .history_item_ids
+                .iter()
+                .chain(&exclude_item_ids)
+                .filter_map(|id| embeddings.item_position(id))
+                .collect();
+            let signals = index.signals(&user.user_id, &user.history_item_ids);
+            Arc::new(UserRequest { signals, excluded })
+        })
+        .await
+        .map_err(|error| RecallError::Internal(format!("preparing the request failed: {error}")))?;
+        let jobs = Channel::ALL
             .iter()
             .map(|&channel| {
                 let quota = self.config.channels.quota(channel);
-                let _span = tracing::info_span!("recall_channel", channel = channel.name()).entered();
-                let list = ChannelList {
+                let (index, request) = (Arc::clone(&self.index), Arc::clone(&request));
+                ChannelJob {
                     channel,
-                    weight: weights[channel as usize].unwrap_or(quota.weight),
-                    items: index.propose(channel, &signals, &excluded, quota.quota),
-                };
-                CHANNEL_CANDIDATES.with_label_values(&[channel.name()]).observe(list.items.len() as f64);
-                list
+                    budget: Duration::from_millis(quota.budget_ms),
+                    propose: Box::new(move || index.propose(channel, &request.signals, &request.excluded, quota.quota)),
+                }
             })
             .collect();
-        let fused = fuse_channels(&lists, &excluded, self.config.rrf_k, limit);
+        let lists: Vec<ChannelList> = propose_concurrently(jobs)
+            .await
+            .into_iter()
+            .map(|(channel, items)| {
+                CHANNEL_CANDIDATES.with_label_values(&[channel.name()]).observe(items.len() as f64);
+                let weight = weights[channel as usize].unwrap_or(self.config.channels.quota(channel).weight);
+                ChannelList { channel, weight, items }
+            })
+            .collect();
+        let index = &self.index;
+        let fused = fuse_channels(&lists, &request.excluded, self.config.rrf_k, limit);
         let candidates = fused
             .into_iter()
             .map(|candidate| Candidate {
-                item_id: embeddings.item_ids[candidate.item].clone(),
+                item_id: index.embeddings.item_ids[candidate.item].clone(),
                 score: candidate.score,
                 channel_scores: Channel::ALL
                     .iter()
                     .filter_map(|&channel| {
-                        let score = index.score(channel, &signals, candidate.item)?;
+                        let score = index.score(channel, &request.signals, candidate.item)?;
                         let rank = candidate.channels.iter().find(|(c, _)| *c == channel).map_or(0, |&(_, rank)| rank);
                         Some(ChannelScore { channel: channel as i32, score, rank })
                     })
@@ -101,6 +119,12 @@ impl RecallGrpc {
             .collect();
         Ok(RecallResponse { candidates, bundle_version: index.version.clone() })
     }
+}
+
+/// What every channel of one request reads.
+struct UserRequest {
+    signals: UserSignals,
+    excluded: HashSet<usize>,
 }
 
 /// Fusion weight overrides by channel number. The orchestrator checked them when its
@@ -126,7 +150,7 @@ fn channel_weight_overrides(weights: &[ChannelWeight]) -> Result<[Option<f32>; 6
 #[tonic::async_trait]
 impl RecallService for RecallGrpc {
     async fn recall(&self, request: Request<RecallRequest>) -> Result<Response<RecallResponse>, Status> {
-        let response = self.recall_candidates(request.into_inner())?;
+        let response = self.recall_candidates(request.into_inner()).await?;
         tracing::debug!(candidates = response.candidates.len(), "recall served");
         Ok(Response::new(response))
     }

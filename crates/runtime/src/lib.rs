@@ -9,6 +9,7 @@ mod observe;
 mod oversized;
 pub mod resilience;
 pub mod server;
+mod shed;
 pub mod telemetry;
 
 pub use config::{load_config, ConfigError};

@@ -171,9 +171,8 @@ pub async fn serve(
     let (stop_accepting, stop_accepting_rx) = tokio::sync::oneshot::channel::<()>();
     // Layers, outermost first: the span and metrics of each call (outermost, so it sees
     // shed requests and rewritten statuses), the oversized-status rewrite, then load
-    // shedding, which sits in front of the concurrency limit so that a request finding no free
-    // slot is refused at once (tonic maps the refusal to RESOURCE_EXHAUSTED) instead of
-    // waiting for one: a queued request would only spend its deadline in the queue.
+    // shedding with the concurrency limit (`shed.rs`: refused at once rather than queued,
+    // and never a health or reflection call).
     let limit = match options.max_concurrent_requests {
         0 => tokio::sync::Semaphore::MAX_PERMITS,
         limit => limit,
@@ -184,8 +183,7 @@ pub async fn serve(
     let server = tonic::transport::Server::builder()
         .layer(crate::observe::ObserveLayer::new(label))
         .layer(tower::util::MapResponseLayer::new(crate::oversized::rewrite_oversized_status))
-        .layer(tower::load_shed::LoadShedLayer::new())
-        .layer(tower::limit::ConcurrencyLimitLayer::new(limit))
+        .layer(crate::shed::ShedLayer::new(limit))
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming(listener), async move {
             let _ = stop_accepting_rx.await;

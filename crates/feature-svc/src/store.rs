@@ -1,7 +1,10 @@
 //! The embedded store: per-user state in memory, rebuilt at start-up from the seed data
 //! and an append-only event log. An event batch is acknowledged only after it is written
-//! and synced to the log, so a crash loses nothing that was acknowledged (a torn last
-//! line, from a batch that was never acknowledged, is skipped on replay).
+//! and synced to the log, so a crash loses nothing that was acknowledged. A batch torn by
+//! a crash (never acknowledged) leaves a last line without its newline: it is cut off at
+//! start-up, before anything is appended, and a write that fails is cut off at once —
+//! otherwise the next acknowledged batch would share a line with the fragment and be
+//! skipped with it on the next replay.
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
@@ -102,7 +105,7 @@ struct UserState {
 
 pub struct FeatureStore {
     users: RwLock<HashMap<String, UserState>>,
-    log: Mutex<File>,
+    log: Mutex<EventLog>,
     log_path: PathBuf,
     max_history: usize,
 }
@@ -119,7 +122,7 @@ impl FeatureStore {
             std::fs::create_dir_all(parent).map_err(log_error)?;
         }
         let replayed = replay_log(log_path, &mut users, max_history).map_err(log_error)?;
-        let log = OpenOptions::new().create(true).append(true).open(log_path).map_err(log_error)?;
+        let log = EventLog::open(log_path).map_err(log_error)?;
         tracing::info!(users = users.len(), replayed, log = %log_path.display(), "feature store opened");
         Ok(Self { users: RwLock::new(users), log: Mutex::new(log), log_path: log_path.to_path_buf(), max_history })
     }
@@ -150,9 +153,7 @@ impl FeatureStore {
         {
             // The log lock orders batches, so replay applies them in acknowledgement order.
             let mut log = self.log.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            log.write_all(&batch)
-                .and_then(|()| log.sync_data())
-                .map_err(|source| FeatureError::EventLog { path: self.log_path.clone(), source })?;
+            log.append(&batch).map_err(|source| FeatureError::EventLog { path: self.log_path.clone(), source })?;
             let mut users = self.users.write().unwrap_or_else(|poisoned| poisoned.into_inner());
             for event in events {
                 apply(&mut users, event, self.max_history);
@@ -160,6 +161,67 @@ impl FeatureStore {
         }
         Ok(())
     }
+}
+
+/// The append-only log file and the length of its acknowledged part.
+struct EventLog {
+    file: File,
+    committed: u64,
+}
+
+impl EventLog {
+    /// Opens the log for appending, first cutting off a torn last line.
+    fn open(path: &Path) -> std::io::Result<Self> {
+        let mut file = OpenOptions::new().create(true).read(true).append(true).open(path)?;
+        let length = file.metadata()?.len();
+        let committed = complete_lines_length(&mut file, length)?;
+        if committed < length {
+            tracing::warn!(
+                log = %path.display(),
+                dropped_bytes = length - committed,
+                "cutting off a torn last line (a batch that was never acknowledged)"
+            );
+            file.set_len(committed)?;
+            file.sync_data()?;
+        }
+        Ok(Self { file, committed })
+    }
+
+    /// Writes and syncs `batch` (whole lines); on failure the file is cut back to its
+    /// acknowledged part, so no fragment is left for the next batch to join.
+    fn append(&mut self, batch: &[u8]) -> std::io::Result<()> {
+        match self.file.write_all(batch).and_then(|()| self.file.sync_data()) {
+            Ok(()) => {
+                self.committed += batch.len() as u64;
+                Ok(())
+            }
+            Err(error) => {
+                if let Err(cut) = self.file.set_len(self.committed) {
+                    tracing::error!(%cut, "could not cut a failed batch off the event log");
+                }
+                Err(error)
+            }
+        }
+    }
+}
+
+/// The length of `file` up to and including its last newline.
+fn complete_lines_length(file: &mut File, length: u64) -> std::io::Result<u64> {
+    use std::io::{Read, Seek, SeekFrom};
+    const CHUNK: u64 = 64 * 1024;
+    let mut end = length;
+    let mut buffer = vec![0u8; CHUNK as usize];
+    while end > 0 {
+        let start = end.saturating_sub(CHUNK);
+        let chunk = &mut buffer[..(end - start) as usize];
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(chunk)?;
+        if let Some(newline) = chunk.iter().rposition(|&byte| byte == b'\n') {
+            return Ok(start + newline as u64 + 1);
+        }
+        end = start;
+    }
+    Ok(0)
 }
 
 fn apply(users: &mut HashMap<String, UserState>, event: &StoredEvent, max_history: usize) {
@@ -297,6 +359,37 @@ mod tests {
         file.write_all(b"{\"user_id\":\"u1\",\"ite").unwrap();
         let reopened = FeatureStore::open(None, &log, 10).unwrap();
         assert_eq!(reopened.user_features("u1", 10).history_item_ids, vec!["a"]);
+    }
+
+    #[test]
+    fn a_batch_acknowledged_after_a_torn_write_survives_the_next_restart() {
+        // The loss an operator found: kill -9 tears a batch, the restarted store
+        // acknowledges the next one, and a second restart must still have it.
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("events.jsonl");
+        FeatureStore::open(None, &log, 10).unwrap().append(&[click("u1", "a", 1_000)]).unwrap();
+        OpenOptions::new().append(true).open(&log).unwrap().write_all(b"{\"user_id\":\"u1\",\"ite").unwrap();
+        FeatureStore::open(None, &log, 10).unwrap().append(&[click("u1", "b", 2_000)]).unwrap();
+        let reopened = FeatureStore::open(None, &log, 10).unwrap();
+        let features = reopened.user_features("u1", 10);
+        assert_eq!(features.history_item_ids, vec!["b", "a"]);
+        assert_eq!(features.event_count, 2);
+        assert!(std::fs::read_to_string(&log).unwrap().ends_with('\n'));
+    }
+
+    #[test]
+    fn the_acknowledged_length_is_found_across_read_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let mut contents = vec![b'x'; 100_000];
+        contents[10] = b'\n';
+        std::fs::write(&path, &contents).unwrap();
+        let mut file = File::open(&path).unwrap();
+        assert_eq!(complete_lines_length(&mut file, 100_000).unwrap(), 11);
+        std::fs::write(&path, b"no newline at all").unwrap();
+        assert_eq!(complete_lines_length(&mut File::open(&path).unwrap(), 17).unwrap(), 0);
+        std::fs::write(&path, b"a\nb\n").unwrap();
+        assert_eq!(complete_lines_length(&mut File::open(&path).unwrap(), 4).unwrap(), 4);
     }
 
     #[test]

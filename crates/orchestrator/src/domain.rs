@@ -43,10 +43,6 @@ impl ItemId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
-
-    pub fn into_string(self) -> String {
-        self.0
-    }
 }
 
 /// The moment a request is served for, in Unix seconds: the rankers' time features

@@ -179,11 +179,11 @@ impl Pipeline {
         let started = Instant::now();
         let plan = self.plan(&query)?;
         let user = self.fetch_user(&query, deadline).await;
-        let recalled = self.recall(&query, &plan, &user.value, deadline).await;
+        let (recalled, user_features) = self.recall(&query, &plan, user.value, deadline).await;
         let recall_traces = query.debug.then(|| recall_traces(&recalled.value.candidates));
         let recalled_count = recalled.value.candidates.len();
         let bundle_version = recalled.value.bundle_version.clone();
-        let ranked = self.rank(&query, &plan, user.value, recalled.value, deadline).await;
+        let ranked = self.rank(&query, &plan, user_features, recalled.value, deadline).await;
         let ranked_count = ranked.value.items.len();
         let reranked = self.rerank(&query, &plan, &bundle_version, ranked.value.items, deadline).await;
         let served = Served {
@@ -243,29 +243,35 @@ impl Pipeline {
         }
     }
 
+    /// Recall's candidates, and the user handed back: the request owned it on the way out,
+    /// and rank needs it next (moved, not copied).
     async fn recall(
         &self,
         query: &RecommendQuery,
         plan: &Plan,
-        user: &UserFeatures,
+        user: UserFeatures,
         deadline: Deadline,
-    ) -> Outcome<Recalled> {
-        let request = RecallRequest {
-            user: Some(user.clone()),
+    ) -> (Outcome<Recalled>, UserFeatures) {
+        let request = Arc::new(RecallRequest {
+            user: Some(user),
             candidate_count: plan.candidate_count,
-            exclude_item_ids: query.exclude_item_ids.iter().map(|id| id.clone().into_string()).collect(),
+            exclude_item_ids: query.exclude_item_ids.iter().map(|id| id.as_str().to_string()).collect(),
             channel_weights: plan.channel_weights.clone(),
-        };
-        let call = self.clients.recall.call(Arc::new(request), deadline.for_calls());
-        match self.run_stage(Stage::Recall, call).await {
+        });
+        let call = self.clients.recall.call(Arc::clone(&request), deadline.for_calls());
+        let result = self.run_stage(Stage::Recall, call).await;
+        // The stack has dropped its references once the call is over.
+        let user = Arc::try_unwrap(request).map_or_else(|shared| shared.user.clone(), |r| r.user).unwrap_or_default();
+        let outcome = match result {
             Ok(RecallResponse { candidates, bundle_version }) => {
                 Outcome::served(Recalled { candidates, bundle_version })
             }
             Err(_) => Outcome::fallback(Recalled {
-                candidates: self.popular_excluding(user, query),
+                candidates: self.popular_excluding(&user, query),
                 bundle_version: String::new(),
             }),
-        }
+        };
+        (outcome, user)
     }
 
     async fn rank(

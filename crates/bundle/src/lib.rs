@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 
 pub use embeddings::EmbeddingSpace;
 pub use features::{CrossSource, Encoding, Feature, FeatureConfig, RankerInputs, UserAttributes, RECENT_ITEMS};
-pub use item_to_item::ItemToItem;
+pub use item_to_item::{ItemScores, ItemToItem};
 
 /// Bundle format this code reads.
 pub const FORMAT_VERSION: u32 = 2;

@@ -3,12 +3,11 @@
 //! Each can also score any item for the user, so every candidate leaves recall with every
 //! channel's score (the recall → rank contract).
 
-use std::{
-    collections::{HashMap, HashSet},
-    path::Path,
-};
+use std::{collections::HashSet, path::Path};
 
-use recsys_bundle::{embeddings::dot, read_catalog, read_manifest, read_popularity, EmbeddingSpace, ItemToItem};
+use recsys_bundle::{
+    embeddings::dot, read_catalog, read_manifest, read_popularity, EmbeddingSpace, ItemScores, ItemToItem,
+};
 use recsys_proto::v1::Channel;
 
 use crate::Result;
@@ -38,7 +37,7 @@ pub struct UserSignals {
     recent: Option<Vec<f32>>,
     /// The item-to-item model's scores given the whole history, for the items it has a
     /// weight towards (the rest score 0); `None` without a known history item.
-    item_cf: Option<HashMap<usize, f64>>,
+    item_cf: Option<ItemScores>,
 }
 
 impl RecallIndex {
@@ -71,6 +70,13 @@ impl RecallIndex {
         }
     }
 
+    /// Whether a channel's proposals cost enough to run on the blocking pool under a
+    /// budget: the popular and cold-start lists are precomputed, so taking the first
+    /// `quota` allowed items costs less than handing the work to another thread.
+    pub fn is_costly(channel: Channel) -> bool {
+        matches!(channel, Channel::Embedding | Channel::Realtime | Channel::ItemCf)
+    }
+
     /// One channel's proposals, best first, skipping `excluded` so that the quota is
     /// spent on items that can be served.
     pub fn propose(
@@ -99,7 +105,7 @@ impl RecallIndex {
         match channel {
             Channel::Embedding => signals.vector.as_ref().map(|v| self.embeddings.score(v, item)),
             Channel::Realtime => signals.recent.as_ref().map(|v| self.embeddings.score(v, item)),
-            Channel::ItemCf => signals.item_cf.as_ref().map(|scores| scores.get(&item).copied().unwrap_or(0.0) as f32),
+            Channel::ItemCf => signals.item_cf.as_ref().map(|scores| scores.get(item) as f32),
             Channel::Popular => Some(self.popularity[item]),
             Channel::ColdStart => Some(self.years[item]),
             Channel::Unspecified => None,
@@ -117,11 +123,12 @@ impl RecallIndex {
 }
 
 /// The items the history gives positive item-to-item evidence for, strongest first.
-fn item_cf_top(scores: &HashMap<usize, f64>, excluded: &HashSet<usize>, quota: usize) -> Vec<usize> {
+fn item_cf_top(scores: &ItemScores, excluded: &HashSet<usize>, quota: usize) -> Vec<usize> {
     let mut scored: Vec<(f32, usize)> = scores
-        .iter()
-        .filter(|&(n, &score)| score > 0.0 && !excluded.contains(n))
-        .map(|(&n, &score)| (score as f32, n))
+        .positive()
+        .into_iter()
+        .filter(|(n, _)| !excluded.contains(n))
+        .map(|(n, score)| (score as f32, n))
         .collect();
     top_by_score(&mut scored, quota)
 }

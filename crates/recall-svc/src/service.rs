@@ -79,9 +79,12 @@ impl RecallGrpc {
         })
         .await
         .map_err(|error| RecallError::Internal(format!("preparing the request failed: {error}")))?;
-        let jobs = Channel::ALL
-            .iter()
-            .map(|&channel| {
+        // The costly channels run at once, each within its budget; the cheap ones here.
+        let (costly, cheap): (Vec<Channel>, Vec<Channel>) =
+            Channel::ALL.iter().partition(|&&channel| RecallIndex::is_costly(channel));
+        let jobs = costly
+            .into_iter()
+            .map(|channel| {
                 let quota = self.config.channels.quota(channel);
                 let (index, request) = (Arc::clone(&self.index), Arc::clone(&request));
                 ChannelJob {
@@ -91,8 +94,12 @@ impl RecallGrpc {
                 }
             })
             .collect();
-        let lists: Vec<ChannelList> = propose_concurrently(jobs)
-            .await
+        let mut proposals = propose_concurrently(jobs).await;
+        for channel in cheap {
+            let quota = self.config.channels.quota(channel).quota;
+            proposals.push((channel, self.index.propose(channel, &request.signals, &request.excluded, quota)));
+        }
+        let lists: Vec<ChannelList> = proposals
             .into_iter()
             .map(|(channel, items)| {
                 CHANNEL_CANDIDATES.with_label_values(&[channel.name()]).observe(items.len() as f64);

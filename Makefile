@@ -4,7 +4,7 @@ SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
 ENV := source target/recsys.env
 
-.PHONY: run test bootstrap build bundle test-rust test-python lint fmt clean-state chaos bench-observability eval
+.PHONY: run test bootstrap build bundle test-rust test-python lint fmt clean-state chaos durability bench-observability eval
 
 # Bootstrap (Python, data, bundle) and the Rust build are independent: run them side by side.
 run:
@@ -42,6 +42,12 @@ fmt:
 chaos: bootstrap build
 	@echo "==> chaos suite (about two minutes)"
 	$(ENV) && target/debug/recsys-chaos --bin-dir target/debug
+
+# Acknowledged events survive SIGKILL: 20 kill/restart cycles of feature-svc under four
+# appending clients; writes target/reports/durability.json.
+durability: bootstrap build
+	@echo "==> durability of acknowledged events (about a minute)"
+	$(ENV) && target/debug/recsys-durability --bin-dir target/debug
 
 # Telemetry overhead: export on vs off in one run; writes target/reports/bench-observability.json.
 bench-observability: bootstrap build

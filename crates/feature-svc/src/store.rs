@@ -29,7 +29,8 @@ const MAX_EXPERIMENTS: usize = 32;
 pub struct StoredEvent {
     pub user_id: String,
     pub item_id: String,
-    pub event: String,
+    #[serde(with = "event_name")]
+    pub event: EventType,
     pub timestamp_ms: i64,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub request_id: String,
@@ -81,7 +82,7 @@ impl StoredEvent {
         Ok(Self {
             user_id: event.user_id.clone(),
             item_id: event.item_id.clone(),
-            event: event_type.as_str_name().to_string(),
+            event: event_type,
             timestamp_ms: event.timestamp_ms,
             request_id: event.request_id.clone(),
             value: event.value,
@@ -89,9 +90,24 @@ impl StoredEvent {
         })
     }
 
-    /// Impressions count as activity but are not behaviour the user chose.
     fn is_engagement(&self) -> bool {
-        self.event != EventType::Impression.as_str_name()
+        self.event.is_engagement()
+    }
+}
+
+/// An event type in the log is its name (`click`); logs written before the names were
+/// unified say `EVENT_TYPE_CLICK`, which still reads.
+mod event_name {
+    use recsys_proto::v1::EventType;
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(event: &EventType, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(event.name())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<EventType, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        EventType::from_name(&name).ok_or_else(|| D::Error::custom(format!("unknown event type {name:?}")))
     }
 }
 
@@ -290,7 +306,9 @@ fn load_seed(dir: &Path, users: &mut HashMap<String, UserState>, max_history: us
     for row in interactions {
         let state = users.entry(row.user_id).or_default();
         state.event_count += 1;
-        if row.event.as_deref() != Some("impression") {
+        // The seed's event column uses the same names; a missing one is a rating.
+        let engaged = row.event.as_deref().and_then(EventType::from_name).is_none_or(EventType::is_engagement);
+        if engaged {
             record_interaction(state, &row.item_id, row.timestamp, max_history);
         }
     }
@@ -393,6 +411,22 @@ mod tests {
     }
 
     #[test]
+    fn the_log_names_event_types_once_and_still_reads_the_old_spelling() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("events.jsonl");
+        FeatureStore::open(None, &log, 10).unwrap().append(&[click("u1", "a", 1_000)]).unwrap();
+        assert!(std::fs::read_to_string(&log).unwrap().contains(r#""event":"click""#));
+        OpenOptions::new()
+            .append(true)
+            .open(&log)
+            .unwrap()
+            .write_all(b"{\"user_id\":\"u1\",\"item_id\":\"b\",\"event\":\"EVENT_TYPE_LIKE\",\"timestamp_ms\":2000}\n")
+            .unwrap();
+        let reopened = FeatureStore::open(None, &log, 10).unwrap();
+        assert_eq!(reopened.user_features("u1", 10).history_item_ids, vec!["b", "a"]);
+    }
+
+    #[test]
     fn history_is_most_recent_first_without_duplicates_and_capped() {
         let dir = tempfile::tempdir().unwrap();
         let store = FeatureStore::open(None, &dir.path().join("e.jsonl"), 2).unwrap();
@@ -407,7 +441,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = FeatureStore::open(None, &dir.path().join("e.jsonl"), 10).unwrap();
         let mut impression = click("u", "a", 1_000);
-        impression.event = EventType::Impression.as_str_name().to_string();
+        impression.event = EventType::Impression;
         store.append(&[impression]).unwrap();
         let features = store.user_features("u", 10);
         assert_eq!(features.event_count, 1);

@@ -41,3 +41,32 @@ impl v1::Channel {
         Self::ALL.into_iter().find(|channel| channel.name() == name)
     }
 }
+
+impl v1::EventType {
+    /// Every real event type.
+    pub const ALL: [v1::EventType; 5] = [Self::Impression, Self::Click, Self::Like, Self::Rating, Self::Purchase];
+
+    /// The one name of an event type outside the wire: in the event log, the seed and
+    /// training data (`event` column) and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Unspecified => "unspecified",
+            Self::Impression => "impression",
+            Self::Click => "click",
+            Self::Like => "like",
+            Self::Rating => "rating",
+            Self::Purchase => "purchase",
+        }
+    }
+
+    /// The event type named `name`; the proto spelling (`EVENT_TYPE_CLICK`), which event
+    /// logs written before the names were unified carry, is read too.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|kind| kind.name() == name || kind.as_str_name() == name)
+    }
+
+    /// Impressions count as activity but are not behaviour the user chose.
+    pub fn is_engagement(self) -> bool {
+        !matches!(self, Self::Impression | Self::Unspecified)
+    }
+}

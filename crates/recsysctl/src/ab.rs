@@ -13,6 +13,7 @@ use std::{
 };
 
 use anyhow::Context;
+use recsys_proto::v1::EventType;
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
@@ -60,12 +61,12 @@ pub fn read_outcomes(log: &Path) -> anyhow::Result<BTreeMap<String, BTreeMap<Str
         };
         for (layer, variant) in &event.experiments {
             let outcome = outcomes.entry(layer.clone()).or_default().entry(variant.clone()).or_default();
-            match event.event.as_str() {
-                "EVENT_TYPE_IMPRESSION" => {
+            match EventType::from_name(&event.event) {
+                Some(EventType::Impression) => {
                     outcome.impressions += 1;
                     outcome.users.insert(event.user_id.clone());
                 }
-                "EVENT_TYPE_CLICK" => outcome.clicks += 1,
+                Some(EventType::Click) => outcome.clicks += 1,
                 _ => {}
             }
         }
@@ -310,7 +311,7 @@ mod tests {
             &log,
             [
                 r#"{"user_id":"1","item_id":"a","event":"EVENT_TYPE_IMPRESSION","timestamp_ms":1,"experiments":{"rank":"control"}}"#,
-                r#"{"user_id":"1","item_id":"a","event":"EVENT_TYPE_CLICK","timestamp_ms":2,"experiments":{"rank":"control"}}"#,
+                r#"{"user_id":"1","item_id":"a","event":"click","timestamp_ms":2,"experiments":{"rank":"control"}}"#,
                 r#"{"user_id":"2","item_id":"b","event":"EVENT_TYPE_IMPRESSION","timestamp_ms":3,"experiments":{"rank":"new"}}"#,
                 r#"{"user_id":"3","item_id":"b","event":"EVENT_TYPE_CLICK","timestamp_ms":4}"#,
                 r#"{"user_id":"4","item_"#,

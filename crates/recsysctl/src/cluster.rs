@@ -103,8 +103,7 @@ pub async fn log_event(
             Ok(recsys_proto::v1::ExperimentAssignment { layer: layer.to_string(), variant: variant.to_string() })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let event_type = EventType::from_str_name(&format!("EVENT_TYPE_{}", kind.to_ascii_uppercase()))
-        .with_context(|| format!("unknown event type {kind:?}"))?;
+    let event_type = EventType::from_name(kind).with_context(|| format!("unknown event type {kind:?}"))?;
     let timestamp_ms = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as i64;
     let mut client = RecommenderClient::connect(recsys_runtime::client::endpoint_uri(address)).await?;
     let response = client

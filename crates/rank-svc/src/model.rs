@@ -107,6 +107,28 @@ impl OnnxModel {
         if batch == 0 {
             return Ok(Vec::new());
         }
+        self.run(&mut self.acquire(), batch, inputs)
+    }
+
+    /// Runs `inputs` once on every session, and refuses the model if a score is not
+    /// finite. ONNX Runtime sizes its buffers on a session's first run, which costs about
+    /// a whole rank budget here: done at load, before the service reports SERVING, the
+    /// first live requests do not pay for it.
+    pub fn warm_up(&self, batch: usize, inputs: &[ModelInput<'_>]) -> Result<()> {
+        for session in &self.sessions {
+            let mut session = session.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let scores = self.run(&mut session, batch, inputs)?;
+            if let Some(bad) = scores.iter().find(|score| !score.is_finite()) {
+                return Err(RankError::ModelContract {
+                    model: self.name.clone(),
+                    reason: format!("scored {bad} on the warm-up batch"),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn run(&self, session: &mut Session, batch: usize, inputs: &[ModelInput<'_>]) -> Result<Vec<f32>> {
         let onnx = |error: ort::Error| RankError::Onnx(error.to_string());
         let mut feed: Vec<(&str, ort::value::DynValue)> = Vec::with_capacity(inputs.len());
         for input in inputs {
@@ -120,7 +142,6 @@ impl OnnxModel {
             };
             feed.push((name, value));
         }
-        let mut session = self.acquire();
         let outputs = session.run(feed).map_err(onnx)?;
         let (_, scores) = outputs[OUTPUT_NAME].try_extract_tensor::<f32>().map_err(onnx)?;
         if scores.len() != batch {

@@ -30,6 +30,34 @@ static MODEL_INFO: std::sync::LazyLock<prometheus::IntGaugeVec> = std::sync::Laz
     .expect("metric registers once")
 });
 
+/// Rows of the warm-up batch: the served fine batch (`coarse_keep`, 50 by default).
+const WARM_UP_BATCH: usize = 50;
+
+/// The fine model's inputs as named tensors, in the model's order.
+fn fine_feed(inputs: &RankerInputs) -> [ModelInput<'_>; 6] {
+    let width = |values: usize| values / inputs.len().max(1);
+    [
+        ModelInput::Int64 { name: FINE_INPUTS[0], width: 0, values: &inputs.user_index },
+        ModelInput::Int64 { name: FINE_INPUTS[1], width: 0, values: &inputs.item_index },
+        ModelInput::Int64 { name: FINE_INPUTS[2], width: width(inputs.history.len()), values: &inputs.history },
+        ModelInput::Float32 {
+            name: FINE_INPUTS[3],
+            width: width(inputs.user_features.len()),
+            values: &inputs.user_features,
+        },
+        ModelInput::Float32 {
+            name: FINE_INPUTS[4],
+            width: width(inputs.item_features.len()),
+            values: &inputs.item_features,
+        },
+        ModelInput::Float32 {
+            name: FINE_INPUTS[5],
+            width: width(inputs.cross_features.len()),
+            values: &inputs.cross_features,
+        },
+    ]
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct RankedCandidate {
     pub item: usize,
@@ -139,7 +167,7 @@ impl Ranker {
         let user_activity_drift = feature_drift("user_events", features.user_offset("event_count"));
         let item_popularity_drift = feature_drift("item_interactions", features.item_offset("interactions"));
         MODEL_INFO.with_label_values(&["rank", manifest.version.as_str()]).set(1);
-        Ok(Self {
+        let ranker = Self {
             version: manifest.version,
             embeddings,
             catalog,
@@ -153,7 +181,9 @@ impl Ranker {
             drift,
             user_activity_drift,
             item_popularity_drift,
-        })
+        };
+        ranker.warm_up()?;
+        Ok(ranker)
     }
 
     pub fn version(&self) -> &str {
@@ -259,30 +289,22 @@ impl Ranker {
 
     /// Scores a batch with the fine model. Blocking.
     pub fn fine_scores(&self, inputs: &RankerInputs) -> Result<Vec<f32>> {
-        let width = |values: usize| values / inputs.len().max(1);
-        self.fine_model.score(
-            inputs.len(),
-            &[
-                ModelInput::Int64 { name: FINE_INPUTS[0], width: 0, values: &inputs.user_index },
-                ModelInput::Int64 { name: FINE_INPUTS[1], width: 0, values: &inputs.item_index },
-                ModelInput::Int64 { name: FINE_INPUTS[2], width: width(inputs.history.len()), values: &inputs.history },
-                ModelInput::Float32 {
-                    name: FINE_INPUTS[3],
-                    width: width(inputs.user_features.len()),
-                    values: &inputs.user_features,
-                },
-                ModelInput::Float32 {
-                    name: FINE_INPUTS[4],
-                    width: width(inputs.item_features.len()),
-                    values: &inputs.item_features,
-                },
-                ModelInput::Float32 {
-                    name: FINE_INPUTS[5],
-                    width: width(inputs.cross_features.len()),
-                    values: &inputs.cross_features,
-                },
-            ],
-        )
+        self.fine_model.score(inputs.len(), &fine_feed(inputs))
+    }
+
+    /// Runs both models on every session with a typical batch (the first catalogue items
+    /// for an anonymous user) before the service reports SERVING; see `OnnxModel::warm_up`.
+    fn warm_up(&self) -> Result<()> {
+        let items: Vec<usize> = (0..self.catalog.len().min(WARM_UP_BATCH)).collect();
+        if items.is_empty() {
+            return Ok(());
+        }
+        let context = self.user_context(&UserFeatures::default(), 0);
+        let cross = self.cross_features(&context, &items);
+        let coarse = [ModelInput::Float32 { name: COARSE_INPUTS[0], width: self.features.cross_dim(), values: &cross }];
+        self.coarse_model.warm_up(items.len(), &coarse)?;
+        let inputs = self.inputs_for(&context, &items, cross.clone());
+        self.fine_model.warm_up(items.len(), &fine_feed(&inputs))
     }
 
     /// Scores rows of cross features with the coarse model. Blocking.

@@ -108,12 +108,16 @@ async fn main() -> anyhow::Result<()> {
     let overload_rate = capacity * 3.0;
     println!("==> overload: offering {overload_rate:.0} req/s (3x sustainable)");
     let overload = load::OpenLoop::start(target, overload_rate, deadline, Instant::now());
+    let probes = tokio::spawn(probe_health(target, Duration::from_secs(5)));
     tokio::time::sleep(Duration::from_secs(5)).await;
     let overload_samples = overload.stop().await;
+    let (probes_sent, probes_failed) = probes.await?;
     cluster.shutdown().await;
 
     let mut report = build_report(&steady_samples, &overload_samples, &faults, deadline, capacity, overload_rate);
     report["steady_rps"] = serde_json::json!(steady_rate);
+    report["overload_probes"] = serde_json::json!(probes_sent);
+    report["overload_probes_failed"] = serde_json::json!(probes_failed);
     print_report(&report, &faults, &steady_samples);
     if let Some(parent) = args.out.parent() {
         std::fs::create_dir_all(parent)?;
@@ -121,6 +125,31 @@ async fn main() -> anyhow::Result<()> {
     std::fs::write(&args.out, serde_json::to_string_pretty(&report)?)?;
     println!("report written to {}", args.out.display());
     Ok(())
+}
+
+/// Health checks as a Kubernetes probe makes them (one second to answer SERVING), every
+/// 50 ms for `duration`: (sent, failed). Under overload none may fail, or the orchestrator
+/// would be restarted for being busy.
+async fn probe_health(target: std::net::SocketAddr, duration: Duration) -> (usize, usize) {
+    use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
+    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://{target}")) else {
+        return (0, 0);
+    };
+    let channel = endpoint.connect_lazy();
+    let (mut sent, mut failed) = (0, 0);
+    let until = Instant::now() + duration;
+    while Instant::now() < until {
+        sent += 1;
+        let mut request = tonic::Request::new(HealthCheckRequest { service: String::new() });
+        request.set_timeout(Duration::from_secs(1));
+        let answer =
+            tokio::time::timeout(Duration::from_secs(1), HealthClient::new(channel.clone()).check(request)).await;
+        if !matches!(answer, Ok(Ok(ref response)) if response.get_ref().status == ServingStatus::Serving as i32) {
+            failed += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    (sent, failed)
 }
 
 fn recovery_seconds(samples: &[Sample], fault: &Fault, window: Duration) -> f64 {
@@ -277,6 +306,8 @@ fn print_report(report: &serde_json::Value, faults: &[Fault], steady: &[Sample])
         "overload_accepted_p99_ms",
         "shed_p99_ms",
         "shed_p99_over_accepted_p50",
+        "overload_probes",
+        "overload_probes_failed",
     ] {
         println!("  {key:<26} {:>10}", format_number(&report[key]));
     }

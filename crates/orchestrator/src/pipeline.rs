@@ -261,7 +261,7 @@ impl Pipeline {
         let call = self.clients.recall.call(Arc::clone(&request), deadline.for_calls());
         let result = self.run_stage(Stage::Recall, call).await;
         // The stack has dropped its references once the call is over.
-        let user = Arc::try_unwrap(request).map_or_else(|shared| shared.user.clone(), |r| r.user).unwrap_or_default();
+        let user = Arc::unwrap_or_clone(request).user.unwrap_or_default();
         let outcome = match result {
             Ok(RecallResponse { candidates, bundle_version }) => {
                 Outcome::served(Recalled { candidates, bundle_version })
@@ -312,8 +312,7 @@ impl Pipeline {
             Err(_) => {
                 // The stack has dropped its references by now, so this takes the
                 // candidates back without a copy.
-                let candidates =
-                    Arc::try_unwrap(request).map_or_else(|shared| shared.candidates.clone(), |r| r.candidates);
+                let candidates = Arc::unwrap_or_clone(request).candidates;
                 let items = candidates
                     .into_iter()
                     .take(plan.window)
@@ -342,7 +341,7 @@ impl Pipeline {
         match self.run_stage(Stage::Rerank, call).await {
             Ok(response) => Outcome::served(response.items),
             Err(_) => {
-                let ranked = Arc::try_unwrap(request).map_or_else(|shared| shared.candidates.clone(), |r| r.candidates);
+                let ranked = Arc::unwrap_or_clone(request).candidates;
                 let top_k = ranked.into_iter().take(query.top_k as usize);
                 Outcome::fallback(
                     top_k

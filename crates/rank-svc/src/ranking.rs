@@ -303,7 +303,7 @@ impl Ranker {
         let cross = self.cross_features(&context, &items);
         let coarse = [ModelInput::Float32 { name: COARSE_INPUTS[0], width: self.features.cross_dim(), values: &cross }];
         self.coarse_model.warm_up(items.len(), &coarse)?;
-        let inputs = self.inputs_for(&context, &items, cross.clone());
+        let inputs = self.inputs_for(&context, &items, cross);
         self.fine_model.warm_up(items.len(), &fine_feed(&inputs))
     }
 

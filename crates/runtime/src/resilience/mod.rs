@@ -44,7 +44,7 @@ pub(crate) mod test_support {
 
     use super::{Call, CallError};
 
-    type MockCall<M, R> = tower::util::MapErr<Mock<Call<M>, R>, fn(tower::BoxError) -> CallError>;
+    pub type MockCall<M, R> = tower::util::MapErr<Mock<Call<M>, R>, fn(tower::BoxError) -> CallError>;
 
     /// A layer over a mock callee whose errors are `CallError`s (the mock boxes them).
     pub fn spawn_layer<L, M, R>(layer: L) -> (Spawn<L::Service>, Handle<Call<M>, R>)

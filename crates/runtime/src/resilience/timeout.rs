@@ -78,8 +78,21 @@ mod tests {
     use std::sync::Arc;
 
     use tokio_test::{assert_pending, assert_ready_err, assert_ready_ok};
+    use tower_test::mock::{Handle, Spawn};
+
+    use crate::resilience::test_support::{spawn_layer, MockCall};
 
     use super::*;
+
+    type MockTimeout = Spawn<Timeout<MockCall<u32, u32>>>;
+
+    /// The timeout layer over a mock callee that takes one call, polled ready.
+    fn ready_with_budget(budget: Duration) -> (MockTimeout, Handle<Call<u32>, u32>) {
+        let (mut service, mut handle) = spawn_layer::<_, u32, u32>(TimeoutLayer::new(budget));
+        handle.allow(1);
+        assert_ready_ok!(service.poll_ready());
+        (service, handle)
+    }
 
     fn call_until(deadline: Duration) -> Call<u32> {
         Call::new(Arc::new(7), Instant::now() + deadline)
@@ -87,10 +100,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_silent_callee_costs_exactly_the_stage_budget() {
-        let (mut service, mut handle) =
-            crate::resilience::test_support::spawn_layer::<_, u32, u32>(TimeoutLayer::new(Duration::from_millis(50)));
-        handle.allow(1);
-        assert_ready_ok!(service.poll_ready());
+        let (mut service, mut handle) = ready_with_budget(Duration::from_millis(50));
         let mut response = tokio_test::task::spawn(service.call(call_until(Duration::from_secs(1))));
         let (sent, _reply) = handle.next_request().await.unwrap();
         assert_eq!(sent.deadline, Instant::now() + Duration::from_millis(50), "tightened to the budget");
@@ -102,10 +112,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_callers_deadline_caps_the_budget() {
-        let (mut service, mut handle) =
-            crate::resilience::test_support::spawn_layer::<_, u32, u32>(TimeoutLayer::new(Duration::from_secs(5)));
-        handle.allow(1);
-        assert_ready_ok!(service.poll_ready());
+        let (mut service, mut handle) = ready_with_budget(Duration::from_secs(5));
         let mut response = tokio_test::task::spawn(service.call(call_until(Duration::from_millis(30))));
         let (sent, _reply) = handle.next_request().await.unwrap();
         assert_eq!(sent.deadline, Instant::now() + Duration::from_millis(30));
@@ -115,10 +122,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_answer_in_time_passes_through() {
-        let (mut service, mut handle) =
-            crate::resilience::test_support::spawn_layer::<_, u32, u32>(TimeoutLayer::new(Duration::from_millis(50)));
-        handle.allow(1);
-        assert_ready_ok!(service.poll_ready());
+        let (mut service, mut handle) = ready_with_budget(Duration::from_millis(50));
         let mut response = tokio_test::task::spawn(service.call(call_until(Duration::from_secs(1))));
         let (_, reply) = handle.next_request().await.unwrap();
         tokio::time::advance(Duration::from_millis(10)).await;
@@ -128,10 +132,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_expired_deadline_sends_nothing() {
-        let (mut service, mut handle) =
-            crate::resilience::test_support::spawn_layer::<_, u32, u32>(TimeoutLayer::new(Duration::from_millis(50)));
-        handle.allow(1);
-        assert_ready_ok!(service.poll_ready());
+        let (mut service, mut handle) = ready_with_budget(Duration::from_millis(50));
         let result = service.call(call_until(Duration::ZERO)).await;
         assert!(matches!(result, Err(CallError::DeadlineExceeded)));
         assert_pending!(handle.poll_request());

@@ -172,8 +172,9 @@ def _interactions(config: SyntheticConfig, rng: np.random.Generator, items: dict
 
     # Each user's events in time order (publication times may have pushed some later).
     order = np.lexsort((timestamp, user))
-    user_ids = pa.array(np.char.add("u", np.arange(config.users).astype(str)))
-    item_ids = pa.array(np.char.add("i", np.arange(config.items).astype(str)))
+    # The dictionaries are the id columns the item and user tables already hold.
+    user_ids = users["table"].column("user_id").combine_chunks()
+    item_ids = items["table"].column("item_id").combine_chunks()
     return pa.table({
         # Dictionary-encoded: 20 million rows of ids cost their indices, not their text.
         "user_id": pa.DictionaryArray.from_arrays(pa.array(user[order].astype(np.int32)), user_ids),

@@ -4,7 +4,7 @@ SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
 ENV := source target/recsys.env
 
-.PHONY: run test bootstrap build bundle test-rust test-python lint fmt clean-state chaos durability bench-observability eval
+.PHONY: run test bootstrap build bundle test-rust test-python lint fmt clean-state chaos durability bench-observability eval bench-recall synthetic-bundle
 
 # Bootstrap (Python, data, bundle) and the Rust build are independent: run them side by side.
 run:
@@ -58,6 +58,33 @@ bench-observability: bootstrap build
 eval: bootstrap build
 	@echo "==> offline evaluation of the served pipeline"
 	$(ENV) && "$$RECSYS_PYTHON" -m recsys_training eval --data data/ml-100k --work target/eval --bin-dir target/debug
+
+# Recall at catalogue scale (a million items by default; SYNTH_ITEMS etc. to change it):
+# synthetic data and its retrieval bundle are made once and reused, then our HNSW index,
+# hnswlib's and faiss's are queried on the same vectors, and recall-svc is started on the
+# bundle and measured over gRPC. Writes target/reports/bench-recall.json.
+SYNTH_ITEMS ?= 1000000
+SYNTH_USERS ?= 2000000
+SYNTH_INTERACTIONS ?= 20000000
+SYNTH_DIR ?= data/synthetic-$(SYNTH_ITEMS)
+SYNTH_BUNDLES ?= models/synthetic-$(SYNTH_ITEMS)
+bench-recall: bootstrap synthetic-bundle
+	@echo "==> release build of recall-svc and the benchmark"
+	cargo build --release -p recall-svc -p recsys-chaos --bin recall-svc --bin bench-recall
+	@echo "==> ANN baselines (hnswlib, faiss-cpu) on the bundle's vectors"
+	bench_python=$$(deploy/local/python-env.sh crates/chaos/scripts/requirements-bench.txt)/bin/python && \
+	  "$$bench_python" crates/chaos/scripts/ann_baselines.py --bundle $(SYNTH_BUNDLES)/current \
+	    --data $(SYNTH_DIR) --out target/bench-recall
+	$(ENV) && target/release/bench-recall --bundle $(SYNTH_BUNDLES)/current --work target/bench-recall \
+	  --bin-dir target/release
+
+# Synthetic data and its retrieval bundle (each made only when absent).
+synthetic-bundle: bootstrap
+	$(ENV) && if [ ! -f $(SYNTH_DIR)/interactions.parquet ]; then \
+	  "$$RECSYS_PYTHON" -m recsys_training synthesize --out $(SYNTH_DIR) --items $(SYNTH_ITEMS) \
+	    --users $(SYNTH_USERS) --interactions $(SYNTH_INTERACTIONS); fi
+	$(ENV) && if [ ! -f $(SYNTH_BUNDLES)/current/manifest.json ]; then \
+	  "$$RECSYS_PYTHON" -m recsys_training train-retrieval --data $(SYNTH_DIR) --out $(SYNTH_BUNDLES); fi
 
 # Train a new bundle from data/ml-100k and make it current.
 bundle: bootstrap

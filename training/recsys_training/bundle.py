@@ -1,6 +1,13 @@
-"""Publishes a model bundle atomically: everything is written under a temporary name in
-the same directory, then renamed into place, then ``current`` is re-pointed with a
-rename of a fresh symlink. A service never sees half a bundle."""
+"""Writes and publishes model bundles.
+
+Publishing is atomic: everything is written under a temporary name in the same directory,
+then renamed into place, then ``current`` is re-pointed with a rename of a fresh symlink.
+A service never sees half a bundle.
+
+Arrays whose size grows with the catalogue (vectors, neighbour lists, per-item signals)
+are safetensors files: a JSON header naming each tensor's dtype, shape and byte range,
+then the raw little-endian data, which the services memory-map in place. Rows are item
+positions (the order of ``items.json``), so no reader maps ids to rows but once."""
 
 from __future__ import annotations
 
@@ -10,7 +17,51 @@ import os
 import shutil
 from pathlib import Path
 
-FORMAT_VERSION = 2
+import numpy as np
+
+FORMAT_VERSION = 3
+
+EMBEDDINGS = "embeddings.safetensors"
+ITEM_TO_ITEM = "item_to_item.safetensors"
+ITEM_SIGNALS = "item_signals.safetensors"
+ANN_INDEX = "item_index.usearch"
+
+
+def write_tensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
+    """One safetensors file; arrays are stored C-contiguous and little-endian."""
+    from safetensors.numpy import save_file
+
+    save_file({name: np.ascontiguousarray(array) for name, array in tensors.items()}, str(path))
+
+
+def write_embeddings(path: Path, item_vectors: np.ndarray, user_vectors: np.ndarray | None,
+                     half_copy: bool = False) -> None:
+    """``item_vectors`` [items, dim] f32; ``user_vectors`` [users, dim] f32 when the model
+    has a per-user table (a cache: serving derives a user's vector from their history
+    otherwise); ``item_vectors_f16`` when asked, a half-size copy for memory-bound
+    deployments."""
+    tensors = {"item_vectors": item_vectors.astype("<f4")}
+    if user_vectors is not None:
+        tensors["user_vectors"] = user_vectors.astype("<f4")
+    if half_copy:
+        tensors["item_vectors_f16"] = item_vectors.astype("<f2")
+    write_tensors(path, tensors)
+
+
+def write_item_to_item(path: Path, offsets: np.ndarray, neighbors: np.ndarray, weights: np.ndarray) -> None:
+    """Item-to-item weights in compressed sparse rows: item ``i``'s neighbours are
+    ``neighbors[offsets[i]:offsets[i + 1]]`` (item positions, strongest weight first)
+    with ``weights`` alongside."""
+    if len(neighbors) != len(weights) or offsets[-1] != len(neighbors):
+        raise ValueError("item-to-item rows do not match their offsets")
+    write_tensors(path, {"offsets": offsets.astype("<i8"), "neighbors": neighbors.astype("<u4"),
+                         "weights": weights.astype("<f4")})
+
+
+def write_item_signals(path: Path, popularity: np.ndarray) -> None:
+    """Per-item signals by position: ``popularity`` in [0, 1] (interactions over the
+    most-interacted item's)."""
+    write_tensors(path, {"popularity": popularity.astype("<f4")})
 
 
 def sha256_file(path: Path) -> str:

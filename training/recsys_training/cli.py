@@ -28,6 +28,18 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--quick", action="store_true", help="few epochs, for tests")
     train.add_argument("--feature-config", type=Path, help="feature configuration (default: training/feature_config.toml)")
 
+    retrieval = commands.add_parser(
+        "train-retrieval", help="train the retrieval models at catalogue scale and publish a retrieval bundle")
+    retrieval.add_argument("--data", type=Path, required=True)
+    retrieval.add_argument("--out", type=Path, required=True)
+    retrieval.add_argument("--seed", type=int, default=42)
+    retrieval.add_argument("--version")
+    retrieval.add_argument("--epochs", type=int, default=1)
+    retrieval.add_argument("--ann-min-items", type=int, default=50_000,
+                           help="catalogues at least this large get an HNSW index")
+    retrieval.add_argument("--ann-connectivity", type=int, default=16, help="HNSW M")
+    retrieval.add_argument("--ann-expansion-add", type=int, default=128, help="HNSW efConstruction")
+
     evaluate = commands.add_parser("eval", help="score the served pipeline on the published MovieLens-100k protocol")
     evaluate.add_argument("--data", type=Path, required=True)
     evaluate.add_argument("--work", type=Path, default=Path("target/eval"))
@@ -64,6 +76,12 @@ def main(argv: list[str] | None = None) -> int:
             if args.quick:
                 config.bpr_epochs, config.ranker_epochs = 3, 1
             train_bundle(args.data, args.out, config, args.version)
+        elif args.command == "train-retrieval":
+            from .scale import ScaleConfig, train_retrieval_bundle
+
+            config = ScaleConfig(seed=args.seed, epochs=args.epochs, ann_min_items=args.ann_min_items,
+                                 ann_connectivity=args.ann_connectivity, ann_expansion_add=args.ann_expansion_add)
+            train_retrieval_bundle(args.data, args.out, config, args.version)
         elif args.command == "synthesize":
             from .synthetic import SyntheticConfig, generate
 

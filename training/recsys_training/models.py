@@ -1,6 +1,6 @@
-"""The bundle's models: BPR matrix factorisation (embedding recall), EASE item-to-item
-weights (item-CF recall and a cross feature), the coarse MLP and the fine rankers (DIN,
-DeepFM), the last two exported to ONNX for rank-svc."""
+"""The bundle's neural models: BPR matrix factorisation (embedding recall), the coarse MLP
+and the fine rankers (DIN, DeepFM), the last two exported to ONNX for rank-svc. The
+item-to-item model is in ``item_to_item``."""
 
 from __future__ import annotations
 
@@ -26,28 +26,6 @@ class BprMatrixFactorization(nn.Module):
         margin = (u * p).sum(-1) - (u * n).sum(-1)
         regulariser = l2 * (u.pow(2).sum(-1) + p.pow(2).sum(-1) + n.pow(2).sum(-1)).mean()
         return -nn.functional.logsigmoid(margin).mean() + regulariser
-
-
-def ease_weights(interactions: np.ndarray, l2: float) -> np.ndarray:
-    """EASE (Steck, 2019): the item-to-item weight matrix ``B`` minimising
-    ``|X - XB|^2 + l2 |B|^2`` with a zero diagonal, in closed form. ``B[j, i]`` is how much
-    having consumed ``j`` says about ``i``; negative weights are informative too."""
-    gram = interactions.T.astype(np.float64) @ interactions.astype(np.float64)
-    gram[np.diag_indices_from(gram)] += l2
-    inverse = np.linalg.inv(gram)
-    weights = -inverse / np.diag(inverse)
-    np.fill_diagonal(weights, 0.0)
-    return weights
-
-
-def sparsify(weights: np.ndarray, keep: int) -> np.ndarray:
-    """Keeps each row's ``keep`` largest weights by magnitude (what the bundle ships)."""
-    keep = min(keep, weights.shape[1] - 1)
-    out = np.zeros_like(weights, dtype=np.float32)
-    for row, values in enumerate(weights):
-        top = np.argpartition(-np.abs(values), keep)[:keep]
-        out[row, top] = values[top]
-    return out
 
 
 class CoarseRanker(nn.Module):

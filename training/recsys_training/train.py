@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import bundle
+from . import bundle, item_to_item
 from .data import Dataset, Interaction, load_dataset
 from .features import (
     CrossScorer, FeatureConfig, UserHistory, build_config, history_tensor, item_feature_rows, item_statistics,
     load_raw_config, source_names, user_feature_rows, user_histories, user_sources,
 )
-from .models import FINE_RANKERS, BprMatrixFactorization, CoarseRanker, auc, ease_weights, sparsify
+from .models import FINE_RANKERS, BprMatrixFactorization, CoarseRanker, auc
 
 
 @dataclass
@@ -29,8 +29,11 @@ class TrainConfig:
     bpr_epochs: int = 40
     bpr_lr: float = 0.01
     bpr_l2: float = 1e-4
-    # Item-to-item model (EASE): ridge strength and weights kept per item.
+    # Item-to-item model: EASE for the head items, windowed co-occurrence for the tail
+    # (item_to_item.py); ridge strength, head size, window and weights kept per item.
     item_cf_l2: float = 400.0
+    item_cf_head_items: int = 8_000
+    item_cf_window: int = 5
     neighbors: int = 200
     # Rankers learn from a part of the training data held out from the models that make
     # their features (like serving, where features come from past behaviour only).
@@ -90,6 +93,7 @@ class ModelState:
     statistics: dict[str, dict[str, float]]
     user_vectors: np.ndarray
     item_vectors: np.ndarray
+    neighbor_rows: item_to_item.SparseRows
     neighbor_weights: np.ndarray
     cross: CrossScorer
     user_rows: np.ndarray | None = None
@@ -112,13 +116,18 @@ def fit_state(universe: Universe, interactions: list[Interaction], config: Train
     user_idx = np.array([p[0] for p in pairs], dtype=np.int64)
     item_idx = np.array([p[1] for p in pairs], dtype=np.int64)
     user_vectors, item_vectors = train_bpr(num_users, num_items, user_idx, item_idx, config, rng, label)
-    matrix = np.zeros((num_users, num_items), dtype=np.float32)
-    matrix[user_idx, item_idx] = 1.0
-    log(f"item-to-item weights ({label}): EASE, l2 {config.item_cf_l2}, {config.neighbors} per item")
-    weights = sparsify(ease_weights(matrix, config.item_cf_l2), config.neighbors)
+    log(f"item-to-item weights ({label}): EASE for up to {config.item_cf_head_items} head items (l2 "
+        f"{config.item_cf_l2}), co-occurrence for the rest, {config.neighbors} per item")
+    rows = item_to_item.fit(
+        np.array([universe.user_position[i.user_id] for i in interactions], dtype=np.int64),
+        np.array([universe.item_position[i.item_id] for i in interactions], dtype=np.int64),
+        np.array([i.timestamp for i in interactions], dtype=np.int64), num_users, num_items,
+        item_to_item.ItemToItemConfig(head_items=config.item_cf_head_items, l2=config.item_cf_l2,
+                                      window=config.item_cf_window, keep=config.neighbors))
+    weights = rows.dense(num_items)
     histories = user_histories(interactions, universe.user_position, universe.item_position, num_users)
     statistics = item_statistics(universe.dataset.items, interactions, source_names(universe.raw_features, "item"))
-    return ModelState(histories, statistics, user_vectors, item_vectors, weights,
+    return ModelState(histories, statistics, user_vectors, item_vectors, rows, weights,
                       CrossScorer(weights, user_vectors, item_vectors, source_names(universe.raw_features, "cross")))
 
 
@@ -406,18 +415,11 @@ def train_bundle(data_dir: Path, out_root: Path, config: TrainConfig | None = No
     ]
     (staging / "items.json").write_text(json.dumps(catalog))
     (staging / "users.json").write_text(json.dumps(user_ids))
-    final.user_vectors.astype("<f4").tofile(staging / "user_embeddings.f32")
-    final.item_vectors.astype("<f4").tofile(staging / "item_embeddings.f32")
-    neighbours = {}
-    for n, row in enumerate(final.neighbor_weights):
-        nonzero = np.flatnonzero(row)
-        nonzero = nonzero[np.argsort(-row[nonzero], kind="stable")]
-        neighbours[dataset.items[n].item_id] = [[dataset.items[j].item_id, round(float(row[j]), 7)] for j in nonzero]
-    (staging / "item_neighbors.json").write_text(json.dumps(neighbours))
-    item_interactions = {iid: s["interactions"] for iid, s in final.statistics.items() if s["interactions"] > 0}
-    max_count = max(item_interactions.values())
-    popularity = sorted(((iid, c / max_count) for iid, c in item_interactions.items()), key=lambda p: (-p[1], p[0]))
-    (staging / "popularity.json").write_text(json.dumps([[iid, round(s, 6)] for iid, s in popularity]))
+    bundle.write_embeddings(staging / bundle.EMBEDDINGS, final.item_vectors, final.user_vectors)
+    rows = final.neighbor_rows
+    bundle.write_item_to_item(staging / bundle.ITEM_TO_ITEM, rows.offsets, rows.neighbors, rows.weights)
+    interactions = np.array([final.statistics[item.item_id]["interactions"] for item in dataset.items], dtype=np.float64)
+    bundle.write_item_signals(staging / bundle.ITEM_SIGNALS, interactions / max(interactions.max(), 1.0))
 
     val_scores = predict(fine, validation_inputs)
     counts, edges = np.histogram(val_scores, bins=20, range=(0.0, 1.0))

@@ -3,6 +3,8 @@ import json
 import numpy as np
 import onnxruntime
 
+from safetensors.numpy import load_file
+
 from recsys_training.bundle import verify
 from recsys_training.models import auc
 from recsys_training.train import TrainConfig, train_bundle
@@ -21,13 +23,19 @@ def test_training_publishes_a_complete_verified_bundle(small_dataset, tmp_path):
     assert verify(published) == []
     manifest = json.loads((published / "manifest.json").read_text())
     assert manifest["num_items"] == 40 and manifest["num_users"] == 60
-    assert set(manifest["files"]) >= {"ranker.onnx", "items.json", "users.json", "item_embeddings.f32",
-                                      "user_embeddings.f32", "item_neighbors.json", "popularity.json", "coarse.onnx",
+    assert set(manifest["files"]) >= {"ranker.onnx", "items.json", "users.json", "embeddings.safetensors",
+                                      "item_to_item.safetensors", "item_signals.safetensors", "coarse.onnx",
                                       "ranker_fixture.json"}
     assert manifest["metrics"]["onnx_max_abs_diff"] <= 1e-4
     assert sum(manifest["score_distribution"]["counts"]) > 0
-    embeddings = np.fromfile(published / "item_embeddings.f32", dtype="<f4")
-    assert embeddings.shape == (40 * 16,)
+    embeddings = load_file(published / "embeddings.safetensors")
+    assert embeddings["item_vectors"].shape == (40, 16) and embeddings["item_vectors"].dtype == np.float32
+    assert embeddings["user_vectors"].shape == (60, 16)
+    item_to_item = load_file(published / "item_to_item.safetensors")
+    offsets = item_to_item["offsets"]
+    assert offsets.shape == (41,) and offsets[-1] == len(item_to_item["neighbors"]) == len(item_to_item["weights"])
+    popularity = load_file(published / "item_signals.safetensors")["popularity"]
+    assert popularity.shape == (40,) and popularity.max() == 1.0
     assert not list(out.glob(".staging-*")), "no staging directory is left behind"
 
 
@@ -36,8 +44,13 @@ def test_models_learn_the_planted_structure(small_dataset, tmp_path):
     manifest = json.loads((published / "manifest.json").read_text())
     assert manifest["metrics"]["fine_auc"] > 0.7 and manifest["metrics"]["coarse_auc"] > 0.7
     # The strongest item-to-item weights stay inside the genre cluster users consume together.
-    neighbours = json.loads((published / "item_neighbors.json").read_text())
-    top = [int(n) for n, _ in neighbours["3"][:5]]
+    item_to_item = load_file(published / "item_to_item.safetensors")
+    item_ids = [item["id"] for item in json.loads((published / "items.json").read_text())]
+    row = item_ids.index("3")
+    start, end = item_to_item["offsets"][row], item_to_item["offsets"][row + 1]
+    weights = item_to_item["weights"][start:end]
+    assert list(weights) == sorted(weights, reverse=True), "each row is strongest first"
+    top = [int(item_ids[n]) for n in item_to_item["neighbors"][start:start + 5]]
     assert all(n < 20 for n in top), top
 
 

@@ -1,9 +1,10 @@
-//! The BPR embedding space of a bundle, shared by recall-svc (embedding and real-time
-//! channels) and rank-svc (coarse ranking) so both derive a user's vector the same way.
+//! The retrieval embedding space of a bundle, shared by recall-svc (embedding and
+//! real-time channels) and rank-svc (coarse ranking) so both derive a user's vector the
+//! same way. Vectors are memory-mapped from `embeddings.safetensors`.
 
 use std::{collections::HashMap, path::Path};
 
-use crate::{read_catalog, read_manifest, read_matrix, read_user_ids, Matrix, Result};
+use crate::{read_catalog, read_manifest, read_user_ids, Manifest, Matrix, Result, TensorFile, EMBEDDINGS_FILE};
 
 /// How many of the most recent history items stand in for a user the embeddings
 /// were not trained on.
@@ -21,9 +22,28 @@ impl EmbeddingSpace {
     pub fn load(dir: &Path) -> Result<Self> {
         let manifest = read_manifest(dir)?;
         let item_ids: Vec<String> = read_catalog(dir)?.into_iter().map(|item| item.id).collect();
-        let user_ids = read_user_ids(dir)?;
-        let item_vectors = read_matrix(&dir.join("item_embeddings.f32"), item_ids.len(), manifest.embedding_dim)?;
-        let user_vectors = read_matrix(&dir.join("user_embeddings.f32"), user_ids.len(), manifest.embedding_dim)?;
+        Self::load_with(dir, &manifest, item_ids)
+    }
+
+    /// Like `load`, for a caller that has read the manifest and catalogue already.
+    pub fn load_with(dir: &Path, manifest: &Manifest, item_ids: Vec<String>) -> Result<Self> {
+        let file = TensorFile::open(dir, EMBEDDINGS_FILE, manifest)?;
+        let item_vectors = file.matrix("item_vectors", manifest.embedding_dim)?;
+        let (user_ids, user_vectors) = if file.contains("user_vectors") {
+            (read_user_ids(dir)?, file.matrix("user_vectors", manifest.embedding_dim)?)
+        } else {
+            (Vec::new(), Matrix::owned(0, manifest.embedding_dim, Vec::new()))
+        };
+        let malformed = |what: &str, rows: usize, expected: usize| crate::BundleError::Malformed {
+            path: dir.join(EMBEDDINGS_FILE),
+            reason: format!("{rows} {what} vectors for {expected} {what}s"),
+        };
+        if item_vectors.rows != item_ids.len() {
+            return Err(malformed("item", item_vectors.rows, item_ids.len()));
+        }
+        if user_vectors.rows != user_ids.len() {
+            return Err(malformed("user", user_vectors.rows, user_ids.len()));
+        }
         Ok(Self::new(item_ids, user_ids, item_vectors, user_vectors))
     }
 
@@ -80,8 +100,8 @@ mod tests {
         EmbeddingSpace::new(
             vec!["a".into(), "b".into()],
             vec!["u".into()],
-            Matrix { rows: 2, cols: 2, values: vec![1.0, 0.0, 0.0, 1.0] },
-            Matrix { rows: 1, cols: 2, values: vec![0.5, 2.0] },
+            Matrix::owned(2, 2, vec![1.0, 0.0, 0.0, 1.0]),
+            Matrix::owned(1, 2, vec![0.5, 2.0]),
         )
     }
 

@@ -1,10 +1,11 @@
-//! The bundle's item-to-item model (EASE weights from `item_neighbors.json`), indexed by
-//! item position. recall-svc's item-CF channel and rank-svc's `item_cf_*` cross features
-//! both score with it, so they agree on what "similar to the history" means.
+//! The bundle's item-to-item model (`item_to_item.safetensors`: each item's strongest
+//! weights as compressed sparse rows over item positions, memory-mapped). recall-svc's
+//! item-CF channel and rank-svc's `item_cf_*` cross features both score with it, so they
+//! agree on what "similar to the history" means.
 
 use std::{collections::HashMap, path::Path};
 
-use crate::{read_item_neighbors, EmbeddingSpace, Result};
+use crate::{BundleError, Column, Manifest, Result, TensorFile, ITEM_TO_ITEM_FILE};
 
 /// A dense scratch vector is used while the catalogue is at most this many times the
 /// number of weights summed.
@@ -73,32 +74,78 @@ impl std::hash::BuildHasher for PositionHasher {
 }
 
 pub struct ItemToItem {
-    /// Row `i`: `(other item position, weight)` for item `i`'s strongest weights.
-    weights: Vec<Vec<(usize, f32)>>,
+    /// Row `i` is `offsets[i]..offsets[i + 1]` of `neighbors` (positions) and `weights`.
+    offsets: Column<i64>,
+    neighbors: Column<u32>,
+    weights: Column<f32>,
 }
 
 impl ItemToItem {
-    /// Reads the weights and maps ids to positions in `embeddings` (ids it does not know
-    /// are dropped).
-    pub fn load(dir: &Path, embeddings: &EmbeddingSpace) -> Result<Self> {
-        let mut by_id = read_item_neighbors(dir)?;
-        let weights = embeddings
-            .item_ids
-            .iter()
-            .map(|id| {
-                by_id
-                    .remove(id)
-                    .unwrap_or_default()
-                    .into_iter()
-                    .filter_map(|(other, weight)| Some((embeddings.item_position(&other)?, weight)))
-                    .collect()
-            })
-            .collect();
-        Ok(Self { weights })
+    /// Maps the weights of a bundle whose catalogue has `manifest.num_items` items and
+    /// checks the rows once, so that no request can index out of bounds.
+    pub fn load(dir: &Path, manifest: &Manifest) -> Result<Self> {
+        let file = TensorFile::open(dir, ITEM_TO_ITEM_FILE, manifest)?;
+        let model = Self {
+            offsets: file.column("offsets")?,
+            neighbors: file.column("neighbors")?,
+            weights: file.column("weights")?,
+        };
+        model
+            .check(manifest.num_items)
+            .map_err(|reason| BundleError::Malformed { path: dir.join(ITEM_TO_ITEM_FILE), reason })?;
+        Ok(model)
     }
 
-    pub fn new(weights: Vec<Vec<(usize, f32)>>) -> Self {
-        Self { weights }
+    /// From each item's `(other item, weight)` list (tests and small models).
+    pub fn new(rows: Vec<Vec<(usize, f32)>>) -> Self {
+        let mut offsets = vec![0i64];
+        let (mut neighbors, mut weights) = (Vec::new(), Vec::new());
+        for row in &rows {
+            for &(other, weight) in row {
+                neighbors.push(other as u32);
+                weights.push(weight);
+            }
+            offsets.push(neighbors.len() as i64);
+        }
+        Self { offsets: Column::owned(offsets), neighbors: Column::owned(neighbors), weights: Column::owned(weights) }
+    }
+
+    fn check(&self, items: usize) -> Result<(), String> {
+        let offsets = self.offsets.as_slice();
+        if offsets.len() != items + 1 {
+            return Err(format!("{} offsets for {items} items", offsets.len()));
+        }
+        if offsets[0] != 0 || offsets.windows(2).any(|pair| pair[0] > pair[1]) {
+            return Err("offsets do not start at 0 and grow".into());
+        }
+        let entries = self.neighbors.len();
+        if offsets[items] as usize != entries || self.weights.len() != entries {
+            return Err(format!(
+                "{entries} neighbours and {} weights for {} entries",
+                self.weights.len(),
+                offsets[items]
+            ));
+        }
+        if let Some(&bad) = self.neighbors.as_slice().iter().find(|&&n| n as usize >= items) {
+            return Err(format!("neighbour position {bad} outside the {items} items"));
+        }
+        Ok(())
+    }
+
+    fn len(&self) -> usize {
+        self.offsets.len() - 1
+    }
+
+    /// Item `item`'s `(other item, weight)` pairs, strongest first.
+    fn row(&self, item: usize) -> impl Iterator<Item = (usize, f32)> + '_ {
+        let range = self.offsets.as_slice()[item] as usize..self.offsets.as_slice()[item + 1] as usize;
+        let neighbors = &self.neighbors.as_slice()[range.clone()];
+        let weights = &self.weights.as_slice()[range];
+        neighbors.iter().zip(weights).map(|(&n, &w)| (n as usize, w))
+    }
+
+    fn row_len(&self, item: usize) -> usize {
+        (self.offsets.as_slice()[item + 1] - self.offsets.as_slice()[item]) as usize
     }
 
     /// The scores the history gives, by summing the history items' weights — the model
@@ -107,14 +154,14 @@ impl ItemToItem {
     /// vector only when the catalogue is no larger than a few times that work (a small
     /// catalogue, where a vector beats hashing), else into a hash map.
     pub fn sparse_scores(&self, history: &[usize]) -> ItemScores {
-        let work: usize = history.iter().map(|&item| self.weights[item].len()).sum();
-        let mut scores = if self.weights.len() <= DENSE_FACTOR * work {
-            ItemScores::Dense(vec![0.0; self.weights.len()])
+        let work: usize = history.iter().map(|&item| self.row_len(item)).sum();
+        let mut scores = if self.len() <= DENSE_FACTOR * work {
+            ItemScores::Dense(vec![0.0; self.len()])
         } else {
             ItemScores::Sparse(HashMap::with_capacity_and_hasher(work, PositionHasher::default()))
         };
         for &item in history {
-            for &(other, weight) in &self.weights[item] {
+            for (other, weight) in self.row(item) {
                 scores.add(other, f64::from(weight));
             }
         }
@@ -124,9 +171,9 @@ impl ItemToItem {
     /// Every catalogue item's score given `history`, as a dense vector (for statistics over
     /// the whole catalogue; `sparse_scores` is the per-request form).
     pub fn scores(&self, history: &[usize]) -> Vec<f64> {
-        let mut scores = vec![0.0f64; self.weights.len()];
+        let mut scores = vec![0.0f64; self.len()];
         for &item in history {
-            for &(other, weight) in &self.weights[item] {
+            for (other, weight) in self.row(item) {
                 scores[other] += f64::from(weight);
             }
         }
@@ -148,9 +195,9 @@ mod tests {
     #[test]
     fn per_request_scores_equal_the_dense_ones_on_both_paths() {
         // Four items, three weights summed: a small catalogue takes the dense scratch.
-        let small = ItemToItem::new(vec![vec![(2, 0.5), (1, -0.25)], vec![(2, 0.25)], vec![], vec![(0, 1.0)]]);
+        let mut rows = vec![vec![(2, 0.5), (1, -0.25)], vec![(2, 0.25)], vec![], vec![(0, 1.0)]];
+        let small = ItemToItem::new(rows.clone());
         // The same weights in a catalogue of 100 items take the hash map.
-        let mut rows = small.weights.clone();
         rows.resize(100, Vec::new());
         let large = ItemToItem::new(rows);
         let history = [0, 1, 3];
@@ -165,5 +212,37 @@ mod tests {
             assert_eq!(positive, vec![(0, 1.0), (2, 0.75)]);
         }
         assert!(large.sparse_scores(&[]).positive().is_empty());
+    }
+
+    #[test]
+    fn rows_that_would_index_out_of_bounds_are_refused_at_load() {
+        let model = ItemToItem::new(vec![vec![(1, 0.5)], vec![(0, 0.5)]]);
+        assert_eq!(model.check(2), Ok(()));
+        assert!(model.check(3).unwrap_err().contains("3 offsets for 3 items"));
+        let outside = ItemToItem::new(vec![vec![(5, 0.5)], vec![]]);
+        assert!(outside.check(2).unwrap_err().contains("neighbour position 5"));
+    }
+
+    #[test]
+    fn a_mapped_file_reads_like_the_rows_it_was_written_from() {
+        use crate::tensors::tests::{f32_bytes, write};
+        use safetensors::Dtype;
+        let dir = tempfile::tempdir().unwrap();
+        let offsets: Vec<u8> = [0i64, 2, 3].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let neighbors: Vec<u8> = [1u32, 0, 0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mut manifest = write(
+            dir.path(),
+            ITEM_TO_ITEM_FILE,
+            &[
+                ("offsets", Dtype::I64, vec![3], offsets),
+                ("neighbors", Dtype::U32, vec![3], neighbors),
+                ("weights", Dtype::F32, vec![3], f32_bytes(&[0.5, 0.25, 1.0])),
+            ],
+        );
+        manifest.num_items = 2;
+        let model = ItemToItem::load(dir.path(), &manifest).unwrap();
+        assert_eq!(model.scores(&[0, 1]), vec![1.25, 0.5]);
+        manifest.num_items = 3;
+        assert!(ItemToItem::load(dir.path(), &manifest).is_err(), "a catalogue of another size is refused");
     }
 }

@@ -3,21 +3,31 @@
 //! It is published atomically (written under a temporary name, then renamed), so a
 //! reader either sees a complete bundle or none.
 //!
-//! Layout (all ids are strings; indices follow the order of `items.json` / `users.json`):
+//! Layout (ids are strings; an item's *position* is its index in `items.json`, a user's
+//! in `users.json`, and every per-item array is indexed by position):
 //! - `manifest.json`: version, shapes, feature specification, file checksums, metrics;
 //! - `items.json`: the catalog (id, title, genres, year, interaction count);
-//! - `users.json`: user ids known to the embeddings;
-//! - `user_embeddings.f32`, `item_embeddings.f32`: little-endian f32 matrices;
-//! - `item_neighbors.json`: item-to-item weights (EASE), the strongest per item;
-//! - `popularity.json`: items by popularity score;
+//! - `users.json`: user ids of the per-user vector table (empty without one);
+//! - `embeddings.safetensors`: `item_vectors` [items, dim] f32, optionally `user_vectors`
+//!   [users, dim] (a cache of trained users' vectors) and `item_vectors_f16`;
+//! - `item_to_item.safetensors`: item-to-item weights as compressed sparse rows
+//!   (`offsets` i64, `neighbors` u32 positions, `weights` f32), strongest first;
+//! - `item_signals.safetensors`: `popularity` f32 by position;
+//! - `item_index.usearch` (large catalogues): an HNSW index of `item_vectors`, keyed by
+//!   position;
 //! - `coarse.onnx`, `ranker.onnx`: the coarse and fine rankers;
 //! - `ranker_fixture.json`: examples with their exact inputs and scores (parity tests).
+//!
+//! The `.safetensors` files are memory-mapped after their checksums are verified
+//! (`tensors`).
 
-#![forbid(unsafe_code)]
+// Denied everywhere but the one function that memory-maps a file (`tensors`).
+#![deny(unsafe_code)]
 
 pub mod embeddings;
 mod features;
 mod item_to_item;
+pub mod tensors;
 
 use std::{
     collections::HashMap,
@@ -30,9 +40,15 @@ use serde::{Deserialize, Serialize};
 pub use embeddings::EmbeddingSpace;
 pub use features::{CrossSource, Encoding, Feature, FeatureConfig, RankerInputs, UserAttributes, RECENT_ITEMS};
 pub use item_to_item::{ItemScores, ItemToItem};
+pub use tensors::{Column, Matrix, TensorFile};
 
 /// Bundle format this code reads.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
+
+pub const EMBEDDINGS_FILE: &str = "embeddings.safetensors";
+pub const ITEM_TO_ITEM_FILE: &str = "item_to_item.safetensors";
+pub const ITEM_SIGNALS_FILE: &str = "item_signals.safetensors";
+pub const ANN_INDEX_FILE: &str = "item_index.usearch";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BundleError {
@@ -99,20 +115,6 @@ pub struct CatalogItem {
     pub stats: HashMap<String, f64>,
 }
 
-/// Dense row-major matrix of f32.
-#[derive(Debug, Clone)]
-pub struct Matrix {
-    pub rows: usize,
-    pub cols: usize,
-    pub values: Vec<f32>,
-}
-
-impl Matrix {
-    pub fn row(&self, index: usize) -> &[f32] {
-        &self.values[index * self.cols..(index + 1) * self.cols]
-    }
-}
-
 /// Directory of a bundle: `root` itself if it holds a manifest, else `root/current`
 /// (a symlink or directory the pipeline maintains).
 pub fn resolve_dir(root: &Path) -> Result<PathBuf> {
@@ -145,32 +147,36 @@ pub fn read_user_ids(dir: &Path) -> Result<Vec<String>> {
     read_json(&dir.join("users.json"))
 }
 
-/// `item id → [(neighbour id, weight)]`, strongest first.
-pub fn read_item_neighbors(dir: &Path) -> Result<HashMap<String, Vec<(String, f32)>>> {
-    read_json(&dir.join("item_neighbors.json"))
-}
-
-/// `[(item id, score)]`, most popular first.
-pub fn read_popularity(dir: &Path) -> Result<Vec<(String, f32)>> {
-    read_json(&dir.join("popularity.json"))
-}
-
-/// Reads a little-endian f32 matrix that must have `rows × cols` values.
-pub fn read_matrix(path: &Path, rows: usize, cols: usize) -> Result<Matrix> {
-    let bytes = fs::read(path).map_err(|source| BundleError::Io { path: path.to_path_buf(), source })?;
-    if bytes.len() != rows * cols * 4 {
+/// Popularity in [0, 1] by item position (`item_signals.safetensors`).
+pub fn read_popularity(dir: &Path, manifest: &Manifest) -> Result<Column<f32>> {
+    let column = TensorFile::open(dir, ITEM_SIGNALS_FILE, manifest)?.column::<f32>("popularity")?;
+    if column.len() != manifest.num_items {
         return Err(BundleError::Malformed {
-            path: path.to_path_buf(),
-            reason: format!(
-                "expected {rows}x{cols} f32 values ({} bytes), found {} bytes",
-                rows * cols * 4,
-                bytes.len()
-            ),
+            path: dir.join(ITEM_SIGNALS_FILE),
+            reason: format!("{} popularity values for {} items", column.len(), manifest.num_items),
         });
     }
-    let values =
-        bytes.chunks_exact(4).map(|chunk| f32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]])).collect();
-    Ok(Matrix { rows, cols, values })
+    Ok(column)
+}
+
+/// Positions of the items with a positive popularity, most popular first (ties by
+/// position): the order of the popular channel.
+pub fn by_popularity(popularity: &[f32]) -> Vec<usize> {
+    let mut positions: Vec<usize> = (0..popularity.len()).filter(|&n| popularity[n] > 0.0).collect();
+    positions.sort_by(|&a, &b| popularity[b].total_cmp(&popularity[a]).then(a.cmp(&b)));
+    positions
+}
+
+/// The `count` most popular items, most popular first: `(item id, popularity)`.
+pub fn most_popular(dir: &Path, count: usize) -> Result<Vec<(String, f32)>> {
+    let manifest = read_manifest(dir)?;
+    let catalog = read_catalog(dir)?;
+    let popularity = read_popularity(dir, &manifest)?;
+    Ok(by_popularity(popularity.as_slice())
+        .into_iter()
+        .take(count)
+        .map(|position| (catalog[position].id.clone(), popularity.as_slice()[position]))
+        .collect())
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
@@ -183,25 +189,15 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn matrix_of_wrong_size_is_rejected_with_its_path() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("m.f32");
-        fs::write(&path, [0u8; 12]).unwrap();
-        let error = read_matrix(&path, 2, 2).unwrap_err();
-        assert!(error.to_string().contains("m.f32"), "{error}");
-        assert!(error.to_string().contains("found 12 bytes"), "{error}");
-    }
-
-    #[test]
-    fn matrix_rows_are_little_endian_f32() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("m.f32");
-        let values = [1.0f32, 2.0, 3.0, 4.5];
-        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        fs::write(&path, bytes).unwrap();
-        let matrix = read_matrix(&path, 2, 2).unwrap();
-        assert_eq!(matrix.row(1), &[3.0, 4.5]);
+    /// A manifest with no files, for tests that add their own.
+    pub(crate) fn empty_manifest() -> Manifest {
+        serde_json::from_value(serde_json::json!({
+            "format": FORMAT_VERSION, "version": "test", "created_at": "", "training_data_sha256": "",
+            "embedding_dim": 2, "num_users": 0, "num_items": 0, "files": {},
+            "feature_config": {"fine_model": "din", "coarse_model": "mlp", "embedding_dim": 2, "history_length": 1,
+                               "user": [], "item": [], "cross": []},
+        }))
+        .unwrap()
     }
 
     #[test]

@@ -521,10 +521,10 @@ fn seed_popular(config: &Config) -> Vec<Candidate> {
     let Some(root) = &config.fallback_bundle else {
         return Vec::new();
     };
-    match recsys_bundle::resolve_dir(root).and_then(|dir| recsys_bundle::read_popularity(&dir)) {
+    let count = config.candidate_count as usize;
+    match recsys_bundle::resolve_dir(root).and_then(|dir| recsys_bundle::most_popular(&dir, count)) {
         Ok(popular) => popular
             .into_iter()
-            .take(config.candidate_count as usize)
             .enumerate()
             .map(|(position, (item_id, score))| Candidate {
                 item_id,

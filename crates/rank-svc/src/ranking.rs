@@ -135,7 +135,7 @@ impl Standardised {
 impl Ranker {
     pub fn load(dir: &Path, environment: &Environment, sessions: usize, intra_op_threads: usize) -> Result<Self> {
         let manifest = read_manifest(dir)?;
-        let features = manifest.feature_config;
+        let features = manifest.feature_config.clone();
         let unknown = features.unknown_sources();
         if !unknown.is_empty() {
             return Err(RankError::ModelContract {
@@ -144,13 +144,14 @@ impl Ranker {
             });
         }
         let catalog = read_catalog(dir)?;
-        let embeddings = EmbeddingSpace::load(dir)?;
+        let embeddings =
+            EmbeddingSpace::load_with(dir, &manifest, catalog.iter().map(|item| item.id.clone()).collect())?;
         let user_index = read_user_ids(dir)?.into_iter().enumerate().map(|(n, id)| (id, n as i64 + 1)).collect();
         let mut item_features = Vec::with_capacity(catalog.len() * features.item_dim());
         for item in &catalog {
             features.item_features(item, &mut item_features);
         }
-        let item_to_item = ItemToItem::load(dir, &embeddings)?;
+        let item_to_item = ItemToItem::load(dir, &manifest)?;
         let cross = features.cross.iter().filter_map(|name| CrossSource::parse(name)).collect();
         let load =
             |file: &str, inputs| OnnxModel::load(&dir.join(file), inputs, environment, sessions, intra_op_threads);

@@ -6,11 +6,14 @@
 use std::{collections::HashSet, path::Path};
 
 use recsys_bundle::{
-    embeddings::dot, read_catalog, read_manifest, read_popularity, EmbeddingSpace, ItemScores, ItemToItem,
+    by_popularity, read_catalog, read_manifest, read_popularity, Column, EmbeddingSpace, ItemScores, ItemToItem,
 };
 use recsys_proto::v1::Channel;
 
-use crate::Result;
+use crate::{
+    nearest::{top_by_score, NearestItems},
+    Result,
+};
 
 /// The session-intent channel looks at this many of the latest items.
 const REALTIME_WINDOW: usize = 5;
@@ -19,10 +22,11 @@ const REALTIME_WINDOW: usize = 5;
 pub struct RecallIndex {
     pub version: String,
     pub embeddings: EmbeddingSpace,
+    nearest: NearestItems,
     item_to_item: ItemToItem,
     /// Item positions, most popular first, and each position's popularity score.
     popular: Vec<usize>,
-    popularity: Vec<f32>,
+    popularity: Column<f32>,
     /// Item positions, newest first, and each position's release year.
     newest: Vec<usize>,
     years: Vec<f32>,
@@ -41,23 +45,20 @@ pub struct UserSignals {
 }
 
 impl RecallIndex {
-    pub fn load(dir: &Path) -> Result<Self> {
+    /// `ann_expansion`: the HNSW search's candidate list size when the bundle has an index.
+    pub fn load(dir: &Path, ann_expansion: usize) -> Result<Self> {
         let manifest = read_manifest(dir)?;
-        let embeddings = EmbeddingSpace::load(dir)?;
         let catalog = read_catalog(dir)?;
-        let item_to_item = ItemToItem::load(dir, &embeddings)?;
-        let mut popularity = vec![0.0f32; catalog.len()];
-        let mut popular = Vec::new();
-        for (id, score) in read_popularity(dir)? {
-            if let Some(position) = embeddings.item_position(&id) {
-                popularity[position] = score;
-                popular.push(position);
-            }
-        }
+        let embeddings =
+            EmbeddingSpace::load_with(dir, &manifest, catalog.iter().map(|item| item.id.clone()).collect())?;
+        let nearest = NearestItems::load(dir, &manifest, &embeddings.item_vectors, ann_expansion)?;
+        let item_to_item = ItemToItem::load(dir, &manifest)?;
+        let popularity = read_popularity(dir, &manifest)?;
+        let popular = by_popularity(popularity.as_slice());
         let mut newest: Vec<usize> = (0..catalog.len()).collect();
         newest.sort_by_key(|&n| (std::cmp::Reverse(catalog[n].year), catalog[n].interactions, n));
         let years = catalog.iter().map(|item| item.year as f32).collect();
-        Ok(Self { version: manifest.version, embeddings, item_to_item, popular, popularity, newest, years })
+        Ok(Self { version: manifest.version, embeddings, nearest, item_to_item, popular, popularity, newest, years })
     }
 
     /// The user's signals from `history` (most recent first).
@@ -106,19 +107,19 @@ impl RecallIndex {
             Channel::Embedding => signals.vector.as_ref().map(|v| self.embeddings.score(v, item)),
             Channel::Realtime => signals.recent.as_ref().map(|v| self.embeddings.score(v, item)),
             Channel::ItemCf => signals.item_cf.as_ref().map(|scores| scores.get(item) as f32),
-            Channel::Popular => Some(self.popularity[item]),
+            Channel::Popular => Some(self.popularity.as_slice()[item]),
             Channel::ColdStart => Some(self.years[item]),
             Channel::Unspecified => None,
         }
     }
 
-    /// Exact top-`quota` by inner product. The catalog is small enough (thousands) that
-    /// a scan beats an approximate index; a larger catalog would swap in HNSW here.
     fn nearest(&self, vector: &[f32], excluded: &HashSet<usize>, quota: usize) -> Vec<usize> {
-        let vectors = &self.embeddings.item_vectors;
-        let mut scored: Vec<(f32, usize)> =
-            (0..vectors.rows).filter(|n| !excluded.contains(n)).map(|n| (dot(vector, vectors.row(n)), n)).collect();
-        top_by_score(&mut scored, quota)
+        self.nearest.search(&self.embeddings.item_vectors, vector, excluded, quota)
+    }
+
+    /// Whether the embedding channels search an approximate index (else they scan).
+    pub fn is_approximate(&self) -> bool {
+        self.nearest.is_approximate()
     }
 }
 
@@ -137,25 +138,9 @@ fn take_allowed(ranked: &[usize], excluded: &HashSet<usize>, quota: usize) -> Ve
     ranked.iter().copied().filter(|n| !excluded.contains(n)).take(quota).collect()
 }
 
-fn top_by_score(scored: &mut Vec<(f32, usize)>, quota: usize) -> Vec<usize> {
-    let by_score = |a: &(f32, usize), b: &(f32, usize)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
-    if scored.len() > quota {
-        scored.select_nth_unstable_by(quota, by_score);
-        scored.truncate(quota);
-    }
-    scored.sort_by(by_score);
-    scored.iter().map(|&(_, n)| n).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn top_by_score_keeps_the_best_in_order() {
-        let mut scored = vec![(0.1, 0), (0.9, 1), (0.5, 2), (0.7, 3)];
-        assert_eq!(top_by_score(&mut scored, 2), vec![1, 3]);
-    }
 
     #[test]
     fn take_allowed_skips_excluded_before_counting() {

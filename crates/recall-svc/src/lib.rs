@@ -9,6 +9,7 @@ mod channels;
 mod concurrent;
 mod error;
 mod fusion;
+pub mod nearest;
 mod service;
 
 use std::{future::Future, path::PathBuf, sync::Arc};
@@ -36,6 +37,9 @@ pub struct Config {
     pub candidate_count: usize,
     /// Reciprocal-rank constant: larger flattens the advantage of top positions.
     pub rrf_k: f32,
+    /// HNSW search's candidate list size (`ef`) when the bundle ships an index; a channel
+    /// asking for more items than this searches with its quota instead.
+    pub ann_expansion: usize,
     pub channels: ChannelSettings,
 }
 
@@ -97,6 +101,7 @@ impl Default for Config {
             bundle: PathBuf::from("models/bundles"),
             candidate_count: 500,
             rrf_k: 60.0,
+            ann_expansion: 128,
             channels: ChannelSettings::default(),
         }
     }
@@ -110,8 +115,13 @@ impl ServiceConfig for Config {
 
 pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let bundle_dir = recsys_bundle::resolve_dir(&config.bundle)?;
-    let index = Arc::new(RecallIndex::load(&bundle_dir)?);
-    tracing::info!(bundle = %index.version, items = index.embeddings.num_items(), "recall index loaded");
+    let index = Arc::new(RecallIndex::load(&bundle_dir, config.ann_expansion)?);
+    tracing::info!(
+        bundle = %index.version,
+        items = index.embeddings.num_items(),
+        approximate = index.is_approximate(),
+        "recall index loaded"
+    );
     let max_message_bytes = config.server.max_message_bytes;
     let options = config.server.serve_options();
     let service = RecallGrpc::new(index, config).into_server().max_decoding_message_size(max_message_bytes);

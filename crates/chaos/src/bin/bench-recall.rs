@@ -1,0 +1,259 @@
+//! `make bench-recall`: recall at catalogue scale. On a retrieval bundle of the synthetic
+//! data (a million items by default) it measures, in one run:
+//! - our HNSW index (usearch, called in-process, one query at a time on one thread)
+//!   against hnswlib and faiss-cpu (`crates/chaos/scripts/ann_baselines.py`, run first,
+//!   which also writes the queries and their exact top-100): each at the lowest ef whose
+//!   recall@100 against exact search reaches the target, and the ratio of queries/s;
+//! - recall-svc itself: time from process start to SERVING (bundle load, checksums
+//!   included), recall RPC latency at low load (every channel, fusion, 1000 candidates,
+//!   one request at a time over gRPC) and resident memory after the queries against the
+//!   bytes of vectors and index on disk.
+//!
+//! Writes `target/reports/bench-recall.json` (the keys of the issue, nothing else) and
+//! prints a table with the details.
+
+#![forbid(unsafe_code)]
+
+use std::{
+    collections::HashSet,
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use recall_svc::nearest::NearestItems;
+use recsys_bundle::{read_catalog, read_manifest, resolve_dir, TensorFile, ANN_INDEX_FILE, EMBEDDINGS_FILE};
+use recsys_chaos::cluster::wait_serving;
+use recsys_proto::v1::{recall_service_client::RecallServiceClient, RecallRequest, UserFeatures};
+use serde_json::{json, Value};
+use tokio::process::Command;
+
+#[derive(Debug, Parser)]
+#[command(name = "bench-recall")]
+struct Args {
+    /// Retrieval bundle (a directory with a manifest, or a root holding `current`).
+    #[arg(long)]
+    bundle: PathBuf,
+    /// Where ann_baselines.py wrote queries, truth, histories and baselines.json.
+    #[arg(long, default_value = "target/bench-recall")]
+    work: PathBuf,
+    #[arg(long, default_value = "target/release")]
+    bin_dir: PathBuf,
+    #[arg(long, default_value = "target/reports/bench-recall.json")]
+    out: PathBuf,
+    #[arg(long, default_value_t = 0.99)]
+    target_recall: f64,
+    #[arg(long, default_value = "100,128,160,200,256,320,400,512,640,800,1024")]
+    efs: String,
+    /// Recall RPCs measured (one at a time, after a warm-up).
+    #[arg(long, default_value_t = 2000)]
+    rpc_requests: usize,
+    #[arg(long, default_value_t = 1000)]
+    candidates: u32,
+}
+
+const K: usize = 100;
+
+struct SweepPoint {
+    ef: usize,
+    recall: f64,
+    qps: f64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let dir = resolve_dir(&args.bundle)?;
+    let manifest = read_manifest(&dir)?;
+    let baselines: Value = serde_json::from_str(&std::fs::read_to_string(args.work.join("baselines.json"))?)?;
+    if baselines["version"] != json!(manifest.version) {
+        bail!("{} holds baselines of bundle {}, not {}", args.work.display(), baselines["version"], manifest.version);
+    }
+    let dim = manifest.embedding_dim;
+    let queries = read_f32(&args.work.join("queries.f32"))?;
+    let truth = read_u32(&args.work.join("truth.u32"))?;
+    let histories: Vec<Vec<String>> =
+        serde_json::from_str(&std::fs::read_to_string(args.work.join("histories.json"))?)?;
+    let count = queries.len() / dim;
+    anyhow::ensure!(truth.len() == count * K && histories.len() == count, "queries, truth and histories disagree");
+
+    // 1. Our index in-process, one query at a time on this thread.
+    let vectors = TensorFile::open(&dir, EMBEDDINGS_FILE, &manifest)?.matrix("item_vectors", dim)?;
+    let nearest = NearestItems::load(&dir, &manifest, &vectors, 64)?;
+    anyhow::ensure!(nearest.is_approximate(), "bundle {} has no ANN index", manifest.version);
+    println!("==> our index (usearch {}), one query at a time", usearch::version());
+    let no_exclusions = HashSet::new();
+    let mut points = Vec::new();
+    for ef in args.efs.split(',').map(str::parse::<usize>) {
+        let ef = ef?;
+        nearest.set_expansion(ef);
+        let search = |n: usize| nearest.search(&vectors, &queries[n * dim..(n + 1) * dim], &no_exclusions, K);
+        (0..20.min(count)).for_each(|n| drop(search(n)));
+        let started = Instant::now();
+        let results: Vec<Vec<usize>> = (0..count).map(search).collect();
+        let qps = count as f64 / started.elapsed().as_secs_f64();
+        let recall = recall_at_k(&results, &truth);
+        println!("    ef {ef:4}: recall@{K} {recall:.4}, {qps:8.1} queries/s");
+        points.push(SweepPoint { ef, recall, qps });
+        if recall >= args.target_recall {
+            break;
+        }
+    }
+    let ours = points.iter().find(|p| p.recall >= args.target_recall).unwrap_or_else(|| points.last().unwrap());
+    // The same searches with the query's own history excluded inside the graph search
+    // (what the channels do), for the table.
+    let positions: std::collections::HashMap<String, usize> =
+        read_catalog(&dir)?.into_iter().enumerate().map(|(n, item)| (item.id, n)).collect();
+    let exclusions: Vec<HashSet<usize>> =
+        histories.iter().map(|history| history.iter().filter_map(|id| positions.get(id).copied()).collect()).collect();
+    drop(positions);
+    nearest.set_expansion(ours.ef);
+    let started = Instant::now();
+    for (n, excluded) in exclusions.iter().enumerate() {
+        let found = nearest.search(&vectors, &queries[n * dim..(n + 1) * dim], excluded, K);
+        anyhow::ensure!(found.iter().all(|item| !excluded.contains(item)), "an excluded item came back");
+    }
+    let filtered_qps = count as f64 / started.elapsed().as_secs_f64();
+    drop(nearest);
+
+    // 2. recall-svc: load time, RPC latency, memory.
+    let address = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let started = Instant::now();
+    let mut child = Command::new(args.bin_dir.join("recall-svc"))
+        .env("RECSYS_RECALL__SERVER__LISTEN", address.to_string())
+        .env("RECSYS_RECALL__SERVER__METRICS_LISTEN", "")
+        .env("RECSYS_RECALL__BUNDLE", &dir)
+        .env("RECSYS_RECALL__ANN_EXPANSION", ours.ef.to_string())
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting recall-svc")?;
+    wait_serving(address, Duration::from_secs(120)).await.context("recall-svc")?;
+    let bundle_load_s = started.elapsed().as_secs_f64();
+    let pid = child.id().context("recall-svc exited")?;
+    let mut client = RecallServiceClient::connect(format!("http://{address}")).await?;
+    let request = |history: &Vec<String>| RecallRequest {
+        user: Some(UserFeatures {
+            user_id: String::new(),
+            known: true,
+            history_item_ids: history.clone(),
+            ..Default::default()
+        }),
+        candidate_count: args.candidates,
+        ..Default::default()
+    };
+    for history in histories.iter().take(100) {
+        client.recall(request(history)).await?;
+    }
+    let mut latencies = Vec::with_capacity(args.rpc_requests);
+    let mut returned = 0usize;
+    for n in 0..args.rpc_requests {
+        let started = Instant::now();
+        let response = client.recall(request(&histories[n % histories.len()])).await?.into_inner();
+        latencies.push(started.elapsed());
+        returned += response.candidates.len();
+    }
+    latencies.sort();
+    let quantile = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize].as_secs_f64() * 1e3;
+    let (p50, p99) = (quantile(0.5), quantile(0.99));
+    let rss = resident_bytes(pid)?;
+    child.kill().await.ok();
+    let disk = (manifest.num_items * dim * 4) as u64 + std::fs::metadata(dir.join(ANN_INDEX_FILE))?.len();
+
+    let faiss_qps = baselines["faiss"]["qps"].as_f64().context("faiss qps")?;
+    let hnswlib_qps = baselines["hnswlib"]["qps"].as_f64().context("hnswlib qps")?;
+    let faiss_query_ms = 1e3 / faiss_qps;
+    let report = json!({
+        "items": manifest.num_items,
+        "recall_at_100": round(ours.recall, 4),
+        "qps_ratio_vs_faiss": round(ours.qps / faiss_qps, 3),
+        "qps_ratio_vs_hnswlib": round(ours.qps / hnswlib_qps, 3),
+        "recall_rpc_p50_ms": round(p50, 3),
+        "recall_rpc_p99_ms": round(p99, 3),
+        "faiss_query_ms": round(faiss_query_ms, 4),
+        "recall_rpc_p99_over_faiss_query": round(p99 / faiss_query_ms, 2),
+        "rss_ratio": round(rss as f64 / disk as f64, 3),
+        "bundle_load_s": round(bundle_load_s, 3),
+    });
+
+    println!();
+    println!(
+        "recall at {} items x {dim} ({} queries, k = {K}, target recall {})",
+        manifest.num_items, count, args.target_recall
+    );
+    println!("  {:<28} {:>6} {:>10} {:>12} {:>14}", "index", "ef", "recall@100", "queries/s", "call overhead");
+    println!(
+        "  {:<28} {:>6} {:>10.4} {:>12.1} {:>14}",
+        "ours (usearch, Rust)", ours.ef, ours.recall, ours.qps, "in-process"
+    );
+    println!(
+        "  {:<28} {:>6} {:>10} {:>12.1} {:>14}",
+        "ours, history excluded", ours.ef, "", filtered_qps, "in-process"
+    );
+    for name in ["hnswlib", "faiss"] {
+        let b = &baselines[name];
+        println!(
+            "  {:<28} {:>6} {:>10.4} {:>12.1} {:>11.1} us",
+            format!("{name} (Python)"),
+            b["ef"],
+            b["recall_at_100"].as_f64().unwrap_or(0.0),
+            b["qps"].as_f64().unwrap_or(0.0),
+            b["call_overhead_us"].as_f64().unwrap_or(0.0)
+        );
+    }
+    println!(
+        "  recall RPC ({} candidates asked, {:.0} returned on average): p50 {p50:.3} ms, p99 {p99:.3} ms",
+        args.candidates,
+        returned as f64 / latencies.len() as f64
+    );
+    println!(
+        "  recall-svc resident {:.0} MiB for {:.0} MiB of vectors + index on disk",
+        rss as f64 / 1048576.0,
+        disk as f64 / 1048576.0
+    );
+    println!("  bundle load (process start to SERVING): {bundle_load_s:.2} s");
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    if let Some(parent) = args.out.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&args.out, serde_json::to_string_pretty(&report)?)?;
+    println!("report written to {}", args.out.display());
+    Ok(())
+}
+
+fn recall_at_k(results: &[Vec<usize>], truth: &[u32]) -> f64 {
+    let found: usize = results
+        .iter()
+        .enumerate()
+        .map(|(n, result)| {
+            let expected: HashSet<usize> = truth[n * K..(n + 1) * K].iter().map(|&p| p as usize).collect();
+            result.iter().filter(|p| expected.contains(p)).count()
+        })
+        .sum();
+    found as f64 / (results.len() * K) as f64
+}
+
+fn read_f32(path: &Path) -> anyhow::Result<Vec<f32>> {
+    let bytes = std::fs::read(path).with_context(|| path.display().to_string())?;
+    Ok(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+}
+
+fn read_u32(path: &Path) -> anyhow::Result<Vec<u32>> {
+    let bytes = std::fs::read(path).with_context(|| path.display().to_string())?;
+    Ok(bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+}
+
+/// VmRSS of a process, in bytes.
+fn resident_bytes(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status.lines().find(|line| line.starts_with("VmRSS:")).context("no VmRSS")?;
+    let kib: u64 = line.split_whitespace().nth(1).context("VmRSS value")?.parse()?;
+    Ok(kib * 1024)
+}
+
+fn round(value: f64, digits: i32) -> f64 {
+    let scale = 10f64.powi(digits);
+    (value * scale).round() / scale
+}

@@ -1,0 +1,336 @@
+"""Retrieval models at catalogue scale (10^6 items, 10^7 interactions), columnar end to end.
+
+``train_bundle`` (``train.py``) reads rows into Python objects and fits the rankers with
+per-user loops: right for MovieLens, hours at a million items. This pipeline trains what
+recall serves — the retrieval embeddings, the item-to-item model, popularity and the
+HNSW index — from numpy arrays, and publishes a *retrieval bundle* that recall-svc serves
+(rank-svc needs the rankers of a full bundle and refuses it).
+
+- **Data** is read with pyarrow (Parquet or CSV in the project's format); ids become
+  dense positions once, through the dictionary of a dictionary-encoded column.
+- **Retrieval model**: one item embedding table; a user is the mean of the embeddings of
+  their latest ``history`` items, so the user side is computed at request time from
+  behaviour (a click a second ago moves it, a new user has one) and the bundle carries no
+  per-user table. Trained on minibatches with in-batch sampled softmax, corrected for the
+  popularity of the sampled negatives (logQ), with sparse gradients and SparseAdam.
+- **Item-to-item**: EASE for the head items, windowed co-occurrence for the tail
+  (``item_to_item``).
+- **Index**: usearch HNSW over the item vectors (inner product), keyed by item position.
+- **Evaluation**: each user's last interaction is held out; the manifest reports hit
+  rate@100 of the embedding and item-to-item channels against popularity.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import bundle, item_to_item
+from .data import DataError, table_path
+
+#: Latest history items pooled into the user vector; recall-svc uses the same number.
+HISTORY_ITEMS = 50
+
+
+@dataclass
+class ScaleConfig:
+    seed: int = 42
+    dim: int = 64
+    epochs: int = 1
+    batch_size: int = 2048
+    lr: float = 0.02
+    history: int = HISTORY_ITEMS
+    item_to_item: item_to_item.ItemToItemConfig = None  # type: ignore[assignment]
+    #: Catalogues at least this large get an HNSW index; smaller ones are scanned exactly.
+    ann_min_items: int = 50_000
+    ann_connectivity: int = 16
+    ann_expansion_add: int = 128
+    #: Users sampled for the held-out evaluation.
+    eval_users: int = 5_000
+    threads: int = 2
+
+    def __post_init__(self):
+        if self.item_to_item is None:
+            self.item_to_item = item_to_item.ItemToItemConfig(keep=50)
+
+
+_STARTED = time.monotonic()
+
+
+def log(message: str) -> None:
+    print(f"[scale {time.monotonic() - _STARTED:7.1f}s] {message}", flush=True)
+
+
+@dataclass
+class Columns:
+    """Interactions as parallel arrays, each user's in time order."""
+    users: np.ndarray
+    items: np.ndarray
+    timestamps: np.ndarray
+    item_table: dict
+    num_users: int
+    sha256: str
+
+
+def _read_table(path: Path):
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    return pq.read_table(path) if path.suffix == ".parquet" else pacsv.read_csv(path)
+
+
+def _positions(column, ids, path: Path, name: str) -> np.ndarray:
+    """Positions in ``ids`` of each value of ``column`` (a dictionary-encoded column is
+    mapped through its dictionary, so 20 million rows cost one lookup per distinct id)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if pa.types.is_dictionary(column.type):
+        mapped = pc.index_in(column.dictionary.cast(pa.string()), value_set=ids).fill_null(-1).to_numpy()
+        positions = mapped[column.indices.to_numpy(zero_copy_only=False)]
+    else:
+        positions = pc.index_in(column.cast(pa.string()), value_set=ids).fill_null(-1).to_numpy()
+    unknown = np.flatnonzero(positions < 0)
+    if len(unknown):
+        raise DataError(f"{path}: row {int(unknown[0]) + 1}, column {name}: id not in the {name.split('_')[0]} table")
+    return positions.astype(np.int64)
+
+
+def load_columns(data_dir: Path) -> Columns:
+    import hashlib
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    interactions_path, items_path = table_path(data_dir, "interactions"), table_path(data_dir, "items")
+    interactions, items = _read_table(interactions_path), _read_table(items_path)
+    for path, table, required in ((interactions_path, interactions, ["user_id", "item_id", "timestamp"]),
+                                  (items_path, items, ["item_id", "title"])):
+        missing = [c for c in required if c not in table.column_names]
+        if missing:
+            raise DataError(f"{path}: missing column(s) {', '.join(missing)} in columns {table.column_names}")
+    item_ids = items.column("item_id").cast(pa.string()).combine_chunks()
+    item_positions = _positions(interactions.column("item_id"), item_ids, interactions_path, "item_id")
+    user_column = interactions.column("user_id").combine_chunks()
+    user_dictionary = user_column.dictionary.cast(pa.string()) if pa.types.is_dictionary(user_column.type) \
+        else pc.unique(user_column.cast(pa.string()))
+    user_positions = _positions(user_column, user_dictionary, interactions_path, "user_id")
+    timestamps = interactions.column("timestamp").cast(pa.int64()).to_numpy()
+    order = np.lexsort((timestamps, user_positions))
+    digest = hashlib.sha256()
+    for path in (interactions_path, items_path):
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                digest.update(chunk)
+    year = items.column("year").to_numpy(zero_copy_only=False) if "year" in items.column_names else None
+    item_table = {
+        "id": item_ids.to_pylist(),
+        "title": items.column("title").cast(pa.string()).to_pylist(),
+        "genres": items.column("genres").cast(pa.string()).to_pylist() if "genres" in items.column_names else None,
+        "year": np.nan_to_num(np.asarray(year, dtype=np.float64)).astype(np.int64) if year is not None else None,
+    }
+    return Columns(user_positions[order], item_positions[order], timestamps[order], item_table,
+                   len(user_dictionary), digest.hexdigest())
+
+
+def hold_out_last(columns: Columns) -> tuple[np.ndarray, np.ndarray]:
+    """(training mask, index of each held-out row): every user with two or more
+    interactions keeps their last one out."""
+    last = np.append(columns.users[1:] != columns.users[:-1], True)
+    first = np.insert(columns.users[1:] != columns.users[:-1], 0, True)
+    held = last & ~first
+    return ~held, np.flatnonzero(held)
+
+
+def history_before(users: np.ndarray, items: np.ndarray, rows: np.ndarray, length: int, pad: int) -> np.ndarray:
+    """[len(rows), length]: the items each row's user consumed just before it, latest
+    first, ``pad`` where the history is shorter. ``users``/``items`` are in user-then-time
+    order."""
+    out = np.full((len(rows), length), pad, dtype=np.int64)
+    alive = np.ones(len(rows), dtype=bool)
+    for back in range(1, length + 1):
+        previous = rows - back
+        alive &= previous >= 0
+        alive[alive] &= users[previous[alive]] == users[rows[alive]]
+        if not alive.any():
+            break
+        out[alive, back - 1] = items[previous[alive]]
+    return out
+
+
+class PooledHistoryModel(torch.nn.Module):
+    """Item embeddings; a user is the mean of their history's. Row ``num_items`` is the
+    padding (zero, never trained)."""
+
+    def __init__(self, num_items: int, dim: int):
+        super().__init__()
+        self.num_items = num_items
+        self.items = torch.nn.Embedding(num_items + 1, dim, sparse=True, padding_idx=num_items)
+        torch.nn.init.normal_(self.items.weight, std=0.05)
+        with torch.no_grad():
+            self.items.weight[num_items].zero_()
+
+    def users(self, history: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.embedding_bag(history, self.items.weight, mode="mean", sparse=True,
+                                                 padding_idx=self.num_items)
+
+    def loss(self, history: torch.Tensor, targets: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+        """In-batch sampled softmax: each row's target against the batch's other targets,
+        with their sampling log-probability subtracted (logQ correction) and repeats of
+        the row's own target masked."""
+        users = self.users(history)
+        target_vectors = torch.nn.functional.embedding(targets, self.items.weight, sparse=True)
+        logits = users @ target_vectors.T - log_q[targets].unsqueeze(0)
+        repeats = (targets.unsqueeze(0) == targets.unsqueeze(1)) & ~torch.eye(len(targets), dtype=torch.bool)
+        logits = logits.masked_fill(repeats, float("-inf"))
+        return torch.nn.functional.cross_entropy(logits, torch.arange(len(targets)))
+
+
+def train_retrieval(columns: Columns, train_mask: np.ndarray, num_items: int, config: ScaleConfig,
+                    rng: np.random.Generator) -> np.ndarray:
+    users, items = columns.users, columns.items
+    rows = np.flatnonzero(train_mask)
+    # A row with no earlier item of its user has nothing to pool; it still serves as context.
+    has_history = np.insert(users[1:] == users[:-1], 0, False)
+    rows = rows[has_history[rows]]
+    counts = np.bincount(items[train_mask], minlength=num_items).astype(np.float64)
+    log_q = torch.as_tensor(np.log(np.maximum(counts, 1.0) / counts.sum()), dtype=torch.float32)
+    # Training sees only training rows as history: mask held-out rows to padding.
+    visible_items = np.where(train_mask, items, num_items)
+    model = PooledHistoryModel(num_items, config.dim)
+    optimiser = torch.optim.SparseAdam(model.parameters(), lr=config.lr)
+    steps = (len(rows) + config.batch_size - 1) // config.batch_size
+    for epoch in range(config.epochs):
+        order = rows[rng.permutation(len(rows))]
+        total, started = 0.0, time.monotonic()
+        for step in range(steps):
+            batch = order[step * config.batch_size:(step + 1) * config.batch_size]
+            history = torch.as_tensor(history_before(users, visible_items, batch, config.history, num_items))
+            loss = model.loss(history, torch.as_tensor(items[batch]), log_q)
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            total += loss.item()
+            if step % 1000 == 0 or step == steps - 1:
+                log(f"retrieval epoch {epoch + 1}/{config.epochs} step {step + 1}/{steps} "
+                    f"loss {total / (step + 1):.4f} ({(step + 1) / (time.monotonic() - started):.0f} steps/s)")
+    return model.items.weight.detach()[:num_items].numpy().astype(np.float32)
+
+
+def hit_rates(columns: Columns, held: np.ndarray, vectors: np.ndarray, rows: item_to_item.SparseRows,
+              popularity: np.ndarray, config: ScaleConfig, rng: np.random.Generator, k: int = 100) -> dict:
+    """Hit rate@k of each user's held-out last item among the top k unseen items of the
+    embedding channel, the item-to-item channel and popularity (a sample of users)."""
+    num_items = len(vectors)
+    sample = held if len(held) <= config.eval_users else np.sort(rng.choice(held, config.eval_users, replace=False))
+    history = history_before(columns.users, columns.items, sample, config.history, num_items)
+    hits = {"embedding": 0, "item_to_item": 0, "popularity": 0}
+    popular_top = np.argsort(-popularity, kind="stable")[:k + config.history]
+    for row, seen in zip(sample, history):
+        seen = seen[seen < num_items]
+        target = columns.items[row]
+        seen_set = set(seen.tolist())
+        query = vectors[seen].mean(axis=0)
+        scores = vectors @ query
+        scores[seen] = -np.inf
+        hits["embedding"] += target in np.argpartition(-scores, k)[:k]
+        evidence: dict[int, float] = {}
+        for item in seen:
+            start, end = rows.offsets[item], rows.offsets[item + 1]
+            for neighbor, weight in zip(rows.neighbors[start:end].tolist(), rows.weights[start:end].tolist()):
+                evidence[neighbor] = evidence.get(neighbor, 0.0) + weight
+        ranked = sorted((n for n in evidence if n not in seen_set and evidence[n] > 0), key=lambda n: -evidence[n])
+        hits["item_to_item"] += target in ranked[:k]
+        hits["popularity"] += target in [n for n in popular_top.tolist() if n not in seen_set][:k]
+    return {f"hit_rate_at_{k}_{name}": round(count / max(len(sample), 1), 6) for name, count in hits.items()} | {
+        "hit_rate_users": len(sample)}
+
+
+def build_index(path: Path, vectors: np.ndarray, config: ScaleConfig) -> None:
+    from usearch.index import Index
+
+    index = Index(ndim=vectors.shape[1], metric="ip", dtype="f32", connectivity=config.ann_connectivity,
+                  expansion_add=config.ann_expansion_add)
+    index.add(np.arange(len(vectors), dtype=np.uint64), vectors, threads=config.threads, log=False)
+    index.save(str(path))
+
+
+def train_retrieval_bundle(data_dir: Path, out_root: Path, config: ScaleConfig | None = None,
+                           version: str | None = None) -> Path:
+    config = config or ScaleConfig()
+    started = time.monotonic()
+    torch.manual_seed(config.seed)
+    torch.set_num_threads(config.threads)
+    rng = np.random.default_rng(config.seed)
+
+    columns = load_columns(data_dir)
+    num_items = len(columns.item_table["id"])
+    log(f"loaded {len(columns.items):,} interactions, {num_items:,} items, {columns.num_users:,} users from {data_dir}")
+    train_mask, held = hold_out_last(columns)
+    timings = {}
+
+    phase = time.monotonic()
+    vectors = train_retrieval(columns, train_mask, num_items, config, rng)
+    timings["retrieval_seconds"] = round(time.monotonic() - phase, 1)
+
+    phase = time.monotonic()
+    rows = item_to_item.fit(columns.users[train_mask], columns.items[train_mask], columns.timestamps[train_mask],
+                            columns.num_users, num_items, config.item_to_item)
+    timings["item_to_item_seconds"] = round(time.monotonic() - phase, 1)
+    log(f"item-to-item: {len(rows.neighbors):,} weights in {timings['item_to_item_seconds']} s")
+
+    counts = np.bincount(columns.items[train_mask], minlength=num_items).astype(np.float64)
+    popularity = counts / max(counts.max(), 1.0)
+    metrics = hit_rates(columns, held, vectors, rows, popularity, config, rng)
+    log("held-out hit rate@100: " + ", ".join(f"{k} {v}" for k, v in metrics.items()))
+
+    out_root.mkdir(parents=True, exist_ok=True)
+    version = version or f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{columns.sha256[:8]}"
+    staging = out_root / f".staging-{version}"
+    if staging.exists():
+        import shutil
+        shutil.rmtree(staging)
+    staging.mkdir()
+    bundle.write_embeddings(staging / bundle.EMBEDDINGS, vectors, None)
+    bundle.write_item_to_item(staging / bundle.ITEM_TO_ITEM, rows.offsets, rows.neighbors, rows.weights)
+    bundle.write_item_signals(staging / bundle.ITEM_SIGNALS, popularity)
+    if num_items >= config.ann_min_items:
+        phase = time.monotonic()
+        build_index(staging / bundle.ANN_INDEX, vectors, config)
+        timings["index_seconds"] = round(time.monotonic() - phase, 1)
+        log(f"HNSW index (M {config.ann_connectivity}, efConstruction {config.ann_expansion_add}) "
+            f"built in {timings['index_seconds']} s")
+    table = columns.item_table
+    genres = table["genres"] or [""] * num_items
+    years = table["year"] if table["year"] is not None else np.zeros(num_items, dtype=np.int64)
+    catalog = [{"id": item_id, "title": title, "genres": [g for g in (genre or "").split("|") if g], "year": int(year),
+                "interactions": int(count)}
+               for item_id, title, genre, year, count in zip(table["id"], table["title"], genres, years.tolist(),
+                                                              counts.astype(np.int64).tolist())]
+    (staging / "items.json").write_text(json.dumps(catalog, separators=(",", ":")))
+    (staging / "users.json").write_text("[]")
+    manifest = {
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "training_data_sha256": columns.sha256,
+        "embedding_dim": config.dim,
+        "num_users": 0,
+        "num_items": num_items,
+        # A retrieval bundle carries no rankers: rank-svc refuses it (no coarse.onnx).
+        "contents": "retrieval",
+        "feature_config": {"fine_model": "", "coarse_model": "", "embedding_dim": config.dim, "history_length": 0,
+                           "user": [], "item": [], "cross": []},
+        "metrics": {**metrics, **timings, "training_seconds": round(time.monotonic() - started, 1)},
+        "training_config": asdict(config),
+    }
+    published = bundle.publish(staging, out_root, version, manifest)
+    log(f"published retrieval bundle {version} at {published} in {time.monotonic() - started:.1f}s")
+    return published

@@ -9,7 +9,7 @@ requirements=${1:-$root/training/requirements.txt}
 hash=$(sha256sum "$requirements" | cut -c1-12)
 venv="$cache/venv-$hash"
 if [ ! -f "$venv/.complete" ]; then
-  echo ">> creating Python environment $venv (torch is large: first time only)" >&2
+  echo ">> creating Python environment $venv from $(basename "$requirements") (first time only; torch takes a while)" >&2
   rm -rf "$venv"
   mkdir -p "$cache"
   python3 -m venv "$venv"

@@ -37,8 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     retrieval.add_argument("--epochs", type=int, default=1)
     retrieval.add_argument("--ann-min-items", type=int, default=50_000,
                            help="catalogues at least this large get an HNSW index")
-    retrieval.add_argument("--ann-connectivity", type=int, default=16, help="HNSW M")
-    retrieval.add_argument("--ann-expansion-add", type=int, default=128, help="HNSW efConstruction")
+    retrieval.add_argument("--ann-connectivity", type=int, default=32, help="HNSW M")
+    retrieval.add_argument("--ann-expansion-add", type=int, default=200, help="HNSW efConstruction")
 
     evaluate = commands.add_parser("eval", help="score the served pipeline on the published MovieLens-100k protocol")
     evaluate.add_argument("--data", type=Path, required=True)

@@ -49,8 +49,10 @@ class ScaleConfig:
     item_to_item: item_to_item.ItemToItemConfig = None  # type: ignore[assignment]
     #: Catalogues at least this large get an HNSW index; smaller ones are scanned exactly.
     ann_min_items: int = 50_000
-    ann_connectivity: int = 16
-    ann_expansion_add: int = 128
+    # M 32 / efConstruction 200: at a million clustered items M 16 stays under recall@100
+    # 0.99 even at ef 1024 (hnswlib measured 0.985).
+    ann_connectivity: int = 32
+    ann_expansion_add: int = 200
     #: Users sampled for the held-out evaluation.
     eval_users: int = 5_000
     threads: int = 2
@@ -169,27 +171,38 @@ def history_before(users: np.ndarray, items: np.ndarray, rows: np.ndarray, lengt
 
 class PooledHistoryModel(torch.nn.Module):
     """Item embeddings; a user is the mean of their history's. Row ``num_items`` is the
-    padding (zero, never trained)."""
+    padding (zero, never trained).
 
-    def __init__(self, num_items: int, dim: int):
+    Scores are cosines (both sides L2-normalised) over a temperature, and the bundle ships
+    the unit item vectors: inner-product HNSW search over vectors of free norm reaches
+    poor recall (the norms, not the directions, decide the graph's neighbourhoods), while
+    over unit vectors inner product is cosine and the index is accurate. The served query
+    is the mean of the history's unit vectors; its norm does not change the ranking."""
+
+    def __init__(self, num_items: int, dim: int, temperature: float = 0.07):
         super().__init__()
         self.num_items = num_items
+        self.temperature = temperature
         self.items = torch.nn.Embedding(num_items + 1, dim, sparse=True, padding_idx=num_items)
         torch.nn.init.normal_(self.items.weight, std=0.05)
         with torch.no_grad():
             self.items.weight[num_items].zero_()
 
     def users(self, history: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.embedding_bag(history, self.items.weight, mode="mean", sparse=True,
-                                                 padding_idx=self.num_items)
+        """Mean of the history's unit vectors (what serving computes from the bundle)."""
+        vectors = torch.nn.functional.normalize(
+            torch.nn.functional.embedding(history, self.items.weight, sparse=True), dim=-1)
+        valid = (history != self.num_items).unsqueeze(-1).to(vectors.dtype)
+        return (vectors * valid).sum(1) / valid.sum(1).clamp(min=1.0)
 
     def loss(self, history: torch.Tensor, targets: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
         """In-batch sampled softmax: each row's target against the batch's other targets,
         with their sampling log-probability subtracted (logQ correction) and repeats of
         the row's own target masked."""
-        users = self.users(history)
-        target_vectors = torch.nn.functional.embedding(targets, self.items.weight, sparse=True)
-        logits = users @ target_vectors.T - log_q[targets].unsqueeze(0)
+        users = torch.nn.functional.normalize(self.users(history), dim=-1)
+        target_vectors = torch.nn.functional.normalize(
+            torch.nn.functional.embedding(targets, self.items.weight, sparse=True), dim=-1)
+        logits = users @ target_vectors.T / self.temperature - log_q[targets].unsqueeze(0)
         repeats = (targets.unsqueeze(0) == targets.unsqueeze(1)) & ~torch.eye(len(targets), dtype=torch.bool)
         logits = logits.masked_fill(repeats, float("-inf"))
         return torch.nn.functional.cross_entropy(logits, torch.arange(len(targets)))
@@ -223,7 +236,8 @@ def train_retrieval(columns: Columns, train_mask: np.ndarray, num_items: int, co
             if step % 1000 == 0 or step == steps - 1:
                 log(f"retrieval epoch {epoch + 1}/{config.epochs} step {step + 1}/{steps} "
                     f"loss {total / (step + 1):.4f} ({(step + 1) / (time.monotonic() - started):.0f} steps/s)")
-    return model.items.weight.detach()[:num_items].numpy().astype(np.float32)
+    vectors = model.items.weight.detach()[:num_items]
+    return torch.nn.functional.normalize(vectors, dim=-1).numpy().astype(np.float32)
 
 
 def hit_rates(columns: Columns, held: np.ndarray, vectors: np.ndarray, rows: item_to_item.SparseRows,

@@ -4,15 +4,15 @@
 
 use std::{collections::HashMap, path::Path};
 
-use crate::{read_catalog, read_manifest, read_user_ids, Manifest, Matrix, Result, TensorFile, EMBEDDINGS_FILE};
+use crate::{read_manifest, read_user_ids, ItemIds, Manifest, Matrix, Result, TensorFile, EMBEDDINGS_FILE};
 
-/// How many of the most recent history items stand in for a user the embeddings
-/// were not trained on.
-const HISTORY_ITEMS_FOR_UNKNOWN_USER: usize = 50;
+/// How many of the most recent history items make a user's vector at request time. The
+/// catalogue-scale retrieval model is trained for exactly this query
+/// (`HISTORY_ITEMS` in `training/recsys_training/scale.py`).
+pub const HISTORY_ITEMS: usize = 50;
 
 pub struct EmbeddingSpace {
-    pub item_ids: Vec<String>,
-    item_positions: HashMap<String, usize>,
+    pub item_ids: ItemIds,
     user_positions: HashMap<String, usize>,
     pub item_vectors: Matrix,
     user_vectors: Matrix,
@@ -21,12 +21,11 @@ pub struct EmbeddingSpace {
 impl EmbeddingSpace {
     pub fn load(dir: &Path) -> Result<Self> {
         let manifest = read_manifest(dir)?;
-        let item_ids: Vec<String> = read_catalog(dir)?.into_iter().map(|item| item.id).collect();
-        Self::load_with(dir, &manifest, item_ids)
+        Self::load_with(dir, &manifest, crate::read_item_columns(dir)?.ids)
     }
 
     /// Like `load`, for a caller that has read the manifest and catalogue already.
-    pub fn load_with(dir: &Path, manifest: &Manifest, item_ids: Vec<String>) -> Result<Self> {
+    pub fn load_with(dir: &Path, manifest: &Manifest, item_ids: ItemIds) -> Result<Self> {
         let file = TensorFile::open(dir, EMBEDDINGS_FILE, manifest)?;
         let item_vectors = file.matrix("item_vectors", manifest.embedding_dim)?;
         let (user_ids, user_vectors) = if file.contains("user_vectors") {
@@ -47,27 +46,29 @@ impl EmbeddingSpace {
         Ok(Self::new(item_ids, user_ids, item_vectors, user_vectors))
     }
 
-    pub fn new(item_ids: Vec<String>, user_ids: Vec<String>, item_vectors: Matrix, user_vectors: Matrix) -> Self {
-        let item_positions = item_ids.iter().enumerate().map(|(n, id)| (id.clone(), n)).collect();
-        let user_positions = user_ids.iter().enumerate().map(|(n, id)| (id.clone(), n)).collect();
-        Self { item_ids, item_positions, user_positions, item_vectors, user_vectors }
+    pub fn new(item_ids: ItemIds, user_ids: Vec<String>, item_vectors: Matrix, user_vectors: Matrix) -> Self {
+        let user_positions = user_ids.into_iter().enumerate().map(|(n, id)| (id, n)).collect();
+        Self { item_ids, user_positions, item_vectors, user_vectors }
     }
 
     pub fn item_position(&self, item_id: &str) -> Option<usize> {
-        self.item_positions.get(item_id).copied()
+        self.item_ids.position(item_id)
     }
 
     pub fn num_items(&self) -> usize {
         self.item_ids.len()
     }
 
-    /// The user's trained vector, or for a user trained without (new since the bundle was
-    /// built) the mean of their most recent items' vectors; `None` with no signal at all.
+    /// The user's query vector. A bundle with a per-user table (MovieLens's BPR) answers
+    /// with the trained vector; otherwise — a catalogue-scale bundle, or a user who is
+    /// new since the bundle was built — it is the mean of the vectors of the user's
+    /// latest `HISTORY_ITEMS` items, computed now, so the click of a second ago counts.
+    /// `None` with no signal at all.
     pub fn user_vector(&self, user_id: &str, history: &[String]) -> Option<Vec<f32>> {
         if let Some(&position) = self.user_positions.get(user_id) {
             return Some(self.user_vectors.row(position).to_vec());
         }
-        self.mean_item_vector(history.iter().take(HISTORY_ITEMS_FOR_UNKNOWN_USER))
+        self.mean_item_vector(history.iter().take(HISTORY_ITEMS))
     }
 
     /// Mean vector of the given items that the bundle knows.
@@ -98,7 +99,7 @@ mod tests {
 
     fn space() -> EmbeddingSpace {
         EmbeddingSpace::new(
-            vec!["a".into(), "b".into()],
+            ItemIds::new(["a", "b"]),
             vec!["u".into()],
             Matrix::owned(2, 2, vec![1.0, 0.0, 0.0, 1.0]),
             Matrix::owned(1, 2, vec![0.5, 2.0]),

@@ -82,7 +82,9 @@ pub struct ItemToItem {
 
 impl ItemToItem {
     /// Maps the weights of a bundle whose catalogue has `manifest.num_items` items and
-    /// checks the rows once, so that no request can index out of bounds.
+    /// checks the row offsets once. Neighbour positions are checked as rows are read
+    /// (`row`), not here: a scan of every neighbour at load would make the whole file
+    /// resident in every process for the sake of a bounds check.
     pub fn load(dir: &Path, manifest: &Manifest) -> Result<Self> {
         let file = TensorFile::open(dir, ITEM_TO_ITEM_FILE, manifest)?;
         let model = Self {
@@ -126,9 +128,6 @@ impl ItemToItem {
                 offsets[items]
             ));
         }
-        if let Some(&bad) = self.neighbors.as_slice().iter().find(|&&n| n as usize >= items) {
-            return Err(format!("neighbour position {bad} outside the {items} items"));
-        }
         Ok(())
     }
 
@@ -136,12 +135,14 @@ impl ItemToItem {
         self.offsets.len() - 1
     }
 
-    /// Item `item`'s `(other item, weight)` pairs, strongest first.
+    /// Item `item`'s `(other item, weight)` pairs, strongest first (a neighbour outside
+    /// the catalogue, which only a corrupt file could hold, is skipped).
     fn row(&self, item: usize) -> impl Iterator<Item = (usize, f32)> + '_ {
         let range = self.offsets.as_slice()[item] as usize..self.offsets.as_slice()[item + 1] as usize;
         let neighbors = &self.neighbors.as_slice()[range.clone()];
         let weights = &self.weights.as_slice()[range];
-        neighbors.iter().zip(weights).map(|(&n, &w)| (n as usize, w))
+        let items = self.len();
+        neighbors.iter().zip(weights).map(|(&n, &w)| (n as usize, w)).filter(move |&(n, _)| n < items)
     }
 
     fn row_len(&self, item: usize) -> usize {
@@ -215,12 +216,13 @@ mod tests {
     }
 
     #[test]
-    fn rows_that_would_index_out_of_bounds_are_refused_at_load() {
+    fn rows_that_would_index_out_of_bounds_are_refused_or_skipped() {
         let model = ItemToItem::new(vec![vec![(1, 0.5)], vec![(0, 0.5)]]);
         assert_eq!(model.check(2), Ok(()));
         assert!(model.check(3).unwrap_err().contains("3 offsets for 3 items"));
-        let outside = ItemToItem::new(vec![vec![(5, 0.5)], vec![]]);
-        assert!(outside.check(2).unwrap_err().contains("neighbour position 5"));
+        let outside = ItemToItem::new(vec![vec![(5, 0.5), (1, 0.25)], vec![]]);
+        assert_eq!(outside.scores(&[0]), vec![0.0, 0.25]);
+        assert_eq!(outside.sparse_scores(&[0]).positive(), vec![(1, 0.25)]);
     }
 
     #[test]

@@ -26,6 +26,7 @@
 
 pub mod embeddings;
 mod features;
+mod item_ids;
 mod item_to_item;
 pub mod tensors;
 
@@ -39,7 +40,8 @@ use serde::{Deserialize, Serialize};
 
 pub use embeddings::EmbeddingSpace;
 pub use features::{CrossSource, Encoding, Feature, FeatureConfig, RankerInputs, UserAttributes, RECENT_ITEMS};
-pub use item_to_item::{ItemScores, ItemToItem};
+pub use item_ids::{read_item_columns, ItemColumns, ItemIds};
+pub use item_to_item::{ItemScores, ItemToItem, PositionHasher};
 pub use tensors::{Column, Matrix, TensorFile};
 
 /// Bundle format this code reads.

@@ -4,8 +4,8 @@ use std::{collections::HashMap, path::Path};
 
 use ort::environment::Environment;
 use recsys_bundle::{
-    read_catalog, read_manifest, read_user_ids, CatalogItem, CrossSource, EmbeddingSpace, FeatureConfig, ItemToItem,
-    RankerInputs, UserAttributes, RECENT_ITEMS,
+    read_catalog, read_manifest, read_user_ids, CatalogItem, CrossSource, EmbeddingSpace, FeatureConfig, ItemIds,
+    ItemToItem, RankerInputs, UserAttributes, RECENT_ITEMS,
 };
 use recsys_proto::v1::UserFeatures;
 
@@ -145,7 +145,7 @@ impl Ranker {
         }
         let catalog = read_catalog(dir)?;
         let embeddings =
-            EmbeddingSpace::load_with(dir, &manifest, catalog.iter().map(|item| item.id.clone()).collect())?;
+            EmbeddingSpace::load_with(dir, &manifest, ItemIds::new(catalog.iter().map(|item| item.id.as_str())))?;
         let user_index = read_user_ids(dir)?.into_iter().enumerate().map(|(n, id)| (id, n as i64 + 1)).collect();
         let mut item_features = Vec::with_capacity(catalog.len() * features.item_dim());
         for item in &catalog {

@@ -3,16 +3,17 @@
 //! Each can also score any item for the user, so every candidate leaves recall with every
 //! channel's score (the recall → rank contract).
 
-use std::{collections::HashSet, path::Path};
+use std::path::Path;
 
 use recsys_bundle::{
-    by_popularity, read_catalog, read_manifest, read_popularity, Column, EmbeddingSpace, ItemScores, ItemToItem,
+    by_popularity, read_item_columns, read_manifest, read_popularity, Column, EmbeddingSpace, ItemColumns, ItemScores,
+    ItemToItem,
 };
 use recsys_proto::v1::Channel;
 
 use crate::{
     nearest::{top_by_score, NearestItems},
-    Result,
+    ExcludedItems, Result,
 };
 
 /// The session-intent channel looks at this many of the latest items.
@@ -48,16 +49,15 @@ impl RecallIndex {
     /// `ann_expansion`: the HNSW search's candidate list size when the bundle has an index.
     pub fn load(dir: &Path, ann_expansion: usize) -> Result<Self> {
         let manifest = read_manifest(dir)?;
-        let catalog = read_catalog(dir)?;
-        let embeddings =
-            EmbeddingSpace::load_with(dir, &manifest, catalog.iter().map(|item| item.id.clone()).collect())?;
+        let ItemColumns { ids, years, interactions } = read_item_columns(dir)?;
+        let embeddings = EmbeddingSpace::load_with(dir, &manifest, ids)?;
         let nearest = NearestItems::load(dir, &manifest, &embeddings.item_vectors, ann_expansion)?;
         let item_to_item = ItemToItem::load(dir, &manifest)?;
         let popularity = read_popularity(dir, &manifest)?;
         let popular = by_popularity(popularity.as_slice());
-        let mut newest: Vec<usize> = (0..catalog.len()).collect();
-        newest.sort_by_key(|&n| (std::cmp::Reverse(catalog[n].year), catalog[n].interactions, n));
-        let years = catalog.iter().map(|item| item.year as f32).collect();
+        let mut newest: Vec<usize> = (0..years.len()).collect();
+        newest.sort_by_key(|&n| (std::cmp::Reverse(years[n]), interactions[n], n));
+        let years = years.into_iter().map(|year| year as f32).collect();
         Ok(Self { version: manifest.version, embeddings, nearest, item_to_item, popular, popularity, newest, years })
     }
 
@@ -84,7 +84,7 @@ impl RecallIndex {
         &self,
         channel: Channel,
         signals: &UserSignals,
-        excluded: &HashSet<usize>,
+        excluded: &ExcludedItems,
         quota: usize,
     ) -> Vec<usize> {
         if quota == 0 {
@@ -113,7 +113,7 @@ impl RecallIndex {
         }
     }
 
-    fn nearest(&self, vector: &[f32], excluded: &HashSet<usize>, quota: usize) -> Vec<usize> {
+    fn nearest(&self, vector: &[f32], excluded: &ExcludedItems, quota: usize) -> Vec<usize> {
         self.nearest.search(&self.embeddings.item_vectors, vector, excluded, quota)
     }
 
@@ -124,7 +124,7 @@ impl RecallIndex {
 }
 
 /// The items the history gives positive item-to-item evidence for, strongest first.
-fn item_cf_top(scores: &ItemScores, excluded: &HashSet<usize>, quota: usize) -> Vec<usize> {
+fn item_cf_top(scores: &ItemScores, excluded: &ExcludedItems, quota: usize) -> Vec<usize> {
     let mut scored: Vec<(f32, usize)> = scores
         .positive()
         .into_iter()
@@ -134,7 +134,7 @@ fn item_cf_top(scores: &ItemScores, excluded: &HashSet<usize>, quota: usize) -> 
     top_by_score(&mut scored, quota)
 }
 
-fn take_allowed(ranked: &[usize], excluded: &HashSet<usize>, quota: usize) -> Vec<usize> {
+fn take_allowed(ranked: &[usize], excluded: &ExcludedItems, quota: usize) -> Vec<usize> {
     ranked.iter().copied().filter(|n| !excluded.contains(n)).take(quota).collect()
 }
 
@@ -144,6 +144,6 @@ mod tests {
 
     #[test]
     fn take_allowed_skips_excluded_before_counting() {
-        assert_eq!(take_allowed(&[4, 5, 6], &HashSet::from([4]), 2), vec![5, 6]);
+        assert_eq!(take_allowed(&[4, 5, 6], &ExcludedItems::from_iter([4]), 2), vec![5, 6]);
     }
 }

@@ -2,9 +2,9 @@
 //! fusion: an item scores `Σ weight / (k + rank)` over the channels that proposed it, so
 //! items several channels agree on rise, and no channel's raw score scale dominates.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
-use crate::Channel;
+use crate::{Channel, ExcludedItems};
 
 /// One channel's proposals (item positions, best first) and its fusion weight.
 pub struct ChannelList {
@@ -23,12 +23,7 @@ pub struct FusedCandidate {
 }
 
 /// Fuses `lists`, skipping `excluded` items, and keeps the best `limit`.
-pub fn fuse_channels(
-    lists: &[ChannelList],
-    excluded: &HashSet<usize>,
-    rrf_k: f32,
-    limit: usize,
-) -> Vec<FusedCandidate> {
+pub fn fuse_channels(lists: &[ChannelList], excluded: &ExcludedItems, rrf_k: f32, limit: usize) -> Vec<FusedCandidate> {
     let mut fused: HashMap<usize, FusedCandidate> = HashMap::new();
     for list in lists {
         let mut rank = 0usize;
@@ -63,7 +58,7 @@ mod tests {
     #[test]
     fn items_proposed_by_several_channels_rank_first() {
         let lists = [list(Channel::Embedding, 1.0, &[1, 2, 3]), list(Channel::ItemCf, 1.0, &[3, 4])];
-        let fused = fuse_channels(&lists, &HashSet::new(), 60.0, 10);
+        let fused = fuse_channels(&lists, &ExcludedItems::default(), 60.0, 10);
         assert_eq!(fused[0].item, 3);
         assert_eq!(fused[0].channels, vec![(Channel::Embedding, 3), (Channel::ItemCf, 1)]);
         assert_eq!(fused.len(), 4);
@@ -72,7 +67,7 @@ mod tests {
     #[test]
     fn excluded_items_never_appear_and_do_not_use_up_ranks() {
         let lists = [list(Channel::Popular, 1.0, &[7, 8]), list(Channel::Embedding, 1.0, &[9, 8])];
-        let fused = fuse_channels(&lists, &HashSet::from([7]), 60.0, 10);
+        let fused = fuse_channels(&lists, &ExcludedItems::from_iter([7]), 60.0, 10);
         assert!(fused.iter().all(|c| c.item != 7));
         // 8 is rank 1 in popular (after the exclusion) and rank 2 in embedding.
         let eight = fused.iter().find(|c| c.item == 8).unwrap();
@@ -83,7 +78,7 @@ mod tests {
     #[test]
     fn weights_scale_a_channel_and_limit_truncates() {
         let lists = [list(Channel::Popular, 0.1, &[1]), list(Channel::Embedding, 1.0, &[2])];
-        let fused = fuse_channels(&lists, &HashSet::new(), 60.0, 1);
+        let fused = fuse_channels(&lists, &ExcludedItems::default(), 60.0, 1);
         assert_eq!(fused.len(), 1);
         assert_eq!(fused[0].item, 2);
     }

@@ -27,6 +27,10 @@ pub use service::RecallGrpc;
 
 pub const SERVICE_NAME: &str = "recsys.v1.RecallService";
 
+/// Item positions a request may not be proposed (its history and exclusions). Hashed by
+/// one multiplication: the HNSW search asks about every node it visits.
+pub type ExcludedItems = std::collections::HashSet<usize, recsys_bundle::PositionHasher>;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {

@@ -8,12 +8,12 @@
 //! tens of thousands of items a scan costs less than a graph search, and it is the ground
 //! truth the index is tested against.
 
-use std::{collections::HashSet, path::Path};
+use std::path::Path;
 
 use recsys_bundle::{embeddings::dot, tensors::verify_file, BundleError, Manifest, Matrix, ANN_INDEX_FILE};
 use usearch::{Index, MetricKind};
 
-use crate::{RecallError, Result};
+use crate::{ExcludedItems, RecallError, Result};
 
 pub enum NearestItems {
     Exact,
@@ -62,7 +62,7 @@ impl NearestItems {
 
     /// The `quota` items with the largest inner product with `query`, best first, none of
     /// them in `excluded`.
-    pub fn search(&self, vectors: &Matrix, query: &[f32], excluded: &HashSet<usize>, quota: usize) -> Vec<usize> {
+    pub fn search(&self, vectors: &Matrix, query: &[f32], excluded: &ExcludedItems, quota: usize) -> Vec<usize> {
         match self {
             Self::Exact => exact(vectors, query, excluded, quota),
             Self::Hnsw(index) => {
@@ -88,7 +88,7 @@ impl NearestItems {
 }
 
 /// Exact top-`quota` by inner product (a scan of every item).
-pub fn exact(vectors: &Matrix, query: &[f32], excluded: &HashSet<usize>, quota: usize) -> Vec<usize> {
+pub fn exact(vectors: &Matrix, query: &[f32], excluded: &ExcludedItems, quota: usize) -> Vec<usize> {
     let mut scored: Vec<(f32, usize)> =
         (0..vectors.rows).filter(|n| !excluded.contains(n)).map(|n| (dot(query, vectors.row(n)), n)).collect();
     top_by_score(&mut scored, quota)
@@ -106,7 +106,7 @@ pub fn top_by_score(scored: &mut Vec<(f32, usize)>, quota: usize) -> Vec<usize> 
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
+    use std::collections::{HashMap, HashSet};
 
     use recsys_bundle::FileEntry;
     use usearch::{IndexOptions, ScalarKind};
@@ -177,8 +177,8 @@ mod tests {
         let (mut found, mut total) = (0usize, 0usize);
         for query_row in (0..5_000).step_by(250) {
             let query = vectors.row(query_row);
-            let truth = exact(&vectors, query, &HashSet::new(), 100);
-            let excluded: HashSet<usize> = truth.iter().copied().step_by(3).collect();
+            let truth = exact(&vectors, query, &ExcludedItems::default(), 100);
+            let excluded: ExcludedItems = truth.iter().copied().step_by(3).collect();
             let approximate = nearest.search(&vectors, query, &excluded, 100);
             assert!(approximate.iter().all(|n| !excluded.contains(n)), "an excluded item was returned");
             assert_eq!(approximate.len(), 100, "excluded items do not shrink the answer");
@@ -208,7 +208,7 @@ mod tests {
         let vectors = Matrix::owned(3, 2, vec![1.0, 0.0, 0.0, 1.0, 0.7, 0.7]);
         let nearest = NearestItems::load(Path::new("/nonexistent"), &manifest_without_index(), &vectors, 64).unwrap();
         assert!(!nearest.is_approximate());
-        assert_eq!(nearest.search(&vectors, &[1.0, 0.1], &HashSet::from([0]), 5), vec![2, 1]);
+        assert_eq!(nearest.search(&vectors, &[1.0, 0.1], &ExcludedItems::from_iter([0]), 5), vec![2, 1]);
     }
 
     fn manifest_without_index() -> Manifest {

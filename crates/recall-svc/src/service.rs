@@ -1,7 +1,7 @@
 //! gRPC surface of recall-svc: the cheap self-protecting checks, the channels, fusion,
 //! and the candidates with every channel's score (the recall → rank contract).
 
-use std::{collections::HashSet, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use recsys_proto::{
     limits::{MAX_CANDIDATES, MAX_EXCLUDED_ITEMS, MAX_HISTORY},
@@ -13,8 +13,8 @@ use recsys_proto::{
 use tonic::{Request, Response, Status};
 
 use crate::{
-    fuse_channels, propose_concurrently, Channel, ChannelJob, ChannelList, Config, RecallError, RecallIndex,
-    UserSignals,
+    fuse_channels, propose_concurrently, Channel, ChannelJob, ChannelList, Config, ExcludedItems, RecallError,
+    RecallIndex, UserSignals,
 };
 
 static CHANNEL_CANDIDATES: std::sync::LazyLock<prometheus::HistogramVec> = std::sync::LazyLock::new(|| {
@@ -68,7 +68,7 @@ impl RecallGrpc {
         let request = tokio::task::spawn_blocking(move || {
             let embeddings = &index.embeddings;
             // The one place the request path removes seen and excluded items.
-            let excluded: HashSet<usize> = user
+            let excluded: ExcludedItems = user
                 .history_item_ids
                 .iter()
                 .chain(&exclude_item_ids)
@@ -112,7 +112,7 @@ impl RecallGrpc {
         let candidates = fused
             .into_iter()
             .map(|candidate| Candidate {
-                item_id: index.embeddings.item_ids[candidate.item].clone(),
+                item_id: index.embeddings.item_ids.get(candidate.item).to_string(),
                 score: candidate.score,
                 channel_scores: Channel::ALL
                     .iter()
@@ -131,7 +131,7 @@ impl RecallGrpc {
 /// What every channel of one request reads.
 struct UserRequest {
     signals: UserSignals,
-    excluded: HashSet<usize>,
+    excluded: ExcludedItems,
 }
 
 /// Fusion weight overrides by channel number. The orchestrator checked them when its

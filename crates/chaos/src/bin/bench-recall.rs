@@ -23,7 +23,7 @@ use std::{
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use recall_svc::nearest::NearestItems;
+use recall_svc::{nearest::NearestItems, ExcludedItems};
 use recsys_bundle::{read_catalog, read_manifest, resolve_dir, TensorFile, ANN_INDEX_FILE, EMBEDDINGS_FILE};
 use recsys_chaos::cluster::wait_serving;
 use recsys_proto::v1::{recall_service_client::RecallServiceClient, RecallRequest, UserFeatures};
@@ -84,10 +84,8 @@ async fn main() -> anyhow::Result<()> {
     let nearest = NearestItems::load(&dir, &manifest, &vectors, 64)?;
     anyhow::ensure!(nearest.is_approximate(), "bundle {} has no ANN index", manifest.version);
     println!("==> our index (usearch {}), one query at a time", usearch::version());
-    let no_exclusions = HashSet::new();
-    let mut points = Vec::new();
-    for ef in args.efs.split(',').map(str::parse::<usize>) {
-        let ef = ef?;
+    let no_exclusions = ExcludedItems::default();
+    let measure = |ef: usize| -> SweepPoint {
         nearest.set_expansion(ef);
         let search = |n: usize| nearest.search(&vectors, &queries[n * dim..(n + 1) * dim], &no_exclusions, K);
         (0..20.min(count)).for_each(|n| drop(search(n)));
@@ -96,17 +94,36 @@ async fn main() -> anyhow::Result<()> {
         let qps = count as f64 / started.elapsed().as_secs_f64();
         let recall = recall_at_k(&results, &truth);
         println!("    ef {ef:4}: recall@{K} {recall:.4}, {qps:8.1} queries/s");
-        points.push(SweepPoint { ef, recall, qps });
-        if recall >= args.target_recall {
+        SweepPoint { ef, recall, qps }
+    };
+    // The lowest ef reaching the target: the grid until a point reaches it, then
+    // bisection down to within 5% (the procedure ann_baselines.py applies to the others).
+    let mut low = 0;
+    let mut best: Option<SweepPoint> = None;
+    let mut last = None;
+    for ef in args.efs.split(',').map(str::parse::<usize>) {
+        let point = measure(ef?);
+        if point.recall >= args.target_recall {
+            best = Some(point);
             break;
         }
+        low = point.ef;
+        last = Some(point);
     }
-    let ours = points.iter().find(|p| p.recall >= args.target_recall).unwrap_or_else(|| points.last().unwrap());
+    while let Some(found) = best.as_ref().filter(|b| b.ef - low > (b.ef / 20).max(2)) {
+        let point = measure((low + found.ef) / 2);
+        if point.recall >= args.target_recall {
+            best = Some(point);
+        } else {
+            low = point.ef;
+        }
+    }
+    let ours = best.or(last).context("no ef measured")?;
     // The same searches with the query's own history excluded inside the graph search
     // (what the channels do), for the table.
     let positions: std::collections::HashMap<String, usize> =
         read_catalog(&dir)?.into_iter().enumerate().map(|(n, item)| (item.id, n)).collect();
-    let exclusions: Vec<HashSet<usize>> =
+    let exclusions: Vec<ExcludedItems> =
         histories.iter().map(|history| history.iter().filter_map(|id| positions.get(id).copied()).collect()).collect();
     drop(positions);
     nearest.set_expansion(ours.ef);
@@ -134,24 +151,26 @@ async fn main() -> anyhow::Result<()> {
     let bundle_load_s = started.elapsed().as_secs_f64();
     let pid = child.id().context("recall-svc exited")?;
     let mut client = RecallServiceClient::connect(format!("http://{address}")).await?;
-    let request = |history: &Vec<String>| RecallRequest {
+    // Users the bundle has no vector for (a retrieval bundle has none): their query
+    // vector is pooled from the history at request time, as in serving.
+    let request = |n: usize| RecallRequest {
         user: Some(UserFeatures {
-            user_id: String::new(),
+            user_id: format!("bench-user-{n}"),
             known: true,
-            history_item_ids: history.clone(),
+            history_item_ids: histories[n % histories.len()].clone(),
             ..Default::default()
         }),
         candidate_count: args.candidates,
         ..Default::default()
     };
-    for history in histories.iter().take(100) {
-        client.recall(request(history)).await?;
+    for n in 0..100 {
+        client.recall(request(n)).await?;
     }
     let mut latencies = Vec::with_capacity(args.rpc_requests);
     let mut returned = 0usize;
     for n in 0..args.rpc_requests {
         let started = Instant::now();
-        let response = client.recall(request(&histories[n % histories.len()])).await?.into_inner();
+        let response = client.recall(request(n)).await?.into_inner();
         latencies.push(started.elapsed());
         returned += response.candidates.len();
     }

@@ -1,0 +1,155 @@
+//! recall-svc on a catalogue-scale (retrieval) bundle: no per-user table, an HNSW index,
+//! item-to-item rows and popularity as memory-mapped safetensors. The bundle is written
+//! here the way `training/recsys_training/scale.py` writes one.
+
+use std::{collections::HashMap, path::Path};
+
+use recall_svc::{Channel, ExcludedItems, RecallIndex};
+use recsys_bundle::{tensors::sha256_file, ANN_INDEX_FILE, EMBEDDINGS_FILE, ITEM_SIGNALS_FILE, ITEM_TO_ITEM_FILE};
+use safetensors::{tensor::TensorView, Dtype};
+use serde_json::json;
+use usearch::{Index, IndexOptions, MetricKind, ScalarKind};
+
+const ITEMS: usize = 3_000;
+const DIM: usize = 8;
+
+fn bytes<T: Copy>(values: &[T], to_le: impl Fn(T) -> Vec<u8>) -> Vec<u8> {
+    values.iter().flat_map(|&v| to_le(v)).collect()
+}
+
+fn write_tensors(path: &Path, tensors: Vec<(&str, Dtype, Vec<usize>, Vec<u8>)>) {
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .map(|(name, dtype, shape, data)| (name.to_string(), TensorView::new(*dtype, shape.clone(), data).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(views, None, path).unwrap();
+}
+
+/// A deterministic value in [-1, 1) from two integers.
+fn scatter(a: usize, b: usize) -> f32 {
+    let mixed = (a as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (b as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    ((mixed.wrapping_mul(0x94D0_49BB_1331_11EB) >> 40) % 2000) as f32 / 1000.0 - 1.0
+}
+
+/// Unit vectors in 30 directions (item n points mostly along direction n % 30).
+fn vectors() -> Vec<f32> {
+    let mut values = Vec::with_capacity(ITEMS * DIM);
+    for item in 0..ITEMS {
+        let cluster = item % 30;
+        let raw: Vec<f32> = (0..DIM).map(|d| scatter(cluster, d) + 0.02 * scatter(item + 1000, d)).collect();
+        let norm = raw.iter().map(|v| v * v).sum::<f32>().sqrt();
+        values.extend(raw.iter().map(|v| v / norm));
+    }
+    values
+}
+
+fn write_bundle(dir: &Path) {
+    let vectors = vectors();
+    write_tensors(
+        &dir.join(EMBEDDINGS_FILE),
+        vec![("item_vectors", Dtype::F32, vec![ITEMS, DIM], bytes(&vectors, |v: f32| v.to_le_bytes().to_vec()))],
+    );
+    // Item n's neighbours: the next two items of its cluster.
+    let mut offsets = vec![0i64];
+    let (mut neighbors, mut weights) = (Vec::new(), Vec::new());
+    for item in 0..ITEMS {
+        for (step, weight) in [(30, 0.9f32), (60, 0.5)] {
+            neighbors.push(((item + step) % ITEMS) as u32);
+            weights.push(weight);
+        }
+        offsets.push(neighbors.len() as i64);
+    }
+    write_tensors(
+        &dir.join(ITEM_TO_ITEM_FILE),
+        vec![
+            ("offsets", Dtype::I64, vec![ITEMS + 1], bytes(&offsets, |v: i64| v.to_le_bytes().to_vec())),
+            ("neighbors", Dtype::U32, vec![neighbors.len()], bytes(&neighbors, |v: u32| v.to_le_bytes().to_vec())),
+            ("weights", Dtype::F32, vec![weights.len()], bytes(&weights, |v: f32| v.to_le_bytes().to_vec())),
+        ],
+    );
+    let popularity: Vec<f32> = (0..ITEMS).map(|n| 1.0 / (n + 1) as f32).collect();
+    write_tensors(
+        &dir.join(ITEM_SIGNALS_FILE),
+        vec![("popularity", Dtype::F32, vec![ITEMS], bytes(&popularity, |v: f32| v.to_le_bytes().to_vec()))],
+    );
+    let index = Index::new(&IndexOptions {
+        dimensions: DIM,
+        metric: MetricKind::IP,
+        quantization: ScalarKind::F32,
+        connectivity: 16,
+        expansion_add: 128,
+        expansion_search: 64,
+        multi: false,
+    })
+    .unwrap();
+    index.reserve(ITEMS).unwrap();
+    for item in 0..ITEMS {
+        index.add(item as u64, &vectors[item * DIM..(item + 1) * DIM]).unwrap();
+    }
+    index.save(&dir.join(ANN_INDEX_FILE).to_string_lossy()).unwrap();
+    let catalog: Vec<_> =
+        (0..ITEMS).map(|n| json!({"id": format!("i{n}"), "title": "", "genres": [], "year": 2000 + n % 20})).collect();
+    std::fs::write(dir.join("items.json"), serde_json::to_string(&catalog).unwrap()).unwrap();
+    std::fs::write(dir.join("users.json"), "[]").unwrap();
+    let files: HashMap<String, serde_json::Value> =
+        [EMBEDDINGS_FILE, ITEM_TO_ITEM_FILE, ITEM_SIGNALS_FILE, ANN_INDEX_FILE]
+            .iter()
+            .map(|name| {
+                let path = dir.join(name);
+                let entry =
+                    json!({"sha256": sha256_file(&path).unwrap(), "bytes": std::fs::metadata(&path).unwrap().len()});
+                (name.to_string(), entry)
+            })
+            .collect();
+    let manifest = json!({
+        "format": recsys_bundle::FORMAT_VERSION, "version": "retrieval-test", "created_at": "",
+        "training_data_sha256": "", "embedding_dim": DIM, "num_users": 0, "num_items": ITEMS, "files": files,
+        "contents": "retrieval",
+        "feature_config": {"fine_model": "", "coarse_model": "", "embedding_dim": DIM, "history_length": 0,
+                           "user": [], "item": [], "cross": []},
+    });
+    std::fs::write(dir.join("manifest.json"), serde_json::to_string(&manifest).unwrap()).unwrap();
+}
+
+#[test]
+fn a_retrieval_bundle_is_served_from_its_index_with_the_history_excluded() {
+    let dir = tempfile::tempdir().unwrap();
+    write_bundle(dir.path());
+    let index = RecallIndex::load(dir.path(), 64).unwrap();
+    assert!(index.is_approximate());
+
+    // A user the bundle has never seen: the query is pooled from the history.
+    let history: Vec<String> = ["i5", "i35", "i65"].iter().map(|id| id.to_string()).collect();
+    let excluded: ExcludedItems = [5, 35, 65].into_iter().collect();
+    let signals = index.signals("someone-new", &history);
+    let proposals = index.propose(Channel::Embedding, &signals, &excluded, 50);
+    assert_eq!(proposals.len(), 50);
+    assert!(proposals.iter().all(|item| !excluded.contains(item)), "seen items are skipped inside the search");
+    // The history's direction is cluster 5: the nearest items are its other members.
+    assert!(proposals.iter().take(20).all(|item| item % 30 == 5), "{proposals:?}");
+    let best = index.score(Channel::Embedding, &signals, proposals[0]).unwrap();
+    assert!(best > 0.99, "unit vectors of one direction: cosine {best}");
+
+    // Item-to-item accumulates the history's neighbours only.
+    let item_cf = index.propose(Channel::ItemCf, &signals, &excluded, 10);
+    assert_eq!(item_cf, vec![95, 125], "neighbours of 5, 35 and 65 not yet seen, strongest first");
+    assert_eq!(index.propose(Channel::Popular, &signals, &excluded, 4), vec![0, 1, 2, 3]);
+
+    // A click a second ago changes the query without retraining.
+    let moved = index.signals("someone-new", &["i7".to_string()]);
+    let after = index.propose(Channel::Embedding, &moved, &ExcludedItems::default(), 5);
+    assert!(after.iter().all(|item| item % 30 == 7), "{after:?}");
+}
+
+#[test]
+fn a_bundle_whose_index_was_altered_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    write_bundle(dir.path());
+    let path = dir.path().join(ANN_INDEX_FILE);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&path, bytes).unwrap();
+    let error = RecallIndex::load(dir.path(), 64).err().expect("refused").to_string();
+    assert!(error.contains(ANN_INDEX_FILE) && error.contains("sha256"), "{error}");
+}

@@ -83,6 +83,20 @@ def pipeline_fingerprint() -> str:
     return digest.hexdigest()
 
 
+def staging_dir(out_root: Path, version: str | None, data_sha256: str) -> tuple[str, Path]:
+    """(version, an empty directory to write the bundle into before ``publish``); the
+    version defaults to the time and the training data's hash."""
+    from datetime import datetime, timezone
+
+    out_root.mkdir(parents=True, exist_ok=True)
+    version = version or f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{data_sha256[:8]}"
+    staging = out_root / f".staging-{version}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    return version, staging
+
+
 def publish(staging: Path, out_root: Path, version: str, manifest: dict) -> Path:
     """Adds the file list and checksums to ``manifest``, writes it into ``staging`` and
     moves ``staging`` to ``out_root/version``; returns the published directory."""

@@ -307,13 +307,7 @@ def train_retrieval_bundle(data_dir: Path, out_root: Path, config: ScaleConfig |
     metrics = hit_rates(columns, held, vectors, rows, popularity, config, rng)
     log("held-out hit rate@100: " + ", ".join(f"{k} {v}" for k, v in metrics.items()))
 
-    out_root.mkdir(parents=True, exist_ok=True)
-    version = version or f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{columns.sha256[:8]}"
-    staging = out_root / f".staging-{version}"
-    if staging.exists():
-        import shutil
-        shutil.rmtree(staging)
-    staging.mkdir()
+    version, staging = bundle.staging_dir(out_root, version, columns.sha256)
     bundle.write_embeddings(staging / bundle.EMBEDDINGS, vectors, None)
     bundle.write_item_to_item(staging / bundle.ITEM_TO_ITEM, rows.offsets, rows.neighbors, rows.weights)
     bundle.write_item_signals(staging / bundle.ITEM_SIGNALS, popularity)

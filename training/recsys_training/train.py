@@ -392,13 +392,7 @@ def train_bundle(data_dir: Path, out_root: Path, config: TrainConfig | None = No
         "on recall candidates: coarse {coarse_auc_recall_candidates:.4f}, fine {fine_auc_recall_candidates:.4f}; "
         "like head on engaged rows {like_auc:.4f}".format(**metrics))
 
-    out_root.mkdir(parents=True, exist_ok=True)
-    version = version or f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{dataset.sha256[:8]}"
-    staging = out_root / f".staging-{version}"
-    if staging.exists():
-        import shutil
-        shutil.rmtree(staging)
-    staging.mkdir()
+    version, staging = bundle.staging_dir(out_root, version, dataset.sha256)
     fine_diff = export_onnx(fine, validation_inputs, FINE_INPUTS, staging / "ranker.onnx")
     coarse_diff = export_onnx(coarse, (validation_inputs[-1],), COARSE_INPUTS, staging / "coarse.onnx")
     onnx_diff = max(fine_diff, coarse_diff)

@@ -34,17 +34,13 @@ def write_tensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
     save_file({name: np.ascontiguousarray(array) for name, array in tensors.items()}, str(path))
 
 
-def write_embeddings(path: Path, item_vectors: np.ndarray, user_vectors: np.ndarray | None,
-                     half_copy: bool = False) -> None:
+def write_embeddings(path: Path, item_vectors: np.ndarray, user_vectors: np.ndarray | None) -> None:
     """``item_vectors`` [items, dim] f32; ``user_vectors`` [users, dim] f32 when the model
     has a per-user table (a cache: serving derives a user's vector from their history
-    otherwise); ``item_vectors_f16`` when asked, a half-size copy for memory-bound
-    deployments."""
+    otherwise)."""
     tensors = {"item_vectors": item_vectors.astype("<f4")}
     if user_vectors is not None:
         tensors["user_vectors"] = user_vectors.astype("<f4")
-    if half_copy:
-        tensors["item_vectors_f16"] = item_vectors.astype("<f2")
     write_tensors(path, tensors)
 
 

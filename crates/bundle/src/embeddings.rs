@@ -4,7 +4,7 @@
 
 use std::{collections::HashMap, path::Path};
 
-use crate::{read_manifest, read_user_ids, ItemIds, Manifest, Matrix, Result, TensorFile, EMBEDDINGS_FILE};
+use crate::{read_user_ids, ItemIds, Manifest, Matrix, Result, TensorFile, EMBEDDINGS_FILE};
 
 /// How many of the most recent history items make a user's vector at request time. The
 /// catalogue-scale retrieval model is trained for exactly this query
@@ -19,12 +19,8 @@ pub struct EmbeddingSpace {
 }
 
 impl EmbeddingSpace {
-    pub fn load(dir: &Path) -> Result<Self> {
-        let manifest = read_manifest(dir)?;
-        Self::load_with(dir, &manifest, crate::read_item_columns(dir)?.ids)
-    }
-
-    /// Like `load`, for a caller that has read the manifest and catalogue already.
+    /// Maps the bundle's vectors; `item_ids` are the catalogue's ids by position (the
+    /// caller reads the catalogue for its own columns too).
     pub fn load_with(dir: &Path, manifest: &Manifest, item_ids: ItemIds) -> Result<Self> {
         let file = TensorFile::open(dir, EMBEDDINGS_FILE, manifest)?;
         let item_vectors = file.matrix("item_vectors", manifest.embedding_dim)?;

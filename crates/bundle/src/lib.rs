@@ -8,8 +8,8 @@
 //! - `manifest.json`: version, shapes, feature specification, file checksums, metrics;
 //! - `items.json`: the catalog (id, title, genres, year, interaction count);
 //! - `users.json`: user ids of the per-user vector table (empty without one);
-//! - `embeddings.safetensors`: `item_vectors` [items, dim] f32, optionally `user_vectors`
-//!   [users, dim] (a cache of trained users' vectors) and `item_vectors_f16`;
+//! - `embeddings.safetensors`: `item_vectors` [items, dim] f32 and optionally
+//!   `user_vectors` [users, dim] (a cache of trained users' vectors);
 //! - `item_to_item.safetensors`: item-to-item weights as compressed sparse rows
 //!   (`offsets` i64, `neighbors` u32 positions, `weights` f32), strongest first;
 //! - `item_signals.safetensors`: `popularity` f32 by position;
@@ -172,12 +172,12 @@ pub fn by_popularity(popularity: &[f32]) -> Vec<usize> {
 /// The `count` most popular items, most popular first: `(item id, popularity)`.
 pub fn most_popular(dir: &Path, count: usize) -> Result<Vec<(String, f32)>> {
     let manifest = read_manifest(dir)?;
-    let catalog = read_catalog(dir)?;
+    let ids = read_item_columns(dir)?.ids;
     let popularity = read_popularity(dir, &manifest)?;
     Ok(by_popularity(popularity.as_slice())
         .into_iter()
         .take(count)
-        .map(|position| (catalog[position].id.clone(), popularity.as_slice()[position]))
+        .map(|position| (ids.get(position).to_string(), popularity.as_slice()[position]))
         .collect())
 }
 

@@ -24,7 +24,7 @@ use std::{
 use anyhow::{bail, Context};
 use clap::Parser;
 use recall_svc::{nearest::NearestItems, ExcludedItems};
-use recsys_bundle::{read_catalog, read_manifest, resolve_dir, TensorFile, ANN_INDEX_FILE, EMBEDDINGS_FILE};
+use recsys_bundle::{read_item_columns, read_manifest, resolve_dir, TensorFile, ANN_INDEX_FILE, EMBEDDINGS_FILE};
 use recsys_chaos::cluster::wait_serving;
 use recsys_proto::v1::{recall_service_client::RecallServiceClient, RecallRequest, UserFeatures};
 use serde_json::{json, Value};
@@ -121,11 +121,10 @@ async fn main() -> anyhow::Result<()> {
     let ours = best.or(last).context("no ef measured")?;
     // The same searches with the query's own history excluded inside the graph search
     // (what the channels do), for the table.
-    let positions: std::collections::HashMap<String, usize> =
-        read_catalog(&dir)?.into_iter().enumerate().map(|(n, item)| (item.id, n)).collect();
+    let ids = read_item_columns(&dir)?.ids;
     let exclusions: Vec<ExcludedItems> =
-        histories.iter().map(|history| history.iter().filter_map(|id| positions.get(id).copied()).collect()).collect();
-    drop(positions);
+        histories.iter().map(|history| history.iter().filter_map(|id| ids.position(id)).collect()).collect();
+    drop(ids);
     nearest.set_expansion(ours.ef);
     let started = Instant::now();
     for (n, excluded) in exclusions.iter().enumerate() {

@@ -78,12 +78,13 @@ bench-recall: bootstrap synthetic-bundle
 	$(ENV) && target/release/bench-recall --bundle $(SYNTH_BUNDLES)/current --work target/bench-recall \
 	  --bin-dir target/release
 
-# Synthetic data and its retrieval bundle (each made only when absent).
+# Synthetic data and its retrieval bundle (each made only when absent, or for the bundle,
+# in a format the services no longer read).
 synthetic-bundle: bootstrap
 	$(ENV) && if [ ! -f $(SYNTH_DIR)/interactions.parquet ]; then \
 	  "$$RECSYS_PYTHON" -m recsys_training synthesize --out $(SYNTH_DIR) --items $(SYNTH_ITEMS) \
 	    --users $(SYNTH_USERS) --interactions $(SYNTH_INTERACTIONS); fi
-	$(ENV) && if [ ! -f $(SYNTH_BUNDLES)/current/manifest.json ]; then \
+	$(ENV) && if ! "$$RECSYS_PYTHON" -m recsys_training up-to-date --format-only $(SYNTH_BUNDLES)/current; then \
 	  "$$RECSYS_PYTHON" -m recsys_training train-retrieval --data $(SYNTH_DIR) --out $(SYNTH_BUNDLES); fi
 
 # Train a new bundle from data/ml-100k and make it current.

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 
 EMBEDDINGS = "embeddings.safetensors"
 ITEM_TO_ITEM = "item_to_item.safetensors"
 ITEM_SIGNALS = "item_signals.safetensors"
-ANN_INDEX = "item_index.usearch"
+ANN_INDEX = "item_index.safetensors"
 
 
 def write_tensors(path: Path, tensors: dict[str, np.ndarray]) -> None:

@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
 
     fresh = commands.add_parser("up-to-date", help="exit 0 when BUNDLE was trained by this pipeline code and feature configuration")
     fresh.add_argument("bundle", type=Path)
+    fresh.add_argument("--format-only", action="store_true",
+                       help="only ask that the bundle be in the format the services read (for bundles that take long to train)")
 
     check = commands.add_parser("verify", help="check a bundle's files against its manifest")
     check.add_argument("bundle", type=Path)
@@ -101,12 +103,17 @@ def main(argv: list[str] | None = None) -> int:
             run(args.data, args.work, args.bin_dir, args.report, runs=args.runs,
                 feature_config=str(args.feature_config or ""))
         elif args.command == "up-to-date":
-            from .bundle import pipeline_fingerprint
+            import json
+
+            from .bundle import FORMAT_VERSION, pipeline_fingerprint
             manifest = args.bundle / "manifest.json"
             if not manifest.is_file():
                 return 1
-            import json
-            if json.loads(manifest.read_text()).get("pipeline_sha256") != pipeline_fingerprint():
+            written = json.loads(manifest.read_text())
+            if written.get("format") != FORMAT_VERSION:
+                print(f"    {args.bundle} is in bundle format {written.get('format')}, not {FORMAT_VERSION}: retraining")
+                return 1
+            if not args.format_only and written.get("pipeline_sha256") != pipeline_fingerprint():
                 print(f"    {args.bundle} was trained by other pipeline code: retraining")
                 return 1
         elif args.command == "verify":

@@ -15,7 +15,8 @@ HNSW index — from numpy arrays, and publishes a *retrieval bundle* that recall
   popularity of the sampled negatives (logQ), with sparse gradients and SparseAdam.
 - **Item-to-item**: EASE for the head items, windowed co-occurrence for the tail
   (``item_to_item``).
-- **Index**: usearch HNSW over the item vectors (inner product), keyed by item position.
+- **Index**: an HNSW graph over the item vectors (inner product), built with hnswlib and
+  stored by item position with an int8 copy of the vectors (``ann``).
 - **Evaluation**: each user's last interaction is held out; the manifest reports hit
   rate@100 of the embedding and item-to-item channels against popularity.
 """
@@ -31,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import bundle, item_to_item
+from . import ann, bundle, item_to_item
 from .data import DataError, table_path
 
 #: Latest history items pooled into the user vector; recall-svc uses the same number.
@@ -269,15 +270,6 @@ def hit_rates(columns: Columns, held: np.ndarray, vectors: np.ndarray, rows: ite
         "hit_rate_users": len(sample)}
 
 
-def build_index(path: Path, vectors: np.ndarray, config: ScaleConfig) -> None:
-    from usearch.index import Index
-
-    index = Index(ndim=vectors.shape[1], metric="ip", dtype="f32", connectivity=config.ann_connectivity,
-                  expansion_add=config.ann_expansion_add)
-    index.add(np.arange(len(vectors), dtype=np.uint64), vectors, threads=config.threads, log=False)
-    index.save(str(path))
-
-
 def train_retrieval_bundle(data_dir: Path, out_root: Path, config: ScaleConfig | None = None,
                            version: str | None = None) -> Path:
     config = config or ScaleConfig()
@@ -313,7 +305,9 @@ def train_retrieval_bundle(data_dir: Path, out_root: Path, config: ScaleConfig |
     bundle.write_item_signals(staging / bundle.ITEM_SIGNALS, popularity)
     if num_items >= config.ann_min_items:
         phase = time.monotonic()
-        build_index(staging / bundle.ANN_INDEX, vectors, config)
+        bundle.write_tensors(staging / bundle.ANN_INDEX, ann.build(vectors, config.ann_connectivity,
+                                                                    config.ann_expansion_add, config.threads,
+                                                                    config.seed))
         timings["index_seconds"] = round(time.monotonic() - phase, 1)
         log(f"HNSW index (M {config.ann_connectivity}, efConstruction {config.ann_expansion_add}) "
             f"built in {timings['index_seconds']} s")

@@ -33,7 +33,7 @@ def test_a_retrieval_bundle_learns_beyond_popularity_and_ships_an_index(syntheti
     manifest = json.loads((published / "manifest.json").read_text())
     assert manifest["contents"] == "retrieval" and manifest["num_items"] == 3_000
     assert {"embeddings.safetensors", "item_to_item.safetensors", "item_signals.safetensors",
-            "item_index.usearch"} <= set(manifest["files"])
+            "item_index.safetensors"} <= set(manifest["files"])
     embeddings = load_file(published / "embeddings.safetensors")
     assert embeddings["item_vectors"].shape == (3_000, 64) and "user_vectors" not in embeddings
     metrics = manifest["metrics"]
@@ -41,9 +41,9 @@ def test_a_retrieval_bundle_learns_beyond_popularity_and_ships_an_index(syntheti
     assert metrics["hit_rate_at_100_embedding"] > 1.5 * popularity, metrics
     assert metrics["hit_rate_at_100_item_to_item"] > 1.5 * popularity, metrics
 
-    from usearch.index import Index
-    index = Index.restore(str(published / "item_index.usearch"))
-    assert len(index) == 3_000
+    index = load_file(published / "item_index.safetensors")
+    assert index["level0_links"].shape == (3_000, 1 + 2 * config.ann_connectivity)
+    assert index["item_codes"].shape == (3_000, 64) and index["item_code_scales"].shape == (3_000,)
 
 
 def test_interactions_naming_an_unknown_item_are_refused(tmp_path):

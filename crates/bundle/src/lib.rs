@@ -13,8 +13,9 @@
 //! - `item_to_item.safetensors`: item-to-item weights as compressed sparse rows
 //!   (`offsets` i64, `neighbors` u32 positions, `weights` f32), strongest first;
 //! - `item_signals.safetensors`: `popularity` f32 by position;
-//! - `item_index.usearch` (large catalogues): an HNSW index of `item_vectors`, keyed by
-//!   position;
+//! - `item_index.safetensors` (large catalogues): an HNSW graph of `item_vectors` by
+//!   position and an int8 copy of the vectors to walk it with (layout in
+//!   `training/recsys_training/ann.py`, search in recall-svc's `hnsw`);
 //! - `coarse.onnx`, `ranker.onnx`: the coarse and fine rankers;
 //! - `ranker_fixture.json`: examples with their exact inputs and scores (parity tests).
 //!
@@ -45,12 +46,12 @@ pub use item_to_item::{ItemScores, ItemToItem, PositionHasher};
 pub use tensors::{Column, Matrix, TensorFile};
 
 /// Bundle format this code reads.
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 
 pub const EMBEDDINGS_FILE: &str = "embeddings.safetensors";
 pub const ITEM_TO_ITEM_FILE: &str = "item_to_item.safetensors";
 pub const ITEM_SIGNALS_FILE: &str = "item_signals.safetensors";
-pub const ANN_INDEX_FILE: &str = "item_index.usearch";
+pub const ANN_INDEX_FILE: &str = "item_index.safetensors";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BundleError {

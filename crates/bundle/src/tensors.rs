@@ -93,6 +93,11 @@ impl TensorFile {
         })
     }
 
+    /// A tensor's shape, for readers of more than one dimension to check.
+    pub fn shape(&self, tensor: &str) -> Result<&[usize]> {
+        Ok(&self.span(tensor)?.shape)
+    }
+
     fn span(&self, tensor: &str) -> Result<&TensorSpan> {
         self.tensors.get(tensor).ok_or_else(|| malformed(&self.path, format!("no tensor named {tensor}")))
     }
@@ -157,6 +162,10 @@ impl Element for i64 {
 
 impl Element for u32 {
     const DTYPE: Dtype = Dtype::U32;
+}
+
+impl Element for i8 {
+    const DTYPE: Dtype = Dtype::I8;
 }
 
 /// A one-dimensional array, mapped from a bundle file or owned (tests, small tables).

@@ -98,7 +98,7 @@ def measure(search, queries: np.ndarray, truth: np.ndarray, k: int, ef: int, set
 def sweep(search, queries: np.ndarray, truth: np.ndarray, k: int, efs: list[int], target: float, set_ef) -> dict:
     """The lowest ef reaching ``target``: the grid until one point reaches it, then
     bisection between it and the point before (to within 5%), the same procedure as
-    bench-recall's for our index."""
+    bench-recall's for our index, whose queries/s is the best of three passes."""
     points, low = [], 0
     for ef in efs:
         point = measure(search, queries, truth, k, ef, set_ef)
@@ -115,7 +115,11 @@ def sweep(search, queries: np.ndarray, truth: np.ndarray, k: int, efs: list[int]
             best = point
         else:
             low = middle
-    chosen = best or points[-1]
+    chosen = dict(best or points[-1])
+    # The chosen point's speed is the best of three passes: the machines are shared, and
+    # a neighbour's burst in one pass would otherwise decide the ratio.
+    for _ in range(2):
+        chosen["qps"] = max(chosen["qps"], measure(search, queries, truth, k, chosen["ef"], set_ef)["qps"])
     return {"sweep": points, **chosen}
 
 

@@ -8,7 +8,6 @@ use recall_svc::{Channel, ExcludedItems, RecallIndex};
 use recsys_bundle::{tensors::sha256_file, ANN_INDEX_FILE, EMBEDDINGS_FILE, ITEM_SIGNALS_FILE, ITEM_TO_ITEM_FILE};
 use safetensors::{tensor::TensorView, Dtype};
 use serde_json::json;
-use usearch::{Index, IndexOptions, MetricKind, ScalarKind};
 
 const ITEMS: usize = 3_000;
 const DIM: usize = 8;
@@ -72,21 +71,27 @@ fn write_bundle(dir: &Path) {
         &dir.join(ITEM_SIGNALS_FILE),
         vec![("popularity", Dtype::F32, vec![ITEMS], bytes(&popularity, |v: f32| v.to_le_bytes().to_vec()))],
     );
-    let index = Index::new(&IndexOptions {
-        dimensions: DIM,
-        metric: MetricKind::IP,
-        quantization: ScalarKind::F32,
-        connectivity: 16,
-        expansion_add: 128,
-        expansion_search: 64,
-        multi: false,
-    })
-    .unwrap();
-    index.reserve(ITEMS).unwrap();
+    // A one-layer navigable graph in the layout of `training/recsys_training/ann.py`: each
+    // item links to the next four members of its cluster and to four items scattered over
+    // the catalogue.
+    let mut links = Vec::new();
     for item in 0..ITEMS {
-        index.add(item as u64, &vectors[item * DIM..(item + 1) * DIM]).unwrap();
+        links.push(8u32);
+        links.extend([30, 60, 90, 120].map(|step| ((item + step) % ITEMS) as u32));
+        links.extend((1..=4).map(|step| ((scatter(item, step) + 1.0) * 0.5 * ITEMS as f32) as u32 % ITEMS as u32));
     }
-    index.save(&dir.join(ANN_INDEX_FILE).to_string_lossy()).unwrap();
+    let (codes, scales): (Vec<Vec<i8>>, Vec<f32>) = vectors.chunks_exact(DIM).map(recall_svc::hnsw::quantize).unzip();
+    write_tensors(
+        &dir.join(ANN_INDEX_FILE),
+        vec![
+            ("level0_links", Dtype::U32, vec![ITEMS, 9], bytes(&links, |v: u32| v.to_le_bytes().to_vec())),
+            ("upper_offsets", Dtype::I64, vec![ITEMS + 1], vec![0; 8 * (ITEMS + 1)]),
+            ("upper_links", Dtype::U32, vec![0, 7], Vec::new()),
+            ("entry_point", Dtype::U32, vec![1], 0u32.to_le_bytes().to_vec()),
+            ("item_codes", Dtype::I8, vec![ITEMS, DIM], codes.concat().iter().map(|&c| c as u8).collect()),
+            ("item_code_scales", Dtype::F32, vec![ITEMS], bytes(&scales, |v: f32| v.to_le_bytes().to_vec())),
+        ],
+    );
     let catalog: Vec<_> =
         (0..ITEMS).map(|n| json!({"id": format!("i{n}"), "title": "", "genres": [], "year": 2000 + n % 20})).collect();
     std::fs::write(dir.join("items.json"), serde_json::to_string(&catalog).unwrap()).unwrap();

@@ -1,6 +1,6 @@
 //! `make bench-recall`: recall at catalogue scale. On a retrieval bundle of the synthetic
 //! data (a million items by default) it measures, in one run:
-//! - our HNSW index (usearch, called in-process, one query at a time on one thread)
+//! - our HNSW search (the bundle's graph, called in-process, one query at a time on one thread)
 //!   against hnswlib and faiss-cpu (`crates/chaos/scripts/ann_baselines.py`, run first,
 //!   which also writes the queries and their exact top-100): each at the lowest ef whose
 //!   recall@100 against exact search reaches the target, and the ratio of queries/s;
@@ -83,7 +83,7 @@ async fn main() -> anyhow::Result<()> {
     let vectors = TensorFile::open(&dir, EMBEDDINGS_FILE, &manifest)?.matrix("item_vectors", dim)?;
     let nearest = NearestItems::load(&dir, &manifest, &vectors, 64)?;
     anyhow::ensure!(nearest.is_approximate(), "bundle {} has no ANN index", manifest.version);
-    println!("==> our index (usearch {}), one query at a time", usearch::version());
+    println!("==> our index (hnswlib's graph walked from Rust with int8 vectors), one query at a time");
     let no_exclusions = ExcludedItems::default();
     let measure = |ef: usize| -> SweepPoint {
         nearest.set_expansion(ef);
@@ -118,7 +118,12 @@ async fn main() -> anyhow::Result<()> {
             low = point.ef;
         }
     }
-    let ours = best.or(last).context("no ef measured")?;
+    let mut ours = best.or(last).context("no ef measured")?;
+    // Best of three passes at the chosen ef, as ann_baselines.py does for the others (the
+    // machines are shared; one neighbour's burst should not decide the ratio).
+    for _ in 0..2 {
+        ours.qps = ours.qps.max(measure(ours.ef).qps);
+    }
     // The same searches with the query's own history excluded inside the graph search
     // (what the channels do), for the table.
     let ids = read_item_columns(&dir)?.ids;
@@ -204,7 +209,7 @@ async fn main() -> anyhow::Result<()> {
     println!("  {:<28} {:>6} {:>10} {:>12} {:>14}", "index", "ef", "recall@100", "queries/s", "call overhead");
     println!(
         "  {:<28} {:>6} {:>10.4} {:>12.1} {:>14}",
-        "ours (usearch, Rust)", ours.ef, ours.recall, ours.qps, "in-process"
+        "ours (Rust, int8 walk)", ours.ef, ours.recall, ours.qps, "in-process"
     );
     println!(
         "  {:<28} {:>6} {:>10} {:>12.1} {:>14}",

@@ -1,0 +1,108 @@
+"""The HNSW index recall-svc searches: a graph built with hnswlib, stored as flat arrays.
+
+hnswlib (PyPI) builds the graph: it is the fastest of the HNSW libraries measured on this
+project's benchmark (``make bench-recall``), and its saved index is a plain documented
+layout. We convert that layout here into tensors of our own bundle format, indexed by
+item position, so recall-svc memory-maps them like every other array and needs no C++
+library at serving time:
+
+- ``level0_links`` u32 [items, 1 + 2M]: each item's bottom-layer neighbour count, then
+  its neighbours (unused slots are 0);
+- ``upper_offsets`` i64 [items + 1] and ``upper_links`` u32 [rows, 1 + M]: item i's
+  layers 1, 2, ... are rows ``upper_offsets[i]..upper_offsets[i + 1]`` of
+  ``upper_links``, each a count then neighbours;
+- ``entry_point`` u32 [1]: where every search starts (the only item on the top layer);
+- ``item_codes`` i8 [items, dim] and ``item_code_scales`` f32 [items]: the int8 copy of
+  the item vectors the search walks the graph with (a quarter of the memory traffic of
+  f32); the candidates it keeps are rescored with the f32 vectors.
+"""
+
+from __future__ import annotations
+
+import struct
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+#: hnswlib's saved header: offsetLevel0, max_elements, cur_element_count,
+#: size_data_per_element, label_offset, offsetData (size_t), maxlevel (int),
+#: enterpoint_node (u32), maxM, maxM0, M (size_t), mult (double), ef_construction (size_t).
+_HEADER = struct.Struct("<QQQQQQiIQQQdQ")
+
+
+def quantize(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row symmetric int8 codes: ``vector ≈ codes * scale``."""
+    largest = np.abs(vectors).max(axis=1)
+    scales = np.where(largest > 0, largest / 127.0, 1.0).astype(np.float32)
+    codes = np.clip(np.rint(vectors / scales[:, None]), -127, 127).astype(np.int8)
+    return codes, scales
+
+
+def build(vectors: np.ndarray, connectivity: int, expansion_add: int, threads: int, seed: int = 100) -> dict[str, np.ndarray]:
+    """An inner-product HNSW graph of ``vectors`` (M = ``connectivity``, efConstruction =
+    ``expansion_add``), as the tensors the bundle's index file holds."""
+    import hnswlib
+
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    index = hnswlib.Index(space="ip", dim=vectors.shape[1])
+    index.init_index(max_elements=len(vectors), M=connectivity, ef_construction=expansion_add, random_seed=seed)
+    index.add_items(vectors, np.arange(len(vectors)), num_threads=threads)
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "hnswlib.bin"
+        index.save_index(str(path))
+        del index
+        tensors = read_hnswlib(path.read_bytes())
+    codes, scales = quantize(vectors)
+    return tensors | {"item_codes": codes, "item_code_scales": scales}
+
+
+def read_hnswlib(raw: bytes) -> dict[str, np.ndarray]:
+    """The graph of an index hnswlib saved, renumbered from hnswlib's internal ids to the
+    labels it was built with (item positions 0..n)."""
+    (_, _, count, block_size, label_offset, _, max_level, entry, max_m, max_m0, _, _, _) = _HEADER.unpack_from(raw, 0)
+    start = _HEADER.size
+    blocks = np.frombuffer(raw, dtype=np.uint8, count=count * block_size, offset=start).reshape(count, block_size)
+    level0 = blocks[:, : 4 * (1 + max_m0)].copy().view("<u4")
+    labels = blocks[:, label_offset:label_offset + 8].copy().view("<u8").ravel().astype(np.int64)
+    if not np.array_equal(np.sort(labels), np.arange(count)):
+        raise ValueError("hnswlib index labels are not the positions 0..n")
+
+    # Upper layers: per internal id, a byte count and then that many bytes of link rows.
+    row_words = 1 + max_m
+    position = start + count * block_size
+    upper_rows: list[np.ndarray] = []
+    levels = np.zeros(count, dtype=np.int64)
+    for internal in range(count):
+        (size,) = struct.unpack_from("<I", raw, position)
+        position += 4
+        if size:
+            rows = np.frombuffer(raw, dtype="<u4", count=size // 4, offset=position).reshape(-1, row_words)
+            levels[internal] = len(rows)
+            upper_rows.append(rows)
+            position += size
+    if position != len(raw):
+        raise ValueError(f"hnswlib index has {len(raw) - position} trailing bytes")
+
+    by_label = np.argsort(labels)  # internal id of each label
+    upper_by_internal = np.concatenate(upper_rows) if upper_rows else np.zeros((0, row_words), dtype="<u4")
+    starts = np.concatenate(([0], np.cumsum(levels)))
+    order = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in by_label if levels[i]] or [np.zeros(0, np.int64)])
+    upper_offsets = np.concatenate(([0], np.cumsum(levels[by_label]))).astype(np.int64)
+    if levels[entry] != max_level:
+        raise ValueError(f"hnswlib entry point has {levels[entry]} upper layers, expected {max_level}")
+    return {
+        "level0_links": _relabel(level0[by_label], labels),
+        "upper_offsets": upper_offsets,
+        "upper_links": _relabel(upper_by_internal[order], labels),
+        "entry_point": np.array([labels[entry]], dtype="<u4"),
+    }
+
+
+def _relabel(rows: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Link rows (count in the low 16 bits of the first word, then internal ids) with the
+    neighbours renamed to labels and the unused slots zeroed."""
+    counts = rows[:, 0] & 0xFFFF
+    used = np.arange(rows.shape[1] - 1)[None, :] < counts[:, None]
+    neighbours = np.where(used, labels[np.where(used, rows[:, 1:], 0)], 0)
+    return np.column_stack((counts, neighbours)).astype("<u4")

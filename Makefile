@@ -4,14 +4,14 @@ SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
 ENV := source target/recsys.env
 
-.PHONY: run test bootstrap build bundle test-rust test-python lint fmt clean-state chaos durability bench-observability eval bench-recall synthetic-bundle
+.PHONY: run test bootstrap build bundle test-rust test-python test-scale-parity lint fmt clean-state chaos durability bench-observability eval bench-recall synthetic-bundle
 
 # Bootstrap (Python, data, bundle) and the Rust build are independent: run them side by side.
 run:
 	@$(MAKE) --no-print-directory -j2 bootstrap build
 	@deploy/local/run-cluster.sh
 
-test: bootstrap test-rust test-python lint
+test: bootstrap test-rust test-python test-scale-parity lint
 
 bootstrap:
 	@deploy/local/bootstrap.sh
@@ -29,6 +29,17 @@ test-python:
 	$(ENV) && cd training && "$$RECSYS_PYTHON" -m pytest -q
 	@echo "==> deployment checks (helm lint)"
 	$(ENV) && "$$RECSYS_PYTHON" -m pytest -q deploy/tests
+
+# Train/serve parity at catalogue scale: a small synthetic bundle from the columnar
+# pipeline (scale.py), whose recorded inputs and scores rank-svc must reproduce.
+SCALE_PARITY := target/scale-parity
+test-scale-parity: bootstrap
+	@echo "==> rank-svc reproduces a catalogue-scale bundle's features and scores"
+	$(ENV) && rm -rf $(SCALE_PARITY) && "$$RECSYS_PYTHON" -m recsys_training synthesize --out $(SCALE_PARITY)/data \
+	    --items 5000 --users 4000 --interactions 100000 --clusters 30 && \
+	  "$$RECSYS_PYTHON" -m recsys_training train-scale --data $(SCALE_PARITY)/data --out $(SCALE_PARITY)/bundles \
+	    --ann-min-items 1000 --ranker-users 2000
+	$(ENV) && RECSYS_TEST_BUNDLE=$(SCALE_PARITY)/bundles cargo test -p rank-svc --test bundle_ranker -- serving_builds_training_tensors
 
 lint:
 	@echo "==> rustfmt and clippy"
@@ -85,7 +96,7 @@ synthetic-bundle: bootstrap
 	  "$$RECSYS_PYTHON" -m recsys_training synthesize --out $(SYNTH_DIR) --items $(SYNTH_ITEMS) \
 	    --users $(SYNTH_USERS) --interactions $(SYNTH_INTERACTIONS); fi
 	$(ENV) && if ! "$$RECSYS_PYTHON" -m recsys_training up-to-date --format-only $(SYNTH_BUNDLES)/current; then \
-	  "$$RECSYS_PYTHON" -m recsys_training train-retrieval --data $(SYNTH_DIR) --out $(SYNTH_BUNDLES); fi
+	  "$$RECSYS_PYTHON" -m recsys_training train-scale --data $(SYNTH_DIR) --out $(SYNTH_BUNDLES); fi
 
 # Train a new bundle from data/ml-100k and make it current.
 bundle: bootstrap

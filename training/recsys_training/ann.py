@@ -39,19 +39,23 @@ def quantize(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return codes, scales
 
 
-def build(vectors: np.ndarray, connectivity: int, expansion_add: int, threads: int, seed: int = 100) -> dict[str, np.ndarray]:
-    """An inner-product HNSW graph of ``vectors`` (M = ``connectivity``, efConstruction =
-    ``expansion_add``), as the tensors the bundle's index file holds."""
+def build(vectors: np.ndarray, connectivity: int, expansion_add: int, threads: int, seed: int = 100):
+    """An inner-product hnswlib index of ``vectors`` labelled by position (M =
+    ``connectivity``, efConstruction = ``expansion_add``)."""
     import hnswlib
 
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     index = hnswlib.Index(space="ip", dim=vectors.shape[1])
     index.init_index(max_elements=len(vectors), M=connectivity, ef_construction=expansion_add, random_seed=seed)
     index.add_items(vectors, np.arange(len(vectors)), num_threads=threads)
+    return index
+
+
+def bundle_tensors(index, vectors: np.ndarray) -> dict[str, np.ndarray]:
+    """The tensors of the bundle's index file: ``index``'s graph and the int8 codes."""
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / "hnswlib.bin"
         index.save_index(str(path))
-        del index
         tensors = read_hnswlib(path.read_bytes())
     codes, scales = quantize(vectors)
     return tensors | {"item_codes": codes, "item_code_scales": scales}

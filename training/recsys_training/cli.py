@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--feature-config", type=Path, help="feature configuration (default: training/feature_config.toml)")
 
     retrieval = commands.add_parser(
-        "train-retrieval", help="train the retrieval models at catalogue scale and publish a retrieval bundle")
+        "train-scale", help="train every model at catalogue scale (columnar, sparse) and publish a bundle")
     retrieval.add_argument("--data", type=Path, required=True)
     retrieval.add_argument("--out", type=Path, required=True)
     retrieval.add_argument("--seed", type=int, default=42)
@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
                            help="catalogues at least this large get an HNSW index")
     retrieval.add_argument("--ann-connectivity", type=int, default=32, help="HNSW M")
     retrieval.add_argument("--ann-expansion-add", type=int, default=200, help="HNSW efConstruction")
+    retrieval.add_argument("--retrieval-only", action="store_true",
+                           help="no rankers: a bundle recall-svc serves and rank-svc refuses")
+    retrieval.add_argument("--ranker-users", type=int, default=30_000, help="users whose held-out item trains the rankers")
 
     evaluate = commands.add_parser("eval", help="score the served pipeline on the published MovieLens-100k protocol")
     evaluate.add_argument("--data", type=Path, required=True)
@@ -78,12 +81,15 @@ def main(argv: list[str] | None = None) -> int:
             if args.quick:
                 config.bpr_epochs, config.ranker_epochs = 3, 1
             train_bundle(args.data, args.out, config, args.version)
-        elif args.command == "train-retrieval":
-            from .scale import ScaleConfig, train_retrieval_bundle
+        elif args.command == "train-scale":
+            from .scale import ScaleConfig, train_scale_bundle
+            from .scale_rankers import RankerScaleConfig
 
+            rankers = None if args.retrieval_only else RankerScaleConfig(training_users=args.ranker_users)
             config = ScaleConfig(seed=args.seed, epochs=args.epochs, ann_min_items=args.ann_min_items,
-                                 ann_connectivity=args.ann_connectivity, ann_expansion_add=args.ann_expansion_add)
-            train_retrieval_bundle(args.data, args.out, config, args.version)
+                                 ann_connectivity=args.ann_connectivity, ann_expansion_add=args.ann_expansion_add,
+                                 rankers=rankers)
+            train_scale_bundle(args.data, args.out, config, args.version)
         elif args.command == "synthesize":
             from .synthetic import SyntheticConfig, generate
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import ann, bundle, item_to_item
+from . import ann, bundle, item_to_item, scale_rankers
 from .data import DataError, table_path
 
 #: Latest history items pooled into the user vector; recall-svc uses the same number.
@@ -57,6 +57,8 @@ class ScaleConfig:
     #: Users sampled for the held-out evaluation.
     eval_users: int = 5_000
     threads: int = 2
+    #: The rankers' training; None for a retrieval bundle (no rankers).
+    rankers: scale_rankers.RankerScaleConfig | None = None
 
     def __post_init__(self):
         if self.item_to_item is None:
@@ -76,9 +78,15 @@ class Columns:
     users: np.ndarray
     items: np.ndarray
     timestamps: np.ndarray
+    #: Rows that are a like: a rating of 4 or more, or a like or purchase event.
+    liked: np.ndarray
     item_table: dict
-    num_users: int
+    users_table: "scale_rankers.UserTable"
     sha256: str
+
+    @property
+    def num_users(self) -> int:
+        return len(self.users_table.ids)
 
 
 def _read_table(path: Path):
@@ -129,8 +137,15 @@ def load_columns(data_dir: Path) -> Columns:
     user_positions = _positions(user_column, user_dictionary, interactions_path, "user_id")
     timestamps = interactions.column("timestamp").cast(pa.int64()).to_numpy()
     order = np.lexsort((timestamps, user_positions))
+    liked = np.zeros(len(timestamps), dtype=bool)
+    if "rating" in interactions.column_names:
+        liked |= np.nan_to_num(interactions.column("rating").cast(pa.float64()).to_numpy(zero_copy_only=False)) >= 4
+    if "event" in interactions.column_names:
+        liked |= pc.is_in(interactions.column("event").cast(pa.string()),
+                          value_set=pa.array(["like", "purchase"])).to_numpy(zero_copy_only=False)
+    users_path = table_path(data_dir, "users")
     digest = hashlib.sha256()
-    for path in (interactions_path, items_path):
+    for path in (interactions_path, items_path) + ((users_path,) if users_path.is_file() else ()):
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 24), b""):
                 digest.update(chunk)
@@ -141,8 +156,32 @@ def load_columns(data_dir: Path) -> Columns:
         "genres": items.column("genres").cast(pa.string()).to_pylist() if "genres" in items.column_names else None,
         "year": np.nan_to_num(np.asarray(year, dtype=np.float64)).astype(np.int64) if year is not None else None,
     }
-    return Columns(user_positions[order], item_positions[order], timestamps[order], item_table,
-                   len(user_dictionary), digest.hexdigest())
+    return Columns(user_positions[order], item_positions[order], timestamps[order], liked[order], item_table,
+                   _user_table(users_path, user_dictionary), digest.hexdigest())
+
+
+def _user_table(path: Path, user_ids) -> "scale_rankers.UserTable":
+    """Attributes of the interactions' users, by position (empty where the file has none)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    count = len(user_ids)
+    table = scale_rankers.UserTable(ids=user_ids.to_pylist(), age=np.zeros(count, dtype=np.int64),
+                                    gender=np.full(count, "", dtype=object), occupation=np.full(count, "", dtype=object))
+    if not path.is_file():
+        return table
+    users = _read_table(path)
+    if "user_id" not in users.column_names:
+        raise DataError(f"{path}: missing column user_id in columns {users.column_names}")
+    at = pc.index_in(users.column("user_id").cast(pa.string()), value_set=user_ids).fill_null(-1).to_numpy()
+    known = at >= 0
+    if "age" in users.column_names:
+        table.age[at[known]] = np.nan_to_num(users.column("age").cast(pa.float64()).to_numpy(zero_copy_only=False))[known]
+    for name in ("gender", "occupation"):
+        if name in users.column_names:
+            values = np.asarray(users.column(name).cast(pa.string()).fill_null("").to_pylist(), dtype=object)
+            getattr(table, name)[at[known]] = values[known]
+    return table
 
 
 def hold_out_last(columns: Columns) -> tuple[np.ndarray, np.ndarray]:
@@ -270,8 +309,55 @@ def hit_rates(columns: Columns, held: np.ndarray, vectors: np.ndarray, rows: ite
         "hit_rate_users": len(sample)}
 
 
-def train_retrieval_bundle(data_dir: Path, out_root: Path, config: ScaleConfig | None = None,
-                           version: str | None = None) -> Path:
+def candidate_search(vectors: np.ndarray, index, expansion: int = 128):
+    """``search(query, k)``: the embedding channel's top k, from the HNSW index when there
+    is one (as served), else exactly."""
+    if index is not None:
+        index.set_ef(expansion)
+        return lambda query, k: index.knn_query(query, k=min(k, len(vectors)))[0][0].astype(np.int64).tolist()
+
+    def exact(query, k):
+        scores = vectors @ query
+        top = np.argpartition(-scores, min(k, len(scores) - 1))[:k]
+        return top[np.argsort(-scores[top], kind="stable")].tolist()
+    return exact
+
+
+def scale_fixture(users: "scale_rankers.Users", columns: Columns, rows: "scale_rankers.RankerRows", inputs,
+                  fine, coarse, count: int = 8) -> list[dict]:
+    """``train.ranker_fixture`` for this pipeline: examples with their exact inputs and
+    PyTorch scores, for rank-svc's parity test (RECSYS_TEST_BUNDLE=<this bundle>)."""
+    from .train import FINE_INPUTS, predict
+
+    picked = np.unique(rows.users, return_index=True)[1][:count // 2]
+    picked = np.sort(np.concatenate([picked, picked + 1]))
+    picked = picked[picked < len(rows.users)]
+    tensors = tuple(t[torch.as_tensor(picked)] for t in inputs)
+    fine_scores, coarse_scores = predict(fine, tensors), predict(coarse, (tensors[-1],))
+    item_ids, table = columns.item_table["id"], users.table
+    examples = []
+    for n, row in enumerate(picked.tolist()):
+        user = int(rows.users[row])
+        history, timestamps = users.history(user)
+        examples.append({
+            "user_id": table.ids[user], "age": int(table.age[user]), "gender": str(table.gender[user]),
+            "occupation": str(table.occupation[user]), "event_count": len(history),
+            "request_time": int(rows.request_times[row]),
+            "history_item_ids": [item_ids[i] for i in history.tolist()], "history_timestamps": timestamps.tolist(),
+            "item_id": item_ids[int(rows.items[row])],
+            **{name: tensor[n].tolist() for name, tensor in zip(FINE_INPUTS, tensors)},
+            "fine_score": float(fine_scores[n]), "coarse_score": float(coarse_scores[n]),
+        })
+    return examples
+
+
+def train_scale_bundle(data_dir: Path, out_root: Path, config: ScaleConfig | None = None,
+                       version: str | None = None) -> Path:
+    """Every model of a bundle at catalogue scale; with ``config.rankers`` None, a
+    retrieval bundle (recall-svc serves it, rank-svc refuses it)."""
+    from .features import load_raw_config
+    from .train import COARSE_INPUTS, FINE_INPUTS, export_onnx
+
     config = config or ScaleConfig()
     started = time.monotonic()
     torch.manual_seed(config.seed)
@@ -299,40 +385,73 @@ def train_retrieval_bundle(data_dir: Path, out_root: Path, config: ScaleConfig |
     metrics = hit_rates(columns, held, vectors, rows, popularity, config, rng)
     log("held-out hit rate@100: " + ", ".join(f"{k} {v}" for k, v in metrics.items()))
 
-    version, staging = bundle.staging_dir(out_root, version, columns.sha256)
-    bundle.write_embeddings(staging / bundle.EMBEDDINGS, vectors, None)
-    bundle.write_item_to_item(staging / bundle.ITEM_TO_ITEM, rows.offsets, rows.neighbors, rows.weights)
-    bundle.write_item_signals(staging / bundle.ITEM_SIGNALS, popularity)
+    index = None
     if num_items >= config.ann_min_items:
         phase = time.monotonic()
-        bundle.write_tensors(staging / bundle.ANN_INDEX, ann.build(vectors, config.ann_connectivity,
-                                                                    config.ann_expansion_add, config.threads,
-                                                                    config.seed))
+        index = ann.build(vectors, config.ann_connectivity, config.ann_expansion_add, config.threads, config.seed)
         timings["index_seconds"] = round(time.monotonic() - phase, 1)
         log(f"HNSW index (M {config.ann_connectivity}, efConstruction {config.ann_expansion_add}) "
             f"built in {timings['index_seconds']} s")
-    table = columns.item_table
-    genres = table["genres"] or [""] * num_items
-    years = table["year"] if table["year"] is not None else np.zeros(num_items, dtype=np.int64)
-    catalog = [{"id": item_id, "title": title, "genres": [g for g in (genre or "").split("|") if g], "year": int(year),
-                "interactions": int(count)}
-               for item_id, title, genre, year, count in zip(table["id"], table["title"], genres, years.tolist(),
-                                                              counts.astype(np.int64).tolist())]
-    (staging / "items.json").write_text(json.dumps(catalog, separators=(",", ":")))
-    (staging / "users.json").write_text("[]")
+
+    version, staging = bundle.staging_dir(out_root, version, columns.sha256)
     manifest = {
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "training_data_sha256": columns.sha256,
         "embedding_dim": config.dim,
         "num_users": 0,
         "num_items": num_items,
-        # A retrieval bundle carries no rankers: rank-svc refuses it (no coarse.onnx).
-        "contents": "retrieval",
-        "feature_config": {"fine_model": "", "coarse_model": "", "embedding_dim": config.dim, "history_length": 0,
-                           "user": [], "item": [], "cross": []},
-        "metrics": {**metrics, **timings, "training_seconds": round(time.monotonic() - started, 1)},
         "training_config": asdict(config),
     }
+    raw_features = load_raw_config()
+    stats = scale_rankers.item_statistics(columns.items[train_mask], columns.timestamps[train_mask],
+                                          columns.liked[train_mask], num_items, [
+                                              f["source"] for f in raw_features.get("item", [])])
+    if config.rankers is None:
+        # A retrieval bundle carries no rankers: rank-svc refuses it (no coarse.onnx).
+        manifest["contents"] = "retrieval"
+        manifest["feature_config"] = {"fine_model": "", "coarse_model": "", "embedding_dim": config.dim,
+                                      "history_length": 0, "user": [], "item": [], "cross": []}
+    else:
+        phase = time.monotonic()
+        users = scale_rankers.Users(columns.users[train_mask], columns.items[train_mask],
+                                    columns.timestamps[train_mask], columns.users_table)
+        fine, coarse, features, validation_rows, validation_inputs, ranker_metrics = scale_rankers.train_rankers(
+            users, held, columns, vectors, rows, stats, candidate_search(vectors, index), raw_features,
+            config.rankers, rng, log)
+        fine_diff = export_onnx(fine, validation_inputs, FINE_INPUTS, staging / "ranker.onnx")
+        coarse_diff = export_onnx(coarse, (validation_inputs[-1],), COARSE_INPUTS, staging / "coarse.onnx")
+        if max(fine_diff, coarse_diff) > 1e-4:
+            raise RuntimeError(f"ONNX export differs from PyTorch by {max(fine_diff, coarse_diff)}")
+        fixture = scale_fixture(users, columns, validation_rows, validation_inputs, fine, coarse)
+        (staging / "ranker_fixture.json").write_text(json.dumps(fixture))
+        timings["rankers_seconds"] = round(time.monotonic() - phase, 1)
+        log(f"rankers trained and exported in {timings['rankers_seconds']} s: " +
+            ", ".join(f"{k} {v:.4f}" for k, v in ranker_metrics.items()))
+        metrics |= {k: round(v, 6) for k, v in ranker_metrics.items()} | {"onnx_max_abs_diff": max(fine_diff, coarse_diff)}
+        manifest["feature_config"] = features.to_json()
+
+    bundle.write_embeddings(staging / bundle.EMBEDDINGS, vectors, None)
+    bundle.write_item_to_item(staging / bundle.ITEM_TO_ITEM, rows.offsets, rows.neighbors, rows.weights)
+    bundle.write_item_signals(staging / bundle.ITEM_SIGNALS, popularity)
+    if index is not None:
+        bundle.write_tensors(staging / bundle.ANN_INDEX, ann.bundle_tensors(index, vectors))
+        del index
+    table = columns.item_table
+    genres = table["genres"] or [""] * num_items
+    years = table["year"] if table["year"] is not None else np.zeros(num_items, dtype=np.int64)
+    stat_lists = {name: values.tolist() for name, values in stats.items()}
+    with open(staging / "items.json", "w") as out:
+        out.write("[")
+        for n, (item_id, title, genre, year) in enumerate(zip(table["id"], table["title"], genres, years.tolist())):
+            item = {"id": item_id, "title": title, "genres": [g for g in (genre or "").split("|") if g],
+                    "year": int(year), "interactions": int(counts[n])}
+            if config.rankers is not None:
+                item["stats"] = {name: values[n] for name, values in stat_lists.items()}
+            out.write(("," if n else "") + json.dumps(item, separators=(",", ":")))
+        out.write("]")
+    (staging / "users.json").write_text("[]")
+    manifest["metrics"] = {**metrics, **timings, "training_seconds": round(time.monotonic() - started, 1)}
     published = bundle.publish(staging, out_root, version, manifest)
-    log(f"published retrieval bundle {version} at {published} in {time.monotonic() - started:.1f}s")
+    log(f"published {manifest.get('contents', 'full')} bundle {version} at {published} in "
+        f"{time.monotonic() - started:.1f}s")
     return published

@@ -50,7 +50,7 @@ def search(graph: dict[str, np.ndarray], vectors: np.ndarray, query: np.ndarray,
 
 def test_the_converted_graph_is_well_formed_and_searchable_by_item_position():
     vectors = clustered(4_000, 16)
-    graph = ann.build(vectors, connectivity=8, expansion_add=100, threads=2)
+    graph = ann.bundle_tensors(ann.build(vectors, connectivity=8, expansion_add=100, threads=2), vectors)
     level0, offsets, upper = graph["level0_links"], graph["upper_offsets"], graph["upper_links"]
     assert level0.shape == (4_000, 17) and level0.dtype == np.uint32
     assert offsets.shape == (4_001,) and offsets[-1] == len(upper) and upper.shape[1] == 9

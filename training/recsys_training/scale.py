@@ -136,13 +136,18 @@ def load_columns(data_dir: Path) -> Columns:
         else pc.unique(user_column.cast(pa.string()))
     user_positions = _positions(user_column, user_dictionary, interactions_path, "user_id")
     timestamps = interactions.column("timestamp").cast(pa.int64()).to_numpy()
-    order = np.lexsort((timestamps, user_positions))
     liked = np.zeros(len(timestamps), dtype=bool)
+    # Impressions are exposure, not behaviour: the feature store keeps only engagements in
+    # a user's history, so the models learn from (and predict) engagements alone.
+    engaged = np.ones(len(timestamps), dtype=bool)
     if "rating" in interactions.column_names:
         liked |= np.nan_to_num(interactions.column("rating").cast(pa.float64()).to_numpy(zero_copy_only=False)) >= 4
     if "event" in interactions.column_names:
-        liked |= pc.is_in(interactions.column("event").cast(pa.string()),
-                          value_set=pa.array(["like", "purchase"])).to_numpy(zero_copy_only=False)
+        event = interactions.column("event").cast(pa.string())
+        liked |= pc.is_in(event, value_set=pa.array(["like", "purchase"])).to_numpy(zero_copy_only=False)
+        engaged = pc.invert(pc.equal(event, "impression")).fill_null(True).to_numpy(zero_copy_only=False)
+    order = np.flatnonzero(engaged)
+    order = order[np.lexsort((timestamps[order], user_positions[order]))]
     users_path = table_path(data_dir, "users")
     digest = hashlib.sha256()
     for path in (interactions_path, items_path) + ((users_path,) if users_path.is_file() else ()):

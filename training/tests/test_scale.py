@@ -15,7 +15,7 @@ from recsys_training.synthetic import SyntheticConfig, generate
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     out = tmp_path_factory.mktemp("synthetic")
-    generate(SyntheticConfig(items=3_000, users=3_000, interactions=60_000, clusters=30, seed=5), out)
+    generate(SyntheticConfig(items=3_000, users=3_000, interactions=150_000, clusters=30, seed=5), out)
     return out
 
 

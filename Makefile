@@ -4,12 +4,23 @@ SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
 ENV := source target/recsys.env
 
-.PHONY: run test bootstrap build bundle test-rust test-python test-scale-parity lint fmt clean-state chaos durability bench-observability eval bench-recall synthetic-bundle
+.PHONY: run test bootstrap build bundle test-rust test-python test-scale-parity eval-scale synthetic-seed lint fmt clean-state chaos durability bench-observability eval bench-recall synthetic-bundle
 
 # Bootstrap (Python, data, bundle) and the Rust build are independent: run them side by side.
+# DATASET=synthetic runs the cluster on the catalogue-scale synthetic bundle instead (a
+# million items by default, see SYNTH_ITEMS; trained on first use, about half an hour),
+# with the feature store seeded with the histories of 1,000 held-out users.
+DATASET ?= ml-100k
 run:
+ifeq ($(DATASET),synthetic)
+	@$(MAKE) --no-print-directory -j2 synthetic-seed build
+	@RECSYS_CLUSTER_BUNDLES=$(SYNTH_BUNDLES) RECSYS_CLUSTER_SEED=$(SYNTH_DIR)/seed \
+	  RECSYS_CLUSTER_STATE=data/state-synthetic-$(SYNTH_ITEMS) \
+	  RECSYS_CLUSTER_SAMPLE_USER=$$(head -n 1 $(SYNTH_DIR)/seed/users.txt) deploy/local/run-cluster.sh
+else
 	@$(MAKE) --no-print-directory -j2 bootstrap build
 	@deploy/local/run-cluster.sh
+endif
 
 test: bootstrap test-rust test-python test-scale-parity lint
 
@@ -39,7 +50,7 @@ test-scale-parity: bootstrap
 	    --items 5000 --users 4000 --interactions 100000 --clusters 30 && \
 	  "$$RECSYS_PYTHON" -m recsys_training train-scale --data $(SCALE_PARITY)/data --out $(SCALE_PARITY)/bundles \
 	    --ann-min-items 1000 --ranker-users 2000
-	$(ENV) && RECSYS_TEST_BUNDLE=$(SCALE_PARITY)/bundles cargo test -p rank-svc --test bundle_ranker -- serving_builds_training_tensors
+	$(ENV) && RECSYS_TEST_BUNDLE=$(CURDIR)/$(SCALE_PARITY)/bundles cargo test -p rank-svc --test bundle_ranker -- serving_builds_training_tensors
 
 lint:
 	@echo "==> rustfmt and clippy"
@@ -89,8 +100,18 @@ bench-recall: bootstrap synthetic-bundle
 	$(ENV) && target/release/bench-recall --bundle $(SYNTH_BUNDLES)/current --work target/bench-recall \
 	  --bin-dir target/release
 
-# Synthetic data and its retrieval bundle (each made only when absent, or for the bundle,
-# in a format the services no longer read).
+# The served pipeline's hit rate@100 on the synthetic set's held-out engagements, against
+# popularity; writes target/reports/eval-scale.json.
+eval-scale: synthetic-bundle build
+	@echo "==> served hit rate@100 at catalogue scale"
+	$(ENV) && "$$RECSYS_PYTHON" -m recsys_training eval-scale --data $(SYNTH_DIR) --bundles $(SYNTH_BUNDLES) \
+	  --bin-dir target/debug
+
+synthetic-seed: synthetic-bundle
+	$(ENV) && "$$RECSYS_PYTHON" -m recsys_training seed-sample --data $(SYNTH_DIR) --out $(SYNTH_DIR)/seed
+
+# Synthetic data and its bundle (each made only when absent, or for the bundle, in a
+# format the services no longer read).
 synthetic-bundle: bootstrap
 	$(ENV) && if [ ! -f $(SYNTH_DIR)/interactions.parquet ]; then \
 	  "$$RECSYS_PYTHON" -m recsys_training synthesize --out $(SYNTH_DIR) --items $(SYNTH_ITEMS) \

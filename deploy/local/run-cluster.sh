@@ -1,6 +1,12 @@
 #!/usr/bin/env bash
 # Starts the five services on loopback with the embedded defaults, waits until each is
 # SERVING, prints a sample recommendation and stays up until Ctrl-C, then stops them all.
+#
+# Another data set (`make run DATASET=synthetic` sets these):
+#   RECSYS_CLUSTER_BUNDLES      bundle root of every service (default models/bundles)
+#   RECSYS_CLUSTER_SEED         the feature store's seed data (default data/ml-100k)
+#   RECSYS_CLUSTER_STATE        directory of the feature store's event log (default data/state)
+#   RECSYS_CLUSTER_SAMPLE_USER  whose recommendation is printed (default 196)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
@@ -10,6 +16,15 @@ bin=${RECSYS_BIN:-target/debug}
 logs=target/cluster-logs
 mkdir -p "$logs"
 services=(feature-svc recall-svc rank-svc rerank-svc orchestrator)
+if [ -n "${RECSYS_CLUSTER_BUNDLES:-}" ]; then
+  export RECSYS_RECALL__BUNDLE=$RECSYS_CLUSTER_BUNDLES RECSYS_RANK__BUNDLE=$RECSYS_CLUSTER_BUNDLES \
+    RECSYS_RERANK__BUNDLE=$RECSYS_CLUSTER_BUNDLES RECSYS_ORCHESTRATOR__FALLBACK_BUNDLE=$RECSYS_CLUSTER_BUNDLES
+fi
+if [ -n "${RECSYS_CLUSTER_SEED:-}" ]; then export RECSYS_FEATURE__SEED_DIR=$RECSYS_CLUSTER_SEED; fi
+if [ -n "${RECSYS_CLUSTER_STATE:-}" ]; then
+  export RECSYS_FEATURE__EVENT_LOG=$RECSYS_CLUSTER_STATE/feature-events.jsonl
+fi
+sample_user=${RECSYS_CLUSTER_SAMPLE_USER:-196}
 pids=()
 stop() {
   trap - INT TERM EXIT
@@ -33,14 +48,14 @@ if ! "$bin/recsysctl" wait-ready --timeout-s 120 \
   exit 1
 fi
 echo
-"$bin/recsysctl" recommend --user 196 --top-k 10
+"$bin/recsysctl" recommend --user "$sample_user" --top-k 10
 cat <<TXT
 
 The cluster is up: orchestrator 127.0.0.1:50051, feature 50052, recall 50053, rank 50054, rerank 50055.
 Try:
   $GRPCURL -plaintext 127.0.0.1:50051 list
-  $GRPCURL -plaintext -d '{"user_id":"196","top_k":10}' 127.0.0.1:50051 recsys.v1.Recommender/Recommend
-  $bin/recsysctl recommend --user 196 --debug
+  $GRPCURL -plaintext -d '{"user_id":"$sample_user","top_k":10}' 127.0.0.1:50051 recsys.v1.Recommender/Recommend
+  $bin/recsysctl recommend --user $sample_user --debug
 Press Ctrl-C to stop.
 TXT
 wait

@@ -37,8 +37,12 @@ def write_tensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
 def write_embeddings(path: Path, item_vectors: np.ndarray, user_vectors: np.ndarray | None) -> None:
     """``item_vectors`` [items, dim] f32; ``user_vectors`` [users, dim] f32 when the model
     has a per-user table (a cache: serving derives a user's vector from their history
-    otherwise)."""
-    tensors = {"item_vectors": item_vectors.astype("<f4")}
+    otherwise); ``item_vector_sum`` [dim] and ``item_vector_gram`` [dim, dim] f64, Σx and
+    Σxxᵀ, with which rank-svc standardises a user's scores over the catalogue without
+    scoring it."""
+    vectors = item_vectors.astype("<f4")
+    wide = vectors.astype(np.float64)
+    tensors = {"item_vectors": vectors, "item_vector_sum": wide.sum(axis=0), "item_vector_gram": wide.T @ wide}
     if user_vectors is not None:
         tensors["user_vectors"] = user_vectors.astype("<f4")
     write_tensors(path, tensors)

@@ -59,6 +59,21 @@ def main(argv: list[str] | None = None) -> int:
     synth.add_argument("--clusters", type=int, default=200, help="taste clusters of items and users")
     synth.add_argument("--seed", type=int, default=42)
 
+    scale_eval = commands.add_parser(
+        "eval-scale", help="hit rate@100 of the served pipeline on a catalogue-scale bundle's held-out engagements")
+    scale_eval.add_argument("--data", type=Path, required=True)
+    scale_eval.add_argument("--bundles", type=Path, required=True)
+    scale_eval.add_argument("--bin-dir", type=Path, default=Path("target/debug"))
+    scale_eval.add_argument("--work", type=Path, default=Path("target/eval-scale"))
+    scale_eval.add_argument("--users", type=int, default=2_000)
+    scale_eval.add_argument("--report", type=Path, default=Path("target/reports/eval-scale.json"))
+
+    seed_sample = commands.add_parser(
+        "seed-sample", help="a feature-store seed of held-out users of a catalogue-scale data set (make run DATASET=synthetic)")
+    seed_sample.add_argument("--data", type=Path, required=True)
+    seed_sample.add_argument("--out", type=Path, required=True)
+    seed_sample.add_argument("--users", type=int, default=1_000)
+
     fresh = commands.add_parser("up-to-date", help="exit 0 when BUNDLE was trained by this pipeline code and feature configuration")
     fresh.add_argument("bundle", type=Path)
     fresh.add_argument("--format-only", action="store_true",
@@ -108,6 +123,16 @@ def main(argv: list[str] | None = None) -> int:
             from .serving_eval import run
             run(args.data, args.work, args.bin_dir, args.report, runs=args.runs,
                 feature_config=str(args.feature_config or ""))
+        elif args.command == "eval-scale":
+            from .scale_eval import run as run_scale_eval
+            run_scale_eval(args.data, args.bundles, args.bin_dir, args.work, args.report, users=args.users)
+        elif args.command == "seed-sample":
+            from .scale_eval import seed_evaluation_users
+            if (args.out / "users.txt").is_file():
+                print(f"[data] {args.out} already seeded")
+                return 0
+            seed_evaluation_users(args.data, args.out, args.users)
+            print(f"[data] {args.users} users' histories written to {args.out}")
         elif args.command == "up-to-date":
             import json
 

@@ -43,6 +43,12 @@ POOLED_ITEMS = 50
 MAX_HISTORY = 1_000
 
 
+def is_evaluation_user(users: np.ndarray) -> np.ndarray:
+    """One user in five (by position) is kept for the served evaluation (``scale_eval``):
+    the rankers never train on their held-out items."""
+    return users % 5 == 0
+
+
 @dataclass
 class RankerScaleConfig:
     training_users: int = 30_000
@@ -302,6 +308,7 @@ def train_rankers(users: Users, held_rows: np.ndarray, columns, vectors: np.ndar
     from .train import predict
 
     num_items = len(vectors)
+    held_rows = held_rows[~is_evaluation_user(columns.users[held_rows])]
     chosen = rng.permutation(held_rows)[:config.training_users + config.validation_users]
     validation_count = min(config.validation_users, len(chosen) // 5)
     validation, training = chosen[:validation_count], chosen[validation_count:]

@@ -16,6 +16,47 @@ pub struct EmbeddingSpace {
     user_positions: HashMap<String, usize>,
     pub item_vectors: Matrix,
     user_vectors: Matrix,
+    pub moments: VectorMoments,
+}
+
+/// Σx and Σxxᵀ over the item vectors: with them, the sum and the sum of squares of a
+/// query's inner products with the whole catalogue cost dim², not the catalogue (rank-svc
+/// standardises its embedding scores over the catalogue this way).
+#[derive(Debug, Clone, PartialEq)]
+pub struct VectorMoments {
+    pub sum: Vec<f64>,
+    /// Row-major [dim, dim].
+    pub gram: Vec<f64>,
+}
+
+impl VectorMoments {
+    /// Computed from the vectors (bundles written before the training pipeline shipped
+    /// them; tests).
+    pub fn of(vectors: &Matrix) -> Self {
+        let dim = vectors.cols;
+        let (mut sum, mut gram) = (vec![0.0; dim], vec![0.0; dim * dim]);
+        for row in 0..vectors.rows {
+            let vector = vectors.row(row);
+            for (i, &x) in vector.iter().enumerate() {
+                sum[i] += f64::from(x);
+                for (cell, &y) in gram[i * dim..(i + 1) * dim].iter_mut().zip(vector) {
+                    *cell += f64::from(x) * f64::from(y);
+                }
+            }
+        }
+        Self { sum, gram }
+    }
+
+    /// `(Σ v·x, Σ (v·x)²)` over every item vector x.
+    pub fn score_sums(&self, query: &[f32]) -> (f64, f64) {
+        let dim = self.sum.len();
+        let query: Vec<f64> = query.iter().map(|&v| f64::from(v)).collect();
+        let sum = query.iter().zip(&self.sum).map(|(v, s)| v * s).sum();
+        let squares = (0..dim)
+            .map(|i| query[i] * self.gram[i * dim..(i + 1) * dim].iter().zip(&query).map(|(g, v)| g * v).sum::<f64>())
+            .sum();
+        (sum, squares)
+    }
 }
 
 impl EmbeddingSpace {
@@ -39,12 +80,36 @@ impl EmbeddingSpace {
         if user_vectors.rows != user_ids.len() {
             return Err(malformed("user", user_vectors.rows, user_ids.len()));
         }
-        Ok(Self::new(item_ids, user_ids, item_vectors, user_vectors))
+        let dim = manifest.embedding_dim;
+        let moments = if file.contains("item_vector_sum") && file.contains("item_vector_gram") {
+            let (sum, gram) = (file.column::<f64>("item_vector_sum")?, file.column::<f64>("item_vector_gram")?);
+            if sum.len() != dim || gram.len() != dim * dim {
+                return Err(crate::BundleError::Malformed {
+                    path: dir.join(EMBEDDINGS_FILE),
+                    reason: format!("item_vector_sum / item_vector_gram are not [{dim}] / [{dim}, {dim}]"),
+                });
+            }
+            VectorMoments { sum: sum.as_slice().to_vec(), gram: gram.as_slice().to_vec() }
+        } else {
+            VectorMoments::of(&item_vectors)
+        };
+        Ok(Self::with_moments(item_ids, user_ids, item_vectors, user_vectors, moments))
     }
 
     pub fn new(item_ids: ItemIds, user_ids: Vec<String>, item_vectors: Matrix, user_vectors: Matrix) -> Self {
+        let moments = VectorMoments::of(&item_vectors);
+        Self::with_moments(item_ids, user_ids, item_vectors, user_vectors, moments)
+    }
+
+    fn with_moments(
+        item_ids: ItemIds,
+        user_ids: Vec<String>,
+        item_vectors: Matrix,
+        user_vectors: Matrix,
+        moments: VectorMoments,
+    ) -> Self {
         let user_positions = user_ids.into_iter().enumerate().map(|(n, id)| (id, n)).collect();
-        Self { item_ids, user_positions, item_vectors, user_vectors }
+        Self { item_ids, user_positions, item_vectors, user_vectors, moments }
     }
 
     pub fn item_position(&self, item_id: &str) -> Option<usize> {
@@ -105,6 +170,16 @@ mod tests {
     #[test]
     fn trained_user_uses_their_own_vector() {
         assert_eq!(space().user_vector("u", &[]), Some(vec![0.5, 2.0]));
+    }
+
+    #[test]
+    fn moments_give_the_sums_of_a_querys_scores_over_every_item() {
+        let vectors = Matrix::owned(3, 2, vec![1.0, 0.0, 0.5, 2.0, -1.0, 0.25]);
+        let query = [0.5f32, -2.0];
+        let scores: Vec<f64> = (0..3).map(|n| f64::from(dot(&query, vectors.row(n)))).collect();
+        let (sum, squares) = VectorMoments::of(&vectors).score_sums(&query);
+        assert!((sum - scores.iter().sum::<f64>()).abs() < 1e-9);
+        assert!((squares - scores.iter().map(|s| s * s).sum::<f64>()).abs() < 1e-9);
     }
 
     #[test]

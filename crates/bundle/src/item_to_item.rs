@@ -33,6 +33,16 @@ impl ItemScores {
         }
     }
 
+    /// Every `(item, score)` with a non-zero score, in no particular order.
+    pub fn nonzero(&self) -> Box<dyn Iterator<Item = (usize, f64)> + '_> {
+        match self {
+            ItemScores::Dense(scores) => {
+                Box::new(scores.iter().enumerate().filter(|(_, &s)| s != 0.0).map(|(n, &s)| (n, s)))
+            }
+            ItemScores::Sparse(scores) => Box::new(scores.iter().filter(|(_, &s)| s != 0.0).map(|(&n, &s)| (n, s))),
+        }
+    }
+
     /// Every `(item, score)` with a positive score, in no particular order.
     pub fn positive(&self) -> Vec<(usize, f64)> {
         match self {

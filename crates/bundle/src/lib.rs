@@ -39,7 +39,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-pub use embeddings::EmbeddingSpace;
+pub use embeddings::{EmbeddingSpace, VectorMoments};
 pub use features::{CrossSource, Encoding, Feature, FeatureConfig, RankerInputs, UserAttributes, RECENT_ITEMS};
 pub use item_ids::{read_item_columns, ItemColumns, ItemIds};
 pub use item_to_item::{ItemScores, ItemToItem, PositionHasher};

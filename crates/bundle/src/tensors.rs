@@ -156,6 +156,10 @@ impl Element for f32 {
     const DTYPE: Dtype = Dtype::F32;
 }
 
+impl Element for f64 {
+    const DTYPE: Dtype = Dtype::F64;
+}
+
 impl Element for i64 {
     const DTYPE: Dtype = Dtype::I64;
 }

@@ -1,11 +1,14 @@
 //! Coarse then fine ranking of one user's candidates.
 
-use std::{collections::HashMap, path::Path};
+use std::{
+    collections::{HashMap, HashSet},
+    path::Path,
+};
 
 use ort::environment::Environment;
 use recsys_bundle::{
     read_catalog, read_manifest, read_user_ids, CatalogItem, CrossSource, EmbeddingSpace, FeatureConfig, ItemIds,
-    ItemToItem, RankerInputs, UserAttributes, RECENT_ITEMS,
+    ItemScores, ItemToItem, PositionHasher, RankerInputs, UserAttributes, RECENT_ITEMS,
 };
 use recsys_proto::v1::UserFeatures;
 
@@ -85,47 +88,43 @@ pub struct Ranker {
     item_popularity_drift: Option<(usize, ScoreDrift)>,
 }
 
-/// What one request's user contributes to every candidate's inputs, computed once.
+/// What one request's user contributes to every candidate's inputs, computed once, at a
+/// cost of history × neighbours and dim² — never the catalogue.
 struct UserContext {
     index: i64,
     features: Vec<f32>,
     /// `history_length` 1-based item indices, latest first, 0-padded.
     history: Vec<i64>,
-    /// The item-to-item model's score of every catalog item given the whole history,
-    /// standardised over the items the user has not seen.
-    item_cf: Standardised,
-    /// The same given only the latest `RECENT_ITEMS` items (empty unless configured).
-    item_cf_recent: Vec<f64>,
-    /// The embedding inner product with every catalog item (empty unless configured).
-    embedding: Standardised,
+    /// The item-to-item model's scores given the whole history (zero outside the
+    /// history's neighbour lists), and their spread over the items the user has not seen.
+    item_cf: ItemScores,
+    item_cf_spread: Spread,
+    /// The same given only the latest `RECENT_ITEMS` items (unless not configured).
+    item_cf_recent: Option<ItemScores>,
+    /// The user's query vector and the spread of its inner products over unseen items.
     vector: Option<Vec<f32>>,
+    embedding_spread: Spread,
 }
 
-/// Scores over the catalog with their mean and standard deviation over unseen items.
-#[derive(Default)]
-struct Standardised {
-    scores: Vec<f64>,
+/// Mean and standard deviation of a user's scores over the unseen catalogue, from sums
+/// (training standardises the same way: `scale_rankers.CrossFeatures`, `CrossScorer`).
+#[derive(Debug, Default, Clone, Copy)]
+struct Spread {
     mean: f64,
     std: f64,
 }
 
-impl Standardised {
-    fn new(scores: Vec<f64>, seen: &[bool]) -> Self {
-        let unseen: Vec<f64> = scores.iter().zip(seen).filter(|(_, &seen)| !seen).map(|(&s, _)| s).collect();
-        let count = unseen.len().max(1) as f64;
-        let mean = unseen.iter().sum::<f64>() / count;
-        let std = (unseen.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / count).sqrt();
-        Self { scores, mean, std }
-    }
-
-    fn raw(&self, item: usize) -> f32 {
-        self.scores.get(item).copied().unwrap_or_default() as f32
+impl Spread {
+    fn from_sums(sum: f64, squares: f64, count: usize) -> Self {
+        let count = count.max(1) as f64;
+        let mean = sum / count;
+        Self { mean, std: (squares / count - mean * mean).max(0.0).sqrt() }
     }
 
     /// 0 when the scores are flat (no signal), as training encodes it.
-    fn z(&self, item: usize) -> f32 {
+    fn z(&self, score: f64) -> f32 {
         if self.std > 1e-9 {
-            ((self.scores.get(item).copied().unwrap_or_default() - self.mean) / self.std) as f32
+            ((score - self.mean) / self.std) as f32
         } else {
             0.0
         }
@@ -218,33 +217,39 @@ impl Ranker {
         for (slot, &item) in history.iter_mut().zip(&history_items) {
             *slot = item as i64 + 1;
         }
-        let mut seen = vec![false; self.catalog.len()];
-        for &item in &history_items {
-            seen[item] = true;
-        }
+        let seen: HashSet<usize, PositionHasher> = history_items.iter().copied().collect();
+        let unseen = self.catalog.len().saturating_sub(seen.len());
         let wants = |source: CrossSource| self.cross.contains(&source);
+        let item_cf = self.item_to_item.sparse_scores(&history_items);
+        let (sum, squares) = item_cf
+            .nonzero()
+            .filter(|(item, _)| !seen.contains(item))
+            .fold((0.0, 0.0), |(sum, squares), (_, score)| (sum + score, squares + score * score));
+        let item_cf_spread = Spread::from_sums(sum, squares, unseen);
         let vector = self.embeddings.user_vector(&user.user_id, &user.history_item_ids);
-        let embedding = if wants(CrossSource::EmbeddingZscore) {
-            let scores = (0..self.catalog.len())
-                .map(|item| vector.as_ref().map_or(0.0, |v| f64::from(self.embeddings.score(v, item))))
-                .collect();
-            Standardised::new(scores, &seen)
-        } else {
-            Standardised::default()
+        let embedding_spread = match &vector {
+            Some(vector) if wants(CrossSource::EmbeddingZscore) => {
+                let (mut sum, mut squares) = self.embeddings.moments.score_sums(vector);
+                for &item in &seen {
+                    let score = f64::from(self.embeddings.score(vector, item));
+                    sum -= score;
+                    squares -= score * score;
+                }
+                Spread::from_sums(sum, squares, unseen)
+            }
+            _ => Spread::default(),
         };
-        let item_cf_recent = if wants(CrossSource::ItemCfRecentScore) {
-            self.item_to_item.scores(&history_items[..history_items.len().min(RECENT_ITEMS)])
-        } else {
-            Vec::new()
-        };
+        let item_cf_recent = wants(CrossSource::ItemCfRecentScore)
+            .then(|| self.item_to_item.sparse_scores(&history_items[..history_items.len().min(RECENT_ITEMS)]));
         UserContext {
             index: self.user_index.get(&user.user_id).copied().unwrap_or(0),
             features,
             history,
-            item_cf: Standardised::new(self.item_to_item.scores(&history_items), &seen),
+            item_cf,
+            item_cf_spread,
             item_cf_recent,
-            embedding,
             vector,
+            embedding_spread,
         }
     }
 
@@ -254,15 +259,17 @@ impl Ranker {
         for &item in items {
             for source in &self.cross {
                 out.push(match source {
-                    CrossSource::ItemCfScore => context.item_cf.raw(item),
-                    CrossSource::ItemCfZscore => context.item_cf.z(item),
+                    CrossSource::ItemCfScore => context.item_cf.get(item) as f32,
+                    CrossSource::ItemCfZscore => context.item_cf_spread.z(context.item_cf.get(item)),
                     CrossSource::ItemCfRecentScore => {
-                        context.item_cf_recent.get(item).copied().unwrap_or_default() as f32
+                        context.item_cf_recent.as_ref().map_or(0.0, |scores| scores.get(item) as f32)
                     }
                     CrossSource::EmbeddingScore => {
                         context.vector.as_ref().map_or(0.0, |v| self.embeddings.score(v, item))
                     }
-                    CrossSource::EmbeddingZscore => context.embedding.z(item),
+                    CrossSource::EmbeddingZscore => context
+                        .embedding_spread
+                        .z(context.vector.as_ref().map_or(0.0, |v| f64::from(self.embeddings.score(v, item)))),
                 });
             }
         }

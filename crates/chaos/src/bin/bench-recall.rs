@@ -188,8 +188,9 @@ async fn main() -> anyhow::Result<()> {
         let response = client.recall(request(n)).await?.into_inner();
         latencies.push(started.elapsed());
         returned += response.candidates.len();
-        if n < count {
-            served_hits += response.candidates.iter().take(K).any(|c| c.item_id == held_out[n]) as usize;
+        // The first pass over the users scores their held-out item.
+        if let Some(target) = held_out.get(n) {
+            served_hits += response.candidates.iter().take(K).any(|c| c.item_id == *target) as usize;
         }
     }
     // Enough of the most popular items that K of them are unseen whatever the history.

@@ -21,7 +21,7 @@ use std::{
 };
 
 use bytemuck::Pod;
-use memmap2::Mmap;
+use memmap2::{Mmap, MmapOptions};
 use safetensors::{Dtype, SafeTensors};
 use sha2::{Digest, Sha256};
 
@@ -106,10 +106,14 @@ impl TensorFile {
 /// The one unsafe operation of the workspace: mapping a file. Sound as long as nobody
 /// truncates or rewrites the file while it is mapped; bundle files are never written
 /// after publication, and `TensorFile::open` has verified the length and contents first.
+///
+/// The pages are populated at load (they are in the page cache already: the checksum has
+/// just read them), so the first requests after SERVING do not each pay for the page
+/// faults of a million-item index and miss their deadline.
 #[allow(unsafe_code)]
 fn map_read_only(file: &File) -> std::io::Result<Mmap> {
     // SAFETY: see above; the map is read-only and private to this process's view.
-    unsafe { Mmap::map(file) }
+    unsafe { MmapOptions::new().populate().map(file) }
 }
 
 /// Refuses a file whose size or sha256 differs from the manifest's entry (or that the

@@ -6,9 +6,6 @@ Writes into --out:
   sampled user's latest history items (what recall-svc searches with);
 - ``truth.u32``: [queries, k] exact top-k item positions by inner product;
 - ``histories.json``: each query's history item ids, latest first (for the RPC phase);
-- ``held_out.json``: each sampled user's last item id, which the history stops before
-  (the training pipeline held the same interaction out, so the served hit rate is
-  measured on items the models never saw);
 - ``baselines.json``: per library, the ef sweep (recall@k, queries/s) and the lowest ef
   reaching the target recall, plus each binding's per-call overhead.
 
@@ -61,14 +58,13 @@ def sample_queries(data: Path, vectors: np.ndarray, item_ids: list[str], count: 
     eligible = np.flatnonzero(ends - starts >= 1)
     rng = np.random.default_rng(seed)
     chosen = rng.choice(eligible, min(count, len(eligible)), replace=False)
-    queries, histories, held_out = [], [], []
+    queries, histories = [], []
     for user in chosen:
         # The last event is the one to predict: the history is what came before it.
         latest = items[max(starts[user], ends[user] - history):ends[user]][::-1]
         queries.append(vectors[latest].mean(axis=0))
         histories.append([item_ids[n] for n in latest])
-        held_out.append(item_ids[items[ends[user]]])
-    return np.asarray(queries, dtype=np.float32), histories, held_out
+    return np.asarray(queries, dtype=np.float32), histories
 
 
 def exact_top(vectors: np.ndarray, queries: np.ndarray, k: int, chunk: int = 200_000) -> np.ndarray:
@@ -158,12 +154,11 @@ def main() -> None:
     connectivity, expansion_add = config["ann_connectivity"], config["ann_expansion_add"]
     print(f"==> {len(vectors):,} x {vectors.shape[1]} vectors of bundle {manifest['version']}; "
           f"M {connectivity}, efConstruction {expansion_add}", flush=True)
-    queries, histories, held_out = sample_queries(args.data, vectors, item_ids, args.queries, args.history, seed=7)
+    queries, histories = sample_queries(args.data, vectors, item_ids, args.queries, args.history, seed=7)
     truth = exact_top(vectors, queries, args.k)
     queries.astype("<f4").tofile(args.out / "queries.f32")
     truth.astype("<u4").tofile(args.out / "truth.u32")
     (args.out / "histories.json").write_text(json.dumps(histories))
-    (args.out / "held_out.json").write_text(json.dumps(held_out))
     report = {"version": manifest["version"], "items": len(vectors), "queries": len(queries), "k": args.k}
 
     import faiss

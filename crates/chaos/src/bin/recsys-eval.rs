@@ -50,6 +50,11 @@ struct Args {
     /// Also record the top-k after every pipeline step.
     #[arg(long)]
     ablation: bool,
+    /// Give every orchestrator stage this many milliseconds instead of the production
+    /// budgets (a debug build of a million-item cluster is slower than the budgets assume;
+    /// the evaluation measures quality, not latency).
+    #[arg(long)]
+    stage_budget_ms: Option<u64>,
 }
 
 #[derive(Clone)]
@@ -181,7 +186,12 @@ async fn main() -> anyhow::Result<()> {
         .map(String::from)
         .collect();
     let state = tempfile::tempdir()?;
-    let settings = args.paths.settings(state.path(), "target/eval-logs")?;
+    let mut settings = args.paths.settings(state.path(), "target/eval-logs")?;
+    if let Some(budget) = args.stage_budget_ms {
+        for stage in ["FEATURE", "RECALL", "RANK", "RERANK"] {
+            settings.orchestrator_env.push((format!("RECSYS_ORCHESTRATOR__BUDGETS__{stage}_MS"), budget.to_string()));
+        }
+    }
     let cluster = Cluster::start(settings).await?;
     let clients = Clients {
         orchestrator: connect(cluster.orchestrator).await?,

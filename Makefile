@@ -82,7 +82,7 @@ eval: bootstrap build
 	$(ENV) && "$$RECSYS_PYTHON" -m recsys_training eval --data data/ml-100k --work target/eval --bin-dir target/debug
 
 # Recall at catalogue scale (a million items by default; SYNTH_ITEMS etc. to change it):
-# synthetic data and its retrieval bundle are made once and reused, then our HNSW index,
+# synthetic data and its bundle are made once and reused, then our HNSW index,
 # hnswlib's and faiss's are queried on the same vectors, and recall-svc is started on the
 # bundle and measured over gRPC. Writes target/reports/bench-recall.json.
 SYNTH_ITEMS ?= 1000000

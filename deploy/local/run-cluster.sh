@@ -48,7 +48,7 @@ if ! "$bin/recsysctl" wait-ready --timeout-s 120 \
   exit 1
 fi
 echo
-"$bin/recsysctl" recommend --user "$sample_user" --top-k 10
+"$bin/recsysctl" recommend --user "$sample_user" --top-k 10 --bundle "${RECSYS_CLUSTER_BUNDLES:-models/bundles}"
 cat <<TXT
 
 The cluster is up: orchestrator 127.0.0.1:50051, feature 50052, recall 50053, rank 50054, rerank 50055.

@@ -61,6 +61,24 @@ impl RecallIndex {
         Ok(Self { version: manifest.version, embeddings, nearest, item_to_item, popular, popularity, newest, years })
     }
 
+    /// Runs every channel for a few users made of the most popular items, before the
+    /// service reports SERVING: at a million items the first searches otherwise pay for
+    /// cold caches and first allocations, and miss the orchestrator's recall budget.
+    pub fn warm_up(&self, quota: usize) {
+        const USERS: usize = 16;
+        const HISTORY: usize = 10;
+        let ids: Vec<String> =
+            self.popular.iter().take(USERS * HISTORY).map(|&n| self.embeddings.item_ids.get(n).to_string()).collect();
+        for history in ids.chunks(HISTORY) {
+            let signals = self.signals("", history);
+            for channel in
+                [Channel::Embedding, Channel::ItemCf, Channel::Realtime, Channel::Popular, Channel::ColdStart]
+            {
+                self.propose(channel, &signals, &ExcludedItems::default(), quota);
+            }
+        }
+    }
+
     /// The user's signals from `history` (most recent first).
     pub fn signals(&self, user_id: &str, history: &[String]) -> UserSignals {
         let seeds: Vec<usize> = history.iter().filter_map(|id| self.embeddings.item_position(id)).collect();

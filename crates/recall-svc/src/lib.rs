@@ -122,6 +122,7 @@ impl ServiceConfig for Config {
 pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let bundle_dir = recsys_bundle::resolve_dir(&config.bundle)?;
     let index = Arc::new(RecallIndex::load(&bundle_dir, config.ann_expansion)?);
+    index.warm_up(config.channels.embedding.quota);
     tracing::info!(
         bundle = %index.version,
         items = index.embeddings.num_items(),

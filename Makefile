@@ -4,7 +4,7 @@ SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
 ENV := source target/recsys.env
 
-.PHONY: run test bootstrap build bundle test-rust test-python test-scale-parity eval-scale synthetic-seed lint fmt clean-state chaos durability bench-observability eval bench-recall synthetic-bundle
+.PHONY: run test bootstrap build bundle test-rust test-python test-scale-parity eval-scale synthetic-seed lint fmt clean-state chaos durability bench-observability eval bench-recall bench-rank synthetic-bundle
 
 # Bootstrap (Python, data, bundle) and the Rust build are independent: run them side by side.
 # DATASET=synthetic runs the cluster on the catalogue-scale synthetic bundle instead (a
@@ -99,6 +99,21 @@ bench-recall: bootstrap synthetic-bundle
 	    --data $(SYNTH_DIR) --out target/bench-recall
 	$(ENV) && target/release/bench-recall --bundle $(SYNTH_BUNDLES)/current --work target/bench-recall \
 	  --bin-dir target/release
+
+# rank-svc against the raw model (onnxruntime's Python session on the same inputs), DIN and
+# DeepFM at 200 and 1000 candidates, the million-item bundle against ML-100k, micro-batching,
+# INT8 and the student. Writes target/reports/bench-rank.json (about ten minutes).
+BENCH_RANK := target/bench-rank
+bench-rank: bootstrap synthetic-bundle
+	@echo "==> release build of rank-svc and the benchmark"
+	cargo build --release -p rank-svc -p recsys-chaos --bin rank-svc --bin bench-rank
+	@echo "==> the default bundle's DeepFM twin (same data and seed)"
+	mkdir -p $(BENCH_RANK)
+	sed 's/^fine = "din"/fine = "deepfm"/' training/feature_config.toml > $(BENCH_RANK)/features-deepfm.toml
+	$(ENV) && "$$RECSYS_PYTHON" -m recsys_training train --data data/ml-100k --out $(BENCH_RANK)/deepfm \
+	  --feature-config $(BENCH_RANK)/features-deepfm.toml > $(BENCH_RANK)/train-deepfm.log
+	$(ENV) && target/release/bench-rank --din models/bundles --deepfm $(BENCH_RANK)/deepfm \
+	  --catalogue $(SYNTH_BUNDLES) --python "$$RECSYS_PYTHON" --work $(BENCH_RANK) --bin-dir target/release
 
 # The served pipeline's hit rate@100 on the synthetic set's held-out engagements, against
 # popularity; writes target/reports/eval-scale.json.

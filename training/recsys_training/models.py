@@ -60,14 +60,15 @@ class FineRanker(nn.Module):
     like)``; ``like_weight = 0`` ranks by engagement alone. Subclasses implement
     ``trunk_input`` and may add terms to the click logit with ``extra_click_logit``."""
 
-    def __init__(self, base: CoarseRanker | None, width: int, like_weight: float) -> None:
+    def __init__(self, base: CoarseRanker | None, width: int, like_weight: float,
+                 trunk: tuple[int, int] = (128, 64)) -> None:
         super().__init__()
         self.base = base
         if base is not None:
             for parameter in base.parameters():
                 parameter.requires_grad_(False)
-        self.trunk = nn.Sequential(nn.Linear(width, 128), nn.ReLU(), nn.Dropout(0.1), nn.Linear(128, 64), nn.ReLU())
-        self.click_head = nn.Linear(64, 1)
+        self.trunk = nn.Sequential(nn.Linear(width, trunk[0]), nn.ReLU(), nn.Dropout(0.1), nn.Linear(*trunk), nn.ReLU())
+        self.click_head = nn.Linear(trunk[1], 1)
         nn.init.zeros_(self.click_head.weight)
         nn.init.zeros_(self.click_head.bias)
         self.like_tower = nn.Sequential(nn.Linear(width, 64), nn.ReLU(), nn.Linear(64, 1))
@@ -103,13 +104,14 @@ class Din(FineRanker):
     divided by the sequence length only to keep its scale independent of history length."""
 
     def __init__(self, num_users: int, num_items: int, user_dim: int, item_dim: int, cross_dim: int, dim: int,
-                 base: CoarseRanker | None = None, like_weight: float = 0.0) -> None:
-        super().__init__(base, 3 * dim + user_dim + item_dim + cross_dim, like_weight)
+                 base: CoarseRanker | None = None, like_weight: float = 0.0, trunk: tuple[int, int] = (128, 64),
+                 attention: int = 32) -> None:
+        super().__init__(base, 3 * dim + user_dim + item_dim + cross_dim, like_weight, trunk)
         self.user_embedding = nn.Embedding(num_users + 1, dim)
         self.item_embedding = nn.Embedding(num_items + 1, dim)
         nn.init.normal_(self.user_embedding.weight, std=0.05)
         nn.init.normal_(self.item_embedding.weight, std=0.05)
-        self.attention = nn.Sequential(nn.Linear(4 * dim, 32), nn.ReLU(), nn.Linear(32, 1))
+        self.attention = nn.Sequential(nn.Linear(4 * dim, attention), nn.ReLU(), nn.Linear(attention, 1))
 
     def trunk_input(self, user_index, item_index, history, user_features, item_features, cross_features):
         user = self.user_embedding(user_index)
@@ -129,8 +131,10 @@ class DeepFm(FineRanker):
     projection each of the user, item and cross feature vectors."""
 
     def __init__(self, num_users: int, num_items: int, user_dim: int, item_dim: int, cross_dim: int, dim: int,
-                 base: CoarseRanker | None = None, like_weight: float = 0.0) -> None:
-        super().__init__(base, 6 * dim, like_weight)
+                 base: CoarseRanker | None = None, like_weight: float = 0.0, trunk: tuple[int, int] = (128, 64),
+                 attention: int = 0) -> None:
+        # ``attention`` is DIN's; accepted so that both rankers take the same widths.
+        super().__init__(base, 6 * dim, like_weight, trunk)
         self.user_embedding = nn.Embedding(num_users + 1, dim)
         self.item_embedding = nn.Embedding(num_items + 1, dim)
         nn.init.normal_(self.user_embedding.weight, std=0.05)

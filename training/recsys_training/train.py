@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import bundle, item_to_item
+from . import bundle, compress, item_to_item
 from .data import Dataset, Interaction, load_dataset
 from .features import (
     CrossScorer, FeatureConfig, UserHistory, build_config, history_tensor, item_feature_rows, item_statistics,
@@ -50,6 +50,9 @@ class TrainConfig:
     auc_negatives: int = 4
     threads: int = 2
     feature_config: str = ""
+    # The distilled student (compress.py): epochs, and the fraction of its weights pruned.
+    student_epochs: int = 4
+    student_prune: float = 0.0
 
 
 _STARTED = time.monotonic()
@@ -280,6 +283,47 @@ def export_onnx(model, inputs: tuple[torch.Tensor, ...], names: list[str], path:
     return float(np.max(np.abs(onnx_scores - predict(model, inputs))))
 
 
+def smaller_fine_models(teacher, coarse, features: FeatureConfig, num_users: int, num_items: int,
+                        train_inputs, clicks, validation_rows: RankerRows, validation_inputs, auc_rows: RankerRows,
+                        auc_inputs, staging: Path, config: TrainConfig, rng) -> dict[str, float]:
+    """Writes the INT8 copy of the exported teacher and the distilled student next to it,
+    and returns their held-out AUCs against the teacher's, all scored by onnxruntime."""
+    shape = compress.StudentShape(prune=config.student_prune)
+
+    def onnx_auc(path: Path) -> float:
+        return auc(auc_rows.labels, compress.onnx_predict(path, FINE_INPUTS, auc_inputs))
+
+    teacher_auc = onnx_auc(staging / "ranker.onnx")
+    compress.quantize_int8(staging / "ranker.onnx", staging / compress.INT8_FILE)
+    int8_auc = onnx_auc(staging / compress.INT8_FILE)
+
+    student = FINE_RANKERS[features.fine_model](
+        num_users, num_items, features.user_dim, features.item_dim, features.cross_dim,
+        max(4, features.embedding_dim // shape.dim_divisor), base=coarse, like_weight=features.like_weight,
+        trunk=shape.trunk, attention=shape.attention)
+    soft_clicks, soft_likes = compress.teacher_targets(teacher, train_inputs)
+    _fit(student, train_inputs, (clicks, soft_clicks, soft_likes),
+         compress.distillation_loss(shape.soft_weight, features.like_loss_weight), config.student_epochs, config, rng,
+         lambda: auc(validation_rows.labels, predict(student, validation_inputs)), "student", drop_user_ids=True)
+    compress.prune_magnitude(student, shape.prune)
+    export_onnx(student, validation_inputs, FINE_INPUTS, staging / compress.STUDENT_FILE)
+    student_auc = onnx_auc(staging / compress.STUDENT_FILE)
+    result = {
+        "teacher_onnx_auc": teacher_auc,
+        "int8_auc": int8_auc,
+        "int8_auc_delta": int8_auc - teacher_auc,
+        "student_auc": student_auc,
+        "student_auc_delta": student_auc - teacher_auc,
+        "teacher_parameters": compress.parameter_count(teacher),
+        "student_parameters": compress.parameter_count(student),
+        "student_pruned_fraction": shape.prune,
+    }
+    log("smaller fine models (held-out AUC through onnxruntime): teacher {teacher_onnx_auc:.4f}, "
+        "int8 {int8_auc:.4f} ({int8_auc_delta:+.4f}), student {student_auc:.4f} ({student_auc_delta:+.4f}) "
+        "with {student_parameters} of the teacher's {teacher_parameters} parameters".format(**result))
+    return result
+
+
 FINE_INPUTS = ["user_index", "item_index", "history", "user_features", "item_features", "cross_features"]
 COARSE_INPUTS = ["cross_features"]
 
@@ -399,6 +443,9 @@ def train_bundle(data_dir: Path, out_root: Path, config: TrainConfig | None = No
     log(f"rankers exported to ONNX; max |pytorch - onnxruntime| = {fine_diff:.2e} (fine), {coarse_diff:.2e} (coarse)")
     if onnx_diff > 1e-4:
         raise RuntimeError(f"ONNX export differs from PyTorch by {onnx_diff}")
+    metrics.update(smaller_fine_models(fine, coarse, features, len(user_ids), len(dataset.items), train_inputs,
+                                       clicks, validation_rows, validation_inputs, auc_rows, auc_inputs, staging,
+                                       config, rng))
 
     fixture = ranker_fixture(universe, final, features, validation_users, fine, coarse, rng)
     (staging / "ranker_fixture.json").write_text(json.dumps(fixture))

@@ -75,6 +75,30 @@ def test_onnx_rankers_take_any_batch_size(small_dataset, tmp_path):
         assert coarse.run(["score"], {"cross_features": cross})[0].shape == (batch,)
 
 
+def test_bundles_carry_an_int8_copy_and_a_smaller_student_with_their_auc(small_dataset, tmp_path):
+    config = quick_config()
+    config.student_prune = 0.5
+    published = train_bundle(small_dataset, tmp_path / "b", config, version="v1")
+    manifest = json.loads((published / "manifest.json").read_text())
+    assert {"ranker.int8.onnx", "ranker.student.onnx"} <= set(manifest["files"])
+    metrics = manifest["metrics"]
+    assert metrics["student_parameters"] < metrics["teacher_parameters"]
+    for variant in ("int8", "student"):
+        assert abs(metrics[f"{variant}_auc"] - metrics["teacher_onnx_auc"] - metrics[f"{variant}_auc_delta"]) < 3e-6
+        assert metrics[f"{variant}_auc"] > 0.5, variant
+    # The INT8 copy really holds integer weights; the student really is pruned.
+    import onnx
+    from onnx import numpy_helper
+
+    int8 = onnx.load(str(published / "ranker.int8.onnx"))
+    assert any(init.data_type == onnx.TensorProto.INT8 for init in int8.graph.initializer)
+    student = onnx.load(str(published / "ranker.student.onnx"))
+    matrices = [numpy_helper.to_array(init) for init in student.graph.initializer
+                if init.data_type == onnx.TensorProto.FLOAT and len(init.dims) == 2 and min(init.dims) > 4]
+    zeros = sum(int((m == 0).sum()) for m in matrices) / sum(m.size for m in matrices)
+    assert zeros > 0.2, zeros
+
+
 def test_auc_matches_hand_computed_values():
     assert auc(np.array([1, 0]), np.array([0.9, 0.1])) == 1.0
     assert auc(np.array([1, 0]), np.array([0.1, 0.9])) == 0.0

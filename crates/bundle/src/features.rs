@@ -276,6 +276,26 @@ impl RankerInputs {
     pub fn is_empty(&self) -> bool {
         self.item_index.is_empty()
     }
+
+    /// Empties every tensor, keeping the buffers for the next batch.
+    pub fn clear(&mut self) {
+        self.user_index.clear();
+        self.item_index.clear();
+        self.history.clear();
+        self.user_features.clear();
+        self.item_features.clear();
+        self.cross_features.clear();
+    }
+
+    /// Appends `other`'s rows (same feature configuration) after this batch's.
+    pub fn extend_from(&mut self, other: &RankerInputs) {
+        self.user_index.extend_from_slice(&other.user_index);
+        self.item_index.extend_from_slice(&other.item_index);
+        self.history.extend_from_slice(&other.history);
+        self.user_features.extend_from_slice(&other.user_features);
+        self.item_features.extend_from_slice(&other.item_features);
+        self.cross_features.extend_from_slice(&other.cross_features);
+    }
 }
 
 #[cfg(test)]

@@ -10,6 +10,8 @@ pub enum RankError {
     Onnx(String),
     #[error("model {model}: {reason}")]
     ModelContract { model: String, reason: String },
+    #[error("overloaded: {0}")]
+    Overloaded(String),
     #[error("the request is pinned to bundle {pinned}, this rank-svc serves bundle {served}")]
     BundleMismatch { pinned: String, served: String },
 }
@@ -23,6 +25,7 @@ impl From<RankError> for Status {
             RankError::Bundle(_) | RankError::ModelContract { .. } | RankError::BundleMismatch { .. } => {
                 Status::failed_precondition(error.to_string())
             }
+            RankError::Overloaded(_) => Status::resource_exhausted(error.to_string()),
             RankError::Onnx(_) => Status::internal(error.to_string()),
         }
     }

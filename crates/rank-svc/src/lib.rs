@@ -8,6 +8,7 @@
 
 #![forbid(unsafe_code)]
 
+mod batching;
 mod drift;
 mod error;
 mod model;
@@ -20,10 +21,11 @@ use recsys_runtime::{server::ServiceConfig, ServerConfig};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
+pub use batching::{BatchingConfig, MicroBatcher};
 pub use drift::{psi, ScoreDrift};
 pub use error::{RankError, Result};
-pub use model::{onnx_environment, ModelInput, OnnxModel, COARSE_INPUTS, FINE_INPUTS};
-pub use ranking::{RankedCandidate, Ranker};
+pub use model::{onnx_environment, FineVariant, ModelInput, ModelOptions, OnnxModel, COARSE_INPUTS, FINE_INPUTS};
+pub use ranking::{FineStage, RankedCandidate, Ranker};
 pub use service::RankGrpc;
 
 pub const SERVICE_NAME: &str = "recsys.v1.RankService";
@@ -38,10 +40,11 @@ pub struct Config {
     pub onnxruntime_library: Option<PathBuf>,
     /// Candidates kept after coarse ranking when the request does not say.
     pub coarse_keep: usize,
-    /// Independent ONNX sessions, so that concurrent requests do not queue on one.
-    pub sessions: usize,
-    /// Threads each session may use inside one inference.
-    pub intra_op_threads: usize,
+    /// Sessions, threads and the fine model variant.
+    pub models: ModelOptions,
+    /// Cross-request micro-batching of the fine model (off by default: see the README's
+    /// "Ranking speed" for when it pays).
+    pub batching: BatchingConfig,
 }
 
 impl Default for Config {
@@ -51,8 +54,8 @@ impl Default for Config {
             bundle: PathBuf::from("models/bundles"),
             onnxruntime_library: None,
             coarse_keep: 50,
-            sessions: 2,
-            intra_op_threads: 1,
+            models: ModelOptions::default(),
+            batching: BatchingConfig::default(),
         }
     }
 }
@@ -66,11 +69,16 @@ impl ServiceConfig for Config {
 pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let bundle_dir = recsys_bundle::resolve_dir(&config.bundle)?;
     let environment = onnx_environment(config.onnxruntime_library.as_deref())?;
-    let ranker = Arc::new(Ranker::load(&bundle_dir, &environment, config.sessions, config.intra_op_threads)?);
-    tracing::info!(bundle = %ranker.version(), "ranker loaded");
+    let ranker = Arc::new(Ranker::load(&bundle_dir, &environment, &config.models)?);
+    tracing::info!(bundle = %ranker.version(), fine_model = ?config.models.fine_variant, "ranker loaded");
+    let batcher = config
+        .batching
+        .enabled
+        .then(|| Arc::new(MicroBatcher::start(ranker.fine_model(), config.models.sessions, &config.batching)));
     let max_message_bytes = config.server.max_message_bytes;
     let options = config.server.serve_options();
-    let service = RankGrpc::new(ranker, config.coarse_keep).into_server().max_decoding_message_size(max_message_bytes);
+    let service =
+        RankGrpc::new(ranker, batcher, config.coarse_keep).into_server().max_decoding_message_size(max_message_bytes);
     recsys_runtime::serve(listener, &[SERVICE_NAME], tonic::service::Routes::new(service), options, shutdown).await?;
     Ok(())
 }

@@ -10,7 +10,12 @@ use std::{
     },
 };
 
-use ort::{environment::Environment, session::Session, value::Tensor};
+use ort::{
+    environment::Environment,
+    session::{Session, SessionInputValue},
+    value::TensorRef,
+};
+use serde::{Deserialize, Serialize};
 
 use crate::{RankError, Result};
 
@@ -23,10 +28,57 @@ pub const FINE_INPUTS: [&str; 6] =
 /// The coarse ranker sees only the cross features.
 pub const COARSE_INPUTS: [&str; 1] = ["cross_features"];
 
+/// Which of the bundle's fine models serves: the trained teacher, its dynamically
+/// quantised INT8 copy, or the smaller student distilled from it (see the README's
+/// "Ranking speed" for what each costs and scores).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FineVariant {
+    #[default]
+    Teacher,
+    Int8,
+    Student,
+}
+
+impl FineVariant {
+    pub fn file(self) -> &'static str {
+        match self {
+            FineVariant::Teacher => "ranker.onnx",
+            FineVariant::Int8 => "ranker.int8.onnx",
+            FineVariant::Student => "ranker.student.onnx",
+        }
+    }
+}
+
+/// How the models are run: shared by the coarse and the fine model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelOptions {
+    /// Independent ONNX sessions per model, so that concurrent requests do not queue on one.
+    pub sessions: usize,
+    /// Threads each session may use inside one inference.
+    pub intra_op_threads: usize,
+    pub fine_variant: FineVariant,
+}
+
+impl Default for ModelOptions {
+    fn default() -> Self {
+        Self { sessions: 2, intra_op_threads: 1, fine_variant: FineVariant::Teacher }
+    }
+}
+
 /// One named input tensor of a batch: its row width and row-major values.
 pub enum ModelInput<'a> {
     Int64 { name: &'static str, width: usize, values: &'a [i64] },
     Float32 { name: &'static str, width: usize, values: &'a [f32] },
+}
+
+impl ModelInput<'_> {
+    fn name(&self) -> &'static str {
+        match *self {
+            ModelInput::Int64 { name, .. } | ModelInput::Float32 { name, .. } => name,
+        }
+    }
 }
 
 /// ONNX Runtime allows one environment per process (and one library load), so it is
@@ -130,19 +182,27 @@ impl OnnxModel {
 
     fn run(&self, session: &mut Session, batch: usize, inputs: &[ModelInput<'_>]) -> Result<Vec<f32>> {
         let onnx = |error: ort::Error| RankError::Onnx(error.to_string());
-        let mut feed: Vec<(&str, ort::value::DynValue)> = Vec::with_capacity(inputs.len());
-        for input in inputs {
-            let (name, value) = match *input {
-                ModelInput::Int64 { name, width, values } => {
-                    (name, Tensor::from_array((shape(batch, width), values.to_vec())).map_err(onnx)?.into_dyn())
-                }
-                ModelInput::Float32 { name, width, values } => {
-                    (name, Tensor::from_array((shape(batch, width), values.to_vec())).map_err(onnx)?.into_dyn())
-                }
-            };
-            feed.push((name, value));
+        // The tensors borrow the caller's buffers: nothing is copied on the way in.
+        // `check_contract` fixed the model's input order, so they are passed by position.
+        let names: Vec<&str> = inputs.iter().map(ModelInput::name).collect();
+        if names != self.inputs {
+            return Err(RankError::ModelContract {
+                model: self.name.clone(),
+                reason: format!("fed {names:?}, the model takes {:?}", self.inputs),
+            });
         }
-        let outputs = session.run(feed).map_err(onnx)?;
+        let mut feed: Vec<SessionInputValue<'_>> = Vec::with_capacity(inputs.len());
+        for input in inputs {
+            feed.push(match *input {
+                ModelInput::Int64 { width, values, .. } => {
+                    TensorRef::from_array_view((shape(batch, width), values)).map_err(onnx)?.into()
+                }
+                ModelInput::Float32 { width, values, .. } => {
+                    TensorRef::from_array_view((shape(batch, width), values)).map_err(onnx)?.into()
+                }
+            });
+        }
+        let outputs = session.run(feed.as_slice()).map_err(onnx)?;
         let (_, scores) = outputs[OUTPUT_NAME].try_extract_tensor::<f32>().map_err(onnx)?;
         if scores.len() != batch {
             return Err(RankError::ModelContract {

@@ -3,6 +3,7 @@
 use std::{
     collections::{HashMap, HashSet},
     path::Path,
+    sync::Arc,
 };
 
 use ort::environment::Environment;
@@ -12,7 +13,7 @@ use recsys_bundle::{
 };
 use recsys_proto::v1::UserFeatures;
 
-use crate::{drift::ScoreDrift, ModelInput, OnnxModel, RankError, Result, COARSE_INPUTS, FINE_INPUTS};
+use crate::{drift::ScoreDrift, ModelInput, ModelOptions, OnnxModel, RankError, Result, COARSE_INPUTS, FINE_INPUTS};
 
 static BATCH_SIZE: std::sync::LazyLock<prometheus::HistogramVec> = std::sync::LazyLock::new(|| {
     prometheus::register_histogram_vec!(
@@ -37,7 +38,7 @@ static MODEL_INFO: std::sync::LazyLock<prometheus::IntGaugeVec> = std::sync::Laz
 const WARM_UP_BATCH: usize = 50;
 
 /// The fine model's inputs as named tensors, in the model's order.
-fn fine_feed(inputs: &RankerInputs) -> [ModelInput<'_>; 6] {
+pub(crate) fn fine_feed(inputs: &RankerInputs) -> [ModelInput<'_>; 6] {
     let width = |values: usize| values / inputs.len().max(1);
     [
         ModelInput::Int64 { name: FINE_INPUTS[0], width: 0, values: &inputs.user_index },
@@ -81,7 +82,7 @@ pub struct Ranker {
     cross: Vec<CrossSource>,
     item_to_item: ItemToItem,
     coarse_model: OnnxModel,
-    fine_model: OnnxModel,
+    fine_model: Arc<OnnxModel>,
     drift: Option<ScoreDrift>,
     /// Drift of the user-activity and item-popularity inputs: (column, monitor).
     user_activity_drift: Option<(usize, ScoreDrift)>,
@@ -132,7 +133,7 @@ impl Spread {
 }
 
 impl Ranker {
-    pub fn load(dir: &Path, environment: &Environment, sessions: usize, intra_op_threads: usize) -> Result<Self> {
+    pub fn load(dir: &Path, environment: &Environment, options: &ModelOptions) -> Result<Self> {
         let manifest = read_manifest(dir)?;
         let features = manifest.feature_config.clone();
         let unknown = features.unknown_sources();
@@ -152,10 +153,11 @@ impl Ranker {
         }
         let item_to_item = ItemToItem::load(dir, &manifest)?;
         let cross = features.cross.iter().filter_map(|name| CrossSource::parse(name)).collect();
-        let load =
-            |file: &str, inputs| OnnxModel::load(&dir.join(file), inputs, environment, sessions, intra_op_threads);
+        let load = |file: &str, inputs| {
+            OnnxModel::load(&dir.join(file), inputs, environment, options.sessions, options.intra_op_threads)
+        };
         let coarse_model = load("coarse.onnx", &COARSE_INPUTS)?;
-        let fine_model = load("ranker.onnx", &FINE_INPUTS)?;
+        let fine_model = Arc::new(load(options.fine_variant.file(), &FINE_INPUTS)?);
         let drift = manifest.score_distribution.as_ref().and_then(ScoreDrift::new);
         if drift.is_none() {
             tracing::warn!("bundle has no training score distribution: drift is not monitored");
@@ -186,8 +188,18 @@ impl Ranker {
         Ok(ranker)
     }
 
+    /// The fine model, for the micro-batcher's workers.
+    pub fn fine_model(&self) -> Arc<OnnxModel> {
+        Arc::clone(&self.fine_model)
+    }
+
     pub fn version(&self) -> &str {
         &self.version
+    }
+
+    /// Items in the bundle's catalogue.
+    pub fn item_count(&self) -> usize {
+        self.catalog.len()
     }
 
     pub fn item_id(&self, item: usize) -> &str {
@@ -348,7 +360,23 @@ impl Ranker {
         coarse_keep: usize,
         request_time: i64,
     ) -> Result<Vec<RankedCandidate>> {
-        let coarse_span = tracing::info_span!("coarse", items = items.len()).entered();
+        let stage = self.coarse_stage(user, items, coarse_keep, request_time)?;
+        let fine_span = tracing::info_span!("fine", items = stage.inputs.len()).entered();
+        let fine = self.fine_scores(&stage.inputs)?;
+        drop(fine_span);
+        Ok(self.finish(stage.coarse, fine))
+    }
+
+    /// Coarse-ranks `items` and keeps the best `coarse_keep` with the fine model's inputs
+    /// built for them. Blocking (runs the coarse model).
+    pub fn coarse_stage(
+        &self,
+        user: &UserFeatures,
+        items: &[usize],
+        coarse_keep: usize,
+        request_time: i64,
+    ) -> Result<FineStage> {
+        let _coarse_span = tracing::info_span!("coarse", items = items.len()).entered();
         BATCH_SIZE.with_label_values(&["coarse"]).observe(items.len() as f64);
         let context = self.user_context(user, request_time);
         let cross = self.cross_features(&context, items);
@@ -362,24 +390,32 @@ impl Ranker {
             .collect();
         coarse.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         coarse.truncate(coarse_keep);
-        drop(coarse_span);
         let kept: Vec<usize> = coarse.iter().map(|&(item, _, _)| item).collect();
         let kept_cross: Vec<f32> = coarse.iter().flat_map(|&(_, _, row)| row.iter().copied()).collect();
-        let fine_span = tracing::info_span!("fine", items = kept.len()).entered();
         BATCH_SIZE.with_label_values(&["fine"]).observe(kept.len() as f64);
         let inputs = self.inputs_for(&context, &kept, kept_cross);
-        let fine = self.fine_scores(&inputs)?;
-        drop(fine_span);
         self.observe_input_drift(&inputs);
+        Ok(FineStage { coarse: coarse.into_iter().map(|(item, score, _)| (item, score)).collect(), inputs })
+    }
+
+    /// Orders a coarse stage's survivors by their fine scores (one per row of its inputs).
+    pub fn finish(&self, coarse: Vec<(usize, f32)>, fine: Vec<f32>) -> Vec<RankedCandidate> {
         if let Some(drift) = &self.drift {
             drift.observe(&fine);
         }
         let mut ranked: Vec<RankedCandidate> = coarse
             .into_iter()
             .zip(fine)
-            .map(|((item, coarse_score, _), fine_score)| RankedCandidate { item, coarse_score, fine_score })
+            .map(|((item, coarse_score), fine_score)| RankedCandidate { item, coarse_score, fine_score })
             .collect();
         ranked.sort_by(|a, b| b.fine_score.total_cmp(&a.fine_score).then(a.item.cmp(&b.item)));
-        Ok(ranked)
+        ranked
     }
+}
+
+/// The candidates that survived the coarse cut, best first with their coarse scores, and
+/// the fine model's inputs for them (row n is `coarse[n]`).
+pub struct FineStage {
+    pub coarse: Vec<(usize, f32)>,
+    pub inputs: RankerInputs,
 }

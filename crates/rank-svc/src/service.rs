@@ -12,7 +12,14 @@ use recsys_proto::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::{RankError, Ranker};
+use tracing::Instrument;
+
+use crate::{MicroBatcher, RankError, Ranker};
+
+/// Runs model work on a blocking thread, so it never stalls the async workers.
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T, Status> {
+    tokio::task::spawn_blocking(work).await.map_err(|error| Status::internal(format!("ranking task failed: {error}")))
+}
 
 /// The request's moment, else this service's clock.
 fn request_time_or_now(request_time: Option<i64>) -> i64 {
@@ -24,12 +31,14 @@ fn request_time_or_now(request_time: Option<i64>) -> i64 {
 #[derive(Clone)]
 pub struct RankGrpc {
     ranker: Arc<Ranker>,
+    /// Present when micro-batching is on: fine-model runs shared across requests.
+    batcher: Option<Arc<MicroBatcher>>,
     default_coarse_keep: usize,
 }
 
 impl RankGrpc {
-    pub fn new(ranker: Arc<Ranker>, default_coarse_keep: usize) -> Self {
-        Self { ranker, default_coarse_keep }
+    pub fn new(ranker: Arc<Ranker>, batcher: Option<Arc<MicroBatcher>>, default_coarse_keep: usize) -> Self {
+        Self { ranker, batcher, default_coarse_keep }
     }
 
     pub fn into_server(self) -> RankServiceServer<Self> {
@@ -62,15 +71,32 @@ impl RankService for RankGrpc {
         let request_time = request_time_or_now(request_time);
         let coarse_keep = if coarse_keep == 0 { self.default_coarse_keep } else { coarse_keep as usize };
         let ranker = Arc::clone(&self.ranker);
-        // The model runs on a blocking thread; carry the request's span there.
+        // The models run on a blocking thread; carry the request's span there.
         let span = tracing::Span::current();
-        let ranked = tokio::task::spawn_blocking(move || {
-            let _entered = span.enter();
-            let items = ranker.resolve_items(candidates.iter().map(|candidate| candidate.item_id.as_str()));
-            ranker.rank(&user, &items, coarse_keep, request_time)
-        })
-        .await
-        .map_err(|error| Status::internal(format!("ranking task failed: {error}")))??;
+        let ranked = match &self.batcher {
+            None => {
+                blocking(move || {
+                    let _entered = span.enter();
+                    let items = ranker.resolve_items(candidates.iter().map(|candidate| candidate.item_id.as_str()));
+                    ranker.rank(&user, &items, coarse_keep, request_time)
+                })
+                .await??
+            }
+            Some(batcher) => {
+                let arriving = batcher.arriving();
+                let stage = blocking(move || {
+                    let _entered = span.enter();
+                    let items = ranker.resolve_items(candidates.iter().map(|candidate| candidate.item_id.as_str()));
+                    ranker.coarse_stage(&user, &items, coarse_keep, request_time)
+                })
+                .await??;
+                let fine = batcher
+                    .score(stage.inputs, arriving)
+                    .instrument(tracing::info_span!("fine", batched = true))
+                    .await?;
+                self.ranker.finish(stage.coarse, fine)
+            }
+        };
         let keep = if fine_keep == 0 { ranked.len() } else { fine_keep as usize };
         Ok(Response::new(RankResponse {
             items: ranked

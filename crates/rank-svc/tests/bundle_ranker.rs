@@ -4,7 +4,9 @@
 
 use std::path::PathBuf;
 
-use rank_svc::{onnx_environment, Ranker};
+use std::sync::Arc;
+
+use rank_svc::{onnx_environment, BatchingConfig, FineVariant, MicroBatcher, ModelOptions, Ranker};
 use recsys_proto::v1::{UserFeatures, UserProfile};
 use serde::Deserialize;
 
@@ -47,7 +49,8 @@ fn bundle_dir() -> PathBuf {
 
 fn load_ranker() -> Ranker {
     let environment = onnx_environment(None).expect("ORT_DYLIB_PATH points at libonnxruntime (make test sets it)");
-    Ranker::load(&bundle_dir(), &environment, 1, 1).expect("the default bundle loads")
+    let options = ModelOptions { sessions: 1, ..ModelOptions::default() };
+    Ranker::load(&bundle_dir(), &environment, &options).expect("the default bundle loads")
 }
 
 fn user(example: &FixtureExample) -> UserFeatures {
@@ -131,4 +134,79 @@ fn a_user_without_any_signal_is_still_ranked() {
     let nobody = UserFeatures { user_id: "nobody".into(), ..UserFeatures::default() };
     let ranked = ranker.rank(&nobody, &items, 10, NOW).unwrap();
     assert_eq!(ranked.len(), 3);
+}
+
+/// Concurrent requests whose rows share fine-model runs get exactly the scores they get
+/// alone: rows are independent, and each request gets its own rows back, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn micro_batched_requests_get_the_scores_they_get_alone() {
+    let ranker = Arc::new(load_ranker());
+    let config = BatchingConfig { enabled: true, max_rows: 1024, max_wait_us: 20_000, queue_depth: 16 };
+    let batcher = Arc::new(MicroBatcher::start(ranker.fine_model(), 1, &config));
+    let requests: Vec<_> = ["196", "186", "22", "nobody"]
+        .into_iter()
+        .enumerate()
+        .map(|(n, user_id)| {
+            let ids: Vec<String> = (1 + 40 * n..=40 * (n + 1)).map(|item| item.to_string()).collect();
+            let user = UserFeatures {
+                user_id: user_id.into(),
+                known: true,
+                history_item_ids: vec!["50".into(), "181".into()],
+                ..UserFeatures::default()
+            };
+            (user, ranker.resolve_items(ids.iter().map(String::as_str)))
+        })
+        .collect();
+    // Every request announces itself before any is queued, so the collector waits for all.
+    let arriving: Vec<_> = requests.iter().map(|_| batcher.arriving()).collect();
+    let batched = futures::future::join_all(requests.iter().zip(arriving).map(|((user, items), arriving)| {
+        let inputs = ranker.fine_inputs(user, items, NOW);
+        let batcher = Arc::clone(&batcher);
+        async move { batcher.score(inputs, arriving).await.unwrap() }
+    }))
+    .await;
+    for ((user, items), batched) in requests.iter().zip(batched) {
+        let alone = ranker.fine_scores(&ranker.fine_inputs(user, items, NOW)).unwrap();
+        assert_eq!(batched.len(), items.len());
+        assert_close(&batched, &alone, 1e-5, &user.user_id);
+    }
+    let metrics = recsys_runtime::metrics::render();
+    // All four shared one run.
+    assert!(metrics.contains("recsys_rank_micro_batch_requests_count 1\n"), "{metrics}");
+    assert!(metrics.contains("recsys_rank_micro_batch_requests_sum 4\n"), "{metrics}");
+}
+
+/// The INT8 copy and the distilled student load with the teacher's contract and rank a
+/// request close to the teacher (they were trained or quantised to imitate it).
+#[test]
+fn the_int8_copy_and_the_student_serve_in_the_teachers_place() {
+    let environment = onnx_environment(None).unwrap();
+    let ids: Vec<String> = (1..=200).map(|n| n.to_string()).collect();
+    let user = UserFeatures {
+        user_id: "196".into(),
+        known: true,
+        history_item_ids: vec!["50".into(), "181".into(), "100".into()],
+        ..UserFeatures::default()
+    };
+    let scores = |fine_variant| {
+        let options = ModelOptions { sessions: 1, intra_op_threads: 1, fine_variant };
+        let ranker = Ranker::load(&bundle_dir(), &environment, &options).expect("every variant loads");
+        let items = ranker.resolve_items(ids.iter().map(String::as_str));
+        ranker.fine_scores(&ranker.fine_inputs(&user, &items, NOW)).unwrap()
+    };
+    let teacher = scores(FineVariant::Teacher);
+    for variant in [FineVariant::Int8, FineVariant::Student] {
+        let served = scores(variant);
+        assert!(served.iter().all(|s| (0.0..=1.0).contains(s)), "{variant:?}");
+        assert_ne!(served, teacher, "{variant:?} is a different model");
+        // The top ten of the teacher stay in the variant's top 50.
+        let top = |scores: &[f32], k: usize| {
+            let mut order: Vec<usize> = (0..scores.len()).collect();
+            order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+            order.truncate(k);
+            order
+        };
+        let kept = top(&served, 50);
+        assert!(top(&teacher, 10).iter().all(|item| kept.contains(item)), "{variant:?}");
+    }
 }

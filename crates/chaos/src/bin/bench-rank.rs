@@ -1,0 +1,453 @@
+//! `make bench-rank`: rank-svc against the raw model. In one run it measures, over gRPC
+//! against the release rank-svc on loopback:
+//! - rank RPC p50/p99 at low load (one request at a time) for 200 and 1000 candidates
+//!   with DIN and DeepFM, every candidate fine-ranked, and for the served configuration
+//!   (500 candidates, coarse keeps 50);
+//! - the raw model time on the same inputs: rank-svc's own feature assembly writes each
+//!   request's exact model inputs, and onnxruntime's Python session runs them with the
+//!   served configuration (one intra-op thread, same batches) — `raw_rank.py`;
+//! - the served configuration on the million-item synthetic bundle against ML-100k;
+//! - peak throughput (closed loop) with and without cross-request micro-batching, each at
+//!   its best session count, and the p99 at that peak;
+//! - the teacher against its INT8 copy and the distilled student (speed here, AUC from
+//!   the bundle's manifest, measured by the training pipeline through onnxruntime).
+//!
+//! Writes `target/reports/bench-rank.json` with the issue's keys and prints a table.
+
+#![forbid(unsafe_code)]
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Stdio,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use rank_svc::{onnx_environment, FineVariant, ModelOptions, Ranker};
+use recsys_bundle::{read_manifest, read_user_ids, resolve_dir, RankerInputs};
+use recsys_chaos::{cluster::wait_serving, load::quantile_ms};
+use recsys_proto::v1::{rank_service_client::RankServiceClient, Candidate, RankRequest, UserFeatures};
+use serde_json::{json, Value};
+use tokio::process::{Child, Command};
+use tonic::transport::Channel;
+
+#[derive(Debug, Parser)]
+#[command(name = "bench-rank")]
+struct Args {
+    /// The default (ML-100k, DIN) bundle root.
+    #[arg(long, default_value = "models/bundles")]
+    din: PathBuf,
+    /// The same data trained with DeepFM as the fine model.
+    #[arg(long)]
+    deepfm: PathBuf,
+    /// The million-item synthetic bundle root.
+    #[arg(long)]
+    catalogue: PathBuf,
+    /// Python with onnxruntime (the training environment).
+    #[arg(long)]
+    python: PathBuf,
+    #[arg(long, default_value = "target/release")]
+    bin_dir: PathBuf,
+    #[arg(long, default_value = "target/bench-rank")]
+    work: PathBuf,
+    #[arg(long, default_value = "target/reports/bench-rank.json")]
+    out: PathBuf,
+    /// Requests timed per low-load case (after a warm-up), on both sides.
+    #[arg(long, default_value_t = 400)]
+    requests: usize,
+    /// Seconds per throughput measurement.
+    #[arg(long, default_value_t = 5)]
+    load_s: u64,
+    /// Concurrent closed-loop clients for the throughput measurements.
+    #[arg(long, default_value_t = 16)]
+    clients: usize,
+}
+
+/// Distinct requests per case, cycled through by both sides.
+const DISTINCT_REQUESTS: usize = 32;
+/// A fixed request moment (2026-01-01 UTC), so both sides build the same time features.
+const REQUEST_TIME: i64 = 1_767_225_600;
+/// The served configuration: the orchestrator's default candidate count and coarse cut.
+const SERVED_CANDIDATES: usize = 500;
+const SERVED_KEEP: usize = 50;
+
+/// One low-load measurement: a bundle, a fine model variant, a request shape.
+struct Case {
+    name: String,
+    bundle: PathBuf,
+    variant: FineVariant,
+    candidates: usize,
+    coarse_keep: usize,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Latency {
+    p50: f64,
+    p99: f64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    std::fs::create_dir_all(&args.work)?;
+    let din = resolve_dir(&args.din)?;
+    let deepfm = resolve_dir(&args.deepfm)?;
+    let catalogue = resolve_dir(&args.catalogue)?;
+    let case = |name: &str, bundle: &Path, variant, candidates, coarse_keep| Case {
+        name: name.to_string(),
+        bundle: bundle.to_path_buf(),
+        variant,
+        candidates,
+        coarse_keep,
+    };
+    let cases = vec![
+        case("served_din", &din, FineVariant::Teacher, SERVED_CANDIDATES, SERVED_KEEP),
+        case("fine_200_din", &din, FineVariant::Teacher, 200, 200),
+        case("fine_200_deepfm", &deepfm, FineVariant::Teacher, 200, 200),
+        case("fine_1000_din", &din, FineVariant::Teacher, 1000, 1000),
+        case("fine_1000_deepfm", &deepfm, FineVariant::Teacher, 1000, 1000),
+        case("fine_200_din_int8", &din, FineVariant::Int8, 200, 200),
+        case("fine_200_din_student", &din, FineVariant::Student, 200, 200),
+        case("served_din_1m", &catalogue, FineVariant::Teacher, SERVED_CANDIDATES, SERVED_KEEP),
+    ];
+
+    // 1. Every case's requests, and the exact model inputs rank-svc builds for them.
+    let environment = onnx_environment(None)?;
+    let mut requests = Vec::new();
+    let mut raw_cases = Vec::new();
+    for case in &cases {
+        let options = ModelOptions { sessions: 1, intra_op_threads: 1, fine_variant: case.variant };
+        let ranker = Ranker::load(&case.bundle, &environment, &options).with_context(|| case.name.clone())?;
+        let users = read_user_ids(&case.bundle)?;
+        let built = build_requests(&ranker, &users, case.candidates, case.coarse_keep);
+        raw_cases.push(write_model_inputs(&args.work, case, &ranker, &built)?);
+        requests.push(built);
+    }
+    let raw_spec = args.work.join("raw-cases.json");
+    std::fs::write(&raw_spec, serde_json::to_string_pretty(&raw_cases)?)?;
+
+    // 2. The raw model time, through onnxruntime's Python session, on the same inputs.
+    let raw_out = args.work.join("raw-times.json");
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/raw_rank.py");
+    let status = std::process::Command::new(&args.python)
+        .arg(&script)
+        .arg("--cases")
+        .arg(&raw_spec)
+        .arg("--requests")
+        .arg(args.requests.to_string())
+        .arg("--out")
+        .arg(&raw_out)
+        .status()
+        .context("running raw_rank.py")?;
+    if !status.success() {
+        bail!("raw_rank.py failed: {status}");
+    }
+    let raw: Value = serde_json::from_str(&std::fs::read_to_string(&raw_out)?)?;
+    let raw_latency = |name: &str| Latency {
+        p50: raw[name]["p50_ms"].as_f64().unwrap_or(f64::NAN),
+        p99: raw[name]["p99_ms"].as_f64().unwrap_or(f64::NAN),
+    };
+
+    // 3. The rank RPC at low load, one service per case (one session, one thread, as raw).
+    let mut rpc = Vec::new();
+    for (case, built) in cases.iter().zip(&requests) {
+        let service = RankService::start(&args.bin_dir, &case.bundle, case.variant, 1, false).await?;
+        let latency = low_load(&service.client().await?, built, args.requests).await?;
+        service.stop().await;
+        println!("  {:<22} rpc p50 {:.3} ms p99 {:.3} ms", case.name, latency.p50, latency.p99);
+        rpc.push(latency);
+    }
+    let by_name = |name: &str| cases.iter().position(|case| case.name == name).expect("a defined case");
+    let rpc_of = |name: &str| rpc[by_name(name)];
+
+    // 4. Peak throughput of the served configuration, unbatched and micro-batched, each at
+    // its best session count.
+    let served = &requests[by_name("served_din")];
+    let mut throughput = Vec::new();
+    for batching in [false, true] {
+        for sessions in [1, 2, 4] {
+            let service = RankService::start(&args.bin_dir, &din, FineVariant::Teacher, sessions, batching).await?;
+            let client = service.client().await?;
+            let _ = low_load(&client, served, 50).await?;
+            let (qps, p99) = peak(&client, served, args.clients, Duration::from_secs(args.load_s)).await;
+            service.stop().await;
+            println!("  throughput batching {batching:<5} sessions {sessions}: {qps:.0} req/s, p99 {p99:.2} ms");
+            throughput.push((batching, sessions, qps, p99));
+        }
+    }
+    let best = |batching: bool| {
+        throughput.iter().filter(|t| t.0 == batching).max_by(|a, b| a.2.total_cmp(&b.2)).copied().expect("measured")
+    };
+    let (unbatched, batched) = (best(false), best(true));
+
+    let metrics = read_manifest(&din)?.metrics;
+    let metric = |name: &str| metrics.get(name).and_then(Value::as_f64);
+    let report = json!({
+        "rank_over_raw_p50_ratio": round(rpc_of("served_din").p50 / raw_latency("served_din").p50, 3),
+        "fine_200_deepfm_p99_ms": round(rpc_of("fine_200_deepfm").p99, 3),
+        "fine_200_din_p99_ms": round(rpc_of("fine_200_din").p99, 3),
+        "fine_200_deepfm_p99_over_raw": round(rpc_of("fine_200_deepfm").p99 / raw_latency("fine_200_deepfm").p99, 3),
+        "fine_200_din_p99_over_raw": round(rpc_of("fine_200_din").p99 / raw_latency("fine_200_din").p99, 3),
+        "catalogue_1m_over_100k_ratio": round(rpc_of("served_din_1m").p50 / rpc_of("served_din").p50, 3),
+        "batching_throughput_gain": round(batched.2 / unbatched.2, 3),
+        "batching_p99_ratio": round(batched.3 / unbatched.3, 3),
+        "int8_speedup": round(rpc_of("fine_200_din").p50 / rpc_of("fine_200_din_int8").p50, 3),
+        "int8_auc_delta": metric("int8_auc_delta"),
+        "student_speedup": round(rpc_of("fine_200_din").p50 / rpc_of("fine_200_din_student").p50, 3),
+        "student_auc_delta": metric("student_auc_delta"),
+        // Bundle swaps under load need the model lifecycle (hot reload), not built yet.
+        "swap_failed_requests": Value::Null,
+    });
+
+    println!();
+    println!("rank-svc (release, loopback gRPC, 1 session x 1 intra-op thread) against onnxruntime's Python session");
+    println!(
+        "  {:<22} {:>6} {:>5} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8}",
+        "case", "cands", "fine", "rpc p50", "rpc p99", "raw p50", "raw p99", "p50 x", "p99 x"
+    );
+    for ((case, latency), _) in cases.iter().zip(&rpc).zip(&requests) {
+        let raw = raw_latency(&case.name);
+        println!(
+            "  {:<22} {:>6} {:>5} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>8.2} {:>8.2}",
+            case.name,
+            case.candidates,
+            case.coarse_keep.min(case.candidates),
+            latency.p50,
+            latency.p99,
+            raw.p50,
+            raw.p99,
+            latency.p50 / raw.p50,
+            latency.p99 / raw.p99
+        );
+    }
+    println!(
+        "  peak throughput, served configuration, {} clients: unbatched {:.0} req/s (p99 {:.2} ms, {} sessions), \
+         micro-batched {:.0} req/s (p99 {:.2} ms, {} sessions)",
+        args.clients, unbatched.2, unbatched.3, unbatched.1, batched.2, batched.3, batched.1
+    );
+    println!(
+        "  fine model AUC (manifest): teacher {:?}, int8 {:?}, student {:?} ({:?} of {:?} parameters)",
+        metric("teacher_onnx_auc"),
+        metric("int8_auc"),
+        metric("student_auc"),
+        metric("student_parameters"),
+        metric("teacher_parameters")
+    );
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    if let Some(parent) = args.out.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&args.out, serde_json::to_string_pretty(&report)?)?;
+    println!("report written to {}", args.out.display());
+    Ok(())
+}
+
+/// SplitMix64: deterministic requests without a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// Known users with a full behaviour sequence and `candidates` distinct catalogue items.
+fn build_requests(ranker: &Ranker, users: &[String], candidates: usize, coarse_keep: usize) -> Vec<RankRequest> {
+    let mut rng = Rng(candidates as u64 * 7919 + coarse_keep as u64);
+    let items = ranker.item_count();
+    (0..DISTINCT_REQUESTS)
+        .map(|_| {
+            let mut chosen = std::collections::HashSet::new();
+            while chosen.len() < candidates.min(items) {
+                chosen.insert(rng.below(items));
+            }
+            let history: Vec<String> = (0..50).map(|_| ranker.item_id(rng.below(items)).to_string()).collect();
+            RankRequest {
+                user: Some(UserFeatures {
+                    user_id: users[rng.below(users.len())].clone(),
+                    known: true,
+                    event_count: history.len() as u64,
+                    history_timestamps: (0..history.len() as i64).map(|n| REQUEST_TIME - 3_600 * (n + 1)).collect(),
+                    history_item_ids: history,
+                    profile: None,
+                }),
+                candidates: chosen
+                    .into_iter()
+                    .map(|item| Candidate { item_id: ranker.item_id(item).to_string(), ..Candidate::default() })
+                    .collect(),
+                coarse_keep: coarse_keep as u32,
+                fine_keep: 0,
+                request_time: Some(REQUEST_TIME),
+                bundle_version: String::new(),
+            }
+        })
+        .collect()
+}
+
+/// Writes, for each request, the coarse model's input (every candidate's cross features)
+/// and the fine model's inputs (the coarse survivors) exactly as rank-svc builds them;
+/// returns the case's entry for raw_rank.py.
+fn write_model_inputs(work: &Path, case: &Case, ranker: &Ranker, requests: &[RankRequest]) -> anyhow::Result<Value> {
+    let data_path = work.join(format!("{}.bin", case.name));
+    let mut data: Vec<u8> = Vec::new();
+    let mut entries = Vec::new();
+    let tensor = |data: &mut Vec<u8>, bytes: &[u8], dtype: &str, rows: usize, len: usize| {
+        let offset = data.len();
+        data.extend_from_slice(bytes);
+        let shape = if len == rows { json!([rows]) } else { json!([rows, len / rows.max(1)]) };
+        json!({"dtype": dtype, "offset": offset, "shape": shape})
+    };
+    for request in requests {
+        let user = request.user.clone().unwrap_or_default();
+        let items = ranker.resolve_items(request.candidates.iter().map(|c| c.item_id.as_str()));
+        let all = ranker.fine_inputs(&user, &items, REQUEST_TIME);
+        let stage = ranker.coarse_stage(&user, &items, case.coarse_keep, REQUEST_TIME)?;
+        let coarse = tensor(&mut data, &f32_bytes(&all.cross_features), "float32", all.len(), all.cross_features.len());
+        let fine = fine_tensors(&stage.inputs, &mut |bytes, dtype, len| {
+            tensor(&mut data, bytes, dtype, stage.inputs.len(), len)
+        });
+        entries.push(json!({"coarse": {"cross_features": coarse}, "fine": fine}));
+    }
+    std::fs::write(&data_path, &data)?;
+    Ok(json!({
+        "name": case.name,
+        "data": data_path,
+        "coarse_model": case.bundle.join("coarse.onnx"),
+        "fine_model": case.bundle.join(case.variant.file()),
+        "requests": entries,
+    }))
+}
+
+fn fine_tensors(inputs: &RankerInputs, tensor: &mut dyn FnMut(&[u8], &str, usize) -> Value) -> Value {
+    let i64s = |values: &[i64]| values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
+    json!({
+        "user_index": tensor(&i64s(&inputs.user_index), "int64", inputs.user_index.len()),
+        "item_index": tensor(&i64s(&inputs.item_index), "int64", inputs.item_index.len()),
+        "history": tensor(&i64s(&inputs.history), "int64", inputs.history.len()),
+        "user_features": tensor(&f32_bytes(&inputs.user_features), "float32", inputs.user_features.len()),
+        "item_features": tensor(&f32_bytes(&inputs.item_features), "float32", inputs.item_features.len()),
+        "cross_features": tensor(&f32_bytes(&inputs.cross_features), "float32", inputs.cross_features.len()),
+    })
+}
+
+fn f32_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// A release rank-svc child process on a free loopback port.
+struct RankService {
+    child: Child,
+    address: SocketAddr,
+}
+
+impl RankService {
+    async fn start(
+        bin_dir: &Path,
+        bundle: &Path,
+        variant: FineVariant,
+        sessions: usize,
+        batching: bool,
+    ) -> anyhow::Result<Self> {
+        let address = tokio::net::TcpListener::bind("127.0.0.1:0").await?.local_addr()?;
+        let variant = serde_json::to_value(variant)?.as_str().unwrap_or("teacher").to_string();
+        let child = Command::new(bin_dir.join("rank-svc"))
+            .env("RECSYS_RANK__SERVER__LISTEN", address.to_string())
+            .env("RECSYS_RANK__SERVER__METRICS_LISTEN", "")
+            .env("RECSYS_RANK__BUNDLE", bundle)
+            .env("RECSYS_RANK__MODELS__SESSIONS", sessions.to_string())
+            .env("RECSYS_RANK__MODELS__INTRA_OP_THREADS", "1")
+            .env("RECSYS_RANK__MODELS__FINE_VARIANT", variant)
+            .env("RECSYS_RANK__BATCHING__ENABLED", batching.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting rank-svc")?;
+        wait_serving(address, Duration::from_secs(180)).await.context("rank-svc")?;
+        Ok(Self { child, address })
+    }
+
+    async fn client(&self) -> anyhow::Result<RankServiceClient<Channel>> {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.address))?.connect().await?;
+        Ok(RankServiceClient::new(channel).max_decoding_message_size(64 << 20))
+    }
+
+    async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+/// One request at a time: `count` timed after a warm-up of one pass over the requests.
+async fn low_load(
+    client: &RankServiceClient<Channel>,
+    requests: &[RankRequest],
+    count: usize,
+) -> anyhow::Result<Latency> {
+    let mut client = client.clone();
+    for request in requests {
+        client.rank(request.clone()).await?;
+    }
+    let mut latencies = Vec::with_capacity(count);
+    for n in 0..count {
+        let request = requests[n % requests.len()].clone();
+        let started = Instant::now();
+        let response = client.rank(request).await?.into_inner();
+        latencies.push(started.elapsed());
+        if response.items.is_empty() {
+            bail!("rank-svc ranked nothing");
+        }
+    }
+    Ok(Latency { p50: quantile_ms(latencies.iter().copied(), 0.5), p99: quantile_ms(latencies.into_iter(), 0.99) })
+}
+
+/// Closed loop: `clients` concurrent callers for `duration`; (requests/s, p99 ms).
+async fn peak(
+    client: &RankServiceClient<Channel>,
+    requests: &[RankRequest],
+    clients: usize,
+    duration: Duration,
+) -> (f64, f64) {
+    let requests = Arc::new(requests.to_vec());
+    let started = Instant::now();
+    let workers: Vec<_> = (0..clients)
+        .map(|worker| {
+            let mut client = client.clone();
+            let requests = Arc::clone(&requests);
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                let mut n = worker;
+                while started.elapsed() < duration {
+                    let request = requests[n % requests.len()].clone();
+                    n += clients;
+                    let sent = Instant::now();
+                    if client.rank(request).await.is_ok() {
+                        latencies.push(sent.elapsed());
+                    }
+                }
+                latencies
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    for worker in workers {
+        latencies.extend(worker.await.unwrap_or_default());
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    (latencies.len() as f64 / elapsed, quantile_ms(latencies.into_iter(), 0.99))
+}
+
+fn round(value: f64, digits: i32) -> f64 {
+    let scale = 10f64.powi(digits);
+    (value * scale).round() / scale
+}

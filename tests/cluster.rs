@@ -61,6 +61,22 @@ async fn recommend_serves_known_and_unknown_users_and_learns_from_events() {
     }
     let without_debug = recommend(&cluster, recommend_request("196", 10)).await.unwrap();
     assert!(without_debug.items.iter().all(|item| item.trace.is_none()));
+    assert!(!response.from_cache && !without_debug.from_cache, "debug answers are never cached");
+
+    // A refresh within seconds is answered from the prediction cache, with its own request id.
+    let refresh = recommend(&cluster, recommend_request("196", 10)).await.unwrap();
+    assert!(refresh.from_cache);
+    assert_ne!(refresh.request_id, without_debug.request_id);
+    assert_eq!(refresh.items, without_debug.items);
+    // So is the next page: the first page excluded, the cached list's next ten.
+    let first_page: Vec<String> = without_debug.items.iter().map(|item| item.item_id.clone()).collect();
+    let next_page =
+        recommend(&cluster, RecommendRequest { exclude_item_ids: first_page.clone(), ..recommend_request("196", 10) })
+            .await
+            .unwrap();
+    assert!(next_page.from_cache);
+    assert_well_formed(&next_page, 10);
+    assert!(next_page.items.iter().all(|item| !first_page.contains(&item.item_id)));
 
     // Excluded items never come back.
     let excluded: Vec<String> = response.items.iter().take(3).map(|item| item.item_id.clone()).collect();
@@ -97,8 +113,12 @@ async fn recommend_serves_known_and_unknown_users_and_learns_from_events() {
         .accepted;
     assert_eq!(accepted, 1);
     assert_eq!(history(&cluster, "new-user-7").await, vec![clicked.clone()]);
+    // The click dropped the user's cached lists: the next answer is computed, and knows it.
     let after = recommend(&cluster, recommend_request("new-user-7", 5)).await.unwrap();
+    assert!(!after.from_cache);
     assert!(after.items.iter().all(|item| item.item_id != clicked));
+    let hits = recsys_runtime::metrics::render();
+    assert!(hits.contains("recsys_prediction_cache_lookups_total{result=\"hit\"}"), "hit rate is exported");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

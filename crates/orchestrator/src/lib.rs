@@ -14,6 +14,7 @@ pub mod experiments;
 mod fallback;
 mod metrics;
 mod pipeline;
+mod prediction_cache;
 mod service;
 pub mod tracks;
 
@@ -28,6 +29,7 @@ pub use domain::{RecommendQuery, Stage, Track};
 pub use error::{OrchestratorError, Result};
 pub use experiments::{ExperimentConfig, Overrides};
 pub use pipeline::Pipeline;
+pub use prediction_cache::CacheConfig;
 pub use recsys_proto::limits::MAX_HISTORY;
 pub use recsys_runtime::resilience::ResilienceConfig;
 pub use service::RecommenderGrpc;
@@ -62,6 +64,8 @@ pub struct Config {
     /// 2.0 }`. Experiment variants apply on top of a scene. A request naming a scene
     /// that is not here is rejected; an empty scene uses the defaults above.
     pub scenes: BTreeMap<String, Overrides>,
+    /// Short-lived answers to a user's repeats and next pages (`prediction_cache.rs`).
+    pub prediction_cache: CacheConfig,
 }
 
 impl Config {
@@ -133,6 +137,7 @@ impl Default for Config {
             experiments: ExperimentConfig::default(),
             canary: CanaryConfig::default(),
             scenes: BTreeMap::new(),
+            prediction_cache: CacheConfig::default(),
         }
     }
 }

@@ -32,6 +32,7 @@ use crate::{
     domain::{RecommendQuery, Stage, Track},
     experiments::Overrides,
     metrics::{EXPERIMENT_ASSIGNMENTS, SERVED_SCORE, STAGE_CANDIDATES, STAGE_DEGRADED, STAGE_DURATION, TRACK_REQUESTS},
+    prediction_cache::PredictionCache,
     tracks::{RankRouting, RankTrack},
     Config, OrchestratorError, Result,
 };
@@ -42,6 +43,8 @@ pub struct Pipeline {
     config: Config,
     /// Popular items: the answer of last resort.
     popular_fallback: RwLock<Arc<Vec<Candidate>>>,
+    /// Lists computed in the last seconds, answering a user's repeats and next pages.
+    cache: PredictionCache,
 }
 
 /// One client stack per leaf, built once.
@@ -157,7 +160,8 @@ impl Pipeline {
         let canary = (!config.canary.rank.is_empty()).then(|| track(Track::Canary, &config.canary.rank)).transpose()?;
         let rank = RankRouting::new(stable, canary, config.canary.share_percent, config.canary.salt.clone());
         let popular = Arc::new(seed_popular(&config));
-        Ok(Self { clients, rank, config, popular_fallback: RwLock::new(popular) })
+        let cache = PredictionCache::new(config.prediction_cache.clone());
+        Ok(Self { clients, rank, config, popular_fallback: RwLock::new(popular), cache })
     }
 
     pub fn config(&self) -> &Config {
@@ -176,8 +180,32 @@ impl Pipeline {
         deadline: Deadline,
         request_id: String,
     ) -> Result<RecommendResponse> {
-        let started = Instant::now();
+        let asked = query.top_k;
+        let query = RecommendQuery { top_k: self.cache.compute_top_k(&query), ..query };
         let plan = self.plan(&query)?;
+        // The track is part of the cached answer: an operator's canary change applies at once.
+        let route = plan.track.track.name();
+        if let Some(cached) = self.cache.get(&query, asked, route) {
+            return Ok(RecommendResponse { request_id, from_cache: true, ..cached });
+        }
+        let cache_key = self.cache.enabled().then(|| query.clone());
+        let mut response = self.compute(query, plan, deadline, request_id).await;
+        if let Some(query) = cache_key {
+            self.cache.put(&query, route, &response);
+        }
+        response.items.truncate(asked as usize);
+        Ok(response)
+    }
+
+    /// One pass through the four services.
+    async fn compute(
+        &self,
+        query: RecommendQuery,
+        plan: Plan,
+        deadline: Deadline,
+        request_id: String,
+    ) -> RecommendResponse {
+        let started = Instant::now();
         let user = self.fetch_user(&query, deadline).await;
         let (recalled, user_features) = self.recall(&query, &plan, user.value, deadline).await;
         let recall_traces = query.debug.then(|| recall_traces(&recalled.value.candidates));
@@ -199,7 +227,7 @@ impl Pipeline {
             items: reranked.value,
             traces: recall_traces.map(|recall| DebugTraces { recall, ranked: ranked.value.stage_scores }),
         };
-        Ok(self.respond(query, plan, request_id, started, served))
+        self.respond(query, plan, request_id, started, served)
     }
 
     fn plan(&self, query: &RecommendQuery) -> Result<Plan> {
@@ -405,6 +433,7 @@ impl Pipeline {
             degraded_stages,
             experiments: plan.experiments,
             track: track.track.name().to_string(),
+            from_cache: false,
         }
     }
 
@@ -424,6 +453,11 @@ impl Pipeline {
     /// Forwards feedback to feature-svc; acknowledged only once feature-svc has it durably.
     /// Not retried here: an append is not idempotent, so the client decides.
     pub async fn log_events(&self, events: Vec<Event>, deadline: Deadline) -> Result<u32, Status> {
+        // Before the events are stored, so no request can cache a list computed without
+        // them after they are acknowledged.
+        for user_id in events.iter().map(|event| event.user_id.as_str()).collect::<std::collections::HashSet<_>>() {
+            self.cache.invalidate(user_id);
+        }
         let budget = deadline
             .remaining()
             .ok_or_else(|| Status::deadline_exceeded("deadline exceeded before the events could be stored"))?;

@@ -275,7 +275,12 @@ fn build_requests(ranker: &Ranker, users: &[String], candidates: usize, coarse_k
             let history: Vec<String> = (0..50).map(|_| ranker.item_id(rng.below(items)).to_string()).collect();
             RankRequest {
                 user: Some(UserFeatures {
-                    user_id: users[rng.below(users.len())].clone(),
+                    // Catalogue-scale bundles learn no per-user ids: any id is a new user there.
+                    user_id: if users.is_empty() {
+                        format!("user-{}", rng.below(1 << 20))
+                    } else {
+                        users[rng.below(users.len())].clone()
+                    },
                     known: true,
                     event_count: history.len() as u64,
                     history_timestamps: (0..history.len() as i64).map(|n| REQUEST_TIME - 3_600 * (n + 1)).collect(),

@@ -268,20 +268,27 @@ impl Ranker {
     /// The cross features of `items`, rows in the configuration's column order.
     fn cross_features(&self, context: &UserContext, items: &[usize]) -> Vec<f32> {
         let mut out = Vec::with_capacity(items.len() * self.cross.len());
+        let wants_embedding = self
+            .cross
+            .iter()
+            .any(|source| matches!(source, CrossSource::EmbeddingScore | CrossSource::EmbeddingZscore));
         for &item in items {
+            // One inner product per candidate, whichever columns use it: at catalogue scale
+            // the item's vector is a cache miss, the largest cost of these features.
+            let embedding = match &context.vector {
+                Some(vector) if wants_embedding => self.embeddings.score(vector, item),
+                _ => 0.0,
+            };
+            let item_cf = context.item_cf.get(item);
             for source in &self.cross {
                 out.push(match source {
-                    CrossSource::ItemCfScore => context.item_cf.get(item) as f32,
-                    CrossSource::ItemCfZscore => context.item_cf_spread.z(context.item_cf.get(item)),
+                    CrossSource::ItemCfScore => item_cf as f32,
+                    CrossSource::ItemCfZscore => context.item_cf_spread.z(item_cf),
                     CrossSource::ItemCfRecentScore => {
                         context.item_cf_recent.as_ref().map_or(0.0, |scores| scores.get(item) as f32)
                     }
-                    CrossSource::EmbeddingScore => {
-                        context.vector.as_ref().map_or(0.0, |v| self.embeddings.score(v, item))
-                    }
-                    CrossSource::EmbeddingZscore => context
-                        .embedding_spread
-                        .z(context.vector.as_ref().map_or(0.0, |v| f64::from(self.embeddings.score(v, item)))),
+                    CrossSource::EmbeddingScore => embedding,
+                    CrossSource::EmbeddingZscore => context.embedding_spread.z(f64::from(embedding)),
                 });
             }
         }

@@ -64,6 +64,9 @@ struct Args {
     /// Concurrent closed-loop clients for the throughput measurements.
     #[arg(long, default_value_t = 16)]
     clients: usize,
+    /// Diagnosis: measure only the low-load cases whose names contain this (no report).
+    #[arg(long)]
+    only: Option<String>,
 }
 
 /// Distinct requests per case, cycled through by both sides.
@@ -113,17 +116,22 @@ async fn main() -> anyhow::Result<()> {
         case("fine_200_din_student", &din, FineVariant::Student, 200, 200),
         case("served_din_1m", &catalogue, FineVariant::Teacher, SERVED_CANDIDATES, SERVED_KEEP),
     ];
+    let diagnosis = args.only.is_some();
+    let cases: Vec<Case> =
+        cases.into_iter().filter(|case| args.only.as_ref().is_none_or(|only| case.name.contains(only))).collect();
 
     // 1. Every case's requests, and the exact model inputs rank-svc builds for them.
     let environment = onnx_environment(None)?;
     let mut requests = Vec::new();
     let mut raw_cases = Vec::new();
+    let mut in_process = Vec::new();
     for case in &cases {
         let options = ModelOptions { sessions: 1, intra_op_threads: 1, fine_variant: case.variant };
         let ranker = Ranker::load(&case.bundle, &environment, &options).with_context(|| case.name.clone())?;
         let users = read_user_ids(&case.bundle)?;
         let built = build_requests(&ranker, &users, case.candidates, case.coarse_keep);
         raw_cases.push(write_model_inputs(&args.work, case, &ranker, &built)?);
+        in_process.push(rank_in_process(&ranker, &built, args.requests)?);
         requests.push(built);
     }
     let raw_spec = args.work.join("raw-cases.json");
@@ -157,8 +165,17 @@ async fn main() -> anyhow::Result<()> {
         let service = RankService::start(&args.bin_dir, &case.bundle, case.variant, 1, false).await?;
         let latency = low_load(&service.client().await?, built, args.requests).await?;
         service.stop().await;
-        println!("  {:<22} rpc p50 {:.3} ms p99 {:.3} ms", case.name, latency.p50, latency.p99);
+        println!(
+            "  {:<22} rpc p50 {:.3} ms p99 {:.3} ms (in-process rank p50 {:.3} ms)",
+            case.name,
+            latency.p50,
+            latency.p99,
+            in_process[rpc.len()].p50
+        );
         rpc.push(latency);
+    }
+    if diagnosis {
+        return Ok(());
     }
     let by_name = |name: &str| cases.iter().position(|case| case.name == name).expect("a defined case");
     let rpc_of = |name: &str| rpc[by_name(name)];
@@ -298,6 +315,28 @@ fn build_requests(ranker: &Ranker, users: &[String], candidates: usize, coarse_k
             }
         })
         .collect()
+}
+
+/// `Ranker::rank` called directly (no gRPC, no thread hand-off), for the table: what of
+/// the RPC time is ranking and what is transport and scheduling.
+fn rank_in_process(ranker: &Ranker, requests: &[RankRequest], count: usize) -> anyhow::Result<Latency> {
+    let resolved: Vec<(UserFeatures, Vec<usize>)> = requests
+        .iter()
+        .map(|request| {
+            let items = ranker.resolve_items(request.candidates.iter().map(|c| c.item_id.as_str()));
+            (request.user.clone().unwrap_or_default(), items)
+        })
+        .collect();
+    let mut latencies = Vec::with_capacity(count);
+    for n in 0..count + resolved.len() {
+        let (user, items) = &resolved[n % resolved.len()];
+        let started = Instant::now();
+        ranker.rank(user, items, requests[0].coarse_keep as usize, REQUEST_TIME)?;
+        if n >= resolved.len() {
+            latencies.push(started.elapsed());
+        }
+    }
+    Ok(Latency { p50: quantile_ms(latencies.iter().copied(), 0.5), p99: quantile_ms(latencies.into_iter(), 0.99) })
 }
 
 /// Writes, for each request, the coarse model's input (every candidate's cross features)

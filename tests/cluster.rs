@@ -174,9 +174,9 @@ async fn every_service_reports_health_and_lists_itself_by_reflection() {
     let expected: [(Service, &[&str]); 5] = [
         (Service::Orchestrator, &["recsys.v1.Recommender", "recsys.v1.Admin"]),
         (Service::Feature, &["recsys.v1.FeatureService"]),
-        (Service::Recall, &["recsys.v1.RecallService"]),
-        (Service::Rank, &["recsys.v1.RankService"]),
-        (Service::Rerank, &["recsys.v1.RerankService"]),
+        (Service::Recall, &["recsys.v1.RecallService", "recsys.v1.ModelAdmin"]),
+        (Service::Rank, &["recsys.v1.RankService", "recsys.v1.ModelAdmin"]),
+        (Service::Rerank, &["recsys.v1.RerankService", "recsys.v1.ModelAdmin"]),
     ];
     for (service, names) in expected {
         assert_eq!(cluster.health(service).await, Some(ServingStatus::Serving), "{service:?}");
@@ -250,6 +250,7 @@ async fn experiments_and_the_rank_canary_are_applied_and_operable_at_run_time() 
         canary_share_percent: Some(50.0),
         experiments: ExperimentConfig { layers: vec![layer.clone()] },
         scenes: [("popular_only".to_string(), popular_only)].into(),
+        ..ClusterOptions::default()
     };
     let cluster = Cluster::start_with(options).await.expect("cluster starts");
 

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto_root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
-    let files: Vec<PathBuf> = ["common", "recommender", "admin", "feature", "recall", "rank", "rerank"]
+    let files: Vec<PathBuf> = ["common", "recommender", "admin", "model_admin", "feature", "recall", "rank", "rerank"]
         .iter()
         .map(|name| proto_root.join(format!("recsys/v1/{name}.proto")))
         .collect();

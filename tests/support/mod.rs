@@ -40,6 +40,10 @@ pub struct ClusterOptions {
     pub canary_share_percent: Option<f64>,
     pub experiments: orchestrator::ExperimentConfig,
     pub scenes: std::collections::BTreeMap<String, orchestrator::Overrides>,
+    /// A bundle root (version directories and `current`) instead of the default bundle.
+    pub bundle_root: Option<PathBuf>,
+    /// How often the bundle consumers check `current` (their default when unset).
+    pub follow_current_ms: Option<u64>,
 }
 
 struct Running {
@@ -75,7 +79,10 @@ impl Cluster {
 
     pub async fn start_with(options: ClusterOptions) -> anyhow::Result<Self> {
         let root = workspace_root();
-        let bundle = std::env::var_os("RECSYS_TEST_BUNDLE").map_or_else(|| root.join("models/bundles"), PathBuf::from);
+        let bundle = options.bundle_root.clone().unwrap_or_else(|| {
+            std::env::var_os("RECSYS_TEST_BUNDLE").map_or_else(|| root.join("models/bundles"), PathBuf::from)
+        });
+        let follow_current_ms = options.follow_current_ms.unwrap_or(rank_svc::Config::default().follow_current_ms);
         let seed = root.join("data/ml-100k");
         if recsys_bundle_missing(&bundle) || !seed.join("interactions.csv").is_file() {
             bail!(
@@ -139,16 +146,19 @@ impl Cluster {
             bundle: bundle.clone(),
             // Generous, like the stage budgets above: answers must not depend on scheduling.
             channels: generous_channel_budgets(recall_svc::Config::default().channels),
+            follow_current_ms,
             ..recall_svc::Config::default()
         };
         let rank_config = rank_svc::Config {
             server: server_config(&listeners[&Service::Rank]),
             bundle: bundle.clone(),
+            follow_current_ms,
             ..rank_svc::Config::default()
         };
         let rerank_config = rerank_svc::Config {
             server: server_config(&listeners[&Service::Rerank]),
             bundle,
+            follow_current_ms,
             ..rerank_svc::Config::default()
         };
 

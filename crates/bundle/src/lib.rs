@@ -29,6 +29,7 @@ pub mod embeddings;
 mod features;
 mod item_ids;
 mod item_to_item;
+pub mod registry;
 pub mod tensors;
 
 use std::{
@@ -43,6 +44,7 @@ pub use embeddings::{EmbeddingSpace, VectorMoments};
 pub use features::{CrossSource, Encoding, Feature, FeatureConfig, RankerInputs, UserAttributes, RECENT_ITEMS};
 pub use item_ids::{read_item_columns, ItemColumns, ItemIds};
 pub use item_to_item::{ItemScores, ItemToItem, PositionHasher};
+pub use registry::{QualityGate, Registry, VersionInfo};
 pub use tensors::{Column, Matrix, TensorFile};
 
 /// Bundle format this code reads.
@@ -61,6 +63,8 @@ pub enum BundleError {
     Malformed { path: PathBuf, reason: String },
     #[error("no bundle under {0} (run `make bundle` or set the bundle path)")]
     NotFound(PathBuf),
+    #[error("bundle version {version} not accepted: {reason}")]
+    Rejected { version: String, reason: String },
 }
 
 pub type Result<T, E = BundleError> = std::result::Result<T, E>;
@@ -189,7 +193,7 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A manifest with no files, for tests that add their own.

@@ -12,8 +12,8 @@ pub enum RankError {
     ModelContract { model: String, reason: String },
     #[error("overloaded: {0}")]
     Overloaded(String),
-    #[error("the request is pinned to bundle {pinned}, this rank-svc serves bundle {served}")]
-    BundleMismatch { pinned: String, served: String },
+    #[error("the request is pinned to bundle {pinned}, which this rank-svc (serving {served}) cannot load: {reason}")]
+    PinnedBundleUnavailable { pinned: String, served: String, reason: String },
 }
 
 pub type Result<T, E = RankError> = std::result::Result<T, E>;
@@ -22,7 +22,7 @@ impl From<RankError> for Status {
     fn from(error: RankError) -> Self {
         match error {
             RankError::InvalidArgument(message) => Status::invalid_argument(message),
-            RankError::Bundle(_) | RankError::ModelContract { .. } | RankError::BundleMismatch { .. } => {
+            RankError::Bundle(_) | RankError::ModelContract { .. } | RankError::PinnedBundleUnavailable { .. } => {
                 Status::failed_precondition(error.to_string())
             }
             RankError::Overloaded(_) => Status::resource_exhausted(error.to_string()),

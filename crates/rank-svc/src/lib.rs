@@ -15,7 +15,10 @@ mod model;
 mod ranking;
 mod service;
 
-use std::{future::Future, path::PathBuf, sync::Arc};
+use std::{future::Future, path::PathBuf, sync::Arc, time::Duration};
+
+use recsys_bundle::{BundleError, QualityGate, Registry};
+use recsys_runtime::model_admin::{ModelAdminGrpc, MODEL_ADMIN_SERVICE_NAME};
 
 use recsys_runtime::{server::ServiceConfig, ServerConfig};
 use serde::{Deserialize, Serialize};
@@ -29,6 +32,8 @@ pub use ranking::{FineStage, RankedCandidate, Ranker};
 pub use service::RankGrpc;
 
 pub const SERVICE_NAME: &str = "recsys.v1.RankService";
+/// How this service names itself in logs and in `ModelAdmin` answers.
+const SERVICE_BINARY: &str = "rank-svc";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -45,6 +50,11 @@ pub struct Config {
     /// Cross-request micro-batching of the fine model (off by default: see the README's
     /// "Ranking speed" for when it pays).
     pub batching: BatchingConfig,
+    /// How often the bundle root's `current` link is checked for a new version (0: never;
+    /// `recsysctl model load` still works).
+    pub follow_current_ms: u64,
+    /// The deployment check a new version passes before it serves.
+    pub quality_gate: QualityGate,
 }
 
 impl Default for Config {
@@ -56,6 +66,8 @@ impl Default for Config {
             coarse_keep: 50,
             models: ModelOptions::default(),
             batching: BatchingConfig::default(),
+            follow_current_ms: 2_000,
+            quality_gate: QualityGate::default(),
         }
     }
 }
@@ -66,19 +78,47 @@ impl ServiceConfig for Config {
     }
 }
 
-pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let bundle_dir = recsys_bundle::resolve_dir(&config.bundle)?;
+/// One loaded bundle version: its ranker, and its micro-batcher when batching is on (the
+/// batcher runs that version's fine model, and stops when the version is retired).
+pub struct RankerVersion {
+    pub ranker: Arc<Ranker>,
+    pub batcher: Option<Arc<MicroBatcher>>,
+}
+
+/// The bundle registry of rank-svc: each version is loaded by `Ranker::load` (feature
+/// contract, both models, a finite-output warm-up batch on every session).
+pub fn open_registry(config: &Config) -> anyhow::Result<Arc<Registry<RankerVersion>>> {
     let environment = onnx_environment(config.onnxruntime_library.as_deref())?;
-    let ranker = Arc::new(Ranker::load(&bundle_dir, &environment, &config.models)?);
-    tracing::info!(bundle = %ranker.version(), fine_model = ?config.models.fine_variant, "ranker loaded");
-    let batcher = config
-        .batching
-        .enabled
-        .then(|| Arc::new(MicroBatcher::start(ranker.fine_model(), config.models.sessions, &config.batching)));
+    let (models, batching) = (config.models.clone(), config.batching.clone());
+    let registry =
+        Registry::open(SERVICE_BINARY, &config.bundle, config.quality_gate.clone(), move |dir, manifest| {
+            let ranker = Ranker::load(dir, &environment, &models).map_err(|error| match error {
+                RankError::Bundle(error) => error,
+                other => BundleError::Rejected { version: manifest.version.clone(), reason: other.to_string() },
+            })?;
+            let ranker = Arc::new(ranker);
+            let batcher = batching
+                .enabled
+                .then(|| Arc::new(MicroBatcher::start(ranker.fine_model(), models.sessions, &batching)));
+            tracing::info!(bundle = %ranker.version(), fine_model = ?models.fine_variant, "ranker loaded");
+            Ok(RankerVersion { ranker, batcher })
+        })?;
+    let registry = Arc::new(registry);
+    if config.follow_current_ms > 0 {
+        registry.follow_current(Duration::from_millis(config.follow_current_ms));
+    }
+    Ok(registry)
+}
+
+pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let registry = open_registry(&config)?;
     let max_message_bytes = config.server.max_message_bytes;
     let options = config.server.serve_options();
-    let service =
-        RankGrpc::new(ranker, batcher, config.coarse_keep).into_server().max_decoding_message_size(max_message_bytes);
-    recsys_runtime::serve(listener, &[SERVICE_NAME], tonic::service::Routes::new(service), options, shutdown).await?;
+    let service = RankGrpc::new(Arc::clone(&registry), config.coarse_keep)
+        .into_server()
+        .max_decoding_message_size(max_message_bytes);
+    let admin = ModelAdminGrpc::new(SERVICE_BINARY, registry).into_server();
+    let routes = tonic::service::Routes::new(service).add_service(admin);
+    recsys_runtime::serve(listener, &[SERVICE_NAME, MODEL_ADMIN_SERVICE_NAME], routes, options, shutdown).await?;
     Ok(())
 }

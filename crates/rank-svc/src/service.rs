@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use recsys_proto::{
-    limits::{MAX_CANDIDATES, MAX_HISTORY},
+    limits::{MAX_CANDIDATES, MAX_HISTORY, MAX_ID_BYTES},
     v1::{
         rank_service_server::{RankService, RankServiceServer},
         RankRequest, RankResponse, RankedItem,
@@ -14,7 +14,10 @@ use tonic::{Request, Response, Status};
 
 use tracing::Instrument;
 
-use crate::{MicroBatcher, RankError, Ranker};
+use recsys_bundle::Registry;
+use recsys_runtime::model_admin::version_for;
+
+use crate::{RankError, RankerVersion};
 
 /// Runs model work on a blocking thread, so it never stalls the async workers.
 async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T, Status> {
@@ -30,15 +33,13 @@ fn request_time_or_now(request_time: Option<i64>) -> i64 {
 
 #[derive(Clone)]
 pub struct RankGrpc {
-    ranker: Arc<Ranker>,
-    /// Present when micro-batching is on: fine-model runs shared across requests.
-    batcher: Option<Arc<MicroBatcher>>,
+    registry: Arc<Registry<RankerVersion>>,
     default_coarse_keep: usize,
 }
 
 impl RankGrpc {
-    pub fn new(ranker: Arc<Ranker>, batcher: Option<Arc<MicroBatcher>>, default_coarse_keep: usize) -> Self {
-        Self { ranker, batcher, default_coarse_keep }
+    pub fn new(registry: Arc<Registry<RankerVersion>>, default_coarse_keep: usize) -> Self {
+        Self { registry, default_coarse_keep }
     }
 
     pub fn into_server(self) -> RankServiceServer<Self> {
@@ -60,20 +61,24 @@ impl RankService for RankGrpc {
             ))
             .into());
         }
-        // Item positions and features must agree with the bundle recall proposed from.
-        if !bundle_version.is_empty() && bundle_version != self.ranker.version() {
-            return Err(RankError::BundleMismatch {
-                pinned: bundle_version,
-                served: self.ranker.version().to_string(),
-            }
-            .into());
+        if bundle_version.len() > MAX_ID_BYTES {
+            return Err(
+                RankError::InvalidArgument(format!("bundle_version is longer than {MAX_ID_BYTES} bytes")).into()
+            );
         }
+        // Item positions and features must agree with the bundle recall proposed from.
+        let version =
+            version_for(&self.registry, &bundle_version).await.map_err(|error| RankError::PinnedBundleUnavailable {
+                served: self.registry.current_version(),
+                pinned: bundle_version,
+                reason: error.to_string(),
+            })?;
         let request_time = request_time_or_now(request_time);
         let coarse_keep = if coarse_keep == 0 { self.default_coarse_keep } else { coarse_keep as usize };
-        let ranker = Arc::clone(&self.ranker);
+        let ranker = Arc::clone(&version.ranker);
         // The models run on a blocking thread; carry the request's span there.
         let span = tracing::Span::current();
-        let ranked = match &self.batcher {
+        let ranked = match &version.batcher {
             None => {
                 blocking(move || {
                     let _entered = span.enter();
@@ -94,7 +99,7 @@ impl RankService for RankGrpc {
                     .score(stage.inputs, arriving)
                     .instrument(tracing::info_span!("fine", batched = true))
                     .await?;
-                self.ranker.finish(stage.coarse, fine)
+                version.ranker.finish(stage.coarse, fine)
             }
         };
         let keep = if fine_keep == 0 { ranked.len() } else { fine_keep as usize };
@@ -103,12 +108,12 @@ impl RankService for RankGrpc {
                 .into_iter()
                 .take(keep)
                 .map(|candidate| RankedItem {
-                    item_id: self.ranker.item_id(candidate.item).to_string(),
+                    item_id: version.ranker.item_id(candidate.item).to_string(),
                     coarse_score: candidate.coarse_score,
                     fine_score: candidate.fine_score,
                 })
                 .collect(),
-            model_version: self.ranker.version().to_string(),
+            model_version: version.ranker.version().to_string(),
         }))
     }
 }

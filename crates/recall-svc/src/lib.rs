@@ -14,7 +14,10 @@ pub mod hnsw;
 pub mod nearest;
 mod service;
 
-use std::{future::Future, path::PathBuf, sync::Arc};
+use std::{future::Future, path::PathBuf, sync::Arc, time::Duration};
+
+use recsys_bundle::{BundleError, QualityGate, Registry};
+use recsys_runtime::model_admin::{ModelAdminGrpc, MODEL_ADMIN_SERVICE_NAME};
 
 use recsys_runtime::{server::ServiceConfig, ServerConfig};
 use serde::{Deserialize, Serialize};
@@ -28,6 +31,8 @@ pub use recsys_proto::v1::Channel;
 pub use service::RecallGrpc;
 
 pub const SERVICE_NAME: &str = "recsys.v1.RecallService";
+/// How this service names itself in logs and in `ModelAdmin` answers.
+const SERVICE_BINARY: &str = "recall-svc";
 
 /// Item positions a request may not be proposed (its history and exclusions). Hashed by
 /// one multiplication: the HNSW search asks about every node it visits.
@@ -47,6 +52,11 @@ pub struct Config {
     /// asking for more items than this searches with its quota instead.
     pub ann_expansion: usize,
     pub channels: ChannelSettings,
+    /// How often the bundle root's `current` link is checked for a new version (0: never;
+    /// `recsysctl model load` still works).
+    pub follow_current_ms: u64,
+    /// The deployment check a new version passes before it serves.
+    pub quality_gate: QualityGate,
 }
 
 /// Per channel: how many items it proposes (0 disables it) and its weight in fusion.
@@ -109,6 +119,8 @@ impl Default for Config {
             rrf_k: 60.0,
             ann_expansion: 128,
             channels: ChannelSettings::default(),
+            follow_current_ms: 2_000,
+            quality_gate: QualityGate::default(),
         }
     }
 }
@@ -119,19 +131,38 @@ impl ServiceConfig for Config {
     }
 }
 
+/// The bundle registry of recall-svc: each version is loaded by `RecallIndex::load`
+/// (every tensor checked and mapped, links bounds-checked) and warmed up before it serves.
+pub fn open_registry(config: &Config) -> anyhow::Result<Arc<Registry<RecallIndex>>> {
+    let (ann_expansion, warm_up_quota) = (config.ann_expansion, config.channels.embedding.quota);
+    let registry = Registry::open(SERVICE_BINARY, &config.bundle, config.quality_gate.clone(), move |dir, _| {
+        let index = RecallIndex::load(dir, ann_expansion).map_err(|error| match error {
+            RecallError::Bundle(error) => error,
+            other => BundleError::Malformed { path: dir.to_path_buf(), reason: other.to_string() },
+        })?;
+        index.warm_up(warm_up_quota);
+        tracing::info!(
+            bundle = %index.version,
+            items = index.embeddings.num_items(),
+            approximate = index.is_approximate(),
+            "recall index loaded"
+        );
+        Ok(index)
+    })?;
+    let registry = Arc::new(registry);
+    if config.follow_current_ms > 0 {
+        registry.follow_current(Duration::from_millis(config.follow_current_ms));
+    }
+    Ok(registry)
+}
+
 pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let bundle_dir = recsys_bundle::resolve_dir(&config.bundle)?;
-    let index = Arc::new(RecallIndex::load(&bundle_dir, config.ann_expansion)?);
-    index.warm_up(config.channels.embedding.quota);
-    tracing::info!(
-        bundle = %index.version,
-        items = index.embeddings.num_items(),
-        approximate = index.is_approximate(),
-        "recall index loaded"
-    );
+    let registry = open_registry(&config)?;
     let max_message_bytes = config.server.max_message_bytes;
     let options = config.server.serve_options();
-    let service = RecallGrpc::new(index, config).into_server().max_decoding_message_size(max_message_bytes);
-    recsys_runtime::serve(listener, &[SERVICE_NAME], tonic::service::Routes::new(service), options, shutdown).await?;
+    let admin = ModelAdminGrpc::new(SERVICE_BINARY, Arc::clone(&registry)).into_server();
+    let service = RecallGrpc::new(registry, config).into_server().max_decoding_message_size(max_message_bytes);
+    let routes = tonic::service::Routes::new(service).add_service(admin);
+    recsys_runtime::serve(listener, &[SERVICE_NAME, MODEL_ADMIN_SERVICE_NAME], routes, options, shutdown).await?;
     Ok(())
 }

@@ -3,6 +3,7 @@
 
 use std::{sync::Arc, time::Duration};
 
+use recsys_bundle::Registry;
 use recsys_proto::{
     limits::{MAX_CANDIDATES, MAX_EXCLUDED_ITEMS, MAX_HISTORY},
     v1::{
@@ -29,13 +30,13 @@ static CHANNEL_CANDIDATES: std::sync::LazyLock<prometheus::HistogramVec> = std::
 
 #[derive(Clone)]
 pub struct RecallGrpc {
-    index: Arc<RecallIndex>,
+    registry: Arc<Registry<RecallIndex>>,
     config: Arc<Config>,
 }
 
 impl RecallGrpc {
-    pub fn new(index: Arc<RecallIndex>, config: Config) -> Self {
-        Self { index, config: Arc::new(config) }
+    pub fn new(registry: Arc<Registry<RecallIndex>>, config: Config) -> Self {
+        Self { registry, config: Arc::new(config) }
     }
 
     pub fn into_server(self) -> RecallServiceServer<Self> {
@@ -62,10 +63,14 @@ impl RecallGrpc {
             }
             n => n,
         };
-        let index = Arc::clone(&self.index);
+        // Recall chooses the request's bundle version (the current one); the services after
+        // it are pinned to it, and this request finishes on it whatever changes meanwhile.
+        let (_, index) = self.registry.current();
+        let request_index = Arc::clone(&index);
         // The user's signals (vectors, item-to-item scores) and what to leave out, computed
         // once off the async workers and shared by every channel.
         let request = tokio::task::spawn_blocking(move || {
+            let index = request_index;
             let embeddings = &index.embeddings;
             // The one place the request path removes seen and excluded items.
             let excluded: ExcludedItems = user
@@ -86,7 +91,7 @@ impl RecallGrpc {
             .into_iter()
             .map(|channel| {
                 let quota = self.config.channels.quota(channel);
-                let (index, request) = (Arc::clone(&self.index), Arc::clone(&request));
+                let (index, request) = (Arc::clone(&index), Arc::clone(&request));
                 ChannelJob {
                     channel,
                     budget: Duration::from_millis(quota.budget_ms),
@@ -97,7 +102,7 @@ impl RecallGrpc {
         let mut proposals = propose_concurrently(jobs).await;
         for channel in cheap {
             let quota = self.config.channels.quota(channel).quota;
-            proposals.push((channel, self.index.propose(channel, &request.signals, &request.excluded, quota)));
+            proposals.push((channel, index.propose(channel, &request.signals, &request.excluded, quota)));
         }
         let lists: Vec<ChannelList> = proposals
             .into_iter()
@@ -107,7 +112,6 @@ impl RecallGrpc {
                 ChannelList { channel, weight, items }
             })
             .collect();
-        let index = &self.index;
         let fused = fuse_channels(&lists, &request.excluded, self.config.rrf_k, limit);
         let candidates = fused
             .into_iter()

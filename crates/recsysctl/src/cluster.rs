@@ -12,7 +12,7 @@ use recsys_proto::v1::{
     LogEventsRequest, PromoteCanaryRequest, RecommendRequest, RollbackCanaryRequest, SetCanaryShareRequest,
 };
 
-use crate::CanaryCommand as CanaryAction;
+use crate::{CanaryCommand as CanaryAction, ModelCommand};
 use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
 
 pub async fn wait_ready(addresses: &[String], timeout_s: u64) -> anyhow::Result<()> {
@@ -156,6 +156,40 @@ pub async fn canary(address: &str, action: CanaryAction) -> anyhow::Result<()> {
             track.rank_failures,
             track.latency_p50_ms,
             track.latency_p99_ms
+        );
+    }
+    Ok(())
+}
+
+pub async fn model(address: &str, action: ModelCommand) -> anyhow::Result<()> {
+    use recsys_proto::v1::{
+        model_admin_client::ModelAdminClient, ListModelsRequest, LoadModelRequest, RetireModelRequest,
+    };
+    let mut client = ModelAdminClient::connect(recsys_runtime::client::endpoint_uri(address))
+        .await
+        .with_context(|| format!("connecting to {address}"))?;
+    let versions = match action {
+        ModelCommand::List => client.list_models(ListModelsRequest {}).await,
+        ModelCommand::Load { version, current, force } => {
+            client
+                .load_model(LoadModelRequest { version: version.unwrap_or_default(), make_current: current, force })
+                .await
+        }
+        ModelCommand::Retire { version } => client.retire_model(RetireModelRequest { version }).await,
+    }
+    .map_err(|status| anyhow::anyhow!("{}: {}", status.code(), status.message()))?
+    .into_inner();
+    println!("{} at {address}", versions.service);
+    println!("{:<8} {:<28} {:<26} {:>9} {:>9}", "", "version", "created", "fine_auc", "coarse_auc");
+    for version in versions.versions {
+        let metric = |name: &str| version.metrics.get(name).map_or("-".to_string(), |value| format!("{value:.4}"));
+        println!(
+            "{:<8} {:<28} {:<26} {:>9} {:>9}",
+            if version.current { "current" } else { "" },
+            version.version,
+            version.created_at,
+            metric("fine_auc"),
+            metric("coarse_auc")
         );
     }
     Ok(())

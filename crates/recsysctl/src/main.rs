@@ -79,6 +79,15 @@ enum Command {
         #[arg(long, default_value = "target/reports/eval-ml100k-ablation.png")]
         out: PathBuf,
     },
+    /// Bundle versions loaded by a bundle consumer (recall-svc, rank-svc or rerank-svc,
+    /// addressed on its gRPC port): list them, load one (and make it current), retire one.
+    Model {
+        /// host:port of the service.
+        #[arg(long, default_value = "127.0.0.1:50054")]
+        addr: String,
+        #[command(subcommand)]
+        command: ModelCommand,
+    },
     /// Canary traffic split of the rank stage (orchestrator Admin service).
     Canary {
         #[arg(long, default_value = "127.0.0.1:50051")]
@@ -120,6 +129,24 @@ enum CanaryCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum ModelCommand {
+    /// Loaded versions, the current one marked, with their offline metrics.
+    List,
+    /// Load a version (a directory under the service's bundle root; none: what `current`
+    /// names), checked; with --current it serves requests that name no version, after the
+    /// quality gate unless --force.
+    Load {
+        version: Option<String>,
+        #[arg(long)]
+        current: bool,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Unload a version that is not current.
+    Retire { version: String },
+}
+
+#[derive(Debug, Subcommand)]
 enum BundleCommand {
     /// Check a bundle's files against the checksums in its manifest.
     Verify { path: PathBuf },
@@ -141,6 +168,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::EvalChart { report, out } => eval_chart(&report, &out),
         Command::Canary { addr, command } => cluster::canary(&addr, command).await,
+        Command::Model { addr, command } => cluster::model(&addr, command).await,
     }
 }
 

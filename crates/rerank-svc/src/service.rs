@@ -2,28 +2,29 @@
 
 use std::{collections::HashSet, sync::Arc};
 
+use recsys_bundle::Registry;
 use recsys_proto::{
-    limits::{MAX_CANDIDATES, MAX_TOP_K},
+    limits::{MAX_CANDIDATES, MAX_ID_BYTES, MAX_TOP_K},
     v1::{
         rerank_service_server::{RerankService, RerankServiceServer},
         RerankRequest, RerankResponse, RerankedItem,
     },
 };
+use recsys_runtime::model_admin::version_for;
 use tonic::{Request, Response, Status};
 
 use crate::{diversify, Config, GenreIndex, RerankError};
 
 #[derive(Clone)]
 pub struct RerankGrpc {
-    genres: Arc<GenreIndex>,
-    /// Version of the bundle the genres come from.
-    version: Arc<str>,
+    /// Item genres by bundle version.
+    registry: Arc<Registry<GenreIndex>>,
     config: Arc<Config>,
 }
 
 impl RerankGrpc {
-    pub fn new(genres: Arc<GenreIndex>, version: String, config: Config) -> Self {
-        Self { genres, version: version.into(), config: Arc::new(config) }
+    pub fn new(registry: Arc<Registry<GenreIndex>>, config: Config) -> Self {
+        Self { registry, config: Arc::new(config) }
     }
 
     pub fn into_server(self) -> RerankServiceServer<Self> {
@@ -45,9 +46,19 @@ impl RerankService for RerankGrpc {
             ))
             .into());
         }
-        if !bundle_version.is_empty() && *bundle_version != *self.version {
-            return Err(RerankError::BundleMismatch { pinned: bundle_version, served: self.version.to_string() }.into());
+        if bundle_version.len() > MAX_ID_BYTES {
+            return Err(
+                RerankError::InvalidArgument(format!("bundle_version is longer than {MAX_ID_BYTES} bytes")).into()
+            );
         }
+        // The genres of the bundle recall proposed from.
+        let genres = version_for(&self.registry, &bundle_version).await.map_err(|error| {
+            RerankError::PinnedBundleUnavailable {
+                served: self.registry.current_version(),
+                pinned: bundle_version,
+                reason: error.to_string(),
+            }
+        })?;
         let relevance_weight = relevance_weight.unwrap_or(self.config.relevance_weight);
         if !(0.0..=1.0).contains(&relevance_weight) {
             return Err(
@@ -59,7 +70,7 @@ impl RerankService for RerankGrpc {
         let allowed: Vec<(String, f32)> =
             candidates.into_iter().filter(|c| seen.insert(c.item_id.clone())).map(|c| (c.item_id, c.score)).collect();
         let picked = tracing::info_span!("mmr", candidates = allowed.len())
-            .in_scope(|| diversify(&allowed, top_k as usize, relevance_weight, &self.genres));
+            .in_scope(|| diversify(&allowed, top_k as usize, relevance_weight, &genres));
         Ok(Response::new(RerankResponse {
             items: picked
                 .into_iter()

@@ -5,6 +5,7 @@
 pub mod client;
 pub mod config;
 pub mod metrics;
+pub mod model_admin;
 mod observe;
 mod oversized;
 pub mod resilience;

@@ -389,17 +389,41 @@ async fn candidates_carry_every_channels_work_and_requests_stay_on_one_bundle() 
     assert!(rerank.rerank(rerank_request(recalled.bundle_version.clone())).await.is_ok());
 
     // Pinned to recall's bundle, rank accepts the candidates as recall sent them.
-    let ranked = RankServiceClient::new(cluster.channel(Service::Rank))
-        .rank(RankRequest {
-            user: Some(user),
-            candidates: recalled.candidates,
-            bundle_version: recalled.bundle_version.clone(),
-            fine_keep: 20,
-            ..RankRequest::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut rank = RankServiceClient::new(cluster.channel(Service::Rank));
+    let request = |candidates: Vec<recsys_proto::v1::Candidate>| RankRequest {
+        user: Some(user.clone()),
+        candidates,
+        bundle_version: recalled.bundle_version.clone(),
+        fine_keep: 20,
+        ..RankRequest::default()
+    };
+    let ranked = rank.rank(request(recalled.candidates.clone())).await.unwrap().into_inner();
     assert_eq!(ranked.items.len(), 20);
     assert_eq!(ranked.model_version, recalled.bundle_version);
+
+    // Recall's embedding scores are rank's features as they are: the same candidates without
+    // them (rank computes the inner products itself) rank identically.
+    let bare: Vec<_> = recalled
+        .candidates
+        .iter()
+        .map(|candidate| recsys_proto::v1::Candidate { channel_scores: Vec::new(), ..candidate.clone() })
+        .collect();
+    let recomputed = rank.rank(request(bare)).await.unwrap().into_inner();
+    assert_eq!(
+        ranked.items.iter().map(|item| &item.item_id).collect::<Vec<_>>(),
+        recomputed.items.iter().map(|item| &item.item_id).collect::<Vec<_>>()
+    );
+    for (used, computed) in ranked.items.iter().zip(&recomputed.items) {
+        assert!((used.fine_score - computed.fine_score).abs() < 1e-6, "{used:?} vs {computed:?}");
+    }
+    // A score that is not a number is refused, naming the candidate.
+    let mut poisoned = recalled.candidates.clone();
+    for score in &mut poisoned[3].channel_scores {
+        if score.channel() == Channel::Embedding {
+            score.score = f32::NAN;
+        }
+    }
+    let refused = rank.rank(request(poisoned)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("candidates[3]"), "{}", refused.message());
 }

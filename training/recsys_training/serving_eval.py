@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -58,10 +59,13 @@ ABLATION_STEPS = ("recall:embedding", "recall:item_cf", "recall:realtime", "reca
 REPRODUCIBILITY_TOLERANCE = 0.005
 
 
-def serve_and_collect(bin_dir: Path, bundles: Path, train_dir: Path, users_file: Path, out: Path, ablation: bool) -> list[dict]:
+def serve_and_collect(bin_dir: Path, bundles: Path, train_dir: Path, users_file: Path, out: Path, ablation: bool,
+                      fine_variant: str = "teacher") -> list[dict]:
     command = [str(bin_dir / "recsys-eval"), "--bin-dir", str(bin_dir), "--bundle", str(bundles), "--seed", str(train_dir),
                "--users", str(users_file), "--out", str(out)]
-    subprocess.run(command + (["--ablation"] if ablation else []), check=True)
+    # rank-svc reads its configuration from the environment (RECSYS_RANK__SECTION__KEY).
+    env = {**os.environ, "RECSYS_RANK__MODELS__FINE_VARIANT": fine_variant}
+    subprocess.run(command + (["--ablation"] if ablation else []), check=True, env=env)
     return [json.loads(line) for line in out.read_text().splitlines()]
 
 
@@ -112,6 +116,9 @@ def print_table(result: dict) -> None:
     sparse = result["sparse_item_to_item"]
     print(f"served with the sparse item-to-item method alone (no EASE head): nDCG@10 {sparse['ndcg@10']:.3f}, "
           f"MAP {sparse['map']:.3f}, P@10 {sparse['precision@10']:.3f}, R@10 {sparse['recall@10']:.3f}")
+    for variant, row in result["fine_variants"].items():
+        print(f"fine model {variant:<8} served nDCG@10 {row['ndcg@10']:.4f} "
+              f"({row.get('ndcg@10_delta', 0.0):+.4f}), held-out AUC {row['auc']:.4f} ({row.get('auc_delta', 0.0):+.4f})")
     repro = result["reproducibility"]
     print(f"reproducibility: {repro['runs']} runs with seed {repro['seed']}, largest metric difference "
           f"{repro['max_abs_difference']:.4f} (tolerance {REPRODUCIBILITY_TOLERANCE})")
@@ -128,6 +135,16 @@ def run(data_dir: Path, work: Path, bin_dir: Path, report: Path, seed: int = 42,
     # head): what a catalogue too large for EASE gets, measured where EASE is the reference.
     sparse_config = TrainConfig(seed=seed, feature_config=feature_config, item_cf_head_items=0)
     sparse = one_run(work, bin_dir, sparse_config, "eval-sparse-item-to-item", False, relevant, train_dir)
+    # The smaller fine models the first run's bundle ships, served in the teacher's place.
+    manifest = json.loads((work / "bundles-eval-run1" / "current" / "manifest.json").read_text())["metrics"]
+    fine_variants = {"teacher": {"ndcg@10": first["metrics"]["ndcg@10"], "auc": manifest["teacher_onnx_auc"]}}
+    for variant in ("int8", "student"):
+        answers = serve_and_collect(bin_dir, work / "bundles-eval-run1", train_dir, work / "users.txt",
+                                    work / f"predictions-{variant}.jsonl", False, variant)
+        served, _ = score(relevant, answers)
+        fine_variants[variant] = {"ndcg@10": served["ndcg@10"], "auc": manifest[f"{variant}_auc"],
+                                  "ndcg@10_delta": round(served["ndcg@10"] - first["metrics"]["ndcg@10"], 6),
+                                  "auc_delta": manifest[f"{variant}_auc_delta"]}
     differences = [abs(r["metrics"][k] - first["metrics"][k]) for r in results[1:] for k in METRIC_KEYS]
     max_difference = round(max(differences, default=0.0), 6)
     result = {
@@ -138,6 +155,7 @@ def run(data_dir: Path, work: Path, bin_dir: Path, report: Path, seed: int = 42,
         "ranker_auc": first["ranker_auc"],
         "fine_model": first["fine_model"],
         "sparse_item_to_item": {**sparse["metrics"], "ranker_auc": sparse["ranker_auc"]},
+        "fine_variants": fine_variants,
         "reproducibility": {
             "runs": len(results), "seed": seed, "metrics": [r["metrics"] for r in results],
             "max_abs_difference": max_difference, "tolerance": REPRODUCIBILITY_TOLERANCE,

@@ -120,6 +120,22 @@ impl<T: Send + Sync + 'static> Registry<T> {
         })
     }
 
+    /// `open`, shared, and following the root's `current` link every `follow_current_ms`
+    /// (0: only `load` changes versions).
+    pub fn open_shared(
+        service: &'static str,
+        root: &Path,
+        gate: QualityGate,
+        follow_current_ms: u64,
+        loader: impl Fn(&Path, &Manifest) -> Result<T> + Send + Sync + 'static,
+    ) -> Result<Arc<Self>> {
+        let registry = Arc::new(Self::open(service, root, gate, loader)?);
+        if follow_current_ms > 0 {
+            registry.follow_current(Duration::from_millis(follow_current_ms));
+        }
+        Ok(registry)
+    }
+
     /// The current version and its name.
     pub fn current(&self) -> (String, Arc<T>) {
         let state = self.read();

@@ -5,3 +5,15 @@
 
 pub mod cluster;
 pub mod load;
+
+/// Prints a benchmark's JSON report and writes it to `out` (creating its directory).
+pub fn write_report(out: &std::path::Path, report: &serde_json::Value) -> anyhow::Result<()> {
+    let text = serde_json::to_string_pretty(report)?;
+    println!("{text}");
+    if let Some(parent) = out.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(out, text)?;
+    println!("report written to {}", out.display());
+    Ok(())
+}

@@ -15,7 +15,7 @@ mod model;
 mod ranking;
 mod service;
 
-use std::{future::Future, path::PathBuf, sync::Arc, time::Duration};
+use std::{future::Future, path::PathBuf, sync::Arc};
 
 use recsys_bundle::{BundleError, QualityGate, Registry};
 use recsys_runtime::model_admin::{ModelAdminGrpc, MODEL_ADMIN_SERVICE_NAME};
@@ -28,7 +28,7 @@ pub use batching::{BatchingConfig, MicroBatcher};
 pub use drift::{psi, ScoreDrift};
 pub use error::{RankError, Result};
 pub use model::{onnx_environment, FineVariant, ModelInput, ModelOptions, OnnxModel, COARSE_INPUTS, FINE_INPUTS};
-pub use ranking::{FineStage, RankedCandidate, Ranker};
+pub use ranking::{Candidates, FineStage, RankedCandidate, Ranker};
 pub use service::RankGrpc;
 
 pub const SERVICE_NAME: &str = "recsys.v1.RankService";
@@ -90,8 +90,12 @@ pub struct RankerVersion {
 pub fn open_registry(config: &Config) -> anyhow::Result<Arc<Registry<RankerVersion>>> {
     let environment = onnx_environment(config.onnxruntime_library.as_deref())?;
     let (models, batching) = (config.models.clone(), config.batching.clone());
-    let registry =
-        Registry::open(SERVICE_BINARY, &config.bundle, config.quality_gate.clone(), move |dir, manifest| {
+    let registry = Registry::open_shared(
+        SERVICE_BINARY,
+        &config.bundle,
+        config.quality_gate.clone(),
+        config.follow_current_ms,
+        move |dir, manifest| {
             let ranker = Ranker::load(dir, &environment, &models).map_err(|error| match error {
                 RankError::Bundle(error) => error,
                 other => BundleError::Rejected { version: manifest.version.clone(), reason: other.to_string() },
@@ -102,11 +106,8 @@ pub fn open_registry(config: &Config) -> anyhow::Result<Arc<Registry<RankerVersi
                 .then(|| Arc::new(MicroBatcher::start(ranker.fine_model(), models.sessions, &batching)));
             tracing::info!(bundle = %ranker.version(), fine_model = ?models.fine_variant, "ranker loaded");
             Ok(RankerVersion { ranker, batcher })
-        })?;
-    let registry = Arc::new(registry);
-    if config.follow_current_ms > 0 {
-        registry.follow_current(Duration::from_millis(config.follow_current_ms));
-    }
+        },
+    )?;
     Ok(registry)
 }
 

@@ -11,7 +11,7 @@ use recsys_bundle::{
     read_catalog, read_manifest, read_user_ids, CatalogItem, CrossSource, EmbeddingSpace, FeatureConfig, ItemIds,
     ItemScores, ItemToItem, PositionHasher, RankerInputs, UserAttributes, RECENT_ITEMS,
 };
-use recsys_proto::v1::UserFeatures;
+use recsys_proto::v1::{Candidate, Channel, UserFeatures};
 
 use crate::{drift::ScoreDrift, ModelInput, ModelOptions, OnnxModel, RankError, Result, COARSE_INPUTS, FINE_INPUTS};
 
@@ -206,6 +206,33 @@ impl Ranker {
         &self.catalog[item].id
     }
 
+    /// Recall's candidates as this version reads them. `scored_here` says recall scored
+    /// them on this very bundle version (the request is pinned to it): then each one's
+    /// embedding inner product comes with it and is used as it is.
+    pub fn candidates(&self, candidates: &[Candidate], scored_here: bool) -> Result<Candidates> {
+        let mut items = Vec::with_capacity(candidates.len());
+        let mut embedding_scores = scored_here.then(|| Vec::with_capacity(candidates.len()));
+        for (index, candidate) in candidates.iter().enumerate() {
+            let Some(item) = self.embeddings.item_position(&candidate.item_id) else {
+                continue;
+            };
+            items.push(item);
+            let recalled = candidate.channel_scores.iter().find(|score| score.channel() == Channel::Embedding);
+            match (recalled, &mut embedding_scores) {
+                (Some(score), Some(scores)) if score.score.is_finite() => scores.push(score.score),
+                (Some(_), Some(_)) => {
+                    return Err(RankError::InvalidArgument(format!(
+                        "candidates[{index}].channel_scores: the embedding score is not a finite number"
+                    )))
+                }
+                // Recall did not score every candidate: they are all computed here.
+                (None, _) => embedding_scores = None,
+                (_, None) => {}
+            }
+        }
+        Ok(Candidates { items, embedding_scores })
+    }
+
     /// Positions of the known items among `item_ids` (unknown ids are dropped: they
     /// come from another bundle version and cannot be scored).
     pub fn resolve_items<'a>(&self, item_ids: impl IntoIterator<Item = &'a str>) -> Vec<usize> {
@@ -265,18 +292,21 @@ impl Ranker {
         }
     }
 
-    /// The cross features of `items`, rows in the configuration's column order.
-    fn cross_features(&self, context: &UserContext, items: &[usize]) -> Vec<f32> {
+    /// The cross features of `items`, rows in the configuration's column order;
+    /// `recalled` holds recall's embedding inner products of the same items, if it sent them.
+    fn cross_features(&self, context: &UserContext, items: &[usize], recalled: Option<&[f32]>) -> Vec<f32> {
         let mut out = Vec::with_capacity(items.len() * self.cross.len());
         let wants_embedding = self
             .cross
             .iter()
             .any(|source| matches!(source, CrossSource::EmbeddingScore | CrossSource::EmbeddingZscore));
-        for &item in items {
-            // One inner product per candidate, whichever columns use it: at catalogue scale
-            // the item's vector is a cache miss, the largest cost of these features.
-            let embedding = match &context.vector {
-                Some(vector) if wants_embedding => self.embeddings.score(vector, item),
+        for (row, &item) in items.iter().enumerate() {
+            // One inner product per candidate, whichever columns use it — and none when
+            // recall already computed it: at catalogue scale the item's vector is a cache
+            // miss, the largest cost of these features.
+            let embedding = match (&context.vector, recalled) {
+                (Some(_), Some(scores)) if wants_embedding => scores[row],
+                (Some(vector), None) if wants_embedding => self.embeddings.score(vector, item),
                 _ => 0.0,
             };
             let item_cf = context.item_cf.get(item);
@@ -298,7 +328,7 @@ impl Ranker {
     /// The fine model's inputs for `user` against each of `items`, in bundle encoding.
     pub fn fine_inputs(&self, user: &UserFeatures, items: &[usize], request_time: i64) -> RankerInputs {
         let context = self.user_context(user, request_time);
-        self.inputs_for(&context, items, self.cross_features(&context, items))
+        self.inputs_for(&context, items, self.cross_features(&context, items, None))
     }
 
     fn inputs_for(&self, context: &UserContext, items: &[usize], cross_features: Vec<f32>) -> RankerInputs {
@@ -327,7 +357,7 @@ impl Ranker {
             return Ok(());
         }
         let context = self.user_context(&UserFeatures::default(), 0);
-        let cross = self.cross_features(&context, &items);
+        let cross = self.cross_features(&context, &items, None);
         let coarse = [ModelInput::Float32 { name: COARSE_INPUTS[0], width: self.features.cross_dim(), values: &cross }];
         self.coarse_model.warm_up(items.len(), &coarse)?;
         let inputs = self.inputs_for(&context, &items, cross);
@@ -367,7 +397,19 @@ impl Ranker {
         coarse_keep: usize,
         request_time: i64,
     ) -> Result<Vec<RankedCandidate>> {
-        let stage = self.coarse_stage(user, items, coarse_keep, request_time)?;
+        let candidates = Candidates { items: items.to_vec(), embedding_scores: None };
+        self.rank_candidates(user, &candidates, coarse_keep, request_time)
+    }
+
+    /// `rank` for candidates as `candidates` read them from a request.
+    pub fn rank_candidates(
+        &self,
+        user: &UserFeatures,
+        candidates: &Candidates,
+        coarse_keep: usize,
+        request_time: i64,
+    ) -> Result<Vec<RankedCandidate>> {
+        let stage = self.coarse_stage(user, candidates, coarse_keep, request_time)?;
         let fine_span = tracing::info_span!("fine", items = stage.inputs.len()).entered();
         let fine = self.fine_scores(&stage.inputs)?;
         drop(fine_span);
@@ -379,14 +421,15 @@ impl Ranker {
     pub fn coarse_stage(
         &self,
         user: &UserFeatures,
-        items: &[usize],
+        candidates: &Candidates,
         coarse_keep: usize,
         request_time: i64,
     ) -> Result<FineStage> {
+        let items = candidates.items.as_slice();
         let _coarse_span = tracing::info_span!("coarse", items = items.len()).entered();
         BATCH_SIZE.with_label_values(&["coarse"]).observe(items.len() as f64);
         let context = self.user_context(user, request_time);
-        let cross = self.cross_features(&context, items);
+        let cross = self.cross_features(&context, items, candidates.embedding_scores.as_deref());
         let coarse_scores = self.coarse_scores(&cross)?;
         let cross_dim = self.features.cross_dim();
         let mut coarse: Vec<(usize, f32, &[f32])> = items
@@ -418,6 +461,14 @@ impl Ranker {
         ranked.sort_by(|a, b| b.fine_score.total_cmp(&a.fine_score).then(a.item.cmp(&b.item)));
         ranked
     }
+}
+
+/// Candidates of one request: catalogue positions, and recall's embedding inner product of
+/// each when recall computed them on the same bundle version.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Candidates {
+    pub items: Vec<usize>,
+    pub embedding_scores: Option<Vec<f32>>,
 }
 
 /// The candidates that survived the coarse cut, best first with their coarse scores, and

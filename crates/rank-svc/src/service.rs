@@ -66,6 +66,9 @@ impl RankService for RankGrpc {
                 RankError::InvalidArgument(format!("bundle_version is longer than {MAX_ID_BYTES} bytes")).into()
             );
         }
+        // Recall's scores are features only if recall computed them on the version ranking
+        // them: a pinned request is ranked by the version it is pinned to.
+        let scored_here = !bundle_version.is_empty();
         // Item positions and features must agree with the bundle recall proposed from.
         let version =
             version_for(&self.registry, &bundle_version).await.map_err(|error| RankError::PinnedBundleUnavailable {
@@ -82,8 +85,8 @@ impl RankService for RankGrpc {
             None => {
                 blocking(move || {
                     let _entered = span.enter();
-                    let items = ranker.resolve_items(candidates.iter().map(|candidate| candidate.item_id.as_str()));
-                    ranker.rank(&user, &items, coarse_keep, request_time)
+                    let candidates = ranker.candidates(&candidates, scored_here)?;
+                    ranker.rank_candidates(&user, &candidates, coarse_keep, request_time)
                 })
                 .await??
             }
@@ -91,8 +94,8 @@ impl RankService for RankGrpc {
                 let arriving = batcher.arriving();
                 let stage = blocking(move || {
                     let _entered = span.enter();
-                    let items = ranker.resolve_items(candidates.iter().map(|candidate| candidate.item_id.as_str()));
-                    ranker.coarse_stage(&user, &items, coarse_keep, request_time)
+                    let candidates = ranker.candidates(&candidates, scored_here)?;
+                    ranker.coarse_stage(&user, &candidates, coarse_keep, request_time)
                 })
                 .await??;
                 let fine = batcher

@@ -14,7 +14,7 @@ pub mod hnsw;
 pub mod nearest;
 mod service;
 
-use std::{future::Future, path::PathBuf, sync::Arc, time::Duration};
+use std::{future::Future, path::PathBuf, sync::Arc};
 
 use recsys_bundle::{BundleError, QualityGate, Registry};
 use recsys_runtime::model_admin::{ModelAdminGrpc, MODEL_ADMIN_SERVICE_NAME};
@@ -135,24 +135,26 @@ impl ServiceConfig for Config {
 /// (every tensor checked and mapped, links bounds-checked) and warmed up before it serves.
 pub fn open_registry(config: &Config) -> anyhow::Result<Arc<Registry<RecallIndex>>> {
     let (ann_expansion, warm_up_quota) = (config.ann_expansion, config.channels.embedding.quota);
-    let registry = Registry::open(SERVICE_BINARY, &config.bundle, config.quality_gate.clone(), move |dir, _| {
-        let index = RecallIndex::load(dir, ann_expansion).map_err(|error| match error {
-            RecallError::Bundle(error) => error,
-            other => BundleError::Malformed { path: dir.to_path_buf(), reason: other.to_string() },
-        })?;
-        index.warm_up(warm_up_quota);
-        tracing::info!(
-            bundle = %index.version,
-            items = index.embeddings.num_items(),
-            approximate = index.is_approximate(),
-            "recall index loaded"
-        );
-        Ok(index)
-    })?;
-    let registry = Arc::new(registry);
-    if config.follow_current_ms > 0 {
-        registry.follow_current(Duration::from_millis(config.follow_current_ms));
-    }
+    let registry = Registry::open_shared(
+        SERVICE_BINARY,
+        &config.bundle,
+        config.quality_gate.clone(),
+        config.follow_current_ms,
+        move |dir, _| {
+            let index = RecallIndex::load(dir, ann_expansion).map_err(|error| match error {
+                RecallError::Bundle(error) => error,
+                other => BundleError::Malformed { path: dir.to_path_buf(), reason: other.to_string() },
+            })?;
+            index.warm_up(warm_up_quota);
+            tracing::info!(
+                bundle = %index.version,
+                items = index.embeddings.num_items(),
+                approximate = index.is_approximate(),
+                "recall index loaded"
+            );
+            Ok(index)
+        },
+    )?;
     Ok(registry)
 }
 

@@ -8,7 +8,7 @@ mod error;
 mod mmr;
 mod service;
 
-use std::{future::Future, path::PathBuf, sync::Arc, time::Duration};
+use std::{future::Future, path::PathBuf, sync::Arc};
 
 use recsys_bundle::{BundleError, QualityGate, Registry};
 use recsys_runtime::model_admin::{ModelAdminGrpc, MODEL_ADMIN_SERVICE_NAME};
@@ -61,16 +61,18 @@ impl ServiceConfig for Config {
 
 /// The bundle registry of rerank-svc: each version's item genres.
 pub fn open_registry(config: &Config) -> anyhow::Result<Arc<Registry<GenreIndex>>> {
-    let registry = Registry::open(SERVICE_BINARY, &config.bundle, config.quality_gate.clone(), |dir, manifest| {
-        GenreIndex::load(dir).map_err(|error| match error {
-            RerankError::Bundle(error) => error,
-            other => BundleError::Rejected { version: manifest.version.clone(), reason: other.to_string() },
-        })
-    })?;
-    let registry = Arc::new(registry);
-    if config.follow_current_ms > 0 {
-        registry.follow_current(Duration::from_millis(config.follow_current_ms));
-    }
+    let registry = Registry::open_shared(
+        SERVICE_BINARY,
+        &config.bundle,
+        config.quality_gate.clone(),
+        config.follow_current_ms,
+        |dir, manifest| {
+            GenreIndex::load(dir).map_err(|error| match error {
+                RerankError::Bundle(error) => error,
+                other => BundleError::Rejected { version: manifest.version.clone(), reason: other.to_string() },
+            })
+        },
+    )?;
     Ok(registry)
 }
 

@@ -29,10 +29,12 @@ use clap::Parser;
 use rank_svc::{onnx_environment, FineVariant, ModelOptions, Ranker};
 use recsys_bundle::{read_manifest, read_user_ids, resolve_dir, RankerInputs};
 use recsys_chaos::{cluster::wait_serving, load::quantile_ms};
-use recsys_proto::v1::{rank_service_client::RankServiceClient, Candidate, RankRequest, UserFeatures};
+use recsys_proto::v1::{
+    rank_service_client::RankServiceClient, Candidate, Channel, ChannelScore, RankRequest, UserFeatures,
+};
 use serde_json::{json, Value};
 use tokio::process::{Child, Command};
-use tonic::transport::Channel;
+use tonic::transport::Channel as GrpcChannel;
 
 #[derive(Debug, Parser)]
 #[command(name = "bench-rank")]
@@ -129,7 +131,7 @@ async fn main() -> anyhow::Result<()> {
         let options = ModelOptions { sessions: 1, intra_op_threads: 1, fine_variant: case.variant };
         let ranker = Ranker::load(&case.bundle, &environment, &options).with_context(|| case.name.clone())?;
         let users = read_user_ids(&case.bundle)?;
-        let built = build_requests(&ranker, &users, case.candidates, case.coarse_keep);
+        let built = build_requests(&ranker, &case.bundle, &users, case.candidates, case.coarse_keep)?;
         raw_cases.push(write_model_inputs(&args.work, case, &ranker, &built)?);
         in_process.push(rank_in_process(&ranker, &built, args.requests)?);
         requests.push(built);
@@ -200,6 +202,13 @@ async fn main() -> anyhow::Result<()> {
     };
     let (unbatched, batched) = (best(false), best(true));
 
+    // 5. A new bundle version swapped in under the same load (the `current` link flips).
+    let swap = swap_under_load(&args, &din, served).await?;
+    println!(
+        "  bundle swap under load: {} requests, {} failed, served {:?} (new version serving {:.0} ms after the flip)",
+        swap.requests, swap.failed, swap.versions, swap.switch_ms
+    );
+
     let metrics = read_manifest(&din)?.metrics;
     let metric = |name: &str| metrics.get(name).and_then(Value::as_f64);
     let report = json!({
@@ -215,8 +224,7 @@ async fn main() -> anyhow::Result<()> {
         "int8_auc_delta": metric("int8_auc_delta"),
         "student_speedup": round(rpc_of("fine_200_din").p50 / rpc_of("fine_200_din_student").p50, 3),
         "student_auc_delta": metric("student_auc_delta"),
-        // Bundle swaps under load need the model lifecycle (hot reload), not built yet.
-        "swap_failed_requests": Value::Null,
+        "swap_failed_requests": swap.failed,
     });
 
     println!();
@@ -253,13 +261,7 @@ async fn main() -> anyhow::Result<()> {
         metric("student_parameters"),
         metric("teacher_parameters")
     );
-    println!("{}", serde_json::to_string_pretty(&report)?);
-    if let Some(parent) = args.out.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    std::fs::write(&args.out, serde_json::to_string_pretty(&report)?)?;
-    println!("report written to {}", args.out.display());
-    Ok(())
+    recsys_chaos::write_report(&args.out, &report)
 }
 
 /// SplitMix64: deterministic requests without a dependency.
@@ -279,11 +281,23 @@ impl Rng {
     }
 }
 
-/// Known users with a full behaviour sequence and `candidates` distinct catalogue items.
-fn build_requests(ranker: &Ranker, users: &[String], candidates: usize, coarse_keep: usize) -> Vec<RankRequest> {
+/// Known users with a full behaviour sequence and `candidates` distinct catalogue items,
+/// as the orchestrator sends them: pinned to the bundle version, each candidate with the
+/// item-to-item and embedding scores recall computed (taken from rank-svc's own cross
+/// features, which are the same definitions).
+fn build_requests(
+    ranker: &Ranker,
+    bundle: &Path,
+    users: &[String],
+    candidates: usize,
+    coarse_keep: usize,
+) -> anyhow::Result<Vec<RankRequest>> {
     let mut rng = Rng(candidates as u64 * 7919 + coarse_keep as u64);
     let items = ranker.item_count();
-    (0..DISTINCT_REQUESTS)
+    let cross = read_manifest(bundle)?.feature_config.cross;
+    let column = |name: &str| cross.iter().position(|source| source == name);
+    let recalled = [(Channel::ItemCf, column("item_cf_score")), (Channel::Embedding, column("embedding_score"))];
+    let mut requests: Vec<RankRequest> = (0..DISTINCT_REQUESTS)
         .map(|_| {
             let mut chosen = std::collections::HashSet::new();
             while chosen.len() < candidates.min(items) {
@@ -311,10 +325,24 @@ fn build_requests(ranker: &Ranker, users: &[String], candidates: usize, coarse_k
                 coarse_keep: coarse_keep as u32,
                 fine_keep: 0,
                 request_time: Some(REQUEST_TIME),
-                bundle_version: String::new(),
+                bundle_version: ranker.version().to_string(),
             }
         })
-        .collect()
+        .collect();
+    for request in &mut requests {
+        let user = request.user.clone().unwrap_or_default();
+        let positions = ranker.resolve_items(request.candidates.iter().map(|c| c.item_id.as_str()));
+        let features = ranker.fine_inputs(&user, &positions, REQUEST_TIME).cross_features;
+        for (candidate, row) in request.candidates.iter_mut().zip(features.chunks_exact(cross.len().max(1))) {
+            candidate.channel_scores = recalled
+                .iter()
+                .filter_map(|&(channel, column)| {
+                    Some(ChannelScore { channel: channel as i32, score: row[column?], rank: 0 })
+                })
+                .collect();
+        }
+    }
+    Ok(requests)
 }
 
 /// `Ranker::rank` called directly (no gRPC, no thread hand-off), for the table: what of
@@ -356,7 +384,8 @@ fn write_model_inputs(work: &Path, case: &Case, ranker: &Ranker, requests: &[Ran
         let user = request.user.clone().unwrap_or_default();
         let items = ranker.resolve_items(request.candidates.iter().map(|c| c.item_id.as_str()));
         let all = ranker.fine_inputs(&user, &items, REQUEST_TIME);
-        let stage = ranker.coarse_stage(&user, &items, case.coarse_keep, REQUEST_TIME)?;
+        let candidates = rank_svc::Candidates { items: items.clone(), embedding_scores: None };
+        let stage = ranker.coarse_stage(&user, &candidates, case.coarse_keep, REQUEST_TIME)?;
         let coarse = tensor(&mut data, &f32_bytes(&all.cross_features), "float32", all.len(), all.cross_features.len());
         let fine = fine_tensors(&stage.inputs, &mut |bytes, dtype, len| {
             tensor(&mut data, bytes, dtype, stage.inputs.len(), len)
@@ -403,16 +432,26 @@ impl RankService {
         sessions: usize,
         batching: bool,
     ) -> anyhow::Result<Self> {
-        let address = tokio::net::TcpListener::bind("127.0.0.1:0").await?.local_addr()?;
         let variant = serde_json::to_value(variant)?.as_str().unwrap_or("teacher").to_string();
+        let sessions = sessions.to_string();
+        let batching = batching.to_string();
+        let env = [
+            ("RECSYS_RANK__MODELS__SESSIONS", sessions.as_str()),
+            ("RECSYS_RANK__MODELS__FINE_VARIANT", variant.as_str()),
+            ("RECSYS_RANK__BATCHING__ENABLED", batching.as_str()),
+        ];
+        Self::start_with(bin_dir, bundle, &env).await
+    }
+
+    /// rank-svc on `bundle` with one intra-op thread, and `env` on top.
+    async fn start_with(bin_dir: &Path, bundle: &Path, env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let address = tokio::net::TcpListener::bind("127.0.0.1:0").await?.local_addr()?;
         let child = Command::new(bin_dir.join("rank-svc"))
             .env("RECSYS_RANK__SERVER__LISTEN", address.to_string())
             .env("RECSYS_RANK__SERVER__METRICS_LISTEN", "")
             .env("RECSYS_RANK__BUNDLE", bundle)
-            .env("RECSYS_RANK__MODELS__SESSIONS", sessions.to_string())
             .env("RECSYS_RANK__MODELS__INTRA_OP_THREADS", "1")
-            .env("RECSYS_RANK__MODELS__FINE_VARIANT", variant)
-            .env("RECSYS_RANK__BATCHING__ENABLED", batching.to_string())
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)
@@ -422,7 +461,7 @@ impl RankService {
         Ok(Self { child, address })
     }
 
-    async fn client(&self) -> anyhow::Result<RankServiceClient<Channel>> {
+    async fn client(&self) -> anyhow::Result<RankServiceClient<GrpcChannel>> {
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.address))?.connect().await?;
         Ok(RankServiceClient::new(channel).max_decoding_message_size(64 << 20))
     }
@@ -432,9 +471,101 @@ impl RankService {
     }
 }
 
+struct Swap {
+    requests: usize,
+    failed: usize,
+    versions: Vec<String>,
+    switch_ms: f64,
+}
+
+/// Two versions of `bundle` under a scratch root (the second a copy under a new name),
+/// rank-svc following its `current` link, closed-loop load, and the link flipped halfway.
+async fn swap_under_load(args: &Args, bundle: &Path, requests: &[RankRequest]) -> anyhow::Result<Swap> {
+    let root = args.work.join("swap-root");
+    let _ = std::fs::remove_dir_all(&root);
+    let first = read_manifest(bundle)?.version;
+    let second = format!("{first}-swapped");
+    for version in [&first, &second] {
+        std::fs::create_dir_all(root.join(version))?;
+        for entry in std::fs::read_dir(bundle)? {
+            let entry = entry?;
+            std::fs::copy(entry.path(), root.join(version).join(entry.file_name()))?;
+        }
+    }
+    let manifest_path = root.join(&second).join("manifest.json");
+    let mut manifest: Value = serde_json::from_str(&std::fs::read_to_string(&manifest_path)?)?;
+    manifest["version"] = Value::String(second.clone());
+    std::fs::write(&manifest_path, serde_json::to_string(&manifest)?)?;
+    let point_current = |version: &str| -> std::io::Result<()> {
+        let staged = root.join(".current-next");
+        let _ = std::fs::remove_file(&staged);
+        std::os::unix::fs::symlink(version, &staged)?;
+        std::fs::rename(&staged, root.join("current"))
+    };
+    point_current(&first)?;
+    let service = RankService::start_with(&args.bin_dir, &root, &[("RECSYS_RANK__FOLLOW_CURRENT_MS", "100")]).await?;
+    let client = service.client().await?;
+    // Unpinned, so that each request takes whatever version is current when it arrives.
+    let requests: Vec<RankRequest> =
+        requests.iter().map(|request| RankRequest { bundle_version: String::new(), ..request.clone() }).collect();
+    let requests = Arc::new(requests);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let started = Instant::now();
+    let workers: Vec<_> = (0..args.clients)
+        .map(|worker| {
+            let (mut client, requests, stop) = (client.clone(), Arc::clone(&requests), Arc::clone(&stop));
+            tokio::spawn(async move {
+                let (mut answered, mut failed, mut versions) = (0usize, 0usize, Vec::<(Duration, String)>::new());
+                let mut n = worker;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    n += 1;
+                    match client.rank(requests[n % requests.len()].clone()).await {
+                        Ok(response) => {
+                            answered += 1;
+                            let version = response.into_inner().model_version;
+                            if versions.last().map(|(_, v)| v) != Some(&version) {
+                                versions.push((started.elapsed(), version));
+                            }
+                        }
+                        Err(_) => failed += 1,
+                    }
+                }
+                (answered, failed, versions)
+            })
+        })
+        .collect();
+    let half = Duration::from_secs(args.load_s.max(2));
+    tokio::time::sleep(half).await;
+    let flipped = started.elapsed();
+    point_current(&second)?;
+    tokio::time::sleep(half).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut swap = Swap { requests: 0, failed: 0, versions: Vec::new(), switch_ms: f64::NAN };
+    let mut first_new: Option<Duration> = None;
+    for worker in workers {
+        let (answered, failed, versions) = worker.await?;
+        swap.requests += answered + failed;
+        swap.failed += failed;
+        for (at, version) in versions {
+            if version == second {
+                first_new = Some(first_new.map_or(at, |earliest| earliest.min(at)));
+            }
+            if !swap.versions.contains(&version) {
+                swap.versions.push(version);
+            }
+        }
+    }
+    service.stop().await;
+    swap.switch_ms = first_new.map_or(f64::NAN, |at| at.saturating_sub(flipped).as_secs_f64() * 1000.0);
+    if !swap.versions.contains(&second) {
+        bail!("rank-svc never served the swapped-in version {second}");
+    }
+    Ok(swap)
+}
+
 /// One request at a time: `count` timed after a warm-up of one pass over the requests.
 async fn low_load(
-    client: &RankServiceClient<Channel>,
+    client: &RankServiceClient<GrpcChannel>,
     requests: &[RankRequest],
     count: usize,
 ) -> anyhow::Result<Latency> {
@@ -457,7 +588,7 @@ async fn low_load(
 
 /// Closed loop: `clients` concurrent callers for `duration`; (requests/s, p99 ms).
 async fn peak(
-    client: &RankServiceClient<Channel>,
+    client: &RankServiceClient<GrpcChannel>,
     requests: &[RankRequest],
     clients: usize,
     duration: Duration,

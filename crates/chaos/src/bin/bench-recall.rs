@@ -239,13 +239,7 @@ async fn main() -> anyhow::Result<()> {
         disk as f64 / 1048576.0
     );
     println!("  bundle load (process start to SERVING): {bundle_load_s:.2} s");
-    println!("{}", serde_json::to_string_pretty(&report)?);
-    if let Some(parent) = args.out.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    std::fs::write(&args.out, serde_json::to_string_pretty(&report)?)?;
-    println!("report written to {}", args.out.display());
-    Ok(())
+    recsys_chaos::write_report(&args.out, &report)
 }
 
 fn recall_at_k(results: &[Vec<usize>], truth: &[u32]) -> f64 {

@@ -426,4 +426,11 @@ async fn candidates_carry_every_channels_work_and_requests_stay_on_one_bundle() 
     let refused = rank.rank(request(poisoned)).await.unwrap_err();
     assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
     assert!(refused.message().contains("candidates[3]"), "{}", refused.message());
+    // Recall's positions are read, not looked up — and checked against the ids.
+    assert!(recalled.candidates.iter().all(|candidate| candidate.position > 0));
+    let mut misplaced = recalled.candidates.clone();
+    misplaced[5].position = misplaced[6].position;
+    let refused = rank.rank(request(misplaced)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("candidates[5].position"), "{}", refused.message());
 }

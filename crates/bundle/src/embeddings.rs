@@ -112,6 +112,11 @@ impl EmbeddingSpace {
         Self { item_ids, user_positions, item_vectors, user_vectors, moments }
     }
 
+    /// `position` if the item there is `item_id` (a position a caller sent with the id).
+    pub fn item_at(&self, position: usize, item_id: &str) -> Option<usize> {
+        self.item_ids.holds(position, item_id).then_some(position)
+    }
+
     pub fn item_position(&self, item_id: &str) -> Option<usize> {
         self.item_ids.position(item_id)
     }

@@ -25,6 +25,8 @@ pub struct ItemIds {
     ends: Vec<usize>,
     by_hash: HashMap<u64, u32, KeyIsHash>,
     colliding: HashMap<Box<str>, u32>,
+    /// Each item's id hash by position: checking that a position holds an id is one read.
+    hashes: Vec<u64>,
 }
 
 impl ItemIds {
@@ -37,7 +39,8 @@ impl ItemIds {
         }
         let mut by_hash = HashMap::with_capacity_and_hasher(ends.len(), KeyIsHash);
         let mut colliding = HashMap::new();
-        let mut ids = Self { arena, ends, by_hash: HashMap::default(), colliding: HashMap::new() };
+        let mut ids = Self { arena, ends, by_hash: HashMap::default(), colliding: HashMap::new(), hashes: Vec::new() };
+        ids.hashes = (0..ids.len()).map(|position| hash_id(ids.get(position))).collect();
         for position in 0..ids.len() {
             let id = ids.get(position);
             match by_hash.insert(hash_id(id), position as u32) {
@@ -70,6 +73,15 @@ impl ItemIds {
     pub fn get(&self, position: usize) -> &str {
         let start = if position == 0 { 0 } else { self.ends[position - 1] };
         &self.arena[start..self.ends[position]]
+    }
+
+    /// Whether the item at `position` is `id` (by 64-bit hash, exactly when the catalogue
+    /// has ids sharing a hash): the check for a position sent along with an id.
+    pub fn holds(&self, position: usize, id: &str) -> bool {
+        match self.hashes.get(position) {
+            Some(&hash) if hash == hash_id(id) => self.colliding.is_empty() || self.get(position) == id,
+            _ => false,
+        }
     }
 
     pub fn position(&self, id: &str) -> Option<usize> {
@@ -161,6 +173,8 @@ mod tests {
         assert_eq!((ids.get(0), ids.get(1), ids.get(2), ids.get(3)), ("a", "bb", "", "ccc"));
         for position in 0..4 {
             assert_eq!(ids.position(ids.get(position)), Some(position));
+            assert!(ids.holds(position, ids.get(position)));
+            assert!(!ids.holds(position, "not-an-item"));
         }
         assert_eq!(ids.position("zz"), None);
     }

@@ -568,6 +568,8 @@ fn seed_popular(config: &Config) -> Vec<Candidate> {
                     score,
                     rank: position as u32 + 1,
                 }],
+                // The fallback is read by id: it may outlive the bundle it came from.
+                position: 0,
             })
             .collect(),
         Err(error) => {

@@ -208,13 +208,28 @@ impl Ranker {
 
     /// Recall's candidates as this version reads them. `scored_here` says recall scored
     /// them on this very bundle version (the request is pinned to it): then each one's
-    /// embedding inner product comes with it and is used as it is.
+    /// catalogue position and embedding inner product come with it and are used as they are.
     pub fn candidates(&self, candidates: &[Candidate], scored_here: bool) -> Result<Candidates> {
         let mut items = Vec::with_capacity(candidates.len());
         let mut embedding_scores = scored_here.then(|| Vec::with_capacity(candidates.len()));
         for (index, candidate) in candidates.iter().enumerate() {
-            let Some(item) = self.embeddings.item_position(&candidate.item_id) else {
-                continue;
+            let item = match candidate.position {
+                // Recall's position on this very version: checked, not looked up.
+                position if scored_here && position > 0 => {
+                    match self.embeddings.item_at(position as usize - 1, &candidate.item_id) {
+                        Some(item) => item,
+                        None => {
+                            return Err(RankError::InvalidArgument(format!(
+                                "candidates[{index}].position {position} does not hold item {:?} in bundle {}",
+                                candidate.item_id, self.version
+                            )))
+                        }
+                    }
+                }
+                _ => match self.embeddings.item_position(&candidate.item_id) {
+                    Some(item) => item,
+                    None => continue,
+                },
             };
             items.push(item);
             let recalled = candidate.channel_scores.iter().find(|score| score.channel() == Channel::Embedding);

@@ -117,6 +117,7 @@ impl RecallGrpc {
             .into_iter()
             .map(|candidate| Candidate {
                 item_id: index.embeddings.item_ids.get(candidate.item).to_string(),
+                position: candidate.item as u32 + 1,
                 score: candidate.score,
                 channel_scores: Channel::ALL
                     .iter()

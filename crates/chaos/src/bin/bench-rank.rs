@@ -320,7 +320,11 @@ fn build_requests(
                 }),
                 candidates: chosen
                     .into_iter()
-                    .map(|item| Candidate { item_id: ranker.item_id(item).to_string(), ..Candidate::default() })
+                    .map(|item| Candidate {
+                        item_id: ranker.item_id(item).to_string(),
+                        position: item as u32 + 1,
+                        ..Candidate::default()
+                    })
                     .collect(),
                 coarse_keep: coarse_keep as u32,
                 fine_keep: 0,

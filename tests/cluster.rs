@@ -105,6 +105,7 @@ async fn recommend_serves_known_and_unknown_users_and_learns_from_events() {
                 request_id: first.request_id.clone(),
                 value: 0.0,
                 experiments: first.experiments.clone(),
+                event_id: format!("{}-click", first.request_id),
             }],
         })
         .await
@@ -113,6 +114,32 @@ async fn recommend_serves_known_and_unknown_users_and_learns_from_events() {
         .accepted;
     assert_eq!(accepted, 1);
     assert_eq!(history(&cluster, "new-user-7").await, vec![clicked.clone()]);
+
+    // A batch with an invalid event: the valid rest is stored, the bad one is named; a
+    // retry of the same event ids is acknowledged without counting them twice.
+    let event = |item: &str, event_id: &str| Event {
+        user_id: "new-user-8".into(),
+        item_id: item.into(),
+        r#type: EventType::Click as i32,
+        timestamp_ms: 1_700_000_000_000,
+        event_id: event_id.into(),
+        ..Event::default()
+    };
+    let batch = vec![event("50", "evt-1"), event("", "evt-2"), event("181", "evt-3")];
+    let first_try = client.log_events(LogEventsRequest { events: batch.clone() }).await.unwrap().into_inner();
+    assert_eq!((first_try.accepted, first_try.duplicates), (2, 0));
+    assert_eq!(first_try.rejected.len(), 1);
+    assert_eq!(first_try.rejected[0].index, 1);
+    assert!(first_try.rejected[0].reason.contains("item_id is empty"), "{:?}", first_try.rejected);
+    let retry = client.log_events(LogEventsRequest { events: batch }).await.unwrap().into_inner();
+    assert_eq!((retry.accepted, retry.duplicates), (2, 2));
+    let mut client_features = FeatureServiceClient::new(cluster.channel(Service::Feature));
+    let stored = client_features
+        .get_user_features(GetUserFeaturesRequest { user_id: "new-user-8".into(), max_history: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stored.event_count, 2, "the retried events were not counted again");
     // The click dropped the user's cached lists: the next answer is computed, and knows it.
     let after = recommend(&cluster, recommend_request("new-user-7", 5)).await.unwrap();
     assert!(!after.from_cache);

@@ -16,7 +16,7 @@ use tokio::net::TcpListener;
 
 pub use error::{FeatureError, Result};
 pub use service::FeatureGrpc;
-pub use store::{FeatureStore, StoredEvent};
+pub use store::{Appended, FeatureStore, StoredEvent, DEDUP_WINDOW};
 
 pub const SERVICE_NAME: &str = "recsys.v1.FeatureService";
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use recsys_proto::limits::{MAX_EVENTS_PER_CALL, MAX_ID_BYTES};
 use recsys_proto::v1::{
     feature_service_server::{FeatureService, FeatureServiceServer},
-    AppendEventsRequest, AppendEventsResponse, GetUserFeaturesRequest, UserFeatures,
+    AppendEventsRequest, AppendEventsResponse, EventRejection, GetUserFeaturesRequest, UserFeatures,
 };
 use tonic::{Request, Response, Status};
 
@@ -28,6 +28,19 @@ static EVENTS_APPENDED: std::sync::LazyLock<prometheus::IntCounter> = std::sync:
         "Feedback events durably appended to the event log"
     )
     .expect("metric registers once")
+});
+
+static EVENTS_DUPLICATE: std::sync::LazyLock<prometheus::IntCounter> = std::sync::LazyLock::new(|| {
+    prometheus::register_int_counter!(
+        "recsys_events_duplicate_total",
+        "Feedback events whose event_id was already stored (retried batches), not counted again"
+    )
+    .expect("metric registers once")
+});
+
+static EVENTS_REJECTED: std::sync::LazyLock<prometheus::IntCounter> = std::sync::LazyLock::new(|| {
+    prometheus::register_int_counter!("recsys_events_rejected_total", "Invalid feedback events answered with a reason")
+        .expect("metric registers once")
 });
 
 #[derive(Clone)]
@@ -80,18 +93,29 @@ impl FeatureService for FeatureGrpc {
             ))
             .into());
         }
-        let validated = events
-            .iter()
-            .enumerate()
-            .map(|(index, event)| StoredEvent::from_proto(index, event))
-            .collect::<Result<Vec<_>, _>>()?;
+        // Each invalid event is answered on its own; the valid rest is stored.
+        let mut validated = Vec::with_capacity(events.len());
+        let mut rejected = Vec::new();
+        for (index, event) in events.iter().enumerate() {
+            match StoredEvent::from_proto(index, event) {
+                Ok(event) => validated.push(event),
+                Err(error) => rejected.push(EventRejection { index: index as u32, reason: error.to_string() }),
+            }
+        }
+        if validated.is_empty() && !rejected.is_empty() {
+            let reasons: Vec<&str> = rejected.iter().take(3).map(|r| r.reason.as_str()).collect();
+            let more = if rejected.len() > 3 { format!(" (and {} more)", rejected.len() - 3) } else { String::new() };
+            return Err(FeatureError::InvalidArgument(format!("{}{more}", reasons.join("; "))).into());
+        }
         let accepted = validated.len() as u32;
         let span = tracing::info_span!("event_append", events = accepted);
         let store = Arc::clone(&self.store);
-        tokio::task::spawn_blocking(move || span.in_scope(|| store.append(&validated)))
+        let appended = tokio::task::spawn_blocking(move || span.in_scope(|| store.append(&validated)))
             .await
             .map_err(|error| Status::internal(format!("event write task failed: {error}")))??;
-        EVENTS_APPENDED.inc_by(u64::from(accepted));
-        Ok(Response::new(AppendEventsResponse { accepted }))
+        EVENTS_APPENDED.inc_by(appended.stored as u64);
+        EVENTS_DUPLICATE.inc_by(appended.duplicates as u64);
+        EVENTS_REJECTED.inc_by(rejected.len() as u64);
+        Ok(Response::new(AppendEventsResponse { accepted, rejected, duplicates: appended.duplicates as u32 }))
     }
 }

@@ -7,7 +7,7 @@
 //! skipped with it on the next replay.
 
 use std::{
-    collections::{BTreeMap, HashMap, VecDeque},
+    collections::{BTreeMap, HashMap, HashSet, VecDeque},
     fs::{File, OpenOptions},
     io::{BufRead, BufReader, Write},
     path::{Path, PathBuf},
@@ -39,6 +39,9 @@ pub struct StoredEvent {
     /// Experiment layer → variant of the response the event answers.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub experiments: BTreeMap<String, String>,
+    /// The client's id of the event, for deduplicating retried batches (may be empty).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub event_id: String,
 }
 
 impl StoredEvent {
@@ -54,6 +57,7 @@ impl StoredEvent {
         if event.user_id.len() > MAX_ID_BYTES
             || event.item_id.len() > MAX_ID_BYTES
             || event.request_id.len() > MAX_ID_BYTES
+            || event.event_id.len() > MAX_ID_BYTES
         {
             return Err(invalid(&format!("ids must be at most {MAX_ID_BYTES} bytes")));
         }
@@ -87,6 +91,7 @@ impl StoredEvent {
             request_id: event.request_id.clone(),
             value: event.value,
             experiments: event.experiments.iter().map(|a| (a.layer.clone(), a.variant.clone())).collect(),
+            event_id: event.event_id.clone(),
         })
     }
 
@@ -119,9 +124,47 @@ struct UserState {
     event_count: u64,
 }
 
+/// Event ids stored most recently, for deduplicating retried batches. Retries come within
+/// seconds to minutes, so a window of the latest ids suffices and keeps memory bounded:
+/// an id older than the window is not recognised (README, "Feedback").
+pub const DEDUP_WINDOW: usize = 1_000_000;
+
+#[derive(Default)]
+struct RecentIds {
+    seen: HashSet<String>,
+    order: VecDeque<String>,
+}
+
+impl RecentIds {
+    fn contains(&self, id: &str) -> bool {
+        self.seen.contains(id)
+    }
+
+    fn insert(&mut self, id: &str) {
+        if id.is_empty() || !self.seen.insert(id.to_string()) {
+            return;
+        }
+        self.order.push_back(id.to_string());
+        if self.order.len() > DEDUP_WINDOW {
+            if let Some(oldest) = self.order.pop_front() {
+                self.seen.remove(&oldest);
+            }
+        }
+    }
+}
+
+/// What an append did: events stored now, and events whose id was stored before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    pub stored: usize,
+    pub duplicates: usize,
+}
+
 pub struct FeatureStore {
     users: RwLock<HashMap<String, UserState>>,
     log: Mutex<EventLog>,
+    /// Guarded by the `log` lock's ordering: ids are checked and recorded under it.
+    recent_ids: Mutex<RecentIds>,
     log_path: PathBuf,
     max_history: usize,
 }
@@ -137,10 +180,17 @@ impl FeatureStore {
         if let Some(parent) = log_path.parent() {
             std::fs::create_dir_all(parent).map_err(log_error)?;
         }
-        let replayed = replay_log(log_path, &mut users, max_history).map_err(log_error)?;
+        let mut recent_ids = RecentIds::default();
+        let replayed = replay_log(log_path, &mut users, &mut recent_ids, max_history).map_err(log_error)?;
         let log = EventLog::open(log_path).map_err(log_error)?;
         tracing::info!(users = users.len(), replayed, log = %log_path.display(), "feature store opened");
-        Ok(Self { users: RwLock::new(users), log: Mutex::new(log), log_path: log_path.to_path_buf(), max_history })
+        Ok(Self {
+            users: RwLock::new(users),
+            log: Mutex::new(log),
+            recent_ids: Mutex::new(recent_ids),
+            log_path: log_path.to_path_buf(),
+            max_history,
+        })
     }
 
     pub fn user_features(&self, user_id: &str, max_history: usize) -> UserFeatures {
@@ -159,23 +209,36 @@ impl FeatureStore {
         }
     }
 
-    /// Durably appends `events`, then applies them. Blocking: call from a blocking thread.
-    pub fn append(&self, events: &[StoredEvent]) -> Result<()> {
-        let mut batch = Vec::with_capacity(events.len() * 128);
-        for event in events {
+    /// Durably appends `events` — but not those whose `event_id` was stored already (a
+    /// retried batch) or appears earlier in the batch — then applies them. Blocking: call
+    /// from a blocking thread.
+    pub fn append(&self, events: &[StoredEvent]) -> Result<Appended> {
+        // The log lock orders batches, so replay applies them in acknowledgement order, and
+        // two concurrent tries of one batch cannot both pass the duplicate check.
+        let mut log = self.log.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut recent_ids = self.recent_ids.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut in_batch = HashSet::new();
+        let fresh: Vec<&StoredEvent> = events
+            .iter()
+            .filter(|event| {
+                event.event_id.is_empty()
+                    || (!recent_ids.contains(&event.event_id) && in_batch.insert(event.event_id.as_str()))
+            })
+            .collect();
+        let mut batch = Vec::with_capacity(fresh.len() * 128);
+        for event in &fresh {
             serde_json::to_writer(&mut batch, event).expect("events serialise to JSON");
             batch.push(b'\n');
         }
-        {
-            // The log lock orders batches, so replay applies them in acknowledgement order.
-            let mut log = self.log.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if !batch.is_empty() {
             log.append(&batch).map_err(|source| FeatureError::EventLog { path: self.log_path.clone(), source })?;
-            let mut users = self.users.write().unwrap_or_else(|poisoned| poisoned.into_inner());
-            for event in events {
-                apply(&mut users, event, self.max_history);
-            }
         }
-        Ok(())
+        let mut users = self.users.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        for event in &fresh {
+            recent_ids.insert(&event.event_id);
+            apply(&mut users, event, self.max_history);
+        }
+        Ok(Appended { stored: fresh.len(), duplicates: events.len() - fresh.len() })
     }
 }
 
@@ -257,7 +320,12 @@ fn record_interaction(state: &mut UserState, item_id: &str, timestamp: i64, max_
     state.history.truncate(max_history);
 }
 
-fn replay_log(path: &Path, users: &mut HashMap<String, UserState>, max_history: usize) -> std::io::Result<usize> {
+fn replay_log(
+    path: &Path,
+    users: &mut HashMap<String, UserState>,
+    recent_ids: &mut RecentIds,
+    max_history: usize,
+) -> std::io::Result<usize> {
     let file = match File::open(path) {
         Ok(file) => file,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(0),
@@ -268,6 +336,7 @@ fn replay_log(path: &Path, users: &mut HashMap<String, UserState>, max_history: 
         let line = line?;
         match serde_json::from_str::<StoredEvent>(&line) {
             Ok(event) => {
+                recent_ids.insert(&event.event_id);
                 apply(users, &event, max_history);
                 replayed += 1;
             }
@@ -348,6 +417,33 @@ mod tests {
             },
         )
         .unwrap()
+    }
+
+    fn with_id(mut event: StoredEvent, id: &str) -> StoredEvent {
+        event.event_id = id.into();
+        event
+    }
+
+    #[test]
+    fn a_retried_batch_is_stored_once_also_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("events.jsonl");
+        let batch = [with_id(click("u1", "a", 1_000), "e1"), with_id(click("u1", "b", 2_000), "e2")];
+        {
+            let store = FeatureStore::open(None, &log, 10).unwrap();
+            assert_eq!(store.append(&batch).unwrap(), Appended { stored: 2, duplicates: 0 });
+            // The retry, and a batch repeating an id within itself.
+            assert_eq!(store.append(&batch).unwrap(), Appended { stored: 0, duplicates: 2 });
+            let repeated = [with_id(click("u1", "c", 3_000), "e3"), with_id(click("u1", "c", 3_000), "e3")];
+            assert_eq!(store.append(&repeated).unwrap(), Appended { stored: 1, duplicates: 1 });
+            assert_eq!(store.user_features("u1", 10).event_count, 3);
+        }
+        let reopened = FeatureStore::open(None, &log, 10).unwrap();
+        assert_eq!(reopened.user_features("u1", 10).event_count, 3);
+        assert_eq!(reopened.append(&batch).unwrap(), Appended { stored: 0, duplicates: 2 }, "ids replayed");
+        // Events without an id are never deduplicated.
+        let anonymous = [click("u1", "d", 4_000), click("u1", "d", 4_000)];
+        assert_eq!(reopened.append(&anonymous).unwrap(), Appended { stored: 2, duplicates: 0 });
     }
 
     #[test]

@@ -16,10 +16,10 @@ use std::{
 use recsys_proto::{
     limits::MAX_HISTORY,
     v1::{
-        feature_service_client::FeatureServiceClient, AppendEventsRequest, Candidate, Channel, ChannelScore,
-        ChannelWeight, Event, ExperimentAssignment, GetUserFeaturesRequest, ItemTrace, RankRequest, RecallRequest,
-        RecallResponse, RecommendResponse, RecommendedItem, RerankCandidate, RerankRequest, RerankResponse,
-        RerankedItem, UserFeatures,
+        feature_service_client::FeatureServiceClient, AppendEventsRequest, AppendEventsResponse, Candidate, Channel,
+        ChannelScore, ChannelWeight, Event, ExperimentAssignment, GetUserFeaturesRequest, ItemTrace, LogEventsResponse,
+        RankRequest, RecallRequest, RecallResponse, RecommendResponse, RecommendedItem, RerankCandidate, RerankRequest,
+        RerankResponse, RerankedItem, UserFeatures,
     },
 };
 use recsys_runtime::{client::ResilientClient, resilience::CallError};
@@ -452,7 +452,7 @@ impl Pipeline {
 
     /// Forwards feedback to feature-svc; acknowledged only once feature-svc has it durably.
     /// Not retried here: an append is not idempotent, so the client decides.
-    pub async fn log_events(&self, events: Vec<Event>, deadline: Deadline) -> Result<u32, Status> {
+    pub async fn log_events(&self, events: Vec<Event>, deadline: Deadline) -> Result<LogEventsResponse, Status> {
         // Before the events are stored, so no request can cache a list computed without
         // them after they are acknowledged.
         for user_id in events.iter().map(|event| event.user_id.as_str()).collect::<std::collections::HashSet<_>>() {
@@ -465,7 +465,10 @@ impl Pipeline {
         request.set_timeout(budget);
         let mut client = self.clients.events.clone();
         match tokio::time::timeout(budget, client.append_events(request)).await {
-            Ok(Ok(response)) => Ok(response.into_inner().accepted),
+            Ok(Ok(response)) => {
+                let AppendEventsResponse { accepted, rejected, duplicates } = response.into_inner();
+                Ok(LogEventsResponse { accepted, rejected, duplicates })
+            }
             // Validation errors are the caller's to fix: pass them through as they are.
             Ok(Err(status)) if status.code() == tonic::Code::InvalidArgument => Err(status),
             Ok(Err(status)) => Err(Status::unavailable(format!(

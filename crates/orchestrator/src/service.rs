@@ -50,7 +50,6 @@ impl Recommender for RecommenderGrpc {
                 events.len()
             )));
         }
-        let accepted = self.pipeline.log_events(events, deadline).await?;
-        Ok(Response::new(LogEventsResponse { accepted }))
+        Ok(Response::new(self.pipeline.log_events(events, deadline).await?))
     }
 }

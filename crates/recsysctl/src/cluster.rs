@@ -116,11 +116,16 @@ pub async fn log_event(
                 request_id: request_id.to_string(),
                 value,
                 experiments,
+                // One id per invocation: the call may be retried by the transport, not counted twice.
+                event_id: format!("recsysctl-{user}-{item}-{timestamp_ms}"),
             }],
         })
         .await?
         .into_inner();
     println!("accepted {}", response.accepted);
+    for rejected in response.rejected {
+        println!("rejected: {}", rejected.reason);
+    }
     Ok(())
 }
 

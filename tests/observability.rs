@@ -5,7 +5,9 @@
 use std::collections::BTreeSet;
 
 use cluster_tests::{workspace_root, Cluster, Service};
-use recsys_proto::v1::{recommender_client::RecommenderClient, Event, EventType, LogEventsRequest, RecommendRequest};
+use recsys_proto::v1::{
+    recommender_client::RecommenderClient, Event, EventType, ExperimentAssignment, LogEventsRequest, RecommendRequest,
+};
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
@@ -66,13 +68,18 @@ async fn exercised_cluster_metrics() -> String {
     }
     client
         .log_events(LogEventsRequest {
-            events: vec![Event {
-                user_id: "196".into(),
-                item_id: "50".into(),
-                r#type: EventType::Click as i32,
-                timestamp_ms: 1,
-                ..Event::default()
-            }],
+            events: [EventType::Impression, EventType::Click]
+                .into_iter()
+                .map(|event_type| Event {
+                    user_id: "196".into(),
+                    item_id: "50".into(),
+                    r#type: event_type as i32,
+                    timestamp_ms: 1,
+                    // As a client copies them from the response: online CTR per variant.
+                    experiments: vec![ExperimentAssignment { layer: "l".into(), variant: "all".into() }],
+                    ..Event::default()
+                })
+                .collect(),
         })
         .await
         .unwrap();

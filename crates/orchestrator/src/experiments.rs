@@ -92,6 +92,11 @@ impl Overrides {
 }
 
 impl ExperimentConfig {
+    /// Whether `layer` is configured with a variant named `variant`.
+    pub fn is_configured(&self, layer: &str, variant: &str) -> bool {
+        self.layers.iter().any(|l| l.name == layer && l.variants.iter().any(|v| v.name == variant))
+    }
+
     /// Rejects configurations that cannot be served as written.
     pub fn validate(&self, canary_configured: bool) -> Result<(), String> {
         let mut salts = std::collections::HashSet::new();

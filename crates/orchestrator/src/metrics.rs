@@ -55,3 +55,15 @@ pub static EXPERIMENT_ASSIGNMENTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
     .expect("metric registers once")
 });
+
+/// Feedback per experiment variant, for online CTR (clicks ÷ impressions) per variant and
+/// its alert. Only configured layers and variants are counted, so callers cannot grow the
+/// label set.
+pub static FEEDBACK_EVENTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "recsys_feedback_events_total",
+        "Stored feedback events per experiment layer, variant and event type",
+        &["layer", "variant", "event"]
+    )
+    .expect("metric registers once")
+});

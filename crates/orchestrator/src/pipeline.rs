@@ -17,9 +17,9 @@ use recsys_proto::{
     limits::MAX_HISTORY,
     v1::{
         feature_service_client::FeatureServiceClient, AppendEventsRequest, AppendEventsResponse, Candidate, Channel,
-        ChannelScore, ChannelWeight, Event, ExperimentAssignment, GetUserFeaturesRequest, ItemTrace, LogEventsResponse,
-        RankRequest, RecallRequest, RecallResponse, RecommendResponse, RecommendedItem, RerankCandidate, RerankRequest,
-        RerankResponse, RerankedItem, UserFeatures,
+        ChannelScore, ChannelWeight, Event, EventRejection, EventType, ExperimentAssignment, GetUserFeaturesRequest,
+        ItemTrace, LogEventsResponse, RankRequest, RecallRequest, RecallResponse, RecommendResponse, RecommendedItem,
+        RerankCandidate, RerankRequest, RerankResponse, RerankedItem, UserFeatures,
     },
 };
 use recsys_runtime::{client::ResilientClient, resilience::CallError};
@@ -31,7 +31,10 @@ use crate::{
     deadline::Deadline,
     domain::{RecommendQuery, Stage, Track},
     experiments::Overrides,
-    metrics::{EXPERIMENT_ASSIGNMENTS, SERVED_SCORE, STAGE_CANDIDATES, STAGE_DEGRADED, STAGE_DURATION, TRACK_REQUESTS},
+    metrics::{
+        EXPERIMENT_ASSIGNMENTS, FEEDBACK_EVENTS, SERVED_SCORE, STAGE_CANDIDATES, STAGE_DEGRADED, STAGE_DURATION,
+        TRACK_REQUESTS,
+    },
     prediction_cache::PredictionCache,
     tracks::{RankRouting, RankTrack},
     Config, OrchestratorError, Result,
@@ -461,12 +464,23 @@ impl Pipeline {
         let budget = deadline
             .remaining()
             .ok_or_else(|| Status::deadline_exceeded("deadline exceeded before the events could be stored"))?;
+        // What to count once the events are stored (the request takes them).
+        let outcomes: Vec<(EventType, Vec<ExperimentAssignment>)> = events
+            .iter()
+            .map(|event| {
+                (EventType::try_from(event.r#type).unwrap_or(EventType::Unspecified), event.experiments.clone())
+            })
+            .collect();
         let mut request = Request::new(AppendEventsRequest { events });
         request.set_timeout(budget);
         let mut client = self.clients.events.clone();
         match tokio::time::timeout(budget, client.append_events(request)).await {
             Ok(Ok(response)) => {
                 let AppendEventsResponse { accepted, rejected, duplicates } = response.into_inner();
+                // A whole retried batch was counted the first time.
+                if duplicates < accepted {
+                    self.count_feedback(&outcomes, &rejected);
+                }
                 Ok(LogEventsResponse { accepted, rejected, duplicates })
             }
             // Validation errors are the caller's to fix: pass them through as they are.
@@ -476,6 +490,21 @@ impl Pipeline {
                 status.message()
             ))),
             Err(_) => Err(Status::deadline_exceeded("events were not acknowledged in time; they may be retried")),
+        }
+    }
+
+    /// Counts stored events per configured experiment variant (`FEEDBACK_EVENTS`).
+    fn count_feedback(&self, outcomes: &[(EventType, Vec<ExperimentAssignment>)], rejected: &[EventRejection]) {
+        let rejected: std::collections::HashSet<u32> = rejected.iter().map(|r| r.index).collect();
+        for (index, (event, assignments)) in outcomes.iter().enumerate() {
+            if rejected.contains(&(index as u32)) {
+                continue;
+            }
+            for assignment in assignments {
+                if self.config.experiments.is_configured(&assignment.layer, &assignment.variant) {
+                    FEEDBACK_EVENTS.with_label_values(&[&assignment.layer, &assignment.variant, event.name()]).inc();
+                }
+            }
         }
     }
 

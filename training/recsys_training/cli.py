@@ -74,6 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     seed_sample.add_argument("--out", type=Path, required=True)
     seed_sample.add_argument("--users", type=int, default=1_000)
 
+    merge = commands.add_parser(
+        "merge-events", help="seed data plus feature-svc's event log, as a data directory to train the next bundle from")
+    merge.add_argument("--data", type=Path, required=True, help="the seed data directory (CSV)")
+    merge.add_argument("--events", type=Path, required=True, help="feature-svc's event log (feature-events.jsonl)")
+    merge.add_argument("--out", type=Path, required=True)
+    merge.add_argument("--include-impressions", action="store_true")
+
     fresh = commands.add_parser("up-to-date", help="exit 0 when BUNDLE was trained by this pipeline code and feature configuration")
     fresh.add_argument("bundle", type=Path)
     fresh.add_argument("--format-only", action="store_true",
@@ -91,6 +98,12 @@ def main(argv: list[str] | None = None) -> int:
             raw = fetch_movielens(args.cache)
             convert_movielens(raw, args.out)
             print(f"[data] MovieLens-100k written to {args.out}")
+        elif args.command == "merge-events":
+            from .feedback import merge_events
+            merged = merge_events(args.data, args.events, args.out, args.include_impressions)
+            print(f"[feedback] {args.out}: {merged.seed_interactions} seed interactions + {merged.logged_events} logged "
+                  f"events ({merged.unknown_items} for unknown items, {merged.impressions} impressions, "
+                  f"{merged.duplicates} repeated ids, {merged.unreadable_lines} torn lines left out)")
         elif args.command == "train":
             config = TrainConfig(seed=args.seed, feature_config=str(args.feature_config or ""))
             if args.quick:

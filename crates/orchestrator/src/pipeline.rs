@@ -191,10 +191,10 @@ impl Pipeline {
         if let Some(cached) = self.cache.get(&query, asked, route) {
             return Ok(RecommendResponse { request_id, from_cache: true, ..cached });
         }
-        let cache_key = self.cache.enabled().then(|| query.clone());
+        let cache_key = self.cache.enabled().then(|| (query.clone(), self.cache.ticket(query.user_id.as_str())));
         let mut response = self.compute(query, plan, deadline, request_id).await;
-        if let Some(query) = cache_key {
-            self.cache.put(&query, route, &response);
+        if let Some((query, ticket)) = cache_key {
+            self.cache.put(&query, route, &response, ticket);
         }
         response.items.truncate(asked as usize);
         Ok(response)
@@ -456,11 +456,17 @@ impl Pipeline {
     /// Forwards feedback to feature-svc; acknowledged only once feature-svc has it durably.
     /// Not retried here: an append is not idempotent, so the client decides.
     pub async fn log_events(&self, events: Vec<Event>, deadline: Deadline) -> Result<LogEventsResponse, Status> {
-        // Before the events are stored, so no request can cache a list computed without
-        // them after they are acknowledged.
-        for user_id in events.iter().map(|event| event.user_id.as_str()).collect::<std::collections::HashSet<_>>() {
-            self.cache.invalidate(user_id);
-        }
+        // Before the events are stored and again once they are: a list computed from the
+        // features before the events (cached or still being computed) never answers after
+        // the acknowledgement (`PredictionCache::ticket`).
+        let users: Vec<String> = events
+            .iter()
+            .map(|event| event.user_id.clone())
+            .collect::<std::collections::HashSet<_>>()
+            .into_iter()
+            .collect();
+        let invalidate = || users.iter().for_each(|user_id| self.cache.invalidate(user_id));
+        invalidate();
         let budget = deadline
             .remaining()
             .ok_or_else(|| Status::deadline_exceeded("deadline exceeded before the events could be stored"))?;
@@ -474,7 +480,10 @@ impl Pipeline {
         let mut request = Request::new(AppendEventsRequest { events });
         request.set_timeout(budget);
         let mut client = self.clients.events.clone();
-        match tokio::time::timeout(budget, client.append_events(request)).await {
+        let outcome = tokio::time::timeout(budget, client.append_events(request)).await;
+        // Also when the outcome is unknown (a timeout): the events may still be stored.
+        invalidate();
+        match outcome {
             Ok(Ok(response)) => {
                 let AppendEventsResponse { accepted, rejected, duplicates } = response.into_inner();
                 // A whole retried batch was counted the first time.

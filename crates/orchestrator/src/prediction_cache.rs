@@ -17,7 +17,7 @@ use std::{
     collections::HashMap,
     hash::{BuildHasher, Hash, Hasher},
     sync::{
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
         Arc, LazyLock, Mutex,
     },
     time::Duration,
@@ -59,6 +59,7 @@ impl Default for CacheConfig {
 }
 
 const SHARDS: usize = 16;
+const GENERATIONS: usize = 4096;
 
 struct Entry {
     /// Everything of the request but the user, `top_k` and the exclusions, and the
@@ -73,7 +74,14 @@ pub struct PredictionCache {
     shards: Vec<Mutex<HashMap<String, Vec<Entry>>>>,
     entries: AtomicUsize,
     hasher: std::hash::RandomState,
+    /// Invalidation counts by user-hash bucket: a list computed while the user's events
+    /// were arriving is not cached (see `ticket`).
+    generations: Vec<AtomicU64>,
 }
+
+/// The invalidation count of a user's bucket when a computation started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ticket(u64);
 
 impl PredictionCache {
     pub fn new(config: CacheConfig) -> Self {
@@ -82,6 +90,7 @@ impl PredictionCache {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             entries: AtomicUsize::new(0),
             hasher: std::hash::RandomState::new(),
+            generations: (0..GENERATIONS).map(|_| AtomicU64::new(0)).collect(),
         }
     }
 
@@ -133,14 +142,24 @@ impl PredictionCache {
         Some(RecommendResponse { items, ..(*response).clone() })
     }
 
-    /// Caches a computed answer to `query` (asked with `compute_top_k`) on track `route`.
-    pub fn put(&self, query: &RecommendQuery, route: &str, response: &RecommendResponse) {
+    /// Take before computing an answer for `user_id`, give to `put`: if the user's events
+    /// arrived meanwhile (an invalidation), the answer may predate them and is not cached.
+    pub fn ticket(&self, user_id: &str) -> Ticket {
+        Ticket(self.generation(user_id).load(Ordering::Acquire))
+    }
+
+    /// Caches a computed answer to `query` (asked with `compute_top_k`) on track `route`,
+    /// unless the user's entries were invalidated since `ticket` was taken.
+    pub fn put(&self, query: &RecommendQuery, route: &str, response: &RecommendResponse, ticket: Ticket) {
         if !self.enabled() || query.debug || !response.degraded_stages.is_empty() {
             return;
         }
         let now = Instant::now();
         let variant = self.variant(query, route);
         let mut shard = self.shard(query.user_id.as_str()).lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if self.generation(query.user_id.as_str()).load(Ordering::Acquire) != ticket.0 {
+            return;
+        }
         if self.entries.load(Ordering::Relaxed) >= self.config.max_entries {
             let mut swept = 0;
             shard.retain(|_, entries| {
@@ -176,9 +195,16 @@ impl PredictionCache {
             return;
         }
         let mut shard = self.shard(user_id).lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        // Under the shard lock, like `put`'s check: a put either lands before this (and is
+        // removed below) or sees the new generation (and stores nothing).
+        self.generation(user_id).fetch_add(1, Ordering::AcqRel);
         if let Some(entries) = shard.remove(user_id) {
             self.entries.fetch_sub(entries.len(), Ordering::Relaxed);
         }
+    }
+
+    fn generation(&self, user_id: &str) -> &AtomicU64 {
+        &self.generations[(self.hasher.hash_one(user_id) >> 16) as usize % GENERATIONS]
     }
 
     fn shard(&self, user_id: &str) -> &Mutex<HashMap<String, Vec<Entry>>> {
@@ -238,7 +264,7 @@ mod tests {
     async fn a_repeat_within_the_ttl_is_a_hit_and_the_next_page_too() {
         let cache = PredictionCache::new(CacheConfig { ttl_ms: 3_000, max_entries: 10, prefetch_pages: 2 });
         assert_eq!(cache.compute_top_k(&query("u1", 3, &[])), 6);
-        cache.put(&query("u1", 3, &[]), "stable", &response(6));
+        cache.put(&query("u1", 3, &[]), "stable", &response(6), Ticket(0));
         let first = get(&cache, &query("u1", 3, &[])).expect("a hit");
         assert_eq!(ids(&first), ["item-0", "item-1", "item-2"]);
         let second = get(&cache, &query("u1", 3, &["item-0", "item-1", "item-2"])).expect("page two is a hit");
@@ -253,8 +279,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn events_invalidate_the_users_entries_only() {
         let cache = PredictionCache::new(CacheConfig::default());
-        cache.put(&query("u1", 2, &[]), "stable", &response(4));
-        cache.put(&query("u2", 2, &[]), "stable", &response(4));
+        cache.put(&query("u1", 2, &[]), "stable", &response(4), Ticket(0));
+        cache.put(&query("u2", 2, &[]), "stable", &response(4), Ticket(0));
         cache.invalidate("u1");
         assert!(get(&cache, &query("u1", 2, &[])).is_none());
         assert!(get(&cache, &query("u2", 2, &[])).is_some());
@@ -264,12 +290,12 @@ mod tests {
     async fn degraded_and_debug_answers_are_not_cached_and_a_scene_is_its_own_entry() {
         let cache = PredictionCache::new(CacheConfig::default());
         let degraded = RecommendResponse { degraded_stages: vec!["rank".into()], ..response(4) };
-        cache.put(&query("u1", 2, &[]), "stable", &degraded);
+        cache.put(&query("u1", 2, &[]), "stable", &degraded, Ticket(0));
         assert!(get(&cache, &query("u1", 2, &[])).is_none());
         let debug = RecommendQuery { debug: true, ..query("u1", 2, &[]) };
-        cache.put(&debug, "stable", &response(4));
+        cache.put(&debug, "stable", &response(4), Ticket(0));
         assert!(get(&cache, &debug).is_none());
-        cache.put(&query("u1", 2, &[]), "stable", &response(4));
+        cache.put(&query("u1", 2, &[]), "stable", &response(4), Ticket(0));
         let home = RecommendQuery { scene: Some("home".into()), ..query("u1", 2, &[]) };
         assert!(get(&cache, &home).is_none());
     }
@@ -277,26 +303,37 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_cache_is_bounded_and_sweeps_expired_entries_when_full() {
         let cache = PredictionCache::new(CacheConfig { ttl_ms: 1_000, max_entries: 2, prefetch_pages: 1 });
-        cache.put(&query("u1", 1, &[]), "stable", &response(1));
-        cache.put(&query("u2", 1, &[]), "stable", &response(1));
-        cache.put(&query("u3", 1, &[]), "stable", &response(1));
+        cache.put(&query("u1", 1, &[]), "stable", &response(1), Ticket(0));
+        cache.put(&query("u2", 1, &[]), "stable", &response(1), Ticket(0));
+        cache.put(&query("u3", 1, &[]), "stable", &response(1), Ticket(0));
         assert!(get(&cache, &query("u3", 1, &[])).is_none(), "full: not cached");
         assert!(cache.get(&query("u1", 1, &[]), 1, "canary").is_none(), "another track is another entry");
         tokio::time::advance(Duration::from_millis(1_001)).await;
         // Expired entries are swept from the shards being written, which makes room again.
         for user in 0..64 {
-            cache.put(&query(&format!("v{user}"), 1, &[]), "stable", &response(1));
+            cache.put(&query(&format!("v{user}"), 1, &[]), "stable", &response(1), Ticket(0));
         }
         let cached = (0..64).filter(|user| get(&cache, &query(&format!("v{user}"), 1, &[])).is_some()).count();
         assert_eq!(cached, 2);
         assert_eq!(cache.entries.load(Ordering::Relaxed), 2);
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_computed_while_the_users_events_arrived_is_not_cached() {
+        let cache = PredictionCache::new(CacheConfig::default());
+        let ticket = cache.ticket("u1");
+        cache.invalidate("u1"); // a click arrives while the list is being computed
+        cache.put(&query("u1", 2, &[]), "stable", &response(4), ticket);
+        assert!(get(&cache, &query("u1", 2, &[])).is_none());
+        cache.put(&query("u1", 2, &[]), "stable", &response(4), cache.ticket("u1"));
+        assert!(get(&cache, &query("u1", 2, &[])).is_some());
+    }
+
     #[test]
     fn ttl_zero_turns_the_cache_off() {
         let cache = PredictionCache::new(CacheConfig { ttl_ms: 0, ..CacheConfig::default() });
         assert_eq!(cache.compute_top_k(&query("u1", 10, &[])), 10);
-        cache.put(&query("u1", 1, &[]), "stable", &response(1));
+        cache.put(&query("u1", 1, &[]), "stable", &response(1), Ticket(0));
         assert!(get(&cache, &query("u1", 1, &[])).is_none());
     }
 }

@@ -306,7 +306,9 @@ def smaller_fine_models(teacher, coarse, features: FeatureConfig, num_users: int
          compress.distillation_loss(shape.soft_weight, features.like_loss_weight), config.student_epochs, config, rng,
          lambda: auc(validation_rows.labels, predict(student, validation_inputs)), "student", drop_user_ids=True)
     compress.prune_magnitude(student, shape.prune)
-    export_onnx(student, validation_inputs, FINE_INPUTS, staging / compress.STUDENT_FILE)
+    student_diff = export_onnx(student, validation_inputs, FINE_INPUTS, staging / compress.STUDENT_FILE)
+    if student_diff > 1e-4:
+        raise RuntimeError(f"the student's ONNX export differs from PyTorch by {student_diff}")
     student_auc = onnx_auc(staging / compress.STUDENT_FILE)
     result = {
         "teacher_onnx_auc": teacher_auc,

@@ -70,12 +70,24 @@ type Loader<T> = dyn Fn(&Path, &Manifest) -> Result<T> + Send + Sync;
 struct Slot<T> {
     value: Arc<T>,
     manifest: Manifest,
+    /// Load order, for evicting the oldest version beyond `MAX_LOADED`.
+    loaded: u64,
 }
 
 struct State<T> {
     versions: BTreeMap<String, Slot<T>>,
     current: String,
+    loads: u64,
 }
+
+/// Versions kept loaded at most: the current one, the one before it (requests pinned to
+/// it during a roll-out), a canary's and some slack; beyond it the oldest non-current
+/// version is unloaded (requests holding it finish on it).
+pub const MAX_LOADED: usize = 4;
+
+/// How long a version that failed to load is refused without trying again, so requests
+/// pinned to it do not each repeat a heavy failing load.
+const RETRY_FAILED_AFTER: Duration = Duration::from_secs(30);
 
 pub struct Registry<T> {
     service: &'static str,
@@ -84,9 +96,11 @@ pub struct Registry<T> {
     loader: Box<Loader<T>>,
     gate: QualityGate,
     state: RwLock<State<T>>,
-    /// One load at a time: loads are heavy, and two requests pinned to the same new
-    /// version must not load it twice.
+    /// One load (or retirement) at a time: loads are heavy, and two requests pinned to the
+    /// same new version must not load it twice.
     loading: Mutex<()>,
+    /// Versions whose load failed recently: when, and why.
+    failed: Mutex<BTreeMap<String, (std::time::Instant, String)>>,
 }
 
 impl<T: Send + Sync + 'static> Registry<T> {
@@ -109,14 +123,15 @@ impl<T: Send + Sync + 'static> Registry<T> {
         let (manifest, value) = load_checked(&dir, loader.as_ref())?;
         let current = manifest.version.clone();
         let mut versions = BTreeMap::new();
-        versions.insert(current.clone(), Slot { value: Arc::new(value), manifest });
+        versions.insert(current.clone(), Slot { value: Arc::new(value), manifest, loaded: 0 });
         Ok(Self {
             service,
             versions_dir,
             loader,
             gate,
-            state: RwLock::new(State { versions, current }),
+            state: RwLock::new(State { versions, current, loads: 1 }),
             loading: Mutex::new(()),
+            failed: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -157,7 +172,18 @@ impl<T: Send + Sync + 'static> Registry<T> {
         if let Some(value) = self.get(version) {
             return Ok(value);
         }
-        self.load(Some(version), false, false)?;
+        let recent_failure = {
+            let failed = self.failed.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            failed.get(version).filter(|(at, _)| at.elapsed() < RETRY_FAILED_AFTER).map(|(_, reason)| reason.clone())
+        };
+        if let Some(reason) = recent_failure {
+            return Err(rejected(version, &format!("it failed to load recently: {reason}")));
+        }
+        if let Err(error) = self.load(Some(version), false, false) {
+            let mut failed = self.failed.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            failed.insert(version.to_string(), (std::time::Instant::now(), error.to_string()));
+            return Err(error);
+        }
         self.get(version).ok_or_else(|| BundleError::NotFound(self.versions_dir.join(version)))
     }
 
@@ -182,31 +208,52 @@ impl<T: Send + Sync + 'static> Registry<T> {
         if let Some(asked) = version.filter(|asked| *asked != name) {
             return Err(rejected(asked, &format!("its manifest names version {name}")));
         }
-        if !self.read().versions.contains_key(&name) {
-            let (manifest, value) = load_checked(&dir, self.loader.as_ref()).inspect_err(|error| {
+        // Retirements also hold `loading`, so what is checked here stays loaded below.
+        let loaded = if self.read().versions.contains_key(&name) {
+            None
+        } else {
+            let checked = load_checked(&dir, self.loader.as_ref()).inspect_err(|error| {
                 tracing::error!(service = self.service, version = %name, %error, "bundle rejected; the current version keeps serving");
             })?;
-            self.write().versions.insert(name.clone(), Slot { value: Arc::new(value), manifest });
             tracing::info!(service = self.service, version = %name, "bundle loaded");
+            Some(checked)
+        };
+        let mut state = self.write();
+        if let Some((manifest, value)) = loaded {
+            state.loads += 1;
+            let loaded = state.loads;
+            state.versions.insert(name.clone(), Slot { value: Arc::new(value), manifest, loaded });
         }
-        if make_current {
-            let mut state = self.write();
-            if state.current != name {
-                let serving = &state.versions[&state.current].manifest;
-                let candidate = &state.versions[&name].manifest;
-                if let Some(reason) = self.gate.refuses(serving, candidate).filter(|_| !force) {
-                    tracing::error!(service = self.service, version = %name, %reason, "bundle refused by the quality gate; the current version keeps serving");
-                    return Err(rejected(&name, &format!("quality gate: {reason} (force to override)")));
-                }
-                tracing::info!(service = self.service, from = %state.current, to = %name, "current bundle version changed");
-                state.current = name.clone();
+        if make_current && state.current != name {
+            let serving = &state.versions[&state.current].manifest;
+            let candidate = &state.versions[&name].manifest;
+            if let Some(reason) = self.gate.refuses(serving, candidate).filter(|_| !force) {
+                tracing::error!(service = self.service, version = %name, %reason, "bundle refused by the quality gate; the current version keeps serving");
+                return Err(rejected(&name, &format!("quality gate: {reason} (force to override)")));
             }
+            tracing::info!(service = self.service, from = %state.current, to = %name, "current bundle version changed");
+            state.current = name.clone();
         }
+        // Bounded: the oldest versions that are neither current nor just loaded go.
+        while state.versions.len() > MAX_LOADED {
+            let oldest = state
+                .versions
+                .iter()
+                .filter(|(version, _)| **version != state.current && **version != name)
+                .min_by_key(|(_, slot)| slot.loaded)
+                .map(|(version, _)| version.clone());
+            let Some(oldest) = oldest else { break };
+            tracing::info!(service = self.service, version = %oldest, "bundle unloaded (more than {MAX_LOADED} loaded)");
+            state.versions.remove(&oldest);
+        }
+        drop(state);
+        self.failed.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).remove(&name);
         Ok(name)
     }
 
     /// Unloads a version that is not the current one (requests holding it finish first).
     pub fn retire(&self, version: &str) -> Result<()> {
+        let _loading = self.loading.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut state = self.write();
         if state.current == version {
             return Err(rejected(version, "it is the current version; make another current first"));
@@ -233,26 +280,26 @@ impl<T: Send + Sync + 'static> Registry<T> {
             .collect()
     }
 
-    /// Polls the root's `current` link every `interval` and loads and makes current what
-    /// it names (a failed load is logged once per version and retried only when the link
-    /// changes again). Returns at once; the poller lives as long as the registry.
+    /// Polls the root's `current` link every `interval` and, when the version it names
+    /// changes, loads it and makes it current (once per change: a failed load is logged
+    /// and retried only when the link moves again, and an operator's `load --current`
+    /// of another version is not undone until it does). Returns at once; the poller lives
+    /// as long as the registry.
     pub fn follow_current(self: &Arc<Self>, interval: Duration) {
         let registry = Arc::downgrade(self);
         let link = self.versions_dir.join("current");
+        let mut acted_on = read_manifest(&link).map(|manifest| manifest.version).ok();
         std::thread::Builder::new()
             .name(format!("{}-bundle-watch", self.service))
-            .spawn(move || {
-                let mut last_failed: Option<String> = None;
-                loop {
-                    std::thread::sleep(interval);
-                    let Some(registry) = registry.upgrade() else { return };
-                    let Ok(manifest) = read_manifest(&link) else { continue };
-                    let named = manifest.version;
-                    if named == registry.current_version() || last_failed.as_ref() == Some(&named) {
-                        continue;
-                    }
-                    last_failed = registry.load(None, true, false).err().map(|_| named);
+            .spawn(move || loop {
+                std::thread::sleep(interval);
+                let Some(registry) = registry.upgrade() else { return };
+                let Ok(manifest) = read_manifest(&link) else { continue };
+                if acted_on.as_ref() == Some(&manifest.version) {
+                    continue;
                 }
+                acted_on = Some(manifest.version);
+                let _ = registry.load(None, true, false);
             })
             .expect("the OS starts a thread");
     }
@@ -366,6 +413,46 @@ mod tests {
         // An operator may override the gate.
         registry.load(Some("worse"), true, true).unwrap();
         assert_eq!(*registry.current().1, "worse");
+    }
+
+    #[test]
+    fn an_operators_rollback_holds_until_the_link_moves_and_at_most_four_versions_stay_loaded() {
+        let root = tempfile::tempdir().unwrap();
+        for version in ["v1", "v2", "v3", "v4", "v5"] {
+            write_version(root.path(), version, 0.80);
+        }
+        point_current(root.path(), "v1");
+        let registry = Arc::new(open(root.path()));
+        registry.follow_current(Duration::from_millis(10));
+        point_current(root.path(), "v2");
+        let wait_for = |version: &str| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while registry.current_version() != version {
+                assert!(std::time::Instant::now() < deadline, "{version} never became current");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        };
+        wait_for("v2");
+        registry.load(Some("v1"), true, false).unwrap(); // the operator rolls back
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(registry.current_version(), "v1", "the follower does not undo the rollback");
+        for version in ["v3", "v4", "v5"] {
+            registry.get_or_load(version).unwrap();
+        }
+        let loaded: Vec<String> = registry.list().into_iter().map(|v| v.version).collect();
+        assert_eq!(loaded.len(), MAX_LOADED);
+        assert!(loaded.contains(&"v1".to_string()) && loaded.contains(&"v5".to_string()), "{loaded:?}");
+        assert!(!loaded.contains(&"v2".to_string()), "the oldest non-current version went: {loaded:?}");
+        // A version that fails to load is not retried by every request.
+        write_version(root.path(), "broken", 0.80);
+        std::fs::write(root.path().join("broken/model.bin"), b"broken").unwrap();
+        let refresh = root.path().join("broken/manifest.json");
+        let mut manifest: Manifest = serde_json::from_str(&std::fs::read_to_string(&refresh).unwrap()).unwrap();
+        manifest.files.get_mut("model.bin").unwrap().sha256 =
+            sha256_file(&root.path().join("broken/model.bin")).unwrap();
+        std::fs::write(&refresh, serde_json::to_string(&manifest).unwrap()).unwrap();
+        assert!(registry.get_or_load("broken").unwrap_err().to_string().contains("smoke batch"));
+        assert!(registry.get_or_load("broken").unwrap_err().to_string().contains("failed to load recently"));
     }
 
     #[test]

@@ -129,22 +129,30 @@ struct UserState {
 /// an id older than the window is not recognised (README, "Feedback").
 pub const DEDUP_WINDOW: usize = 1_000_000;
 
+/// The window holds 128-bit digests of the ids, not the ids (up to 128 bytes each): about
+/// 50 MB for a million.
 #[derive(Default)]
 struct RecentIds {
-    seen: HashSet<String>,
-    order: VecDeque<String>,
+    seen: HashSet<u128>,
+    order: VecDeque<u128>,
 }
 
 impl RecentIds {
+    fn key(id: &str) -> u128 {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::digest(id.as_bytes());
+        u128::from_le_bytes(digest[..16].try_into().expect("a sha256 digest has 32 bytes"))
+    }
+
     fn contains(&self, id: &str) -> bool {
-        self.seen.contains(id)
+        !id.is_empty() && self.seen.contains(&Self::key(id))
     }
 
     fn insert(&mut self, id: &str) {
-        if id.is_empty() || !self.seen.insert(id.to_string()) {
+        if id.is_empty() || !self.seen.insert(Self::key(id)) {
             return;
         }
-        self.order.push_back(id.to_string());
+        self.order.push_back(Self::key(id));
         if self.order.len() > DEDUP_WINDOW {
             if let Some(oldest) = self.order.pop_front() {
                 self.seen.remove(&oldest);
@@ -335,6 +343,8 @@ fn replay_log(
     for (number, line) in BufReader::new(file).lines().enumerate() {
         let line = line?;
         match serde_json::from_str::<StoredEvent>(&line) {
+            // A batch whose failed write could not be cut off may precede its retry.
+            Ok(event) if recent_ids.contains(&event.event_id) => {}
             Ok(event) => {
                 recent_ids.insert(&event.event_id);
                 apply(users, &event, max_history);

@@ -486,8 +486,9 @@ impl Pipeline {
         match outcome {
             Ok(Ok(response)) => {
                 let AppendEventsResponse { accepted, rejected, duplicates } = response.into_inner();
-                // A whole retried batch was counted the first time.
-                if duplicates < accepted {
+                // At most once: a batch with retried events is not counted (which of its
+                // events are new is not known here), so retries never inflate the CTR.
+                if duplicates == 0 {
                     self.count_feedback(&outcomes, &rejected);
                 }
                 Ok(LogEventsResponse { accepted, rejected, duplicates })

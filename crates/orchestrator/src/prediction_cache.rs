@@ -62,6 +62,9 @@ const SHARDS: usize = 16;
 const GENERATIONS: usize = 4096;
 
 struct Entry {
+    /// The exclusions of the request that computed the list: it only answers requests
+    /// that exclude at least these (an item it left out may be wanted by another).
+    excluded: std::collections::HashSet<String>,
     /// Everything of the request but the user, `top_k` and the exclusions, and the
     /// ranking track that served it.
     variant: u64,
@@ -120,14 +123,18 @@ impl PredictionCache {
 
     fn lookup(&self, query: &RecommendQuery, top_k: usize, route: &str) -> Option<RecommendResponse> {
         let variant = self.variant(query, route);
+        let excluded: std::collections::HashSet<&str> =
+            query.exclude_item_ids.iter().map(|item| item.as_str()).collect();
         let response = {
             let shard = self.shard(query.user_id.as_str()).lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             let now = Instant::now();
-            let entry = shard.get(query.user_id.as_str())?.iter().find(|e| e.variant == variant && e.expires > now)?;
+            let entry = shard.get(query.user_id.as_str())?.iter().find(|e| {
+                e.variant == variant
+                    && e.expires > now
+                    && e.excluded.iter().all(|item| excluded.contains(item.as_str()))
+            })?;
             Arc::clone(&entry.response)
         };
-        let excluded: std::collections::HashSet<&str> =
-            query.exclude_item_ids.iter().map(|item| item.as_str()).collect();
         let items: Vec<RecommendedItem> = response
             .items
             .iter()
@@ -177,6 +184,7 @@ impl PredictionCache {
         let before = entries.len();
         entries.retain(|entry| entry.variant != variant && entry.expires > now);
         entries.push(Entry {
+            excluded: query.exclude_item_ids.iter().map(|item| item.as_str().to_string()).collect(),
             variant,
             expires: now + Duration::from_millis(self.config.ttl_ms),
             response: Arc::new(response.clone()),
@@ -272,6 +280,10 @@ mod tests {
         assert_eq!(second.items.iter().map(|item| item.rank).collect::<Vec<_>>(), [1, 2, 3]);
         assert!(get(&cache, &query("u1", 4, &["item-0", "item-1", "item-2"])).is_none(), "not enough left");
         assert!(get(&cache, &query("u2", 3, &[])).is_none(), "another user");
+        // A list computed without an item answers only requests that exclude it too.
+        cache.put(&query("u3", 1, &["item-9"]), "stable", &response(4), Ticket(0));
+        assert!(get(&cache, &query("u3", 1, &[])).is_none());
+        assert!(get(&cache, &query("u3", 1, &["item-9", "item-0"])).is_some());
         tokio::time::advance(Duration::from_millis(3_001)).await;
         assert!(get(&cache, &query("u1", 3, &[])).is_none(), "expired");
     }

@@ -90,12 +90,15 @@ pub struct RankerVersion {
 pub fn open_registry(config: &Config) -> anyhow::Result<Arc<Registry<RankerVersion>>> {
     let environment = onnx_environment(config.onnxruntime_library.as_deref())?;
     let (models, batching) = (config.models.clone(), config.batching.clone());
-    let registry = Registry::open_shared(
-        SERVICE_BINARY,
-        &config.bundle,
-        config.quality_gate.clone(),
-        config.follow_current_ms,
-        move |dir, manifest| {
+    // The gate also checks the fine model that serves, when it is not the teacher.
+    let mut gate = config.quality_gate.clone();
+    if let Some(metric) = models.fine_variant.auc_metric() {
+        if !gate.metrics.iter().any(|name| name == metric) {
+            gate.metrics.push(metric.to_string());
+        }
+    }
+    let registry =
+        Registry::open_shared(SERVICE_BINARY, &config.bundle, gate, config.follow_current_ms, move |dir, manifest| {
             let ranker = Ranker::load(dir, &environment, &models).map_err(|error| match error {
                 RankError::Bundle(error) => error,
                 other => BundleError::Rejected { version: manifest.version.clone(), reason: other.to_string() },
@@ -106,8 +109,7 @@ pub fn open_registry(config: &Config) -> anyhow::Result<Arc<Registry<RankerVersi
                 .then(|| Arc::new(MicroBatcher::start(ranker.fine_model(), models.sessions, &batching)));
             tracing::info!(bundle = %ranker.version(), fine_model = ?models.fine_variant, "ranker loaded");
             Ok(RankerVersion { ranker, batcher })
-        },
-    )?;
+        })?;
     Ok(registry)
 }
 

@@ -41,6 +41,15 @@ pub enum FineVariant {
 }
 
 impl FineVariant {
+    /// The manifest metric of this variant's held-out AUC (the teacher's is `fine_auc`).
+    pub fn auc_metric(self) -> Option<&'static str> {
+        match self {
+            FineVariant::Teacher => None,
+            FineVariant::Int8 => Some("int8_auc"),
+            FineVariant::Student => Some("student_auc"),
+        }
+    }
+
     pub fn file(self) -> &'static str {
         match self {
             FineVariant::Teacher => "ranker.onnx",

@@ -441,6 +441,9 @@ impl Ranker {
         request_time: i64,
     ) -> Result<FineStage> {
         let items = candidates.items.as_slice();
+        if candidates.embedding_scores.as_ref().is_some_and(|scores| scores.len() != items.len()) {
+            return Err(RankError::InvalidArgument("one embedding score per candidate is required".into()));
+        }
         let _coarse_span = tracing::info_span!("coarse", items = items.len()).entered();
         BATCH_SIZE.with_label_values(&["coarse"]).observe(items.len() as f64);
         let context = self.user_context(user, request_time);

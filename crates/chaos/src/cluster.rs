@@ -106,7 +106,8 @@ pub struct Cluster {
     pub rank_delay_ms: Arc<AtomicU64>,
 }
 
-async fn free_port() -> anyhow::Result<SocketAddr> {
+/// A loopback address no one listens on now, for a child process to bind.
+pub async fn free_port() -> anyhow::Result<SocketAddr> {
     Ok(TcpListener::bind("127.0.0.1:0").await?.local_addr()?)
 }
 

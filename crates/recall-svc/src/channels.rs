@@ -71,9 +71,7 @@ impl RecallIndex {
             self.popular.iter().take(USERS * HISTORY).map(|&n| self.embeddings.item_ids.get(n).to_string()).collect();
         for history in ids.chunks(HISTORY) {
             let signals = self.signals("", history);
-            for channel in
-                [Channel::Embedding, Channel::ItemCf, Channel::Realtime, Channel::Popular, Channel::ColdStart]
-            {
+            for channel in Channel::ALL {
                 self.propose(channel, &signals, &ExcludedItems::default(), quota);
             }
         }

@@ -28,7 +28,11 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use rank_svc::{onnx_environment, FineVariant, ModelOptions, Ranker};
 use recsys_bundle::{read_manifest, read_user_ids, resolve_dir, RankerInputs};
-use recsys_chaos::{cluster::wait_serving, load::quantile_ms};
+use recsys_chaos::{
+    cluster::{free_port, wait_serving},
+    load::quantile_ms,
+    round,
+};
 use recsys_proto::v1::{
     rank_service_client::RankServiceClient, Candidate, Channel, ChannelScore, RankRequest, UserFeatures,
 };
@@ -449,7 +453,7 @@ impl RankService {
 
     /// rank-svc on `bundle` with one intra-op thread, and `env` on top.
     async fn start_with(bin_dir: &Path, bundle: &Path, env: &[(&str, &str)]) -> anyhow::Result<Self> {
-        let address = tokio::net::TcpListener::bind("127.0.0.1:0").await?.local_addr()?;
+        let address = free_port().await?;
         let child = Command::new(bin_dir.join("rank-svc"))
             .env("RECSYS_RANK__SERVER__LISTEN", address.to_string())
             .env("RECSYS_RANK__SERVER__METRICS_LISTEN", "")
@@ -624,9 +628,4 @@ async fn peak(
     }
     let elapsed = started.elapsed().as_secs_f64();
     (latencies.len() as f64 / elapsed, quantile_ms(latencies.into_iter(), 0.99))
-}
-
-fn round(value: f64, digits: i32) -> f64 {
-    let scale = 10f64.powi(digits);
-    (value * scale).round() / scale
 }

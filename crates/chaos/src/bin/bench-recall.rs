@@ -27,7 +27,10 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use recall_svc::{nearest::NearestItems, ExcludedItems};
 use recsys_bundle::{read_item_columns, read_manifest, resolve_dir, TensorFile, ANN_INDEX_FILE, EMBEDDINGS_FILE};
-use recsys_chaos::cluster::wait_serving;
+use recsys_chaos::{
+    cluster::{free_port, wait_serving},
+    round,
+};
 use recsys_proto::v1::{recall_service_client::RecallServiceClient, RecallRequest, UserFeatures};
 use serde_json::{json, Value};
 use tokio::process::Command;
@@ -142,7 +145,7 @@ async fn main() -> anyhow::Result<()> {
     drop(nearest);
 
     // 2. recall-svc: load time, RPC latency, memory.
-    let address = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let address = free_port().await?;
     let started = Instant::now();
     let mut child = Command::new(args.bin_dir.join("recall-svc"))
         .env("RECSYS_RECALL__SERVER__LISTEN", address.to_string())
@@ -270,9 +273,4 @@ fn resident_bytes(pid: u32) -> anyhow::Result<u64> {
     let line = status.lines().find(|line| line.starts_with("VmRSS:")).context("no VmRSS")?;
     let kib: u64 = line.split_whitespace().nth(1).context("VmRSS value")?.parse()?;
     Ok(kib * 1024)
-}
-
-fn round(value: f64, digits: i32) -> f64 {
-    let scale = 10f64.powi(digits);
-    (value * scale).round() / scale
 }

@@ -149,10 +149,14 @@ impl RecentIds {
     }
 
     fn insert(&mut self, id: &str) {
-        if id.is_empty() || !self.seen.insert(Self::key(id)) {
+        if id.is_empty() {
             return;
         }
-        self.order.push_back(Self::key(id));
+        let key = Self::key(id);
+        if !self.seen.insert(key) {
+            return;
+        }
+        self.order.push_back(key);
         if self.order.len() > DEDUP_WINDOW {
             if let Some(oldest) = self.order.pop_front() {
                 self.seen.remove(&oldest);

@@ -22,7 +22,7 @@ async fn recommend(cluster: &Cluster, request: RecommendRequest) -> Result<Recom
 async fn history(cluster: &Cluster, user_id: &str) -> Vec<String> {
     let mut client = FeatureServiceClient::new(cluster.channel(Service::Feature));
     client
-        .get_user_features(GetUserFeaturesRequest { user_id: user_id.to_string(), max_history: 0 })
+        .get_user_features(GetUserFeaturesRequest { user_id: user_id.to_string(), max_history: 0, as_of_ms: 0 })
         .await
         .expect("feature-svc answers")
         .into_inner()
@@ -135,7 +135,7 @@ async fn recommend_serves_known_and_unknown_users_and_learns_from_events() {
     assert_eq!((retry.accepted, retry.duplicates), (2, 2));
     let mut client_features = FeatureServiceClient::new(cluster.channel(Service::Feature));
     let stored = client_features
-        .get_user_features(GetUserFeaturesRequest { user_id: "new-user-8".into(), max_history: 0 })
+        .get_user_features(GetUserFeaturesRequest { user_id: "new-user-8".into(), max_history: 0, as_of_ms: 0 })
         .await
         .unwrap()
         .into_inner();
@@ -361,7 +361,7 @@ async fn candidates_carry_every_channels_work_and_requests_stay_on_one_bundle() 
     let cluster = Cluster::start().await.expect("cluster starts");
     let mut features = FeatureServiceClient::new(cluster.channel(Service::Feature));
     let user = features
-        .get_user_features(GetUserFeaturesRequest { user_id: "196".into(), max_history: 0 })
+        .get_user_features(GetUserFeaturesRequest { user_id: "196".into(), max_history: 0, as_of_ms: 0 })
         .await
         .unwrap()
         .into_inner();

@@ -36,6 +36,27 @@ if [ ! -x "$grpcurl" ]; then
 fi
 echo "    $grpcurl"
 
+step "redis-server (for the Redis feature store and its tests)"
+# The system's if installed; else Debian's package unpacked into the cache (no root needed:
+# `apt-get download` + `dpkg -x`). The server binary is redis-check-rdb under its own name.
+redis_server=$(command -v redis-server || true)
+if [ -z "$redis_server" ]; then
+  redis_root="$cache/redis"
+  redis_server="$cache/bin/redis-server"
+  if [ ! -x "$redis_server" ]; then
+    mkdir -p "$cache/downloads/redis" "$cache/bin"
+    (cd "$cache/downloads/redis" && apt-get download redis-tools liblzf1 libjemalloc2 >/dev/null)
+    for deb in "$cache/downloads/redis"/*.deb; do dpkg -x "$deb" "$redis_root"; done
+    ln -sf redis-check-rdb "$redis_root/usr/bin/redis-server"
+    cat > "$redis_server" <<SH
+#!/usr/bin/env bash
+LD_LIBRARY_PATH="$redis_root/usr/lib/x86_64-linux-gnu\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}" exec "$redis_root/usr/bin/redis-server" "\$@"
+SH
+    chmod +x "$redis_server"
+  fi
+fi
+"$redis_server" --version
+
 step "MovieLens-100k in data/ml-100k"
 "$python" -m recsys_training prepare-movielens --out data/ml-100k
 
@@ -51,6 +72,7 @@ cat > target/recsys.env <<ENV
 export RECSYS_PYTHON="$python"
 export ORT_DYLIB_PATH="$ort_lib"
 export GRPCURL="$grpcurl"
+export RECSYS_REDIS_SERVER="$redis_server"
 export PYTHONPATH="$root/training"
 ENV
 step "ready (paths in target/recsys.env)"

@@ -22,7 +22,7 @@ if [ -n "${RECSYS_CLUSTER_BUNDLES:-}" ]; then
 fi
 if [ -n "${RECSYS_CLUSTER_SEED:-}" ]; then export RECSYS_FEATURE__SEED_DIR=$RECSYS_CLUSTER_SEED; fi
 if [ -n "${RECSYS_CLUSTER_STATE:-}" ]; then
-  export RECSYS_FEATURE__EVENT_LOG=$RECSYS_CLUSTER_STATE/feature-events.jsonl
+  export RECSYS_FEATURE__STORE__PATH=$RECSYS_CLUSTER_STATE/features.redb
 fi
 sample_user=${RECSYS_CLUSTER_SAMPLE_USER:-196}
 pids=()

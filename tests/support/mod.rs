@@ -138,7 +138,7 @@ impl Cluster {
         let feature_config = feature_svc::Config {
             server: server_config(&listeners[&Service::Feature]),
             seed_dir: Some(seed),
-            event_log: state.path().join("events.jsonl"),
+            store: feature_svc::StoreConfig { path: state.path().join("features.redb"), ..Default::default() },
             ..feature_svc::Config::default()
         };
         let recall_config = recall_svc::Config {

@@ -215,7 +215,7 @@ fn spawn_leaf(
         Leaf::Feature => {
             command
                 .env(format!("{prefix}__SEED_DIR"), &settings.seed)
-                .env(format!("{prefix}__EVENT_LOG"), settings.state.join("events.jsonl"));
+                .env(format!("{prefix}__STORE__PATH"), settings.state.join("features.redb"));
         }
         _ => {
             command.env(format!("{prefix}__BUNDLE"), &settings.bundle);
@@ -224,7 +224,7 @@ fn spawn_leaf(
     spawn_logged(command, &settings.logs.join(format!("{}.log", leaf.binary())))
 }
 
-fn spawn_logged(mut command: Command, log: &Path) -> anyhow::Result<Child> {
+pub fn spawn_logged(mut command: Command, log: &Path) -> anyhow::Result<Child> {
     let file = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
     command.stdout(Stdio::null()).stderr(file).kill_on_drop(true);
     command.spawn().with_context(|| format!("starting {command:?}"))

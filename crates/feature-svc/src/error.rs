@@ -6,8 +6,8 @@ use tonic::Status;
 pub enum FeatureError {
     #[error("{0}")]
     InvalidArgument(String),
-    #[error("event log {path}: {source}")]
-    EventLog { path: PathBuf, source: std::io::Error },
+    #[error("feature store {store}: {reason}")]
+    Store { store: String, reason: String },
     #[error("seed data {path}: {reason}")]
     Seed { path: PathBuf, reason: String },
 }
@@ -19,7 +19,7 @@ impl From<FeatureError> for Status {
         match error {
             FeatureError::InvalidArgument(message) => Status::invalid_argument(message),
             // Not acknowledged, so the caller may retry: nothing acknowledged is lost.
-            FeatureError::EventLog { .. } => Status::unavailable(error.to_string()),
+            FeatureError::Store { .. } => Status::unavailable(error.to_string()),
             FeatureError::Seed { .. } => Status::internal(error.to_string()),
         }
     }

@@ -1,22 +1,31 @@
 //! feature-svc: the online feature store. It answers "what do we know about this user"
-//! (profile, recent behaviour, counters) for the orchestrator, and takes feedback events,
-//! acknowledging them only once they are durable in its event log.
+//! (profile, recent behaviour, windowed counts) for the orchestrator and "what do we know
+//! about these items" for ranking, and takes feedback events, acknowledging them only once
+//! they are durable in its store.
 
 #![forbid(unsafe_code)]
 
+mod counters;
 mod error;
+mod event;
+pub mod local_redis;
+mod seed;
 mod service;
+mod state;
 mod store;
 
-use std::{future::Future, path::PathBuf};
+use std::{future::Future, path::PathBuf, sync::Arc};
 
 use recsys_runtime::{server::ServiceConfig, ServerConfig};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
+pub use counters::Counters;
 pub use error::{FeatureError, Result};
+pub use event::StoredEvent;
 pub use service::FeatureGrpc;
-pub use store::{Appended, FeatureStore, StoredEvent, DEDUP_WINDOW};
+pub use store::redis::{item_keys as redis_item_keys, user_keys as redis_user_keys};
+pub use store::{redis::RedisConfig, Appended, EmbeddedStore, EventPage, FeatureStore, RedisStore};
 
 pub const SERVICE_NAME: &str = "recsys.v1.FeatureService";
 
@@ -24,12 +33,30 @@ pub const SERVICE_NAME: &str = "recsys.v1.FeatureService";
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub server: ServerConfig,
-    /// Data directory (`interactions.csv`, `users.csv`) loaded at start-up; optional.
+    /// Data directory (`interactions.csv`, `users.csv`, `items.csv`) loaded into an empty
+    /// store at start-up; optional.
     pub seed_dir: Option<PathBuf>,
-    /// Append-only log of every acknowledged event, replayed at start-up.
-    pub event_log: PathBuf,
     /// Interactions kept per user, most recent first.
     pub max_history: usize,
+    pub store: StoreConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    pub backend: Backend,
+    /// The embedded store's file.
+    pub path: PathBuf,
+    pub redis: RedisConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    /// One redb file on local disk: nothing to install, durable, one process per shard.
+    Embedded,
+    /// A Redis server shared by every replica.
+    Redis,
 }
 
 impl Default for Config {
@@ -37,8 +64,18 @@ impl Default for Config {
         Self {
             server: ServerConfig::with_addresses("127.0.0.1:50052", "127.0.0.1:9092"),
             seed_dir: Some(PathBuf::from("data/ml-100k")),
-            event_log: PathBuf::from("data/state/feature-events.jsonl"),
             max_history: 1000,
+            store: StoreConfig::default(),
+        }
+    }
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            backend: Backend::Embedded,
+            path: PathBuf::from("data/state/features.redb"),
+            redis: RedisConfig::default(),
         }
     }
 }
@@ -49,12 +86,29 @@ impl ServiceConfig for Config {
     }
 }
 
+/// Opens the configured store (loading the seed into it the first time).
+pub async fn open_store(config: &Config) -> Result<Arc<dyn FeatureStore>> {
+    let seed = config.seed_dir.as_deref();
+    Ok(match config.store.backend {
+        Backend::Embedded => {
+            let (path, max_history) = (config.store.path.clone(), config.max_history);
+            let seed = seed.map(PathBuf::from);
+            let store = tokio::task::spawn_blocking(move || EmbeddedStore::open(&path, seed.as_deref(), max_history))
+                .await
+                .map_err(|error| FeatureError::Store { store: "embedded".into(), reason: error.to_string() })??;
+            Arc::new(store)
+        }
+        Backend::Redis => Arc::new(RedisStore::open(config.store.redis.clone(), seed, config.max_history).await?),
+    })
+}
+
 /// Opens the store and serves until `shutdown` resolves.
 pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let store = FeatureStore::open(config.seed_dir.as_deref(), &config.event_log, config.max_history)?;
-    let service = FeatureGrpc::new(std::sync::Arc::new(store))
+    let store = open_store(&config).await?;
+    let service = FeatureGrpc::new(store, config.max_history)
         .into_server()
-        .max_decoding_message_size(config.server.max_message_bytes);
+        .max_decoding_message_size(config.server.max_message_bytes)
+        .max_encoding_message_size(config.server.max_message_bytes);
     let routes = tonic::service::Routes::new(service);
     recsys_runtime::serve(listener, &[SERVICE_NAME], routes, config.server.serve_options(), shutdown).await?;
     Ok(())

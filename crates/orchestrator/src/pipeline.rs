@@ -263,7 +263,12 @@ impl Pipeline {
     }
 
     async fn fetch_user(&self, query: &RecommendQuery, deadline: Deadline) -> Outcome<UserFeatures> {
-        let request = GetUserFeaturesRequest { user_id: query.user_id.as_str().to_string(), max_history: MAX_HISTORY };
+        let request = GetUserFeaturesRequest {
+            user_id: query.user_id.as_str().to_string(),
+            max_history: MAX_HISTORY,
+            // Counts as of the request's time when it replays the past, else now.
+            as_of_ms: query.request_time.map_or(0, |time| time.0.saturating_mul(1000)),
+        };
         let call = self.clients.feature.call(Arc::new(request), deadline.for_calls());
         match self.run_stage(Stage::Feature, call).await {
             Ok(user) => Outcome::served(user),
@@ -523,10 +528,10 @@ impl Pipeline {
     pub async fn warm_up(&self) {
         let until = Instant::now() + Duration::from_secs(2);
         let user = UserFeatures { user_id: "__warm_up__".into(), ..UserFeatures::default() };
-        let feature = self
-            .clients
-            .feature
-            .call(Arc::new(GetUserFeaturesRequest { user_id: "__warm_up__".into(), max_history: 1 }), until);
+        let feature = self.clients.feature.call(
+            Arc::new(GetUserFeaturesRequest { user_id: "__warm_up__".into(), max_history: 1, as_of_ms: 0 }),
+            until,
+        );
         let track = self.rank.track_for("__warm_up__", None);
         let rank = track.rank.call(Arc::new(RankRequest { user: Some(user), ..RankRequest::default() }), until);
         let rerank = self.clients.rerank.call(Arc::new(RerankRequest { top_k: 1, ..RerankRequest::default() }), until);

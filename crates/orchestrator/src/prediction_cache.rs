@@ -321,11 +321,12 @@ mod tests {
         assert!(get(&cache, &query("u3", 1, &[])).is_none(), "full: not cached");
         assert!(cache.get(&query("u1", 1, &[]), 1, "canary").is_none(), "another track is another entry");
         tokio::time::advance(Duration::from_millis(1_001)).await;
-        // Expired entries are swept from the shards being written, which makes room again.
-        for user in 0..64 {
+        // Expired entries are swept from the shards being written, which makes room again
+        // (enough users that every shard is written, whatever the hasher's seed).
+        for user in 0..4096 {
             cache.put(&query(&format!("v{user}"), 1, &[]), "stable", &response(1), Ticket(0));
         }
-        let cached = (0..64).filter(|user| get(&cache, &query(&format!("v{user}"), 1, &[])).is_some()).count();
+        let cached = (0..4096).filter(|user| get(&cache, &query(&format!("v{user}"), 1, &[])).is_some()).count();
         assert_eq!(cached, 2);
         assert_eq!(cache.entries.load(Ordering::Relaxed), 2);
     }

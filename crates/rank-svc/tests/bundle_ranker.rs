@@ -65,6 +65,7 @@ fn user(example: &FixtureExample) -> UserFeatures {
         event_count: example.event_count,
         history_item_ids: example.history_item_ids.clone(),
         history_timestamps: example.history_timestamps.clone(),
+        ..UserFeatures::default()
     }
 }
 

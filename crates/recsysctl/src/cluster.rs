@@ -199,3 +199,49 @@ pub async fn model(address: &str, action: ModelCommand) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Writes feature-svc's event log to `out` as JSON lines (the training pipeline's
+/// `merge-events` and `ab report` read them): one event per line, types by name.
+pub async fn export_events(address: &str, out: &Path, since_ms: i64, until_ms: i64) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut client = recsys_proto::v1::feature_service_client::FeatureServiceClient::connect(
+        recsys_runtime::client::endpoint_uri(address),
+    )
+    .await?
+    .max_decoding_message_size(64 << 20);
+    let mut pages =
+        client.export_events(recsys_proto::v1::ExportEventsRequest { since_ms, until_ms }).await?.into_inner();
+    if let Some(parent) = out.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    // Written to a temporary name first: a failed export never leaves a partial file
+    // where training would read it.
+    let partial = out.with_extension("partial");
+    let mut file = std::io::BufWriter::new(std::fs::File::create(&partial)?);
+    let mut count = 0u64;
+    while let Some(page) = pages.message().await? {
+        for event in page.events {
+            let kind = EventType::try_from(event.r#type).unwrap_or(EventType::Unspecified);
+            let experiments: serde_json::Map<String, serde_json::Value> =
+                event.experiments.into_iter().map(|a| (a.layer, serde_json::Value::String(a.variant))).collect();
+            let line = serde_json::json!({
+                "user_id": event.user_id,
+                "item_id": event.item_id,
+                "event": kind.name(),
+                "timestamp_ms": event.timestamp_ms,
+                "request_id": event.request_id,
+                "value": event.value,
+                "experiments": experiments,
+                "event_id": event.event_id,
+            });
+            serde_json::to_writer(&mut file, &line)?;
+            file.write_all(b"\n")?;
+            count += 1;
+        }
+    }
+    file.flush()?;
+    drop(file);
+    std::fs::rename(&partial, out)?;
+    println!("exported {count} events to {}", out.display());
+    Ok(())
+}

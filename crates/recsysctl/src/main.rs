@@ -66,6 +66,21 @@ enum Command {
         #[command(subcommand)]
         command: BundleCommand,
     },
+    /// Write feature-svc's event log as JSON lines: training data for `python -m
+    /// recsys_training merge-events` and the input of `ab report`.
+    ExportEvents {
+        /// feature-svc's address.
+        #[arg(long, default_value = "127.0.0.1:50052")]
+        addr: String,
+        #[arg(long, default_value = "data/state/exported-events.jsonl")]
+        out: PathBuf,
+        /// Only events at or after this Unix millisecond (0: from the start).
+        #[arg(long, default_value_t = 0)]
+        since_ms: i64,
+        /// Only events before this Unix millisecond (0: to the end).
+        #[arg(long, default_value_t = 0)]
+        until_ms: i64,
+    },
     /// A/B experiment analysis.
     Ab {
         #[command(subcommand)]
@@ -102,7 +117,8 @@ enum AbCommand {
     /// Per-variant impressions, clicks, CTR, lift with a 95% CI, z-test p-value and a
     /// sample-ratio-mismatch check, from the feature store's event log.
     Report {
-        #[arg(long, default_value = "data/state/feature-events.jsonl")]
+        /// Events exported by `recsysctl export-events`.
+        #[arg(long, default_value = "data/state/exported-events.jsonl")]
         events: PathBuf,
         /// Variant every other variant is compared with.
         #[arg(long, default_value = "control")]
@@ -161,6 +177,9 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::LogEvent { addr, user, item, r#type, request_id, value, experiments } => {
             cluster::log_event(&addr, &user, &item, &r#type, &request_id, value, &experiments).await
+        }
+        Command::ExportEvents { addr, out, since_ms, until_ms } => {
+            cluster::export_events(&addr, &out, since_ms, until_ms).await
         }
         Command::Bundle { command: BundleCommand::Verify { path } } => bundle::verify(&path),
         Command::Ab { command: AbCommand::Report { events, control, config, chart } } => {

@@ -320,7 +320,7 @@ fn build_requests(
                     event_count: history.len() as u64,
                     history_timestamps: (0..history.len() as i64).map(|n| REQUEST_TIME - 3_600 * (n + 1)).collect(),
                     history_item_ids: history,
-                    profile: None,
+                    ..UserFeatures::default()
                 }),
                 candidates: chosen
                     .into_iter()

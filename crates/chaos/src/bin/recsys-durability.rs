@@ -127,7 +127,7 @@ async fn main() -> anyhow::Result<()> {
     for (user, items) in &batches {
         acknowledged_events += items.len();
         let features = reader
-            .get_user_features(GetUserFeaturesRequest { user_id: user.clone(), max_history: 0 })
+            .get_user_features(GetUserFeaturesRequest { user_id: user.clone(), max_history: 0, as_of_ms: 0 })
             .await?
             .into_inner();
         let stored: HashSet<&String> = features.history_item_ids.iter().collect();

@@ -80,6 +80,7 @@ async fn user_features(clients: &Clients, user_id: &str) -> anyhow::Result<UserF
         .get_user_features(request(GetUserFeaturesRequest {
             user_id: user_id.into(),
             max_history: orchestrator::MAX_HISTORY,
+            as_of_ms: 0,
         }))
         .await?
         .into_inner())

@@ -1,0 +1,103 @@
+//! A `redis-server` on loopback, owned by the caller and stopped on drop: for the tests,
+//! the benchmarks and the local cluster's Redis mode. The binary is `RECSYS_REDIS_SERVER`
+//! (set by `deploy/local/bootstrap.sh`, which fetches Debian's package) or `redis-server`
+//! on the PATH.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+pub struct LocalRedis {
+    child: Child,
+    port: u16,
+    dir: PathBuf,
+    persistence: Persistence,
+}
+
+/// How the server persists: what each setting promises is in the README ("Feature store").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Persistence {
+    /// Nothing on disk (tests of behaviour, not durability).
+    None,
+    /// Append-only file fsync'd before every reply.
+    AppendFsyncAlways,
+}
+
+impl LocalRedis {
+    /// Starts a server with its files in `dir` on a free loopback port.
+    pub fn start(dir: &Path, persistence: Persistence) -> anyhow::Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        std::fs::create_dir_all(dir)?;
+        let child = spawn(dir, persistence, port)?;
+        let mut server = Self { child, port, dir: dir.to_path_buf(), persistence };
+        server.wait_ready()?;
+        Ok(server)
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL, as a crash would, then a start on the same port and files.
+    pub fn kill_and_restart(&mut self) -> anyhow::Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        self.child = spawn(&self.dir, self.persistence, self.port)?;
+        self.wait_ready()
+    }
+
+    fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                anyhow::bail!("redis-server exited at start-up ({status})");
+            }
+            if let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
+                use std::io::{Read, Write};
+                stream.set_read_timeout(Some(Duration::from_millis(500)))?;
+                let mut reply = [0u8; 64];
+                // PING is refused with -LOADING while the append-only file is replayed.
+                if stream.write_all(b"PING\r\n").is_ok()
+                    && stream.read(&mut reply).is_ok_and(|n| reply[..n].starts_with(b"+PONG"))
+                {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!("redis-server on port {} did not answer within 20 s", self.port);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn spawn(dir: &Path, persistence: Persistence, port: u16) -> anyhow::Result<Child> {
+    let binary = std::env::var_os("RECSYS_REDIS_SERVER").map_or_else(|| PathBuf::from("redis-server"), PathBuf::from);
+    let mut command = Command::new(&binary);
+    command
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+        .arg("--dir")
+        .arg(dir)
+        .args(["--daemonize", "no", "--protected-mode", "yes", "--loglevel", "warning"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    match persistence {
+        Persistence::None => command.args(["--appendonly", "no"]),
+        Persistence::AppendFsyncAlways => command.args(["--appendonly", "yes", "--appendfsync", "always"]),
+    };
+    command.spawn().map_err(|error| {
+        anyhow::anyhow!(
+            "cannot start {} ({error}): run deploy/local/bootstrap.sh (make test does) or install redis-server",
+            binary.display()
+        )
+    })
+}
+
+impl Drop for LocalRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

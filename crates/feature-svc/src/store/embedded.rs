@@ -1,0 +1,344 @@
+//! The embedded store: one redb file. redb is a copy-on-write B-tree whose commits are
+//! fsync'd before they return (`Durability::Immediate`) and whose file is always a valid
+//! committed state, so a crash at any moment loses nothing acknowledged and needs no log
+//! replay: start-up opens the file, whatever the history. Concurrent batches share one
+//! commit (group commit on a writer thread), which is what makes durable ingestion fast.
+//!
+//! Tables: `events` (sequence → event as JSON, the log exported as training data), `event_ids`
+//! (id digest → sequence, for idempotent retries), `users` and `items` (the records of
+//! `state.rs`), `meta` (which seed was loaded).
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::{mpsc, Arc},
+};
+
+use recsys_proto::v1::{ItemFeatures, UserFeatures};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use tokio::sync::oneshot;
+
+use super::{Appended, EventPage, FeatureStore};
+use crate::{
+    event::id_digest,
+    seed::{self, SeedRow},
+    state::{unknown_item, unknown_user, ItemRecord, UserRecord},
+    FeatureError, Result, StoredEvent,
+};
+
+const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+const EVENT_IDS: TableDefinition<u128, u64> = TableDefinition::new("event_ids");
+const USERS: TableDefinition<&str, &[u8]> = TableDefinition::new("users");
+const ITEMS: TableDefinition<&str, &[u8]> = TableDefinition::new("items");
+const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+
+/// Events one commit takes at most: bounds a commit's latency under a burst.
+const MAX_GROUP_EVENTS: usize = 16_384;
+
+pub struct EmbeddedStore {
+    db: Arc<Database>,
+    path: PathBuf,
+    /// `None` only while dropping.
+    writer: Option<mpsc::Sender<WriteJob>>,
+    writer_thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for EmbeddedStore {
+    /// Waits for the writer thread to finish its last commit and release the file, so the
+    /// store can be opened again at once (tests, restarts in one process).
+    fn drop(&mut self) {
+        self.writer.take();
+        if let Some(thread) = self.writer_thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+struct WriteJob {
+    events: Vec<StoredEvent>,
+    reply: oneshot::Sender<Result<Appended>>,
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) the store at `path`, loading `seed_dir` into it the first time.
+    pub fn open(path: &Path, seed_dir: Option<&Path>, max_history: usize) -> Result<Self> {
+        let store_error = store_error(path);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|error| store_error(error.into()))?;
+        }
+        let db = Database::create(path).map_err(|error| store_error(error.into()))?;
+        let txn = db.begin_write().map_err(|error| store_error(error.into()))?;
+        let seeded = {
+            // Every table exists from the start, so readers never meet a missing one.
+            let created = (|| -> Result<Option<String>, redb::Error> {
+                txn.open_table(EVENTS)?;
+                txn.open_table(EVENT_IDS)?;
+                txn.open_table(USERS)?;
+                txn.open_table(ITEMS)?;
+                let meta = txn.open_table(META)?;
+                let seeded = meta.get("seed")?.map(|value| value.value().to_string());
+                Ok(seeded)
+            })();
+            created.map_err(&store_error)?
+        };
+        txn.commit().map_err(|error| store_error(error.into()))?;
+        let db = Arc::new(db);
+        if let Some(dir) = seed_dir {
+            match seeded {
+                None => load_seed(&db, path, dir, max_history)?,
+                Some(loaded) if loaded != dir.display().to_string() => tracing::warn!(
+                    store = %path.display(),
+                    loaded,
+                    configured = %dir.display(),
+                    "the store holds another seed; delete the store file to load the configured one"
+                ),
+                Some(_) => {}
+            }
+        }
+        let (writer, jobs) = mpsc::channel();
+        let writer_db = Arc::clone(&db);
+        let writer_path = path.to_path_buf();
+        let writer_thread = std::thread::Builder::new()
+            .name("feature-store-writer".into())
+            .spawn(move || write_groups(&writer_db, &writer_path, &jobs, max_history))
+            .map_err(|error| store_error(redb::Error::Io(error)))?;
+        tracing::info!(store = %path.display(), "embedded feature store opened");
+        Ok(Self { db, path: path.to_path_buf(), writer: Some(writer), writer_thread: Some(writer_thread) })
+    }
+
+    fn read<T>(&self, read: impl FnOnce(&redb::ReadTransaction) -> Result<T, redb::Error>) -> Result<T> {
+        let txn = self.db.begin_read().map_err(|error| store_error(&self.path)(error.into()))?;
+        read(&txn).map_err(store_error(&self.path))
+    }
+}
+
+fn store_error(path: &Path) -> impl Fn(redb::Error) -> FeatureError + '_ {
+    move |error| FeatureError::Store { store: path.display().to_string(), reason: error.to_string() }
+}
+
+fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    postcard::to_allocvec(value).expect("records serialise")
+}
+
+fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, redb::Error> {
+    postcard::from_bytes(bytes).map_err(|error| redb::Error::Corrupted(format!("undecodable record: {error}")))
+}
+
+#[tonic::async_trait]
+impl FeatureStore for EmbeddedStore {
+    fn backend(&self) -> &'static str {
+        "embedded"
+    }
+
+    async fn user_features(&self, user_id: &str, max_history: usize, as_of_ms: i64) -> Result<UserFeatures> {
+        self.read(|txn| {
+            let users = txn.open_table(USERS)?;
+            let record = users.get(user_id)?.map(|bytes| decode::<UserRecord>(bytes.value())).transpose()?;
+            Ok(record.map_or_else(|| unknown_user(user_id), |user| user.to_features(user_id, max_history, as_of_ms)))
+        })
+    }
+
+    async fn item_features(&self, item_ids: &[String], as_of_ms: i64) -> Result<Vec<ItemFeatures>> {
+        self.read(|txn| {
+            let items = txn.open_table(ITEMS)?;
+            item_ids
+                .iter()
+                .map(|id| {
+                    let record =
+                        items.get(id.as_str())?.map(|bytes| decode::<ItemRecord>(bytes.value())).transpose()?;
+                    Ok(record.map_or_else(|| unknown_item(id), |item| item.to_features(id, as_of_ms)))
+                })
+                .collect()
+        })
+    }
+
+    async fn append(&self, events: Vec<StoredEvent>) -> Result<Appended> {
+        let (reply, answer) = oneshot::channel();
+        let closed = || FeatureError::Store {
+            store: self.path.display().to_string(),
+            reason: "the writer thread has stopped".into(),
+        };
+        let writer = self.writer.as_ref().ok_or_else(closed)?;
+        writer.send(WriteJob { events, reply }).map_err(|_| closed())?;
+        answer.await.map_err(|_| closed())?
+    }
+
+    async fn export(&self, cursor: Option<String>, limit: usize) -> Result<EventPage> {
+        let after = match cursor {
+            None => 0,
+            Some(cursor) => cursor.parse::<u64>().map_err(|_| {
+                FeatureError::InvalidArgument(format!("cursor {cursor:?} is not an event sequence number"))
+            })?,
+        };
+        self.read(|txn| {
+            let log = txn.open_table(EVENTS)?;
+            let mut events = Vec::with_capacity(limit.min(4096));
+            let mut last = after;
+            for entry in log.range(after + 1..)?.take(limit) {
+                let (sequence, bytes) = entry?;
+                last = sequence.value();
+                let event = serde_json::from_slice(bytes.value()).map_err(|error| {
+                    redb::Error::Corrupted(format!("undecodable event {}: {error}", sequence.value()))
+                })?;
+                events.push(event);
+            }
+            let next = (events.len() == limit).then(|| last.to_string());
+            Ok(EventPage { events, next })
+        })
+    }
+}
+
+/// The writer thread: takes every batch waiting, commits them together, answers each.
+fn write_groups(db: &Database, path: &Path, jobs: &mpsc::Receiver<WriteJob>, max_history: usize) {
+    while let Ok(first) = jobs.recv() {
+        let mut group = vec![first];
+        let mut events = group[0].events.len();
+        while events < MAX_GROUP_EVENTS {
+            match jobs.try_recv() {
+                Ok(job) => {
+                    events += job.events.len();
+                    group.push(job);
+                }
+                Err(_) => break,
+            }
+        }
+        match commit_group(db, &group, max_history) {
+            Ok(appended) => {
+                for (job, appended) in group.into_iter().zip(appended) {
+                    let _ = job.reply.send(Ok(appended));
+                }
+            }
+            Err(error) => {
+                tracing::error!(store = %path.display(), %error, "event commit failed; the batches are not acknowledged");
+                for job in group {
+                    let _ = job.reply.send(Err(store_error(path)(redb::Error::Corrupted(error.to_string()))));
+                }
+            }
+        }
+    }
+}
+
+fn commit_group(db: &Database, group: &[WriteJob], max_history: usize) -> Result<Vec<Appended>, redb::Error> {
+    let mut txn = db.begin_write()?;
+    txn.set_durability(Durability::Immediate).map_err(|error| redb::Error::Corrupted(error.to_string()))?;
+    let mut results = Vec::with_capacity(group.len());
+    {
+        let mut log = txn.open_table(EVENTS)?;
+        let mut ids = txn.open_table(EVENT_IDS)?;
+        let mut records = Records::new(txn.open_table(USERS)?, txn.open_table(ITEMS)?);
+        let mut next = log.last()?.map_or(1, |(sequence, _)| sequence.value() + 1);
+        for job in group {
+            let mut appended = Appended::default();
+            for event in &job.events {
+                if !event.event_id.is_empty() {
+                    let digest = id_digest(&event.event_id);
+                    if ids.get(digest)?.is_some() {
+                        appended.duplicates += 1;
+                        continue;
+                    }
+                    ids.insert(digest, next)?;
+                }
+                // JSON, as everywhere the log leaves the store (postcard cannot skip
+                // empty optional fields).
+                log.insert(next, serde_json::to_vec(event).expect("events serialise").as_slice())?;
+                next += 1;
+                records.apply(event, max_history)?;
+                appended.stored += 1;
+            }
+            results.push(appended);
+        }
+        records.write_back()?;
+    }
+    txn.commit()?;
+    Ok(results)
+}
+
+/// The records a commit touches, read once and written once.
+struct Records<'txn> {
+    users_table: redb::Table<'txn, &'static str, &'static [u8]>,
+    items_table: redb::Table<'txn, &'static str, &'static [u8]>,
+    users: HashMap<String, UserRecord>,
+    items: HashMap<String, ItemRecord>,
+}
+
+impl<'txn> Records<'txn> {
+    fn new(
+        users_table: redb::Table<'txn, &'static str, &'static [u8]>,
+        items_table: redb::Table<'txn, &'static str, &'static [u8]>,
+    ) -> Self {
+        Self { users_table, items_table, users: HashMap::new(), items: HashMap::new() }
+    }
+
+    fn apply(&mut self, event: &StoredEvent, max_history: usize) -> Result<(), redb::Error> {
+        if !self.items.contains_key(&event.item_id) {
+            let stored =
+                self.items_table.get(event.item_id.as_str())?.map(|bytes| decode(bytes.value())).transpose()?;
+            self.items.insert(event.item_id.clone(), stored.unwrap_or_default());
+        }
+        let item = self.items.get_mut(&event.item_id).expect("just inserted");
+        item.apply(event);
+        if !self.users.contains_key(&event.user_id) {
+            let stored =
+                self.users_table.get(event.user_id.as_str())?.map(|bytes| decode(bytes.value())).transpose()?;
+            self.users.insert(event.user_id.clone(), stored.unwrap_or_default());
+        }
+        let user = self.users.get_mut(&event.user_id).expect("just inserted");
+        user.apply(event, &item.category, max_history);
+        Ok(())
+    }
+
+    fn write_back(mut self) -> Result<(), redb::Error> {
+        for (id, user) in &self.users {
+            self.users_table.insert(id.as_str(), encode(user).as_slice())?;
+        }
+        for (id, item) in &self.items {
+            self.items_table.insert(id.as_str(), encode(item).as_slice())?;
+        }
+        Ok(())
+    }
+}
+
+/// Loads the seed into an empty store in one commit: records are built in memory, then
+/// written once each.
+fn load_seed(db: &Database, path: &Path, dir: &Path, max_history: usize) -> Result<()> {
+    let started = std::time::Instant::now();
+    let mut users: HashMap<String, UserRecord> = HashMap::new();
+    let mut items: HashMap<String, ItemRecord> = HashMap::new();
+    seed::read(dir, |row| match row {
+        SeedRow::Item { item_id, category, release_ms } => {
+            let item = items.entry(item_id).or_default();
+            item.category = category;
+            item.first_seen_ms = release_ms;
+        }
+        SeedRow::User { user_id, profile } => users.entry(user_id).or_default().profile = Some(profile),
+        SeedRow::Event(event) => {
+            let item = items.entry(event.item_id.clone()).or_default();
+            item.apply(&event);
+            users.entry(event.user_id.clone()).or_default().apply(&event, &item.category, max_history);
+        }
+    })?;
+    let write = || -> Result<(), redb::Error> {
+        let txn = db.begin_write()?;
+        {
+            let mut users_table = txn.open_table(USERS)?;
+            for (id, user) in &users {
+                users_table.insert(id.as_str(), encode(user).as_slice())?;
+            }
+            let mut items_table = txn.open_table(ITEMS)?;
+            for (id, item) in &items {
+                items_table.insert(id.as_str(), encode(item).as_slice())?;
+            }
+            txn.open_table(META)?.insert("seed", dir.display().to_string().as_str())?;
+        }
+        txn.commit()?;
+        Ok(())
+    };
+    write().map_err(store_error(path))?;
+    tracing::info!(
+        users = users.len(),
+        items = items.len(),
+        seconds = started.elapsed().as_secs_f64(),
+        "seed loaded into the embedded store"
+    );
+    Ok(())
+}

@@ -4,7 +4,7 @@ SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
 ENV := source target/recsys.env
 
-.PHONY: run test bootstrap build bundle test-rust test-python test-scale-parity eval-scale synthetic-seed lint fmt clean-state chaos durability bench-observability eval bench-recall bench-rank synthetic-bundle
+.PHONY: run test bootstrap build bundle test-rust test-python test-scale-parity eval-scale synthetic-seed lint fmt clean-state chaos durability bench-observability eval bench-recall bench-rank bench-features synthetic-bundle
 
 # Bootstrap (Python, data, bundle) and the Rust build are independent: run them side by side.
 # DATASET=synthetic runs the cluster on the catalogue-scale synthetic bundle instead (a
@@ -114,6 +114,27 @@ bench-rank: bootstrap synthetic-bundle
 	  --feature-config $(BENCH_RANK)/features-deepfm.toml > $(BENCH_RANK)/train-deepfm.log
 	$(ENV) && target/release/bench-rank --din models/bundles --deepfm $(BENCH_RANK)/deepfm \
 	  --catalogue $(SYNTH_BUNDLES) --python "$$RECSYS_PYTHON" --work $(BENCH_RANK) --bin-dir target/release
+
+# The feature store at scale, both backends (embedded redb, Redis with appendfsync always):
+# reads of one user + 1000 items, durable ingestion, click-to-visible, 20 kill -9 cycles
+# each, and start-up with the synthetic set's 2M users. Seeds are cut from the synthetic
+# data once (FEATURE_USERS users for the read/ingest phases); the 2M-user store is built
+# on the first run (minutes) and reused. Writes target/reports/bench-features.json.
+BENCH_FEATURES := target/bench-features
+FEATURE_USERS ?= 200000
+bench-features: bootstrap
+	$(ENV) && if [ ! -f $(SYNTH_DIR)/interactions.parquet ]; then \
+	  "$$RECSYS_PYTHON" -m recsys_training synthesize --out $(SYNTH_DIR) --items $(SYNTH_ITEMS) \
+	    --users $(SYNTH_USERS) --interactions $(SYNTH_INTERACTIONS); fi
+	$(ENV) && if [ ! -f $(BENCH_FEATURES)/seed-$(FEATURE_USERS)/interactions.csv ]; then \
+	  "$$RECSYS_PYTHON" crates/chaos/scripts/feature_seed.py --data $(SYNTH_DIR) \
+	    --out $(BENCH_FEATURES)/seed-$(FEATURE_USERS) --users $(FEATURE_USERS); fi
+	$(ENV) && if [ ! -f $(BENCH_FEATURES)/seed-all/interactions.csv ]; then \
+	  "$$RECSYS_PYTHON" crates/chaos/scripts/feature_seed.py --data $(SYNTH_DIR) --out $(BENCH_FEATURES)/seed-all; fi
+	@echo "==> release build of feature-svc and the benchmark"
+	cargo build --release -p feature-svc -p recsys-chaos --bin feature-svc --bin bench-features
+	$(ENV) && target/release/bench-features --seed $(BENCH_FEATURES)/seed-$(FEATURE_USERS) \
+	  --large-seed $(BENCH_FEATURES)/seed-all --work $(BENCH_FEATURES) --bin-dir target/release
 
 # The served pipeline's hit rate@100 on the synthetic set's held-out engagements, against
 # popularity; writes target/reports/eval-scale.json.

@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use cluster_tests::{Cluster, Service};
 use recsys_proto::v1::{
     feature_service_client::FeatureServiceClient, recommender_client::RecommenderClient, Event, EventType,
-    GetUserFeaturesRequest, LogEventsRequest, RecommendRequest, RecommendResponse,
+    ExportEventsRequest, GetUserFeaturesRequest, LogEventsRequest, RecommendRequest, RecommendResponse,
 };
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -140,6 +140,23 @@ async fn recommend_serves_known_and_unknown_users_and_learns_from_events() {
         .unwrap()
         .into_inner();
     assert_eq!(stored.event_count, 2, "the retried events were not counted again");
+    // The event log leaves the store as training data: every stored event, once, in order.
+    let mut pages =
+        client_features.export_events(ExportEventsRequest { since_ms: 0, until_ms: 0 }).await.unwrap().into_inner();
+    let mut exported = Vec::new();
+    while let Some(page) = pages.message().await.unwrap() {
+        exported.extend(page.events);
+    }
+    let ids: Vec<&str> = exported.iter().map(|event| event.event_id.as_str()).collect();
+    assert_eq!(ids, vec![format!("{}-click", first.request_id).as_str(), "evt-1", "evt-3"]);
+    assert_eq!(exported[0].experiments, first.experiments, "assignments are kept for the A/B analysis");
+    // The response names its ranking track among its assignments, so CTR is counted per track.
+    assert!(first
+        .experiments
+        .iter()
+        .any(|assignment| assignment.layer == "rank_track" && assignment.variant == first.track));
+    assert!(recsys_runtime::metrics::render()
+        .contains("recsys_feedback_events_total{event=\"click\",layer=\"rank_track\",variant=\"stable\"}"));
     // The click dropped the user's cached lists: the next answer is computed, and knows it.
     let after = recommend(&cluster, recommend_request("new-user-7", 5)).await.unwrap();
     assert!(!after.from_cache);
@@ -289,7 +306,8 @@ async fn experiments_and_the_rank_canary_are_applied_and_operable_at_run_time() 
         let again = recommend(&cluster, recommend_request(&user_id, 10)).await.unwrap();
         assert_well_formed(&first, 10);
         assert!(first.degraded_stages.is_empty(), "{:?}", first.degraded_stages);
-        assert_eq!(first.experiments.len(), 1);
+        assert_eq!(first.experiments.len(), 2, "the layer's variant and the ranking track");
+        assert_eq!(first.experiments[1].variant, first.track);
         assert_eq!(first.experiments, again.experiments, "assignment is sticky");
         assert_eq!(first.track, again.track, "canary routing is sticky");
         variants.insert(first.experiments[0].variant.clone());

@@ -8,7 +8,8 @@
 //! minute, or an hour for the day windows, of events after `t`). Replays of old data get
 //! the same values they would have had live, because pruning follows the entity's newest
 //! event, not the wall clock. The training pipeline computes the same definition
-//! (`training/recsys_training/counters.py`), checked against `tests/data/counters.json`.
+//! (`training/recsys_training/counters.py`); both are checked against
+//! `training/tests/data/counters.json`.
 //!
 //! Both stores keep these buckets: the embedded one inside its records, Redis as hash
 //! fields (`m<minute>:<kind>`, `h<hour>:<kind>`) that [`Counters::from_fields`] reads.
@@ -208,6 +209,37 @@ mod tests {
         // A last hour older than the minute buckets reach is read from its hour bucket.
         counters.record(EventType::Like, T0 - 5 * HOUR_MS);
         assert_eq!(counts(counters.windows(T0 - 5 * HOUR_MS).last_hour), [0, 0, 1, 0]);
+    }
+
+    /// The fixture the training pipeline's `counters.py` is checked against too.
+    #[test]
+    fn counts_match_the_fixture_shared_with_training() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../training/tests/data/counters.json");
+        let fixture: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let mut counters = Counters::default();
+        for event in fixture["events"].as_array().unwrap() {
+            let kind = EventType::from_name(event["event"].as_str().unwrap()).unwrap();
+            counters.record(kind, event["timestamp_ms"].as_i64().unwrap());
+        }
+        for query in fixture["queries"].as_array().unwrap() {
+            let as_of = query["as_of_ms"].as_i64().unwrap();
+            let windows = counters.windows(as_of);
+            for (name, window) in [
+                ("last_hour", windows.last_hour),
+                ("last_day", windows.last_day),
+                ("last_7_days", windows.last_7_days),
+                ("last_30_days", windows.last_30_days),
+            ] {
+                let expected: Vec<u32> =
+                    query[name].as_array().unwrap().iter().map(|count| count.as_u64().unwrap() as u32).collect();
+                assert_eq!(counts(window).to_vec(), expected, "as of {as_of}: {name}");
+            }
+            let ctr = windows.last_hour.unwrap().ctr;
+            match query["last_hour_ctr"].as_f64() {
+                None => assert_eq!(ctr, None, "as of {as_of}"),
+                Some(expected) => assert!((f64::from(ctr.unwrap()) - expected).abs() < 1e-6, "as of {as_of}: {ctr:?}"),
+            }
+        }
     }
 
     #[test]

@@ -80,7 +80,9 @@ fn spawn(dir: &Path, persistence: Persistence, port: u16) -> anyhow::Result<Chil
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
         .arg("--dir")
         .arg(dir)
-        .args(["--daemonize", "no", "--protected-mode", "yes", "--loglevel", "warning"])
+        .args(["--daemonize", "no", "--protected-mode", "yes", "--loglevel", "notice"])
+        .arg("--logfile")
+        .arg(dir.join("redis.log"))
         .stdin(Stdio::null())
         .stdout(Stdio::null());
     match persistence {

@@ -86,11 +86,19 @@ pub enum Track {
 }
 
 impl Track {
+    /// The pseudo experiment layer a response names its track under, so clients echo it
+    /// on `LogEvents` like any assignment and online CTR is counted per track too.
+    pub const LAYER: &'static str = "rank_track";
+
     pub fn name(self) -> &'static str {
         match self {
             Track::Stable => "stable",
             Track::Canary => "canary",
         }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Track::Stable, Track::Canary].into_iter().find(|track| track.name() == name)
     }
 }
 

@@ -434,12 +434,15 @@ impl Pipeline {
         if !degraded_stages.is_empty() {
             tracing::warn!(%request_id, user = query.user_id.as_str(), degraded = ?degraded_stages, "served degraded");
         }
+        let mut experiments = plan.experiments;
+        experiments
+            .push(ExperimentAssignment { layer: Track::LAYER.to_string(), variant: track.track.name().to_string() });
         RecommendResponse {
             items,
             request_id,
             model_version,
             degraded_stages,
-            experiments: plan.experiments,
+            experiments,
             track: track.track.name().to_string(),
             from_cache: false,
         }
@@ -508,7 +511,8 @@ impl Pipeline {
         }
     }
 
-    /// Counts stored events per configured experiment variant (`FEEDBACK_EVENTS`).
+    /// Counts stored events per configured experiment variant and per ranking track
+    /// (`FEEDBACK_EVENTS`).
     fn count_feedback(&self, outcomes: &[(EventType, Vec<ExperimentAssignment>)], rejected: &[EventRejection]) {
         let rejected: std::collections::HashSet<u32> = rejected.iter().map(|r| r.index).collect();
         for (index, (event, assignments)) in outcomes.iter().enumerate() {
@@ -516,7 +520,8 @@ impl Pipeline {
                 continue;
             }
             for assignment in assignments {
-                if self.config.experiments.is_configured(&assignment.layer, &assignment.variant) {
+                let track = assignment.layer == Track::LAYER && Track::from_name(&assignment.variant).is_some();
+                if track || self.config.experiments.is_configured(&assignment.layer, &assignment.variant) {
                     FEEDBACK_EVENTS.with_label_values(&[&assignment.layer, &assignment.variant, event.name()]).inc();
                 }
             }

@@ -3,8 +3,8 @@ acknowledged) merged with the seed data into a data directory in the project's f
 from which `train` makes the next bundle.
 
 `python -m recsys_training merge-events --data SEED --events LOG --out DIR` writes
-`DIR/interactions.csv` (the seed's interactions, then the logged events in log order, with
-timestamps in seconds), and copies `items.csv` and `users.csv`. Logged events for items the
+`DIR/interactions.csv` (the seed's interactions, then the logged events in time order —
+an export from Redis comes bucket by bucket — with timestamps in seconds), and copies `items.csv` and `users.csv`. Logged events for items the
 catalogue does not have are counted and left out (the catalogue comes from the item
 feed, not from clicks); impressions are exposure, not interactions, and are left out
 unless asked for; events repeated with the same `event_id` are kept once.
@@ -47,6 +47,7 @@ def merge_events(data_dir: Path, events_log: Path, out: Path, include_impression
         writer.writerow(["user_id", "item_id", "timestamp", "event", "rating"])
         for i in seed.interactions:
             writer.writerow([i.user_id, i.item_id, i.timestamp, i.event, i.rating])
+        logged: list[tuple[int, list]] = []
         if events_log.is_file():
             for line in events_log.read_text().splitlines():
                 try:
@@ -68,6 +69,9 @@ def merge_events(data_dir: Path, events_log: Path, out: Path, include_impression
                     counts.unknown_items += 1
                     continue
                 rating = float(event.get("value", 0.0)) if name == "rating" else 0.0
-                writer.writerow([event["user_id"], event["item_id"], int(event["timestamp_ms"]) // 1000, name, rating])
+                timestamp_ms = int(event["timestamp_ms"])
+                logged.append((timestamp_ms, [event["user_id"], event["item_id"], timestamp_ms // 1000, name, rating]))
                 counts.logged_events += 1
+        logged.sort(key=lambda entry: entry[0])  # stable: log order among equal times
+        writer.writerows(row for _, row in logged)
     return counts

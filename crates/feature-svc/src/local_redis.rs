@@ -14,6 +14,8 @@ pub struct LocalRedis {
     port: u16,
     dir: PathBuf,
     persistence: Persistence,
+    /// More server arguments (cluster mode).
+    extra: Vec<String>,
 }
 
 /// How the server persists: what each setting promises is in the README ("Feature store").
@@ -28,10 +30,15 @@ pub enum Persistence {
 impl LocalRedis {
     /// Starts a server with its files in `dir` on a free loopback port.
     pub fn start(dir: &Path, persistence: Persistence) -> anyhow::Result<Self> {
+        Self::start_with(dir, persistence, &[])
+    }
+
+    fn start_with(dir: &Path, persistence: Persistence, extra: &[&str]) -> anyhow::Result<Self> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         std::fs::create_dir_all(dir)?;
-        let child = spawn(dir, persistence, port)?;
-        let mut server = Self { child, port, dir: dir.to_path_buf(), persistence };
+        let extra: Vec<String> = extra.iter().map(|arg| arg.to_string()).collect();
+        let child = spawn(dir, persistence, port, &extra)?;
+        let mut server = Self { child, port, dir: dir.to_path_buf(), persistence, extra };
         server.wait_ready()?;
         Ok(server)
     }
@@ -44,7 +51,7 @@ impl LocalRedis {
     pub fn kill_and_restart(&mut self) -> anyhow::Result<()> {
         self.child.kill()?;
         self.child.wait()?;
-        self.child = spawn(&self.dir, self.persistence, self.port)?;
+        self.child = spawn(&self.dir, self.persistence, self.port, &self.extra)?;
         self.wait_ready()
     }
 
@@ -73,7 +80,7 @@ impl LocalRedis {
     }
 }
 
-fn spawn(dir: &Path, persistence: Persistence, port: u16) -> anyhow::Result<Child> {
+fn spawn(dir: &Path, persistence: Persistence, port: u16, extra: &[String]) -> anyhow::Result<Child> {
     let binary = std::env::var_os("RECSYS_REDIS_SERVER").map_or_else(|| PathBuf::from("redis-server"), PathBuf::from);
     let mut command = Command::new(&binary);
     command
@@ -89,6 +96,7 @@ fn spawn(dir: &Path, persistence: Persistence, port: u16) -> anyhow::Result<Chil
         Persistence::None => command.args(["--appendonly", "no"]),
         Persistence::AppendFsyncAlways => command.args(["--appendonly", "yes", "--appendfsync", "always"]),
     };
+    command.args(extra);
     command.spawn().map_err(|error| {
         anyhow::anyhow!(
             "cannot start {} ({error}): run deploy/local/bootstrap.sh (make test does) or install redis-server",
@@ -101,5 +109,61 @@ impl Drop for LocalRedis {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A Redis Cluster of `nodes` primaries on loopback (no replicas), slots split evenly:
+/// for the tests of the cluster mode.
+pub struct LocalRedisCluster {
+    nodes: Vec<LocalRedis>,
+}
+
+impl LocalRedisCluster {
+    pub fn start(dir: &Path, nodes: usize) -> anyhow::Result<Self> {
+        let nodes = (0..nodes)
+            .map(|node| {
+                LocalRedis::start_with(
+                    &dir.join(format!("node-{node}")),
+                    Persistence::None,
+                    &["--cluster-enabled", "yes"],
+                )
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let connect = |node: &LocalRedis| -> anyhow::Result<redis::Connection> {
+            Ok(redis::Client::open(node.url())?.get_connection()?)
+        };
+        let per_node = 16_384 / nodes.len();
+        for (index, node) in nodes.iter().enumerate() {
+            let first = index * per_node;
+            let last = if index + 1 == nodes.len() { 16_383 } else { first + per_node - 1 };
+            let mut connection = connect(node)?;
+            redis::cmd("CLUSTER").arg("ADDSLOTSRANGE").arg(first).arg(last).query::<()>(&mut connection)?;
+            for other in &nodes[..index] {
+                redis::cmd("CLUSTER").arg("MEET").arg("127.0.0.1").arg(other.port).query::<()>(&mut connection)?;
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for node in &nodes {
+            let mut connection = connect(node)?;
+            loop {
+                let info: String = redis::cmd("CLUSTER").arg("INFO").query(&mut connection)?;
+                let known: usize = info
+                    .lines()
+                    .find_map(|line| line.strip_prefix("cluster_known_nodes:"))
+                    .and_then(|count| count.trim().parse().ok())
+                    .unwrap_or(0);
+                if info.contains("cluster_state:ok") && known == nodes.len() {
+                    break;
+                }
+                anyhow::ensure!(Instant::now() < deadline, "the local Redis Cluster did not form within 30 s");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(Self { nodes })
+    }
+
+    /// The seed nodes' URLs (`store.redis.cluster_nodes`).
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(LocalRedis::url).collect()
     }
 }

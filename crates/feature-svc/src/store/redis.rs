@@ -1,27 +1,33 @@
 //! The Redis store, for scale-out: every feature-svc replica reads and writes one Redis
-//! (or a primary with replicas). Keys, under a configurable prefix:
+//! (a primary with replicas) or a Redis Cluster. Keys, under a configurable prefix, carry a
+//! hash tag naming one of 256 user or item buckets (`{u17}`, `{i5}`: FNV-1a of the id), so
+//! everything one batch script touches lives in one cluster slot:
 //!
 //! | key | type | holds | expires |
 //! |---|---|---|---|
-//! | `u:<user>` | hash | profile, `events` count | never |
-//! | `b:<user>` | sorted set | recent behaviour: item → `timestamp_ms·8 + event type`, newest kept | never |
-//! | `uc:<user>` | hash | counter buckets (`m<minute>:<kind>`, `h<hour>:<kind>`) | 31 days after the last event |
-//! | `ucc:<user>` | hash | per category: `<category>\|<bucket>` | 31 days after the last event |
-//! | `i:<item>` | hash | `category`, `first_seen` | never |
-//! | `ic:<item>` | hash | counter buckets | 31 days after the last event |
-//! | `id:<digest>` | string | an event id already stored | `dedup_ttl_s` |
-//! | `events` | stream | the event log (`recsysctl export-events`) | capped at `max_log_events` |
+//! | `{uB}:u:<user>` | hash | profile, `events` count | never |
+//! | `{uB}:b:<user>` | sorted set | recent behaviour: item → `timestamp_ms·8 + event type`, newest kept | never |
+//! | `{uB}:uc:<user>` | hash | counter buckets (`m<minute>:<kind>`, `h<hour>:<kind>`) | 31 days after the last event |
+//! | `{uB}:ucc:<user>` | hash | per category: `<category>\|<bucket>` | 31 days after the last event |
+//! | `{uB}:id:<digest>`, `{iB}:id:<digest>` | string | an event id stored on the user side, the item side | `dedup_ttl_s` |
+//! | `{uB}:events` | stream | the event log of the bucket's users (`recsysctl export-events`) | capped at `max_log_events` per bucket |
+//! | `{iB}:i:<item>` | hash | `category`, `first_seen` | never |
+//! | `{iB}:ic:<item>` | hash | counter buckets | 31 days after the last event |
 //!
-//! A batch is applied by one Lua script, which Redis runs atomically: an event's id
-//! marker, its log entry and its counts are written together or not at all, so a retried
-//! batch is never double-counted, even across a crash. Durability is Redis's: with
-//! `appendfsync always` the script's writes are fsync'd before the reply (README).
-//! A read is one pipelined round trip: four commands for a user, two per item.
+//! A batch is applied by one Lua script per user bucket (id marker, log entry, the user's
+//! profile counts, behaviour and per-category counts) and one per item bucket (id marker,
+//! first sighting, counts), which Redis runs atomically; each side keeps its own id
+//! markers, so a batch retried after a partial failure or a crash is applied exactly once
+//! on each side. The scripts of a batch run concurrently, each on the node owning its
+//! slot. Durability is Redis's: with `appendfsync always` a script's writes are fsync'd
+//! before its reply (README). A user read is one round trip (four keys, one slot); an
+//! item batch one round trip per item bucket, all at once (one pipeline on a single Redis).
 
 use std::collections::HashMap;
 
+use futures::future::try_join_all;
 use recsys_proto::v1::{EventType, ItemFeatures, UserFeatures};
-use redis::{aio::ConnectionManager, AsyncCommands};
+use redis::{aio::ConnectionManager, cluster_async::ClusterConnection, Cmd, RedisFuture, Value};
 
 use super::{Appended, EventPage, FeatureStore};
 use crate::{
@@ -36,18 +42,24 @@ use crate::{
 const COUNTER_TTL_S: u64 = 31 * 24 * 3600;
 /// Counter hashes are pruned of buckets older than kept once they hold this many fields.
 const PRUNE_AT_FIELDS: u64 = 4_000;
+/// Users and items are each spread over this many hash-tag buckets.
+pub const BUCKETS: u64 = 256;
+/// Commands per pipeline when loading the seed.
+const SEED_PIPELINE: usize = 4_096;
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisConfig {
-    /// `redis://host:port/db` (or `unix:///path`).
+    /// `redis://host:port/db` (or `unix:///path`) of a single Redis.
     pub url: String,
-    /// Prepended to every key, so several clusters can share one Redis.
+    /// Seed nodes of a Redis Cluster (`redis://host:port` each); when set, `url` is not used.
+    pub cluster_nodes: Vec<String>,
+    /// Prepended to every key, so several clusters can share one Redis (no braces).
     pub key_prefix: String,
     /// How long a stored event id is remembered for deduplicating retries.
     pub dedup_ttl_s: u64,
-    /// The event log stream is trimmed (approximately) to this many events: export more
-    /// often than it fills.
+    /// Each bucket's event log stream is trimmed (approximately) to this many events:
+    /// export more often than they fill.
     pub max_log_events: u64,
 }
 
@@ -55,27 +67,85 @@ impl Default for RedisConfig {
     fn default() -> Self {
         Self {
             url: "redis://127.0.0.1:6379".into(),
+            cluster_nodes: Vec::new(),
             key_prefix: "recsys:".into(),
             dedup_ttl_s: 7 * 24 * 3600,
-            max_log_events: 50_000_000,
+            max_log_events: 1_000_000,
+        }
+    }
+}
+
+/// A single Redis or a cluster, behind the one connection interface commands use.
+#[derive(Clone)]
+enum Connection {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Connection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Single(connection) => connection.req_packed_command(cmd),
+            Self::Cluster(connection) => connection.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Single(connection) => connection.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(connection) => connection.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(connection) => connection.get_db(),
+            Self::Cluster(connection) => connection.get_db(),
         }
     }
 }
 
 pub struct RedisStore {
-    connection: ConnectionManager,
+    connection: Connection,
     config: RedisConfig,
+    /// What errors name: the URL or the cluster's seed nodes.
+    name: String,
     max_history: usize,
-    apply: redis::Script,
+    user_side: redis::Script,
+    item_side: redis::Script,
 }
 
-/// Applies one batch. ARGV: prefix, max_history, dedup_ttl_s, counter_ttl_s,
-/// max_log_events, prune threshold, then seven per event: id digest (or ""), user, item,
-/// counted kind (or ""), behaviour score (or "" for an impression), timestamp_ms, the
-/// logged event. Returns 1 (stored) or 0 (duplicate) per event.
-const APPLY_BATCH: &str = r#"
-local prefix, max_history, dedup_ttl, counter_ttl, max_log = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5]
-local prune_at = tonumber(ARGV[6])
+/// The bucket of an id: FNV-1a, stable across processes and languages.
+pub fn bucket_of(id: &str) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in id.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash % BUCKETS
+}
+
+/// The keys one user read touches, in the order it reads them: hash, behaviour, counters,
+/// category counters (public so `bench-features` reads the same keys raw).
+pub fn user_keys(prefix: &str, user_id: &str) -> [String; 4] {
+    let tag = bucket_of(user_id);
+    ["u", "b", "uc", "ucc"].map(|kind| format!("{prefix}{{u{tag}}}:{kind}:{user_id}"))
+}
+
+/// The keys one item read touches: its hash and its counters.
+pub fn item_keys(prefix: &str, item_id: &str) -> [String; 2] {
+    let tag = bucket_of(item_id);
+    ["i", "ic"].map(|kind| format!("{prefix}{{i{tag}}}:{kind}:{item_id}"))
+}
+
+/// Shared by both scripts: counter increments with expiry and pruning.
+const COUNT_FUNCTIONS: &str = r#"
+local counter_ttl, prune_at = ARGV[1], tonumber(ARGV[2])
 local function prune(key, ts)
   local oldest_minute = math.floor(ts / 60000) - 119
   local oldest_hour = math.floor(ts / 3600000) - 743
@@ -94,32 +164,35 @@ local function count(key, field_prefix, minute, hour, ts)
   redis.call('EXPIRE', key, counter_ttl)
   if redis.call('HLEN', key) > prune_at then prune(key, ts) end
 end
+local function fresh(marker, dedup_ttl)
+  if marker == '' then return true end
+  return redis.call('SET', marker, '1', 'NX', 'EX', dedup_ttl)
+end
+"#;
+
+/// The user side of one bucket's events. KEYS[1]: the bucket's log stream (routes the
+/// call). ARGV: counter_ttl, prune_at, key prefix with the bucket's tag, max_history,
+/// dedup_ttl, max_log, then eight per event: id digest (or ""), user, item, the item's
+/// category (or ""), counted kind (or ""), behaviour score (or ""), timestamp_ms, the
+/// logged event. Returns 1 (stored) or 0 (duplicate) per event.
+const USER_SIDE: &str = r#"
+local tagged, max_history, dedup_ttl, max_log = ARGV[3], tonumber(ARGV[4]), ARGV[5], ARGV[6]
 local results = {}
-for i = 7, #ARGV, 7 do
-  local id, user, item, kind, score, ts, logged = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+4], ARGV[i+5], ARGV[i+6]
-  local fresh = true
-  if id ~= '' then
-    fresh = redis.call('SET', prefix .. 'id:' .. id, '1', 'NX', 'EX', dedup_ttl)
-  end
-  if fresh then
-    redis.call('XADD', prefix .. 'events', 'MAXLEN', '~', max_log, '*', 'e', logged)
-    local user_key, item_key = prefix .. 'u:' .. user, prefix .. 'i:' .. item
-    redis.call('HINCRBY', user_key, 'events', 1)
+for i = 7, #ARGV, 8 do
+  local id, user, item, category = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3]
+  local kind, score, ts, logged = ARGV[i+4], ARGV[i+5], ARGV[i+6], ARGV[i+7]
+  if fresh(id ~= '' and (tagged .. 'id:' .. id) or '', dedup_ttl) then
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', max_log, '*', 'e', logged)
+    redis.call('HINCRBY', tagged .. 'u:' .. user, 'events', 1)
     local tsn = tonumber(ts)
-    local seen = tonumber(redis.call('HGET', item_key, 'first_seen') or '0')
-    if seen == 0 or tsn < seen then redis.call('HSET', item_key, 'first_seen', ts) end
     if kind ~= '' then
       local minute = 'm' .. math.floor(tsn / 60000) .. ':' .. kind
       local hour = 'h' .. math.floor(tsn / 3600000) .. ':' .. kind
-      count(prefix .. 'uc:' .. user, '', minute, hour, tsn)
-      count(prefix .. 'ic:' .. item, '', minute, hour, tsn)
-      local category = redis.call('HGET', item_key, 'category')
-      if category and category ~= '' then
-        count(prefix .. 'ucc:' .. user, category .. '|', minute, hour, tsn)
-      end
+      count(tagged .. 'uc:' .. user, '', minute, hour, tsn)
+      if category ~= '' then count(tagged .. 'ucc:' .. user, category .. '|', minute, hour, tsn) end
     end
     if score ~= '' then
-      local behaviour = prefix .. 'b:' .. user
+      local behaviour = tagged .. 'b:' .. user
       local old = redis.call('ZSCORE', behaviour, item)
       if not old or tonumber(old) <= tonumber(score) then
         redis.call('ZADD', behaviour, score, item)
@@ -134,16 +207,26 @@ end
 return results
 "#;
 
-/// The keys one user read touches, in the order it reads them: hash, behaviour, counters,
-/// category counters (public so `bench-features` reads the same keys raw).
-pub fn user_keys(prefix: &str, user_id: &str) -> [String; 4] {
-    ["u:", "b:", "uc:", "ucc:"].map(|kind| format!("{prefix}{kind}{user_id}"))
-}
-
-/// The keys one item read touches: its hash and its counters.
-pub fn item_keys(prefix: &str, item_id: &str) -> [String; 2] {
-    ["i:", "ic:"].map(|kind| format!("{prefix}{kind}{item_id}"))
-}
+/// The item side of one bucket's events. KEYS[1]: any key of the bucket (routes the
+/// call). ARGV: counter_ttl, prune_at, key prefix with the bucket's tag, dedup_ttl, then
+/// four per event: id digest (or ""), item, counted kind (or ""), timestamp_ms.
+const ITEM_SIDE: &str = r#"
+local tagged, dedup_ttl = ARGV[3], ARGV[4]
+for i = 5, #ARGV, 4 do
+  local id, item, kind, ts = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3]
+  if fresh(id ~= '' and (tagged .. 'id:' .. id) or '', dedup_ttl) then
+    local item_key, tsn = tagged .. 'i:' .. item, tonumber(ts)
+    local seen = tonumber(redis.call('HGET', item_key, 'first_seen') or '0')
+    if seen == 0 or tsn < seen then redis.call('HSET', item_key, 'first_seen', ts) end
+    if kind ~= '' then
+      local minute = 'm' .. math.floor(tsn / 60000) .. ':' .. kind
+      local hour = 'h' .. math.floor(tsn / 3600000) .. ':' .. kind
+      count(tagged .. 'ic:' .. item, '', minute, hour, tsn)
+    end
+  end
+end
+return 1
+"#;
 
 /// An engagement's behaviour score: the time, with the event type in the low three bits
 /// (exact in a double until the year 30,000).
@@ -161,22 +244,42 @@ fn engagement_of(item_id: String, score: f64) -> Engagement {
 }
 
 impl RedisStore {
-    /// Connects (retrying in the background if Redis restarts) and loads `seed_dir` the
-    /// first time this prefix is used.
+    /// Connects (reconnecting in the background if Redis restarts) and loads `seed_dir`
+    /// the first time this prefix is used.
     pub async fn open(config: RedisConfig, seed_dir: Option<&std::path::Path>, max_history: usize) -> Result<Self> {
+        let name = if config.cluster_nodes.is_empty() { config.url.clone() } else { config.cluster_nodes.join(",") };
         let unreachable =
-            |error: redis::RedisError| FeatureError::Store { store: config.url.clone(), reason: error.to_string() };
-        let client = redis::Client::open(config.url.as_str()).map_err(unreachable)?;
-        let connection = ConnectionManager::new(client).await.map_err(unreachable)?;
-        let store = Self { connection, config: config.clone(), max_history, apply: redis::Script::new(APPLY_BATCH) };
+            |error: redis::RedisError| FeatureError::Store { store: name.clone(), reason: error.to_string() };
+        if config.key_prefix.contains(['{', '}']) {
+            return Err(FeatureError::Store { store: name, reason: "key_prefix must not contain braces".into() });
+        }
+        let connection = if config.cluster_nodes.is_empty() {
+            let client = redis::Client::open(config.url.as_str()).map_err(unreachable)?;
+            Connection::Single(ConnectionManager::new(client).await.map_err(unreachable)?)
+        } else {
+            let client = redis::cluster::ClusterClient::new(config.cluster_nodes.clone()).map_err(unreachable)?;
+            Connection::Cluster(client.get_async_connection().await.map_err(unreachable)?)
+        };
+        let scripts = |side: &str| redis::Script::new(&format!("{COUNT_FUNCTIONS}{side}"));
+        let store = Self {
+            connection,
+            config: config.clone(),
+            name: name.clone(),
+            max_history,
+            user_side: scripts(USER_SIDE),
+            item_side: scripts(ITEM_SIDE),
+        };
         if let Some(dir) = seed_dir {
-            let mut connection = store.connection.clone();
-            let loaded: Option<String> =
-                connection.hget(store.key("meta"), "seed").await.map_err(|error| store.error(error))?;
+            let loaded: Option<String> = redis::cmd("HGET")
+                .arg(store.key("meta"))
+                .arg("seed")
+                .query_async(&mut store.connection.clone())
+                .await
+                .map_err(|error| store.error(error))?;
             match loaded {
                 None => store.load_seed(dir).await?,
                 Some(loaded) if loaded != dir.display().to_string() => tracing::warn!(
-                    redis = %config.url,
+                    redis = %name,
                     loaded,
                     configured = %dir.display(),
                     "Redis holds another seed under this prefix; flush it to load the configured one"
@@ -184,7 +287,7 @@ impl RedisStore {
                 Some(_) => {}
             }
         }
-        tracing::info!(redis = %config.url, prefix = %config.key_prefix, "Redis feature store connected");
+        tracing::info!(redis = %name, prefix = %config.key_prefix, "Redis feature store connected");
         Ok(store)
     }
 
@@ -192,11 +295,52 @@ impl RedisStore {
         format!("{}{suffix}", self.config.key_prefix)
     }
 
-    fn error(&self, error: redis::RedisError) -> FeatureError {
-        FeatureError::Store { store: self.config.url.clone(), reason: error.to_string() }
+    /// The prefix of every key of a bucket: `recsys:{u17}:`.
+    fn tagged(&self, side: char, bucket: u64) -> String {
+        format!("{}{{{side}{bucket}}}:", self.config.key_prefix)
     }
 
-    /// Writes the seed's records with pipelines of a few thousand commands.
+    fn error(&self, error: redis::RedisError) -> FeatureError {
+        FeatureError::Store { store: self.name.clone(), reason: error.to_string() }
+    }
+
+    /// Runs commands, each tagged with its bucket, and answers in their order: one
+    /// pipeline on a single Redis; on a cluster one pipeline per bucket (a pipeline must
+    /// stay in one slot), all at once.
+    async fn run_grouped(&self, commands: Vec<(String, Cmd)>) -> Result<Vec<Value>> {
+        if commands.is_empty() {
+            return Ok(Vec::new());
+        }
+        if let Connection::Single(_) = self.connection {
+            let mut pipe = redis::pipe();
+            for (_, command) in &commands {
+                pipe.add_command(command.clone());
+            }
+            return pipe.query_async(&mut self.connection.clone()).await.map_err(|error| self.error(error));
+        }
+        let mut groups: HashMap<&str, (Vec<usize>, redis::Pipeline)> = HashMap::new();
+        for (position, (tag, command)) in commands.iter().enumerate() {
+            let (positions, pipe) = groups.entry(tag.as_str()).or_insert_with(|| (Vec::new(), redis::pipe()));
+            positions.push(position);
+            pipe.add_command(command.clone());
+        }
+        let answers = try_join_all(groups.into_values().map(|(positions, pipe)| {
+            let mut connection = self.connection.clone();
+            async move {
+                let values: Vec<Value> = pipe.query_async(&mut connection).await?;
+                Ok::<_, redis::RedisError>(positions.into_iter().zip(values))
+            }
+        }))
+        .await
+        .map_err(|error| self.error(error))?;
+        let mut ordered = vec![Value::Nil; commands.len()];
+        for (position, value) in answers.into_iter().flatten() {
+            ordered[position] = value;
+        }
+        Ok(ordered)
+    }
+
+    /// Writes the seed's records with grouped pipelines of a few thousand commands.
     async fn load_seed(&self, dir: &std::path::Path) -> Result<()> {
         let started = std::time::Instant::now();
         let mut users: HashMap<String, UserRecord> = HashMap::new();
@@ -214,56 +358,52 @@ impl RedisStore {
                 users.entry(event.user_id.clone()).or_default().apply(&event, &item.category, self.max_history);
             }
         })?;
-        let mut connection = self.connection.clone();
-        let mut pipe = redis::pipe();
-        let mut queued = 0;
+        let prefix = &self.config.key_prefix;
+        let mut commands: Vec<(String, Cmd)> = Vec::new();
         for (id, user) in &users {
-            let user_key = self.key(&format!("u:{id}"));
-            pipe.hset(&user_key, "events", user.event_count).ignore();
+            let [user_key, behaviour_key, counters_key, categories_key] = user_keys(prefix, id);
+            let tag = format!("u{}", bucket_of(id));
+            let mut hash = redis::cmd("HSET");
+            hash.arg(&user_key).arg("events").arg(user.event_count);
             if let Some(profile) = &user.profile {
-                pipe.hset_multiple(
-                    &user_key,
-                    &[
-                        ("age", profile.age.to_string()),
-                        ("gender", profile.gender.clone()),
-                        ("occupation", profile.occupation.clone()),
-                    ],
-                )
-                .ignore();
+                hash.arg("age").arg(profile.age).arg("gender").arg(&profile.gender);
+                hash.arg("occupation").arg(&profile.occupation);
             }
+            commands.push((tag.clone(), hash));
             if !user.behaviour.is_empty() {
-                let scored: Vec<(f64, &str)> = user
-                    .behaviour
-                    .iter()
-                    .map(|entry| (behaviour_score(entry.event, entry.timestamp_ms), entry.item_id.as_str()))
-                    .collect();
-                pipe.zadd_multiple(self.key(&format!("b:{id}")), &scored).ignore();
+                let mut zadd = redis::cmd("ZADD");
+                zadd.arg(&behaviour_key);
+                for entry in &user.behaviour {
+                    zadd.arg(behaviour_score(entry.event, entry.timestamp_ms)).arg(&entry.item_id);
+                }
+                commands.push((tag.clone(), zadd));
             }
-            write_counters(&mut pipe, &self.key(&format!("uc:{id}")), "", &user.counters);
+            commands.extend(counters_command(&counters_key, "", &user.counters).map(|command| (tag.clone(), command)));
             for (category, counters) in &user.categories {
-                write_counters(&mut pipe, &self.key(&format!("ucc:{id}")), &format!("{category}|"), counters);
+                let prefixed = format!("{category}|");
+                commands.extend(
+                    counters_command(&categories_key, &prefixed, counters).map(|command| (tag.clone(), command)),
+                );
             }
-            queued += 1;
-            if queued % 2_000 == 0 {
-                pipe.query_async::<()>(&mut connection).await.map_err(|error| self.error(error))?;
-                pipe = redis::pipe();
+            if commands.len() >= SEED_PIPELINE {
+                self.run_grouped(std::mem::take(&mut commands)).await?;
             }
         }
         for (id, item) in &items {
-            pipe.hset_multiple(
-                self.key(&format!("i:{id}")),
-                &[("category", item.category.clone()), ("first_seen", item.first_seen_ms.to_string())],
-            )
-            .ignore();
-            write_counters(&mut pipe, &self.key(&format!("ic:{id}")), "", &item.counters);
-            queued += 1;
-            if queued % 2_000 == 0 {
-                pipe.query_async::<()>(&mut connection).await.map_err(|error| self.error(error))?;
-                pipe = redis::pipe();
+            let [item_key, counters_key] = item_keys(prefix, id);
+            let tag = format!("i{}", bucket_of(id));
+            let mut hash = redis::cmd("HSET");
+            hash.arg(&item_key).arg("category").arg(&item.category).arg("first_seen").arg(item.first_seen_ms);
+            commands.push((tag.clone(), hash));
+            commands.extend(counters_command(&counters_key, "", &item.counters).map(|command| (tag.clone(), command)));
+            if commands.len() >= SEED_PIPELINE {
+                self.run_grouped(std::mem::take(&mut commands)).await?;
             }
         }
-        pipe.hset(self.key("meta"), "seed", dir.display().to_string()).ignore();
-        pipe.query_async::<()>(&mut connection).await.map_err(|error| self.error(error))?;
+        let mut meta = redis::cmd("HSET");
+        meta.arg(self.key("meta")).arg("seed").arg(dir.display().to_string());
+        commands.push(("meta".into(), meta));
+        self.run_grouped(commands).await?;
         tracing::info!(
             users = users.len(),
             items = items.len(),
@@ -272,14 +412,43 @@ impl RedisStore {
         );
         Ok(())
     }
+
+    /// The categories of a batch's items (static catalogue data the user side needs).
+    async fn categories(&self, events: &[StoredEvent]) -> Result<HashMap<String, String>> {
+        let mut items: Vec<&str> = events.iter().map(|event| event.item_id.as_str()).collect();
+        items.sort_unstable();
+        items.dedup();
+        let commands = items
+            .iter()
+            .map(|item| {
+                let [item_key, _] = item_keys(&self.config.key_prefix, item);
+                let mut command = redis::cmd("HGET");
+                command.arg(item_key).arg("category");
+                (format!("i{}", bucket_of(item)), command)
+            })
+            .collect();
+        let values = self.run_grouped(commands).await?;
+        Ok(items
+            .into_iter()
+            .zip(values)
+            .filter_map(|(item, value)| {
+                Some((item.to_string(), redis::from_redis_value::<Option<String>>(value).ok()??))
+            })
+            .collect())
+    }
 }
 
-fn write_counters(pipe: &mut redis::Pipeline, key: &str, field_prefix: &str, counters: &Counters) {
-    let fields: Vec<(String, u32)> =
-        counters.fields().into_iter().map(|(field, count)| (format!("{field_prefix}{field}"), count)).collect();
-    if !fields.is_empty() {
-        pipe.hset_multiple(key, &fields).ignore();
+fn counters_command(key: &str, field_prefix: &str, counters: &Counters) -> Option<Cmd> {
+    let fields = counters.fields();
+    if fields.is_empty() {
+        return None;
     }
+    let mut command = redis::cmd("HSET");
+    command.arg(key);
+    for (field, count) in fields {
+        command.arg(format!("{field_prefix}{field}")).arg(count);
+    }
+    Some(command)
 }
 
 fn parse_counters<'a>(fields: impl IntoIterator<Item = (&'a String, &'a String)>) -> Counters {
@@ -293,16 +462,16 @@ impl FeatureStore for RedisStore {
     }
 
     async fn user_features(&self, user_id: &str, max_history: usize, as_of_ms: i64) -> Result<UserFeatures> {
-        let mut connection = self.connection.clone();
         let last = max_history.min(self.max_history).max(1) as isize - 1;
         type UserRead = (HashMap<String, String>, Vec<(String, f64)>, HashMap<String, String>, HashMap<String, String>);
         let [user_key, behaviour_key, counters_key, categories_key] = user_keys(&self.config.key_prefix, user_id);
+        // One slot: one pipeline, also on a cluster.
         let (user, behaviour, counters, categories): UserRead = redis::pipe()
             .hgetall(user_key)
             .zrevrange_withscores(behaviour_key, 0, last)
             .hgetall(counters_key)
             .hgetall(categories_key)
-            .query_async(&mut connection)
+            .query_async(&mut self.connection.clone())
             .await
             .map_err(|error| self.error(error))?;
         if user.is_empty() {
@@ -333,88 +502,166 @@ impl FeatureStore for RedisStore {
     }
 
     async fn item_features(&self, item_ids: &[String], as_of_ms: i64) -> Result<Vec<ItemFeatures>> {
-        if item_ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut pipe = redis::pipe();
+        let mut commands = Vec::with_capacity(2 * item_ids.len());
         for id in item_ids {
-            let [item_key, counters_key] = item_keys(&self.config.key_prefix, id);
-            pipe.hgetall(item_key).hgetall(counters_key);
+            let tag = format!("i{}", bucket_of(id));
+            for key in item_keys(&self.config.key_prefix, id) {
+                let mut command = redis::cmd("HGETALL");
+                command.arg(key);
+                commands.push((tag.clone(), command));
+            }
         }
-        let mut connection = self.connection.clone();
-        let hashes: Vec<HashMap<String, String>> =
-            pipe.query_async(&mut connection).await.map_err(|error| self.error(error))?;
-        Ok(item_ids
+        let values = self.run_grouped(commands).await?;
+        let mut hashes = values.into_iter().map(redis::from_redis_value::<HashMap<String, String>>);
+        item_ids
             .iter()
-            .zip(hashes.chunks_exact(2))
-            .map(|(id, pair)| {
-                let (item, counters) = (&pair[0], &pair[1]);
+            .map(|id| {
+                let (Some(item), Some(counters)) = (hashes.next(), hashes.next()) else {
+                    return Err(FeatureError::Store { store: self.name.clone(), reason: "missing replies".into() });
+                };
+                let parse_error = |error: redis::ParsingError| FeatureError::Store {
+                    store: self.name.clone(),
+                    reason: format!("item {id}: {error}"),
+                };
+                let (item, counters) = (item.map_err(parse_error)?, counters.map_err(parse_error)?);
                 if item.is_empty() && counters.is_empty() {
-                    return unknown_item(id);
+                    return Ok(unknown_item(id));
                 }
-                ItemRecord {
+                Ok(ItemRecord {
                     category: item.get("category").cloned().unwrap_or_default(),
                     first_seen_ms: item.get("first_seen").and_then(|ms| ms.parse().ok()).unwrap_or(0),
-                    counters: parse_counters(counters),
+                    counters: parse_counters(&counters),
                 }
-                .to_features(id, as_of_ms)
+                .to_features(id, as_of_ms))
             })
-            .collect())
+            .collect()
     }
 
     async fn append(&self, events: Vec<StoredEvent>) -> Result<Appended> {
-        let mut invocation = self.apply.prepare_invoke();
-        invocation
-            .arg(&self.config.key_prefix)
-            .arg(self.max_history)
-            .arg(self.config.dedup_ttl_s)
-            .arg(COUNTER_TTL_S)
-            .arg(self.config.max_log_events)
-            .arg(PRUNE_AT_FIELDS);
-        for event in &events {
-            let digest =
-                if event.event_id.is_empty() { String::new() } else { format!("{:032x}", id_digest(&event.event_id)) };
-            let kind = counted_index(event.event).map(|kind| kind.to_string()).unwrap_or_default();
-            let score = if event.event.is_engagement() {
-                behaviour_score(event.event, event.timestamp_ms).to_string()
-            } else {
-                String::new()
-            };
-            let logged = serde_json::to_string(event).expect("events serialise to JSON");
-            invocation
-                .arg(digest)
-                .arg(&event.user_id)
-                .arg(&event.item_id)
-                .arg(kind)
-                .arg(score)
-                .arg(event.timestamp_ms)
-                .arg(logged);
+        let categories = self.categories(&events).await?;
+        let digests: Vec<String> =
+            events
+                .iter()
+                .map(|event| {
+                    if event.event_id.is_empty() {
+                        String::new()
+                    } else {
+                        format!("{:032x}", id_digest(&event.event_id))
+                    }
+                })
+                .collect();
+        // Events by user bucket (in batch order within each) and by item bucket.
+        let mut user_groups: HashMap<u64, Vec<usize>> = HashMap::new();
+        let mut item_groups: HashMap<u64, Vec<usize>> = HashMap::new();
+        for (position, event) in events.iter().enumerate() {
+            user_groups.entry(bucket_of(&event.user_id)).or_default().push(position);
+            item_groups.entry(bucket_of(&event.item_id)).or_default().push(position);
         }
-        let mut connection = self.connection.clone();
-        let stored: Vec<i64> = invocation.invoke_async(&mut connection).await.map_err(|error| self.error(error))?;
-        let fresh = stored.iter().filter(|&&flag| flag == 1).count();
-        Ok(Appended { stored: fresh, duplicates: events.len() - fresh })
+        let kind = |event: &StoredEvent| counted_index(event.event).map(|kind| kind.to_string()).unwrap_or_default();
+        let user_calls = user_groups.iter().map(|(&bucket, positions)| {
+            let tagged = self.tagged('u', bucket);
+            let mut invocation = self.user_side.prepare_invoke();
+            invocation
+                .key(format!("{tagged}events"))
+                .arg(COUNTER_TTL_S)
+                .arg(PRUNE_AT_FIELDS)
+                .arg(&tagged)
+                .arg(self.max_history)
+                .arg(self.config.dedup_ttl_s)
+                .arg(self.config.max_log_events);
+            for &position in positions {
+                let event = &events[position];
+                let score = if event.event.is_engagement() {
+                    behaviour_score(event.event, event.timestamp_ms).to_string()
+                } else {
+                    String::new()
+                };
+                invocation
+                    .arg(&digests[position])
+                    .arg(&event.user_id)
+                    .arg(&event.item_id)
+                    .arg(categories.get(&event.item_id).map_or("", String::as_str))
+                    .arg(kind(event))
+                    .arg(score)
+                    .arg(event.timestamp_ms)
+                    .arg(serde_json::to_string(event).expect("events serialise to JSON"));
+            }
+            let mut connection = self.connection.clone();
+            async move {
+                let stored: Vec<i64> = invocation.invoke_async(&mut connection).await?;
+                Ok::<_, redis::RedisError>(stored.into_iter().filter(|&flag| flag == 1).count())
+            }
+        });
+        let item_calls = item_groups.iter().map(|(&bucket, positions)| {
+            let tagged = self.tagged('i', bucket);
+            let mut invocation = self.item_side.prepare_invoke();
+            invocation
+                .key(format!("{tagged}meta"))
+                .arg(COUNTER_TTL_S)
+                .arg(PRUNE_AT_FIELDS)
+                .arg(&tagged)
+                .arg(self.config.dedup_ttl_s);
+            for &position in positions {
+                let event = &events[position];
+                invocation.arg(&digests[position]).arg(&event.item_id).arg(kind(event)).arg(event.timestamp_ms);
+            }
+            let mut connection = self.connection.clone();
+            async move {
+                invocation.invoke_async::<()>(&mut connection).await?;
+                Ok::<_, redis::RedisError>(0)
+            }
+        });
+        // Both sides at once; a failure anywhere fails the batch, and its retry completes
+        // whichever side is missing (each side has its own id markers).
+        let (user_side, item_side) = futures::future::join(try_join_all(user_calls), try_join_all(item_calls)).await;
+        item_side.map_err(|error| self.error(error))?;
+        let stored: usize = user_side.map_err(|error| self.error(error))?.into_iter().sum();
+        Ok(Appended { stored, duplicates: events.len() - stored })
     }
 
+    /// Pages through the user buckets' logs in bucket order, each oldest first. The cursor
+    /// is `<bucket>/<last stream id>`.
     async fn export(&self, cursor: Option<String>, limit: usize) -> Result<EventPage> {
-        let start = cursor.map_or_else(|| "-".to_string(), |cursor| format!("({cursor}"));
-        let mut connection = self.connection.clone();
-        let reply: redis::streams::StreamRangeReply =
-            connection.xrange_count(self.key("events"), start, "+", limit).await.map_err(|error| self.error(error))?;
-        let mut events = Vec::with_capacity(reply.ids.len());
-        let mut last = None;
-        for entry in reply.ids {
-            let logged: String = entry.get("e").ok_or_else(|| FeatureError::Store {
-                store: self.config.url.clone(),
-                reason: format!("event log entry {} has no event", entry.id),
-            })?;
-            events.push(serde_json::from_str(&logged).map_err(|error| FeatureError::Store {
-                store: self.config.url.clone(),
-                reason: format!("event log entry {}: {error}", entry.id),
-            })?);
-            last = Some(entry.id);
+        let invalid =
+            |cursor: &str| FeatureError::InvalidArgument(format!("cursor {cursor:?} is not <bucket>/<stream id>"));
+        let (mut bucket, mut start) = match &cursor {
+            None => (0, "-".to_string()),
+            Some(cursor) => {
+                let (bucket, id) = cursor.split_once('/').ok_or_else(|| invalid(cursor))?;
+                (bucket.parse::<u64>().map_err(|_| invalid(cursor))?, format!("({id}"))
+            }
+        };
+        let mut events = Vec::new();
+        while bucket < BUCKETS {
+            let log = format!("{}events", self.tagged('u', bucket));
+            let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+                .arg(&log)
+                .arg(&start)
+                .arg("+")
+                .arg("COUNT")
+                .arg(limit - events.len())
+                .query_async(&mut self.connection.clone())
+                .await
+                .map_err(|error| self.error(error))?;
+            let mut last = None;
+            for entry in reply.ids {
+                let logged: String = entry.get("e").ok_or_else(|| FeatureError::Store {
+                    store: self.name.clone(),
+                    reason: format!("event log entry {} has no event", entry.id),
+                })?;
+                events.push(serde_json::from_str(&logged).map_err(|error| FeatureError::Store {
+                    store: self.name.clone(),
+                    reason: format!("event log entry {}: {error}", entry.id),
+                })?);
+                last = Some(entry.id);
+            }
+            if events.len() == limit {
+                let next = last.map(|id| format!("{bucket}/{id}"));
+                return Ok(EventPage { events, next });
+            }
+            bucket += 1;
+            start = "-".to_string();
         }
-        let next = if events.len() == limit { last } else { None };
-        Ok(EventPage { events, next })
+        Ok(EventPage { events, next: None })
     }
 }

@@ -8,7 +8,7 @@ use recsys_proto::v1::{Event, EventType, WindowedCounts};
 use super::*;
 use crate::{
     counters::{HOUR_MS, MINUTE_MS},
-    local_redis::{LocalRedis, Persistence},
+    local_redis::{LocalRedis, LocalRedisCluster, Persistence},
     RedisConfig,
 };
 
@@ -31,24 +31,29 @@ fn with_id(mut event: StoredEvent, id: &str) -> StoredEvent {
     event
 }
 
-/// Opens a store of each backend over the same state each time it is called.
+/// Opens a store of each backend — embedded, one Redis, a three-node Redis Cluster — over
+/// the same state each time it is called.
 struct Backends {
     dir: tempfile::TempDir,
     redis: LocalRedis,
+    cluster: LocalRedisCluster,
 }
 
 impl Backends {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let redis = LocalRedis::start(&dir.path().join("redis"), Persistence::None).unwrap();
-        Self { dir, redis }
+        let cluster = LocalRedisCluster::start(&dir.path().join("cluster"), 3).unwrap();
+        Self { dir, redis, cluster }
     }
 
-    async fn open(&self, seed: Option<&Path>, max_history: usize) -> Vec<Box<dyn FeatureStore>> {
+    async fn open(&self, seed: Option<&Path>, max_history: usize) -> Vec<(&'static str, Box<dyn FeatureStore>)> {
         let embedded = EmbeddedStore::open(&self.dir.path().join("store.redb"), seed, max_history).unwrap();
         let config = RedisConfig { url: self.redis.url(), ..RedisConfig::default() };
         let redis = RedisStore::open(config, seed, max_history).await.unwrap();
-        vec![Box::new(embedded), Box::new(redis)]
+        let config = RedisConfig { cluster_nodes: self.cluster.urls(), ..RedisConfig::default() };
+        let cluster = RedisStore::open(config, seed, max_history).await.unwrap();
+        vec![("embedded", Box::new(embedded)), ("redis", Box::new(redis)), ("redis cluster", Box::new(cluster))]
     }
 }
 
@@ -63,15 +68,13 @@ fn counts(window: &WindowedCounts) -> [[u32; 4]; 4] {
 async fn a_retried_batch_is_stored_once_also_after_a_restart() {
     let backends = Backends::new();
     let batch = vec![with_id(click("u1", "a", T0), "e1"), with_id(click("u1", "b", T0 + 1), "e2")];
-    for store in backends.open(None, 10).await {
-        let name = store.backend();
+    for (name, store) in backends.open(None, 10).await {
         assert_eq!(store.append(batch.clone()).await.unwrap(), Appended { stored: 2, duplicates: 0 }, "{name}");
         assert_eq!(store.append(batch.clone()).await.unwrap(), Appended { stored: 0, duplicates: 2 }, "{name}");
         let repeated = vec![with_id(click("u1", "c", T0 + 2), "e3"), with_id(click("u1", "c", T0 + 2), "e3")];
         assert_eq!(store.append(repeated).await.unwrap(), Appended { stored: 1, duplicates: 1 }, "{name}");
     }
-    for store in backends.open(None, 10).await {
-        let name = store.backend();
+    for (name, store) in backends.open(None, 10).await {
         assert_eq!(store.user_features("u1", 10, T0).await.unwrap().event_count, 3, "{name}");
         assert_eq!(store.append(batch.clone()).await.unwrap(), Appended { stored: 0, duplicates: 2 }, "{name}");
         // Events without an id are never deduplicated.
@@ -83,9 +86,8 @@ async fn a_retried_batch_is_stored_once_also_after_a_restart() {
 #[tokio::test]
 async fn behaviour_is_newest_first_one_entry_per_item_capped_and_typed() {
     let backends = Backends::new();
-    for store in backends.open(None, 3).await {
-        let name = store.backend();
-        let user = format!("u-{name}");
+    for (name, store) in backends.open(None, 3).await {
+        let user = format!("u-{}", name.replace(' ', "-"));
         let events = vec![
             click(&user, "a", T0),
             click(&user, "b", T0 + 1_000),
@@ -118,9 +120,8 @@ async fn counts_are_windowed_as_of_the_asked_time_for_users_items_and_categories
     let seed = tempfile::tempdir().unwrap();
     std::fs::write(seed.path().join("items.csv"), "item_id,genres,release_time\nx,Drama|Comedy,1600000000\n").unwrap();
     std::fs::write(seed.path().join("interactions.csv"), "user_id,item_id,timestamp,event\n").unwrap();
-    for store in backends.open(Some(seed.path()), 10).await {
-        let name = store.backend();
-        let user = format!("u-{name}");
+    for (name, store) in backends.open(Some(seed.path()), 10).await {
+        let user = format!("u-{}", name.replace(' ', "-"));
         store
             .append(vec![
                 event(&user, "x", EventType::Impression, T0 - 3 * 24 * HOUR_MS),
@@ -164,8 +165,7 @@ async fn the_seed_loads_once_with_profiles_and_time_ordered_history() {
     .unwrap();
     std::fs::write(seed.path().join("users.csv"), "user_id,age,gender,occupation\n7,30,F,artist\n").unwrap();
     for _ in 0..2 {
-        for store in backends.open(Some(seed.path()), 10).await {
-            let name = store.backend();
+        for (name, store) in backends.open(Some(seed.path()), 10).await {
             let features = store.user_features("7", 10, T0).await.unwrap();
             assert_eq!(features.history_item_ids, vec!["10", "11"], "{name}");
             assert_eq!(features.profile.unwrap().occupation, "artist", "{name}");
@@ -188,8 +188,7 @@ async fn malformed_seed_names_the_file() {
 #[tokio::test]
 async fn the_event_log_exports_in_order_across_pages() {
     let backends = Backends::new();
-    for store in backends.open(None, 10).await {
-        let name = store.backend();
+    for (name, store) in backends.open(None, 10).await {
         let events: Vec<StoredEvent> =
             (0..25).map(|n| with_id(click("u", &format!("i{n}"), T0 + n), &format!("id{n}"))).collect();
         for chunk in events.chunks(7) {

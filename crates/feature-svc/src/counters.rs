@@ -86,6 +86,13 @@ impl Counters {
             let Ok(index) = index.parse::<u32>() else { continue };
             add(buckets, index, kind, count, u32::MAX);
         }
+        // What `record` keeps: buckets within reach of the newest (Redis prunes lazily).
+        for (buckets, kept) in [(&mut counters.minutes, MINUTES_KEPT), (&mut counters.hours, HOURS_KEPT)] {
+            if let Some(newest) = buckets.last().map(|bucket| bucket.index) {
+                let stale = buckets.partition_point(|bucket| bucket.index < newest.saturating_sub(kept - 1));
+                buckets.drain(..stale);
+            }
+        }
         counters
     }
 
@@ -260,6 +267,10 @@ mod tests {
         ];
         let read = Counters::from_fields(fields.iter().map(|(field, count)| (field.as_str(), *count)));
         assert_eq!(read, recorded);
+        // Buckets Redis has not pruned yet read as `record` would have kept them.
+        let stale = [(format!("m{}:1", minute - 500), 1), (format!("m{minute}:1"), 2), (format!("h{hour}:1"), 2)];
+        let pruned = Counters::from_fields(stale.iter().map(|(field, count)| (field.as_str(), *count)));
+        assert_eq!(pruned.minutes.len(), 1);
         let written = recorded.fields();
         assert_eq!(Counters::from_fields(written.iter().map(|(field, count)| (field.as_str(), *count))), recorded);
     }

@@ -56,7 +56,19 @@ impl StoredEvent {
         if event.timestamp_ms <= 0 {
             return Err(invalid("timestamp_ms must be a positive Unix time in milliseconds"));
         }
-        if event_type == EventType::Rating && !(event.value.is_finite() && (0.0..=5.0).contains(&event.value)) {
+        // A time far ahead (a clock gone wrong, microseconds sent as milliseconds) would
+        // become each entity's newest event and age every real one out of its counters.
+        let latest = now_ms().saturating_add(MAX_CLOCK_SKEW_MS);
+        if event.timestamp_ms > latest {
+            return Err(invalid(&format!(
+                "timestamp_ms {} is more than a day ahead of the server's clock (Unix milliseconds expected)",
+                event.timestamp_ms
+            )));
+        }
+        if !event.value.is_finite() {
+            return Err(invalid("value must be a finite number"));
+        }
+        if event_type == EventType::Rating && !(0.0..=5.0).contains(&event.value) {
             return Err(invalid("value must be a rating in 0..=5"));
         }
         if event.experiments.len() > MAX_EXPERIMENTS
@@ -118,10 +130,52 @@ pub(crate) mod event_name {
     }
 }
 
+/// How far ahead of the server's clock an event's time may be.
+pub const MAX_CLOCK_SKEW_MS: i64 = 24 * 3_600_000;
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_millis() as i64)
+}
+
 /// A 128-bit digest of a client's event id: what the stores remember to deduplicate
 /// retried batches (ids can be 128 bytes; the digest is 16).
 pub fn id_digest(id: &str) -> u128 {
     use sha2::{Digest, Sha256};
     let digest = Sha256::digest(id.as_bytes());
     u128::from_le_bytes(digest[..16].try_into().expect("a sha256 digest has 32 bytes"))
+}
+
+#[cfg(test)]
+mod tests {
+    use recsys_proto::v1::Event;
+
+    use super::*;
+
+    fn click() -> Event {
+        Event {
+            user_id: "u".into(),
+            item_id: "i".into(),
+            r#type: EventType::Click as i32,
+            timestamp_ms: 1_700_000_000_000,
+            ..Event::default()
+        }
+    }
+
+    fn rejection(event: Event) -> String {
+        StoredEvent::from_proto(3, &event).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn invalid_events_name_the_offending_field() {
+        assert!(StoredEvent::from_proto(0, &click()).is_ok());
+        assert_eq!(rejection(Event { item_id: String::new(), ..click() }), "events[3].item_id is empty");
+        assert!(rejection(Event { r#type: 0, ..click() }).starts_with("events[3].type"));
+        // A value JSON cannot carry would make the exported log unreadable.
+        assert_eq!(rejection(Event { value: f32::NAN, ..click() }), "events[3].value must be a finite number");
+        assert!(rejection(Event { r#type: EventType::Rating as i32, value: 7.0, ..click() }).contains("rating"));
+        // Microseconds sent as milliseconds: far in the future.
+        let future = rejection(Event { timestamp_ms: 1_700_000_000_000_000, ..click() });
+        assert!(future.starts_with("events[3].timestamp_ms"), "{future}");
+        assert!(rejection(Event { timestamp_ms: 0, ..click() }).starts_with("events[3].timestamp_ms"));
+    }
 }

@@ -49,7 +49,8 @@ impl UserRecord {
     pub fn apply(&mut self, event: &StoredEvent, category: &str, max_history: usize) {
         self.event_count += 1;
         self.counters.record(event.event, event.timestamp_ms);
-        if !category.is_empty() {
+        // Only counted kinds make a category entry (as in Redis): a rating adds no counts.
+        if !category.is_empty() && crate::counters::counted_index(event.event).is_some() {
             self.categories.entry(category.to_string()).or_default().record(event.event, event.timestamp_ms);
         }
         if event.event.is_engagement() {

@@ -106,9 +106,19 @@ impl EmbeddedStore {
         Ok(Self { db, path: path.to_path_buf(), writer: Some(writer), writer_thread: Some(writer_thread) })
     }
 
-    fn read<T>(&self, read: impl FnOnce(&redb::ReadTransaction) -> Result<T, redb::Error>) -> Result<T> {
-        let txn = self.db.begin_read().map_err(|error| store_error(&self.path)(error.into()))?;
-        read(&txn).map_err(store_error(&self.path))
+    /// Runs a read on a blocking thread: a batch of thousands of records (or a cold page
+    /// cache) must not hold an async worker.
+    async fn read<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&redb::ReadTransaction) -> Result<T, redb::Error> + Send + 'static,
+    ) -> Result<T> {
+        let (db, path) = (Arc::clone(&self.db), self.path.clone());
+        tokio::task::spawn_blocking(move || {
+            let txn = db.begin_read().map_err(|error| store_error(&path)(error.into()))?;
+            read(&txn).map_err(store_error(&path))
+        })
+        .await
+        .map_err(|error| FeatureError::Store { store: self.path.display().to_string(), reason: error.to_string() })?
     }
 }
 
@@ -131,15 +141,18 @@ impl FeatureStore for EmbeddedStore {
     }
 
     async fn user_features(&self, user_id: &str, max_history: usize, as_of_ms: i64) -> Result<UserFeatures> {
-        self.read(|txn| {
+        let user_id = user_id.to_string();
+        self.read(move |txn| {
             let users = txn.open_table(USERS)?;
-            let record = users.get(user_id)?.map(|bytes| decode::<UserRecord>(bytes.value())).transpose()?;
-            Ok(record.map_or_else(|| unknown_user(user_id), |user| user.to_features(user_id, max_history, as_of_ms)))
+            let record = users.get(user_id.as_str())?.map(|bytes| decode::<UserRecord>(bytes.value())).transpose()?;
+            Ok(record.map_or_else(|| unknown_user(&user_id), |user| user.to_features(&user_id, max_history, as_of_ms)))
         })
+        .await
     }
 
     async fn item_features(&self, item_ids: &[String], as_of_ms: i64) -> Result<Vec<ItemFeatures>> {
-        self.read(|txn| {
+        let item_ids = item_ids.to_vec();
+        self.read(move |txn| {
             let items = txn.open_table(ITEMS)?;
             item_ids
                 .iter()
@@ -150,6 +163,7 @@ impl FeatureStore for EmbeddedStore {
                 })
                 .collect()
         })
+        .await
     }
 
     async fn append(&self, events: Vec<StoredEvent>) -> Result<Appended> {
@@ -170,7 +184,7 @@ impl FeatureStore for EmbeddedStore {
                 FeatureError::InvalidArgument(format!("cursor {cursor:?} is not an event sequence number"))
             })?,
         };
-        self.read(|txn| {
+        self.read(move |txn| {
             let log = txn.open_table(EVENTS)?;
             let mut events = Vec::with_capacity(limit.min(4096));
             let mut last = after;
@@ -185,6 +199,7 @@ impl FeatureStore for EmbeddedStore {
             let next = (events.len() == limit).then(|| last.to_string());
             Ok(EventPage { events, next })
         })
+        .await
     }
 }
 

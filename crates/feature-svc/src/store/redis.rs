@@ -143,18 +143,27 @@ pub fn item_keys(prefix: &str, item_id: &str) -> [String; 2] {
     ["i", "ic"].map(|kind| format!("{prefix}{{i{tag}}}:{kind}:{item_id}"))
 }
 
-/// Shared by both scripts: counter increments with expiry and pruning.
+/// Shared by both scripts: counter increments with expiry and pruning. Pruning keeps what
+/// `Counters::record` keeps — per field prefix (a category), minute buckets within 120 of
+/// the newest and hour buckets within 744 — and runs at most once an hour per key, once
+/// the hash is large; readers drop what is older still (`Counters::from_fields`).
 const COUNT_FUNCTIONS: &str = r#"
 local counter_ttl, prune_at = ARGV[1], tonumber(ARGV[2])
-local function prune(key, ts)
-  local oldest_minute = math.floor(ts / 60000) - 119
-  local oldest_hour = math.floor(ts / 3600000) - 743
-  for _, field in ipairs(redis.call('HKEYS', key)) do
-    local bucket = string.match(field, '([mh]%d+):%d$')
-    if bucket then
-      local index = tonumber(string.sub(bucket, 2))
-      local oldest = (string.sub(bucket, 1, 1) == 'm') and oldest_minute or oldest_hour
-      if index < oldest then redis.call('HDEL', key, field) end
+local function prune(key)
+  local fields = redis.call('HKEYS', key)
+  local newest = {}
+  for _, field in ipairs(fields) do
+    local prefix, granularity, index = string.match(field, '^(.-)([mh])(%d+):%d$')
+    if prefix then
+      local group, n = prefix .. granularity, tonumber(index)
+      if not newest[group] or n > newest[group] then newest[group] = n end
+    end
+  end
+  for _, field in ipairs(fields) do
+    local prefix, granularity, index = string.match(field, '^(.-)([mh])(%d+):%d$')
+    if prefix then
+      local kept = (granularity == 'm') and 119 or 743
+      if tonumber(index) < newest[prefix .. granularity] - kept then redis.call('HDEL', key, field) end
     end
   end
 end
@@ -162,7 +171,13 @@ local function count(key, field_prefix, minute, hour, ts)
   redis.call('HINCRBY', key, field_prefix .. minute, 1)
   redis.call('HINCRBY', key, field_prefix .. hour, 1)
   redis.call('EXPIRE', key, counter_ttl)
-  if redis.call('HLEN', key) > prune_at then prune(key, ts) end
+  if redis.call('HLEN', key) > prune_at then
+    local this_hour = math.floor(ts / 3600000)
+    if tonumber(redis.call('HGET', key, 'pruned_hour') or '0') < this_hour then
+      prune(key)
+      redis.call('HSET', key, 'pruned_hour', this_hour)
+    end
+  end
 end
 local function fresh(marker, dedup_ttl)
   if marker == '' then return true end
@@ -253,6 +268,12 @@ impl RedisStore {
         if config.key_prefix.contains(['{', '}']) {
             return Err(FeatureError::Store { store: name, reason: "key_prefix must not contain braces".into() });
         }
+        if config.dedup_ttl_s == 0 || config.max_log_events == 0 {
+            return Err(FeatureError::Store {
+                store: name,
+                reason: "dedup_ttl_s and max_log_events must be positive".into(),
+            });
+        }
         let connection = if config.cluster_nodes.is_empty() {
             let client = redis::Client::open(config.url.as_str()).map_err(unreachable)?;
             Connection::Single(ConnectionManager::new(client).await.map_err(unreachable)?)
@@ -270,14 +291,8 @@ impl RedisStore {
             item_side: scripts(ITEM_SIDE),
         };
         if let Some(dir) = seed_dir {
-            let loaded: Option<String> = redis::cmd("HGET")
-                .arg(store.key("meta"))
-                .arg("seed")
-                .query_async(&mut store.connection.clone())
-                .await
-                .map_err(|error| store.error(error))?;
-            match loaded {
-                None => store.load_seed(dir).await?,
+            match store.seeded().await? {
+                None => store.load_seed_once(dir).await?,
                 Some(loaded) if loaded != dir.display().to_string() => tracing::warn!(
                     redis = %name,
                     loaded,
@@ -340,7 +355,48 @@ impl RedisStore {
         Ok(ordered)
     }
 
-    /// Writes the seed's records with grouped pipelines of a few thousand commands.
+    /// Which seed this prefix was loaded with, if any.
+    async fn seeded(&self) -> Result<Option<String>> {
+        redis::cmd("HGET")
+            .arg(self.key("meta"))
+            .arg("seed")
+            .query_async(&mut self.connection.clone())
+            .await
+            .map_err(|error| self.error(error))
+    }
+
+    /// Loads the seed unless another replica is loading it (then waits for it): two
+    /// loads could overwrite counts of events acknowledged in between.
+    async fn load_seed_once(&self, dir: &std::path::Path) -> Result<()> {
+        const LOAD_TIMEOUT_S: u64 = 1800;
+        let claimed: Option<String> = redis::cmd("SET")
+            .arg(self.key("seeding"))
+            .arg(std::process::id())
+            .arg("NX")
+            .arg("EX")
+            .arg(LOAD_TIMEOUT_S)
+            .query_async(&mut self.connection.clone())
+            .await
+            .map_err(|error| self.error(error))?;
+        if claimed.is_some() {
+            return self.load_seed(dir).await;
+        }
+        tracing::info!(redis = %self.name, "another replica is loading the seed; waiting for it");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(LOAD_TIMEOUT_S);
+        while self.seeded().await?.is_none() {
+            if std::time::Instant::now() > deadline {
+                return Err(FeatureError::Store {
+                    store: self.name.clone(),
+                    reason: "the seed load of another replica did not finish".into(),
+                });
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+        Ok(())
+    }
+
+    /// Writes the seed's records with grouped pipelines of a few thousand commands, and
+    /// marks the prefix seeded only once all of them succeeded.
     async fn load_seed(&self, dir: &std::path::Path) -> Result<()> {
         let started = std::time::Instant::now();
         let mut users: HashMap<String, UserRecord> = HashMap::new();
@@ -400,10 +456,10 @@ impl RedisStore {
                 self.run_grouped(std::mem::take(&mut commands)).await?;
             }
         }
+        self.run_grouped(commands).await?;
         let mut meta = redis::cmd("HSET");
         meta.arg(self.key("meta")).arg("seed").arg(dir.display().to_string());
-        commands.push(("meta".into(), meta));
-        self.run_grouped(commands).await?;
+        self.run_grouped(vec![("meta".into(), meta)]).await?;
         tracing::info!(
             users = users.len(),
             items = items.len(),

@@ -5,7 +5,8 @@ use std::collections::HashSet;
 use cluster_tests::{Cluster, Service};
 use recsys_proto::v1::{
     feature_service_client::FeatureServiceClient, recommender_client::RecommenderClient, Event, EventType,
-    ExportEventsRequest, GetUserFeaturesRequest, LogEventsRequest, RecommendRequest, RecommendResponse,
+    ExportEventsRequest, GetItemFeaturesRequest, GetUserFeaturesRequest, LogEventsRequest, RecommendRequest,
+    RecommendResponse,
 };
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -140,6 +141,24 @@ async fn recommend_serves_known_and_unknown_users_and_learns_from_events() {
         .unwrap()
         .into_inner();
     assert_eq!(stored.event_count, 2, "the retried events were not counted again");
+    // The bundle's item statistics are bulk-loaded into the store and served with the
+    // item's counts (loaded in the background at start-up).
+    let mut item = Default::default();
+    for _ in 0..100 {
+        let response = client_features
+            .get_item_features(GetItemFeaturesRequest { item_ids: vec![clicked.clone()], as_of_ms: 0 })
+            .await
+            .unwrap()
+            .into_inner();
+        item = response.items.into_iter().next().unwrap();
+        if !item.bundle_version.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let item: recsys_proto::v1::ItemFeatures = item;
+    assert!(!item.bundle_version.is_empty() && item.bundle_stats.contains_key("interactions"), "{item:?}");
+    assert!(item.counts.unwrap().last_hour.is_some());
     // The event log leaves the store as training data: every stored event, once, in order.
     let mut pages =
         client_features.export_events(ExportEventsRequest { since_ms: 0, until_ms: 0 }).await.unwrap().into_inner();

@@ -139,6 +139,7 @@ impl Cluster {
             server: server_config(&listeners[&Service::Feature]),
             seed_dir: Some(seed),
             store: feature_svc::StoreConfig { path: state.path().join("features.redb"), ..Default::default() },
+            bundle: Some(bundle.clone()),
             ..feature_svc::Config::default()
         };
         let recall_config = recall_svc::Config {

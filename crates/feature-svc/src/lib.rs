@@ -25,7 +25,7 @@ pub use error::{FeatureError, Result};
 pub use event::StoredEvent;
 pub use service::FeatureGrpc;
 pub use store::redis::{item_keys as redis_item_keys, user_keys as redis_user_keys};
-pub use store::{redis::RedisConfig, Appended, EmbeddedStore, EventPage, FeatureStore, RedisStore};
+pub use store::{redis::RedisConfig, Appended, BundleItem, EmbeddedStore, EventPage, FeatureStore, RedisStore};
 
 pub const SERVICE_NAME: &str = "recsys.v1.FeatureService";
 
@@ -39,6 +39,11 @@ pub struct Config {
     /// Interactions kept per user, most recent first.
     pub max_history: usize,
     pub store: StoreConfig,
+    /// Bundle root (or one bundle) whose items' precomputed statistics the store serves;
+    /// a new version there is bulk-loaded. None: no bundle statistics.
+    pub bundle: Option<PathBuf>,
+    /// How often the bundle root is checked for a new current version; 0: at start only.
+    pub follow_bundle_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -66,6 +71,8 @@ impl Default for Config {
             seed_dir: Some(PathBuf::from("data/ml-100k")),
             max_history: 1000,
             store: StoreConfig::default(),
+            bundle: Some(PathBuf::from("models/bundles")),
+            follow_bundle_ms: 10_000,
         }
     }
 }
@@ -102,14 +109,64 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn FeatureStore>> {
     })
 }
 
+/// Bulk-loads the items' statistics of the bundle `root` names, unless the store holds
+/// that version already. Returns the version the store holds afterwards.
+pub async fn sync_bundle(store: &dyn FeatureStore, root: &std::path::Path) -> anyhow::Result<String> {
+    let root = root.to_path_buf();
+    let (dir, manifest) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let dir = recsys_bundle::resolve_dir(&root)?;
+        let manifest = recsys_bundle::read_manifest(&dir)?;
+        Ok((dir, manifest))
+    })
+    .await??;
+    if store.bundle_version().await?.as_deref() == Some(manifest.version.as_str()) {
+        return Ok(manifest.version);
+    }
+    let started = std::time::Instant::now();
+    let items = tokio::task::spawn_blocking(move || recsys_bundle::read_catalog(&dir)).await??;
+    let items: Vec<BundleItem> = items
+        .into_iter()
+        .map(|item| BundleItem {
+            item_id: item.id,
+            stats: item.stats.into_iter().map(|(name, value)| (name, value as f32)).collect(),
+        })
+        .collect();
+    let count = items.len();
+    store.load_bundle(&manifest.version, items).await?;
+    tracing::info!(version = %manifest.version, items = count, seconds = started.elapsed().as_secs_f64(), "bundle item statistics loaded");
+    Ok(manifest.version)
+}
+
+/// Keeps the store on the bundle root's current version (a failed check is retried).
+async fn follow_bundle(store: Arc<dyn FeatureStore>, root: PathBuf, every_ms: u64) {
+    loop {
+        if let Err(error) = sync_bundle(&*store, &root).await {
+            tracing::warn!(bundle = %root.display(), %error, "bundle item statistics not loaded");
+        }
+        if every_ms == 0 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(every_ms)).await;
+    }
+}
+
 /// Opens the store and serves until `shutdown` resolves.
 pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let store = open_store(&config).await?;
+    let follower = config
+        .bundle
+        .clone()
+        .map(|root| tokio::spawn(follow_bundle(Arc::clone(&store), root, config.follow_bundle_ms)));
     let service = FeatureGrpc::new(store, config.max_history)
         .into_server()
         .max_decoding_message_size(config.server.max_message_bytes)
         .max_encoding_message_size(config.server.max_message_bytes);
     let routes = tonic::service::Routes::new(service);
-    recsys_runtime::serve(listener, &[SERVICE_NAME], routes, config.server.serve_options(), shutdown).await?;
+    let served =
+        recsys_runtime::serve(listener, &[SERVICE_NAME], routes, config.server.serve_options(), shutdown).await;
+    if let Some(follower) = follower {
+        follower.abort();
+    }
+    served?;
     Ok(())
 }

@@ -115,6 +115,7 @@ impl ItemRecord {
             category: self.category.clone(),
             first_seen_ms: self.first_seen_ms,
             counts: Some(self.counters.windows(as_of_ms)),
+            ..ItemFeatures::default()
         }
     }
 }

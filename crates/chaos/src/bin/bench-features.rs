@@ -277,17 +277,18 @@ async fn measure_raw_redis(
         let started = Instant::now();
         let mut pipe = redis::pipe();
         let [user_key, behaviour_key, counters_key, categories_key] = feature_svc::redis_user_keys(&prefix, user);
-        pipe.hgetall(user_key)
+        pipe.hget(format!("{prefix}meta"), "bundle")
+            .hgetall(user_key)
             .zrevrange_withscores(behaviour_key, 0, 999)
             .hgetall(counters_key)
             .hgetall(categories_key);
         for id in item_ids {
-            let [item_key, item_counters_key] = feature_svc::redis_item_keys(&prefix, id);
-            pipe.hgetall(item_key).hgetall(item_counters_key);
+            let [item_key, item_counters_key, item_stats_key] = feature_svc::redis_item_keys(&prefix, id);
+            pipe.hgetall(item_key).hgetall(item_counters_key).hgetall(item_stats_key);
         }
         let replies: Vec<redis::Value> = pipe.query_async(&mut connection).await?;
         let elapsed = started.elapsed();
-        anyhow::ensure!(replies.len() == 4 + 2 * per_request, "pipeline answered {} replies", replies.len());
+        anyhow::ensure!(replies.len() == 5 + 3 * per_request, "pipeline answered {} replies", replies.len());
         let _: HashMap<String, String> = redis::from_redis_value(replies[0].clone())?;
         if round >= requests / 10 {
             samples.push(elapsed);

@@ -6,7 +6,8 @@
 //!
 //! Tables: `events` (sequence → event as JSON, the log exported as training data), `event_ids`
 //! (id digest → sequence, for idempotent retries), `users` and `items` (the records of
-//! `state.rs`), `meta` (which seed was loaded).
+//! `state.rs`), `bundle_stats` (the current bundle's item statistics), `meta` (which seed
+//! and which bundle were loaded).
 
 use std::{
     collections::HashMap,
@@ -18,7 +19,7 @@ use recsys_proto::v1::{ItemFeatures, UserFeatures};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::oneshot;
 
-use super::{Appended, EventPage, FeatureStore};
+use super::{Appended, BundleItem, EventPage, FeatureStore};
 use crate::{
     event::id_digest,
     seed::{self, SeedRow},
@@ -31,6 +32,8 @@ const EVENT_IDS: TableDefinition<u128, u64> = TableDefinition::new("event_ids");
 const USERS: TableDefinition<&str, &[u8]> = TableDefinition::new("users");
 const ITEMS: TableDefinition<&str, &[u8]> = TableDefinition::new("items");
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+/// Item id → the current bundle's statistics for it (postcard map).
+const BUNDLE_STATS: TableDefinition<&str, &[u8]> = TableDefinition::new("bundle_stats");
 
 /// Events one commit takes at most: bounds a commit's latency under a burst.
 const MAX_GROUP_EVENTS: usize = 16_384;
@@ -75,6 +78,7 @@ impl EmbeddedStore {
                 txn.open_table(EVENT_IDS)?;
                 txn.open_table(USERS)?;
                 txn.open_table(ITEMS)?;
+                txn.open_table(BUNDLE_STATS)?;
                 let meta = txn.open_table(META)?;
                 let seeded = meta.get("seed")?.map(|value| value.value().to_string());
                 Ok(seeded)
@@ -154,12 +158,21 @@ impl FeatureStore for EmbeddedStore {
         let item_ids = item_ids.to_vec();
         self.read(move |txn| {
             let items = txn.open_table(ITEMS)?;
+            let stats = txn.open_table(BUNDLE_STATS)?;
+            let version = txn.open_table(META)?.get("bundle")?.map(|version| version.value().to_string());
             item_ids
                 .iter()
                 .map(|id| {
                     let record =
                         items.get(id.as_str())?.map(|bytes| decode::<ItemRecord>(bytes.value())).transpose()?;
-                    Ok(record.map_or_else(|| unknown_item(id), |item| item.to_features(id, as_of_ms)))
+                    let mut features = record.map_or_else(|| unknown_item(id), |item| item.to_features(id, as_of_ms));
+                    if let (Some(version), Some(bytes)) = (&version, stats.get(id.as_str())?) {
+                        let item_stats: std::collections::BTreeMap<String, f32> = decode(bytes.value())?;
+                        features.bundle_stats = item_stats.into_iter().collect();
+                        features.bundle_version = version.clone();
+                        features.known = true;
+                    }
+                    Ok(features)
                 })
                 .collect()
         })
@@ -200,6 +213,31 @@ impl FeatureStore for EmbeddedStore {
             Ok(EventPage { events, next })
         })
         .await
+    }
+
+    async fn bundle_version(&self) -> Result<Option<String>> {
+        self.read(|txn| Ok(txn.open_table(META)?.get("bundle")?.map(|version| version.value().to_string()))).await
+    }
+
+    async fn load_bundle(&self, version: &str, items: Vec<BundleItem>) -> Result<()> {
+        let (db, path, version) = (Arc::clone(&self.db), self.path.clone(), version.to_string());
+        let write = move || -> Result<(), redb::Error> {
+            // One commit: the old statistics, the new ones and the version change together.
+            let txn = db.begin_write()?;
+            txn.delete_table(BUNDLE_STATS)?;
+            {
+                let mut stats = txn.open_table(BUNDLE_STATS)?;
+                for item in &items {
+                    stats.insert(item.item_id.as_str(), encode(&item.stats).as_slice())?;
+                }
+                txn.open_table(META)?.insert("bundle", version.as_str())?;
+            }
+            txn.commit()?;
+            Ok(())
+        };
+        tokio::task::spawn_blocking(move || write().map_err(store_error(&path))).await.map_err(|error| {
+            FeatureError::Store { store: self.path.display().to_string(), reason: error.to_string() }
+        })?
     }
 }
 

@@ -21,6 +21,13 @@ pub struct Appended {
     pub duplicates: usize,
 }
 
+/// One item of a bundle's catalogue, as the store keeps it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct BundleItem {
+    pub item_id: String,
+    pub stats: std::collections::BTreeMap<String, f32>,
+}
+
 /// A page of the exported event log and where the next one starts (`None`: the end).
 pub struct EventPage {
     pub events: Vec<StoredEvent>,
@@ -46,4 +53,11 @@ pub trait FeatureStore: Send + Sync + 'static {
 
     /// Up to `limit` stored events after `cursor` (`None`: from the start), oldest first.
     async fn export(&self, cursor: Option<String>, limit: usize) -> Result<EventPage>;
+
+    /// The bundle version whose item statistics the store holds, if any.
+    async fn bundle_version(&self) -> Result<Option<String>>;
+
+    /// Replaces the items' bundle statistics with `version`'s, then records the version
+    /// (a crash in between reloads it at the next start).
+    async fn load_bundle(&self, version: &str, items: Vec<BundleItem>) -> Result<()>;
 }

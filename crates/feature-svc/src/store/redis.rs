@@ -13,6 +13,7 @@
 //! | `{uB}:events` | stream | the event log of the bucket's users (`recsysctl export-events`) | capped at `max_log_events` per bucket |
 //! | `{iB}:i:<item>` | hash | `category`, `first_seen` | never |
 //! | `{iB}:ic:<item>` | hash | counter buckets | 31 days after the last event |
+//! | `{iB}:is:<item>` | hash | the bundle's statistics, `_version` (read only if it is `meta`'s `bundle`) | never |
 //!
 //! A batch is applied by one Lua script per user bucket (id marker, log entry, the user's
 //! profile counts, behaviour and per-category counts) and one per item bucket (id marker,
@@ -29,7 +30,7 @@ use futures::future::try_join_all;
 use recsys_proto::v1::{EventType, ItemFeatures, UserFeatures};
 use redis::{aio::ConnectionManager, cluster_async::ClusterConnection, Cmd, RedisFuture, Value};
 
-use super::{Appended, EventPage, FeatureStore};
+use super::{Appended, BundleItem, EventPage, FeatureStore};
 use crate::{
     counters::{counted_index, Counters},
     event::id_digest,
@@ -137,10 +138,10 @@ pub fn user_keys(prefix: &str, user_id: &str) -> [String; 4] {
     ["u", "b", "uc", "ucc"].map(|kind| format!("{prefix}{{u{tag}}}:{kind}:{user_id}"))
 }
 
-/// The keys one item read touches: its hash and its counters.
-pub fn item_keys(prefix: &str, item_id: &str) -> [String; 2] {
+/// The keys one item read touches: its hash, its counters and its bundle statistics.
+pub fn item_keys(prefix: &str, item_id: &str) -> [String; 3] {
     let tag = bucket_of(item_id);
-    ["i", "ic"].map(|kind| format!("{prefix}{{i{tag}}}:{kind}:{item_id}"))
+    ["i", "ic", "is"].map(|kind| format!("{prefix}{{i{tag}}}:{kind}:{item_id}"))
 }
 
 /// Shared by both scripts: counter increments with expiry and pruning. Pruning keeps what
@@ -446,7 +447,7 @@ impl RedisStore {
             }
         }
         for (id, item) in &items {
-            let [item_key, counters_key] = item_keys(prefix, id);
+            let [item_key, counters_key, _] = item_keys(prefix, id);
             let tag = format!("i{}", bucket_of(id));
             let mut hash = redis::cmd("HSET");
             hash.arg(&item_key).arg("category").arg(&item.category).arg("first_seen").arg(item.first_seen_ms);
@@ -477,7 +478,7 @@ impl RedisStore {
         let commands = items
             .iter()
             .map(|item| {
-                let [item_key, _] = item_keys(&self.config.key_prefix, item);
+                let [item_key, _, _] = item_keys(&self.config.key_prefix, item);
                 let mut command = redis::cmd("HGET");
                 command.arg(item_key).arg("category");
                 (format!("i{}", bucket_of(item)), command)
@@ -558,7 +559,10 @@ impl FeatureStore for RedisStore {
     }
 
     async fn item_features(&self, item_ids: &[String], as_of_ms: i64) -> Result<Vec<ItemFeatures>> {
-        let mut commands = Vec::with_capacity(2 * item_ids.len());
+        let mut commands = Vec::with_capacity(3 * item_ids.len() + 1);
+        let mut version = redis::cmd("HGET");
+        version.arg(self.key("meta")).arg("bundle");
+        commands.push(("meta".to_string(), version));
         for id in item_ids {
             let tag = format!("i{}", bucket_of(id));
             for key in item_keys(&self.config.key_prefix, id) {
@@ -567,28 +571,43 @@ impl FeatureStore for RedisStore {
                 commands.push((tag.clone(), command));
             }
         }
-        let values = self.run_grouped(commands).await?;
-        let mut hashes = values.into_iter().map(redis::from_redis_value::<HashMap<String, String>>);
+        let mut values = self.run_grouped(commands).await?.into_iter();
+        let version: Option<String> = values
+            .next()
+            .map(redis::from_redis_value::<Option<String>>)
+            .transpose()
+            .map_err(|error| FeatureError::Store { store: self.name.clone(), reason: error.to_string() })?
+            .flatten();
+        let mut hashes = values.map(redis::from_redis_value::<HashMap<String, String>>);
         item_ids
             .iter()
             .map(|id| {
-                let (Some(item), Some(counters)) = (hashes.next(), hashes.next()) else {
+                let (Some(item), Some(counters), Some(stats)) = (hashes.next(), hashes.next(), hashes.next()) else {
                     return Err(FeatureError::Store { store: self.name.clone(), reason: "missing replies".into() });
                 };
                 let parse_error = |error: redis::ParsingError| FeatureError::Store {
                     store: self.name.clone(),
                     reason: format!("item {id}: {error}"),
                 };
-                let (item, counters) = (item.map_err(parse_error)?, counters.map_err(parse_error)?);
-                if item.is_empty() && counters.is_empty() {
+                let (item, counters, mut stats) =
+                    (item.map_err(parse_error)?, counters.map_err(parse_error)?, stats.map_err(parse_error)?);
+                // Statistics left from an older bundle (the item is gone from the current) are not read.
+                let current = version.as_ref().filter(|version| stats.remove("_version").as_ref() == Some(*version));
+                if item.is_empty() && counters.is_empty() && current.is_none() {
                     return Ok(unknown_item(id));
                 }
-                Ok(ItemRecord {
+                let mut features = ItemRecord {
                     category: item.get("category").cloned().unwrap_or_default(),
                     first_seen_ms: item.get("first_seen").and_then(|ms| ms.parse().ok()).unwrap_or(0),
                     counters: parse_counters(&counters),
                 }
-                .to_features(id, as_of_ms))
+                .to_features(id, as_of_ms);
+                if let Some(version) = current {
+                    features.bundle_stats =
+                        stats.iter().filter_map(|(name, value)| Some((name.clone(), value.parse().ok()?))).collect();
+                    features.bundle_version = version.clone();
+                }
+                Ok(features)
             })
             .collect()
     }
@@ -673,6 +692,42 @@ impl FeatureStore for RedisStore {
         item_side.map_err(|error| self.error(error))?;
         let stored: usize = user_side.map_err(|error| self.error(error))?.into_iter().sum();
         Ok(Appended { stored, duplicates: events.len() - stored })
+    }
+
+    async fn bundle_version(&self) -> Result<Option<String>> {
+        redis::cmd("HGET")
+            .arg(self.key("meta"))
+            .arg("bundle")
+            .query_async(&mut self.connection.clone())
+            .await
+            .map_err(|error| self.error(error))
+    }
+
+    /// Each item's statistics are replaced whole (with the version they belong to), then
+    /// the version is recorded; readers ignore statistics of any other version.
+    async fn load_bundle(&self, version: &str, items: Vec<BundleItem>) -> Result<()> {
+        let mut commands = Vec::new();
+        for item in &items {
+            let [_, _, stats_key] = item_keys(&self.config.key_prefix, &item.item_id);
+            let tag = format!("i{}", bucket_of(&item.item_id));
+            let mut delete = redis::cmd("DEL");
+            delete.arg(&stats_key);
+            let mut write = redis::cmd("HSET");
+            write.arg(&stats_key).arg("_version").arg(version);
+            for (name, value) in &item.stats {
+                write.arg(name).arg(*value);
+            }
+            commands.push((tag.clone(), delete));
+            commands.push((tag, write));
+            if commands.len() >= SEED_PIPELINE {
+                self.run_grouped(std::mem::take(&mut commands)).await?;
+            }
+        }
+        self.run_grouped(commands).await?;
+        let mut meta = redis::cmd("HSET");
+        meta.arg(self.key("meta")).arg("bundle").arg(version);
+        self.run_grouped(vec![("meta".into(), meta)]).await?;
+        Ok(())
     }
 
     /// Pages through the user buckets' logs in bucket order, each oldest first. The cursor

@@ -6,6 +6,7 @@ use std::path::Path;
 use recsys_proto::v1::{Event, EventType, WindowedCounts};
 
 use super::*;
+use crate::BundleItem;
 use crate::{
     counters::{HOUR_MS, MINUTE_MS},
     local_redis::{LocalRedis, LocalRedisCluster, Persistence},
@@ -229,5 +230,25 @@ async fn concurrent_batches_share_commits_and_all_land() {
     }
     for writer in 0..8 {
         assert_eq!(store.user_features(&format!("w{writer}"), 10, T0).await.unwrap().event_count, 100);
+    }
+}
+
+#[tokio::test]
+async fn a_new_bundles_statistics_replace_the_old_ones() {
+    let backends = Backends::new();
+    let item = |id: &str, like_rate: f32| BundleItem {
+        item_id: id.into(),
+        stats: [("like_rate".to_string(), like_rate)].into_iter().collect(),
+    };
+    for (name, store) in backends.open(None, 10).await {
+        assert_eq!(store.bundle_version().await.unwrap(), None, "{name}");
+        store.load_bundle("v1", vec![item("a", 0.5), item("b", 0.25)]).await.unwrap();
+        store.load_bundle("v2", vec![item("a", 0.75)]).await.unwrap();
+        assert_eq!(store.bundle_version().await.unwrap().as_deref(), Some("v2"), "{name}");
+        let items = store.item_features(&["a".into(), "b".into()], T0).await.unwrap();
+        assert!(items[0].known, "{name}");
+        assert_eq!(items[0].bundle_version, "v2", "{name}");
+        assert_eq!(items[0].bundle_stats.get("like_rate"), Some(&0.75), "{name}");
+        assert!(items[1].bundle_stats.is_empty() && !items[1].known, "{name}: b is not in v2");
     }
 }

@@ -134,7 +134,8 @@ bench-features: bootstrap
 	@echo "==> release build of feature-svc and the benchmark"
 	cargo build --release -p feature-svc -p recsys-chaos --bin feature-svc --bin bench-features
 	$(ENV) && target/release/bench-features --seed $(BENCH_FEATURES)/seed-$(FEATURE_USERS) \
-	  --large-seed $(BENCH_FEATURES)/seed-all --work $(BENCH_FEATURES) --bin-dir target/release
+	  --large-seed $(BENCH_FEATURES)/seed-all --bundle $(SYNTH_BUNDLES) --work $(BENCH_FEATURES) \
+	  --bin-dir target/release
 
 # The served pipeline's hit rate@100 on the synthetic set's held-out engagements, against
 # popularity; writes target/reports/eval-scale.json.

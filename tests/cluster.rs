@@ -143,21 +143,22 @@ async fn recommend_serves_known_and_unknown_users_and_learns_from_events() {
     assert_eq!(stored.event_count, 2, "the retried events were not counted again");
     // The bundle's item statistics are bulk-loaded into the store and served with the
     // item's counts (loaded in the background at start-up).
-    let mut item = Default::default();
+    let mut response = recsys_proto::v1::GetItemFeaturesResponse::default();
     for _ in 0..100 {
-        let response = client_features
+        response = client_features
             .get_item_features(GetItemFeaturesRequest { item_ids: vec![clicked.clone()], as_of_ms: 0 })
             .await
             .unwrap()
             .into_inner();
-        item = response.items.into_iter().next().unwrap();
-        if !item.bundle_version.is_empty() {
+        if !response.items[0].bundle_version.is_empty() {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    let item: recsys_proto::v1::ItemFeatures = item;
-    assert!(!item.bundle_version.is_empty() && item.bundle_stats.contains_key("interactions"), "{item:?}");
+    let item = &response.items[0];
+    assert!(!item.bundle_version.is_empty(), "{response:?}");
+    assert!(response.bundle_stat_names.iter().any(|name| name == "interactions"), "{response:?}");
+    assert_eq!(item.bundle_stats.len(), response.bundle_stat_names.len());
     assert!(item.counts.unwrap().last_hour.is_some());
     // The event log leaves the store as training data: every stored event, once, in order.
     let mut pages =

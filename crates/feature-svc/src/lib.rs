@@ -124,15 +124,22 @@ pub async fn sync_bundle(store: &dyn FeatureStore, root: &std::path::Path) -> an
     }
     let started = std::time::Instant::now();
     let items = tokio::task::spawn_blocking(move || recsys_bundle::read_catalog(&dir)).await??;
+    // Every statistic any item has, in name order; an item without one has NaN there.
+    let names: Vec<String> = items
+        .iter()
+        .flat_map(|item| item.stats.keys().cloned())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
     let items: Vec<BundleItem> = items
         .into_iter()
         .map(|item| BundleItem {
+            stats: names.iter().map(|name| item.stats.get(name).map_or(f32::NAN, |&value| value as f32)).collect(),
             item_id: item.id,
-            stats: item.stats.into_iter().map(|(name, value)| (name, value as f32)).collect(),
         })
         .collect();
     let count = items.len();
-    store.load_bundle(&manifest.version, items).await?;
+    store.load_bundle(&manifest.version, names, items).await?;
     tracing::info!(version = %manifest.version, items = count, seconds = started.elapsed().as_secs_f64(), "bundle item statistics loaded");
     Ok(manifest.version)
 }

@@ -120,12 +120,12 @@ impl FeatureService for FeatureGrpc {
             check_id(&format!("item_ids[{index}]"), id)?;
         }
         let as_of_ms = as_of(as_of_ms)?;
-        let items = tracing::Instrument::instrument(
+        let batch = tracing::Instrument::instrument(
             self.store.item_features(&item_ids, as_of_ms),
             tracing::info_span!("item_feature_read", backend = self.store.backend(), items = item_ids.len()),
         )
         .await?;
-        Ok(Response::new(GetItemFeaturesResponse { items }))
+        Ok(Response::new(GetItemFeaturesResponse { items: batch.items, bundle_stat_names: batch.stat_names }))
     }
 
     type ExportEventsStream = EventStream;

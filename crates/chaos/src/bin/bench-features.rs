@@ -55,6 +55,9 @@ struct Args {
     /// The large seed (2M users) the embedded start-up is measured with.
     #[arg(long)]
     large_seed: PathBuf,
+    /// Bundle whose item statistics the stores bulk-load (the catalogue's own).
+    #[arg(long, default_value = "models/synthetic-1000000")]
+    bundle: PathBuf,
     /// Scratch space: stores, logs, the Redis files. The large store is kept between runs.
     #[arg(long, default_value = "target/bench-features")]
     work: PathBuf,
@@ -105,6 +108,7 @@ impl FeatureProcess {
         store: &Path,
         redis_url: &str,
         seed: &Path,
+        bundle: &Path,
     ) -> anyhow::Result<(Self, Duration)> {
         let address = free_port().await?;
         let env = vec![
@@ -114,6 +118,7 @@ impl FeatureProcess {
             ("RECSYS_FEATURE__STORE__BACKEND".to_string(), backend.name().to_string()),
             ("RECSYS_FEATURE__STORE__PATH".to_string(), store.display().to_string()),
             ("RECSYS_FEATURE__STORE__REDIS__URL".to_string(), redis_url.to_string()),
+            ("RECSYS_FEATURE__BUNDLE".to_string(), bundle.display().to_string()),
         ];
         let binary = bin_dir.join("feature-svc");
         let started = Instant::now();
@@ -284,12 +289,23 @@ async fn measure_raw_redis(
             .hgetall(categories_key);
         for id in item_ids {
             let [item_key, item_counters_key, item_stats_key] = feature_svc::redis_item_keys(&prefix, id);
-            pipe.hgetall(item_key).hgetall(item_counters_key).hgetall(item_stats_key);
+            pipe.hgetall(item_key).hgetall(item_counters_key).get(item_stats_key);
         }
         let replies: Vec<redis::Value> = pipe.query_async(&mut connection).await?;
         let elapsed = started.elapsed();
         anyhow::ensure!(replies.len() == 5 + 3 * per_request, "pipeline answered {} replies", replies.len());
-        let _: HashMap<String, String> = redis::from_redis_value(replies[0].clone())?;
+        // Decoded like the service decodes them: the version, then every hash.
+        let _: Option<String> = redis::from_redis_value(replies[0].clone())?;
+        let _: Vec<(String, f64)> = redis::from_redis_value(replies[2].clone())?;
+        for (position, reply) in replies.iter().enumerate().skip(1).filter(|&(position, _)| position != 2) {
+            // After the user's four replies, every third is an item's statistics string.
+            if position >= 5 && (position - 5) % 3 == 2 {
+                let _: Option<Vec<u8>> = redis::from_redis_value(reply.clone())?;
+            } else {
+                let _: HashMap<String, String> =
+                    redis::from_redis_value(reply.clone()).with_context(|| format!("reply {position}"))?;
+            }
+        }
         if round >= requests / 10 {
             samples.push(elapsed);
         }
@@ -509,10 +525,15 @@ async fn main() -> anyhow::Result<()> {
             &embedded_store,
             &redis.url(),
             &args.seed,
+            &args.bundle,
         )
         .await?;
         rows.push((format!("{name}: seed load + start"), format!("{:.1} s", load.as_secs_f64())));
         let client = feature.client().await?;
+        // The bundle's statistics load in the background: measure once they are in.
+        let loading = Instant::now();
+        wait_for_bundle(&client, &items[0]).await?;
+        rows.push((format!("{name}: bundle statistics load"), format!("{:.1} s", loading.elapsed().as_secs_f64())));
         println!("==> {name}: reads");
         let gets = measure_gets(&client, &users, &items, args.items_per_request, args.requests, as_of_ms).await?;
         if backend == Backend::Redis {
@@ -554,6 +575,7 @@ async fn main() -> anyhow::Result<()> {
         &large_store,
         "",
         &args.large_seed,
+        &args.bundle,
     )
     .await?;
     rows.push(("large store: first start (loads the seed if new)".into(), format!("{:.1} s", first.as_secs_f64())));
@@ -599,6 +621,22 @@ async fn main() -> anyhow::Result<()> {
     }
     write_report(&args.out, &report)?;
     Ok(())
+}
+
+async fn wait_for_bundle(client: &FeatureServiceClient<Channel>, item: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(900);
+    loop {
+        let response = client
+            .clone()
+            .get_item_features(GetItemFeaturesRequest { item_ids: vec![item.to_string()], as_of_ms: 0 })
+            .await?
+            .into_inner();
+        if response.items.first().is_some_and(|features| !features.bundle_version.is_empty()) {
+            return Ok(());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the bundle's item statistics were not loaded in 15 minutes");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 fn last_user(seed: &Path) -> anyhow::Result<String> {

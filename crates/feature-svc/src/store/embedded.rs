@@ -15,11 +15,13 @@ use std::{
     sync::{mpsc, Arc},
 };
 
-use recsys_proto::v1::{ItemFeatures, UserFeatures};
+use recsys_proto::v1::UserFeatures;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::oneshot;
 
-use super::{Appended, BundleItem, EventPage, FeatureStore};
+use super::{
+    decode_names, decode_stats, encode_names, encode_stats, Appended, BundleItem, EventPage, FeatureStore, ItemBatch,
+};
 use crate::{
     event::id_digest,
     seed::{self, SeedRow},
@@ -32,7 +34,8 @@ const EVENT_IDS: TableDefinition<u128, u64> = TableDefinition::new("event_ids");
 const USERS: TableDefinition<&str, &[u8]> = TableDefinition::new("users");
 const ITEMS: TableDefinition<&str, &[u8]> = TableDefinition::new("items");
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
-/// Item id → the current bundle's statistics for it (postcard map).
+/// Item id → the current bundle's statistics for it (little-endian f32s, aligned with the
+/// names in `meta`'s `bundle`).
 const BUNDLE_STATS: TableDefinition<&str, &[u8]> = TableDefinition::new("bundle_stats");
 
 /// Events one commit takes at most: bounds a commit's latency under a burst.
@@ -154,27 +157,27 @@ impl FeatureStore for EmbeddedStore {
         .await
     }
 
-    async fn item_features(&self, item_ids: &[String], as_of_ms: i64) -> Result<Vec<ItemFeatures>> {
+    async fn item_features(&self, item_ids: &[String], as_of_ms: i64) -> Result<ItemBatch> {
         let item_ids = item_ids.to_vec();
         self.read(move |txn| {
             let items = txn.open_table(ITEMS)?;
             let stats = txn.open_table(BUNDLE_STATS)?;
-            let version = txn.open_table(META)?.get("bundle")?.map(|version| version.value().to_string());
-            item_ids
+            let bundle = txn.open_table(META)?.get("bundle")?.and_then(|stored| decode_names(stored.value()));
+            let items = item_ids
                 .iter()
                 .map(|id| {
                     let record =
                         items.get(id.as_str())?.map(|bytes| decode::<ItemRecord>(bytes.value())).transpose()?;
                     let mut features = record.map_or_else(|| unknown_item(id), |item| item.to_features(id, as_of_ms));
-                    if let (Some(version), Some(bytes)) = (&version, stats.get(id.as_str())?) {
-                        let item_stats: std::collections::BTreeMap<String, f32> = decode(bytes.value())?;
-                        features.bundle_stats = item_stats.into_iter().collect();
+                    if let (Some((version, _)), Some(bytes)) = (&bundle, stats.get(id.as_str())?) {
+                        features.bundle_stats = decode_stats(bytes.value());
                         features.bundle_version = version.clone();
                         features.known = true;
                     }
                     Ok(features)
                 })
-                .collect()
+                .collect::<Result<Vec<_>, redb::Error>>()?;
+            Ok(ItemBatch { items, stat_names: bundle.map(|(_, names)| names).unwrap_or_default() })
         })
         .await
     }
@@ -216,11 +219,16 @@ impl FeatureStore for EmbeddedStore {
     }
 
     async fn bundle_version(&self) -> Result<Option<String>> {
-        self.read(|txn| Ok(txn.open_table(META)?.get("bundle")?.map(|version| version.value().to_string()))).await
+        self.read(|txn| {
+            let stored = txn.open_table(META)?.get("bundle")?.map(|stored| stored.value().to_string());
+            Ok(stored.and_then(|stored| decode_names(&stored)).map(|(version, _)| version))
+        })
+        .await
     }
 
-    async fn load_bundle(&self, version: &str, items: Vec<BundleItem>) -> Result<()> {
-        let (db, path, version) = (Arc::clone(&self.db), self.path.clone(), version.to_string());
+    async fn load_bundle(&self, version: &str, names: Vec<String>, items: Vec<BundleItem>) -> Result<()> {
+        let (db, path) = (Arc::clone(&self.db), self.path.clone());
+        let bundle = encode_names(version, &names);
         let write = move || -> Result<(), redb::Error> {
             // One commit: the old statistics, the new ones and the version change together.
             let txn = db.begin_write()?;
@@ -228,9 +236,9 @@ impl FeatureStore for EmbeddedStore {
             {
                 let mut stats = txn.open_table(BUNDLE_STATS)?;
                 for item in &items {
-                    stats.insert(item.item_id.as_str(), encode(&item.stats).as_slice())?;
+                    stats.insert(item.item_id.as_str(), encode_stats(&item.stats).as_slice())?;
                 }
-                txn.open_table(META)?.insert("bundle", version.as_str())?;
+                txn.open_table(META)?.insert("bundle", bundle.as_str())?;
             }
             txn.commit()?;
             Ok(())

@@ -21,11 +21,42 @@ pub struct Appended {
     pub duplicates: usize,
 }
 
-/// One item of a bundle's catalogue, as the store keeps it.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+/// One item of a bundle's catalogue, as the store keeps it: its statistics aligned with
+/// the bundle's statistic names.
+#[derive(Debug, Clone, PartialEq)]
 pub struct BundleItem {
     pub item_id: String,
-    pub stats: std::collections::BTreeMap<String, f32>,
+    pub stats: Vec<f32>,
+}
+
+/// Items' features and the names of their bundle statistics.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ItemBatch {
+    pub items: Vec<ItemFeatures>,
+    pub stat_names: Vec<String>,
+}
+
+/// A bundle version's statistic names, as the stores keep them (`meta`).
+fn encode_names(version: &str, names: &[String]) -> String {
+    serde_json::json!({ "version": version, "names": names }).to_string()
+}
+
+fn decode_names(stored: &str) -> Option<(String, Vec<String>)> {
+    #[derive(serde::Deserialize)]
+    struct Stored {
+        version: String,
+        names: Vec<String>,
+    }
+    serde_json::from_str::<Stored>(stored).ok().map(|stored| (stored.version, stored.names))
+}
+
+/// Statistics as stored: little-endian f32s.
+fn encode_stats(stats: &[f32]) -> Vec<u8> {
+    stats.iter().flat_map(|value| value.to_le_bytes()).collect()
+}
+
+fn decode_stats(bytes: &[u8]) -> Vec<f32> {
+    bytes.chunks_exact(4).map(|chunk| f32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]])).collect()
 }
 
 /// A page of the exported event log and where the next one starts (`None`: the end).
@@ -44,7 +75,7 @@ pub trait FeatureStore: Send + Sync + 'static {
     async fn user_features(&self, user_id: &str, max_history: usize, as_of_ms: i64) -> Result<UserFeatures>;
 
     /// Features of each item, in the order asked, in one round trip to the store.
-    async fn item_features(&self, item_ids: &[String], as_of_ms: i64) -> Result<Vec<ItemFeatures>>;
+    async fn item_features(&self, item_ids: &[String], as_of_ms: i64) -> Result<ItemBatch>;
 
     /// Durably stores `events` — but not those whose `event_id` was stored already (a
     /// retried batch) or appears earlier in the batch — and applies them to the features.
@@ -57,7 +88,7 @@ pub trait FeatureStore: Send + Sync + 'static {
     /// The bundle version whose item statistics the store holds, if any.
     async fn bundle_version(&self) -> Result<Option<String>>;
 
-    /// Replaces the items' bundle statistics with `version`'s, then records the version
-    /// (a crash in between reloads it at the next start).
-    async fn load_bundle(&self, version: &str, items: Vec<BundleItem>) -> Result<()>;
+    /// Replaces the items' bundle statistics with `version`'s (named `names`), then
+    /// records the version (a crash in between reloads it at the next start).
+    async fn load_bundle(&self, version: &str, names: Vec<String>, items: Vec<BundleItem>) -> Result<()>;
 }

@@ -13,7 +13,7 @@
 //! | `{uB}:events` | stream | the event log of the bucket's users (`recsysctl export-events`) | capped at `max_log_events` per bucket |
 //! | `{iB}:i:<item>` | hash | `category`, `first_seen` | never |
 //! | `{iB}:ic:<item>` | hash | counter buckets | 31 days after the last event |
-//! | `{iB}:is:<item>` | hash | the bundle's statistics, `_version` (read only if it is `meta`'s `bundle`) | never |
+//! | `{iB}:is:<item>` | string | `<bundle version>\n` + the bundle's statistics as little-endian f32s (read only if the version is `meta`'s `bundle`) | never |
 //!
 //! A batch is applied by one Lua script per user bucket (id marker, log entry, the user's
 //! profile counts, behaviour and per-category counts) and one per item bucket (id marker,
@@ -27,10 +27,12 @@
 use std::collections::HashMap;
 
 use futures::future::try_join_all;
-use recsys_proto::v1::{EventType, ItemFeatures, UserFeatures};
+use recsys_proto::v1::{EventType, UserFeatures};
 use redis::{aio::ConnectionManager, cluster_async::ClusterConnection, Cmd, RedisFuture, Value};
 
-use super::{Appended, BundleItem, EventPage, FeatureStore};
+use super::{
+    decode_names, decode_stats, encode_names, encode_stats, Appended, BundleItem, EventPage, FeatureStore, ItemBatch,
+};
 use crate::{
     counters::{counted_index, Counters},
     event::id_digest,
@@ -138,7 +140,8 @@ pub fn user_keys(prefix: &str, user_id: &str) -> [String; 4] {
     ["u", "b", "uc", "ucc"].map(|kind| format!("{prefix}{{u{tag}}}:{kind}:{user_id}"))
 }
 
-/// The keys one item read touches: its hash, its counters and its bundle statistics.
+/// The keys one item read touches: its hash, its counters (both hashes) and its bundle
+/// statistics (a string).
 pub fn item_keys(prefix: &str, item_id: &str) -> [String; 3] {
     let tag = bucket_of(item_id);
     ["i", "ic", "is"].map(|kind| format!("{prefix}{{i{tag}}}:{kind}:{item_id}"))
@@ -558,41 +561,47 @@ impl FeatureStore for RedisStore {
         Ok(record.to_features(user_id, max_history, as_of_ms))
     }
 
-    async fn item_features(&self, item_ids: &[String], as_of_ms: i64) -> Result<Vec<ItemFeatures>> {
+    async fn item_features(&self, item_ids: &[String], as_of_ms: i64) -> Result<ItemBatch> {
         let mut commands = Vec::with_capacity(3 * item_ids.len() + 1);
-        let mut version = redis::cmd("HGET");
-        version.arg(self.key("meta")).arg("bundle");
-        commands.push(("meta".to_string(), version));
+        let mut bundle = redis::cmd("HGET");
+        bundle.arg(self.key("meta")).arg("bundle");
+        commands.push(("meta".to_string(), bundle));
         for id in item_ids {
             let tag = format!("i{}", bucket_of(id));
-            for key in item_keys(&self.config.key_prefix, id) {
-                let mut command = redis::cmd("HGETALL");
+            let [item_key, counters_key, stats_key] = item_keys(&self.config.key_prefix, id);
+            for (verb, key) in [("HGETALL", item_key), ("HGETALL", counters_key), ("GET", stats_key)] {
+                let mut command = redis::cmd(verb);
                 command.arg(key);
                 commands.push((tag.clone(), command));
             }
         }
+        let store_error = |reason: String| FeatureError::Store { store: self.name.clone(), reason };
         let mut values = self.run_grouped(commands).await?.into_iter();
-        let version: Option<String> = values
+        let bundle = values
             .next()
             .map(redis::from_redis_value::<Option<String>>)
             .transpose()
-            .map_err(|error| FeatureError::Store { store: self.name.clone(), reason: error.to_string() })?
-            .flatten();
-        let mut hashes = values.map(redis::from_redis_value::<HashMap<String, String>>);
-        item_ids
+            .map_err(|error| store_error(error.to_string()))?
+            .flatten()
+            .and_then(|stored| decode_names(&stored));
+        let items = item_ids
             .iter()
             .map(|id| {
-                let (Some(item), Some(counters), Some(stats)) = (hashes.next(), hashes.next(), hashes.next()) else {
-                    return Err(FeatureError::Store { store: self.name.clone(), reason: "missing replies".into() });
+                let (Some(item), Some(counters), Some(stats)) = (values.next(), values.next(), values.next()) else {
+                    return Err(store_error("missing replies".into()));
                 };
-                let parse_error = |error: redis::ParsingError| FeatureError::Store {
-                    store: self.name.clone(),
-                    reason: format!("item {id}: {error}"),
+                let parse_error = |error: redis::ParsingError| store_error(format!("item {id}: {error}"));
+                let item: HashMap<String, String> = redis::from_redis_value(item).map_err(parse_error)?;
+                let counters: HashMap<String, String> = redis::from_redis_value(counters).map_err(parse_error)?;
+                let stats: Option<Vec<u8>> = redis::from_redis_value(stats).map_err(parse_error)?;
+                // Statistics of another bundle version (an item the current one dropped) are not read.
+                let current = match (&bundle, &stats) {
+                    (Some((version, _)), Some(stats)) => stats
+                        .strip_prefix(version.as_bytes())
+                        .and_then(|rest| rest.strip_prefix(b"\n"))
+                        .map(|values| (version, decode_stats(values))),
+                    _ => None,
                 };
-                let (item, counters, mut stats) =
-                    (item.map_err(parse_error)?, counters.map_err(parse_error)?, stats.map_err(parse_error)?);
-                // Statistics left from an older bundle (the item is gone from the current) are not read.
-                let current = version.as_ref().filter(|version| stats.remove("_version").as_ref() == Some(*version));
                 if item.is_empty() && counters.is_empty() && current.is_none() {
                     return Ok(unknown_item(id));
                 }
@@ -602,14 +611,14 @@ impl FeatureStore for RedisStore {
                     counters: parse_counters(&counters),
                 }
                 .to_features(id, as_of_ms);
-                if let Some(version) = current {
-                    features.bundle_stats =
-                        stats.iter().filter_map(|(name, value)| Some((name.clone(), value.parse().ok()?))).collect();
+                if let Some((version, stats)) = current {
+                    features.bundle_stats = stats;
                     features.bundle_version = version.clone();
                 }
                 Ok(features)
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ItemBatch { items, stat_names: bundle.map(|(_, names)| names).unwrap_or_default() })
     }
 
     async fn append(&self, events: Vec<StoredEvent>) -> Result<Appended> {
@@ -695,37 +704,33 @@ impl FeatureStore for RedisStore {
     }
 
     async fn bundle_version(&self) -> Result<Option<String>> {
-        redis::cmd("HGET")
+        let stored: Option<String> = redis::cmd("HGET")
             .arg(self.key("meta"))
             .arg("bundle")
             .query_async(&mut self.connection.clone())
             .await
-            .map_err(|error| self.error(error))
+            .map_err(|error| self.error(error))?;
+        Ok(stored.and_then(|stored| decode_names(&stored)).map(|(version, _)| version))
     }
 
     /// Each item's statistics are replaced whole (with the version they belong to), then
     /// the version is recorded; readers ignore statistics of any other version.
-    async fn load_bundle(&self, version: &str, items: Vec<BundleItem>) -> Result<()> {
+    async fn load_bundle(&self, version: &str, names: Vec<String>, items: Vec<BundleItem>) -> Result<()> {
         let mut commands = Vec::new();
         for item in &items {
             let [_, _, stats_key] = item_keys(&self.config.key_prefix, &item.item_id);
-            let tag = format!("i{}", bucket_of(&item.item_id));
-            let mut delete = redis::cmd("DEL");
-            delete.arg(&stats_key);
-            let mut write = redis::cmd("HSET");
-            write.arg(&stats_key).arg("_version").arg(version);
-            for (name, value) in &item.stats {
-                write.arg(name).arg(*value);
-            }
-            commands.push((tag.clone(), delete));
-            commands.push((tag, write));
+            let mut value = format!("{version}\n").into_bytes();
+            value.extend(encode_stats(&item.stats));
+            let mut write = redis::cmd("SET");
+            write.arg(&stats_key).arg(value);
+            commands.push((format!("i{}", bucket_of(&item.item_id)), write));
             if commands.len() >= SEED_PIPELINE {
                 self.run_grouped(std::mem::take(&mut commands)).await?;
             }
         }
         self.run_grouped(commands).await?;
         let mut meta = redis::cmd("HSET");
-        meta.arg(self.key("meta")).arg("bundle").arg(version);
+        meta.arg(self.key("meta")).arg("bundle").arg(encode_names(version, &names));
         self.run_grouped(vec![("meta".into(), meta)]).await?;
         Ok(())
     }

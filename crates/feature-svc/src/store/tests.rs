@@ -141,7 +141,7 @@ async fn counts_are_windowed_as_of_the_asked_time_for_users_items_and_categories
         assert_eq!(features.category_counts.len(), 1, "{name}");
         assert_eq!(features.category_counts[0].category, "Drama", "{name}");
         assert_eq!(counts(features.category_counts[0].counts.as_ref().unwrap()), expected, "{name} category");
-        let items = store.item_features(&["x".into(), "unseen".into()], T0).await.unwrap();
+        let items = store.item_features(&["x".into(), "unseen".into()], T0).await.unwrap().items;
         assert_eq!(items.len(), 2);
         assert_eq!(counts(items[0].counts.as_ref().unwrap()), expected, "{name} item");
         assert_eq!(items[0].category, "Drama");
@@ -150,7 +150,7 @@ async fn counts_are_windowed_as_of_the_asked_time_for_users_items_and_categories
         assert!((ctr - 2.0 / 21.0).abs() < 1e-6, "{name}: {ctr}");
         assert!(!items[1].known && items[1].item_id == "unseen", "{name}");
         // Later, the click after T0 counts too.
-        let later = store.item_features(&["x".into()], T0 + 2 * HOUR_MS).await.unwrap();
+        let later = store.item_features(&["x".into()], T0 + 2 * HOUR_MS).await.unwrap().items;
         assert_eq!(later[0].counts.as_ref().unwrap().last_day.unwrap().clicks, 2, "{name}");
     }
 }
@@ -171,7 +171,7 @@ async fn the_seed_loads_once_with_profiles_and_time_ordered_history() {
             assert_eq!(features.history_item_ids, vec!["10", "11"], "{name}");
             assert_eq!(features.profile.unwrap().occupation, "artist", "{name}");
             assert_eq!(features.event_count, 2, "{name}: loaded once");
-            let item = &store.item_features(&["10".into()], 200_000).await.unwrap()[0];
+            let item = &store.item_features(&["10".into()], 200_000).await.unwrap().items[0];
             assert_eq!(item.first_seen_ms, 150_000, "{name}: first event");
             assert_eq!(item.counts.as_ref().unwrap().last_hour.unwrap().impressions, 1, "{name}");
         }
@@ -236,19 +236,19 @@ async fn concurrent_batches_share_commits_and_all_land() {
 #[tokio::test]
 async fn a_new_bundles_statistics_replace_the_old_ones() {
     let backends = Backends::new();
-    let item = |id: &str, like_rate: f32| BundleItem {
-        item_id: id.into(),
-        stats: [("like_rate".to_string(), like_rate)].into_iter().collect(),
-    };
+    let item = |id: &str, stats: &[f32]| BundleItem { item_id: id.into(), stats: stats.to_vec() };
+    let names = |names: &[&str]| names.iter().map(|name| name.to_string()).collect::<Vec<_>>();
     for (name, store) in backends.open(None, 10).await {
         assert_eq!(store.bundle_version().await.unwrap(), None, "{name}");
-        store.load_bundle("v1", vec![item("a", 0.5), item("b", 0.25)]).await.unwrap();
-        store.load_bundle("v2", vec![item("a", 0.75)]).await.unwrap();
+        store.load_bundle("v1", names(&["like_rate"]), vec![item("a", &[0.5]), item("b", &[0.25])]).await.unwrap();
+        store.load_bundle("v2", names(&["interactions", "like_rate"]), vec![item("a", &[3.0, 0.75])]).await.unwrap();
         assert_eq!(store.bundle_version().await.unwrap().as_deref(), Some("v2"), "{name}");
-        let items = store.item_features(&["a".into(), "b".into()], T0).await.unwrap();
+        let batch = store.item_features(&["a".into(), "b".into()], T0).await.unwrap();
+        assert_eq!(batch.stat_names, names(&["interactions", "like_rate"]), "{name}");
+        let items = batch.items;
         assert!(items[0].known, "{name}");
         assert_eq!(items[0].bundle_version, "v2", "{name}");
-        assert_eq!(items[0].bundle_stats.get("like_rate"), Some(&0.75), "{name}");
+        assert_eq!(items[0].bundle_stats, vec![3.0, 0.75], "{name}");
         assert!(items[1].bundle_stats.is_empty() && !items[1].known, "{name}: b is not in v2");
     }
 }

@@ -3,12 +3,15 @@
 //! project's data format. Rows are streamed, so a seed of tens of millions of events is
 //! never held whole.
 
-use std::path::Path;
+use std::{collections::HashMap, path::Path};
 
 use recsys_proto::v1::EventType;
 use serde::Deserialize;
 
-use crate::{state::Profile, FeatureError, Result, StoredEvent};
+use crate::{
+    state::{ItemRecord, Profile, UserRecord},
+    FeatureError, Result, StoredEvent,
+};
 
 pub enum SeedRow {
     Item { item_id: String, category: String, release_ms: i64 },
@@ -47,6 +50,26 @@ struct ItemRow {
     /// Unix seconds.
     #[serde(default)]
     release_time: Option<i64>,
+}
+
+/// The seed's users and items as records, built in memory once (then written once each).
+pub fn records(dir: &Path, max_history: usize) -> Result<(HashMap<String, UserRecord>, HashMap<String, ItemRecord>)> {
+    let mut users: HashMap<String, UserRecord> = HashMap::new();
+    let mut items: HashMap<String, ItemRecord> = HashMap::new();
+    read(dir, |row| match row {
+        SeedRow::Item { item_id, category, release_ms } => {
+            let item = items.entry(item_id).or_default();
+            item.category = category;
+            item.first_seen_ms = release_ms;
+        }
+        SeedRow::User { user_id, profile } => users.entry(user_id).or_default().profile = Some(profile),
+        SeedRow::Event(event) => {
+            let item = items.entry(event.item_id.clone()).or_default();
+            item.apply(&event);
+            users.entry(event.user_id.clone()).or_default().apply(&event, &item.category, max_history);
+        }
+    })?;
+    Ok((users, items))
 }
 
 /// Streams the seed in `dir` to `visit`: items, then users, then events. Only

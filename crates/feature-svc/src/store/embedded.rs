@@ -24,7 +24,7 @@ use super::{
 };
 use crate::{
     event::id_digest,
-    seed::{self, SeedRow},
+    seed,
     state::{unknown_item, unknown_user, ItemRecord, UserRecord},
     FeatureError, Result, StoredEvent,
 };
@@ -363,21 +363,7 @@ impl<'txn> Records<'txn> {
 /// written once each.
 fn load_seed(db: &Database, path: &Path, dir: &Path, max_history: usize) -> Result<()> {
     let started = std::time::Instant::now();
-    let mut users: HashMap<String, UserRecord> = HashMap::new();
-    let mut items: HashMap<String, ItemRecord> = HashMap::new();
-    seed::read(dir, |row| match row {
-        SeedRow::Item { item_id, category, release_ms } => {
-            let item = items.entry(item_id).or_default();
-            item.category = category;
-            item.first_seen_ms = release_ms;
-        }
-        SeedRow::User { user_id, profile } => users.entry(user_id).or_default().profile = Some(profile),
-        SeedRow::Event(event) => {
-            let item = items.entry(event.item_id.clone()).or_default();
-            item.apply(&event);
-            users.entry(event.user_id.clone()).or_default().apply(&event, &item.category, max_history);
-        }
-    })?;
+    let (users, items) = seed::records(dir, max_history)?;
     let write = || -> Result<(), redb::Error> {
         let txn = db.begin_write()?;
         {

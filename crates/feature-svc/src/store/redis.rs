@@ -36,7 +36,7 @@ use super::{
 use crate::{
     counters::{counted_index, Counters},
     event::id_digest,
-    seed::{self, SeedRow},
+    seed,
     state::{unknown_item, unknown_user, Engagement, ItemRecord, Profile, UserRecord},
     FeatureError, Result, StoredEvent,
 };
@@ -403,21 +403,7 @@ impl RedisStore {
     /// marks the prefix seeded only once all of them succeeded.
     async fn load_seed(&self, dir: &std::path::Path) -> Result<()> {
         let started = std::time::Instant::now();
-        let mut users: HashMap<String, UserRecord> = HashMap::new();
-        let mut items: HashMap<String, ItemRecord> = HashMap::new();
-        seed::read(dir, |row| match row {
-            SeedRow::Item { item_id, category, release_ms } => {
-                let item = items.entry(item_id).or_default();
-                item.category = category;
-                item.first_seen_ms = release_ms;
-            }
-            SeedRow::User { user_id, profile } => users.entry(user_id).or_default().profile = Some(profile),
-            SeedRow::Event(event) => {
-                let item = items.entry(event.item_id.clone()).or_default();
-                item.apply(&event);
-                users.entry(event.user_id.clone()).or_default().apply(&event, &item.category, self.max_history);
-            }
-        })?;
+        let (users, items) = seed::records(dir, self.max_history)?;
         let prefix = &self.config.key_prefix;
         let mut commands: Vec<(String, Cmd)> = Vec::new();
         for (id, user) in &users {

@@ -133,7 +133,8 @@ pub(crate) mod event_name {
 /// How far ahead of the server's clock an event's time may be.
 pub const MAX_CLOCK_SKEW_MS: i64 = 24 * 3_600_000;
 
-fn now_ms() -> i64 {
+/// The server's clock in Unix milliseconds.
+pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_millis() as i64)
 }
 

@@ -62,9 +62,7 @@ impl FeatureGrpc {
 /// The time counts are computed as of: the request's, or now.
 fn as_of(as_of_ms: i64) -> Result<i64, FeatureError> {
     match as_of_ms {
-        0 => Ok(std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |elapsed| elapsed.as_millis() as i64)),
+        0 => Ok(crate::event::now_ms()),
         ms if ms < 0 => Err(FeatureError::InvalidArgument(format!("as_of_ms {ms} is negative"))),
         ms => Ok(ms),
     }

@@ -19,12 +19,11 @@
 #![forbid(unsafe_code)]
 
 use std::{
-    collections::HashSet,
     net::SocketAddr,
     path::{Path, PathBuf},
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+        Arc,
     },
     time::{Duration, Instant},
 };
@@ -34,8 +33,9 @@ use clap::Parser;
 use feature_svc::local_redis::{LocalRedis, Persistence};
 use recsys_chaos::{
     cluster::{free_port, spawn_logged, wait_serving},
+    durability::{count_lost, next_kill_delay_ms, Writers},
     load::quantile_ms,
-    round, write_report,
+    round, write_report, Rng,
 };
 use recsys_proto::v1::{
     feature_service_client::FeatureServiceClient, AppendEventsRequest, Event, EventType, GetItemFeaturesRequest,
@@ -158,23 +158,11 @@ fn spawn(binary: &Path, env: &[(String, String)], log: &Path) -> anyhow::Result<
     spawn_logged(command, log)
 }
 
-/// A small deterministic generator (xorshift), so runs are comparable.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, bound: usize) -> usize {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 % bound as u64) as usize
-    }
-}
-
 /// The first column of a seed CSV (ids), and the largest `timestamp` of the interactions.
 fn seed_ids(seed: &Path) -> anyhow::Result<(Vec<String>, Vec<String>, i64)> {
     let first_column = |file: &str| -> anyhow::Result<Vec<String>> {
         let mut reader = csv_reader(&seed.join(file))?;
-        reader.records().map(|record| Ok(record?[0].to_string())).collect::<anyhow::Result<_>>()
+        reader.records().map(|record| Ok(record?[0].to_string())).collect()
     };
     let users = first_column("users.csv")?;
     let items = first_column("items.csv")?;
@@ -187,40 +175,8 @@ fn seed_ids(seed: &Path) -> anyhow::Result<(Vec<String>, Vec<String>, i64)> {
     Ok((users, items, latest * 1000))
 }
 
-fn csv_reader(path: &Path) -> anyhow::Result<csv_lite::Reader> {
-    csv_lite::Reader::open(path)
-}
-
-/// Just enough CSV for the seed files the benchmark wrote itself (quoted fields without
-/// embedded quotes or commas).
-mod csv_lite {
-    use std::io::BufRead;
-
-    pub struct Reader {
-        lines: std::io::Lines<std::io::BufReader<std::fs::File>>,
-        headers: Vec<String>,
-    }
-
-    impl Reader {
-        pub fn open(path: &std::path::Path) -> anyhow::Result<Self> {
-            let file = std::fs::File::open(path).map_err(|error| anyhow::anyhow!("{}: {error}", path.display()))?;
-            let mut lines = std::io::BufReader::new(file).lines();
-            let headers = split(&lines.next().transpose()?.unwrap_or_default());
-            Ok(Self { lines, headers })
-        }
-
-        pub fn headers(&mut self) -> anyhow::Result<&[String]> {
-            Ok(&self.headers)
-        }
-
-        pub fn records(&mut self) -> impl Iterator<Item = anyhow::Result<Vec<String>>> + '_ {
-            self.lines.by_ref().map(|line| Ok(split(&line?)))
-        }
-    }
-
-    fn split(line: &str) -> Vec<String> {
-        line.split(',').map(|field| field.trim_matches('"').to_string()).collect()
-    }
+fn csv_reader(path: &Path) -> anyhow::Result<csv::Reader<std::fs::File>> {
+    csv::Reader::from_path(path).with_context(|| format!("{}", path.display()))
 }
 
 struct Latencies {
@@ -405,42 +361,6 @@ async fn measure_click_to_visible(
     Ok(quantile_ms(samples.into_iter(), 0.99))
 }
 
-/// The acknowledged batches: (user id, item ids).
-type Acknowledged = Arc<Mutex<Vec<(String, Vec<String>)>>>;
-
-/// Appends batches of 50 events, each batch for a user of its own, until `stop`.
-async fn append_until(address: SocketAddr, tag: String, acknowledged: Acknowledged, stop: Arc<AtomicBool>) {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-        .expect("a valid address")
-        .connect_timeout(Duration::from_millis(100));
-    let channel = endpoint.connect_lazy();
-    let mut number = 0;
-    while !stop.load(Ordering::Relaxed) {
-        number += 1;
-        let user = format!("{tag}-{number}");
-        let items: Vec<String> = (0..50).map(|n| format!("durable-{n}")).collect();
-        let events = items
-            .iter()
-            .enumerate()
-            .map(|(n, item)| Event {
-                user_id: user.clone(),
-                item_id: item.clone(),
-                r#type: EventType::Click as i32,
-                timestamp_ms: 1_700_000_000_000 + n as i64,
-                event_id: format!("{user}-{n}"),
-                ..Event::default()
-            })
-            .collect();
-        let mut request = tonic::Request::new(AppendEventsRequest { events });
-        request.set_timeout(Duration::from_secs(5));
-        match FeatureServiceClient::new(channel.clone()).append_events(request).await {
-            Ok(_) => acknowledged.lock().expect("not poisoned").push((user, items)),
-            // Down or killed mid-call: the batch's fate is unknown, so it is not counted.
-            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    }
-}
-
 /// Kill cycles against one backend; returns (acknowledged events, lost events).
 async fn kill_cycles(
     feature: &mut FeatureProcess,
@@ -449,17 +369,10 @@ async fn kill_cycles(
     clients: usize,
     tag: &str,
 ) -> anyhow::Result<(usize, usize)> {
-    let acknowledged: Acknowledged = Arc::default();
-    let stop = Arc::new(AtomicBool::new(false));
-    let writers: Vec<_> = (0..clients)
-        .map(|client| {
-            let tag = format!("{tag}-{client}");
-            tokio::spawn(append_until(feature.address, tag, Arc::clone(&acknowledged), Arc::clone(&stop)))
-        })
-        .collect();
+    let writers = Writers::start(feature.address, tag, clients, 50);
     let mut delay_ms: u64 = 137;
     for cycle in 1..=cycles {
-        delay_ms = (delay_ms * 7 + 101) % 600 + 100;
+        delay_ms = next_kill_delay_ms(delay_ms);
         tokio::time::sleep(Duration::from_millis(delay_ms)).await;
         feature.kill().await?;
         if let Some(redis) = redis.as_deref_mut() {
@@ -468,33 +381,13 @@ async fn kill_cycles(
         feature.restart().await?;
         println!("    {tag} cycle {cycle}: killed after {delay_ms} ms, restarted");
     }
-    stop.store(true, Ordering::Relaxed);
-    for writer in writers {
-        writer.await?;
-    }
+    let batches = writers.stop().await?;
     feature.kill().await?;
     if let Some(redis) = redis {
         redis.kill_and_restart()?;
     }
     feature.restart().await?;
-    let mut reader = feature.client().await?;
-    let batches = std::mem::take(&mut *acknowledged.lock().expect("not poisoned"));
-    let (mut total, mut lost) = (0, 0);
-    for (user, items) in &batches {
-        total += items.len();
-        let features = reader
-            .get_user_features(GetUserFeaturesRequest { user_id: user.clone(), max_history: 0, as_of_ms: 0 })
-            .await?
-            .into_inner();
-        let stored: HashSet<&String> = features.history_item_ids.iter().collect();
-        let missing = items.iter().filter(|item| !stored.contains(item)).count();
-        let missing = missing.max(items.len().saturating_sub(features.event_count as usize));
-        if missing > 0 && lost < 500 {
-            eprintln!("    lost: {user} has {} of {} events", features.event_count, items.len());
-        }
-        lost += missing;
-    }
-    Ok((total, lost))
+    count_lost(feature.address, &batches).await
 }
 
 #[tokio::main]
@@ -641,7 +534,7 @@ async fn wait_for_bundle(client: &FeatureServiceClient<Channel>, item: &str) -> 
 
 fn last_user(seed: &Path) -> anyhow::Result<String> {
     let mut reader = csv_reader(&seed.join("users.csv"))?;
-    reader.records().last().context("no users")?.map(|record| record[0].clone())
+    Ok(reader.records().last().context("no users")??[0].to_string())
 }
 
 fn count_users(seed: &Path) -> anyhow::Result<usize> {

@@ -31,7 +31,7 @@ use recsys_bundle::{read_manifest, read_user_ids, resolve_dir, RankerInputs};
 use recsys_chaos::{
     cluster::{free_port, wait_serving},
     load::quantile_ms,
-    round,
+    round, Rng,
 };
 use recsys_proto::v1::{
     rank_service_client::RankServiceClient, Candidate, Channel, ChannelScore, RankRequest, UserFeatures,
@@ -266,23 +266,6 @@ async fn main() -> anyhow::Result<()> {
         metric("teacher_parameters")
     );
     recsys_chaos::write_report(&args.out, &report)
-}
-
-/// SplitMix64: deterministic requests without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
 }
 
 /// Known users with a full behaviour sequence and `candidates` distinct catalogue items,

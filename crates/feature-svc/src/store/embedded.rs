@@ -364,17 +364,12 @@ impl<'txn> Records<'txn> {
 fn load_seed(db: &Database, path: &Path, dir: &Path, max_history: usize) -> Result<()> {
     let started = std::time::Instant::now();
     let (users, items) = seed::records(dir, max_history)?;
+    let (user_count, item_count) = (users.len(), items.len());
     let write = || -> Result<(), redb::Error> {
         let txn = db.begin_write()?;
         {
-            let mut users_table = txn.open_table(USERS)?;
-            for (id, user) in &users {
-                users_table.insert(id.as_str(), encode(user).as_slice())?;
-            }
-            let mut items_table = txn.open_table(ITEMS)?;
-            for (id, item) in &items {
-                items_table.insert(id.as_str(), encode(item).as_slice())?;
-            }
+            let tables = Records::new(txn.open_table(USERS)?, txn.open_table(ITEMS)?);
+            Records { users, items, ..tables }.write_back()?;
             txn.open_table(META)?.insert("seed", dir.display().to_string().as_str())?;
         }
         txn.commit()?;
@@ -382,8 +377,8 @@ fn load_seed(db: &Database, path: &Path, dir: &Path, max_history: usize) -> Resu
     };
     write().map_err(store_error(path))?;
     tracing::info!(
-        users = users.len(),
-        items = items.len(),
+        users = user_count,
+        items = item_count,
         seconds = started.elapsed().as_secs_f64(),
         "seed loaded into the embedded store"
     );

@@ -5,6 +5,7 @@
 
 #![forbid(unsafe_code)]
 
+mod catalog;
 mod counters;
 mod error;
 mod event;
@@ -20,6 +21,7 @@ use recsys_runtime::{server::ServiceConfig, ServerConfig};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
+pub use catalog::{CatalogGrpc, CATALOG_SERVICE_NAME};
 pub use counters::Counters;
 pub use error::{FeatureError, Result};
 pub use event::StoredEvent;
@@ -164,13 +166,20 @@ pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<
         .bundle
         .clone()
         .map(|root| tokio::spawn(follow_bundle(Arc::clone(&store), root, config.follow_bundle_ms)));
+    let catalog = CatalogGrpc::new(Arc::clone(&store)).into_server();
     let service = FeatureGrpc::new(store, config.max_history)
         .into_server()
         .max_decoding_message_size(config.server.max_message_bytes)
         .max_encoding_message_size(config.server.max_message_bytes);
-    let routes = tonic::service::Routes::new(service);
-    let served =
-        recsys_runtime::serve(listener, &[SERVICE_NAME], routes, config.server.serve_options(), shutdown).await;
+    let routes = tonic::service::Routes::new(service).add_service(catalog);
+    let served = recsys_runtime::serve(
+        listener,
+        &[SERVICE_NAME, CATALOG_SERVICE_NAME],
+        routes,
+        config.server.serve_options(),
+        shutdown,
+    )
+    .await;
     if let Some(follower) = follower {
         follower.abort();
     }

@@ -68,7 +68,7 @@ fn as_of(as_of_ms: i64) -> Result<i64, FeatureError> {
     }
 }
 
-fn check_id(what: &str, id: &str) -> Result<(), FeatureError> {
+pub(crate) fn check_id(what: &str, id: &str) -> Result<(), FeatureError> {
     if id.is_empty() {
         return Err(FeatureError::InvalidArgument(format!("{what} is empty")));
     }

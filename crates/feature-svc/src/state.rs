@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use recsys_proto::v1::{CategoryCounts, EventType, ItemFeatures, UserFeatures, UserProfile};
+use recsys_proto::v1::{CategoryCounts, EventType, Impression, ItemFeatures, UserFeatures, UserProfile};
 use serde::{Deserialize, Serialize};
 
 use crate::{counters::Counters, StoredEvent};
@@ -96,6 +96,8 @@ impl UserRecord {
                     counts: Some(counters.windows(as_of_ms)),
                 })
                 .collect(),
+            // Read from their own table or list by the store.
+            recent_impressions: Vec::new(),
         }
     }
 }
@@ -117,6 +119,33 @@ impl ItemRecord {
             counts: Some(self.counters.windows(as_of_ms)),
             ..ItemFeatures::default()
         }
+    }
+}
+
+/// How many of a user's latest impressions the store keeps: rerank's exposure control
+/// counts them over its window (a few hours to days of lists at a page of ten).
+pub const RECENT_IMPRESSIONS: usize = 200;
+
+/// A user's latest impressions, newest first: (item, Unix ms). Kept apart from the user
+/// record (its own table, its own Redis list) because impressions are the most frequent
+/// event and nothing but exposure control reads them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Impressions(pub Vec<(String, i64)>);
+
+impl Impressions {
+    /// Adds one impression in time order (a replay out of order still reads newest first)
+    /// and keeps the newest `RECENT_IMPRESSIONS`.
+    pub fn record(&mut self, item_id: &str, timestamp_ms: i64) {
+        let position = self.0.partition_point(|(_, shown)| *shown > timestamp_ms);
+        self.0.insert(position, (item_id.to_string(), timestamp_ms));
+        self.0.truncate(RECENT_IMPRESSIONS);
+    }
+
+    pub fn to_proto(&self) -> Vec<Impression> {
+        self.0
+            .iter()
+            .map(|(item_id, timestamp_ms)| Impression { item_id: item_id.clone(), timestamp_ms: *timestamp_ms })
+            .collect()
     }
 }
 

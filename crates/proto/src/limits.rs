@@ -20,3 +20,7 @@ pub const MAX_HISTORY: u32 = 1_000;
 pub const MAX_CANDIDATES: usize = 5_000;
 /// Most events in one `LogEvents` / `AppendEvents` call.
 pub const MAX_EVENTS_PER_CALL: usize = 10_000;
+/// Most catalogue records in one `UpsertItems` / `RetireItems` call or changes page.
+pub const MAX_CATALOG_ITEMS_PER_CALL: usize = 1_000;
+/// Most attributes on one catalogue record.
+pub const MAX_ITEM_ATTRIBUTES: usize = 32;

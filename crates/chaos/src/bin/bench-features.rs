@@ -237,25 +237,30 @@ async fn measure_raw_redis(
         let item_ids: Vec<&String> = (0..per_request).map(|_| &items[rng.below(items.len())]).collect();
         let started = Instant::now();
         let mut pipe = redis::pipe();
-        let [user_key, behaviour_key, counters_key, categories_key] = feature_svc::redis_user_keys(&prefix, user);
+        let [user_key, behaviour_key, counters_key, categories_key, impressions_key] =
+            feature_svc::redis_user_keys(&prefix, user);
         pipe.hget(format!("{prefix}meta"), "bundle")
             .hgetall(user_key)
             .zrevrange_withscores(behaviour_key, 0, 999)
             .hgetall(counters_key)
-            .hgetall(categories_key);
+            .hgetall(categories_key)
+            .lrange(impressions_key, 0, -1);
         for id in item_ids {
             let [item_key, item_counters_key, item_stats_key] = feature_svc::redis_item_keys(&prefix, id);
             pipe.hgetall(item_key).hgetall(item_counters_key).get(item_stats_key);
         }
         let replies: Vec<redis::Value> = pipe.query_async(&mut connection).await?;
         let elapsed = started.elapsed();
-        anyhow::ensure!(replies.len() == 5 + 3 * per_request, "pipeline answered {} replies", replies.len());
+        anyhow::ensure!(replies.len() == 6 + 3 * per_request, "pipeline answered {} replies", replies.len());
         // Decoded like the service decodes them: the version, then every hash.
         let _: Option<String> = redis::from_redis_value(replies[0].clone())?;
         let _: Vec<(String, f64)> = redis::from_redis_value(replies[2].clone())?;
-        for (position, reply) in replies.iter().enumerate().skip(1).filter(|&(position, _)| position != 2) {
-            // After the user's four replies, every third is an item's statistics string.
-            if position >= 5 && (position - 5) % 3 == 2 {
+        let _: Vec<String> = redis::from_redis_value(replies[5].clone())?;
+        for (position, reply) in
+            replies.iter().enumerate().skip(1).filter(|&(position, _)| position != 2 && position != 5)
+        {
+            // After the user's five replies, every third is an item's statistics string.
+            if position >= 6 && (position - 6) % 3 == 2 {
                 let _: Option<Vec<u8>> = redis::from_redis_value(reply.clone())?;
             } else {
                 let _: HashMap<String, String> =

@@ -6,8 +6,9 @@
 //!
 //! Tables: `events` (sequence → event as JSON, the log exported as training data), `event_ids`
 //! (id digest → sequence, for idempotent retries), `users` and `items` (the records of
-//! `state.rs`), `bundle_stats` (the current bundle's item statistics), `meta` (which seed
-//! and which bundle were loaded).
+//! `state.rs`), `impressions` (each user's latest), `bundle_stats` (the current bundle's
+//! item statistics), `catalog` and `catalog_log` (the run-time catalogue and its change
+//! log), `meta` (which seed and which bundle were loaded).
 
 use std::{
     collections::HashMap,
@@ -15,17 +16,18 @@ use std::{
     sync::{mpsc, Arc},
 };
 
-use recsys_proto::v1::UserFeatures;
+use recsys_proto::v1::{CatalogItem, EventType, UserFeatures};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::oneshot;
 
 use super::{
-    decode_names, decode_stats, encode_names, encode_stats, Appended, BundleItem, EventPage, FeatureStore, ItemBatch,
+    decode_catalog, decode_names, decode_stats, encode_catalog, encode_names, encode_stats, Appended, BundleItem,
+    EventPage, FeatureStore, ItemBatch,
 };
 use crate::{
     event::id_digest,
     seed,
-    state::{unknown_item, unknown_user, ItemRecord, UserRecord},
+    state::{unknown_item, unknown_user, Impressions, ItemRecord, UserRecord},
     FeatureError, Result, StoredEvent,
 };
 
@@ -37,6 +39,13 @@ const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 /// Item id → the current bundle's statistics for it (little-endian f32s, aligned with the
 /// names in `meta`'s `bundle`).
 const BUNDLE_STATS: TableDefinition<&str, &[u8]> = TableDefinition::new("bundle_stats");
+/// User id → `Impressions`.
+const IMPRESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("impressions");
+/// Item id → (revision of its last change, its `CatalogItem` record).
+const CATALOG: TableDefinition<&str, (u64, &[u8])> = TableDefinition::new("catalog");
+/// Revision → the item changed at it; an item's older revisions are removed, so the log
+/// holds one entry per item and its last key is the catalogue's revision.
+const CATALOG_LOG: TableDefinition<u64, &str> = TableDefinition::new("catalog_log");
 
 /// Events one commit takes at most: bounds a commit's latency under a burst.
 const MAX_GROUP_EVENTS: usize = 16_384;
@@ -82,6 +91,9 @@ impl EmbeddedStore {
                 txn.open_table(USERS)?;
                 txn.open_table(ITEMS)?;
                 txn.open_table(BUNDLE_STATS)?;
+                txn.open_table(IMPRESSIONS)?;
+                txn.open_table(CATALOG)?;
+                txn.open_table(CATALOG_LOG)?;
                 let meta = txn.open_table(META)?;
                 let seeded = meta.get("seed")?.map(|value| value.value().to_string());
                 Ok(seeded)
@@ -152,7 +164,13 @@ impl FeatureStore for EmbeddedStore {
         self.read(move |txn| {
             let users = txn.open_table(USERS)?;
             let record = users.get(user_id.as_str())?.map(|bytes| decode::<UserRecord>(bytes.value())).transpose()?;
-            Ok(record.map_or_else(|| unknown_user(&user_id), |user| user.to_features(&user_id, max_history, as_of_ms)))
+            let Some(record) = record else { return Ok(unknown_user(&user_id)) };
+            let mut features = record.to_features(&user_id, max_history, as_of_ms);
+            let impressions = txn.open_table(IMPRESSIONS)?;
+            if let Some(bytes) = impressions.get(user_id.as_str())? {
+                features.recent_impressions = decode::<Impressions>(bytes.value())?.to_proto();
+            }
+            Ok(features)
         })
         .await
     }
@@ -227,7 +245,7 @@ impl FeatureStore for EmbeddedStore {
     }
 
     async fn load_bundle(&self, version: &str, names: Vec<String>, items: Vec<BundleItem>) -> Result<()> {
-        let (db, path) = (Arc::clone(&self.db), self.path.clone());
+        let db = Arc::clone(&self.db);
         let bundle = encode_names(version, &names);
         let write = move || -> Result<(), redb::Error> {
             // One commit: the old statistics, the new ones and the version change together.
@@ -243,6 +261,64 @@ impl FeatureStore for EmbeddedStore {
             txn.commit()?;
             Ok(())
         };
+        self.write(write).await
+    }
+
+    async fn upsert_catalog(&self, items: Vec<CatalogItem>) -> Result<u64> {
+        let db = Arc::clone(&self.db);
+        self.write(move || {
+            let txn = db.begin_write()?;
+            let revision = {
+                let mut records = txn.open_table(CATALOG)?;
+                let mut log = txn.open_table(CATALOG_LOG)?;
+                let mut revision = log.last()?.map_or(0, |(revision, _)| revision.value());
+                for item in &items {
+                    revision += 1;
+                    let replaced =
+                        records.insert(item.item_id.as_str(), (revision, encode_catalog(item).as_slice()))?;
+                    if let Some(previous) = replaced.map(|entry| entry.value().0) {
+                        log.remove(previous)?;
+                    }
+                    log.insert(revision, item.item_id.as_str())?;
+                }
+                revision
+            };
+            txn.commit()?;
+            Ok(revision)
+        })
+        .await
+    }
+
+    async fn catalog_changes(&self, since: u64, limit: usize) -> Result<Vec<CatalogItem>> {
+        self.read(move |txn| {
+            let records = txn.open_table(CATALOG)?;
+            let log = txn.open_table(CATALOG_LOG)?;
+            let mut items = Vec::new();
+            for entry in log.range(since + 1..)?.take(limit) {
+                let (revision, item_id) = entry?;
+                let record = records.get(item_id.value())?.ok_or_else(|| {
+                    redb::Error::Corrupted(format!("catalogue log names {} without a record", item_id.value()))
+                })?;
+                let (_, bytes) = record.value();
+                let item = decode_catalog(bytes, revision.value()).map_err(|error| {
+                    redb::Error::Corrupted(format!("catalogue record {}: {error}", item_id.value()))
+                })?;
+                items.push(item);
+            }
+            Ok(items)
+        })
+        .await
+    }
+}
+
+impl EmbeddedStore {
+    /// Runs a write transaction on a blocking thread (redb serialises writers; the event
+    /// writer thread's group commits wait their turn like these).
+    async fn write<T: Send + 'static>(
+        &self,
+        write: impl FnOnce() -> Result<T, redb::Error> + Send + 'static,
+    ) -> Result<T> {
+        let path = self.path.clone();
         tokio::task::spawn_blocking(move || write().map_err(store_error(&path))).await.map_err(|error| {
             FeatureError::Store { store: self.path.display().to_string(), reason: error.to_string() }
         })?
@@ -287,6 +363,7 @@ fn commit_group(db: &Database, group: &[WriteJob], max_history: usize) -> Result
         let mut log = txn.open_table(EVENTS)?;
         let mut ids = txn.open_table(EVENT_IDS)?;
         let mut records = Records::new(txn.open_table(USERS)?, txn.open_table(ITEMS)?);
+        let mut impressions = ShownItems::new(txn.open_table(IMPRESSIONS)?);
         let mut next = log.last()?.map_or(1, |(sequence, _)| sequence.value() + 1);
         for job in group {
             let mut appended = Appended::default();
@@ -304,14 +381,46 @@ fn commit_group(db: &Database, group: &[WriteJob], max_history: usize) -> Result
                 log.insert(next, serde_json::to_vec(event).expect("events serialise").as_slice())?;
                 next += 1;
                 records.apply(event, max_history)?;
+                if event.event == EventType::Impression {
+                    impressions.record(event)?;
+                }
                 appended.stored += 1;
             }
             results.push(appended);
         }
         records.write_back()?;
+        impressions.write_back()?;
     }
     txn.commit()?;
     Ok(results)
+}
+
+/// The impression lists a commit touches, read once and written once.
+struct ShownItems<'txn> {
+    table: redb::Table<'txn, &'static str, &'static [u8]>,
+    users: HashMap<String, Impressions>,
+}
+
+impl<'txn> ShownItems<'txn> {
+    fn new(table: redb::Table<'txn, &'static str, &'static [u8]>) -> Self {
+        Self { table, users: HashMap::new() }
+    }
+
+    fn record(&mut self, event: &StoredEvent) -> Result<(), redb::Error> {
+        if !self.users.contains_key(&event.user_id) {
+            let stored = self.table.get(event.user_id.as_str())?.map(|bytes| decode(bytes.value())).transpose()?;
+            self.users.insert(event.user_id.clone(), stored.unwrap_or_default());
+        }
+        self.users.get_mut(&event.user_id).expect("just inserted").record(&event.item_id, event.timestamp_ms);
+        Ok(())
+    }
+
+    fn write_back(mut self) -> Result<(), redb::Error> {
+        for (id, shown) in &self.users {
+            self.table.insert(id.as_str(), encode(shown).as_slice())?;
+        }
+        Ok(())
+    }
 }
 
 /// The records a commit touches, read once and written once.

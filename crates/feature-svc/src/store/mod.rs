@@ -7,7 +7,7 @@ pub mod redis;
 #[cfg(test)]
 mod tests;
 
-use recsys_proto::v1::{ItemFeatures, UserFeatures};
+use recsys_proto::v1::{CatalogItem, ItemFeatures, UserFeatures};
 
 pub use embedded::EmbeddedStore;
 pub use redis::RedisStore;
@@ -91,4 +91,24 @@ pub trait FeatureStore: Send + Sync + 'static {
     /// Replaces the items' bundle statistics with `version`'s (named `names`), then
     /// records the version (a crash in between reloads it at the next start).
     async fn load_bundle(&self, version: &str, names: Vec<String>, items: Vec<BundleItem>) -> Result<()>;
+
+    /// Durably replaces each item's catalogue record, each change under the next revision
+    /// (in the order given); returns the catalogue's revision after the write.
+    async fn upsert_catalog(&self, items: Vec<CatalogItem>) -> Result<u64>;
+
+    /// Up to `limit` records changed after revision `since`, by ascending revision, each
+    /// with its revision set. An item changed twice appears once, at its latest revision.
+    async fn catalog_changes(&self, since: u64, limit: usize) -> Result<Vec<CatalogItem>>;
+}
+
+/// A catalogue record as stored: the proto encoding (fields can be added safely), with
+/// the revision kept beside it by each store.
+fn encode_catalog(item: &CatalogItem) -> Vec<u8> {
+    prost::Message::encode_to_vec(&CatalogItem { revision: 0, ..item.clone() })
+}
+
+fn decode_catalog(bytes: &[u8], revision: u64) -> std::result::Result<CatalogItem, prost::DecodeError> {
+    let mut item: CatalogItem = prost::Message::decode(bytes)?;
+    item.revision = revision;
+    Ok(item)
 }

@@ -9,11 +9,15 @@
 //! | `{uB}:b:<user>` | sorted set | recent behaviour: item → `timestamp_ms·8 + event type`, newest kept | never |
 //! | `{uB}:uc:<user>` | hash | counter buckets (`m<minute>:<kind>`, `h<hour>:<kind>`) | 31 days after the last event |
 //! | `{uB}:ucc:<user>` | hash | per category: `<category>\|<bucket>` | 31 days after the last event |
+//! | `{uB}:x:<user>` | list | latest impressions, newest first: `<timestamp_ms>\|<item>` | 31 days after the last impression |
 //! | `{uB}:id:<digest>`, `{iB}:id:<digest>` | string | an event id stored on the user side, the item side | `dedup_ttl_s` |
 //! | `{uB}:events` | stream | the event log of the bucket's users (`recsysctl export-events`) | capped at `max_log_events` per bucket |
 //! | `{iB}:i:<item>` | hash | `category`, `first_seen` | never |
 //! | `{iB}:ic:<item>` | hash | counter buckets | 31 days after the last event |
 //! | `{iB}:is:<item>` | string | `<bundle version>\n` + the bundle's statistics as little-endian f32s (read only if the version is `meta`'s `bundle`) | never |
+//! | `{catalog}:items` | hash | item → its `CatalogItem` record (proto) | never |
+//! | `{catalog}:log` | sorted set | item → revision of its last change | never |
+//! | `{catalog}:revision` | string | the catalogue's revision counter | never |
 //!
 //! A batch is applied by one Lua script per user bucket (id marker, log entry, the user's
 //! profile counts, behaviour and per-category counts) and one per item bucket (id marker,
@@ -27,17 +31,18 @@
 use std::collections::HashMap;
 
 use futures::future::try_join_all;
-use recsys_proto::v1::{EventType, UserFeatures};
+use recsys_proto::v1::{CatalogItem, EventType, UserFeatures};
 use redis::{aio::ConnectionManager, cluster_async::ClusterConnection, Cmd, RedisFuture, Value};
 
 use super::{
-    decode_names, decode_stats, encode_names, encode_stats, Appended, BundleItem, EventPage, FeatureStore, ItemBatch,
+    decode_catalog, decode_names, decode_stats, encode_catalog, encode_names, encode_stats, Appended, BundleItem,
+    EventPage, FeatureStore, ItemBatch,
 };
 use crate::{
     counters::{counted_index, Counters},
     event::id_digest,
     seed,
-    state::{unknown_item, unknown_user, Engagement, ItemRecord, Profile, UserRecord},
+    state::{unknown_item, unknown_user, Engagement, Impressions, ItemRecord, Profile, UserRecord, RECENT_IMPRESSIONS},
     FeatureError, Result, StoredEvent,
 };
 
@@ -121,6 +126,7 @@ pub struct RedisStore {
     max_history: usize,
     user_side: redis::Script,
     item_side: redis::Script,
+    catalog_upsert: redis::Script,
 }
 
 /// The bucket of an id: FNV-1a, stable across processes and languages.
@@ -134,10 +140,10 @@ pub fn bucket_of(id: &str) -> u64 {
 }
 
 /// The keys one user read touches, in the order it reads them: hash, behaviour, counters,
-/// category counters (public so `bench-features` reads the same keys raw).
-pub fn user_keys(prefix: &str, user_id: &str) -> [String; 4] {
+/// category counters, impressions (public so `bench-features` reads the same keys raw).
+pub fn user_keys(prefix: &str, user_id: &str) -> [String; 5] {
     let tag = bucket_of(user_id);
-    ["u", "b", "uc", "ucc"].map(|kind| format!("{prefix}{{u{tag}}}:{kind}:{user_id}"))
+    ["u", "b", "uc", "ucc", "x"].map(|kind| format!("{prefix}{{u{tag}}}:{kind}:{user_id}"))
 }
 
 /// The keys one item read touches: its hash, its counters (both hashes) and its bundle
@@ -191,15 +197,17 @@ end
 
 /// The user side of one bucket's events. KEYS[1]: the bucket's log stream (routes the
 /// call). ARGV: counter_ttl, prune_at, key prefix with the bucket's tag, max_history,
-/// dedup_ttl, max_log, then eight per event: id digest (or ""), user, item, the item's
-/// category (or ""), counted kind (or ""), behaviour score (or ""), timestamp_ms, the
-/// logged event. Returns 1 (stored) or 0 (duplicate) per event.
+/// dedup_ttl, max_log, max_impressions, then nine per event: id digest (or ""), user,
+/// item, the item's category (or ""), counted kind (or ""), behaviour score (or ""),
+/// timestamp_ms, the logged event, "1" for an impression (or ""). Returns 1 (stored) or 0
+/// (duplicate) per event.
 const USER_SIDE: &str = r#"
 local tagged, max_history, dedup_ttl, max_log = ARGV[3], tonumber(ARGV[4]), ARGV[5], ARGV[6]
+local max_impressions = tonumber(ARGV[7])
 local results = {}
-for i = 7, #ARGV, 8 do
+for i = 8, #ARGV, 9 do
   local id, user, item, category = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3]
-  local kind, score, ts, logged = ARGV[i+4], ARGV[i+5], ARGV[i+6], ARGV[i+7]
+  local kind, score, ts, logged, shown = ARGV[i+4], ARGV[i+5], ARGV[i+6], ARGV[i+7], ARGV[i+8]
   if fresh(id ~= '' and (tagged .. 'id:' .. id) or '', dedup_ttl) then
     redis.call('XADD', KEYS[1], 'MAXLEN', '~', max_log, '*', 'e', logged)
     redis.call('HINCRBY', tagged .. 'u:' .. user, 'events', 1)
@@ -217,6 +225,12 @@ for i = 7, #ARGV, 8 do
         redis.call('ZADD', behaviour, score, item)
         redis.call('ZREMRANGEBYRANK', behaviour, 0, -(max_history + 1))
       end
+    end
+    if shown ~= '' then
+      local impressions = tagged .. 'x:' .. user
+      redis.call('LPUSH', impressions, ts .. '|' .. item)
+      redis.call('LTRIM', impressions, 0, max_impressions - 1)
+      redis.call('EXPIRE', impressions, ARGV[1])
     end
     table.insert(results, 1)
   else
@@ -245,6 +259,19 @@ for i = 5, #ARGV, 4 do
   end
 end
 return 1
+"#;
+
+/// Catalogue records, each under the next revision. KEYS: the records hash, the change log,
+/// the revision counter (one slot: `{catalog}`). ARGV: item id, encoded record, per item.
+/// Returns the revision after the write.
+const CATALOG_UPSERT: &str = r#"
+local revision = tonumber(redis.call('GET', KEYS[3]) or '0')
+for i = 1, #ARGV, 2 do
+  revision = redis.call('INCR', KEYS[3])
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i+1])
+  redis.call('ZADD', KEYS[2], revision, ARGV[i])
+end
+return revision
 "#;
 
 /// An engagement's behaviour score: the time, with the event type in the low three bits
@@ -293,6 +320,7 @@ impl RedisStore {
             max_history,
             user_side: scripts(USER_SIDE),
             item_side: scripts(ITEM_SIDE),
+            catalog_upsert: redis::Script::new(CATALOG_UPSERT),
         };
         if let Some(dir) = seed_dir {
             match store.seeded().await? {
@@ -308,6 +336,11 @@ impl RedisStore {
         }
         tracing::info!(redis = %name, prefix = %config.key_prefix, "Redis feature store connected");
         Ok(store)
+    }
+
+    /// The catalogue's keys: records, change log, revision counter (one hash tag).
+    fn catalog_keys(&self) -> [String; 3] {
+        ["items", "log", "revision"].map(|kind| format!("{}{{catalog}}:{kind}", self.config.key_prefix))
     }
 
     fn key(&self, suffix: &str) -> String {
@@ -407,7 +440,7 @@ impl RedisStore {
         let prefix = &self.config.key_prefix;
         let mut commands: Vec<(String, Cmd)> = Vec::new();
         for (id, user) in &users {
-            let [user_key, behaviour_key, counters_key, categories_key] = user_keys(prefix, id);
+            let [user_key, behaviour_key, counters_key, categories_key, _] = user_keys(prefix, id);
             let tag = format!("u{}", bucket_of(id));
             let mut hash = redis::cmd("HSET");
             hash.arg(&user_key).arg("events").arg(user.event_count);
@@ -509,14 +542,22 @@ impl FeatureStore for RedisStore {
 
     async fn user_features(&self, user_id: &str, max_history: usize, as_of_ms: i64) -> Result<UserFeatures> {
         let last = max_history.min(self.max_history).max(1) as isize - 1;
-        type UserRead = (HashMap<String, String>, Vec<(String, f64)>, HashMap<String, String>, HashMap<String, String>);
-        let [user_key, behaviour_key, counters_key, categories_key] = user_keys(&self.config.key_prefix, user_id);
+        type UserRead = (
+            HashMap<String, String>,
+            Vec<(String, f64)>,
+            HashMap<String, String>,
+            HashMap<String, String>,
+            Vec<String>,
+        );
+        let [user_key, behaviour_key, counters_key, categories_key, impressions_key] =
+            user_keys(&self.config.key_prefix, user_id);
         // One slot: one pipeline, also on a cluster.
-        let (user, behaviour, counters, categories): UserRead = redis::pipe()
+        let (user, behaviour, counters, categories, shown): UserRead = redis::pipe()
             .hgetall(user_key)
             .zrevrange_withscores(behaviour_key, 0, last)
             .hgetall(counters_key)
             .hgetall(categories_key)
+            .lrange(impressions_key, 0, -1)
             .query_async(&mut self.connection.clone())
             .await
             .map_err(|error| self.error(error))?;
@@ -544,7 +585,18 @@ impl FeatureStore for RedisStore {
                 .map(|(category, fields)| (category.to_string(), Counters::from_fields(fields)))
                 .collect(),
         };
-        Ok(record.to_features(user_id, max_history, as_of_ms))
+        let mut features = record.to_features(user_id, max_history, as_of_ms);
+        // Pushed in arrival order; sorted by time like the embedded store's list.
+        let mut impressions = Impressions::default();
+        for entry in shown.iter().rev() {
+            if let Some((timestamp_ms, item)) =
+                entry.split_once('|').and_then(|(ts, item)| Some((ts.parse().ok()?, item)))
+            {
+                impressions.record(item, timestamp_ms);
+            }
+        }
+        features.recent_impressions = impressions.to_proto();
+        Ok(features)
     }
 
     async fn item_features(&self, item_ids: &[String], as_of_ms: i64) -> Result<ItemBatch> {
@@ -638,7 +690,8 @@ impl FeatureStore for RedisStore {
                 .arg(&tagged)
                 .arg(self.max_history)
                 .arg(self.config.dedup_ttl_s)
-                .arg(self.config.max_log_events);
+                .arg(self.config.max_log_events)
+                .arg(RECENT_IMPRESSIONS);
             for &position in positions {
                 let event = &events[position];
                 let score = if event.event.is_engagement() {
@@ -654,7 +707,8 @@ impl FeatureStore for RedisStore {
                     .arg(kind(event))
                     .arg(score)
                     .arg(event.timestamp_ms)
-                    .arg(serde_json::to_string(event).expect("events serialise to JSON"));
+                    .arg(serde_json::to_string(event).expect("events serialise to JSON"))
+                    .arg(if event.event == EventType::Impression { "1" } else { "" });
             }
             let mut connection = self.connection.clone();
             async move {
@@ -719,6 +773,55 @@ impl FeatureStore for RedisStore {
         meta.arg(self.key("meta")).arg("bundle").arg(encode_names(version, &names));
         self.run_grouped(vec![("meta".into(), meta)]).await?;
         Ok(())
+    }
+
+    async fn upsert_catalog(&self, items: Vec<CatalogItem>) -> Result<u64> {
+        let [records, log, revision] = self.catalog_keys();
+        let mut invocation = self.catalog_upsert.prepare_invoke();
+        invocation.key(records).key(log).key(revision);
+        for item in &items {
+            invocation.arg(&item.item_id).arg(encode_catalog(item));
+        }
+        invocation.invoke_async(&mut self.connection.clone()).await.map_err(|error| self.error(error))
+    }
+
+    async fn catalog_changes(&self, since: u64, limit: usize) -> Result<Vec<CatalogItem>> {
+        let [records, log, _] = self.catalog_keys();
+        let changed: Vec<(String, u64)> = redis::cmd("ZRANGEBYSCORE")
+            .arg(&log)
+            .arg(format!("({since}"))
+            .arg("+inf")
+            .arg("WITHSCORES")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit)
+            .query_async(&mut self.connection.clone())
+            .await
+            .map_err(|error| self.error(error))?;
+        if changed.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut read = redis::cmd("HMGET");
+        read.arg(&records);
+        for (item, _) in &changed {
+            read.arg(item);
+        }
+        // A record written after the log was read is newer than its revision says: the
+        // follower applies it now and again at its next revision, which is harmless.
+        let stored: Vec<Option<Vec<u8>>> =
+            read.query_async(&mut self.connection.clone()).await.map_err(|error| self.error(error))?;
+        changed
+            .into_iter()
+            .zip(stored)
+            .map(|((item, revision), bytes)| {
+                let corrupt = |reason: String| FeatureError::Store {
+                    store: self.name.clone(),
+                    reason: format!("catalogue record {item}: {reason}"),
+                };
+                let bytes = bytes.ok_or_else(|| corrupt("logged without a record".into()))?;
+                decode_catalog(&bytes, revision).map_err(|error| corrupt(error.to_string()))
+            })
+            .collect()
     }
 
     /// Pages through the user buckets' logs in bucket order, each oldest first. The cursor

@@ -252,3 +252,53 @@ async fn a_new_bundles_statistics_replace_the_old_ones() {
         assert!(items[1].bundle_stats.is_empty() && !items[1].known, "{name}: b is not in v2");
     }
 }
+
+#[tokio::test]
+async fn impressions_are_kept_newest_first_and_capped() {
+    let backends = Backends::new();
+    let shown = |item: &str, at: i64| event("u1", item, EventType::Impression, at);
+    for (name, store) in backends.open(None, 10).await {
+        let mut batch: Vec<StoredEvent> =
+            (0..crate::state::RECENT_IMPRESSIONS as i64 + 5).map(|n| shown(&format!("i{n}"), T0 + n)).collect();
+        batch.push(shown("i3", T0 + 10_000));
+        batch.push(click("u1", "c", T0 + 10_001));
+        store.append(batch).await.unwrap();
+        let user = store.user_features("u1", 10, T0 + 20_000).await.unwrap();
+        let impressions = &user.recent_impressions;
+        assert_eq!(impressions.len(), crate::state::RECENT_IMPRESSIONS, "{name}");
+        assert_eq!((impressions[0].item_id.as_str(), impressions[0].timestamp_ms), ("i3", T0 + 10_000), "{name}");
+        assert_eq!(impressions[1].item_id, format!("i{}", crate::state::RECENT_IMPRESSIONS + 4), "{name}");
+        assert!(impressions.windows(2).all(|pair| pair[0].timestamp_ms >= pair[1].timestamp_ms), "{name}");
+        assert!(!user.history_item_ids.contains(&"i3".to_string()), "{name}: an impression is not behaviour");
+    }
+}
+
+#[tokio::test]
+async fn catalogue_changes_are_durable_ordered_and_one_per_item() {
+    use recsys_proto::v1::{Availability, CatalogItem};
+    let backends = Backends::new();
+    let record = |id: &str, promoted: bool| CatalogItem {
+        item_id: id.into(),
+        availability: Availability::InStock as i32,
+        promoted,
+        publish_time_ms: T0,
+        attributes: [("seller".to_string(), "s1".to_string())].into(),
+        ..CatalogItem::default()
+    };
+    for (name, store) in backends.open(None, 10).await {
+        assert!(store.catalog_changes(0, 10).await.unwrap().is_empty(), "{name}");
+        assert_eq!(store.upsert_catalog(vec![record("a", false), record("b", false)]).await.unwrap(), 2, "{name}");
+        assert_eq!(store.upsert_catalog(vec![record("a", true)]).await.unwrap(), 3, "{name}");
+    }
+    // Reopened: what was written is there, each item once at its latest revision.
+    for (name, store) in backends.open(None, 10).await {
+        let changes = store.catalog_changes(0, 10).await.unwrap();
+        let seen: Vec<(&str, u64, bool)> =
+            changes.iter().map(|item| (item.item_id.as_str(), item.revision, item.promoted)).collect();
+        assert_eq!(seen, [("b", 2, false), ("a", 3, true)], "{name}");
+        assert_eq!(changes[1].attributes["seller"], "s1", "{name}");
+        assert_eq!(store.catalog_changes(2, 10).await.unwrap().len(), 1, "{name}");
+        assert_eq!(store.catalog_changes(0, 1).await.unwrap()[0].item_id, "b", "{name}: pages by revision");
+        assert!(store.catalog_changes(3, 10).await.unwrap().is_empty(), "{name}");
+    }
+}

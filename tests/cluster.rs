@@ -237,7 +237,7 @@ async fn every_service_reports_health_and_lists_itself_by_reflection() {
     let cluster = Cluster::start().await.expect("cluster starts");
     let expected: [(Service, &[&str]); 5] = [
         (Service::Orchestrator, &["recsys.v1.Recommender", "recsys.v1.Admin"]),
-        (Service::Feature, &["recsys.v1.FeatureService"]),
+        (Service::Feature, &["recsys.v1.FeatureService", "recsys.v1.CatalogService"]),
         (Service::Recall, &["recsys.v1.RecallService", "recsys.v1.ModelAdmin"]),
         (Service::Rank, &["recsys.v1.RankService", "recsys.v1.ModelAdmin"]),
         (Service::Rerank, &["recsys.v1.RerankService", "recsys.v1.ModelAdmin"]),

@@ -106,7 +106,7 @@ async fn one_recommend_is_one_trace_across_all_five_services() {
             assert_eq!(parent.name, "stage", "{service} server span's parent is {}", parent.name);
         }
     }
-    for stage in ["coarse", "fine", "mmr", "feature_read", "recall_channel"] {
+    for stage in ["coarse", "fine", "rules_and_mmr", "feature_read", "recall_channel"] {
         assert!(trace.iter().any(|s| s.name == stage), "no {stage} span in the trace");
     }
 }

@@ -44,6 +44,8 @@ pub struct ClusterOptions {
     pub bundle_root: Option<PathBuf>,
     /// How often the bundle consumers check `current` (their default when unset).
     pub follow_current_ms: Option<u64>,
+    /// rerank-svc's rules file instead of the shipped `deploy/rerank/rules.toml`.
+    pub rules: Option<PathBuf>,
 }
 
 struct Running {
@@ -123,6 +125,7 @@ impl Cluster {
                 rerank_ms: 2_000,
             },
             fallback_bundle: Some(bundle.clone()),
+            catalog_poll_ms: 50,
             experiments: options.experiments.clone(),
             scenes: options.scenes.clone(),
             canary: orchestrator::CanaryConfig {
@@ -142,8 +145,11 @@ impl Cluster {
             bundle: Some(bundle.clone()),
             ..feature_svc::Config::default()
         };
+        // Catalogue changes reach recall and rerank quickly, so tests need not wait long.
+        let catalog = recsys_runtime::catalog::CatalogConfig { feature: address(Service::Feature), poll_ms: 50 };
         let recall_config = recall_svc::Config {
             server: server_config(&listeners[&Service::Recall]),
+            catalog: catalog.clone(),
             bundle: bundle.clone(),
             // Generous, like the stage budgets above: answers must not depend on scheduling.
             channels: generous_channel_budgets(recall_svc::Config::default().channels),
@@ -160,6 +166,9 @@ impl Cluster {
             server: server_config(&listeners[&Service::Rerank]),
             bundle,
             follow_current_ms,
+            rules: Some(options.rules.clone().unwrap_or_else(|| root.join("deploy/rerank/rules.toml"))),
+            rules_reload_ms: 100,
+            catalog,
             ..rerank_svc::Config::default()
         };
 

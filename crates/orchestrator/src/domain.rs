@@ -133,6 +133,8 @@ pub struct RecommendQuery {
     pub request_time: Option<RequestTime>,
     pub exclude_item_ids: Vec<ItemId>,
     pub debug: bool,
+    /// The request context (region, age, device...): rerank's rules compare with it.
+    pub context: std::collections::BTreeMap<String, String>,
 }
 
 impl TryFrom<RecommendRequest> for RecommendQuery {
@@ -163,12 +165,20 @@ impl TryFrom<RecommendRequest> for RecommendQuery {
             .enumerate()
             .map(|(index, id)| ItemId::parse(&format!("exclude_item_ids[{index}]"), id))
             .collect::<Result<_, _>>()?;
-        Ok(Self { user_id, top_k, scene: (!scene.is_empty()).then_some(scene), request_time, exclude_item_ids, debug })
+        Ok(Self {
+            user_id,
+            top_k,
+            scene: (!scene.is_empty()).then_some(scene),
+            request_time,
+            exclude_item_ids,
+            debug,
+            context: context.into_iter().collect(),
+        })
     }
 }
 
-/// Checks the context map and returns the request time it carries. The other entries
-/// select nothing today; they are bounded because they are logged.
+/// Checks the context map and returns the request time it carries. The other entries go
+/// to rerank's rules (and are bounded because they are logged).
 fn check_context(context: &HashMap<String, String>) -> Result<Option<RequestTime>, OrchestratorError> {
     if context.len() > MAX_CONTEXT_ENTRIES {
         return invalid(format!("context has {} entries; at most {MAX_CONTEXT_ENTRIES} allowed", context.len()));

@@ -66,6 +66,9 @@ pub struct Config {
     pub scenes: BTreeMap<String, Overrides>,
     /// Short-lived answers to a user's repeats and next pages (`prediction_cache.rs`).
     pub prediction_cache: CacheConfig,
+    /// How often the run-time catalogue is polled from feature-svc: every answer (cached,
+    /// fallback or fresh) is checked against it last, so a retired item is never served.
+    pub catalog_poll_ms: u64,
 }
 
 impl Config {
@@ -138,6 +141,7 @@ impl Default for Config {
             canary: CanaryConfig::default(),
             scenes: BTreeMap::new(),
             prediction_cache: CacheConfig::default(),
+            catalog_poll_ms: 250,
         }
     }
 }

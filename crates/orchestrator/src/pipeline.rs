@@ -18,11 +18,15 @@ use recsys_proto::{
     v1::{
         feature_service_client::FeatureServiceClient, AppendEventsRequest, AppendEventsResponse, Candidate, Channel,
         ChannelScore, ChannelWeight, Event, EventRejection, EventType, ExperimentAssignment, GetUserFeaturesRequest,
-        ItemTrace, LogEventsResponse, RankRequest, RecallRequest, RecallResponse, RecommendResponse, RecommendedItem,
-        RerankCandidate, RerankRequest, RerankResponse, RerankedItem, UserFeatures,
+        Impression, ItemTrace, LogEventsResponse, RankRequest, RecallRequest, RecallResponse, RecommendResponse,
+        RecommendedItem, RerankCandidate, RerankRequest, RerankResponse, RerankedItem, UserFeatures,
     },
 };
-use recsys_runtime::{client::ResilientClient, resilience::CallError};
+use recsys_runtime::{
+    catalog::{servable, Catalog, CatalogConfig},
+    client::ResilientClient,
+    resilience::CallError,
+};
 use tokio::time::Instant;
 use tonic::{transport::Channel as GrpcChannel, Request, Status};
 use tracing::Instrument;
@@ -48,6 +52,8 @@ pub struct Pipeline {
     popular_fallback: RwLock<Arc<Vec<Candidate>>>,
     /// Lists computed in the last seconds, answering a user's repeats and next pages.
     cache: PredictionCache,
+    /// Items changed at run time: the last check of every answer.
+    catalog: Arc<Catalog>,
 }
 
 /// One client stack per leaf, built once.
@@ -164,7 +170,11 @@ impl Pipeline {
         let rank = RankRouting::new(stable, canary, config.canary.share_percent, config.canary.salt.clone());
         let popular = Arc::new(seed_popular(&config));
         let cache = PredictionCache::new(config.prediction_cache.clone());
-        Ok(Self { clients, rank, config, popular_fallback: RwLock::new(popular), cache })
+        let catalog = Catalog::follow(&CatalogConfig {
+            feature: config.downstream.feature.clone(),
+            poll_ms: config.catalog_poll_ms,
+        });
+        Ok(Self { clients, rank, config, popular_fallback: RwLock::new(popular), cache, catalog })
     }
 
     pub fn config(&self) -> &Config {
@@ -189,15 +199,33 @@ impl Pipeline {
         // The track is part of the cached answer: an operator's canary change applies at once.
         let route = plan.track.track.name();
         if let Some(cached) = self.cache.get(&query, asked, route) {
-            return Ok(RecommendResponse { request_id, from_cache: true, ..cached });
+            let mut response = RecommendResponse { request_id, from_cache: true, ..cached };
+            self.drop_unservable(&mut response);
+            return Ok(response);
         }
         let cache_key = self.cache.enabled().then(|| (query.clone(), self.cache.ticket(query.user_id.as_str())));
         let mut response = self.compute(query, plan, deadline, request_id).await;
         if let Some((query, ticket)) = cache_key {
             self.cache.put(&query, route, &response, ticket);
         }
+        self.drop_unservable(&mut response);
         response.items.truncate(asked as usize);
         Ok(response)
+    }
+
+    /// Removes items the run-time catalogue retired or marked out of stock since the list
+    /// was computed (a cached list, a fallback that skipped recall or rerank), keeping
+    /// positions contiguous. Recall and rerank filter them too; this is the guarantee.
+    fn drop_unservable(&self, response: &mut RecommendResponse) {
+        let records = self.catalog.get_many(response.items.iter().map(|item| item.item_id.as_str()));
+        if records.iter().flatten().all(|item| servable(item)) {
+            return;
+        }
+        let mut records = records.into_iter();
+        response.items.retain(|_| records.next().flatten().is_none_or(|item| servable(&item)));
+        for (position, item) in response.items.iter_mut().enumerate() {
+            item.rank = position as u32 + 1;
+        }
     }
 
     /// One pass through the four services.
@@ -209,14 +237,16 @@ impl Pipeline {
         request_id: String,
     ) -> RecommendResponse {
         let started = Instant::now();
-        let user = self.fetch_user(&query, deadline).await;
+        let mut user = self.fetch_user(&query, deadline).await;
+        // Only rerank's exposure control reads the impressions: recall and rank never carry them.
+        let impressions = std::mem::take(&mut user.value.recent_impressions);
         let (recalled, user_features) = self.recall(&query, &plan, user.value, deadline).await;
         let recall_traces = query.debug.then(|| recall_traces(&recalled.value.candidates));
         let recalled_count = recalled.value.candidates.len();
         let bundle_version = recalled.value.bundle_version.clone();
         let ranked = self.rank(&query, &plan, user_features, recalled.value, deadline).await;
         let ranked_count = ranked.value.items.len();
-        let reranked = self.rerank(&query, &plan, &bundle_version, ranked.value.items, deadline).await;
+        let reranked = self.rerank(&query, &plan, &bundle_version, ranked.value.items, impressions, deadline).await;
         let served = Served {
             degraded: [
                 (Stage::Feature, user.degraded),
@@ -365,6 +395,7 @@ impl Pipeline {
         plan: &Plan,
         bundle_version: &str,
         ranked: Vec<RerankCandidate>,
+        recent_impressions: Vec<Impression>,
         deadline: Deadline,
     ) -> Outcome<Vec<RerankedItem>> {
         let request = Arc::new(RerankRequest {
@@ -372,6 +403,12 @@ impl Pipeline {
             top_k: query.top_k,
             relevance_weight: plan.relevance_weight,
             bundle_version: bundle_version.to_string(),
+            scene: query.scene.clone().unwrap_or_default(),
+            experiments: plan.experiments.clone(),
+            context: query.context.iter().map(|(key, value)| (key.clone(), value.clone())).collect(),
+            request_time: query.request_time.map_or(0, |time| time.0),
+            recent_impressions,
+            debug: query.debug,
         });
         let call = self.clients.rerank.call(Arc::clone(&request), deadline.for_calls());
         match self.run_stage(Stage::Rerank, call).await {
@@ -381,7 +418,12 @@ impl Pipeline {
                 let top_k = ranked.into_iter().take(query.top_k as usize);
                 Outcome::fallback(
                     top_k
-                        .map(|item| RerankedItem { item_id: item.item_id, score: item.score, rerank_score: item.score })
+                        .map(|item| RerankedItem {
+                            item_id: item.item_id,
+                            score: item.score,
+                            rerank_score: item.score,
+                            rules: Vec::new(),
+                        })
                         .collect(),
                 )
             }
@@ -411,6 +453,7 @@ impl Pipeline {
                         coarse_score,
                         fine_score,
                         rerank_score: item.rerank_score,
+                        rules: item.rules.clone(),
                     }
                 });
                 RecommendedItem { item_id: item.item_id, score: item.score, rank: position as u32 + 1, trace }

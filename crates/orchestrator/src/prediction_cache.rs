@@ -224,6 +224,8 @@ impl PredictionCache {
         route.hash(&mut hasher);
         query.scene.hash(&mut hasher);
         query.request_time.map(|time| time.0).hash(&mut hasher);
+        // Rules compare with the context (region, age), so it is part of the answer.
+        query.context.hash(&mut hasher);
         hasher.finish()
     }
 }
@@ -241,6 +243,7 @@ mod tests {
             request_time: None,
             exclude_item_ids: excluded.iter().map(|id| ItemId::parse("item", id.to_string()).unwrap()).collect(),
             debug: false,
+            context: Default::default(),
         }
     }
 

@@ -57,6 +57,9 @@ pub struct Config {
     pub follow_current_ms: u64,
     /// The deployment check a new version passes before it serves.
     pub quality_gate: QualityGate,
+    /// The run-time catalogue followed from feature-svc: retired and out-of-stock items
+    /// are left out of every channel.
+    pub catalog: recsys_runtime::catalog::CatalogConfig,
 }
 
 /// Per channel: how many items it proposes (0 disables it) and its weight in fusion.
@@ -121,6 +124,7 @@ impl Default for Config {
             channels: ChannelSettings::default(),
             follow_current_ms: 2_000,
             quality_gate: QualityGate::default(),
+            catalog: recsys_runtime::catalog::CatalogConfig::default(),
         }
     }
 }
@@ -163,7 +167,9 @@ pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<
     let max_message_bytes = config.server.max_message_bytes;
     let options = config.server.serve_options();
     let admin = ModelAdminGrpc::new(SERVICE_BINARY, Arc::clone(&registry)).into_server();
-    let service = RecallGrpc::new(registry, config).into_server().max_decoding_message_size(max_message_bytes);
+    let service = RecallGrpc::new(registry, recsys_runtime::catalog::Catalog::follow(&config.catalog), config)
+        .into_server()
+        .max_decoding_message_size(max_message_bytes);
     let routes = tonic::service::Routes::new(service).add_service(admin);
     recsys_runtime::serve(listener, &[SERVICE_NAME, MODEL_ADMIN_SERVICE_NAME], routes, options, shutdown).await?;
     Ok(())

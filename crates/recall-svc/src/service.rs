@@ -11,6 +11,7 @@ use recsys_proto::{
         Candidate, ChannelScore, ChannelWeight, RecallRequest, RecallResponse,
     },
 };
+use recsys_runtime::catalog::Catalog;
 use tonic::{Request, Response, Status};
 
 use crate::{
@@ -31,12 +32,14 @@ static CHANNEL_CANDIDATES: std::sync::LazyLock<prometheus::HistogramVec> = std::
 #[derive(Clone)]
 pub struct RecallGrpc {
     registry: Arc<Registry<RecallIndex>>,
+    /// Items changed at run time; the unservable ones are excluded like the user's history.
+    catalog: Arc<Catalog>,
     config: Arc<Config>,
 }
 
 impl RecallGrpc {
-    pub fn new(registry: Arc<Registry<RecallIndex>>, config: Config) -> Self {
-        Self { registry, config: Arc::new(config) }
+    pub fn new(registry: Arc<Registry<RecallIndex>>, catalog: Arc<Catalog>, config: Config) -> Self {
+        Self { registry, catalog, config: Arc::new(config) }
     }
 
     pub fn into_server(self) -> RecallServiceServer<Self> {
@@ -67,16 +70,18 @@ impl RecallGrpc {
         // it are pinned to it, and this request finishes on it whatever changes meanwhile.
         let (_, index) = self.registry.current();
         let request_index = Arc::clone(&index);
+        let unservable = self.catalog.unservable();
         // The user's signals (vectors, item-to-item scores) and what to leave out, computed
         // once off the async workers and shared by every channel.
         let request = tokio::task::spawn_blocking(move || {
             let index = request_index;
             let embeddings = &index.embeddings;
-            // The one place the request path removes seen and excluded items.
+            // The one place the request path removes seen, excluded and unservable items.
             let excluded: ExcludedItems = user
                 .history_item_ids
                 .iter()
                 .chain(&exclude_item_ids)
+                .chain(unservable.iter())
                 .filter_map(|id| embeddings.item_position(id))
                 .collect();
             let signals = index.signals(&user.user_id, &user.history_item_ids);

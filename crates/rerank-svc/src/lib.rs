@@ -1,11 +1,15 @@
-//! rerank-svc: shapes the final list. It trades relevance for genre diversity with
-//! maximal marginal relevance (MMR) over the window the orchestrator sends, so a top 10
-//! is not ten near-identical items. (Exclusions were applied by recall.)
+//! rerank-svc: shapes the final list under business control. Over the window the
+//! orchestrator sends it drops what the run-time catalogue says cannot be served, applies
+//! the rules file (filters, boosts, freshness, exposure, caps, pins — `rules.rs`, in the
+//! order of `policy.rs`) and trades relevance for genre diversity with maximal marginal
+//! relevance (MMR), so a top 10 is not ten near-identical items.
 
 #![forbid(unsafe_code)]
 
 mod error;
 mod mmr;
+mod policy;
+pub mod rules;
 mod service;
 
 use std::{future::Future, path::PathBuf, sync::Arc};
@@ -13,12 +17,14 @@ use std::{future::Future, path::PathBuf, sync::Arc};
 use recsys_bundle::{BundleError, QualityGate, Registry};
 use recsys_runtime::model_admin::{ModelAdminGrpc, MODEL_ADMIN_SERVICE_NAME};
 
-use recsys_runtime::{server::ServiceConfig, ServerConfig};
+use recsys_runtime::{catalog::CatalogConfig, server::ServiceConfig, ServerConfig};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
 pub use error::{RerankError, Result};
-pub use mmr::{diversify, GenreIndex, Picked};
+pub use mmr::BundleItems;
+pub use policy::{arrange, ListRequest, Placed, CATALOG_RULE};
+pub use rules::{LiveRules, RuleSet};
 pub use service::RerankGrpc;
 
 pub const SERVICE_NAME: &str = "recsys.v1.RerankService";
@@ -39,6 +45,13 @@ pub struct Config {
     pub follow_current_ms: u64,
     /// The deployment check a new version passes before it serves.
     pub quality_gate: QualityGate,
+    /// The business rules file (`deploy/rerank/rules.toml` documents every kind); none:
+    /// no rules beyond the catalogue's availability.
+    pub rules: Option<PathBuf>,
+    /// How often the rules file is checked for changes (0: never).
+    pub rules_reload_ms: u64,
+    /// The run-time catalogue followed from feature-svc.
+    pub catalog: CatalogConfig,
 }
 
 impl Default for Config {
@@ -49,6 +62,9 @@ impl Default for Config {
             relevance_weight: 0.9,
             follow_current_ms: 2_000,
             quality_gate: QualityGate::default(),
+            rules: Some(PathBuf::from("deploy/rerank/rules.toml")),
+            rules_reload_ms: 1_000,
+            catalog: CatalogConfig::default(),
         }
     }
 }
@@ -60,14 +76,14 @@ impl ServiceConfig for Config {
 }
 
 /// The bundle registry of rerank-svc: each version's item genres.
-pub fn open_registry(config: &Config) -> anyhow::Result<Arc<Registry<GenreIndex>>> {
+pub fn open_registry(config: &Config) -> anyhow::Result<Arc<Registry<BundleItems>>> {
     let registry = Registry::open_shared(
         SERVICE_BINARY,
         &config.bundle,
         config.quality_gate.clone(),
         config.follow_current_ms,
         |dir, manifest| {
-            GenreIndex::load(dir).map_err(|error| match error {
+            BundleItems::load(dir).map_err(|error| match error {
                 RerankError::Bundle(error) => error,
                 other => BundleError::Rejected { version: manifest.version.clone(), reason: other.to_string() },
             })
@@ -78,10 +94,14 @@ pub fn open_registry(config: &Config) -> anyhow::Result<Arc<Registry<GenreIndex>
 
 pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let registry = open_registry(&config)?;
+    let rules = Arc::new(LiveRules::open(config.rules.as_deref()).map_err(anyhow::Error::msg)?);
+    Arc::clone(&rules).watch(std::time::Duration::from_millis(config.rules_reload_ms));
+    let catalog = recsys_runtime::catalog::Catalog::follow(&config.catalog);
     let max_message_bytes = config.server.max_message_bytes;
     let options = config.server.serve_options();
     let admin = ModelAdminGrpc::new(SERVICE_BINARY, Arc::clone(&registry)).into_server();
-    let service = RerankGrpc::new(registry, config).into_server().max_decoding_message_size(max_message_bytes);
+    let service =
+        RerankGrpc::new(registry, rules, catalog, config).into_server().max_decoding_message_size(max_message_bytes);
     let routes = tonic::service::Routes::new(service).add_service(admin);
     recsys_runtime::serve(listener, &[SERVICE_NAME, MODEL_ADMIN_SERVICE_NAME], routes, options, shutdown).await?;
     Ok(())

@@ -1,30 +1,51 @@
-//! gRPC surface of rerank-svc.
+//! gRPC surface of rerank-svc: the request's checks, then the policy (`policy.rs`) under
+//! the rules its scene and experiment variants select.
 
 use std::{collections::HashSet, sync::Arc};
 
 use recsys_bundle::Registry;
 use recsys_proto::{
-    limits::{MAX_CANDIDATES, MAX_ID_BYTES, MAX_TOP_K},
+    limits::{MAX_CANDIDATES, MAX_CONTEXT_ENTRIES, MAX_ID_BYTES, MAX_SCENE_BYTES, MAX_TOP_K},
     v1::{
         rerank_service_server::{RerankService, RerankServiceServer},
         RerankRequest, RerankResponse, RerankedItem,
     },
 };
-use recsys_runtime::model_admin::version_for;
+use recsys_runtime::{catalog::Catalog, model_admin::version_for};
 use tonic::{Request, Response, Status};
 
-use crate::{diversify, Config, GenreIndex, RerankError};
+use crate::{arrange, BundleItems, Config, ListRequest, LiveRules, RerankError};
+
+/// Impressions accepted per request (the feature store keeps fewer).
+const MAX_IMPRESSIONS: usize = 1_000;
+
+/// What each rule did, summed over requests: the dashboard of business rules.
+static RULE_ACTIONS: std::sync::LazyLock<prometheus::IntCounterVec> = std::sync::LazyLock::new(|| {
+    prometheus::register_int_counter_vec!(
+        "recsys_rerank_rule_actions_total",
+        "Items each rerank rule acted on, by action (filter, boost, freshness, exposure, cap, pin)",
+        &["rule", "action"]
+    )
+    .expect("metric registers once")
+});
 
 #[derive(Clone)]
 pub struct RerankGrpc {
     /// Item genres by bundle version.
-    registry: Arc<Registry<GenreIndex>>,
+    registry: Arc<Registry<BundleItems>>,
+    rules: Arc<LiveRules>,
+    catalog: Arc<Catalog>,
     config: Arc<Config>,
 }
 
 impl RerankGrpc {
-    pub fn new(registry: Arc<Registry<GenreIndex>>, config: Config) -> Self {
-        Self { registry, config: Arc::new(config) }
+    pub fn new(
+        registry: Arc<Registry<BundleItems>>,
+        rules: Arc<LiveRules>,
+        catalog: Arc<Catalog>,
+        config: Config,
+    ) -> Self {
+        Self { registry, rules, catalog, config: Arc::new(config) }
     }
 
     pub fn into_server(self) -> RerankServiceServer<Self> {
@@ -32,50 +53,101 @@ impl RerankGrpc {
     }
 }
 
+fn invalid<T>(message: String) -> Result<T, Status> {
+    Err(RerankError::InvalidArgument(message).into())
+}
+
 #[tonic::async_trait]
 impl RerankService for RerankGrpc {
     async fn rerank(&self, request: Request<RerankRequest>) -> Result<Response<RerankResponse>, Status> {
-        let RerankRequest { candidates, top_k, relevance_weight, bundle_version } = request.into_inner();
+        let RerankRequest {
+            candidates,
+            top_k,
+            relevance_weight,
+            bundle_version,
+            scene,
+            experiments,
+            context,
+            request_time,
+            recent_impressions,
+            debug,
+        } = request.into_inner();
         if top_k == 0 || top_k > MAX_TOP_K {
-            return Err(RerankError::InvalidArgument(format!("top_k must be between 1 and {MAX_TOP_K}")).into());
+            return invalid(format!("top_k must be between 1 and {MAX_TOP_K}"));
         }
         if candidates.len() > MAX_CANDIDATES {
-            return Err(RerankError::InvalidArgument(format!(
-                "{} candidates; at most {MAX_CANDIDATES} allowed",
-                candidates.len()
-            ))
-            .into());
+            return invalid(format!("{} candidates; at most {MAX_CANDIDATES} allowed", candidates.len()));
         }
         if bundle_version.len() > MAX_ID_BYTES {
-            return Err(
-                RerankError::InvalidArgument(format!("bundle_version is longer than {MAX_ID_BYTES} bytes")).into()
-            );
+            return invalid(format!("bundle_version is longer than {MAX_ID_BYTES} bytes"));
+        }
+        if scene.len() > MAX_SCENE_BYTES {
+            return invalid(format!("scene is longer than {MAX_SCENE_BYTES} bytes"));
+        }
+        if context.len() > MAX_CONTEXT_ENTRIES {
+            return invalid(format!("context has {} entries; at most {MAX_CONTEXT_ENTRIES} allowed", context.len()));
+        }
+        if recent_impressions.len() > MAX_IMPRESSIONS {
+            return invalid(format!(
+                "{} recent_impressions; at most {MAX_IMPRESSIONS} allowed",
+                recent_impressions.len()
+            ));
+        }
+        if request_time < 0 {
+            return invalid(format!("request_time {request_time} is negative"));
+        }
+        let relevance_weight = relevance_weight.unwrap_or(self.config.relevance_weight);
+        if !(0.0..=1.0).contains(&relevance_weight) {
+            return invalid(format!("relevance_weight {relevance_weight} is outside [0, 1]"));
+        }
+        if let Some(bad) = candidates.iter().position(|c| !c.score.is_finite()) {
+            return invalid(format!("candidates[{bad}].score is not a finite number"));
         }
         // The genres of the bundle recall proposed from.
-        let genres = version_for(&self.registry, &bundle_version).await.map_err(|error| {
+        let bundle = version_for(&self.registry, &bundle_version).await.map_err(|error| {
             RerankError::PinnedBundleUnavailable {
                 served: self.registry.current_version(),
                 pinned: bundle_version,
                 reason: error.to_string(),
             }
         })?;
-        let relevance_weight = relevance_weight.unwrap_or(self.config.relevance_weight);
-        if !(0.0..=1.0).contains(&relevance_weight) {
-            return Err(
-                RerankError::InvalidArgument(format!("relevance_weight {relevance_weight} is outside [0, 1]")).into()
-            );
-        }
         // The orchestrator chose the window; a duplicate id would only mean a bad caller.
         let mut seen = HashSet::new();
         let allowed: Vec<(String, f32)> =
             candidates.into_iter().filter(|c| seen.insert(c.item_id.clone())).map(|c| (c.item_id, c.score)).collect();
-        let picked = tracing::info_span!("mmr", candidates = allowed.len())
-            .in_scope(|| diversify(&allowed, top_k as usize, relevance_weight, &genres));
+        let variants: Vec<String> =
+            experiments.iter().map(|assignment| format!("{}/{}", assignment.layer, assignment.variant)).collect();
+        let rule_set = self.rules.current();
+        let rules = rule_set.for_request(&scene, &variants);
+        let now_ms = if request_time > 0 { request_time.saturating_mul(1000) } else { now_ms() };
+        let list_request = ListRequest {
+            candidates: &allowed,
+            top_k: top_k as usize,
+            relevance_weight,
+            context: &context,
+            now_ms,
+            impressions: &recent_impressions,
+            debug,
+        };
+        let (placed, firings) = tracing::info_span!("rules_and_mmr", candidates = allowed.len(), rules = rules.len())
+            .in_scope(|| arrange(&list_request, &rules, &bundle, &self.catalog));
+        for ((rule, action), count) in firings {
+            RULE_ACTIONS.with_label_values(&[rule.as_str(), action]).inc_by(count);
+        }
         Ok(Response::new(RerankResponse {
-            items: picked
+            items: placed
                 .into_iter()
-                .map(|p| RerankedItem { item_id: p.item_id, score: p.score, rerank_score: p.mmr_score })
+                .map(|p| RerankedItem {
+                    item_id: p.item_id,
+                    score: p.score,
+                    rerank_score: p.rerank_score,
+                    rules: p.effects,
+                })
                 .collect(),
         }))
     }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_millis() as i64)
 }

@@ -2,6 +2,7 @@
 //! logs, binds and serves gRPC (with health, reflection and graceful shutdown), and
 //! connects to the services it calls. Service crates hold only their own domain logic.
 
+pub mod catalog;
 pub mod client;
 pub mod config;
 pub mod metrics;

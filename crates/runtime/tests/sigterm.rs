@@ -22,7 +22,7 @@ impl RerankService for SlowRerank {
     async fn rerank(&self, _: Request<RerankRequest>) -> Result<Response<RerankResponse>, Status> {
         tokio::time::sleep(Duration::from_millis(800)).await;
         Ok(Response::new(RerankResponse {
-            items: vec![RerankedItem { item_id: "finished".into(), score: 1.0, rerank_score: 1.0 }],
+            items: vec![RerankedItem { item_id: "finished".into(), score: 1.0, rerank_score: 1.0, rules: Vec::new() }],
         }))
     }
 }

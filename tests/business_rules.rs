@@ -1,0 +1,164 @@
+//! rerank's business rules and the run-time catalogue on a real cluster: each rule kind
+//! acting through the public API, catalogue changes reaching the list without a new
+//! bundle, and a bad rules file refused while the previous rules keep serving.
+
+use std::{
+    collections::HashMap,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use cluster_tests::{Cluster, ClusterOptions, Service};
+use recsys_proto::v1::{
+    catalog_service_client::CatalogServiceClient, recommender_client::RecommenderClient, CatalogItem, Event, EventType,
+    LogEventsRequest, RecommendRequest, RecommendResponse, RetireItemsRequest, UpsertItemsRequest,
+};
+
+const USER: &str = "196";
+
+const RULES: &str = r#"
+[[rule]]
+name = "genre_cap"
+kind = "cap"
+attribute = "category"
+max_per_list = 4
+strict = true
+
+[[rule]]
+name = "promoted_slot"
+kind = "pin"
+when = [{ attribute = "promoted", op = "eq", value = true }]
+positions = [2]
+
+[[rule]]
+name = "fresh"
+kind = "freshness"
+half_life_days = 1
+weight = 3.0
+
+[[rule]]
+name = "fatigue"
+kind = "exposure"
+max_impressions = 2
+window_hours = 24
+"#;
+
+async fn recommend(cluster: &Cluster) -> RecommendResponse {
+    let mut client = RecommenderClient::new(cluster.channel(Service::Orchestrator));
+    let request = RecommendRequest { user_id: USER.into(), top_k: 10, debug: true, ..RecommendRequest::default() };
+    client.recommend(request).await.expect("recommend succeeds").into_inner()
+}
+
+fn ids(response: &RecommendResponse) -> Vec<String> {
+    response.items.iter().map(|item| item.item_id.clone()).collect()
+}
+
+/// Asks until `check` holds (catalogue and rules changes apply within a poll interval).
+async fn eventually(cluster: &Cluster, what: &str, check: impl Fn(&RecommendResponse) -> bool) -> RecommendResponse {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let response = recommend(cluster).await;
+        if check(&response) {
+            return response;
+        }
+        assert!(Instant::now() < deadline, "{what} did not happen within 5 s: {:?}", ids(&response));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn effects<'a>(response: &'a RecommendResponse, item_id: &str) -> Vec<(&'a str, &'a str)> {
+    let item = response.items.iter().find(|item| item.item_id == item_id).expect("item is in the list");
+    let trace = item.trace.as_ref().expect("debug traces");
+    trace.rules.iter().map(|effect| (effect.rule.as_str(), effect.action.as_str())).collect()
+}
+
+/// Every genre appears at most `max` times among the list's items.
+fn assert_capped(response: &RecommendResponse, genres: &HashMap<String, Vec<String>>, max: usize) {
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    for item in &response.items {
+        for genre in &genres[&item.item_id] {
+            *counts.entry(genre).or_default() += 1;
+        }
+    }
+    assert!(counts.values().all(|&count| count <= max), "genre counts {counts:?}");
+}
+
+fn rule_actions(rule: &str, action: &str) -> u64 {
+    recsys_runtime::metrics::render()
+        .lines()
+        .filter(|line| line.starts_with("recsys_rerank_rule_actions_total{"))
+        .filter(|line| line.contains(&format!("rule=\"{rule}\"")) && line.contains(&format!("action=\"{action}\"")))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_rule_kind_acts_on_the_served_list_and_a_bad_rules_file_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules_path = dir.path().join("rules.toml");
+    std::fs::write(&rules_path, RULES).unwrap();
+    let options = ClusterOptions { rules: Some(rules_path.clone()), ..ClusterOptions::default() };
+    let cluster = Cluster::start_with(options).await.expect("cluster starts");
+    let genres = bundle_genres(cluster.bundle());
+    let mut catalog = CatalogServiceClient::new(cluster.channel(Service::Feature));
+
+    // A cap holds: no genre more than four times in the top 10.
+    let first = recommend(&cluster).await;
+    assert_eq!(first.items.len(), 10, "{:?}", ids(&first));
+    assert_capped(&first, &genres, 4);
+    assert!(rule_actions("genre_cap", "cap") > 0, "the cap refused items and was counted");
+
+    // A retired item disappears from the next response, whatever proposed it.
+    let retired = first.items[0].item_id.clone();
+    catalog.retire_items(RetireItemsRequest { item_ids: vec![retired.clone()] }).await.expect("retire");
+    let after_retire = eventually(&cluster, "the retired item leaving", |r| !ids(r).contains(&retired)).await;
+    assert_capped(&after_retire, &genres, 4);
+
+    // A promoted item lands in its pinned slot.
+    let promoted = after_retire.items[6].item_id.clone();
+    let upsert = CatalogItem { item_id: promoted.clone(), promoted: true, ..CatalogItem::default() };
+    catalog.upsert_items(UpsertItemsRequest { items: vec![upsert] }).await.expect("upsert");
+    let pinned = eventually(&cluster, "the pin", |r| r.items.get(1).is_some_and(|item| item.item_id == promoted)).await;
+    assert!(effects(&pinned, &promoted).contains(&("promoted_slot", "pin")));
+
+    // Freshness lifts an item published now above everything else.
+    let fresh = pinned.items[9].item_id.clone();
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let upsert = CatalogItem { item_id: fresh.clone(), publish_time_ms: now_ms, ..CatalogItem::default() };
+    catalog.upsert_items(UpsertItemsRequest { items: vec![upsert] }).await.expect("upsert");
+    let lifted = eventually(&cluster, "the freshness lift", |r| r.items[0].item_id == fresh).await;
+    assert!(effects(&lifted, &fresh).contains(&("fresh", "freshness")));
+    assert_eq!(lifted.items[1].item_id, promoted, "the pin keeps its slot");
+
+    // An item shown twice stops appearing (impressions logged through the public API).
+    let shown = lifted.items[0].item_id.clone();
+    let impression = |n: i64| Event {
+        user_id: USER.into(),
+        item_id: shown.clone(),
+        r#type: EventType::Impression as i32,
+        timestamp_ms: now_ms + n,
+        event_id: format!("rules-test-impression-{n}"),
+        ..Event::default()
+    };
+    let mut recommender = RecommenderClient::new(cluster.channel(Service::Orchestrator));
+    let logged = recommender.log_events(LogEventsRequest { events: vec![impression(1)] }).await.expect("logged");
+    assert_eq!(logged.into_inner().accepted, 1);
+    assert!(ids(&recommend(&cluster).await).contains(&shown), "shown once: still served");
+    recommender.log_events(LogEventsRequest { events: vec![impression(2)] }).await.expect("logged");
+    assert!(!ids(&recommend(&cluster).await).contains(&shown), "shown twice within a day: filtered");
+
+    // A rules file that fails the checks is refused; the previous rules keep serving.
+    std::fs::write(&rules_path, RULES.replace("max_per_list = 4", "max_per_list = 0")).unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let still = recommend(&cluster).await;
+    assert_eq!(still.items[1].item_id, promoted, "the pin still serves");
+    assert_capped(&still, &genres, 4);
+    // A good one replaces them: without the pin the promoted item leaves slot 2.
+    let without_pin = RULES.replace("kind = \"pin\"", "enabled = false\nkind = \"pin\"");
+    std::fs::write(&rules_path, without_pin).unwrap();
+    eventually(&cluster, "the reloaded rules", |r| r.items.get(1).is_none_or(|item| item.item_id != promoted)).await;
+}
+
+fn bundle_genres(dir: &Path) -> HashMap<String, Vec<String>> {
+    recsys_bundle::read_catalog(dir).expect("bundle catalog").into_iter().map(|item| (item.id, item.genres)).collect()
+}

@@ -29,3 +29,10 @@ def test_broken_template_is_caught(tmp_path):
     with open(broken / "templates" / "services.yaml", "a") as f:
         f.write("\n{{ .Values.missing.field }}\n")
     assert errors(lint(broken, {}))
+
+
+def test_the_chart_ships_the_documented_rules_file():
+    # The chart cannot read outside its directory, so it carries a copy of the rules file
+    # that `make run` serves; they must not drift apart.
+    shipped = CHART.parents[1] / "deploy" / "rerank" / "rules.toml"
+    assert (CHART / "files" / "rules.toml").read_text() == shipped.read_text()

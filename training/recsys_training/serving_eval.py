@@ -60,11 +60,14 @@ REPRODUCIBILITY_TOLERANCE = 0.005
 
 
 def serve_and_collect(bin_dir: Path, bundles: Path, train_dir: Path, users_file: Path, out: Path, ablation: bool,
-                      fine_variant: str = "teacher") -> list[dict]:
+                      fine_variant: str = "teacher", rules: Path | None = None) -> list[dict]:
     command = [str(bin_dir / "recsys-eval"), "--bin-dir", str(bin_dir), "--bundle", str(bundles), "--seed", str(train_dir),
                "--users", str(users_file), "--out", str(out)]
-    # rank-svc reads its configuration from the environment (RECSYS_RANK__SECTION__KEY).
+    # The services read their configuration from the environment (RECSYS_RANK__SECTION__KEY);
+    # rerank-svc serves deploy/rerank/rules.toml unless told another rules file.
     env = {**os.environ, "RECSYS_RANK__MODELS__FINE_VARIANT": fine_variant}
+    if rules is not None:
+        env["RECSYS_RERANK__RULES"] = str(rules)
     subprocess.run(command + (["--ablation"] if ablation else []), check=True, env=env)
     return [json.loads(line) for line in out.read_text().splitlines()]
 
@@ -79,6 +82,29 @@ def score(relevant: dict[str, set[str]], answers: list[dict], step: str | None =
     return {key: round(report[key], 6) for key in METRIC_KEYS}, metrics.ndcg_ci95()
 
 
+def catalogue_coverage(answers: list[dict], catalogue_size: int) -> float:
+    """Share of the catalogue recommended to at least one user."""
+    shown = {item for answer in answers for item in answer["items"]}
+    return len(shown) / max(catalogue_size, 1)
+
+
+def rules_effect(work: Path, bin_dir: Path, train_dir: Path, relevant, with_rules: list[dict]) -> dict:
+    """The default business rules' cost and effect: the first run (served with
+    deploy/rerank/rules.toml) against the same bundle served with an empty rules file."""
+    no_rules = work / "no-rules.toml"
+    no_rules.write_text("# no business rules: the catalogue's availability and MMR only\n")
+    without = serve_and_collect(bin_dir, work / "bundles-eval-run1", train_dir, work / "users.txt",
+                                work / "predictions-without-rules.jsonl", False, rules=no_rules)
+    with open(train_dir / "items.csv") as f:
+        catalogue_size = sum(1 for _ in csv.DictReader(f))
+    return {
+        "ndcg@10_without_rules": score(relevant, without)[0]["ndcg@10"],
+        "ndcg@10_with_rules": score(relevant, with_rules)[0]["ndcg@10"],
+        "coverage_without_rules": round(catalogue_coverage(without, catalogue_size), 6),
+        "coverage_with_rules": round(catalogue_coverage(with_rules, catalogue_size), 6),
+    }
+
+
 def one_run(work: Path, bin_dir: Path, config: TrainConfig, name: str, ablation: bool, relevant, train_dir: Path) -> dict:
     bundles = work / f"bundles-{name}"
     published = train_bundle(train_dir, bundles, config, version=name)
@@ -87,7 +113,7 @@ def one_run(work: Path, bin_dir: Path, config: TrainConfig, name: str, ablation:
     users_file.write_text("\n".join(sorted(relevant)) + "\n")
     answers = serve_and_collect(bin_dir, bundles, train_dir, users_file, work / f"predictions-{name}.jsonl", ablation)
     served, _ = score(relevant, answers)
-    result = {"metrics": served, "users": len(answers), "model_version": manifest["version"],
+    result = {"metrics": served, "users": len(answers), "model_version": manifest["version"], "answers": answers,
               "ranker_auc": {k: manifest["metrics"][k] for k in ("coarse_auc", "fine_auc", "coarse_auc_recall_candidates",
                                                                   "fine_auc_recall_candidates")},
               "fine_model": manifest["feature_config"]["fine_model"]}
@@ -119,6 +145,10 @@ def print_table(result: dict) -> None:
     for variant, row in result["fine_variants"].items():
         print(f"fine model {variant:<8} served nDCG@10 {row['ndcg@10']:.4f} "
               f"({row.get('ndcg@10_delta', 0.0):+.4f}), held-out AUC {row['auc']:.4f} ({row.get('auc_delta', 0.0):+.4f})")
+    rules = result["rerank_rules"]
+    print(f"default business rules (deploy/rerank/rules.toml): nDCG@10 {rules['ndcg@10_without_rules']:.4f} without, "
+          f"{rules['ndcg@10_with_rules']:.4f} with; catalogue coverage {rules['coverage_without_rules']:.4f} without, "
+          f"{rules['coverage_with_rules']:.4f} with")
     repro = result["reproducibility"]
     print(f"reproducibility: {repro['runs']} runs with seed {repro['seed']}, largest metric difference "
           f"{repro['max_abs_difference']:.4f} (tolerance {REPRODUCIBILITY_TOLERANCE})")
@@ -145,6 +175,7 @@ def run(data_dir: Path, work: Path, bin_dir: Path, report: Path, seed: int = 42,
         fine_variants[variant] = {"ndcg@10": served["ndcg@10"], "auc": manifest[f"{variant}_auc"],
                                   "ndcg@10_delta": round(served["ndcg@10"] - first["metrics"]["ndcg@10"], 6),
                                   "auc_delta": manifest[f"{variant}_auc_delta"]}
+    rerank_rules = rules_effect(work, bin_dir, train_dir, relevant, first["answers"])
     differences = [abs(r["metrics"][k] - first["metrics"][k]) for r in results[1:] for k in METRIC_KEYS]
     max_difference = round(max(differences, default=0.0), 6)
     result = {
@@ -156,6 +187,7 @@ def run(data_dir: Path, work: Path, bin_dir: Path, report: Path, seed: int = 42,
         "fine_model": first["fine_model"],
         "sparse_item_to_item": {**sparse["metrics"], "ranker_auc": sparse["ranker_auc"]},
         "fine_variants": fine_variants,
+        "rerank_rules": rerank_rules,
         "reproducibility": {
             "runs": len(results), "seed": seed, "metrics": [r["metrics"] for r in results],
             "max_abs_difference": max_difference, "tolerance": REPRODUCIBILITY_TOLERANCE,

@@ -129,7 +129,7 @@ impl Cluster {
         for leaf in Leaf::ALL {
             let metrics = if settings.metrics { Some(free_port().await?) } else { None };
             metrics_addresses.extend(metrics);
-            children.insert(leaf, spawn_leaf(&settings, leaf, addresses[&leaf], metrics)?);
+            children.insert(leaf, spawn_leaf(&settings, leaf, &addresses, metrics)?);
         }
         let metrics = if settings.metrics { Some(free_port().await?) } else { None };
         metrics_addresses.extend(metrics);
@@ -181,7 +181,7 @@ impl Cluster {
 
     /// Starts the leaf again on its old port and returns when it reports SERVING.
     pub async fn restart(&mut self, leaf: Leaf) -> anyhow::Result<Instant> {
-        let child = spawn_leaf(&self.settings, leaf, self.addresses[&leaf], None)?;
+        let child = spawn_leaf(&self.settings, leaf, &self.addresses, None)?;
         self.children.insert(leaf, child);
         wait_serving(self.addresses[&leaf], Duration::from_secs(60)).await?;
         Ok(Instant::now())
@@ -198,9 +198,10 @@ impl Cluster {
 fn spawn_leaf(
     settings: &Settings,
     leaf: Leaf,
-    address: SocketAddr,
+    addresses: &HashMap<Leaf, SocketAddr>,
     metrics: Option<SocketAddr>,
 ) -> anyhow::Result<Child> {
+    let address = addresses[&leaf];
     let prefix = leaf.env_prefix();
     let mut command = Command::new(settings.bin_dir.join(leaf.binary()));
     // Metrics only on free ports: the fixed defaults would clash with a running `make run`.
@@ -217,8 +218,14 @@ fn spawn_leaf(
                 .env(format!("{prefix}__SEED_DIR"), &settings.seed)
                 .env(format!("{prefix}__STORE__PATH"), settings.state.join("features.redb"));
         }
-        _ => {
+        Leaf::Rank => {
             command.env(format!("{prefix}__BUNDLE"), &settings.bundle);
+        }
+        Leaf::Recall | Leaf::Rerank => {
+            // They follow this cluster's catalogue, not one at the default address.
+            command
+                .env(format!("{prefix}__BUNDLE"), &settings.bundle)
+                .env(format!("{prefix}__CATALOG__FEATURE"), addresses[&Leaf::Feature].to_string());
         }
     }
     spawn_logged(command, &settings.logs.join(format!("{}.log", leaf.binary())))

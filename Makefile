@@ -4,7 +4,7 @@ SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
 ENV := source target/recsys.env
 
-.PHONY: run test bootstrap build bundle test-rust test-python test-scale-parity eval-scale synthetic-seed lint fmt clean-state chaos durability bench-observability eval bench-recall bench-rank bench-features synthetic-bundle
+.PHONY: run test bootstrap build bundle test-rust test-python test-scale-parity eval-scale synthetic-seed lint fmt clean-state chaos durability bench-observability eval bench-recall bench-rank bench-features bench-rerank synthetic-bundle
 
 # Bootstrap (Python, data, bundle) and the Rust build are independent: run them side by side.
 # DATASET=synthetic runs the cluster on the catalogue-scale synthetic bundle instead (a
@@ -114,6 +114,14 @@ bench-rank: bootstrap synthetic-bundle
 	  --feature-config $(BENCH_RANK)/features-deepfm.toml > $(BENCH_RANK)/train-deepfm.log
 	$(ENV) && target/release/bench-rank --din models/bundles --deepfm $(BENCH_RANK)/deepfm \
 	  --catalogue $(SYNTH_BUNDLES) --python "$$RECSYS_PYTHON" --work $(BENCH_RANK) --bin-dir target/release
+
+# rerank-svc at catalogue scale: the shipped rules and 10,000 run-time catalogue records,
+# on ML-100k and on the million-item synthetic bundle, release build, over gRPC. Writes
+# target/reports/bench-rerank.json.
+bench-rerank: bootstrap synthetic-bundle
+	@echo "==> release build of feature-svc, rerank-svc and the benchmark"
+	cargo build --release -p feature-svc -p rerank-svc -p recsys-chaos --bin feature-svc --bin rerank-svc --bin bench-rerank
+	$(ENV) && target/release/bench-rerank --catalogue $(SYNTH_BUNDLES)
 
 # The feature store at scale, both backends (embedded redb, Redis with appendfsync always):
 # reads of one user + 1000 items, durable ingestion, click-to-visible, 20 kill -9 cycles

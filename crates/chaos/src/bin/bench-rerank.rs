@@ -140,7 +140,7 @@ async fn measure(address: SocketAddr, ids: &[String], args: &Args, rng: &mut Rng
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     std::fs::create_dir_all(&args.work)?;
-    let mut rng = Rng(0x7e7a_4b);
+    let mut rng = Rng(0x7e7a_4b00);
     let bundles = [("ml100k", args.small.clone()), ("1m", args.catalogue.clone())];
     let mut item_ids = HashMap::new();
     for (name, root) in &bundles {
@@ -173,7 +173,8 @@ async fn main() -> anyhow::Result<()> {
     let mut catalog = CatalogServiceClient::connect(format!("http://{feature}")).await?;
     let mut since = 0;
     loop {
-        let page = catalog.catalog_changes(CatalogChangesRequest { since_revision: since, limit: 0 }).await?.into_inner();
+        let page =
+            catalog.catalog_changes(CatalogChangesRequest { since_revision: since, limit: 0 }).await?.into_inner();
         stored += page.items.len();
         since = page.revision;
         if !page.more {
@@ -234,6 +235,5 @@ async fn main() -> anyhow::Result<()> {
         "startup_s_1m": round(large.4, 2),
     });
     recsys_chaos::write_report(&args.out, &report)?;
-    println!("report written to {}", args.out.display());
     Ok(())
 }

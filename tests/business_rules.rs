@@ -76,7 +76,7 @@ fn effects<'a>(response: &'a RecommendResponse, item_id: &str) -> Vec<(&'a str, 
 fn assert_capped(response: &RecommendResponse, genres: &HashMap<String, Vec<String>>, max: usize) {
     let mut counts: HashMap<&str, usize> = HashMap::new();
     for item in &response.items {
-        for genre in &genres[&item.item_id] {
+        for genre in genres.get(&item.item_id).into_iter().flatten() {
             *counts.entry(genre).or_default() += 1;
         }
     }
@@ -147,16 +147,37 @@ async fn each_rule_kind_acts_on_the_served_list_and_a_bad_rules_file_changes_not
     recommender.log_events(LogEventsRequest { events: vec![impression(2)] }).await.expect("logged");
     assert!(!ids(&recommend(&cluster).await).contains(&shown), "shown twice within a day: filtered");
 
+    // A new item no bundle knows is served at once: recall's cold-start channel proposes
+    // it from the run-time catalogue, rank passes it on unscored, freshness lifts it.
+    let new_item = CatalogItem {
+        item_id: "new-item-1".into(),
+        publish_time_ms: now_ms,
+        category: "Drama".into(),
+        ..CatalogItem::default()
+    };
+    catalog.upsert_items(UpsertItemsRequest { items: vec![new_item] }).await.expect("upsert");
+    let served_new = eventually(&cluster, "the new item", |r| ids(r).contains(&"new-item-1".to_string())).await;
+    assert!(effects(&served_new, "new-item-1").contains(&("fresh", "freshness")));
+    let trace = served_new.items.iter().find(|item| item.item_id == "new-item-1").unwrap().trace.clone().unwrap();
+    assert_eq!(trace.recall_channels, ["cold_start"]);
+
     // A rules file that fails the checks is refused; the previous rules keep serving.
-    std::fs::write(&rules_path, RULES.replace("max_per_list = 4", "max_per_list = 0")).unwrap();
+    replace(&rules_path, &RULES.replace("max_per_list = 4", "max_per_list = 0"));
     tokio::time::sleep(Duration::from_millis(500)).await;
     let still = recommend(&cluster).await;
     assert_eq!(still.items[1].item_id, promoted, "the pin still serves");
     assert_capped(&still, &genres, 4);
     // A good one replaces them: without the pin the promoted item leaves slot 2.
     let without_pin = RULES.replace("kind = \"pin\"", "enabled = false\nkind = \"pin\"");
-    std::fs::write(&rules_path, without_pin).unwrap();
+    replace(&rules_path, &without_pin);
     eventually(&cluster, "the reloaded rules", |r| r.items.get(1).is_none_or(|item| item.item_id != promoted)).await;
+}
+
+/// Replaces a rules file the way an operator (or Kubernetes) should: write, then rename.
+fn replace(path: &Path, text: &str) {
+    let staged = path.with_extension("toml.new");
+    std::fs::write(&staged, text).unwrap();
+    std::fs::rename(&staged, path).unwrap();
 }
 
 fn bundle_genres(dir: &Path) -> HashMap<String, Vec<String>> {

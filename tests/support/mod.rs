@@ -146,7 +146,11 @@ impl Cluster {
             ..feature_svc::Config::default()
         };
         // Catalogue changes reach recall and rerank quickly, so tests need not wait long.
-        let catalog = recsys_runtime::catalog::CatalogConfig { feature: address(Service::Feature), poll_ms: 50 };
+        let catalog = recsys_runtime::catalog::CatalogConfig {
+            feature: address(Service::Feature),
+            poll_ms: 50,
+            startup_wait_ms: 30_000,
+        };
         let recall_config = recall_svc::Config {
             server: server_config(&listeners[&Service::Recall]),
             catalog: catalog.clone(),

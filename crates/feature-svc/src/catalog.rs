@@ -126,9 +126,9 @@ impl CatalogService for CatalogGrpc {
             0 => MAX_CATALOG_ITEMS_PER_CALL,
             n => n.min(MAX_CATALOG_ITEMS_PER_CALL),
         };
-        let items = self.store.catalog_changes(since_revision, limit).await?;
+        let (items, head_revision) = self.store.catalog_changes(since_revision, limit).await?;
         let revision = items.last().map_or(since_revision, |item| item.revision);
         let more = items.len() == limit;
-        Ok(Response::new(CatalogChangesResponse { items, revision, more }))
+        Ok(Response::new(CatalogChangesResponse { items, revision, more, head_revision }))
     }
 }

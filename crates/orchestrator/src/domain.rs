@@ -197,8 +197,8 @@ fn check_context(context: &HashMap<String, String>) -> Result<Option<RequestTime
     context
         .get(REQUEST_TIME_CONTEXT_KEY)
         .map(|value| match value.trim().parse::<i64>() {
-            Ok(seconds) => Ok(RequestTime(seconds)),
-            Err(_) => invalid(format!("context[{REQUEST_TIME_CONTEXT_KEY:?}] = {value:?} is not Unix seconds")),
+            Ok(seconds) if seconds >= 0 => Ok(RequestTime(seconds)),
+            _ => invalid(format!("context[{REQUEST_TIME_CONTEXT_KEY:?}] = {value:?} is not Unix seconds (>= 0)")),
         })
         .transpose()
 }
@@ -245,7 +245,9 @@ mod tests {
     fn the_request_time_is_parsed_once_here() {
         let mut bad = request();
         bad.context.insert(REQUEST_TIME_CONTEXT_KEY.into(), "tomorrow".into());
-        assert_eq!(rejection(bad), "context[\"request_time\"] = \"tomorrow\" is not Unix seconds");
+        assert_eq!(rejection(bad.clone()), "context[\"request_time\"] = \"tomorrow\" is not Unix seconds (>= 0)");
+        bad.context.insert(REQUEST_TIME_CONTEXT_KEY.into(), "-1".into());
+        assert!(rejection(bad).contains("is not Unix seconds"), "a negative time is refused at the edge");
         let mut good = request();
         good.context.insert(REQUEST_TIME_CONTEXT_KEY.into(), " 893286638".into());
         assert_eq!(RecommendQuery::try_from(good).unwrap().request_time, Some(RequestTime(893_286_638)));

@@ -170,9 +170,11 @@ impl Pipeline {
         let rank = RankRouting::new(stable, canary, config.canary.share_percent, config.canary.salt.clone());
         let popular = Arc::new(seed_popular(&config));
         let cache = PredictionCache::new(config.prediction_cache.clone());
+        // No start-up wait: recall and rerank filter first; this is the backstop.
         let catalog = Catalog::follow(&CatalogConfig {
             feature: config.downstream.feature.clone(),
             poll_ms: config.catalog_poll_ms,
+            startup_wait_ms: 0,
         });
         Ok(Self { clients, rank, config, popular_fallback: RwLock::new(popular), cache, catalog })
     }
@@ -199,16 +201,19 @@ impl Pipeline {
         // The track is part of the cached answer: an operator's canary change applies at once.
         let route = plan.track.track.name();
         if let Some(cached) = self.cache.get(&query, asked, route) {
-            let mut response = RecommendResponse { request_id, from_cache: true, ..cached };
-            self.drop_unservable(&mut response);
-            return Ok(response);
+            let mut response = RecommendResponse { request_id: request_id.clone(), from_cache: true, ..cached };
+            // A cached list that lost an item to the catalogue since is computed afresh
+            // (it would come back short).
+            if !self.drop_unservable(&mut response) {
+                return Ok(response);
+            }
         }
         let cache_key = self.cache.enabled().then(|| (query.clone(), self.cache.ticket(query.user_id.as_str())));
         let mut response = self.compute(query, plan, deadline, request_id).await;
         if let Some((query, ticket)) = cache_key {
             self.cache.put(&query, route, &response, ticket);
         }
-        self.drop_unservable(&mut response);
+        let _ = self.drop_unservable(&mut response);
         response.items.truncate(asked as usize);
         Ok(response)
     }
@@ -216,16 +221,18 @@ impl Pipeline {
     /// Removes items the run-time catalogue retired or marked out of stock since the list
     /// was computed (a cached list, a fallback that skipped recall or rerank), keeping
     /// positions contiguous. Recall and rerank filter them too; this is the guarantee.
-    fn drop_unservable(&self, response: &mut RecommendResponse) {
+    /// Returns whether it removed any.
+    fn drop_unservable(&self, response: &mut RecommendResponse) -> bool {
         let records = self.catalog.get_many(response.items.iter().map(|item| item.item_id.as_str()));
         if records.iter().flatten().all(|item| servable(item)) {
-            return;
+            return false;
         }
         let mut records = records.into_iter();
         response.items.retain(|_| records.next().flatten().is_none_or(|item| servable(&item)));
         for (position, item) in response.items.iter_mut().enumerate() {
             item.rank = position as u32 + 1;
         }
+        true
     }
 
     /// One pass through the four services.

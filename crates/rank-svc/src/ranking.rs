@@ -211,6 +211,7 @@ impl Ranker {
     /// catalogue position and embedding inner product come with it and are used as they are.
     pub fn candidates(&self, candidates: &[Candidate], scored_here: bool) -> Result<Candidates> {
         let mut items = Vec::with_capacity(candidates.len());
+        let mut unscored = Vec::new();
         let mut embedding_scores = scored_here.then(|| Vec::with_capacity(candidates.len()));
         for (index, candidate) in candidates.iter().enumerate() {
             let item = match candidate.position {
@@ -228,7 +229,10 @@ impl Ranker {
                 }
                 _ => match self.embeddings.item_position(&candidate.item_id) {
                     Some(item) => item,
-                    None => continue,
+                    None => {
+                        unscored.push(candidate.item_id.clone());
+                        continue;
+                    }
                 },
             };
             items.push(item);
@@ -245,7 +249,7 @@ impl Ranker {
                 (_, None) => {}
             }
         }
-        Ok(Candidates { items, embedding_scores })
+        Ok(Candidates { items, embedding_scores, unscored })
     }
 
     /// Positions of the known items among `item_ids` (unknown ids are dropped: they
@@ -412,7 +416,7 @@ impl Ranker {
         coarse_keep: usize,
         request_time: i64,
     ) -> Result<Vec<RankedCandidate>> {
-        let candidates = Candidates { items: items.to_vec(), embedding_scores: None };
+        let candidates = Candidates { items: items.to_vec(), embedding_scores: None, unscored: Vec::new() };
         self.rank_candidates(user, &candidates, coarse_keep, request_time)
     }
 
@@ -487,6 +491,9 @@ impl Ranker {
 pub struct Candidates {
     pub items: Vec<usize>,
     pub embedding_scores: Option<Vec<f32>>,
+    /// Candidates this bundle does not hold (new run-time catalogue items recall's
+    /// cold-start channel proposed): no model can score them, so they are passed on last.
+    pub unscored: Vec<String>,
 }
 
 /// The candidates that survived the coarse cut, best first with their coarse scores, and

@@ -81,43 +81,52 @@ impl RankService for RankGrpc {
         let ranker = Arc::clone(&version.ranker);
         // The models run on a blocking thread; carry the request's span there.
         let span = tracing::Span::current();
-        let ranked = match &version.batcher {
+        let (ranked, unscored) = match &version.batcher {
             None => {
                 blocking(move || {
                     let _entered = span.enter();
                     let candidates = ranker.candidates(&candidates, scored_here)?;
-                    ranker.rank_candidates(&user, &candidates, coarse_keep, request_time)
+                    let ranked = ranker.rank_candidates(&user, &candidates, coarse_keep, request_time)?;
+                    Ok::<_, RankError>((ranked, candidates.unscored))
                 })
                 .await??
             }
             Some(batcher) => {
                 let arriving = batcher.arriving();
-                let stage = blocking(move || {
+                let (stage, unscored) = blocking(move || {
                     let _entered = span.enter();
                     let candidates = ranker.candidates(&candidates, scored_here)?;
-                    ranker.coarse_stage(&user, &candidates, coarse_keep, request_time)
+                    let stage = ranker.coarse_stage(&user, &candidates, coarse_keep, request_time)?;
+                    Ok::<_, RankError>((stage, candidates.unscored))
                 })
                 .await??;
                 let fine = batcher
                     .score(stage.inputs, arriving)
                     .instrument(tracing::info_span!("fine", batched = true))
                     .await?;
-                version.ranker.finish(stage.coarse, fine)
+                (version.ranker.finish(stage.coarse, fine), unscored)
             }
         };
-        let keep = if fine_keep == 0 { ranked.len() } else { fine_keep as usize };
-        Ok(Response::new(RankResponse {
-            items: ranked
-                .into_iter()
-                .take(keep)
-                .map(|candidate| RankedItem {
-                    item_id: version.ranker.item_id(candidate.item).to_string(),
-                    coarse_score: candidate.coarse_score,
-                    fine_score: candidate.fine_score,
-                })
-                .collect(),
-            model_version: version.ranker.version().to_string(),
-        }))
+        let keep = if fine_keep == 0 { ranked.len() + unscored.len() } else { fine_keep as usize };
+        // Unscored new items take at most a fifth of the window, after the scored ones,
+        // with the lowest score kept (rerank's freshness and pins decide their place).
+        let unscored_kept = unscored.len().min(keep.div_ceil(5));
+        let mut items: Vec<RankedItem> = ranked
+            .into_iter()
+            .take(keep - unscored_kept)
+            .map(|candidate| RankedItem {
+                item_id: version.ranker.item_id(candidate.item).to_string(),
+                coarse_score: candidate.coarse_score,
+                fine_score: candidate.fine_score,
+            })
+            .collect();
+        let lowest = items.last().map_or((0.0, 0.0), |item| (item.coarse_score, item.fine_score));
+        items.extend(unscored.into_iter().take(unscored_kept).map(|item_id| RankedItem {
+            item_id,
+            coarse_score: lowest.0,
+            fine_score: lowest.1,
+        }));
+        Ok(Response::new(RankResponse { items, model_version: version.ranker.version().to_string() }))
     }
 }
 

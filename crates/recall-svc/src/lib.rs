@@ -60,6 +60,12 @@ pub struct Config {
     /// The run-time catalogue followed from feature-svc: retired and out-of-stock items
     /// are left out of every channel.
     pub catalog: recsys_runtime::catalog::CatalogConfig,
+    /// New items from the run-time catalogue that no bundle knows yet (published within
+    /// `new_item_days`), newest first, which the cold-start channel proposes beside the
+    /// bundle's candidates (0: none). rank-svc cannot score them and passes them on last;
+    /// rerank's rules (freshness, pins) decide where they show.
+    pub new_items: usize,
+    pub new_item_days: u32,
 }
 
 /// Per channel: how many items it proposes (0 disables it) and its weight in fusion.
@@ -125,6 +131,8 @@ impl Default for Config {
             follow_current_ms: 2_000,
             quality_gate: QualityGate::default(),
             catalog: recsys_runtime::catalog::CatalogConfig::default(),
+            new_items: 10,
+            new_item_days: 30,
         }
     }
 }
@@ -167,9 +175,8 @@ pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<
     let max_message_bytes = config.server.max_message_bytes;
     let options = config.server.serve_options();
     let admin = ModelAdminGrpc::new(SERVICE_BINARY, Arc::clone(&registry)).into_server();
-    let service = RecallGrpc::new(registry, recsys_runtime::catalog::Catalog::follow(&config.catalog), config)
-        .into_server()
-        .max_decoding_message_size(max_message_bytes);
+    let catalog = recsys_runtime::catalog::Catalog::follow_synced(&config.catalog).await;
+    let service = RecallGrpc::new(registry, catalog, config).into_server().max_decoding_message_size(max_message_bytes);
     let routes = tonic::service::Routes::new(service).add_service(admin);
     recsys_runtime::serve(listener, &[SERVICE_NAME, MODEL_ADMIN_SERVICE_NAME], routes, options, shutdown).await?;
     Ok(())

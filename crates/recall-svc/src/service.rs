@@ -71,6 +71,10 @@ impl RecallGrpc {
         let (_, index) = self.registry.current();
         let request_index = Arc::clone(&index);
         let unservable = self.catalog.unservable();
+        let cold_start_weight =
+            weights[Channel::ColdStart as usize].unwrap_or(self.config.channels.quota(Channel::ColdStart).weight);
+        let newest = (cold_start_weight > 0.0 && self.config.new_items > 0).then(|| self.catalog.newest());
+        let (new_count, new_since_ms) = (self.config.new_items, new_items_since_ms(self.config.new_item_days));
         // The user's signals (vectors, item-to-item scores) and what to leave out, computed
         // once off the async workers and shared by every channel.
         let request = tokio::task::spawn_blocking(move || {
@@ -84,8 +88,20 @@ impl RecallGrpc {
                 .chain(unservable.iter())
                 .filter_map(|id| embeddings.item_position(id))
                 .collect();
+            // New items no bundle knows yet, for the cold-start channel (unseen, not excluded).
+            let new_items: Vec<String> = newest
+                .iter()
+                .flat_map(|newest| newest.iter())
+                .take_while(|item| item.publish_time_ms >= new_since_ms)
+                .filter(|item| embeddings.item_position(&item.item_id).is_none())
+                .filter(|item| {
+                    !user.history_item_ids.contains(&item.item_id) && !exclude_item_ids.contains(&item.item_id)
+                })
+                .take(new_count)
+                .map(|item| item.item_id.clone())
+                .collect();
             let signals = index.signals(&user.user_id, &user.history_item_ids);
-            Arc::new(UserRequest { signals, excluded })
+            Arc::new(UserRequest { signals, excluded, new_items })
         })
         .await
         .map_err(|error| RecallError::Internal(format!("preparing the request failed: {error}")))?;
@@ -117,7 +133,10 @@ impl RecallGrpc {
                 ChannelList { channel, weight, items }
             })
             .collect();
-        let fused = fuse_channels(&lists, &request.excluded, self.config.rrf_k, limit);
+        // New run-time items take the last places of the list, proposed by the cold-start
+        // channel; position 0 says no bundle holds them.
+        let fused_limit = limit.saturating_sub(request.new_items.len());
+        let fused = fuse_channels(&lists, &request.excluded, self.config.rrf_k, fused_limit);
         let candidates = fused
             .into_iter()
             .map(|candidate| Candidate {
@@ -133,6 +152,16 @@ impl RecallGrpc {
                     })
                     .collect(),
             })
+            .chain(request.new_items.iter().enumerate().map(|(n, item_id)| Candidate {
+                item_id: item_id.clone(),
+                position: 0,
+                score: 0.0,
+                channel_scores: vec![ChannelScore {
+                    channel: Channel::ColdStart as i32,
+                    score: 1.0,
+                    rank: n as u32 + 1,
+                }],
+            }))
             .collect();
         Ok(RecallResponse { candidates, bundle_version: index.version.clone() })
     }
@@ -142,6 +171,14 @@ impl RecallGrpc {
 struct UserRequest {
     signals: UserSignals,
     excluded: ExcludedItems,
+    /// Run-time catalogue items no bundle knows, newest first.
+    new_items: Vec<String>,
+}
+
+/// The oldest publish time a new run-time item may have, in Unix ms.
+fn new_items_since_ms(days: u32) -> i64 {
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+    now_ms - i64::from(days) * 86_400_000
 }
 
 /// Fusion weight overrides by channel number. The orchestrator checked them when its

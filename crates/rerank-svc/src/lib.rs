@@ -96,7 +96,7 @@ pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<
     let registry = open_registry(&config)?;
     let rules = Arc::new(LiveRules::open(config.rules.as_deref()).map_err(anyhow::Error::msg)?);
     Arc::clone(&rules).watch(std::time::Duration::from_millis(config.rules_reload_ms));
-    let catalog = recsys_runtime::catalog::Catalog::follow(&config.catalog);
+    let catalog = recsys_runtime::catalog::Catalog::follow_synced(&config.catalog).await;
     let max_message_bytes = config.server.max_message_bytes;
     let options = config.server.serve_options();
     let admin = ModelAdminGrpc::new(SERVICE_BINARY, Arc::clone(&registry)).into_server();

@@ -96,7 +96,7 @@ impl Caps {
     }
 
     /// Whether candidate `n` would break a strict cap.
-    fn breaks_strict(&self, n: usize) -> bool {
+    pub fn breaks_strict(&self, n: usize) -> bool {
         self.caps.iter().zip(&self.counts).zip(&self.strict).any(|(((max, values), counts), &strict)| {
             strict && values[n].iter().any(|value| counts.get(value).copied().unwrap_or(0) >= *max)
         })
@@ -160,8 +160,17 @@ pub fn diversify(
             max_similarity[n] = max_similarity[n].max(genres.similarity(ids[n], ids[best]));
         }
     }
-    let missing = top_k.saturating_sub(picked.len());
-    picked.extend(parked.into_iter().take(missing));
+    // Backfilled items still count, and a strict cap still holds: the counts grew since
+    // an item was parked.
+    for pick in parked {
+        if picked.len() >= top_k {
+            break;
+        }
+        if !caps.breaks_strict(pick.index) {
+            caps.count(pick.index);
+            picked.push(pick);
+        }
+    }
     picked
 }
 
@@ -218,6 +227,15 @@ mod tests {
         caps.add(1, true, genre_values());
         assert_eq!(picked(1.0, 3, &mut caps), ["action1", "comedy"]);
         assert_eq!(caps.refused, [1]);
+    }
+
+    #[test]
+    fn a_backfill_never_breaks_a_strict_cap() {
+        let mut caps = Caps::default();
+        caps.add(1, false, genre_values());
+        // All three from one seller, at most two of them.
+        caps.add(2, true, vec![vec!["s1".into()]; 3]);
+        assert_eq!(picked(1.0, 3, &mut caps), ["action1", "comedy"], "action2 would be the seller's third");
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! The final list, in the documented order: items the run-time catalogue marks retired or
 //! out of stock are dropped whatever proposed them, then the request's rules run by kind
-//! — hard filters → boosts, freshness and exposure (score changes, in file order within a
-//! kind) → diversity (MMR) with per-list caps → pins — so a filter can never be undone by
-//! a boost, caps hold for everything MMR picks, and a pinned slot is exact.
+//! — hard filters → score changes (boosts, freshness, exposure, in file order) → pins
+//! choose their items → diversity (MMR) with per-list caps fills the other slots → pins
+//! take their positions — so a filter can never be undone by a boost, caps hold for
+//! everything picked (strict ones also for pins and backfill), and a pinned slot is exact.
 
 use std::{borrow::Cow, collections::HashMap, sync::Arc};
 
@@ -208,12 +209,22 @@ pub fn arrange(
     let mut pinned: Vec<(u32, usize, &str)> = Vec::new();
     for rule in rules {
         if let Action::Pin { when, positions } = &rule.action {
+            // Only slots the list has: a pin past top_k must not take its item out of it.
+            let mut free: Vec<u32> = positions
+                .iter()
+                .copied()
+                .filter(|&p| p as usize <= request.top_k && pinned.iter().all(|(taken, _, _)| *taken != p))
+                .collect();
+            free.sort_unstable();
             let mut matching: Vec<usize> = pool.iter().copied().filter(|&n| views[n].meets(when, request)).collect();
             matching.sort_by(|&a, &b| relevance[b].total_cmp(&relevance[a]).then(a.cmp(&b)));
-            let mut free: Vec<u32> =
-                positions.iter().copied().filter(|p| pinned.iter().all(|(taken, _, _)| taken != p)).collect();
-            free.sort_unstable();
-            for (position, n) in free.into_iter().zip(matching) {
+            let mut slots = free.into_iter();
+            for n in matching {
+                // A strict cap holds for pinned items too.
+                if caps.breaks_strict(n) {
+                    continue;
+                }
+                let Some(position) = slots.next() else { break };
                 pinned.push((position, n, rule.name.as_str()));
                 pool.retain(|&m| m != n);
                 caps.count(n);
@@ -221,7 +232,6 @@ pub fn arrange(
             }
         }
     }
-    pinned.retain(|(position, _, _)| (*position as usize) <= request.top_k);
     pinned.sort_unstable();
 
     let wanted = request.top_k.saturating_sub(pinned.len());
@@ -231,6 +241,11 @@ pub fn arrange(
             *firings.entry((name.to_string(), "cap")).or_default() += refused;
         }
     }
+    let soft_caps: Vec<&str> = rules
+        .iter()
+        .filter(|rule| matches!(rule.action, Action::Cap { strict: false, .. }))
+        .map(|rule| rule.name.as_str())
+        .collect();
     let mut list: Vec<Placed> = picks
         .into_iter()
         .map(|pick| Placed {
@@ -242,8 +257,9 @@ pub fn arrange(
                 if pick.backfill && request.debug {
                     let score = relevance[pick.index];
                     item_effects.push(RuleEffect {
-                        rule: "cap_backfill".into(),
-                        action: "cap".into(),
+                        // Served past the soft caps, the window having nothing else left.
+                        rule: soft_caps.join(","),
+                        action: "cap_backfill".into(),
                         score_before: score,
                         score_after: score,
                         position: 0,
@@ -255,16 +271,17 @@ pub fn arrange(
         .collect();
     for (position, n, rule) in pinned {
         let mut item_effects = std::mem::take(&mut effects[n]);
+        // A list shorter than the slot puts the item last: the effect says where it is.
+        let at = (position as usize - 1).min(list.len());
         if request.debug {
             item_effects.push(RuleEffect {
                 rule: rule.to_string(),
                 action: "pin".into(),
                 score_before: relevance[n],
                 score_after: relevance[n],
-                position,
+                position: at as u32 + 1,
             });
         }
-        let at = (position as usize - 1).min(list.len());
         list.insert(
             at,
             Placed { item_id: ids[n].to_string(), score: scores[n], rerank_score: relevance[n], effects: item_effects },
@@ -455,6 +472,19 @@ mod tests {
         assert_eq!(ids(&list), ["i0", "i1", "i9", "i2"]);
         assert_eq!(list[2].effects.last().unwrap().position, 3);
         assert!(firings[&("genre_cap".to_string(), "cap")] >= 1);
+    }
+
+    #[test]
+    fn a_pin_past_the_list_leaves_its_item_to_the_ranking() {
+        let catalog = catalog(vec![CatalogItem { promoted: true, ..record("i1") }]);
+        let rules = r#"
+            [[rule]]
+            name = "slot"
+            kind = "pin"
+            when = [{ attribute = "promoted", op = "eq", value = true }]
+            positions = [5]
+        "#;
+        assert_eq!(ids(&run(rules, &catalog, &[], 2).0), ["i0", "i1"]);
     }
 
     #[test]

@@ -21,8 +21,9 @@
 //! request's. Among applicable rules of one name the most specific wins (a variant rule
 //! over a scene rule over a general one), so an experiment arm overrides a default by
 //! naming it again, or switches it off with `enabled = false`. The kinds run in a fixed
-//! order whatever the file's order (`apply.rs`): filters, then boosts / freshness /
-//! exposure, then diversity with caps, then pins.
+//! order whatever the file's order (`policy.rs`): filters, then boosts / freshness /
+//! exposure (in file order), then pins choose their items, diversity with caps fills the
+//! other slots, and pins take their positions.
 
 use std::collections::{HashMap, HashSet};
 
@@ -96,7 +97,9 @@ fn one() -> f32 {
 }
 
 /// `attribute op value`, or `attribute op context[key]` with the request's context. An item
-/// without the attribute, or a request without the context key, does not meet it.
+/// without the attribute does not meet it; a request without the context key does not
+/// either, unless `context_missing = "meets"` (a compliance filter that fails closed: an
+/// age-rated item is dropped for a request that does not say the user's age).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Condition {
@@ -104,6 +107,16 @@ pub struct Condition {
     pub op: Op,
     pub value: Option<Literal>,
     pub context: Option<String>,
+    #[serde(default)]
+    pub context_missing: ContextMissing,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ContextMissing {
+    #[default]
+    Fails,
+    Meets,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -147,7 +160,7 @@ impl Condition {
             (Some(value), _) => value.text(),
             (None, Some(key)) => match context.get(key) {
                 Some(value) => value.clone(),
-                None => return false,
+                None => return self.context_missing == ContextMissing::Meets,
             },
             (None, None) => return false,
         };
@@ -245,6 +258,12 @@ impl Rule {
                 if condition.value.is_some() == condition.context.is_some() {
                     return Err(format!(
                         "the condition on {:?} needs exactly one of `value` and `context`",
+                        condition.attribute
+                    ));
+                }
+                if condition.context.is_none() && condition.context_missing != ContextMissing::Fails {
+                    return Err(format!(
+                        "the condition on {:?} sets context_missing without a context",
                         condition.attribute
                     ));
                 }
@@ -393,6 +412,7 @@ mod tests {
             op,
             value,
             context: context.map(String::from),
+            context_missing: ContextMissing::Fails,
         };
         let context = HashMap::from([("user_age".to_string(), "16".to_string())]);
         let older_than_user = condition(Op::Gt, None, Some("user_age"));
@@ -400,6 +420,9 @@ mod tests {
         assert!(!older_than_user.holds(Some("9"), &context), "9 < 16 as numbers, not as text");
         assert!(!older_than_user.holds(None, &context), "no attribute: not met");
         assert!(!condition(Op::Gt, None, Some("region")).holds(Some("18"), &context), "no context: not met");
+        let closed = Condition { context_missing: ContextMissing::Meets, ..condition(Op::Gt, None, Some("region")) };
+        assert!(closed.holds(Some("18"), &context), "fails closed without the context");
+        assert!(!closed.holds(None, &context), "but an item without the attribute is not restricted");
         let has = condition(Op::Has, Some(Literal::Text("US".into())), None);
         assert!(has.holds(Some("CA|US"), &context));
         assert!(!has.holds(Some("USA"), &context));

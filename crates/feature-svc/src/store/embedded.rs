@@ -289,10 +289,11 @@ impl FeatureStore for EmbeddedStore {
         .await
     }
 
-    async fn catalog_changes(&self, since: u64, limit: usize) -> Result<Vec<CatalogItem>> {
+    async fn catalog_changes(&self, since: u64, limit: usize) -> Result<(Vec<CatalogItem>, u64)> {
         self.read(move |txn| {
             let records = txn.open_table(CATALOG)?;
             let log = txn.open_table(CATALOG_LOG)?;
+            let head = log.last()?.map_or(0, |(revision, _)| revision.value());
             let mut items = Vec::new();
             for entry in log.range(since + 1..)?.take(limit) {
                 let (revision, item_id) = entry?;
@@ -305,7 +306,7 @@ impl FeatureStore for EmbeddedStore {
                 })?;
                 items.push(item);
             }
-            Ok(items)
+            Ok((items, head))
         })
         .await
     }

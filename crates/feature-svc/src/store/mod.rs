@@ -97,8 +97,9 @@ pub trait FeatureStore: Send + Sync + 'static {
     async fn upsert_catalog(&self, items: Vec<CatalogItem>) -> Result<u64>;
 
     /// Up to `limit` records changed after revision `since`, by ascending revision, each
-    /// with its revision set. An item changed twice appears once, at its latest revision.
-    async fn catalog_changes(&self, since: u64, limit: usize) -> Result<Vec<CatalogItem>>;
+    /// with its revision set (an item changed twice appears once, at its latest revision),
+    /// and the catalogue's latest revision.
+    async fn catalog_changes(&self, since: u64, limit: usize) -> Result<(Vec<CatalogItem>, u64)>;
 }
 
 /// A catalogue record as stored: the proto encoding (fields can be added safely), with

@@ -785,9 +785,11 @@ impl FeatureStore for RedisStore {
         invocation.invoke_async(&mut self.connection.clone()).await.map_err(|error| self.error(error))
     }
 
-    async fn catalog_changes(&self, since: u64, limit: usize) -> Result<Vec<CatalogItem>> {
-        let [records, log, _] = self.catalog_keys();
-        let changed: Vec<(String, u64)> = redis::cmd("ZRANGEBYSCORE")
+    async fn catalog_changes(&self, since: u64, limit: usize) -> Result<(Vec<CatalogItem>, u64)> {
+        let [records, log, revision] = self.catalog_keys();
+        // One slot: one pipeline, also on a cluster.
+        let (changed, head): (Vec<(String, u64)>, Option<u64>) = redis::pipe()
+            .cmd("ZRANGEBYSCORE")
             .arg(&log)
             .arg(format!("({since}"))
             .arg("+inf")
@@ -795,11 +797,13 @@ impl FeatureStore for RedisStore {
             .arg("LIMIT")
             .arg(0)
             .arg(limit)
+            .get(&revision)
             .query_async(&mut self.connection.clone())
             .await
             .map_err(|error| self.error(error))?;
+        let head = head.unwrap_or(0);
         if changed.is_empty() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), head));
         }
         let mut read = redis::cmd("HMGET");
         read.arg(&records);
@@ -821,7 +825,8 @@ impl FeatureStore for RedisStore {
                 let bytes = bytes.ok_or_else(|| corrupt("logged without a record".into()))?;
                 decode_catalog(&bytes, revision).map_err(|error| corrupt(error.to_string()))
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()
+            .map(|items| (items, head))
     }
 
     /// Pages through the user buckets' logs in bucket order, each oldest first. The cursor

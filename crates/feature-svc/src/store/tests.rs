@@ -286,19 +286,20 @@ async fn catalogue_changes_are_durable_ordered_and_one_per_item() {
         ..CatalogItem::default()
     };
     for (name, store) in backends.open(None, 10).await {
-        assert!(store.catalog_changes(0, 10).await.unwrap().is_empty(), "{name}");
+        assert_eq!(store.catalog_changes(0, 10).await.unwrap(), (Vec::new(), 0), "{name}");
         assert_eq!(store.upsert_catalog(vec![record("a", false), record("b", false)]).await.unwrap(), 2, "{name}");
         assert_eq!(store.upsert_catalog(vec![record("a", true)]).await.unwrap(), 3, "{name}");
     }
     // Reopened: what was written is there, each item once at its latest revision.
     for (name, store) in backends.open(None, 10).await {
-        let changes = store.catalog_changes(0, 10).await.unwrap();
+        let (changes, head) = store.catalog_changes(0, 10).await.unwrap();
+        assert_eq!(head, 3, "{name}");
         let seen: Vec<(&str, u64, bool)> =
             changes.iter().map(|item| (item.item_id.as_str(), item.revision, item.promoted)).collect();
         assert_eq!(seen, [("b", 2, false), ("a", 3, true)], "{name}");
         assert_eq!(changes[1].attributes["seller"], "s1", "{name}");
-        assert_eq!(store.catalog_changes(2, 10).await.unwrap().len(), 1, "{name}");
-        assert_eq!(store.catalog_changes(0, 1).await.unwrap()[0].item_id, "b", "{name}: pages by revision");
-        assert!(store.catalog_changes(3, 10).await.unwrap().is_empty(), "{name}");
+        assert_eq!(store.catalog_changes(2, 10).await.unwrap().0.len(), 1, "{name}");
+        assert_eq!(store.catalog_changes(0, 1).await.unwrap().0[0].item_id, "b", "{name}: pages by revision");
+        assert_eq!(store.catalog_changes(3, 10).await.unwrap(), (Vec::new(), 3), "{name}");
     }
 }

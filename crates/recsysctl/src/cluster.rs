@@ -74,11 +74,23 @@ pub async fn recommend(address: &str, user: &str, top_k: u32, debug: bool, bundl
         let title = titles.get(&item.item_id).map_or("?", String::as_str);
         print!("{:>4}  {:>7}  {:>8.4}  {title}", item.rank, item.item_id, item.score);
         if let Some(trace) = &item.trace {
+            let rules: Vec<String> = trace
+                .rules
+                .iter()
+                .map(|effect| match effect.position {
+                    0 => format!(
+                        "{} {} {:.3}→{:.3}",
+                        effect.rule, effect.action, effect.score_before, effect.score_after
+                    ),
+                    slot => format!("{} {} @{slot}", effect.rule, effect.action),
+                })
+                .collect();
             print!(
-                "   [{}; coarse {:.3}, fine {:.3}]",
+                "   [{}; coarse {:.3}, fine {:.3}{}]",
                 trace.recall_channels.join("+"),
                 trace.coarse_score,
-                trace.fine_score
+                trace.fine_score,
+                if rules.is_empty() { String::new() } else { format!("; rules: {}", rules.join(", ")) }
             );
         }
         println!();

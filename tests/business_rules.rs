@@ -41,6 +41,12 @@ name = "fatigue"
 kind = "exposure"
 max_impressions = 2
 window_hours = 24
+
+[[rule]]
+name = "trending"
+kind = "boost"
+when = [{ attribute = "clicks_1h", op = "ge", value = 2 }]
+add = 5.0
 "#;
 
 async fn recommend(cluster: &Cluster) -> RecommendResponse {
@@ -160,6 +166,20 @@ async fn each_rule_kind_acts_on_the_served_list_and_a_bad_rules_file_changes_not
     assert!(effects(&served_new, "new-item-1").contains(&("fresh", "freshness")));
     let trace = served_new.items.iter().find(|item| item.item_id == "new-item-1").unwrap().trace.clone().unwrap();
     assert_eq!(trace.recall_channels, ["cold_start"]);
+
+    // Item counts reach the rules: an item other users clicked twice in the last hour is
+    // trending (feature-svc's item-feature RPC, called by rerank for its window).
+    let trending = served_new.items.last().unwrap().item_id.clone();
+    let click = |n: i64| Event {
+        user_id: format!("rules-test-clicker-{n}"),
+        item_id: trending.clone(),
+        r#type: EventType::Click as i32,
+        timestamp_ms: now_ms + n,
+        ..Event::default()
+    };
+    recommender.log_events(LogEventsRequest { events: vec![click(1), click(2)] }).await.expect("logged");
+    let lifted = eventually(&cluster, "the trending lift", |r| r.items[0].item_id == trending).await;
+    assert!(effects(&lifted, &trending).contains(&("trending", "boost")));
 
     // A rules file that fails the checks is refused; the previous rules keep serving.
     replace(&rules_path, &RULES.replace("max_per_list = 4", "max_per_list = 0"));

@@ -94,7 +94,8 @@ async fn one_recommend_is_one_trace_across_all_five_services() {
         assert!(services.contains(expected), "no {expected} span in the trace: {services:?}");
     }
     // Every span but the root has its parent in the same trace, and every leaf server span
-    // hangs under the orchestrator's stage span for it.
+    // hangs under the orchestrator's stage span for it — but the window's item counts,
+    // which rerank reads from feature-svc under its `item_counts` span.
     for span in &trace {
         if span.span_id == root.span_id {
             continue;
@@ -103,10 +104,13 @@ async fn one_recommend_is_one_trace_across_all_five_services() {
             .get(span.parent_span_id.as_slice())
             .unwrap_or_else(|| panic!("{} has no parent in the trace", span.name));
         if let Some(service) = attribute(span, "rpc.service").filter(|s| s != "recsys.v1.Recommender") {
-            assert_eq!(parent.name, "stage", "{service} server span's parent is {}", parent.name);
+            let expected = if parent.name == "item_counts" { "item_counts" } else { "stage" };
+            assert_eq!(parent.name, expected, "{service} server span's parent is {}", parent.name);
         }
     }
-    for stage in ["coarse", "fine", "rules_and_mmr", "feature_read", "recall_channel"] {
+    for stage in
+        ["coarse", "fine", "rules_and_mmr", "item_counts", "item_feature_read", "feature_read", "recall_channel"]
+    {
         assert!(trace.iter().any(|s| s.name == stage), "no {stage} span in the trace");
     }
 }

@@ -50,8 +50,11 @@ pub struct Config {
     pub rules: Option<PathBuf>,
     /// How often the rules file is checked for changes (0: never).
     pub rules_reload_ms: u64,
-    /// The run-time catalogue followed from feature-svc.
+    /// The run-time catalogue followed from feature-svc (whose address also serves the
+    /// window's item counts when a rule names one, `clicks_1h`...).
     pub catalog: CatalogConfig,
+    /// How long rerank waits for the window's item counts before serving without them.
+    pub item_counts_timeout_ms: u64,
 }
 
 impl Default for Config {
@@ -65,6 +68,7 @@ impl Default for Config {
             rules: Some(PathBuf::from("deploy/rerank/rules.toml")),
             rules_reload_ms: 1_000,
             catalog: CatalogConfig::default(),
+            item_counts_timeout_ms: 10,
         }
     }
 }

@@ -7,12 +7,12 @@
 
 use std::{borrow::Cow, collections::HashMap, sync::Arc};
 
-use recsys_proto::v1::{Availability, CatalogItem, Impression, RuleEffect};
+use recsys_proto::v1::{Availability, CatalogItem, EventCounts, Impression, RuleEffect, WindowedCounts};
 use recsys_runtime::catalog::servable;
 
 use crate::{
     mmr::{diversify, normalise, BundleItems, Caps},
-    rules::{Action, Condition, Rule},
+    rules::{count_attribute, Action, Condition, CountKind, CountWindow, Rule},
 };
 
 const DAY_MS: f64 = 86_400_000.0;
@@ -30,6 +30,8 @@ pub struct ListRequest<'a> {
     /// The moment served for, Unix milliseconds (freshness, exposure windows).
     pub now_ms: i64,
     pub impressions: &'a [Impression],
+    /// Each item's windowed event counts, when a rule names one (`clicks_1h`...).
+    pub item_counts: &'a HashMap<String, WindowedCounts>,
     /// Keep each item's rule effects.
     pub debug: bool,
 }
@@ -52,6 +54,7 @@ pub type Firings = HashMap<(String, &'static str), u64>;
 struct ItemView<'a> {
     bundle: Option<&'a crate::mmr::BundleItem>,
     catalog: Option<Arc<CatalogItem>>,
+    counts: Option<&'a WindowedCounts>,
 }
 
 impl ItemView<'_> {
@@ -82,8 +85,29 @@ impl ItemView<'_> {
             }
             "publish_time_ms" => self.published_ms().map(|ms| Cow::Owned(ms.to_string())),
             "age_days" => self.published_ms().map(|ms| Cow::Owned(((now_ms - ms) as f64 / DAY_MS).to_string())),
-            _ => catalog.and_then(|item| item.attributes.get(name)).map(|value| Cow::Borrowed(value.as_str())),
+            _ => match count_attribute(name) {
+                Some((kind, window)) => self.count(kind, window).map(Cow::Owned),
+                None => catalog.and_then(|item| item.attributes.get(name)).map(|value| Cow::Borrowed(value.as_str())),
+            },
         }
+    }
+
+    /// One windowed count (or the smoothed CTR, absent without impressions).
+    fn count(&self, kind: CountKind, window: CountWindow) -> Option<String> {
+        let counts = self.counts?;
+        let counts: &EventCounts = match window {
+            CountWindow::Hour => counts.last_hour.as_ref(),
+            CountWindow::Day => counts.last_day.as_ref(),
+            CountWindow::Week => counts.last_7_days.as_ref(),
+            CountWindow::Month => counts.last_30_days.as_ref(),
+        }?;
+        Some(match kind {
+            CountKind::Impressions => counts.impressions.to_string(),
+            CountKind::Clicks => counts.clicks.to_string(),
+            CountKind::Likes => counts.likes.to_string(),
+            CountKind::Purchases => counts.purchases.to_string(),
+            CountKind::Ctr => counts.ctr?.to_string(),
+        })
     }
 
     fn meets(&self, when: &[Condition], request: &ListRequest<'_>) -> bool {
@@ -114,7 +138,7 @@ pub fn arrange(
         .get_many(ids.iter().copied())
         .into_iter()
         .zip(&ids)
-        .map(|(catalog, id)| ItemView { bundle: bundle.get(id), catalog })
+        .map(|(catalog, id)| ItemView { bundle: bundle.get(id), catalog, counts: request.item_counts.get(*id) })
         .collect();
     let scores: Vec<f32> = candidates.iter().map(|(_, score)| *score).collect();
     let mut relevance = normalise(&scores);
@@ -326,6 +350,16 @@ mod tests {
     }
 
     fn run(rules: &str, catalog: &Catalog, impressions: &[Impression], top_k: usize) -> (Vec<Placed>, Firings) {
+        run_with_counts(rules, catalog, impressions, &HashMap::new(), top_k)
+    }
+
+    fn run_with_counts(
+        rules: &str,
+        catalog: &Catalog,
+        impressions: &[Impression],
+        item_counts: &HashMap<String, WindowedCounts>,
+        top_k: usize,
+    ) -> (Vec<Placed>, Firings) {
         let rules = RuleSet::parse(rules).unwrap();
         let chosen = rules.for_request("", &[]);
         let candidates = candidates();
@@ -337,6 +371,7 @@ mod tests {
             context: &context,
             now_ms: NOW,
             impressions,
+            item_counts,
             debug: true,
         };
         arrange(&request, &chosen, &bundle(), catalog)
@@ -499,6 +534,27 @@ mod tests {
         "#;
         let (list, _) = run(rules, &catalog, &[], 3);
         assert!(!ids(&list).contains(&"i0"));
+    }
+
+    #[test]
+    fn a_trending_item_is_lifted_by_its_counts() {
+        let hour = |clicks| WindowedCounts {
+            last_hour: Some(EventCounts { clicks, impressions: 40, ctr: Some(0.2), ..EventCounts::default() }),
+            ..WindowedCounts::default()
+        };
+        let counts = HashMap::from([("i7".to_string(), hour(12)), ("i1".to_string(), hour(3))]);
+        let rules = r#"
+            [[rule]]
+            name = "trending"
+            kind = "boost"
+            when = [{ attribute = "clicks_1h", op = "ge", value = 10 }]
+            add = 1.0
+        "#;
+        let (list, firings) = run_with_counts(rules, &Catalog::default(), &[], &counts, 3);
+        assert_eq!(ids(&list), ["i7", "i0", "i1"]);
+        assert_eq!(firings[&("trending".to_string(), "boost")], 1);
+        let (list, _) = run(rules, &Catalog::default(), &[], 3);
+        assert_eq!(ids(&list), ["i0", "i1", "i2"], "without counts the condition is not met");
     }
 
     #[test]

@@ -183,6 +183,59 @@ impl Condition {
     }
 }
 
+/// The item's windowed event counts a condition can name, `<kind>_<window>` with kind
+/// impressions / clicks / likes / purchases / ctr and window 1h / 1d / 7d / 30d
+/// (`clicks_1h`, `ctr_7d`): feature-svc's counters as of the request, fetched for the
+/// window only when an applicable rule names one.
+pub fn count_attribute(name: &str) -> Option<(CountKind, CountWindow)> {
+    let (kind, window) = name.rsplit_once('_')?;
+    let kind = match kind {
+        "impressions" => CountKind::Impressions,
+        "clicks" => CountKind::Clicks,
+        "likes" => CountKind::Likes,
+        "purchases" => CountKind::Purchases,
+        "ctr" => CountKind::Ctr,
+        _ => return None,
+    };
+    let window = match window {
+        "1h" => CountWindow::Hour,
+        "1d" => CountWindow::Day,
+        "7d" => CountWindow::Week,
+        "30d" => CountWindow::Month,
+        _ => return None,
+    };
+    Some((kind, window))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CountKind {
+    Impressions,
+    Clicks,
+    Likes,
+    Purchases,
+    Ctr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CountWindow {
+    Hour,
+    Day,
+    Week,
+    Month,
+}
+
+/// Whether any of `rules` names an item count (then rerank reads the window's counts).
+pub fn need_item_counts(rules: &[&Rule]) -> bool {
+    rules.iter().any(|rule| {
+        let when = match &rule.action {
+            Action::Filter { when } | Action::Boost { when, .. } | Action::Pin { when, .. } => when.as_slice(),
+            Action::Cap { attribute, .. } => return count_attribute(attribute).is_some(),
+            Action::Freshness { .. } | Action::Exposure { .. } => &[],
+        };
+        when.iter().any(|condition| count_attribute(&condition.attribute).is_some())
+    })
+}
+
 /// A rules file that passed every check: what `validate` returns and serving uses.
 #[derive(Debug, Clone, Default)]
 pub struct RuleSet {
@@ -396,6 +449,20 @@ mod tests {
         }
         let twice = "[[rule]]\nname = \"x\"\nkind = \"cap\"\nattribute = \"a\"\nmax_per_list = 2\n".repeat(2);
         assert!(RuleSet::parse(&twice).unwrap_err().contains("same name"));
+    }
+
+    #[test]
+    fn item_counts_are_fetched_only_when_a_rule_names_one() {
+        assert_eq!(count_attribute("clicks_1h"), Some((CountKind::Clicks, CountWindow::Hour)));
+        assert_eq!(count_attribute("ctr_30d"), Some((CountKind::Ctr, CountWindow::Month)));
+        assert_eq!(count_attribute("clicks_2h"), None);
+        assert_eq!(count_attribute("seller"), None);
+        let trending = RuleSet::parse(
+            "[[rule]]\nname = \"t\"\nkind = \"boost\"\nwhen = [{ attribute = \"clicks_1h\", op = \"ge\", value = 5 }]\nadd = 0.1",
+        )
+        .unwrap();
+        assert!(need_item_counts(&trending.for_request("", &[])));
+        assert!(!need_item_counts(&RuleSet::parse(FILE).unwrap().for_request("", &[])));
     }
 
     #[test]

@@ -1,20 +1,26 @@
 //! gRPC surface of rerank-svc: the request's checks, then the policy (`policy.rs`) under
 //! the rules its scene and experiment variants select.
 
-use std::{collections::HashSet, sync::Arc};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
+
+use tracing::Instrument;
 
 use recsys_bundle::Registry;
 use recsys_proto::{
     limits::{MAX_CANDIDATES, MAX_CONTEXT_ENTRIES, MAX_ID_BYTES, MAX_SCENE_BYTES, MAX_TOP_K},
     v1::{
+        feature_service_client::FeatureServiceClient,
         rerank_service_server::{RerankService, RerankServiceServer},
-        RerankRequest, RerankResponse, RerankedItem,
+        GetItemFeaturesRequest, RerankRequest, RerankResponse, RerankedItem, WindowedCounts,
     },
 };
 use recsys_runtime::{catalog::Catalog, model_admin::version_for};
 use tonic::{Request, Response, Status};
 
-use crate::{arrange, BundleItems, Config, ListRequest, LiveRules, RerankError};
+use crate::{arrange, rules::need_item_counts, BundleItems, Config, ListRequest, LiveRules, RerankError};
 
 /// Impressions accepted per request (the feature store keeps fewer).
 const MAX_IMPRESSIONS: usize = 1_000;
@@ -29,12 +35,24 @@ static RULE_ACTIONS: std::sync::LazyLock<prometheus::IntCounterVec> = std::sync:
     .expect("metric registers once")
 });
 
+/// Requests whose rules named item counts that could not be read in time (the conditions
+/// on counts were then not met).
+static ITEM_COUNTS_MISSING: std::sync::LazyLock<prometheus::IntCounter> = std::sync::LazyLock::new(|| {
+    prometheus::register_int_counter!(
+        "recsys_rerank_item_counts_unavailable_total",
+        "Rerank requests served without the window's item counts (feature-svc slow or down)"
+    )
+    .expect("metric registers once")
+});
+
 #[derive(Clone)]
 pub struct RerankGrpc {
     /// Item genres by bundle version.
     registry: Arc<Registry<BundleItems>>,
     rules: Arc<LiveRules>,
     catalog: Arc<Catalog>,
+    /// feature-svc, for the window's item counts when a rule names one.
+    features: Option<FeatureServiceClient<tonic::transport::Channel>>,
     config: Arc<Config>,
 }
 
@@ -45,7 +63,31 @@ impl RerankGrpc {
         catalog: Arc<Catalog>,
         config: Config,
     ) -> Self {
-        Self { registry, rules, catalog, config: Arc::new(config) }
+        let features = (!config.catalog.feature.is_empty())
+            .then(|| recsys_runtime::client::lazy_channel(&config.catalog.feature, std::time::Duration::from_secs(1)))
+            .and_then(Result::ok)
+            .map(FeatureServiceClient::new);
+        Self { registry, rules, catalog, features, config: Arc::new(config) }
+    }
+
+    /// The window's item counts as of `now_ms`, in one `GetItemFeatures` call within
+    /// `item_counts_timeout_ms`; empty (and counted) when feature-svc does not answer.
+    async fn item_counts(&self, item_ids: Vec<String>, now_ms: i64) -> HashMap<String, WindowedCounts> {
+        let Some(client) = &self.features else { return HashMap::new() };
+        let mut request = Request::new(GetItemFeaturesRequest { item_ids, as_of_ms: now_ms });
+        request.set_timeout(std::time::Duration::from_millis(self.config.item_counts_timeout_ms));
+        // The read is part of the request's trace.
+        recsys_runtime::telemetry::inject_trace_context(request.metadata_mut());
+        match client.clone().get_item_features(request).await {
+            Ok(response) => {
+                response.into_inner().items.into_iter().filter_map(|item| Some((item.item_id, item.counts?))).collect()
+            }
+            Err(status) => {
+                ITEM_COUNTS_MISSING.inc();
+                tracing::debug!(code = ?status.code(), message = status.message(), "item counts unavailable");
+                HashMap::new()
+            }
+        }
     }
 
     pub fn into_server(self) -> RerankServiceServer<Self> {
@@ -120,6 +162,14 @@ impl RerankService for RerankGrpc {
         let rule_set = self.rules.current();
         let rules = rule_set.for_request(&scene, &variants);
         let now_ms = if request_time > 0 { request_time.saturating_mul(1000) } else { now_ms() };
+        // The window's item counts (feature-svc's item-feature RPC), only when a rule
+        // names one: the other rules need nothing beyond the request and the catalogue.
+        let item_counts = if need_item_counts(&rules) {
+            let ids = allowed.iter().map(|(id, _)| id.clone()).collect();
+            self.item_counts(ids, now_ms).instrument(tracing::info_span!("item_counts")).await
+        } else {
+            HashMap::new()
+        };
         let list_request = ListRequest {
             candidates: &allowed,
             top_k: top_k as usize,
@@ -127,6 +177,7 @@ impl RerankService for RerankGrpc {
             context: &context,
             now_ms,
             impressions: &recent_impressions,
+            item_counts: &item_counts,
             debug,
         };
         let (placed, firings) = tracing::info_span!("rules_and_mmr", candidates = allowed.len(), rules = rules.len())

@@ -25,6 +25,11 @@ max_per_list = 4
 strict = true
 
 [[rule]]
+name = "age_rating"
+kind = "filter"
+when = [{ attribute = "age_rating", op = "gt", context = "user_age", context_missing = "meets" }]
+
+[[rule]]
 name = "promoted_slot"
 kind = "pin"
 when = [{ attribute = "promoted", op = "eq", value = true }]
@@ -120,8 +125,20 @@ async fn each_rule_kind_acts_on_the_served_list_and_a_bad_rules_file_changes_not
     let after_retire = eventually(&cluster, "the retired item leaving", |r| !ids(r).contains(&retired)).await;
     assert_capped(&after_retire, &genres, 4);
 
+    // A hard filter on a catalogue attribute: an age-rated item leaves a list whose request
+    // does not say the user's age (the filter fails closed).
+    let rated = after_retire.items[3].item_id.clone();
+    let upsert = CatalogItem {
+        item_id: rated.clone(),
+        attributes: [("age_rating".to_string(), "18".to_string())].into(),
+        ..CatalogItem::default()
+    };
+    catalog.upsert_items(UpsertItemsRequest { items: vec![upsert] }).await.expect("upsert");
+    let after_filter = eventually(&cluster, "the age filter", |r| !ids(r).contains(&rated)).await;
+    assert!(rule_actions("age_rating", "filter") > 0);
+
     // A promoted item lands in its pinned slot.
-    let promoted = after_retire.items[6].item_id.clone();
+    let promoted = after_filter.items[6].item_id.clone();
     let upsert = CatalogItem { item_id: promoted.clone(), promoted: true, ..CatalogItem::default() };
     catalog.upsert_items(UpsertItemsRequest { items: vec![upsert] }).await.expect("upsert");
     let pinned = eventually(&cluster, "the pin", |r| r.items.get(1).is_some_and(|item| item.item_id == promoted)).await;

@@ -220,3 +220,102 @@ fn replace(path: &Path, text: &str) {
 fn bundle_genres(dir: &Path) -> HashMap<String, Vec<String>> {
     recsys_bundle::read_catalog(dir).expect("bundle catalog").into_iter().map(|item| (item.id, item.genres)).collect()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_follow_the_requests_scene_and_experiment_arm() {
+    use orchestrator::experiments::{ExperimentConfig, Layer, Overrides, Variant};
+
+    let rules = r#"
+[[rule]]
+name = "slot"
+kind = "pin"
+when = [{ attribute = "promoted", op = "eq", value = true }]
+positions = [1]
+
+[[rule]]
+name = "slot"
+variants = ["rules_arm/no_pin"]
+enabled = false
+kind = "pin"
+when = [{ attribute = "promoted", op = "eq", value = true }]
+positions = [1]
+
+[[rule]]
+name = "seller_ban"
+scenes = ["home"]
+kind = "filter"
+when = [{ attribute = "seller", op = "eq", value = "s9" }]
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let rules_path = dir.path().join("rules.toml");
+    std::fs::write(&rules_path, rules).unwrap();
+    let arm = |name: &str| Variant { name: name.into(), share: 50.0, overrides: Overrides::default() };
+    let options = ClusterOptions {
+        rules: Some(rules_path),
+        experiments: ExperimentConfig {
+            layers: vec![Layer {
+                name: "rules_arm".into(),
+                salt: "rules-1".into(),
+                variants: vec![arm("pin"), arm("no_pin")],
+            }],
+        },
+        scenes: [("home".to_string(), Overrides::default())].into(),
+        ..ClusterOptions::default()
+    };
+    let cluster = Cluster::start_with(options).await.expect("cluster starts");
+    let mut client = RecommenderClient::new(cluster.channel(Service::Orchestrator));
+    let ask = |user: String, scene: &str| RecommendRequest {
+        user_id: user,
+        top_k: 10,
+        scene: scene.into(),
+        debug: true,
+        ..RecommendRequest::default()
+    };
+    // One user in each arm.
+    let mut arms: HashMap<String, (String, RecommendResponse)> = HashMap::new();
+    for n in 1..200 {
+        let response = client.recommend(ask(n.to_string(), "")).await.unwrap().into_inner();
+        let variant = response.experiments.iter().find(|a| a.layer == "rules_arm").unwrap().variant.clone();
+        arms.entry(variant).or_insert((n.to_string(), response));
+        if arms.len() == 2 {
+            break;
+        }
+    }
+    let (pinned_user, pinned_first) = arms["pin"].clone();
+    let (free_user, free_first) = arms["no_pin"].clone();
+    let mut catalog = CatalogServiceClient::new(cluster.channel(Service::Feature));
+    let promote = |id: &str| CatalogItem { item_id: id.into(), promoted: true, ..CatalogItem::default() };
+    let items = vec![promote(&pinned_first.items[5].item_id), promote(&free_first.items[5].item_id)];
+    catalog.upsert_items(UpsertItemsRequest { items }).await.expect("upsert");
+
+    // The "pin" arm gets a promoted item in slot 1; the "no_pin" arm switched the rule off.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let pin_effect = |response: &RecommendResponse| {
+        response.items[0].trace.as_ref().unwrap().rules.iter().any(|effect| effect.rule == "slot")
+    };
+    loop {
+        let response = client.recommend(ask(pinned_user.clone(), "")).await.unwrap().into_inner();
+        if pin_effect(&response) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no pin for the pin arm: {:?}", ids(&response));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let free = client.recommend(ask(free_user.clone(), "")).await.unwrap().into_inner();
+    assert!(!pin_effect(&free), "the no_pin arm overrides the rule: {:?}", ids(&free));
+    assert_eq!(free.items[5].item_id, free_first.items[5].item_id, "its promoted item keeps its place");
+
+    // A rule scoped to a scene acts only on requests for that scene.
+    let sold = free.items[7].item_id.clone();
+    let upsert = CatalogItem {
+        item_id: sold.clone(),
+        attributes: [("seller".to_string(), "s9".to_string())].into(),
+        ..CatalogItem::default()
+    };
+    catalog.upsert_items(UpsertItemsRequest { items: vec![upsert] }).await.expect("upsert");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let home = client.recommend(ask(free_user.clone(), "home")).await.unwrap().into_inner();
+    assert!(!ids(&home).contains(&sold), "filtered in the home scene");
+    let default_scene = client.recommend(ask(free_user, "")).await.unwrap().into_inner();
+    assert!(ids(&default_scene).contains(&sold), "kept elsewhere");
+}

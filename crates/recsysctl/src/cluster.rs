@@ -12,7 +12,7 @@ use recsys_proto::v1::{
     LogEventsRequest, PromoteCanaryRequest, RecommendRequest, RollbackCanaryRequest, SetCanaryShareRequest,
 };
 
-use crate::{CanaryCommand as CanaryAction, ModelCommand};
+use crate::{CanaryCommand as CanaryAction, CatalogCommand, ModelCommand};
 use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
 
 pub async fn wait_ready(addresses: &[String], timeout_s: u64) -> anyhow::Result<()> {
@@ -139,6 +139,84 @@ pub async fn log_event(
         println!("rejected: {}", rejected.reason);
     }
     Ok(())
+}
+
+pub async fn catalog(address: &str, command: CatalogCommand) -> anyhow::Result<()> {
+    use recsys_proto::v1::{
+        catalog_service_client::CatalogServiceClient, Availability, CatalogChangesRequest, CatalogItem,
+        RetireItemsRequest, UpsertItemsRequest,
+    };
+    let mut client = CatalogServiceClient::connect(recsys_runtime::client::endpoint_uri(address))
+        .await
+        .with_context(|| format!("connecting to {address}"))?;
+    match command {
+        CatalogCommand::Upsert { item, availability, promoted, published, category, attributes } => {
+            let availability = match availability.as_deref() {
+                None => Availability::Unspecified,
+                Some("in_stock") => Availability::InStock,
+                Some("out_of_stock") => Availability::OutOfStock,
+                Some(other) => anyhow::bail!("--availability {other:?}: in_stock or out_of_stock"),
+            };
+            let publish_time_ms = match published.as_deref() {
+                None => 0,
+                Some("now") => SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as i64,
+                Some(ms) => ms.parse().with_context(|| format!("--published {ms:?}: Unix ms or `now`"))?,
+            };
+            let attributes = attributes
+                .iter()
+                .map(|pair| {
+                    let (name, value) =
+                        pair.split_once('=').with_context(|| format!("--attr {pair:?} is not name=value"))?;
+                    Ok((name.to_string(), value.to_string()))
+                })
+                .collect::<anyhow::Result<_>>()?;
+            let record = CatalogItem {
+                item_id: item.clone(),
+                availability: availability as i32,
+                promoted,
+                publish_time_ms,
+                category,
+                attributes,
+                ..CatalogItem::default()
+            };
+            let revision = client.upsert_items(UpsertItemsRequest { items: vec![record] }).await?.into_inner().revision;
+            println!("upserted {item} (catalogue revision {revision})");
+        }
+        CatalogCommand::Retire { items } => {
+            let count = items.len();
+            let revision = client.retire_items(RetireItemsRequest { item_ids: items }).await?.into_inner().revision;
+            println!("retired {count} items (catalogue revision {revision})");
+        }
+        CatalogCommand::Changes { since } => {
+            let mut since = since;
+            loop {
+                let page = client.catalog_changes(CatalogChangesRequest { since_revision: since, limit: 0 }).await?;
+                let page = page.into_inner();
+                for item in &page.items {
+                    println!("{}", serde_json::to_string(&catalog_json(item))?);
+                }
+                since = page.revision;
+                if !page.more {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One catalogue record as a JSON line.
+fn catalog_json(item: &recsys_proto::v1::CatalogItem) -> serde_json::Value {
+    serde_json::json!({
+        "item_id": item.item_id,
+        "revision": item.revision,
+        "availability": item.availability().as_str_name(),
+        "promoted": item.promoted,
+        "publish_time_ms": item.publish_time_ms,
+        "category": item.category,
+        "attributes": item.attributes,
+        "retired": item.retired,
+    })
 }
 
 pub async fn canary(address: &str, action: CanaryAction) -> anyhow::Result<()> {

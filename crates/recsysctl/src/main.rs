@@ -110,6 +110,43 @@ enum Command {
         #[command(subcommand)]
         command: CanaryCommand,
     },
+    /// The run-time catalogue (feature-svc's CatalogService): item metadata that recall
+    /// and rerank apply within a second, without a new bundle.
+    Catalog {
+        /// host:port of feature-svc.
+        #[arg(long, default_value = "127.0.0.1:50052")]
+        addr: String,
+        #[command(subcommand)]
+        command: CatalogCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CatalogCommand {
+    /// Replace one item's metadata record (whole).
+    Upsert {
+        item: String,
+        /// in_stock or out_of_stock (unset: not tracked).
+        #[arg(long)]
+        availability: Option<String>,
+        #[arg(long)]
+        promoted: bool,
+        /// Unix milliseconds; `now` for the current time.
+        #[arg(long)]
+        published: Option<String>,
+        #[arg(long, default_value = "")]
+        category: String,
+        /// `name=value`, repeatable.
+        #[arg(long = "attr")]
+        attributes: Vec<String>,
+    },
+    /// Retire items: never served again (until upserted).
+    Retire { items: Vec<String> },
+    /// The records changed after a revision, oldest change first.
+    Changes {
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -188,6 +225,7 @@ async fn main() -> anyhow::Result<()> {
         Command::EvalChart { report, out } => eval_chart(&report, &out),
         Command::Canary { addr, command } => cluster::canary(&addr, command).await,
         Command::Model { addr, command } => cluster::model(&addr, command).await,
+        Command::Catalog { addr, command } => cluster::catalog(&addr, command).await,
     }
 }
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import subprocess
 import time
@@ -82,6 +83,36 @@ def score(relevant: dict[str, set[str]], answers: list[dict], step: str | None =
     return {key: round(report[key], 6) for key in METRIC_KEYS}, metrics.ndcg_ci95()
 
 
+def beyond_accuracy(lists: list[list[str]], train_dir: Path) -> dict:
+    """Catalogue coverage of the lists, intra-list genre diversity (mean pairwise 1 - cosine
+    of genre sets) and novelty (mean self-information -log2 of the share of training users
+    who interacted with an item, smoothed (n + 1) / (users + 1))."""
+    dataset = load_dataset(train_dir)
+    genres = {item.item_id: set(item.genres) for item in dataset.items}
+    users: dict[str, set[str]] = {}
+    for row in dataset.interactions:
+        users.setdefault(row.item_id, set()).add(row.user_id)
+    user_count = len({row.user_id for row in dataset.interactions})
+    shown = {item for items in lists for item in items}
+    dissimilarities = []
+    for items in lists:
+        pairs = [(a, b) for i, a in enumerate(items) for b in items[i + 1:]]
+        if not pairs:
+            continue
+        total = 0.0
+        for a, b in pairs:
+            ga, gb = genres.get(a, set()), genres.get(b, set())
+            cosine = len(ga & gb) / math.sqrt(len(ga) * len(gb)) if ga and gb else 0.0
+            total += 1.0 - cosine
+        dissimilarities.append(total / len(pairs))
+    information = [-math.log2((len(users.get(item, ())) + 1) / (user_count + 1)) for items in lists for item in items]
+    return {
+        "coverage": round(len(shown) / max(len(genres), 1), 6),
+        "diversity": round(sum(dissimilarities) / max(len(dissimilarities), 1), 6),
+        "novelty": round(sum(information) / max(len(information), 1), 6),
+    }
+
+
 def catalogue_coverage(answers: list[dict], catalogue_size: int) -> float:
     """Share of the catalogue recommended to at least one user."""
     shown = {item for answer in answers for item in answer["items"]}
@@ -149,6 +180,12 @@ def print_table(result: dict) -> None:
     print(f"default business rules (deploy/rerank/rules.toml): nDCG@10 {rules['ndcg@10_without_rules']:.4f} without, "
           f"{rules['ndcg@10_with_rules']:.4f} with; catalogue coverage {rules['coverage_without_rules']:.4f} without, "
           f"{rules['coverage_with_rules']:.4f} with")
+    beyond, plain = result["beyond_accuracy"], result["beyond_accuracy"]["without_rerank"]
+    print(f"beyond accuracy (served / before rerank): coverage {beyond['coverage']:.4f} / {plain['coverage']:.4f}, "
+          f"intra-list genre diversity {beyond['diversity']:.4f} / {plain['diversity']:.4f}, "
+          f"novelty {beyond['novelty']:.3f} / {plain['novelty']:.3f} bits")
+    print(f"served nDCG@10 minus the best single channel's ({result['best_channel']}): "
+          f"{result['fine_lift_over_best_channel']:+.4f}")
     repro = result["reproducibility"]
     print(f"reproducibility: {repro['runs']} runs with seed {repro['seed']}, largest metric difference "
           f"{repro['max_abs_difference']:.4f} (tolerance {REPRODUCIBILITY_TOLERANCE})")
@@ -176,6 +213,15 @@ def run(data_dir: Path, work: Path, bin_dir: Path, report: Path, seed: int = 42,
                                   "ndcg@10_delta": round(served["ndcg@10"] - first["metrics"]["ndcg@10"], 6),
                                   "auc_delta": manifest[f"{variant}_auc_delta"]}
     rerank_rules = rules_effect(work, bin_dir, train_dir, relevant, first["answers"])
+    # Beyond accuracy, of the served lists and of the same requests' ranked lists before
+    # rerank (the ablation's "+fine" step: no MMR, no rules).
+    served_lists = [answer["items"] for answer in first["answers"]]
+    before_rerank = [answer["ablation"]["+fine"] for answer in first["answers"]]
+    beyond = {**beyond_accuracy(served_lists, train_dir),
+              "without_rerank": beyond_accuracy(before_rerank, train_dir)}
+    channels = [step for step in ABLATION_STEPS if step.startswith("recall:") and step != "recall:fused"]
+    best_channel = max(channels, key=lambda step: first["ablation"][step]["ndcg@10"])
+    fine_lift = round(first["metrics"]["ndcg@10"] - first["ablation"][best_channel]["ndcg@10"], 6)
     differences = [abs(r["metrics"][k] - first["metrics"][k]) for r in results[1:] for k in METRIC_KEYS]
     max_difference = round(max(differences, default=0.0), 6)
     result = {
@@ -188,6 +234,9 @@ def run(data_dir: Path, work: Path, bin_dir: Path, report: Path, seed: int = 42,
         "sparse_item_to_item": {**sparse["metrics"], "ranker_auc": sparse["ranker_auc"]},
         "fine_variants": fine_variants,
         "rerank_rules": rerank_rules,
+        "beyond_accuracy": beyond,
+        "fine_lift_over_best_channel": fine_lift,
+        "best_channel": best_channel,
         "reproducibility": {
             "runs": len(results), "seed": seed, "metrics": [r["metrics"] for r in results],
             "max_abs_difference": max_difference, "tolerance": REPRODUCIBILITY_TOLERANCE,

@@ -57,3 +57,17 @@ def test_perfect_lists_score_one():
     relevant = {"a": {"1", "2"}}
     metrics = ranking_metrics(relevant, {"a": ["1", "2"]}, k=2)
     assert metrics.precision_at_k == metrics.recall_at_k == metrics.ndcg_at_k == metrics.map == 1.0
+
+
+def test_beyond_accuracy_measures_coverage_genre_diversity_and_novelty(small_dataset):
+    from recsys_training.serving_eval import beyond_accuracy
+
+    # Items 0-19 are Action, 20-39 Comedy|Romance; each user took 8 of one cluster.
+    same_genre = beyond_accuracy([["0", "1"], ["2", "3"]], small_dataset)
+    mixed = beyond_accuracy([["0", "20"], ["1", "21"]], small_dataset)
+    assert same_genre["coverage"] == pytest.approx(4 / 40)
+    assert same_genre["diversity"] == 0.0
+    assert mixed["diversity"] == 1.0, "no genre in common"
+    # An item nobody took carries more information than one many took.
+    unseen = beyond_accuracy([["never-taken"]], small_dataset)["novelty"]
+    assert unseen > same_genre["novelty"] > 0

@@ -88,18 +88,20 @@ impl Caps {
         self.refused.push(0);
     }
 
+    /// Whether candidate `n` would break cap `cap`.
+    fn breaks(&self, cap: usize, n: usize) -> bool {
+        let (max, values) = &self.caps[cap];
+        values[n].iter().any(|value| self.counts[cap].get(value).copied().unwrap_or(0) >= *max)
+    }
+
     /// The first cap candidate `n` would break, if any.
     pub fn broken_by(&self, n: usize) -> Option<usize> {
-        self.caps.iter().zip(&self.counts).position(|((max, values), counts)| {
-            values[n].iter().any(|value| counts.get(value).copied().unwrap_or(0) >= *max)
-        })
+        (0..self.caps.len()).find(|&cap| self.breaks(cap, n))
     }
 
     /// Whether candidate `n` would break a strict cap.
     pub fn breaks_strict(&self, n: usize) -> bool {
-        self.caps.iter().zip(&self.counts).zip(&self.strict).any(|(((max, values), counts), &strict)| {
-            strict && values[n].iter().any(|value| counts.get(value).copied().unwrap_or(0) >= *max)
-        })
+        (0..self.caps.len()).any(|cap| self.strict[cap] && self.breaks(cap, n))
     }
 
     pub fn count(&mut self, n: usize) {

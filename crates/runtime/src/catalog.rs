@@ -110,11 +110,6 @@ impl Catalog {
         item_ids.into_iter().map(|id| items.get(id).cloned()).collect()
     }
 
-    /// Every run-time record (for channels that list new items).
-    pub fn all(&self) -> Vec<Arc<CatalogItem>> {
-        self.items.read().expect("catalogue lock").values().cloned().collect()
-    }
-
     /// Items recall must leave out whatever channel proposes them (retired, out of stock).
     pub fn unservable(&self) -> Arc<Vec<String>> {
         Arc::clone(&self.unservable.read().expect("catalogue lock"))

@@ -364,7 +364,7 @@ fn commit_group(db: &Database, group: &[WriteJob], max_history: usize) -> Result
         let mut log = txn.open_table(EVENTS)?;
         let mut ids = txn.open_table(EVENT_IDS)?;
         let mut records = Records::new(txn.open_table(USERS)?, txn.open_table(ITEMS)?);
-        let mut impressions = ShownItems::new(txn.open_table(IMPRESSIONS)?);
+        let mut impressions = Loaded::<Impressions>::new(txn.open_table(IMPRESSIONS)?);
         let mut next = log.last()?.map_or(1, |(sequence, _)| sequence.value() + 1);
         for job in group {
             let mut appended = Appended::default();
@@ -383,7 +383,7 @@ fn commit_group(db: &Database, group: &[WriteJob], max_history: usize) -> Result
                 next += 1;
                 records.apply(event, max_history)?;
                 if event.event == EventType::Impression {
-                    impressions.record(event)?;
+                    impressions.get_mut(&event.user_id)?.record(&event.item_id, event.timestamp_ms);
                 }
                 appended.stored += 1;
             }
@@ -396,40 +396,38 @@ fn commit_group(db: &Database, group: &[WriteJob], max_history: usize) -> Result
     Ok(results)
 }
 
-/// The impression lists a commit touches, read once and written once.
-struct ShownItems<'txn> {
+/// The records of one table a commit touches, each read once (or started from its
+/// default) and written once: users, items and impression lists alike.
+struct Loaded<'txn, T> {
     table: redb::Table<'txn, &'static str, &'static [u8]>,
-    users: HashMap<String, Impressions>,
+    records: HashMap<String, T>,
 }
 
-impl<'txn> ShownItems<'txn> {
+impl<'txn, T: serde::Serialize + serde::de::DeserializeOwned + Default> Loaded<'txn, T> {
     fn new(table: redb::Table<'txn, &'static str, &'static [u8]>) -> Self {
-        Self { table, users: HashMap::new() }
+        Self { table, records: HashMap::new() }
     }
 
-    fn record(&mut self, event: &StoredEvent) -> Result<(), redb::Error> {
-        if !self.users.contains_key(&event.user_id) {
-            let stored = self.table.get(event.user_id.as_str())?.map(|bytes| decode(bytes.value())).transpose()?;
-            self.users.insert(event.user_id.clone(), stored.unwrap_or_default());
+    fn get_mut(&mut self, id: &str) -> Result<&mut T, redb::Error> {
+        if !self.records.contains_key(id) {
+            let stored = self.table.get(id)?.map(|bytes| decode(bytes.value())).transpose()?;
+            self.records.insert(id.to_string(), stored.unwrap_or_default());
         }
-        self.users.get_mut(&event.user_id).expect("just inserted").record(&event.item_id, event.timestamp_ms);
-        Ok(())
+        Ok(self.records.get_mut(id).expect("just inserted"))
     }
 
     fn write_back(mut self) -> Result<(), redb::Error> {
-        for (id, shown) in &self.users {
-            self.table.insert(id.as_str(), encode(shown).as_slice())?;
+        for (id, record) in &self.records {
+            self.table.insert(id.as_str(), encode(record).as_slice())?;
         }
         Ok(())
     }
 }
 
-/// The records a commit touches, read once and written once.
+/// The user and item records a commit touches.
 struct Records<'txn> {
-    users_table: redb::Table<'txn, &'static str, &'static [u8]>,
-    items_table: redb::Table<'txn, &'static str, &'static [u8]>,
-    users: HashMap<String, UserRecord>,
-    items: HashMap<String, ItemRecord>,
+    users: Loaded<'txn, UserRecord>,
+    items: Loaded<'txn, ItemRecord>,
 }
 
 impl<'txn> Records<'txn> {
@@ -437,35 +435,20 @@ impl<'txn> Records<'txn> {
         users_table: redb::Table<'txn, &'static str, &'static [u8]>,
         items_table: redb::Table<'txn, &'static str, &'static [u8]>,
     ) -> Self {
-        Self { users_table, items_table, users: HashMap::new(), items: HashMap::new() }
+        Self { users: Loaded::new(users_table), items: Loaded::new(items_table) }
     }
 
     fn apply(&mut self, event: &StoredEvent, max_history: usize) -> Result<(), redb::Error> {
-        if !self.items.contains_key(&event.item_id) {
-            let stored =
-                self.items_table.get(event.item_id.as_str())?.map(|bytes| decode(bytes.value())).transpose()?;
-            self.items.insert(event.item_id.clone(), stored.unwrap_or_default());
-        }
-        let item = self.items.get_mut(&event.item_id).expect("just inserted");
+        let item = self.items.get_mut(&event.item_id)?;
         item.apply(event);
-        if !self.users.contains_key(&event.user_id) {
-            let stored =
-                self.users_table.get(event.user_id.as_str())?.map(|bytes| decode(bytes.value())).transpose()?;
-            self.users.insert(event.user_id.clone(), stored.unwrap_or_default());
-        }
-        let user = self.users.get_mut(&event.user_id).expect("just inserted");
+        let user = self.users.get_mut(&event.user_id)?;
         user.apply(event, &item.category, max_history);
         Ok(())
     }
 
-    fn write_back(mut self) -> Result<(), redb::Error> {
-        for (id, user) in &self.users {
-            self.users_table.insert(id.as_str(), encode(user).as_slice())?;
-        }
-        for (id, item) in &self.items {
-            self.items_table.insert(id.as_str(), encode(item).as_slice())?;
-        }
-        Ok(())
+    fn write_back(self) -> Result<(), redb::Error> {
+        self.users.write_back()?;
+        self.items.write_back()
     }
 }
 
@@ -478,8 +461,10 @@ fn load_seed(db: &Database, path: &Path, dir: &Path, max_history: usize) -> Resu
     let write = || -> Result<(), redb::Error> {
         let txn = db.begin_write()?;
         {
-            let tables = Records::new(txn.open_table(USERS)?, txn.open_table(ITEMS)?);
-            Records { users, items, ..tables }.write_back()?;
+            let mut records = Records::new(txn.open_table(USERS)?, txn.open_table(ITEMS)?);
+            records.users.records = users;
+            records.items.records = items;
+            records.write_back()?;
             txn.open_table(META)?.insert("seed", dir.display().to_string().as_str())?;
         }
         txn.commit()?;

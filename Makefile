@@ -10,7 +10,10 @@ ENV := source target/recsys.env
 # DATASET=synthetic runs the cluster on the catalogue-scale synthetic bundle instead (a
 # million items by default, see SYNTH_ITEMS; trained on first use, about half an hour),
 # with the feature store seeded with the histories of 1,000 held-out users.
+# TLS=1 runs it over mutual TLS with a development CA (`recsysctl certs`, target/dev/certs).
 DATASET ?= ml-100k
+TLS ?= 0
+export RECSYS_CLUSTER_TLS := $(TLS)
 run:
 ifeq ($(DATASET),synthetic)
 	@$(MAKE) --no-print-directory -j2 synthetic-seed build

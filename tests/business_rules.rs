@@ -10,7 +10,7 @@ use std::{
 
 use cluster_tests::{Cluster, ClusterOptions, Service};
 use recsys_proto::v1::{
-    catalog_service_client::CatalogServiceClient, recommender_client::RecommenderClient, CatalogItem, Event, EventType,
+    catalog_admin_client::CatalogAdminClient, recommender_client::RecommenderClient, CatalogItem, Event, EventType,
     LogEventsRequest, RecommendRequest, RecommendResponse, RetireItemsRequest, UpsertItemsRequest,
 };
 
@@ -111,7 +111,7 @@ async fn each_rule_kind_acts_on_the_served_list_and_a_bad_rules_file_changes_not
     let options = ClusterOptions { rules: Some(rules_path.clone()), ..ClusterOptions::default() };
     let cluster = Cluster::start_with(options).await.expect("cluster starts");
     let genres = bundle_genres(cluster.bundle());
-    let mut catalog = CatalogServiceClient::new(cluster.channel(Service::Feature));
+    let mut catalog = CatalogAdminClient::with_interceptor(cluster.admin_channel(Service::Feature), cluster.operator());
 
     // A cap holds: no genre more than four times in the top 10.
     let first = recommend(&cluster).await;
@@ -283,7 +283,7 @@ when = [{ attribute = "seller", op = "eq", value = "s9" }]
     }
     let (pinned_user, pinned_first) = arms["pin"].clone();
     let (free_user, free_first) = arms["no_pin"].clone();
-    let mut catalog = CatalogServiceClient::new(cluster.channel(Service::Feature));
+    let mut catalog = CatalogAdminClient::with_interceptor(cluster.admin_channel(Service::Feature), cluster.operator());
     let promote = |id: &str| CatalogItem { item_id: id.into(), promoted: true, ..CatalogItem::default() };
     let items = vec![promote(&pinned_first.items[5].item_id), promote(&free_first.items[5].item_id)];
     catalog.upsert_items(UpsertItemsRequest { items }).await.expect("upsert");

@@ -235,26 +235,29 @@ async fn bad_requests_are_rejected_with_invalid_argument() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_service_reports_health_and_lists_itself_by_reflection() {
     let cluster = Cluster::start().await.expect("cluster starts");
-    let expected: [(Service, &[&str]); 5] = [
-        (Service::Orchestrator, &["recsys.v1.Recommender", "recsys.v1.Admin"]),
-        (Service::Feature, &["recsys.v1.FeatureService", "recsys.v1.CatalogService"]),
-        (Service::Recall, &["recsys.v1.RecallService", "recsys.v1.ModelAdmin"]),
-        (Service::Rank, &["recsys.v1.RankService", "recsys.v1.ModelAdmin"]),
-        (Service::Rerank, &["recsys.v1.RerankService", "recsys.v1.ModelAdmin"]),
+    // (service, what its API port serves, what its admin port serves)
+    let expected: [(Service, &[&str], &[&str]); 5] = [
+        (Service::Orchestrator, &["recsys.v1.Recommender"], &["recsys.v1.Admin"]),
+        (Service::Feature, &["recsys.v1.FeatureService", "recsys.v1.CatalogService"], &["recsys.v1.CatalogAdmin"]),
+        (Service::Recall, &["recsys.v1.RecallService"], &["recsys.v1.ModelAdmin"]),
+        (Service::Rank, &["recsys.v1.RankService"], &["recsys.v1.ModelAdmin"]),
+        (Service::Rerank, &["recsys.v1.RerankService"], &["recsys.v1.ModelAdmin"]),
     ];
-    for (service, names) in expected {
+    for (service, api, admin) in expected {
         assert_eq!(cluster.health(service).await, Some(ServingStatus::Serving), "{service:?}");
-        let v1 = cluster_tests::reflection::list_services_v1(cluster.channel(service)).await.unwrap();
-        let v1alpha = cluster_tests::reflection::list_services_v1alpha(cluster.channel(service)).await.unwrap();
-        for listed in [&v1, &v1alpha] {
-            for name in names {
-                assert!(listed.contains(&name.to_string()), "{service:?} lists {listed:?}");
+        for (channel, names) in [(cluster.channel(service), api), (cluster.admin_channel(service), admin)] {
+            let v1 = cluster_tests::reflection::list_services_v1(channel.clone()).await.unwrap();
+            let v1alpha = cluster_tests::reflection::list_services_v1alpha(channel).await.unwrap();
+            for listed in [&v1, &v1alpha] {
+                for name in names {
+                    assert!(listed.contains(&name.to_string()), "{service:?} lists {listed:?}");
+                }
+                assert!(listed.contains(&"grpc.health.v1.Health".to_string()));
+                assert!(
+                    !listed.iter().any(|other| other.starts_with("recsys.") && !names.contains(&other.as_str())),
+                    "{service:?} advertises only the port's own services: {listed:?}"
+                );
             }
-            assert!(listed.contains(&"grpc.health.v1.Health".to_string()));
-            assert!(
-                !listed.iter().any(|other| other.starts_with("recsys.") && !names.contains(&other.as_str())),
-                "{service:?} advertises only its own services: {listed:?}"
-            );
         }
     }
 }
@@ -336,7 +339,7 @@ async fn experiments_and_the_rank_canary_are_applied_and_operable_at_run_time() 
     assert_eq!(variants, HashSet::from(["control".to_string(), "relevance_only".to_string()]));
     assert_eq!(tracks, HashSet::from(["stable".to_string(), "canary".to_string()]));
 
-    let mut admin = AdminClient::new(cluster.channel(Service::Orchestrator));
+    let mut admin = AdminClient::with_interceptor(cluster.admin_channel(Service::Orchestrator), cluster.operator());
     let split = admin.set_canary_share(SetCanaryShareRequest { share_percent: 0.0 }).await.unwrap().into_inner();
     assert_eq!(split.canary_share_percent, 0.0);
     for user in 1..=10 {

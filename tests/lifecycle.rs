@@ -133,7 +133,7 @@ async fn a_new_bundle_swaps_in_under_steady_load_without_a_failed_request() {
 
     // Every consumer now serves the new version and still holds the old one.
     for service in [Service::Recall, Service::Rank, Service::Rerank] {
-        let mut admin = ModelAdminClient::new(cluster.channel(service));
+        let mut admin = ModelAdminClient::with_interceptor(cluster.admin_channel(service), cluster.operator());
         let listed = admin.list_models(ListModelsRequest {}).await.unwrap().into_inner();
         let current: Vec<&str> =
             listed.versions.iter().filter(|v| v.current).map(|version| version.version.as_str()).collect();
@@ -144,7 +144,7 @@ async fn a_new_bundle_swaps_in_under_steady_load_without_a_failed_request() {
 
     // The operator's controls on rank-svc: retire the old version, roll back by loading it
     // again, and be told clearly what cannot be done.
-    let mut admin = ModelAdminClient::new(cluster.channel(Service::Rank));
+    let mut admin = ModelAdminClient::with_interceptor(cluster.admin_channel(Service::Rank), cluster.operator());
     let retired = admin.retire_model(RetireModelRequest { version: first.clone() }).await.unwrap().into_inner();
     assert_eq!(retired.versions.len(), 1);
     let refused = admin.retire_model(RetireModelRequest { version: second.clone() }).await.unwrap_err();
@@ -176,7 +176,7 @@ async fn a_corrupt_new_version_is_refused_and_the_current_one_keeps_serving() {
         ..ClusterOptions::default()
     };
     let cluster = Cluster::start_with(options).await.expect("cluster starts");
-    let mut admin = ModelAdminClient::new(cluster.channel(Service::Rank));
+    let mut admin = ModelAdminClient::with_interceptor(cluster.admin_channel(Service::Rank), cluster.operator());
     let refused = admin
         .load_model(LoadModelRequest { version: second.clone(), make_current: true, force: true })
         .await

@@ -36,3 +36,18 @@ def test_the_chart_ships_the_documented_rules_file():
     # that `make run` serves; they must not drift apart.
     shipped = CHART.parents[1] / "deploy" / "rerank" / "rules.toml"
     assert (CHART / "files" / "rules.toml").read_text() == shipped.read_text()
+
+
+def test_chart_lints_with_mtls_admin_tokens_and_the_canary():
+    # Every security template renders: per-service TLS Secrets (cert-manager Certificates),
+    # the admin-token Secret mount, exec probes that present a certificate, the admin port.
+    values = {
+        "tls": {"enabled": True, "certManager": {"enabled": True, "issuerRef": {"name": "recsys-ca"}}},
+        "admin": {"tokenSecret": "recsys-admin-tokens"},
+        "canary": {"enabled": True, "bundleVersion": "v2"},
+    }
+    assert errors(lint(CHART, values)) == []
+    # cert-manager without an issuer is a configuration error, caught at render.
+    missing_issuer = copy.deepcopy(values)
+    missing_issuer["tls"]["certManager"]["issuerRef"]["name"] = ""
+    assert errors(lint(CHART, missing_issuer))

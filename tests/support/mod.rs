@@ -12,9 +12,9 @@ use std::{
 };
 
 use anyhow::{bail, Context};
-use recsys_runtime::ServerConfig;
-use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
-use tonic::transport::Channel;
+use recsys_runtime::{certs::DevCerts, Listeners, ServerConfig, Tls};
+use tokio::{sync::oneshot, task::JoinHandle};
+use tonic::{metadata::MetadataValue, transport::Channel, Request, Status};
 use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -31,7 +31,22 @@ pub enum Service {
 impl Service {
     pub const ALL: [Service; 5] =
         [Service::Feature, Service::Recall, Service::Rank, Service::Rerank, Service::Orchestrator];
+
+    /// The binary's name: its certificate's name in `recsysctl certs`.
+    pub fn binary(self) -> &'static str {
+        match self {
+            Service::Orchestrator => "orchestrator",
+            Service::Feature => "feature-svc",
+            Service::Recall => "recall-svc",
+            Service::Rank | Service::RankCanary => "rank-svc",
+            Service::Rerank => "rerank-svc",
+        }
+    }
 }
+
+/// The operator every test cluster allows, and its bearer token.
+pub const OPERATOR: &str = "operator";
+pub const OPERATOR_TOKEN: &str = "test-operator-token";
 
 /// What a test changes about the default cluster.
 #[derive(Debug, Clone, Default)]
@@ -46,16 +61,22 @@ pub struct ClusterOptions {
     pub follow_current_ms: Option<u64>,
     /// rerank-svc's rules file instead of the shipped `deploy/rerank/rules.toml`.
     pub rules: Option<PathBuf>,
+    /// Serve and call over mutual TLS with these certificates (`recsysctl certs`); the
+    /// test's own channels present the operator's certificate.
+    pub tls: Option<DevCerts>,
 }
 
 struct Running {
     address: SocketAddr,
+    admin_address: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<anyhow::Result<()>>,
 }
 
 pub struct Cluster {
     services: HashMap<Service, Running>,
+    /// What the test's channels use: plaintext, or TLS with the operator's certificate.
+    client_tls: Tls,
     /// The bundle directory every service loaded.
     bundle: PathBuf,
     _state: tempfile::TempDir,
@@ -65,13 +86,22 @@ pub fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-fn server_config(listener: &TcpListener) -> ServerConfig {
-    ServerConfig {
-        listen: listener.local_addr().expect("bound").to_string(),
-        not_serving_delay_ms: 0,
-        drain_timeout_ms: 2_000,
-        ..ServerConfig::default()
+/// The server section of `service` on `listeners`: the admin port takes the test
+/// operator's token from `token_file`; TLS with the service's own certificate when on.
+fn server_config(
+    service: Service,
+    listeners: &Listeners,
+    token_file: &std::path::Path,
+    tls: Option<&DevCerts>,
+) -> ServerConfig {
+    let mut config = ServerConfig { not_serving_delay_ms: 0, drain_timeout_ms: 2_000, ..ServerConfig::default() };
+    listeners.configure(&mut config);
+    config.admin.token_file = token_file.display().to_string();
+    config.admin.allowed_operators = vec![OPERATOR.to_string()];
+    if let Some(certs) = tls {
+        config.tls = certs.tls_config(service.binary(), 100);
     }
+    config
 }
 
 impl Cluster {
@@ -95,18 +125,27 @@ impl Cluster {
         }
         let bundle_dir = recsys_bundle::resolve_dir(&bundle)?;
         let state = tempfile::tempdir()?;
+        let token_file = state.path().join("admin-tokens");
+        std::fs::write(&token_file, format!("{OPERATOR}:{OPERATOR_TOKEN}\n"))?;
+        let tls = options.tls.as_ref();
+        let client_tls = match tls {
+            Some(certs) => Tls::load(&certs.tls_config(OPERATOR, 100))?,
+            None => Tls::plaintext(),
+        };
+        let server_config =
+            |service: Service, listeners: &Listeners| server_config(service, listeners, &token_file, tls);
         let mut listeners = HashMap::new();
         let mut started: Vec<Service> = Service::ALL.to_vec();
         if options.canary_share_percent.is_some() {
             started.push(Service::RankCanary);
         }
         for &service in &started {
-            listeners.insert(service, TcpListener::bind("127.0.0.1:0").await?);
+            listeners.insert(service, Listeners::loopback().await?);
         }
-        let address = |service: Service| listeners[&service].local_addr().expect("bound").to_string();
+        let address = |service: Service| listeners[&service].api.local_addr().expect("bound").to_string();
 
         let orchestrator_config = orchestrator::Config {
-            server: server_config(&listeners[&Service::Orchestrator]),
+            server: server_config(Service::Orchestrator, &listeners[&Service::Orchestrator]),
             downstream: orchestrator::DownstreamConfig {
                 feature: address(Service::Feature),
                 recall: address(Service::Recall),
@@ -131,7 +170,7 @@ impl Cluster {
             canary: orchestrator::CanaryConfig {
                 rank: listeners
                     .get(&Service::RankCanary)
-                    .map(|l| l.local_addr().expect("bound").to_string())
+                    .map(|l| l.api.local_addr().expect("bound").to_string())
                     .unwrap_or_default(),
                 share_percent: options.canary_share_percent.unwrap_or(0.0),
                 ..orchestrator::CanaryConfig::default()
@@ -139,7 +178,7 @@ impl Cluster {
             ..orchestrator::Config::default()
         };
         let feature_config = feature_svc::Config {
-            server: server_config(&listeners[&Service::Feature]),
+            server: server_config(Service::Feature, &listeners[&Service::Feature]),
             seed_dir: Some(seed),
             store: feature_svc::StoreConfig { path: state.path().join("features.redb"), ..Default::default() },
             bundle: Some(bundle.clone()),
@@ -152,7 +191,7 @@ impl Cluster {
             startup_wait_ms: 30_000,
         };
         let recall_config = recall_svc::Config {
-            server: server_config(&listeners[&Service::Recall]),
+            server: server_config(Service::Recall, &listeners[&Service::Recall]),
             catalog: catalog.clone(),
             bundle: bundle.clone(),
             // Generous, like the stage budgets above: answers must not depend on scheduling.
@@ -161,13 +200,13 @@ impl Cluster {
             ..recall_svc::Config::default()
         };
         let rank_config = rank_svc::Config {
-            server: server_config(&listeners[&Service::Rank]),
+            server: server_config(Service::Rank, &listeners[&Service::Rank]),
             bundle: bundle.clone(),
             follow_current_ms,
             ..rank_svc::Config::default()
         };
         let rerank_config = rerank_svc::Config {
-            server: server_config(&listeners[&Service::Rerank]),
+            server: server_config(Service::Rerank, &listeners[&Service::Rerank]),
             bundle,
             follow_current_ms,
             rules: Some(options.rules.clone().unwrap_or_else(|| root.join("deploy/rerank/rules.toml"))),
@@ -179,7 +218,8 @@ impl Cluster {
         let mut services = HashMap::new();
         for (service, listener) in listeners {
             let (stop, stopped) = oneshot::channel::<()>();
-            let address = listener.local_addr()?;
+            let address = listener.api.local_addr()?;
+            let admin_address = listener.admin.local_addr()?;
             let shutdown = async move {
                 let _ = stopped.await;
             };
@@ -187,7 +227,7 @@ impl Cluster {
                 Service::Feature => tokio::spawn(feature_svc::serve(listener, feature_config.clone(), shutdown)),
                 Service::Recall => tokio::spawn(recall_svc::serve(listener, recall_config.clone(), shutdown)),
                 Service::Rank | Service::RankCanary => {
-                    let config = rank_svc::Config { server: server_config(&listener), ..rank_config.clone() };
+                    let config = rank_svc::Config { server: server_config(service, &listener), ..rank_config.clone() };
                     tokio::spawn(rank_svc::serve(listener, config, shutdown))
                 }
                 Service::Rerank => tokio::spawn(rerank_svc::serve(listener, rerank_config.clone(), shutdown)),
@@ -195,9 +235,9 @@ impl Cluster {
                     tokio::spawn(orchestrator::serve(listener, orchestrator_config.clone(), shutdown))
                 }
             };
-            services.insert(service, Running { address, stop: Some(stop), task });
+            services.insert(service, Running { address, admin_address, stop: Some(stop), task });
         }
-        let mut cluster = Self { services, bundle: bundle_dir, _state: state };
+        let mut cluster = Self { services, client_tls, bundle: bundle_dir, _state: state };
         for service in started {
             cluster.wait_serving(service, Duration::from_secs(60)).await?;
         }
@@ -212,9 +252,40 @@ impl Cluster {
         self.services[&service].address
     }
 
+    pub fn admin_address(&self, service: Service) -> SocketAddr {
+        self.services[&service].admin_address
+    }
+
+    /// A channel to the service's API port, over TLS when the cluster runs with it.
     pub fn channel(&self, service: Service) -> Channel {
-        recsys_runtime::client::lazy_channel(&self.address(service).to_string(), Duration::from_secs(1))
+        self.channel_to(self.address(service))
+    }
+
+    /// A channel to the service's admin port; calls need `operator()` (or, with TLS, the
+    /// operator's certificate, which these channels present).
+    pub fn admin_channel(&self, service: Service) -> Channel {
+        self.channel_to(self.admin_address(service))
+    }
+
+    fn channel_to(&self, address: SocketAddr) -> Channel {
+        recsys_runtime::client::lazy_channel(&address.to_string(), Duration::from_secs(1), &self.client_tls)
             .expect("loopback address is a valid endpoint")
+    }
+
+    /// Adds a line to the admin ports' token file (read on every admin call).
+    pub fn add_token(&self, name: &str, token: &str) -> std::io::Result<()> {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new().append(true).open(self._state.path().join("admin-tokens"))?;
+        writeln!(file, "{name}:{token}")
+    }
+
+    /// An interceptor adding the test operator's bearer token to admin calls.
+    pub fn operator(&self) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
+        let value: MetadataValue<_> = format!("Bearer {OPERATOR_TOKEN}").parse().expect("ASCII");
+        move |mut request: Request<()>| {
+            request.metadata_mut().insert("authorization", value.clone());
+            Ok(request)
+        }
     }
 
     /// Shuts one service down the way SIGTERM would and waits until it has exited.

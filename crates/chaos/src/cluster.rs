@@ -136,6 +136,8 @@ impl Cluster {
         let mut command = Command::new(settings.bin_dir.join("orchestrator"));
         command
             .env("RECSYS_ORCHESTRATOR__SERVER__LISTEN", orchestrator.to_string())
+            // Admin ports on free ports too: the fixed defaults would clash with `make run`.
+            .env("RECSYS_ORCHESTRATOR__SERVER__ADMIN__LISTEN", "127.0.0.1:0")
             .env("RECSYS_ORCHESTRATOR__SERVER__METRICS_LISTEN", metrics.map(|a| a.to_string()).unwrap_or_default())
             .env("RECSYS_ORCHESTRATOR__SERVER__OTLP_ENDPOINT", &settings.otlp_endpoint)
             .envs(settings.otlp_sample_ratio.map(|r| ("RECSYS_ORCHESTRATOR__SERVER__OTLP_SAMPLE_RATIO", r.to_string())))
@@ -207,6 +209,7 @@ fn spawn_leaf(
     // Metrics only on free ports: the fixed defaults would clash with a running `make run`.
     command
         .env(format!("{prefix}__SERVER__LISTEN"), address.to_string())
+        .env(format!("{prefix}__SERVER__ADMIN__LISTEN"), "127.0.0.1:0")
         .env(format!("{prefix}__SERVER__METRICS_LISTEN"), metrics.map(|a| a.to_string()).unwrap_or_default())
         .env(format!("{prefix}__SERVER__OTLP_ENDPOINT"), &settings.otlp_endpoint);
     if let Some(ratio) = settings.otlp_sample_ratio {

@@ -1,6 +1,7 @@
 //! The run-time catalogue's gRPC surface: product teams upsert and retire items' metadata
-//! (stock, promotion, publish time, attributes) without a new bundle; recall-svc and
-//! rerank-svc follow the change log (`CatalogChanges`) and apply it within their poll
+//! (stock, promotion, publish time, attributes) without a new bundle, through
+//! `CatalogAdmin` on the admin port; recall-svc and rerank-svc follow the change log
+//! (`CatalogService.CatalogChanges`, on the API port) and apply it within their poll
 //! interval. The store persists the records durably (both backends).
 
 use std::sync::Arc;
@@ -8,16 +9,19 @@ use std::sync::Arc;
 use recsys_proto::{
     limits::{MAX_CATALOG_ITEMS_PER_CALL, MAX_CONTEXT_VALUE_BYTES, MAX_ID_BYTES, MAX_ITEM_ATTRIBUTES},
     v1::{
+        catalog_admin_server::{CatalogAdmin, CatalogAdminServer},
         catalog_service_server::{CatalogService, CatalogServiceServer},
         Availability, CatalogChangesRequest, CatalogChangesResponse, CatalogItem, CatalogWriteResponse,
         RetireItemsRequest, UpsertItemsRequest,
     },
 };
+use recsys_runtime::admin_auth::Operator;
 use tonic::{Request, Response, Status};
 
 use crate::{service::check_id, FeatureError, FeatureStore};
 
 pub const CATALOG_SERVICE_NAME: &str = "recsys.v1.CatalogService";
+pub const CATALOG_ADMIN_SERVICE_NAME: &str = "recsys.v1.CatalogAdmin";
 
 static CATALOG_WRITES: std::sync::LazyLock<prometheus::IntCounterVec> = std::sync::LazyLock::new(|| {
     prometheus::register_int_counter_vec!(
@@ -40,6 +44,10 @@ impl CatalogGrpc {
 
     pub fn into_server(self) -> CatalogServiceServer<Self> {
         CatalogServiceServer::new(self)
+    }
+
+    pub fn into_admin_server(self) -> CatalogAdminServer<Self> {
+        CatalogAdminServer::new(self)
     }
 }
 
@@ -81,11 +89,12 @@ fn check_item(at: &str, item: &CatalogItem) -> Result<(), FeatureError> {
 }
 
 #[tonic::async_trait]
-impl CatalogService for CatalogGrpc {
+impl CatalogAdmin for CatalogGrpc {
     async fn upsert_items(
         &self,
         request: Request<UpsertItemsRequest>,
     ) -> Result<Response<CatalogWriteResponse>, Status> {
+        let operator = Operator::of(&request).to_string();
         let UpsertItemsRequest { items } = request.into_inner();
         check_count("items", items.len())?;
         for (index, item) in items.iter().enumerate() {
@@ -94,7 +103,7 @@ impl CatalogService for CatalogGrpc {
         let count = items.len();
         let revision = self.store.upsert_catalog(items).await?;
         CATALOG_WRITES.with_label_values(&["upsert"]).inc_by(count as u64);
-        tracing::info!(items = count, revision, "catalogue items upserted");
+        tracing::info!(%operator, items = count, revision, "catalogue items upserted");
         Ok(Response::new(CatalogWriteResponse { revision }))
     }
 
@@ -102,6 +111,7 @@ impl CatalogService for CatalogGrpc {
         &self,
         request: Request<RetireItemsRequest>,
     ) -> Result<Response<CatalogWriteResponse>, Status> {
+        let operator = Operator::of(&request).to_string();
         let RetireItemsRequest { item_ids } = request.into_inner();
         check_count("item_ids", item_ids.len())?;
         for (index, id) in item_ids.iter().enumerate() {
@@ -113,10 +123,13 @@ impl CatalogService for CatalogGrpc {
             item_ids.into_iter().map(|item_id| CatalogItem { item_id, retired: true, ..CatalogItem::default() });
         let revision = self.store.upsert_catalog(tombstones.collect()).await?;
         CATALOG_WRITES.with_label_values(&["retire"]).inc_by(count as u64);
-        tracing::info!(items = count, revision, "catalogue items retired");
+        tracing::info!(%operator, items = count, revision, "catalogue items retired");
         Ok(Response::new(CatalogWriteResponse { revision }))
     }
+}
 
+#[tonic::async_trait]
+impl CatalogService for CatalogGrpc {
     async fn catalog_changes(
         &self,
         request: Request<CatalogChangesRequest>,

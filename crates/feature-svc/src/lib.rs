@@ -17,11 +17,11 @@ mod store;
 
 use std::{future::Future, path::PathBuf, sync::Arc};
 
-use recsys_runtime::{server::ServiceConfig, ServerConfig};
+use recsys_runtime::{admin_auth::AdminAuthLayer, server::ServiceConfig, Listeners, Served, ServerConfig, Tls};
 use serde::{Deserialize, Serialize};
-use tokio::net::TcpListener;
+use tonic::service::Routes;
 
-pub use catalog::{CatalogGrpc, CATALOG_SERVICE_NAME};
+pub use catalog::{CatalogGrpc, CATALOG_ADMIN_SERVICE_NAME, CATALOG_SERVICE_NAME};
 pub use counters::Counters;
 pub use error::{FeatureError, Result};
 pub use event::StoredEvent;
@@ -69,7 +69,7 @@ pub enum Backend {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            server: ServerConfig::with_addresses("127.0.0.1:50052", "127.0.0.1:9092"),
+            server: ServerConfig::with_addresses("127.0.0.1:50052", "127.0.0.1:50062", "127.0.0.1:9092"),
             seed_dir: Some(PathBuf::from("data/ml-100k")),
             max_history: 1000,
             store: StoreConfig::default(),
@@ -160,26 +160,28 @@ async fn follow_bundle(store: Arc<dyn FeatureStore>, root: PathBuf, every_ms: u6
 }
 
 /// Opens the store and serves until `shutdown` resolves.
-pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn serve(listeners: Listeners, config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let tls = Tls::load(&config.server.tls)?;
     let store = open_store(&config).await?;
     let follower = config
         .bundle
         .clone()
         .map(|root| tokio::spawn(follow_bundle(Arc::clone(&store), root, config.follow_bundle_ms)));
-    let catalog = CatalogGrpc::new(Arc::clone(&store)).into_server();
+    let catalog = CatalogGrpc::new(Arc::clone(&store));
+    let guard = AdminAuthLayer::new("feature-svc", &config.server.admin);
+    let admin = Served::new(
+        &[CATALOG_ADMIN_SERVICE_NAME],
+        Routes::new(
+            guard.guard(catalog.clone().into_admin_server().max_decoding_message_size(config.server.max_message_bytes)),
+        ),
+    );
     let service = FeatureGrpc::new(store, config.max_history)
         .into_server()
         .max_decoding_message_size(config.server.max_message_bytes)
         .max_encoding_message_size(config.server.max_message_bytes);
-    let routes = tonic::service::Routes::new(service).add_service(catalog);
-    let served = recsys_runtime::serve(
-        listener,
-        &[SERVICE_NAME, CATALOG_SERVICE_NAME],
-        routes,
-        config.server.serve_options(),
-        shutdown,
-    )
-    .await;
+    let api =
+        Served::new(&[SERVICE_NAME, CATALOG_SERVICE_NAME], Routes::new(service).add_service(catalog.into_server()));
+    let served = recsys_runtime::serve(listeners, api, admin, config.server.serve_options(&tls), shutdown).await;
     if let Some(follower) = follower {
         follower.abort();
     }

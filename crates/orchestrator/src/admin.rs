@@ -7,6 +7,7 @@ use recsys_proto::v1::{
     admin_server::{Admin, AdminServer},
     GetTrafficSplitRequest, PromoteCanaryRequest, RollbackCanaryRequest, SetCanaryShareRequest, TrafficSplit,
 };
+use recsys_runtime::admin_auth::Operator;
 use tonic::{Request, Response, Status};
 
 use crate::Pipeline;
@@ -40,17 +41,22 @@ impl Admin for AdminGrpc {
         &self,
         request: Request<SetCanaryShareRequest>,
     ) -> Result<Response<TrafficSplit>, Status> {
-        self.pipeline.rank_routing().set_share(request.into_inner().share_percent)?;
+        let operator = Operator::of(&request).to_string();
+        let share_percent = request.into_inner().share_percent;
+        self.pipeline.rank_routing().set_share(share_percent)?;
+        tracing::info!(%operator, share_percent, "canary share set");
         Ok(self.split())
     }
 
-    async fn promote_canary(&self, _: Request<PromoteCanaryRequest>) -> Result<Response<TrafficSplit>, Status> {
+    async fn promote_canary(&self, request: Request<PromoteCanaryRequest>) -> Result<Response<TrafficSplit>, Status> {
         self.pipeline.rank_routing().promote()?;
+        tracing::info!(operator = Operator::of(&request), "canary promoted");
         Ok(self.split())
     }
 
-    async fn rollback_canary(&self, _: Request<RollbackCanaryRequest>) -> Result<Response<TrafficSplit>, Status> {
+    async fn rollback_canary(&self, request: Request<RollbackCanaryRequest>) -> Result<Response<TrafficSplit>, Status> {
         self.pipeline.rank_routing().rollback();
+        tracing::info!(operator = Operator::of(&request), "canary rolled back");
         Ok(self.split())
     }
 }

@@ -20,9 +20,9 @@ pub mod tracks;
 
 use std::{collections::BTreeMap, future::Future, path::PathBuf, sync::Arc, time::Duration};
 
-use recsys_runtime::{server::ServiceConfig, ServerConfig};
+use recsys_runtime::{admin_auth::AdminAuthLayer, server::ServiceConfig, Listeners, Served, ServerConfig, Tls};
 use serde::{Deserialize, Serialize};
-use tokio::net::TcpListener;
+use tonic::service::Routes;
 
 pub use admin::AdminGrpc;
 pub use domain::{RecommendQuery, Stage, Track};
@@ -127,7 +127,7 @@ impl Default for Config {
         Self {
             server: ServerConfig {
                 max_concurrent_requests: 64,
-                ..ServerConfig::with_addresses("127.0.0.1:50051", "127.0.0.1:9091")
+                ..ServerConfig::with_addresses("127.0.0.1:50051", "127.0.0.1:50061", "127.0.0.1:9091")
             },
             downstream: DownstreamConfig::default(),
             budgets: StageBudgets::default(),
@@ -192,8 +192,9 @@ impl ServiceConfig for Config {
     }
 }
 
-pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let pipeline = Arc::new(Pipeline::new(config.clone())?);
+pub async fn serve(listeners: Listeners, config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let tls = Tls::load(&config.server.tls)?;
+    let pipeline = Arc::new(Pipeline::new(config.clone(), &tls)?);
     let refresher = tokio::spawn(fallback::keep_refreshed(
         Arc::clone(&pipeline),
         Duration::from_millis(config.fallback_refresh_ms),
@@ -201,16 +202,13 @@ pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<
     let recommender = RecommenderGrpc::new(Arc::clone(&pipeline))
         .into_server()
         .max_decoding_message_size(config.server.max_message_bytes);
-    let admin = AdminGrpc::new(Arc::clone(&pipeline)).into_server();
-    let routes = tonic::service::Routes::new(recommender).add_service(admin);
-    let result = recsys_runtime::serve(
-        listener,
-        &[SERVICE_NAME, ADMIN_SERVICE_NAME],
-        routes,
-        config.server.serve_options(),
-        shutdown,
-    )
-    .await;
+    let guard = AdminAuthLayer::new("orchestrator", &config.server.admin);
+    let admin = Served::new(
+        &[ADMIN_SERVICE_NAME],
+        Routes::new(guard.guard(AdminGrpc::new(Arc::clone(&pipeline)).into_server())),
+    );
+    let api = Served::new(&[SERVICE_NAME], Routes::new(recommender));
+    let result = recsys_runtime::serve(listeners, api, admin, config.server.serve_options(&tls), shutdown).await;
     refresher.abort();
     result?;
     Ok(())

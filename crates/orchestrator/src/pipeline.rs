@@ -129,13 +129,14 @@ struct Ranked {
 }
 
 impl Pipeline {
-    pub fn new(config: Config) -> Result<Self> {
+    /// `tls` is the process's client side: every downstream channel uses it.
+    pub fn new(config: Config, tls: &recsys_runtime::Tls) -> Result<Self> {
         config.validate().map_err(OrchestratorError::Config)?;
         let budgets = &config.budgets;
         let resilience = &config.resilience;
         let connect_timeout = Duration::from_millis(config.downstream.connect_timeout_ms);
         let channel = |address: &str| {
-            recsys_runtime::client::lazy_channel(address, connect_timeout)
+            recsys_runtime::client::lazy_channel(address, connect_timeout, tls)
                 .map_err(|error| OrchestratorError::Config(format!("{address}: {error}")))
         };
         let feature_channel = channel(&config.downstream.feature)?;
@@ -164,18 +165,21 @@ impl Pipeline {
             events: FeatureServiceClient::new(feature_channel),
         };
         let track =
-            |track, address: &str| RankTrack::connect(track, address, connect_timeout, budgets.rank(), resilience);
+            |track, address: &str| RankTrack::connect(track, address, connect_timeout, budgets.rank(), resilience, tls);
         let stable = track(Track::Stable, &config.downstream.rank)?;
         let canary = (!config.canary.rank.is_empty()).then(|| track(Track::Canary, &config.canary.rank)).transpose()?;
         let rank = RankRouting::new(stable, canary, config.canary.share_percent, config.canary.salt.clone());
         let popular = Arc::new(seed_popular(&config));
         let cache = PredictionCache::new(config.prediction_cache.clone());
         // No start-up wait: recall and rerank filter first; this is the backstop.
-        let catalog = Catalog::follow(&CatalogConfig {
-            feature: config.downstream.feature.clone(),
-            poll_ms: config.catalog_poll_ms,
-            startup_wait_ms: 0,
-        });
+        let catalog = Catalog::follow(
+            &CatalogConfig {
+                feature: config.downstream.feature.clone(),
+                poll_ms: config.catalog_poll_ms,
+                startup_wait_ms: 0,
+            },
+            tls,
+        );
         Ok(Self { clients, rank, config, popular_fallback: RwLock::new(popular), cache, catalog })
     }
 

@@ -53,8 +53,9 @@ impl RankTrack {
         connect_timeout: Duration,
         budget: Duration,
         resilience: &ResilienceConfig,
+        tls: &recsys_runtime::Tls,
     ) -> Result<Self> {
-        let channel = recsys_runtime::client::lazy_channel(address, connect_timeout)
+        let channel = recsys_runtime::client::lazy_channel(address, connect_timeout, tls)
             .map_err(|error| OrchestratorError::Config(format!("{address}: {error}")))?;
         Ok(Self {
             track,
@@ -254,7 +255,15 @@ mod tests {
 
     fn track(track: Track, address: &str) -> RankTrack {
         let (connect, budget) = (Duration::from_millis(10), Duration::from_millis(10));
-        RankTrack::connect(track, address, connect, budget, &ResilienceConfig::default()).unwrap()
+        RankTrack::connect(
+            track,
+            address,
+            connect,
+            budget,
+            &ResilienceConfig::default(),
+            &recsys_runtime::Tls::plaintext(),
+        )
+        .unwrap()
     }
 
     fn routing(share_percent: f64) -> RankRouting {

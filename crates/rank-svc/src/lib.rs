@@ -20,9 +20,9 @@ use std::{future::Future, path::PathBuf, sync::Arc};
 use recsys_bundle::{BundleError, QualityGate, Registry};
 use recsys_runtime::model_admin::{ModelAdminGrpc, MODEL_ADMIN_SERVICE_NAME};
 
-use recsys_runtime::{server::ServiceConfig, ServerConfig};
+use recsys_runtime::{admin_auth::AdminAuthLayer, server::ServiceConfig, Listeners, Served, ServerConfig, Tls};
 use serde::{Deserialize, Serialize};
-use tokio::net::TcpListener;
+use tonic::service::Routes;
 
 pub use batching::{BatchingConfig, MicroBatcher};
 pub use drift::{psi, ScoreDrift};
@@ -60,7 +60,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            server: ServerConfig::with_addresses("127.0.0.1:50054", "127.0.0.1:9094"),
+            server: ServerConfig::with_addresses("127.0.0.1:50054", "127.0.0.1:50064", "127.0.0.1:9094"),
             bundle: PathBuf::from("models/bundles"),
             onnxruntime_library: None,
             coarse_keep: 50,
@@ -113,15 +113,18 @@ pub fn open_registry(config: &Config) -> anyhow::Result<Arc<Registry<RankerVersi
     Ok(registry)
 }
 
-pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn serve(listeners: Listeners, config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let tls = Tls::load(&config.server.tls)?;
     let registry = open_registry(&config)?;
     let max_message_bytes = config.server.max_message_bytes;
-    let options = config.server.serve_options();
+    let options = config.server.serve_options(&tls);
+    let guard = AdminAuthLayer::new(SERVICE_BINARY, &config.server.admin);
     let service = RankGrpc::new(Arc::clone(&registry), config.coarse_keep)
         .into_server()
         .max_decoding_message_size(max_message_bytes);
     let admin = ModelAdminGrpc::new(SERVICE_BINARY, registry).into_server();
-    let routes = tonic::service::Routes::new(service).add_service(admin);
-    recsys_runtime::serve(listener, &[SERVICE_NAME, MODEL_ADMIN_SERVICE_NAME], routes, options, shutdown).await?;
+    let api = Served::new(&[SERVICE_NAME], Routes::new(service));
+    let admin = Served::new(&[MODEL_ADMIN_SERVICE_NAME], Routes::new(guard.guard(admin)));
+    recsys_runtime::serve(listeners, api, admin, options, shutdown).await?;
     Ok(())
 }

@@ -19,9 +19,9 @@ use std::{future::Future, path::PathBuf, sync::Arc};
 use recsys_bundle::{BundleError, QualityGate, Registry};
 use recsys_runtime::model_admin::{ModelAdminGrpc, MODEL_ADMIN_SERVICE_NAME};
 
-use recsys_runtime::{server::ServiceConfig, ServerConfig};
+use recsys_runtime::{admin_auth::AdminAuthLayer, server::ServiceConfig, Listeners, Served, ServerConfig, Tls};
 use serde::{Deserialize, Serialize};
-use tokio::net::TcpListener;
+use tonic::service::Routes;
 
 pub use channels::{RecallIndex, UserSignals};
 pub use concurrent::{propose_concurrently, ChannelJob};
@@ -122,7 +122,7 @@ impl ChannelSettings {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            server: ServerConfig::with_addresses("127.0.0.1:50053", "127.0.0.1:9093"),
+            server: ServerConfig::with_addresses("127.0.0.1:50053", "127.0.0.1:50063", "127.0.0.1:9093"),
             bundle: PathBuf::from("models/bundles"),
             candidate_count: 500,
             rrf_k: 60.0,
@@ -170,14 +170,17 @@ pub fn open_registry(config: &Config) -> anyhow::Result<Arc<Registry<RecallIndex
     Ok(registry)
 }
 
-pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn serve(listeners: Listeners, config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let tls = Tls::load(&config.server.tls)?;
     let registry = open_registry(&config)?;
     let max_message_bytes = config.server.max_message_bytes;
-    let options = config.server.serve_options();
+    let options = config.server.serve_options(&tls);
+    let guard = AdminAuthLayer::new(SERVICE_BINARY, &config.server.admin);
     let admin = ModelAdminGrpc::new(SERVICE_BINARY, Arc::clone(&registry)).into_server();
-    let catalog = recsys_runtime::catalog::Catalog::follow_synced(&config.catalog).await;
+    let catalog = recsys_runtime::catalog::Catalog::follow_synced(&config.catalog, &tls).await;
     let service = RecallGrpc::new(registry, catalog, config).into_server().max_decoding_message_size(max_message_bytes);
-    let routes = tonic::service::Routes::new(service).add_service(admin);
-    recsys_runtime::serve(listener, &[SERVICE_NAME, MODEL_ADMIN_SERVICE_NAME], routes, options, shutdown).await?;
+    let api = Served::new(&[SERVICE_NAME], Routes::new(service));
+    let admin = Served::new(&[MODEL_ADMIN_SERVICE_NAME], Routes::new(guard.guard(admin)));
+    recsys_runtime::serve(listeners, api, admin, options, shutdown).await?;
     Ok(())
 }

@@ -12,14 +12,14 @@ use recsys_proto::v1::{
     LogEventsRequest, PromoteCanaryRequest, RecommendRequest, RollbackCanaryRequest, SetCanaryShareRequest,
 };
 
-use crate::{CanaryCommand as CanaryAction, CatalogCommand, ModelCommand};
+use crate::{access::Access, CanaryCommand as CanaryAction, CatalogCommand, ModelCommand};
 use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
 
-pub async fn wait_ready(addresses: &[String], timeout_s: u64) -> anyhow::Result<()> {
+pub async fn wait_ready(access: &Access, addresses: &[String], timeout_s: u64) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(timeout_s);
     for address in addresses {
         loop {
-            if serving(address).await {
+            if serving(access, address).await {
                 println!("  {address} SERVING");
                 break;
             }
@@ -32,11 +32,8 @@ pub async fn wait_ready(addresses: &[String], timeout_s: u64) -> anyhow::Result<
     Ok(())
 }
 
-async fn serving(address: &str) -> bool {
-    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(recsys_runtime::client::endpoint_uri(address)) else {
-        return false;
-    };
-    let Ok(channel) = endpoint.connect_timeout(Duration::from_secs(1)).connect().await else {
+async fn serving(access: &Access, address: &str) -> bool {
+    let Ok(channel) = access.channel(address) else {
         return false;
     };
     let mut client = HealthClient::new(channel);
@@ -46,14 +43,19 @@ async fn serving(address: &str) -> bool {
         .is_ok_and(|response| response.into_inner().status == ServingStatus::Serving as i32)
 }
 
-pub async fn recommend(address: &str, user: &str, top_k: u32, debug: bool, bundle: &Path) -> anyhow::Result<()> {
+pub async fn recommend(
+    access: &Access,
+    address: &str,
+    user: &str,
+    top_k: u32,
+    debug: bool,
+    bundle: &Path,
+) -> anyhow::Result<()> {
     let titles: HashMap<String, String> = recsys_bundle::resolve_dir(bundle)
         .and_then(|dir| recsys_bundle::read_catalog(&dir))
         .map(|catalog| catalog.into_iter().map(|item| (item.id, item.title)).collect())
         .unwrap_or_default();
-    let mut client = RecommenderClient::connect(recsys_runtime::client::endpoint_uri(address))
-        .await
-        .with_context(|| format!("connecting to {address}"))?;
+    let mut client = RecommenderClient::new(access.channel(address)?);
     let response = client
         .recommend(RecommendRequest { user_id: user.to_string(), top_k, debug, ..RecommendRequest::default() })
         .await?
@@ -98,7 +100,9 @@ pub async fn recommend(address: &str, user: &str, top_k: u32, debug: bool, bundl
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 pub async fn log_event(
+    access: &Access,
     address: &str,
     user: &str,
     item: &str,
@@ -117,7 +121,7 @@ pub async fn log_event(
         .collect::<anyhow::Result<Vec<_>>>()?;
     let event_type = EventType::from_name(kind).with_context(|| format!("unknown event type {kind:?}"))?;
     let timestamp_ms = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as i64;
-    let mut client = RecommenderClient::connect(recsys_runtime::client::endpoint_uri(address)).await?;
+    let mut client = RecommenderClient::new(access.channel(address)?);
     let response = client
         .log_events(LogEventsRequest {
             events: vec![Event {
@@ -141,14 +145,19 @@ pub async fn log_event(
     Ok(())
 }
 
-pub async fn catalog(address: &str, command: CatalogCommand) -> anyhow::Result<()> {
+/// `address` is feature-svc's API port (changes), `admin_address` its admin port (writes).
+pub async fn catalog(
+    access: &Access,
+    address: &str,
+    admin_address: &str,
+    command: CatalogCommand,
+) -> anyhow::Result<()> {
     use recsys_proto::v1::{
-        catalog_service_client::CatalogServiceClient, Availability, CatalogChangesRequest, CatalogItem,
-        RetireItemsRequest, UpsertItemsRequest,
+        catalog_admin_client::CatalogAdminClient, catalog_service_client::CatalogServiceClient, Availability,
+        CatalogChangesRequest, CatalogItem, RetireItemsRequest, UpsertItemsRequest,
     };
-    let mut client = CatalogServiceClient::connect(recsys_runtime::client::endpoint_uri(address))
-        .await
-        .with_context(|| format!("connecting to {address}"))?;
+    let mut client = CatalogServiceClient::new(access.channel(address)?);
+    let mut admin = CatalogAdminClient::with_interceptor(access.channel(admin_address)?, access.operator()?);
     match command {
         CatalogCommand::Upsert { item, availability, promoted, published, category, attributes } => {
             let availability = match availability.as_deref() {
@@ -179,12 +188,12 @@ pub async fn catalog(address: &str, command: CatalogCommand) -> anyhow::Result<(
                 attributes,
                 ..CatalogItem::default()
             };
-            let revision = client.upsert_items(UpsertItemsRequest { items: vec![record] }).await?.into_inner().revision;
+            let revision = admin.upsert_items(UpsertItemsRequest { items: vec![record] }).await?.into_inner().revision;
             println!("upserted {item} (catalogue revision {revision})");
         }
         CatalogCommand::Retire { items } => {
             let count = items.len();
-            let revision = client.retire_items(RetireItemsRequest { item_ids: items }).await?.into_inner().revision;
+            let revision = admin.retire_items(RetireItemsRequest { item_ids: items }).await?.into_inner().revision;
             println!("retired {count} items (catalogue revision {revision})");
         }
         CatalogCommand::Changes { since } => {
@@ -219,10 +228,8 @@ fn catalog_json(item: &recsys_proto::v1::CatalogItem) -> serde_json::Value {
     })
 }
 
-pub async fn canary(address: &str, action: CanaryAction) -> anyhow::Result<()> {
-    let mut client = AdminClient::connect(recsys_runtime::client::endpoint_uri(address))
-        .await
-        .with_context(|| format!("connecting to {address}"))?;
+pub async fn canary(access: &Access, address: &str, action: CanaryAction) -> anyhow::Result<()> {
+    let mut client = AdminClient::with_interceptor(access.channel(address)?, access.operator()?);
     let split = match action {
         CanaryAction::Status => client.get_traffic_split(GetTrafficSplitRequest {}).await?,
         CanaryAction::SetShare { percent } => {
@@ -256,13 +263,11 @@ pub async fn canary(address: &str, action: CanaryAction) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn model(address: &str, action: ModelCommand) -> anyhow::Result<()> {
+pub async fn model(access: &Access, address: &str, action: ModelCommand) -> anyhow::Result<()> {
     use recsys_proto::v1::{
         model_admin_client::ModelAdminClient, ListModelsRequest, LoadModelRequest, RetireModelRequest,
     };
-    let mut client = ModelAdminClient::connect(recsys_runtime::client::endpoint_uri(address))
-        .await
-        .with_context(|| format!("connecting to {address}"))?;
+    let mut client = ModelAdminClient::with_interceptor(access.channel(address)?, access.operator()?);
     let versions = match action {
         ModelCommand::List => client.list_models(ListModelsRequest {}).await,
         ModelCommand::Load { version, current, force } => {
@@ -292,13 +297,16 @@ pub async fn model(address: &str, action: ModelCommand) -> anyhow::Result<()> {
 
 /// Writes feature-svc's event log to `out` as JSON lines (the training pipeline's
 /// `merge-events` and `ab report` read them): one event per line, types by name.
-pub async fn export_events(address: &str, out: &Path, since_ms: i64, until_ms: i64) -> anyhow::Result<()> {
+pub async fn export_events(
+    access: &Access,
+    address: &str,
+    out: &Path,
+    since_ms: i64,
+    until_ms: i64,
+) -> anyhow::Result<()> {
     use std::io::Write;
-    let mut client = recsys_proto::v1::feature_service_client::FeatureServiceClient::connect(
-        recsys_runtime::client::endpoint_uri(address),
-    )
-    .await?
-    .max_decoding_message_size(64 << 20);
+    let mut client = recsys_proto::v1::feature_service_client::FeatureServiceClient::new(access.channel(address)?)
+        .max_decoding_message_size(64 << 20);
     let mut pages =
         client.export_events(recsys_proto::v1::ExportEventsRequest { since_ms, until_ms }).await?.into_inner();
     if let Some(parent) = out.parent() {

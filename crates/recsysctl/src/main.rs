@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod ab;
+mod access;
 mod bundle;
 mod chart;
 mod cluster;
@@ -14,6 +15,8 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "recsysctl", about = "Operate a recsys cluster")]
 struct Cli {
+    #[command(flatten)]
+    access: access::Access,
     #[command(subcommand)]
     command: Command,
 }
@@ -95,17 +98,17 @@ enum Command {
         out: PathBuf,
     },
     /// Bundle versions loaded by a bundle consumer (recall-svc, rank-svc or rerank-svc,
-    /// addressed on its gRPC port): list them, load one (and make it current), retire one.
+    /// addressed on its admin port): list them, load one (and make it current), retire one.
     Model {
-        /// host:port of the service.
-        #[arg(long, default_value = "127.0.0.1:50054")]
+        /// host:port of the service's admin port (rank-svc's by default).
+        #[arg(long, default_value = "127.0.0.1:50064")]
         addr: String,
         #[command(subcommand)]
         command: ModelCommand,
     },
-    /// Canary traffic split of the rank stage (orchestrator Admin service).
+    /// Canary traffic split of the rank stage (orchestrator Admin service, on its admin port).
     Canary {
-        #[arg(long, default_value = "127.0.0.1:50051")]
+        #[arg(long, default_value = "127.0.0.1:50061")]
         addr: String,
         #[command(subcommand)]
         command: CanaryCommand,
@@ -113,11 +116,27 @@ enum Command {
     /// The run-time catalogue (feature-svc's CatalogService): item metadata that recall
     /// and rerank apply within a second, without a new bundle.
     Catalog {
-        /// host:port of feature-svc.
+        /// host:port of feature-svc (reading changes).
         #[arg(long, default_value = "127.0.0.1:50052")]
         addr: String,
+        /// host:port of feature-svc's admin port (upserts and retirements).
+        #[arg(long, default_value = "127.0.0.1:50062")]
+        admin_addr: String,
         #[command(subcommand)]
         command: CatalogCommand,
+    },
+    /// Write a development CA and certificates for the five services and the operators
+    /// (`ca.pem`, `<name>.pem`, `<name>-key.pem`), for `make run TLS=1` and grpcurl.
+    Certs {
+        #[arg(long, default_value = "target/dev/certs")]
+        out: PathBuf,
+        /// Further DNS names every service certificate holds (e.g. Kubernetes Service names).
+        #[arg(long = "name")]
+        names: Vec<String>,
+        /// Operator identities to issue client certificates for (the certificate's DNS
+        /// name, which the admin ports' `allowed_operators` lists).
+        #[arg(long = "client", default_value = "operator")]
+        operators: Vec<String>,
     },
 }
 
@@ -205,27 +224,41 @@ enum BundleCommand {
     Verify { path: PathBuf },
 }
 
+/// The services `recsysctl certs` issues certificates for: their binaries' names.
+const SERVICES: [&str; 5] = ["orchestrator", "feature-svc", "recall-svc", "rank-svc", "rerank-svc"];
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
-        Command::WaitReady { addresses, timeout_s } => cluster::wait_ready(&addresses, timeout_s).await,
+    let Cli { access, command } = Cli::parse();
+    let access = &access;
+    match command {
+        Command::WaitReady { addresses, timeout_s } => cluster::wait_ready(access, &addresses, timeout_s).await,
         Command::Recommend { addr, user, top_k, debug, bundle } => {
-            cluster::recommend(&addr, &user, top_k, debug, &bundle).await
+            cluster::recommend(access, &addr, &user, top_k, debug, &bundle).await
         }
         Command::LogEvent { addr, user, item, r#type, request_id, value, experiments } => {
-            cluster::log_event(&addr, &user, &item, &r#type, &request_id, value, &experiments).await
+            cluster::log_event(access, &addr, &user, &item, &r#type, &request_id, value, &experiments).await
         }
         Command::ExportEvents { addr, out, since_ms, until_ms } => {
-            cluster::export_events(&addr, &out, since_ms, until_ms).await
+            cluster::export_events(access, &addr, &out, since_ms, until_ms).await
         }
         Command::Bundle { command: BundleCommand::Verify { path } } => bundle::verify(&path),
         Command::Ab { command: AbCommand::Report { events, control, config, chart } } => {
             ab_report(&events, &control, config.as_deref(), chart.as_deref())
         }
         Command::EvalChart { report, out } => eval_chart(&report, &out),
-        Command::Canary { addr, command } => cluster::canary(&addr, command).await,
-        Command::Model { addr, command } => cluster::model(&addr, command).await,
-        Command::Catalog { addr, command } => cluster::catalog(&addr, command).await,
+        Command::Canary { addr, command } => cluster::canary(access, &addr, command).await,
+        Command::Model { addr, command } => cluster::model(access, &addr, command).await,
+        Command::Catalog { addr, admin_addr, command } => cluster::catalog(access, &addr, &admin_addr, command).await,
+        Command::Certs { out, names, operators } => {
+            let operators: Vec<&str> = operators.iter().map(String::as_str).collect();
+            let certs = recsys_runtime::certs::write_dev_certs(&out, &SERVICES, &names, &operators)?;
+            println!(
+                "wrote a development CA and certificates for {SERVICES:?} and {operators:?} to {}",
+                certs.dir.display()
+            );
+            Ok(())
+        }
     }
 }
 

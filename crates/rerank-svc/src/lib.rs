@@ -17,9 +17,11 @@ use std::{future::Future, path::PathBuf, sync::Arc};
 use recsys_bundle::{BundleError, QualityGate, Registry};
 use recsys_runtime::model_admin::{ModelAdminGrpc, MODEL_ADMIN_SERVICE_NAME};
 
-use recsys_runtime::{catalog::CatalogConfig, server::ServiceConfig, ServerConfig};
+use recsys_runtime::{
+    admin_auth::AdminAuthLayer, catalog::CatalogConfig, server::ServiceConfig, Listeners, Served, ServerConfig, Tls,
+};
 use serde::{Deserialize, Serialize};
-use tokio::net::TcpListener;
+use tonic::service::Routes;
 
 pub use error::{RerankError, Result};
 pub use mmr::BundleItems;
@@ -60,7 +62,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            server: ServerConfig::with_addresses("127.0.0.1:50055", "127.0.0.1:9095"),
+            server: ServerConfig::with_addresses("127.0.0.1:50055", "127.0.0.1:50065", "127.0.0.1:9095"),
             bundle: PathBuf::from("models/bundles"),
             relevance_weight: 0.9,
             follow_current_ms: 2_000,
@@ -96,17 +98,21 @@ pub fn open_registry(config: &Config) -> anyhow::Result<Arc<Registry<BundleItems
     Ok(registry)
 }
 
-pub async fn serve(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn serve(listeners: Listeners, config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let tls = Tls::load(&config.server.tls)?;
     let registry = open_registry(&config)?;
     let rules = Arc::new(LiveRules::open(config.rules.as_deref()).map_err(anyhow::Error::msg)?);
     Arc::clone(&rules).watch(std::time::Duration::from_millis(config.rules_reload_ms));
-    let catalog = recsys_runtime::catalog::Catalog::follow_synced(&config.catalog).await;
+    let catalog = recsys_runtime::catalog::Catalog::follow_synced(&config.catalog, &tls).await;
     let max_message_bytes = config.server.max_message_bytes;
-    let options = config.server.serve_options();
+    let options = config.server.serve_options(&tls);
+    let guard = AdminAuthLayer::new(SERVICE_BINARY, &config.server.admin);
     let admin = ModelAdminGrpc::new(SERVICE_BINARY, Arc::clone(&registry)).into_server();
-    let service =
-        RerankGrpc::new(registry, rules, catalog, config).into_server().max_decoding_message_size(max_message_bytes);
-    let routes = tonic::service::Routes::new(service).add_service(admin);
-    recsys_runtime::serve(listener, &[SERVICE_NAME, MODEL_ADMIN_SERVICE_NAME], routes, options, shutdown).await?;
+    let service = RerankGrpc::new(registry, rules, catalog, config, &tls)
+        .into_server()
+        .max_decoding_message_size(max_message_bytes);
+    let api = Served::new(&[SERVICE_NAME], Routes::new(service));
+    let admin = Served::new(&[MODEL_ADMIN_SERVICE_NAME], Routes::new(guard.guard(admin)));
+    recsys_runtime::serve(listeners, api, admin, options, shutdown).await?;
     Ok(())
 }

@@ -62,9 +62,12 @@ impl RerankGrpc {
         rules: Arc<LiveRules>,
         catalog: Arc<Catalog>,
         config: Config,
+        tls: &recsys_runtime::Tls,
     ) -> Self {
         let features = (!config.catalog.feature.is_empty())
-            .then(|| recsys_runtime::client::lazy_channel(&config.catalog.feature, std::time::Duration::from_secs(1)))
+            .then(|| {
+                recsys_runtime::client::lazy_channel(&config.catalog.feature, std::time::Duration::from_secs(1), tls)
+            })
             .and_then(Result::ok)
             .map(FeatureServiceClient::new);
         Self { registry, rules, catalog, features, config: Arc::new(config) }

@@ -67,12 +67,12 @@ const NEWEST_KEPT: usize = 1_000;
 
 impl Catalog {
     /// Starts following feature-svc (when configured) and returns the catalogue it fills.
-    pub fn follow(config: &CatalogConfig) -> Arc<Self> {
+    pub fn follow(config: &CatalogConfig, tls: &crate::Tls) -> Arc<Self> {
         let catalog = Arc::new(Self::default());
         if config.feature.is_empty() {
             catalog.mark_synced();
         } else {
-            match crate::client::lazy_channel(&config.feature, Duration::from_secs(1)) {
+            match crate::client::lazy_channel(&config.feature, Duration::from_secs(1), tls) {
                 Ok(channel) => {
                     let client = CatalogServiceClient::new(channel);
                     tokio::spawn(poll(Arc::clone(&catalog), client, Duration::from_millis(config.poll_ms.max(10))));
@@ -87,8 +87,8 @@ impl Catalog {
 
     /// `follow`, then waits (at most `startup_wait_ms`) until the whole catalogue is read:
     /// what a service calls before it serves.
-    pub async fn follow_synced(config: &CatalogConfig) -> Arc<Self> {
-        let catalog = Self::follow(config);
+    pub async fn follow_synced(config: &CatalogConfig, tls: &crate::Tls) -> Arc<Self> {
+        let catalog = Self::follow(config, tls);
         if !catalog.wait_synced(Duration::from_millis(config.startup_wait_ms)).await {
             tracing::warn!(
                 feature = %config.feature,
@@ -241,10 +241,15 @@ mod tests {
 
     #[tokio::test]
     async fn without_feature_svc_it_counts_as_synced_and_with_it_waits() {
-        let none = Catalog::follow(&CatalogConfig { feature: String::new(), ..CatalogConfig::default() });
+        let none = Catalog::follow(
+            &CatalogConfig { feature: String::new(), ..CatalogConfig::default() },
+            &crate::Tls::plaintext(),
+        );
         assert!(none.wait_synced(Duration::from_millis(10)).await);
-        let unreachable =
-            Catalog::follow(&CatalogConfig { feature: "127.0.0.1:9".into(), poll_ms: 10, startup_wait_ms: 0 });
+        let unreachable = Catalog::follow(
+            &CatalogConfig { feature: "127.0.0.1:9".into(), poll_ms: 10, startup_wait_ms: 0 },
+            &crate::Tls::plaintext(),
+        );
         assert!(!unreachable.wait_synced(Duration::from_millis(100)).await, "never read: not synced");
     }
 

@@ -24,19 +24,28 @@ use tower::{retry::budget::TpsBudget, util::BoxCloneSyncService, Service, Servic
 use crate::resilience::{
     Call, CallError, CircuitBreaker, CircuitBreakerLayer, ResilienceConfig, RetryLayer, TimeoutLayer,
 };
+use crate::tls::Tls;
 
-/// Builds a lazily connecting channel to `address` (`host:port` or a full `http://` URI).
-pub fn lazy_channel(address: &str, connect_timeout: Duration) -> Result<Channel, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(endpoint_uri(address))?
+/// Builds a lazily connecting channel to `address` (`host:port` or a full URI), over
+/// mutual TLS when `tls` is on (the host is the name the server's certificate must hold).
+pub fn lazy_channel(address: &str, connect_timeout: Duration, tls: &Tls) -> Result<Channel, tonic::transport::Error> {
+    let endpoint = Endpoint::from_shared(endpoint_uri(address))?
         .connect_timeout(connect_timeout)
         .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .connect_lazy())
+        .http2_keep_alive_interval(Duration::from_secs(30));
+    Ok(match tls.connector() {
+        Some(connector) => endpoint.connect_with_connector_lazy(connector),
+        None => endpoint.connect_lazy(),
+    })
 }
 
-/// `host:port` as a plaintext gRPC URI; full URIs pass through unchanged.
+/// `host:port` as a gRPC URI; full URIs pass through unchanged, except that `https://`
+/// becomes `http://`: TLS is this crate's connector's job (`tls.rs`), and tonic refuses
+/// an `https` URI on a channel with a connector of its own.
 pub fn endpoint_uri(address: &str) -> String {
-    if address.contains("://") {
+    if let Some(rest) = address.strip_prefix("https://") {
+        format!("http://{rest}")
+    } else if address.contains("://") {
         address.to_string()
     } else {
         format!("http://{address}")

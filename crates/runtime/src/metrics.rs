@@ -56,6 +56,32 @@ pub static BREAKER_OPENED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("metric registers once")
 });
 
+/// Certificate reloads, by outcome (`loaded`, `rejected`).
+pub static TLS_RELOADS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!("recsys_tls_reloads_total", "TLS certificate file changes, by outcome", &["outcome"])
+        .expect("metric registers once")
+});
+
+/// Admin calls, by service, method and outcome (`allowed`, `unauthenticated`, `denied`).
+pub static ADMIN_CALLS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "recsys_admin_calls_total",
+        "Calls to admin ports by service, method and authorisation outcome",
+        &["service", "method", "outcome"]
+    )
+    .expect("metric registers once")
+});
+
+/// Connections closed before serving, by service and reason (`limit`, `handshake`).
+pub static CONNECTIONS_REFUSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "recsys_connections_refused_total",
+        "Connections closed before any call: over the connection limit, or no TLS handshake or first bytes in time",
+        &["service", "reason"]
+    )
+    .expect("metric registers once")
+});
+
 /// Renders every registered metric in the Prometheus text format.
 pub fn render() -> String {
     let mut buffer = Vec::new();

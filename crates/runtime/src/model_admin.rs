@@ -94,23 +94,29 @@ impl<T: Send + Sync + 'static> ModelAdmin for ModelAdminGrpc<T> {
     }
 
     async fn load_model(&self, request: Request<LoadModelRequest>) -> Result<Response<ModelVersions>, Status> {
+        let operator = crate::admin_auth::Operator::of(&request).to_string();
         let LoadModelRequest { version, make_current, force } = request.into_inner();
         if version.len() > recsys_proto::limits::MAX_ID_BYTES {
             return Err(Status::invalid_argument("version is too long"));
         }
+        let requested = version.clone();
         self.blocking(move |registry| {
             registry.load((!version.is_empty()).then_some(version.as_str()), make_current, force)
         })
         .await?;
+        tracing::info!(%operator, version = %requested, make_current, force, "model version loaded");
         Ok(Response::new(self.versions()))
     }
 
     async fn retire_model(&self, request: Request<RetireModelRequest>) -> Result<Response<ModelVersions>, Status> {
+        let operator = crate::admin_auth::Operator::of(&request).to_string();
         let RetireModelRequest { version } = request.into_inner();
         if version.is_empty() {
             return Err(Status::invalid_argument("version is required"));
         }
+        let retired = version.clone();
         self.blocking(move |registry| registry.retire(&version)).await?;
+        tracing::info!(%operator, version = %retired, "model version retired");
         Ok(Response::new(self.versions()))
     }
 }

@@ -19,7 +19,7 @@ use tower::{limit::ConcurrencyLimit, load_shed::LoadShed, BoxError, Layer, Servi
 const PROBE_PREFIXES: [&str; 3] =
     ["/grpc.health.v1.Health/", "/grpc.reflection.v1.ServerReflection/", "/grpc.reflection.v1alpha.ServerReflection/"];
 
-fn is_probe(path: &str) -> bool {
+pub(crate) fn is_probe(path: &str) -> bool {
     PROBE_PREFIXES.iter().any(|prefix| path.starts_with(prefix))
 }
 

@@ -9,8 +9,7 @@ use recsys_proto::v1::{
     rerank_service_server::{RerankService, RerankServiceServer},
     RerankRequest, RerankResponse, RerankedItem,
 };
-use recsys_runtime::ServeOptions;
-use tokio::net::TcpListener;
+use recsys_runtime::{Listeners, ServeOptions, Served};
 use tonic::{transport::Channel, Request, Response, Status};
 use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
 
@@ -34,21 +33,18 @@ async fn health(channel: Channel) -> Result<i32, Status> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_reports_not_serving_and_lets_an_in_flight_call_finish() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
+    let listeners = Listeners::loopback().await.unwrap();
+    let address = listeners.api.local_addr().unwrap();
     let options = ServeOptions {
         not_serving_delay: Duration::from_millis(400),
         drain_timeout: Duration::from_secs(5),
         ..ServeOptions::default()
     };
-    let routes = tonic::service::Routes::new(RerankServiceServer::new(SlowRerank));
-    let server = tokio::spawn(recsys_runtime::serve(
-        listener,
-        &["recsys.v1.RerankService"],
-        routes,
-        options,
-        recsys_runtime::server::shutdown_signal(),
-    ));
+    let api =
+        Served::new(&["recsys.v1.RerankService"], tonic::service::Routes::new(RerankServiceServer::new(SlowRerank)));
+    let admin = Served::new(&[], tonic::service::Routes::default());
+    let server =
+        tokio::spawn(recsys_runtime::serve(listeners, api, admin, options, recsys_runtime::server::shutdown_signal()));
     let channel = Channel::from_shared(format!("http://{address}")).unwrap().connect().await.unwrap();
     assert_eq!(health(channel.clone()).await.unwrap(), ServingStatus::Serving as i32);
 

@@ -113,6 +113,7 @@ impl FeatureProcess {
         let address = free_port().await?;
         let env = vec![
             ("RECSYS_FEATURE__SERVER__LISTEN".to_string(), address.to_string()),
+            ("RECSYS_FEATURE__SERVER__ADMIN__LISTEN".to_string(), "127.0.0.1:0".to_string()),
             ("RECSYS_FEATURE__SERVER__METRICS_LISTEN".to_string(), String::new()),
             ("RECSYS_FEATURE__SEED_DIR".to_string(), seed.display().to_string()),
             ("RECSYS_FEATURE__STORE__BACKEND".to_string(), backend.name().to_string()),

@@ -439,6 +439,7 @@ impl RankService {
         let address = free_port().await?;
         let child = Command::new(bin_dir.join("rank-svc"))
             .env("RECSYS_RANK__SERVER__LISTEN", address.to_string())
+            .env("RECSYS_RANK__SERVER__ADMIN__LISTEN", "127.0.0.1:0")
             .env("RECSYS_RANK__SERVER__METRICS_LISTEN", "")
             .env("RECSYS_RANK__BUNDLE", bundle)
             .env("RECSYS_RANK__MODELS__INTRA_OP_THREADS", "1")

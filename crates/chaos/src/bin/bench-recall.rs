@@ -149,6 +149,7 @@ async fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     let mut child = Command::new(args.bin_dir.join("recall-svc"))
         .env("RECSYS_RECALL__SERVER__LISTEN", address.to_string())
+        .env("RECSYS_RECALL__SERVER__ADMIN__LISTEN", "127.0.0.1:0")
         .env("RECSYS_RECALL__SERVER__METRICS_LISTEN", "")
         .env("RECSYS_RECALL__BUNDLE", &dir)
         .env("RECSYS_RECALL__ANN_EXPANSION", ours.ef.to_string())

@@ -28,8 +28,9 @@ use recsys_chaos::{
     round, Rng,
 };
 use recsys_proto::v1::{
-    catalog_service_client::CatalogServiceClient, rerank_service_client::RerankServiceClient, Availability,
-    CatalogChangesRequest, CatalogItem, Impression, RerankCandidate, RerankRequest, UpsertItemsRequest,
+    catalog_admin_client::CatalogAdminClient, catalog_service_client::CatalogServiceClient,
+    rerank_service_client::RerankServiceClient, Availability, CatalogChangesRequest, CatalogItem, Impression,
+    RerankCandidate, RerankRequest, UpsertItemsRequest,
 };
 use serde_json::json;
 use tokio::process::{Child, Command};
@@ -93,8 +94,16 @@ fn records(ids: &[String], count: usize, rng: &mut Rng) -> Vec<CatalogItem> {
         .collect()
 }
 
-async fn upsert(feature: SocketAddr, items: Vec<CatalogItem>) -> anyhow::Result<u64> {
-    let mut client = CatalogServiceClient::connect(format!("http://{feature}")).await?;
+/// The bearer token this benchmark's feature-svc accepts on its admin port.
+const OPERATOR_TOKEN: &str = "bench-rerank";
+
+async fn upsert(feature_admin: SocketAddr, items: Vec<CatalogItem>) -> anyhow::Result<u64> {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{feature_admin}"))?.connect().await?;
+    let token: tonic::metadata::MetadataValue<_> = format!("Bearer {OPERATOR_TOKEN}").parse()?;
+    let mut client = CatalogAdminClient::with_interceptor(channel, move |mut request: tonic::Request<()>| {
+        request.metadata_mut().insert("authorization", token.clone());
+        Ok(request)
+    });
     let mut revision = 0;
     for chunk in items.chunks(1_000) {
         revision = client.upsert_items(UpsertItemsRequest { items: chunk.to_vec() }).await?.into_inner().revision;
@@ -150,12 +159,17 @@ async fn main() -> anyhow::Result<()> {
     }
 
     let feature = free_port().await?;
+    let feature_admin = free_port().await?;
     let state = tempfile::tempdir()?;
+    let token_file = state.path().join("admin-tokens");
+    std::fs::write(&token_file, format!("operator:{OPERATOR_TOKEN}\n"))?;
     let _feature = start(
         &args.bin_dir,
         "feature-svc",
         &[
             ("RECSYS_FEATURE__SERVER__LISTEN", feature.to_string()),
+            ("RECSYS_FEATURE__SERVER__ADMIN__LISTEN", feature_admin.to_string()),
+            ("RECSYS_FEATURE__SERVER__ADMIN__TOKEN_FILE", token_file.display().to_string()),
             ("RECSYS_FEATURE__SERVER__METRICS_LISTEN", String::new()),
             ("RECSYS_FEATURE__STORE__PATH", state.path().join("features.redb").display().to_string()),
             ("RECSYS_FEATURE__BUNDLE", args.small.display().to_string()),
@@ -166,7 +180,7 @@ async fn main() -> anyhow::Result<()> {
     wait_serving(feature, Duration::from_secs(120)).await.context("feature-svc")?;
     let mut revision = 0;
     for (name, _) in &bundles {
-        revision = upsert(feature, records(&item_ids[name], args.records, &mut rng)).await?;
+        revision = upsert(feature_admin, records(&item_ids[name], args.records, &mut rng)).await?;
     }
     // The records the store holds (an item drawn twice is one record).
     let mut stored = 0usize;
@@ -191,6 +205,7 @@ async fn main() -> anyhow::Result<()> {
             "rerank-svc",
             &[
                 ("RECSYS_RERANK__SERVER__LISTEN", address.to_string()),
+                ("RECSYS_RERANK__SERVER__ADMIN__LISTEN", "127.0.0.1:0".to_string()),
                 ("RECSYS_RERANK__SERVER__METRICS_LISTEN", String::new()),
                 ("RECSYS_RERANK__BUNDLE", root.display().to_string()),
                 ("RECSYS_RERANK__RULES", args.rules.display().to_string()),

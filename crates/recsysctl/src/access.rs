@@ -1,0 +1,85 @@
+//! How recsysctl reaches a cluster: plaintext or mutual TLS, and the operator identity
+//! its admin calls carry (a bearer token when TLS is off; with TLS the client
+//! certificate, which must be an operator's, is the identity).
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::Context;
+use clap::Args;
+use recsys_runtime::{tls::TlsConfig, Tls};
+use tonic::{metadata::MetadataValue, service::Interceptor, transport::Channel, Request, Status};
+
+#[derive(Debug, Clone, Args)]
+pub struct Access {
+    /// CA certificate (PEM) that signed the cluster's certificates: turns TLS on.
+    #[arg(long, global = true, env = "RECSYS_TLS_CA", requires_all = ["tls_cert", "tls_key"])]
+    tls_ca: Option<PathBuf>,
+    /// This client's certificate (PEM); an operator's for admin calls.
+    #[arg(long, global = true, env = "RECSYS_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    #[arg(long, global = true, env = "RECSYS_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// File of `name:token` lines (the admin ports' token file); admin calls send the
+    /// token of `--operator`, or of the first line.
+    #[arg(long, global = true, env = "RECSYS_ADMIN_TOKEN_FILE", default_value = "target/dev/admin-tokens")]
+    admin_token_file: PathBuf,
+    #[arg(long, global = true, env = "RECSYS_OPERATOR")]
+    operator: Option<String>,
+}
+
+impl Access {
+    fn tls(&self) -> anyhow::Result<Tls> {
+        let (Some(ca), Some(cert), Some(key)) = (&self.tls_ca, &self.tls_cert, &self.tls_key) else {
+            return Ok(Tls::plaintext());
+        };
+        let path = |path: &PathBuf| path.display().to_string();
+        let config = TlsConfig {
+            enabled: true,
+            ca_file: path(ca),
+            cert_file: path(cert),
+            key_file: path(key),
+            ..TlsConfig::default()
+        };
+        Ok(Tls::load(&config)?)
+    }
+
+    /// A channel to `address`, connecting on first use.
+    pub fn channel(&self, address: &str) -> anyhow::Result<Channel> {
+        recsys_runtime::client::lazy_channel(address, Duration::from_secs(2), &self.tls()?)
+            .with_context(|| format!("address {address}"))
+    }
+
+    /// Adds the operator's bearer token to every call, unless TLS identifies the caller.
+    pub fn operator(&self) -> anyhow::Result<OperatorToken> {
+        if self.tls_ca.is_some() {
+            return Ok(OperatorToken(None));
+        }
+        let text = match std::fs::read_to_string(&self.admin_token_file) {
+            Ok(text) => text,
+            // No token: the admin port answers UNAUTHENTICATED, which says what is missing.
+            Err(_) => return Ok(OperatorToken(None)),
+        };
+        let token = text
+            .lines()
+            .map(str::trim)
+            .filter(|line| !line.is_empty() && !line.starts_with('#'))
+            .filter_map(|line| line.split_once(':'))
+            .find(|(name, _)| self.operator.as_deref().is_none_or(|wanted| wanted == name.trim()))
+            .map(|(_, token)| token.trim().to_string())
+            .with_context(|| format!("no token for {:?} in {}", self.operator, self.admin_token_file.display()))?;
+        let value = MetadataValue::try_from(format!("Bearer {token}")).context("the token is not a header value")?;
+        Ok(OperatorToken(Some(value)))
+    }
+}
+
+#[derive(Clone)]
+pub struct OperatorToken(Option<MetadataValue<tonic::metadata::Ascii>>);
+
+impl Interceptor for OperatorToken {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request.metadata_mut().insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}

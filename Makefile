@@ -4,7 +4,7 @@ SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
 ENV := source target/recsys.env
 
-.PHONY: run test bootstrap build bundle test-rust test-python test-scale-parity eval-scale synthetic-seed lint fmt clean-state chaos durability bench-observability eval bench-recall bench-rank bench-features bench-rerank synthetic-bundle
+.PHONY: run test bootstrap build bundle test-rust test-python test-scale-parity eval-scale synthetic-seed lint fmt clean-state chaos durability bench-observability eval bench-recall bench-rank bench-features bench-rerank synthetic-bundle fuzz
 
 # Bootstrap (Python, data, bundle) and the Rust build are independent: run them side by side.
 # DATASET=synthetic runs the cluster on the catalogue-scale synthetic bundle instead (a
@@ -121,6 +121,16 @@ bench-rank: bootstrap synthetic-bundle
 # rerank-svc at catalogue scale: the shipped rules and 10,000 run-time catalogue records,
 # on ML-100k and on the million-item synthetic bundle, release build, over gRPC. Writes
 # target/reports/bench-rerank.json.
+# Fuzzing on stable Rust (tests/support/fuzz): 100,000 cases of each of 11 targets against an
+# in-process cluster, then the TLS, admin and idle-connection checks; about ten minutes.
+# Writes target/reports/fuzz.json; crash inputs go to target/fuzz/crashes/. FUZZ_CASES sets
+# the cases per target. Scratch files and the cluster's store live in /dev/shm.
+FUZZ_CASES ?= 100000
+fuzz: bootstrap
+	@echo "==> fuzz targets (dev profile)"
+	cargo build -p cluster-tests --bin recsys-fuzz
+	$(ENV) && TMPDIR=$$( [ -d /dev/shm ] && echo /dev/shm || echo /tmp ) target/debug/recsys-fuzz --cases $(FUZZ_CASES)
+
 bench-rerank: bootstrap synthetic-bundle
 	@echo "==> release build of feature-svc, rerank-svc and the benchmark"
 	cargo build --release -p feature-svc -p rerank-svc -p recsys-chaos --bin feature-svc --bin rerank-svc --bin bench-rerank

@@ -2,6 +2,7 @@
 //! ports, wired to each other, over the default bundle and seed data that
 //! `deploy/local/bootstrap.sh` prepares (as `make test` does first).
 
+pub mod fuzz;
 pub mod reflection;
 
 use std::{

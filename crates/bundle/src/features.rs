@@ -163,7 +163,9 @@ fn time_context(source: &str, request_time: i64, latest_event: Option<i64>) -> O
         "hour_cos" => (TAU * hour as f64 / 24.0).cos(),
         "weekday_sin" => (TAU * weekday as f64 / 7.0).sin(),
         "weekday_cos" => (TAU * weekday as f64 / 7.0).cos(),
-        "hours_since_last_event" => latest_event.map_or(0.0, |latest| (request_time - latest).max(0) as f64 / 3600.0),
+        "hours_since_last_event" => {
+            latest_event.map_or(0.0, |latest| request_time.saturating_sub(latest).max(0) as f64 / 3600.0)
+        }
         _ => return None,
     })
 }
@@ -218,7 +220,10 @@ impl FeatureConfig {
                 "event_count" => SourceValue::Number(user.event_count as f64),
                 source => match window_days(source, "events_") {
                     Some(days) => SourceValue::Number(
-                        user.history_timestamps.iter().filter(|&&t| latest - t < days * DAY_SECONDS).count() as f64,
+                        user.history_timestamps
+                            .iter()
+                            .filter(|&&t| latest.saturating_sub(t) < days * DAY_SECONDS)
+                            .count() as f64,
                     ),
                     None => {
                         SourceValue::Number(time_context(source, user.request_time, latest_event).unwrap_or_default())

@@ -1,7 +1,9 @@
-//! Oversized requests are the caller's fault, so they must read as INVALID_ARGUMENT.
-//! tonic rejects a message over the decoding limit with OUT_OF_RANGE before any handler
-//! runs; this response mapper (a layer on every server) rewrites exactly that status,
-//! whether it travels in the headers (trailers-only response) or in the trailers.
+//! Oversized and undecodable requests are the caller's fault, so they must read as
+//! INVALID_ARGUMENT. tonic rejects a message over the decoding limit with OUT_OF_RANGE,
+//! and bytes that are not a valid protobuf message with INTERNAL (the gRPC spec's code for
+//! a parse error), before any handler runs; this response mapper (a layer on every
+//! server) rewrites exactly those two statuses, recognised by tonic's messages, whether
+//! they travel in the headers (trailers-only response) or in the trailers.
 
 use std::{
     pin::Pin,
@@ -16,7 +18,11 @@ use tonic::codegen::http::{HeaderMap, HeaderValue, Response};
 /// Characters the gRPC spec percent-encodes in grpc-message (tonic's set).
 const GRPC_MESSAGE: &AsciiSet =
     &CONTROLS.add(b' ').add(b'"').add(b'#').add(b'<').add(b'>').add(b'`').add(b'?').add(b'{').add(b'}').add(b'%');
-const TONIC_TOO_LARGE: &str = "Error, decoded message length too large: ";
+/// (tonic's code, tonic's message prefix, our message prefix) of each rewritten status.
+const CALLER_FAULTS: [(tonic::Code, &str, &str); 2] = [
+    (tonic::Code::OutOfRange, "Error, decoded message length too large: ", "request message too large: "),
+    (tonic::Code::Internal, "failed to decode Protobuf message: ", "request message is not valid protobuf: "),
+];
 
 /// The response layer's function: rewrites the status in headers now and in trailers
 /// when they arrive.
@@ -26,21 +32,21 @@ pub fn rewrite_oversized_status(mut response: Response<tonic::body::Body>) -> Re
 }
 
 fn rewrite_status(headers: &mut HeaderMap) {
-    let is_out_of_range =
-        headers.get("grpc-status").is_some_and(|status| status == HeaderValue::from(tonic::Code::OutOfRange as i32));
-    if !is_out_of_range {
+    let Some(&(_, tonic_prefix, our_prefix)) = CALLER_FAULTS.iter().find(|(code, _, _)| {
+        headers.get("grpc-status").is_some_and(|status| status == HeaderValue::from(*code as i32))
+    }) else {
         return;
-    }
+    };
     // grpc-message is percent-encoded on the wire.
     let Some(detail) = headers
         .get("grpc-message")
         .and_then(|message| percent_decode(message.as_bytes()).decode_utf8().ok())
-        .and_then(|message| message.strip_prefix(TONIC_TOO_LARGE).map(str::to_owned))
+        .and_then(|message| message.strip_prefix(tonic_prefix).map(str::to_owned))
     else {
         return;
     };
     headers.insert("grpc-status", HeaderValue::from(tonic::Code::InvalidArgument as i32));
-    let message = format!("request message too large: {detail}");
+    let message = format!("{our_prefix}{detail}");
     if let Ok(encoded) = HeaderValue::from_str(&utf8_percent_encode(&message, GRPC_MESSAGE).to_string()) {
         headers.insert("grpc-message", encoded);
     }
@@ -102,7 +108,18 @@ mod tests {
     }
 
     #[test]
+    fn undecodable_becomes_invalid_argument_with_the_reason() {
+        let mut rewritten = headers(13, "failed%20to%20decode%20Protobuf%20message:%20invalid%20varint");
+        rewrite_status(&mut rewritten);
+        assert_eq!(rewritten["grpc-status"], "3");
+        assert_eq!(rewritten["grpc-message"], "request%20message%20is%20not%20valid%20protobuf:%20invalid%20varint");
+    }
+
+    #[test]
     fn other_statuses_are_untouched() {
+        let mut internal = headers(13, "ranking task failed");
+        rewrite_status(&mut internal);
+        assert_eq!(internal["grpc-status"], "13");
         let mut other = headers(11, "page past the end");
         rewrite_status(&mut other);
         assert_eq!(other["grpc-status"], "11");

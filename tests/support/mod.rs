@@ -62,6 +62,9 @@ pub struct ClusterOptions {
     pub follow_current_ms: Option<u64>,
     /// rerank-svc's rules file instead of the shipped `deploy/rerank/rules.toml`.
     pub rules: Option<PathBuf>,
+    /// Where the orchestrator serves `/metrics` (the process's registry: every service
+    /// of the test process reports there).
+    pub orchestrator_metrics: Option<SocketAddr>,
     /// Serve and call over mutual TLS with these certificates (`recsysctl certs`); the
     /// test's own channels present the operator's certificate.
     pub tls: Option<DevCerts>,
@@ -146,7 +149,10 @@ impl Cluster {
         let address = |service: Service| listeners[&service].api.local_addr().expect("bound").to_string();
 
         let orchestrator_config = orchestrator::Config {
-            server: server_config(Service::Orchestrator, &listeners[&Service::Orchestrator]),
+            server: ServerConfig {
+                metrics_listen: options.orchestrator_metrics.map(|address| address.to_string()).unwrap_or_default(),
+                ..server_config(Service::Orchestrator, &listeners[&Service::Orchestrator])
+            },
             downstream: orchestrator::DownstreamConfig {
                 feature: address(Service::Feature),
                 recall: address(Service::Recall),

@@ -47,6 +47,17 @@ pub static TRACK_REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
         .expect("metric registers once")
 });
 
+/// Whole-request latency per ranking track: what `recsysctl canary analyze` compares.
+pub static TRACK_DURATION: LazyLock<HistogramVec> = LazyLock::new(|| {
+    register_histogram_vec!(
+        "recsys_track_request_duration_seconds",
+        "Recommend latency per ranking track (stable or canary), as the orchestrator answered it",
+        &["track"],
+        recsys_runtime::metrics::latency_buckets()
+    )
+    .expect("metric registers once")
+});
+
 pub static EXPERIMENT_ASSIGNMENTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "recsys_experiment_assignments_total",

@@ -37,7 +37,7 @@ use crate::{
     experiments::Overrides,
     metrics::{
         EXPERIMENT_ASSIGNMENTS, FEEDBACK_EVENTS, SERVED_SCORE, STAGE_CANDIDATES, STAGE_DEGRADED, STAGE_DURATION,
-        TRACK_REQUESTS,
+        TRACK_DURATION, TRACK_REQUESTS,
     },
     prediction_cache::PredictionCache,
     tracks::{RankRouting, RankTrack},
@@ -473,6 +473,7 @@ impl Pipeline {
         let rank_failed = degraded.iter().any(|&(stage, failed)| stage == Stage::Rank && failed);
         let track = &plan.track;
         track.stats.record(started.elapsed(), rank_failed, &model_version);
+        TRACK_DURATION.with_label_values(&[track.track.name()]).observe(started.elapsed().as_secs_f64());
         TRACK_REQUESTS.with_label_values(&[track.track.name(), if rank_failed { "false" } else { "true" }]).inc();
         for assignment in &plan.experiments {
             EXPERIMENT_ASSIGNMENTS.with_label_values(&[assignment.layer.as_str(), assignment.variant.as_str()]).inc();

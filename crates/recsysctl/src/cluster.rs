@@ -12,7 +12,7 @@ use recsys_proto::v1::{
     LogEventsRequest, PromoteCanaryRequest, RecommendRequest, RollbackCanaryRequest, SetCanaryShareRequest,
 };
 
-use crate::{access::Access, CanaryCommand as CanaryAction, CatalogCommand, ModelCommand};
+use crate::{access::Access, canary_analysis, CanaryCommand as CanaryAction, CatalogCommand, ModelCommand};
 use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
 
 pub async fn wait_ready(access: &Access, addresses: &[String], timeout_s: u64) -> anyhow::Result<()> {
@@ -231,6 +231,43 @@ fn catalog_json(item: &recsys_proto::v1::CatalogItem) -> serde_json::Value {
 pub async fn canary(access: &Access, address: &str, action: CanaryAction) -> anyhow::Result<()> {
     let mut client = AdminClient::with_interceptor(access.channel(address)?, access.operator()?);
     let split = match action {
+        CanaryAction::Analyze {
+            prometheus,
+            window,
+            min_requests,
+            max_error_rate,
+            max_p99_ratio,
+            p99_floor_ms,
+            step,
+            max_share,
+            apply,
+        } => {
+            use canary_analysis::{analyze, Steps, Thresholds, Verdict};
+            let thresholds = Thresholds { window, min_requests, max_error_rate, max_p99_ratio, p99_floor_ms };
+            let share = client.get_traffic_split(GetTrafficSplitRequest {}).await?.into_inner().canary_share_percent;
+            let steps = step.map(|step_percent| Steps { step_percent, max_percent: max_share });
+            let analysis = analyze(&prometheus, &thresholds, share, steps).await?;
+            println!("{:<8} {:>10} {:>11} {:>9}", "track", "requests", "error rate", "p99 ms");
+            for (name, track) in [("stable", &analysis.stable), ("canary", &analysis.canary)] {
+                let p99 = track.p99_ms.map_or("-".to_string(), |ms| format!("{ms:.1}"));
+                println!("{name:<8} {:>10.0} {:>11.4} {p99:>9}", track.requests, track.error_rate);
+            }
+            let reason = match &analysis.verdict {
+                Verdict::Hold(reason) | Verdict::Rollback(reason) => format!(": {reason}"),
+                Verdict::Step(share) => format!(": canary share to {share}%"),
+                Verdict::Promote => String::new(),
+            };
+            println!("verdict {}{reason} (canary share now {share}%)", analysis.verdict.name());
+            if !apply {
+                return Ok(());
+            }
+            match analysis.verdict {
+                Verdict::Hold(_) => return Ok(()),
+                Verdict::Step(share) => client.set_canary_share(SetCanaryShareRequest { share_percent: share }).await?,
+                Verdict::Promote => client.promote_canary(PromoteCanaryRequest {}).await?,
+                Verdict::Rollback(_) => client.rollback_canary(RollbackCanaryRequest {}).await?,
+            }
+        }
         CanaryAction::Status => client.get_traffic_split(GetTrafficSplitRequest {}).await?,
         CanaryAction::SetShare { percent } => {
             client.set_canary_share(SetCanaryShareRequest { share_percent: percent }).await?

@@ -5,6 +5,7 @@
 mod ab;
 mod access;
 mod bundle;
+use recsysctl::canary_analysis;
 mod chart;
 mod cluster;
 
@@ -198,6 +199,33 @@ enum CanaryCommand {
     Promote,
     /// Send every user back to the stable track.
     Rollback,
+    /// Decide from Prometheus whether the canary is promoted, stepped up, held or rolled
+    /// back (each track's error rate and p99 over a window); `--apply` carries it out.
+    Analyze {
+        /// Prometheus server scraping the orchestrators, e.g. http://prometheus:9090.
+        #[arg(long)]
+        prometheus: String,
+        #[arg(long, default_value = "5m")]
+        window: String,
+        #[arg(long, default_value_t = 100.0)]
+        min_requests: f64,
+        #[arg(long, default_value_t = 0.01)]
+        max_error_rate: f64,
+        #[arg(long, default_value_t = 1.5)]
+        max_p99_ratio: f64,
+        #[arg(long, default_value_t = 20.0)]
+        p99_floor_ms: f64,
+        /// Raise the share by this many percentage points per passing analysis (Flagger's
+        /// step weight); without it a passing analysis promotes at once.
+        #[arg(long)]
+        step: Option<f64>,
+        /// The share at which a passing analysis promotes instead of stepping.
+        #[arg(long, default_value_t = 50.0)]
+        max_share: f64,
+        /// Carry the verdict out through the orchestrator's Admin service.
+        #[arg(long)]
+        apply: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

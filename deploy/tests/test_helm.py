@@ -32,7 +32,7 @@ GRPCROUTE_CRD = Path(__file__).parent / "crds" / "gateway.networking.k8s.io_grpc
 EXPECTED_KINDS = {
     "default": {"Deployment": 4, "StatefulSet": 1, "Service": 5, "PodDisruptionBudget": 5, "ConfigMap": 2},
     "canary": {"Deployment": 5, "Service": 6, "GRPCRoute": 1},
-    "redis": {"StatefulSet": 1},
+    "redis": {"StatefulSet": 2, "Service": 6},
     "autoscaling": {"HorizontalPodAutoscaler": 4, "NetworkPolicy": 5, "ServiceMonitor": 1},
     "tls": {"Certificate": 5},
 }

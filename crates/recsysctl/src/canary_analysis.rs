@@ -1,10 +1,13 @@
 //! `recsysctl canary analyze`: promotion gated on metrics, the way Flagger's analysis
-//! works. It asks a Prometheus server (HTTP API, instant queries) for each ranking track's
-//! request count, error rate (requests whose rank stage failed and fell back) and p99
-//! over a window, from the orchestrator's `recsys_track_requests_total` and
-//! `recsys_track_request_duration_seconds`, and decides: roll back when the canary is
-//! worse than the thresholds, hold while it has too little traffic, otherwise promote —
-//! or, with steps, raise its share by one step until the maximum, then promote.
+//! works. It asks a Prometheus server (HTTP API, instant queries) for each side's request
+//! count, error rate and p99 over a window and decides: roll back when the canary is worse
+//! than the thresholds, hold while it has too little traffic, otherwise promote — or, with
+//! steps, raise its share by one step until the maximum, then promote. The two sides are
+//! either the orchestrator's ranking tracks (a model canary: errors are requests whose
+//! rank stage failed and fell back, from `recsys_track_requests_total` and
+//! `recsys_track_request_duration_seconds`) or two releases' orchestrators told apart by
+//! label matchers (a whole-stack canary: errors are Recommend calls answered with a
+//! server-side status, from `recsys_rpc_duration_seconds`).
 
 use std::{collections::HashMap, time::Duration};
 
@@ -113,14 +116,75 @@ pub fn decide(
     }
 }
 
+/// Where the two sides' numbers come from.
+#[derive(Debug, Clone)]
+pub enum Sides {
+    /// A model canary: the orchestrator's ranking tracks (the `track` label).
+    Tracks,
+    /// A whole-stack canary: two releases' orchestrators, each chosen by PromQL label
+    /// matchers such as `job="recsys-canary-recsys-orchestrator"`.
+    Selectors { stable: String, canary: String },
+}
+
+const RECOMMEND: &str = "method=\"/recsys.v1.Recommender/Recommend\"";
+/// Statuses that are the caller's doing, not the service's failure.
+const CALLER_CODES: &str = "Ok|InvalidArgument|NotFound";
+
 /// Queries `prometheus` (e.g. `http://127.0.0.1:9090`) and decides.
 pub async fn analyze(
     prometheus: &str,
+    sides: &Sides,
     thresholds: &Thresholds,
     share_percent: f64,
     steps: Option<Steps>,
 ) -> anyhow::Result<Analysis> {
-    let window = &thresholds.window;
+    let (stable, canary) = match sides {
+        Sides::Tracks => {
+            let by_track = track_stats(prometheus, &thresholds.window).await?;
+            let side = |track: &str| by_track.get(track).cloned().unwrap_or_default();
+            (side("stable"), side("canary"))
+        }
+        Sides::Selectors { stable, canary } => (
+            selector_stats(prometheus, stable, &thresholds.window).await?,
+            selector_stats(prometheus, canary, &thresholds.window).await?,
+        ),
+    };
+    let verdict = decide(&stable, &canary, thresholds, share_percent, steps);
+    Ok(Analysis { stable, canary, verdict })
+}
+
+/// One side of a whole-stack canary: its orchestrators' Recommend calls.
+async fn selector_stats(prometheus: &str, selector: &str, window: &str) -> anyhow::Result<TrackStats> {
+    let matchers = format!("{selector},{RECOMMEND}");
+    let total = |samples: HashMap<String, f64>| samples.values().fold(0.0, |sum, value| sum + value);
+    let requests = total(
+        query(prometheus, &format!("sum(increase(recsys_rpc_duration_seconds_count{{{matchers}}}[{window}]))")).await?,
+    );
+    let failed = total(
+        query(
+            prometheus,
+            &format!(
+                "sum(increase(recsys_rpc_duration_seconds_count{{{matchers},code!~\"{CALLER_CODES}\"}}[{window}]))"
+            ),
+        )
+        .await?,
+    );
+    let p99 = query(
+        prometheus,
+        &format!(
+            "histogram_quantile(0.99, sum by (le) (rate(recsys_rpc_duration_seconds_bucket{{{matchers}}}[{window}])))"
+        ),
+    )
+    .await?;
+    Ok(TrackStats {
+        requests,
+        error_rate: if requests > 0.0 { failed / requests } else { 0.0 },
+        p99_ms: p99.values().copied().find(|value| value.is_finite()).map(|seconds| seconds * 1000.0),
+    })
+}
+
+/// Both ranking tracks of a model canary.
+async fn track_stats(prometheus: &str, window: &str) -> anyhow::Result<HashMap<String, TrackStats>> {
     let requests =
         query(prometheus, &format!("sum by (track) (increase(recsys_track_requests_total[{window}]))")).await?;
     let failed = query(
@@ -144,9 +208,7 @@ pub async fn analyze(
             p99_ms: p99.get(track).copied().filter(|value| value.is_finite()).map(|seconds| seconds * 1000.0),
         }
     };
-    let (stable, canary) = (stats("stable"), stats("canary"));
-    let verdict = decide(&stable, &canary, thresholds, share_percent, steps);
-    Ok(Analysis { stable, canary, verdict })
+    Ok(["stable", "canary"].into_iter().map(|track| (track.to_string(), stats(track))).collect())
 }
 
 /// One instant query; the result's samples by their `track` label.

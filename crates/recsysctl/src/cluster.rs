@@ -241,16 +241,34 @@ pub async fn canary(access: &Access, address: &str, action: CanaryAction) -> any
             step,
             max_share,
             apply,
+            stable_selector,
+            canary_selector,
+            helm_release,
+            chart,
+            namespace,
         } => {
-            use canary_analysis::{analyze, Steps, Thresholds, Verdict};
+            use canary_analysis::{analyze, Sides, Steps, Thresholds, Verdict};
             let thresholds = Thresholds { window, min_requests, max_error_rate, max_p99_ratio, p99_floor_ms };
-            let share = client.get_traffic_split(GetTrafficSplitRequest {}).await?.into_inner().canary_share_percent;
             let steps = step.map(|step_percent| Steps { step_percent, max_percent: max_share });
-            let analysis = analyze(&prometheus, &thresholds, share, steps).await?;
-            println!("{:<8} {:>10} {:>11} {:>9}", "track", "requests", "error rate", "p99 ms");
-            for (name, track) in [("stable", &analysis.stable), ("canary", &analysis.canary)] {
-                let p99 = track.p99_ms.map_or("-".to_string(), |ms| format!("{ms:.1}"));
-                println!("{name:<8} {:>10.0} {:>11.4} {p99:>9}", track.requests, track.error_rate);
+            let (sides, helm) = match (stable_selector, canary_selector) {
+                (Some(stable), Some(canary)) => {
+                    let helm = helm_release.map(|release| HelmRelease { release, chart, namespace });
+                    (Sides::Selectors { stable, canary }, helm)
+                }
+                _ => (Sides::Tracks, None),
+            };
+            let share = match (&sides, &helm) {
+                (Sides::Tracks, _) => {
+                    client.get_traffic_split(GetTrafficSplitRequest {}).await?.into_inner().canary_share_percent
+                }
+                (Sides::Selectors { .. }, Some(helm)) => helm.canary_weight()?,
+                (Sides::Selectors { .. }, None) => 0.0,
+            };
+            let analysis = analyze(&prometheus, &sides, &thresholds, share, steps).await?;
+            println!("{:<8} {:>10} {:>11} {:>9}", "side", "requests", "error rate", "p99 ms");
+            for (name, side) in [("stable", &analysis.stable), ("canary", &analysis.canary)] {
+                let p99 = side.p99_ms.map_or("-".to_string(), |ms| format!("{ms:.1}"));
+                println!("{name:<8} {:>10.0} {:>11.4} {p99:>9}", side.requests, side.error_rate);
             }
             let reason = match &analysis.verdict {
                 Verdict::Hold(reason) | Verdict::Rollback(reason) => format!(": {reason}"),
@@ -258,14 +276,22 @@ pub async fn canary(access: &Access, address: &str, action: CanaryAction) -> any
                 Verdict::Promote => String::new(),
             };
             println!("verdict {}{reason} (canary share now {share}%)", analysis.verdict.name());
-            if !apply {
+            if !apply || matches!(analysis.verdict, Verdict::Hold(_)) {
                 return Ok(());
             }
+            if let Sides::Selectors { .. } = sides {
+                let helm = helm.context("--apply on a whole-stack canary needs --helm-release")?;
+                let weight = match analysis.verdict {
+                    Verdict::Step(share) => share,
+                    Verdict::Promote => 100.0,
+                    _ => 0.0,
+                };
+                return helm.set_canary_weight(weight);
+            }
             match analysis.verdict {
-                Verdict::Hold(_) => return Ok(()),
                 Verdict::Step(share) => client.set_canary_share(SetCanaryShareRequest { share_percent: share }).await?,
                 Verdict::Promote => client.promote_canary(PromoteCanaryRequest {}).await?,
-                Verdict::Rollback(_) => client.rollback_canary(RollbackCanaryRequest {}).await?,
+                _ => client.rollback_canary(RollbackCanaryRequest {}).await?,
             }
         }
         CanaryAction::Status => client.get_traffic_split(GetTrafficSplitRequest {}).await?,
@@ -379,4 +405,42 @@ pub async fn export_events(
     std::fs::rename(&partial, out)?;
     println!("exported {count} events to {}", out.display());
     Ok(())
+}
+
+/// The stable release of a whole-stack canary, whose GRPCRoute weight is the canary's share.
+struct HelmRelease {
+    release: String,
+    chart: std::path::PathBuf,
+    namespace: Option<String>,
+}
+
+impl HelmRelease {
+    fn helm(&self) -> std::process::Command {
+        let mut command = std::process::Command::new(std::env::var("RECSYS_HELM").unwrap_or_else(|_| "helm".into()));
+        if let Some(namespace) = &self.namespace {
+            command.args(["--namespace", namespace]);
+        }
+        command
+    }
+
+    /// `gateway.canaryWeight` of the release's current values.
+    fn canary_weight(&self) -> anyhow::Result<f64> {
+        let output = self.helm().args(["get", "values", &self.release, "--all", "-o", "json"]).output()?;
+        anyhow::ensure!(output.status.success(), "helm get values: {}", String::from_utf8_lossy(&output.stderr));
+        let values: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+        Ok(values["gateway"]["canaryWeight"].as_f64().unwrap_or(0.0))
+    }
+
+    fn set_canary_weight(&self, weight: f64) -> anyhow::Result<()> {
+        let weight = format!("gateway.canaryWeight={}", weight.round() as u32);
+        println!("helm upgrade {} {} --reuse-values --set {weight}", self.release, self.chart.display());
+        let status = self
+            .helm()
+            .args(["upgrade", &self.release])
+            .arg(&self.chart)
+            .args(["--reuse-values", "--set", &weight])
+            .status()?;
+        anyhow::ensure!(status.success(), "helm upgrade failed");
+        Ok(())
+    }
 }

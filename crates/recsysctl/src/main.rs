@@ -189,6 +189,8 @@ enum AbCommand {
     },
 }
 
+// Parsed once per process: the size of the analysis variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum CanaryCommand {
     /// Current split and per-track statistics.
@@ -222,9 +224,24 @@ enum CanaryCommand {
         /// The share at which a passing analysis promotes instead of stepping.
         #[arg(long, default_value_t = 50.0)]
         max_share: f64,
-        /// Carry the verdict out through the orchestrator's Admin service.
+        /// Carry the verdict out: through the orchestrator's Admin service (a model
+        /// canary), or with `helm upgrade` of `--helm-release` (a whole-stack canary).
         #[arg(long)]
         apply: bool,
+        /// A whole-stack canary: PromQL label matchers of the stable release's
+        /// orchestrators, e.g. `job="recsys-recsys-orchestrator"` (with --canary-selector).
+        #[arg(long, requires = "canary_selector")]
+        stable_selector: Option<String>,
+        #[arg(long, requires = "stable_selector")]
+        canary_selector: Option<String>,
+        /// The stable release whose GRPCRoute weight (`gateway.canaryWeight`) is read and,
+        /// with --apply, changed.
+        #[arg(long, requires = "stable_selector")]
+        helm_release: Option<String>,
+        #[arg(long, default_value = "helm/recsys")]
+        chart: PathBuf,
+        #[arg(long)]
+        namespace: Option<String>,
     },
 }
 

@@ -3,7 +3,7 @@
 //! a limit — empty and over-long ids, 0 and huge counts, NaN and infinite scores — and a
 //! byte mutator for the targets that read files.
 
-use std::collections::HashMap;
+use std::{cell::Cell, collections::HashMap};
 
 use arbitrary::{Result, Unstructured};
 use recsys_proto::v1::{
@@ -45,10 +45,45 @@ impl Rng {
     }
 }
 
+thread_local! {
+    static HOSTILE: Cell<bool> = const { Cell::new(true) };
+}
+
+/// Each request is either hostile (values on and past every limit) or benign (values a
+/// real caller sends, so that the deep paths run too rather than only the checks), chosen
+/// per request from its bytes; the value generators below read the choice.
+struct Mode;
+
+impl Mode {
+    fn choose(u: &mut Unstructured) -> Result<Self> {
+        let hostile = u.ratio(1, 2)?;
+        HOSTILE.with(|mode| mode.set(hostile));
+        Ok(Mode)
+    }
+}
+
+impl Drop for Mode {
+    fn drop(&mut self) {
+        HOSTILE.with(|mode| mode.set(true));
+    }
+}
+
+fn hostile() -> bool {
+    HOSTILE.with(Cell::get)
+}
+
 /// Ids and keys on either side of the limits, or that the cluster knows.
 const IDS: [&str; 14] = ["", "196", "50", "1", "0", "-1", "1682", "9999999", " ", "é", "\0", "a/b", "NaN", "u-404"];
 
 fn id(u: &mut Unstructured) -> Result<String> {
+    if !hostile() {
+        // Users and items of the default bundle, and some it does not know.
+        return Ok(match u.int_in_range(0..=9)? {
+            0 => "u-404".to_string(),
+            1 => format!("fuzz-{}", u.int_in_range(0..=20u32)?),
+            _ => u.int_in_range(1..=1_682u32)?.to_string(),
+        });
+    }
     Ok(match u.int_in_range(0..=9)? {
         0..=5 => IDS[u.choose_index(IDS.len())?].to_string(),
         6 => "u".repeat(u.int_in_range(100..=300)?),
@@ -57,16 +92,27 @@ fn id(u: &mut Unstructured) -> Result<String> {
 }
 
 fn count(u: &mut Unstructured) -> Result<u32> {
+    if !hostile() {
+        return u.int_in_range(1..=200);
+    }
     const COUNTS: [u32; 10] = [0, 1, 2, 10, 50, 200, 201, 1_000, 1_001, u32::MAX];
     Ok(if u.ratio(3, 4)? { COUNTS[u.choose_index(COUNTS.len())?] } else { u.arbitrary()? })
 }
 
 fn score(u: &mut Unstructured) -> Result<f32> {
+    if !hostile() {
+        return Ok(u.int_in_range(0..=1_000u32)? as f32 / 1_000.0);
+    }
     const SCORES: [f32; 8] = [0.0, -0.0, 1.0, -1.0, f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 1e30];
     Ok(if u.ratio(1, 2)? { SCORES[u.choose_index(SCORES.len())?] } else { u.arbitrary()? })
 }
 
 fn time_ms(u: &mut Unstructured) -> Result<i64> {
+    if !hostile() {
+        // Within the MovieLens years, and around now.
+        let base = if u.arbitrary()? { 874_724_710_000 } else { 1_764_547_200_000 };
+        return Ok(base + i64::from(u.int_in_range(0..=200_000_000u32)?));
+    }
     const TIMES: [i64; 7] = [0, -1, 1, 893_286_638_000, 1_764_547_200_000, i64::MAX, i64::MIN];
     Ok(if u.ratio(3, 4)? { TIMES[u.choose_index(TIMES.len())?] } else { u.arbitrary()? })
 }
@@ -77,11 +123,26 @@ fn list<T>(
     max: usize,
     mut element: impl FnMut(&mut Unstructured) -> Result<T>,
 ) -> Result<Vec<T>> {
-    let len = if u.ratio(1, 20)? { u.int_in_range(0..=max)? } else { u.int_in_range(0..=max.min(12))? };
+    let len = if hostile() && u.ratio(1, 20)? { u.int_in_range(0..=max)? } else { u.int_in_range(0..=max.min(12))? };
     (0..len).map(|_| element(u)).collect()
 }
 
 fn string_map(u: &mut Unstructured, keys: &[&str]) -> Result<HashMap<String, String>> {
+    if !hostile() {
+        let mut map = HashMap::new();
+        for key in keys {
+            if u.ratio(1, 3)? {
+                let value = match *key {
+                    "request_time" => (874_724_710 + u.int_in_range(0..=20_000_000u32)?).to_string(),
+                    "user_age" => u.int_in_range(10..=80u32)?.to_string(),
+                    "region" | "regions" => ["US", "DE", "FR"][u.choose_index(3)?].to_string(),
+                    _ => id(u)?,
+                };
+                map.insert(key.to_string(), value);
+            }
+        }
+        return Ok(map);
+    }
     let pairs = list(u, 64, |u| {
         let key = if u.ratio(2, 3)? { keys[u.choose_index(keys.len())?].to_string() } else { id(u)? };
         let value = if u.ratio(1, 2)? { u.int_in_range(-5..=200i64)?.to_string() } else { id(u)? };
@@ -95,14 +156,23 @@ fn experiments(u: &mut Unstructured) -> Result<Vec<ExperimentAssignment>> {
 }
 
 fn enum_value(u: &mut Unstructured, known: i32) -> Result<i32> {
+    if !hostile() {
+        return u.int_in_range(1..=known);
+    }
     Ok(if u.ratio(7, 8)? { u.int_in_range(0..=known)? } else { u.arbitrary()? })
 }
 
+/// Empty (the default scene or version) unless hostile, and then only sometimes.
+fn rarely_set(u: &mut Unstructured) -> Result<String> {
+    Ok(if hostile() && u.ratio(1, 5)? { id(u)? } else { String::new() })
+}
+
 pub fn recommend(u: &mut Unstructured) -> Result<RecommendRequest> {
+    let _mode = Mode::choose(u)?;
     Ok(RecommendRequest {
         user_id: id(u)?,
         top_k: count(u)?,
-        scene: if u.ratio(4, 5)? { String::new() } else { id(u)? },
+        scene: rarely_set(u)?,
         context: string_map(u, &["request_time", "region", "user_age", "device"])?,
         exclude_item_ids: list(u, 1_100, id)?,
         debug: u.arbitrary()?,
@@ -123,6 +193,7 @@ fn event(u: &mut Unstructured) -> Result<Event> {
 }
 
 pub fn log_events(u: &mut Unstructured) -> Result<LogEventsRequest> {
+    let _mode = Mode::choose(u)?;
     Ok(LogEventsRequest { events: list(u, 1_100, event)? })
 }
 
@@ -147,6 +218,7 @@ fn user(u: &mut Unstructured) -> Result<UserFeatures> {
 }
 
 pub fn recall(u: &mut Unstructured) -> Result<RecallRequest> {
+    let _mode = Mode::choose(u)?;
     Ok(RecallRequest {
         user: if u.ratio(9, 10)? { Some(user(u)?) } else { None },
         candidate_count: count(u)?,
@@ -167,24 +239,26 @@ fn candidate(u: &mut Unstructured) -> Result<Candidate> {
 }
 
 pub fn rank(u: &mut Unstructured) -> Result<RankRequest> {
+    let _mode = Mode::choose(u)?;
     Ok(RankRequest {
         user: if u.ratio(9, 10)? { Some(user(u)?) } else { None },
         candidates: list(u, 1_100, candidate)?,
         coarse_keep: count(u)?,
         fine_keep: count(u)?,
         request_time: if u.arbitrary()? { Some(time_ms(u)? / 1000) } else { None },
-        bundle_version: if u.ratio(4, 5)? { String::new() } else { id(u)? },
+        bundle_version: rarely_set(u)?,
     })
 }
 
 pub fn rerank(u: &mut Unstructured) -> Result<RerankRequest> {
+    let _mode = Mode::choose(u)?;
     Ok(RerankRequest {
         candidates: list(u, 1_100, |u| Ok(RerankCandidate { item_id: id(u)?, score: score(u)? }))?,
         top_k: count(u)?,
         relevance_weight: if u.arbitrary()? { Some(score(u)?) } else { None },
-        bundle_version: if u.ratio(4, 5)? { String::new() } else { id(u)? },
-        scene: if u.ratio(4, 5)? { String::new() } else { id(u)? },
-        experiments: experiments(u)?,
+        bundle_version: rarely_set(u)?,
+        scene: rarely_set(u)?,
+        experiments: if hostile() { experiments(u)? } else { Vec::new() },
         context: string_map(u, &["region", "user_age"])?,
         request_time: time_ms(u)?,
         recent_impressions: list(u, 300, |u| Ok(Impression { item_id: id(u)?, timestamp_ms: time_ms(u)? }))?,
@@ -193,14 +267,17 @@ pub fn rerank(u: &mut Unstructured) -> Result<RerankRequest> {
 }
 
 pub fn user_features(u: &mut Unstructured) -> Result<GetUserFeaturesRequest> {
+    let _mode = Mode::choose(u)?;
     Ok(GetUserFeaturesRequest { user_id: id(u)?, max_history: count(u)?, as_of_ms: time_ms(u)? })
 }
 
 pub fn item_features(u: &mut Unstructured) -> Result<GetItemFeaturesRequest> {
+    let _mode = Mode::choose(u)?;
     Ok(GetItemFeaturesRequest { item_ids: list(u, 1_100, id)?, as_of_ms: time_ms(u)? })
 }
 
 pub fn upsert_items(u: &mut Unstructured) -> Result<UpsertItemsRequest> {
+    let _mode = Mode::choose(u)?;
     let item = |u: &mut Unstructured| {
         Ok(CatalogItem {
             // Own ids, so that the fuzzer never retires or hides the items other targets serve.

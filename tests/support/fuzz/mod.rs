@@ -294,20 +294,32 @@ impl Fuzzer {
         }
     }
 
-    /// Raw bytes as the request message of one of the orchestrator's methods, framed as
-    /// gRPC by tonic: the bytes never went through our encoder.
+    /// Bytes as the request message of one of the orchestrator's methods, framed as gRPC
+    /// by tonic, never through our encoder: raw bytes, or a generated request's encoding
+    /// with a few bytes changed (mostly still protobuf, so the decoder's edge cases run).
     async fn wire_protobuf(&self, input: &[u8]) -> CaseResult {
-        let (method, body) = match input.split_first() {
-            Some((selector, rest)) if selector % 2 == 0 => ("/recsys.v1.Recommender/Recommend", rest),
-            Some((_, rest)) => ("/recsys.v1.Recommender/LogEvents", rest),
-            None => ("/recsys.v1.Recommender/Recommend", input),
+        let selector = input.first().copied().unwrap_or(0);
+        let method =
+            if selector % 2 == 0 { "/recsys.v1.Recommender/Recommend" } else { "/recsys.v1.Recommender/LogEvents" };
+        let rest = input.get(1..).unwrap_or_default();
+        let body = if selector % 4 < 2 {
+            rest.to_vec()
+        } else {
+            let mut u = Unstructured::new(rest);
+            let encoded = match method {
+                "/recsys.v1.Recommender/Recommend" => {
+                    generate::recommend(&mut u).map(|m| prost::Message::encode_to_vec(&m))
+                }
+                _ => generate::log_events(&mut u).map(|m| prost::Message::encode_to_vec(&m)),
+            };
+            generate::mutate(&encoded.unwrap_or_default(), &mut Rng(seed_of(input)))
         };
         let mut grpc = tonic::client::Grpc::new(self.cluster.channel(Service::Orchestrator));
         if let Err(error) = grpc.ready().await {
             return Err(format!("channel not ready: {error}"));
         }
         let path = method.parse().expect("static path");
-        let request = with_timeout(Bytes::copy_from_slice(body), Duration::from_secs(10));
+        let request = with_timeout(Bytes::from(body), Duration::from_secs(10));
         judge(grpc.unary(request, path, RawCodec).await, |_| Ok(()))
     }
 

@@ -12,7 +12,7 @@ use tonic::{metadata::MetadataValue, service::Interceptor, transport::Channel, R
 #[derive(Debug, Clone, Args)]
 pub struct Access {
     /// CA certificate (PEM) that signed the cluster's certificates: turns TLS on.
-    #[arg(long, global = true, env = "RECSYS_TLS_CA", requires_all = ["tls_cert", "tls_key"])]
+    #[arg(long, global = true, env = "RECSYS_TLS_CA")]
     tls_ca: Option<PathBuf>,
     /// This client's certificate (PEM); an operator's for admin calls.
     #[arg(long, global = true, env = "RECSYS_TLS_CERT")]
@@ -29,8 +29,11 @@ pub struct Access {
 
 impl Access {
     fn tls(&self) -> anyhow::Result<Tls> {
-        let (Some(ca), Some(cert), Some(key)) = (&self.tls_ca, &self.tls_cert, &self.tls_key) else {
-            return Ok(Tls::plaintext());
+        let (ca, cert, key) = match (&self.tls_ca, &self.tls_cert, &self.tls_key) {
+            (Some(ca), Some(cert), Some(key)) => (ca, cert, key),
+            (None, None, None) => return Ok(Tls::plaintext()),
+            // Never fall back to plaintext (and send a token in clear) on a partial setting.
+            _ => anyhow::bail!("TLS needs all of --tls-ca, --tls-cert and --tls-key (or RECSYS_TLS_CA/CERT/KEY)"),
         };
         let path = |path: &PathBuf| path.display().to_string();
         let config = TlsConfig {
@@ -51,7 +54,7 @@ impl Access {
 
     /// Adds the operator's bearer token to every call, unless TLS identifies the caller.
     pub fn operator(&self) -> anyhow::Result<OperatorToken> {
-        if self.tls_ca.is_some() {
+        if self.tls()?.is_enabled() {
             return Ok(OperatorToken(None));
         }
         let text = match std::fs::read_to_string(&self.admin_token_file) {

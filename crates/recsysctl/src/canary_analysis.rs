@@ -88,6 +88,23 @@ pub fn decide(
     share_percent: f64,
     steps: Option<Steps>,
 ) -> Verdict {
+    // Failures already past what the error budget allows over `min_requests` decide
+    // before the traffic does: 99 failures of 99 calls must not hold for ever.
+    let failed = canary.requests * canary.error_rate;
+    if failed > thresholds.max_error_rate * thresholds.min_requests {
+        return Verdict::Rollback(format!(
+            "{failed:.0} failed canary requests, more than the error budget of {} requests allows",
+            thresholds.min_requests
+        ));
+    }
+    // A canary with a share that served nothing while the stable side did is broken (its
+    // metrics are gone, or it never receives traffic), as Flagger treats "no values".
+    if share_percent > 0.0 && canary.requests == 0.0 && stable.requests >= thresholds.min_requests {
+        return Verdict::Rollback(format!(
+            "the canary served nothing in {} while the stable side served {:.0}",
+            thresholds.window, stable.requests
+        ));
+    }
     if canary.requests < thresholds.min_requests {
         return Verdict::Hold(format!(
             "the canary served {:.0} requests in {}; {} needed",
@@ -269,5 +286,11 @@ mod tests {
         let quick = track(5_000.0, 0.0, 2.0);
         assert_eq!(decide(&quick, &track(500.0, 0.0, 8.0), &thresholds, 10.0, None), Verdict::Promote);
         assert!(matches!(decide(&stable, &track(20.0, 0.0, 30.0), &thresholds, 10.0, None), Verdict::Hold(_)));
+        // Few requests, but all failing: no need to wait for more.
+        assert!(matches!(decide(&stable, &track(20.0, 1.0, 30.0), &thresholds, 10.0, None), Verdict::Rollback(_)));
+        // A canary with a share but no traffic at all while stable serves: broken.
+        let silent = TrackStats { requests: 0.0, error_rate: 0.0, p99_ms: None };
+        assert!(matches!(decide(&stable, &silent, &thresholds, 10.0, None), Verdict::Rollback(_)));
+        assert!(matches!(decide(&stable, &silent, &thresholds, 0.0, None), Verdict::Hold(_)));
     }
 }

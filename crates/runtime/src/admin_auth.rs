@@ -115,7 +115,7 @@ impl<S: NamedService> NamedService for AdminAuth<S> {
 
 impl<S, B> Service<Request<B>> for AdminAuth<S>
 where
-    S: Service<Request<B>, Response = Response<Body>, Error = Infallible> + Clone + Send + 'static,
+    S: Service<Request<B>, Response = Response<Body>, Error = Infallible> + NamedService + Clone + Send + 'static,
     S::Future: Send + 'static,
     B: Send + 'static,
 {
@@ -142,7 +142,9 @@ where
             Err(status) if status.code() == tonic::Code::Unauthenticated => "unauthenticated",
             Err(_) => "denied",
         };
-        crate::metrics::ADMIN_CALLS.with_label_values(&[policy.service, &path, outcome]).inc();
+        // Labelled by the admin service, not the path: any path under it reaches this
+        // layer, and an anonymous caller must not be able to mint metric series.
+        crate::metrics::ADMIN_CALLS.with_label_values(&[policy.service, S::NAME, outcome]).inc();
         match decision {
             Ok(operator) => {
                 tracing::info!(service = policy.service, method = %path, operator = %operator.0, "admin call");
@@ -266,8 +268,30 @@ mod tests {
         builder.body(()).unwrap()
     }
 
+    /// A service under an admin service's name, as the generated servers are.
+    #[derive(Clone)]
+    struct Named<S>(S);
+
+    impl<S> NamedService for Named<S> {
+        const NAME: &'static str = "test.Admin";
+    }
+
+    impl<S: Service<Request<()>>> Service<Request<()>> for Named<S> {
+        type Response = S::Response;
+        type Error = S::Error;
+        type Future = S::Future;
+
+        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            self.0.poll_ready(cx)
+        }
+
+        fn call(&mut self, request: Request<()>) -> Self::Future {
+            self.0.call(request)
+        }
+    }
+
     async fn status_of(layer: &AdminAuthLayer, request: Request<()>) -> Result<String, Status> {
-        let response = layer.layer(echo_operator()).oneshot(request).await.unwrap();
+        let response = layer.layer(Named(echo_operator())).oneshot(request).await.unwrap();
         match Status::from_header_map(response.headers()) {
             Some(status) if status.code() != tonic::Code::Ok => Err(status),
             _ => Ok(response.headers()["operator"].to_str().unwrap().to_string()),

@@ -28,8 +28,16 @@ use crate::tls::Tls;
 
 /// Builds a lazily connecting channel to `address` (`host:port` or a full URI), over
 /// mutual TLS when `tls` is on (the host is the name the server's certificate must hold).
+/// Without TLS an `https://` address is refused on first use (tonic's own check), never
+/// dialled in plaintext.
 pub fn lazy_channel(address: &str, connect_timeout: Duration, tls: &Tls) -> Result<Channel, tonic::transport::Error> {
-    let endpoint = Endpoint::from_shared(endpoint_uri(address))?
+    let uri = match (tls.connector(), address.strip_prefix("https://")) {
+        // TLS is this crate's connector's job (`tls.rs`); tonic refuses an `https` URI on
+        // a channel with a connector of its own.
+        (Some(_), Some(rest)) => format!("http://{rest}"),
+        _ => endpoint_uri(address),
+    };
+    let endpoint = Endpoint::from_shared(uri)?
         .connect_timeout(connect_timeout)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(30));
@@ -39,13 +47,9 @@ pub fn lazy_channel(address: &str, connect_timeout: Duration, tls: &Tls) -> Resu
     })
 }
 
-/// `host:port` as a gRPC URI; full URIs pass through unchanged, except that `https://`
-/// becomes `http://`: TLS is this crate's connector's job (`tls.rs`), and tonic refuses
-/// an `https` URI on a channel with a connector of its own.
+/// `host:port` as a plaintext gRPC URI; full URIs pass through unchanged.
 pub fn endpoint_uri(address: &str) -> String {
-    if let Some(rest) = address.strip_prefix("https://") {
-        format!("http://{rest}")
-    } else if address.contains("://") {
+    if address.contains("://") {
         address.to_string()
     } else {
         format!("http://{address}")

@@ -62,12 +62,12 @@ pub static TLS_RELOADS: LazyLock<IntCounterVec> = LazyLock::new(|| {
         .expect("metric registers once")
 });
 
-/// Admin calls, by service, method and outcome (`allowed`, `unauthenticated`, `denied`).
+/// Admin calls, by service, admin service and outcome (`allowed`, `unauthenticated`, `denied`).
 pub static ADMIN_CALLS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "recsys_admin_calls_total",
-        "Calls to admin ports by service, method and authorisation outcome",
-        &["service", "method", "outcome"]
+        "Calls to admin ports by service, admin service and authorisation outcome",
+        &["service", "admin_service", "outcome"]
     )
     .expect("metric registers once")
 });

@@ -299,6 +299,8 @@ fn port_server(
         .http2_keepalive_interval(millis(connections.keepalive_interval_ms))
         .http2_keepalive_timeout(millis(connections.keepalive_timeout_ms));
     if let Some(age) = millis(connections.max_connection_age_ms) {
+        // GOAWAY after the age; in-flight calls finish. (No `max_connection_age_grace`:
+        // with it tonic skips the GOAWAY and cuts the connection at age + grace.)
         builder = builder.max_connection_age(age);
     }
     // Layers, outermost first: the span and metrics of each call (outermost, so it sees
@@ -316,16 +318,15 @@ fn port_server(
             let incoming = crate::connections::incoming(listener, label, connections, move |stream| {
                 let acceptor = tls.acceptor();
                 async move {
-                    match acceptor {
-                        Some(acceptor) => acceptor.accept(stream).await,
-                        None => Err(std::io::Error::other("TLS is off")),
-                    }
+                    let acceptor = acceptor.ok_or_else(|| std::io::Error::other("TLS is off"))?;
+                    crate::connections::http2_preface_in(acceptor.accept(stream).await?).await
                 }
             });
             Box::pin(router.serve_with_incoming_shutdown(incoming, stopped))
         }
         _ => {
-            let incoming = crate::connections::incoming(listener, label, connections, crate::connections::first_bytes);
+            let incoming =
+                crate::connections::incoming(listener, label, connections, crate::connections::http2_preface);
             Box::pin(router.serve_with_incoming_shutdown(incoming, stopped))
         }
     }

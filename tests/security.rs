@@ -11,19 +11,13 @@ use recsys_proto::v1::{
     recommender_client::RecommenderClient, CatalogItem, GetTrafficSplitRequest, ListModelsRequest, RecommendRequest,
     UpsertItemsRequest,
 };
-use recsys_runtime::{certs::DevCerts, Tls};
-use tonic::{metadata::MetadataValue, transport::Channel, Code, Request, Status};
+use recsys_runtime::{admin_auth::BearerToken, certs::DevCerts, Tls};
+use tonic::{transport::Channel, Code, Status};
 use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
 
 /// Adds `authorization: Bearer <token>` when there is a token.
-fn bearer(token: Option<&str>) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
-    let value: Option<MetadataValue<_>> = token.map(|token| format!("Bearer {token}").parse().unwrap());
-    move |mut request: Request<()>| {
-        if let Some(value) = &value {
-            request.metadata_mut().insert("authorization", value.clone());
-        }
-        Ok(request)
-    }
+fn bearer(token: Option<&str>) -> BearerToken {
+    token.map_or_else(BearerToken::none, |token| BearerToken::new(token).unwrap())
 }
 
 /// One harmless admin call on `service`'s admin service, as `token` (or anonymously).

@@ -13,9 +13,9 @@ use std::{
 };
 
 use anyhow::{bail, Context};
-use recsys_runtime::{certs::DevCerts, Listeners, ServerConfig, Tls};
+use recsys_runtime::{admin_auth::BearerToken, certs::DevCerts, Listeners, ServerConfig, Tls};
 use tokio::{sync::oneshot, task::JoinHandle};
-use tonic::{metadata::MetadataValue, transport::Channel, Request, Status};
+use tonic::transport::Channel;
 use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -287,12 +287,8 @@ impl Cluster {
     }
 
     /// An interceptor adding the test operator's bearer token to admin calls.
-    pub fn operator(&self) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
-        let value: MetadataValue<_> = format!("Bearer {OPERATOR_TOKEN}").parse().expect("ASCII");
-        move |mut request: Request<()>| {
-            request.metadata_mut().insert("authorization", value.clone());
-            Ok(request)
-        }
+    pub fn operator(&self) -> BearerToken {
+        BearerToken::new(OPERATOR_TOKEN).expect("an ASCII token")
     }
 
     /// Shuts one service down the way SIGTERM would and waits until it has exited.

@@ -6,8 +6,12 @@ use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context;
 use clap::Args;
-use recsys_runtime::{tls::TlsConfig, Tls};
-use tonic::{metadata::MetadataValue, service::Interceptor, transport::Channel, Request, Status};
+use recsys_runtime::{
+    admin_auth::{parse_tokens, BearerToken},
+    tls::TlsConfig,
+    Tls,
+};
+use tonic::transport::Channel;
 
 #[derive(Debug, Clone, Args)]
 pub struct Access {
@@ -28,12 +32,19 @@ pub struct Access {
 }
 
 impl Access {
-    fn tls(&self) -> anyhow::Result<Tls> {
-        let (ca, cert, key) = match (&self.tls_ca, &self.tls_cert, &self.tls_key) {
-            (Some(ca), Some(cert), Some(key)) => (ca, cert, key),
-            (None, None, None) => return Ok(Tls::plaintext()),
+    /// The three TLS files, when TLS is on.
+    fn tls_files(&self) -> anyhow::Result<Option<(&PathBuf, &PathBuf, &PathBuf)>> {
+        match (&self.tls_ca, &self.tls_cert, &self.tls_key) {
+            (Some(ca), Some(cert), Some(key)) => Ok(Some((ca, cert, key))),
+            (None, None, None) => Ok(None),
             // Never fall back to plaintext (and send a token in clear) on a partial setting.
             _ => anyhow::bail!("TLS needs all of --tls-ca, --tls-cert and --tls-key (or RECSYS_TLS_CA/CERT/KEY)"),
+        }
+    }
+
+    fn tls(&self) -> anyhow::Result<Tls> {
+        let Some((ca, cert, key)) = self.tls_files()? else {
+            return Ok(Tls::plaintext());
         };
         let path = |path: &PathBuf| path.display().to_string();
         let config = TlsConfig {
@@ -53,36 +64,18 @@ impl Access {
     }
 
     /// Adds the operator's bearer token to every call, unless TLS identifies the caller.
-    pub fn operator(&self) -> anyhow::Result<OperatorToken> {
-        if self.tls()?.is_enabled() {
-            return Ok(OperatorToken(None));
+    pub fn operator(&self) -> anyhow::Result<BearerToken> {
+        if self.tls_files()?.is_some() {
+            return Ok(BearerToken::none());
         }
         let text = match std::fs::read_to_string(&self.admin_token_file) {
             Ok(text) => text,
             // No token: the admin port answers UNAUTHENTICATED, which says what is missing.
-            Err(_) => return Ok(OperatorToken(None)),
+            Err(_) => return Ok(BearerToken::none()),
         };
-        let token = text
-            .lines()
-            .map(str::trim)
-            .filter(|line| !line.is_empty() && !line.starts_with('#'))
-            .filter_map(|line| line.split_once(':'))
-            .find(|(name, _)| self.operator.as_deref().is_none_or(|wanted| wanted == name.trim()))
-            .map(|(_, token)| token.trim().to_string())
+        let (_, token) = parse_tokens(&text)
+            .find(|(name, _)| self.operator.as_deref().is_none_or(|wanted| wanted == *name))
             .with_context(|| format!("no token for {:?} in {}", self.operator, self.admin_token_file.display()))?;
-        let value = MetadataValue::try_from(format!("Bearer {token}")).context("the token is not a header value")?;
-        Ok(OperatorToken(Some(value)))
-    }
-}
-
-#[derive(Clone)]
-pub struct OperatorToken(Option<MetadataValue<tonic::metadata::Ascii>>);
-
-impl Interceptor for OperatorToken {
-    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(value) = &self.0 {
-            request.metadata_mut().insert("authorization", value.clone());
-        }
-        Ok(request)
+        BearerToken::new(token).context("the token is not a header value")
     }
 }

@@ -19,7 +19,9 @@ use serde::{Deserialize, Serialize};
 use tonic::{
     body::Body,
     codegen::http::{header::AUTHORIZATION, HeaderMap, Request, Response},
+    metadata::{errors::InvalidMetadataValue, Ascii, MetadataValue},
     server::NamedService,
+    service::Interceptor,
     transport::server::{TcpConnectInfo, TlsConnectInfo},
     Status,
 };
@@ -218,14 +220,39 @@ impl Policy {
     }
 }
 
-/// `name:token` lines; blank lines and `#` comments skipped.
-fn parse_tokens(text: &str) -> impl Iterator<Item = (&str, &str)> {
+/// `name:token` lines; blank lines and `#` comments skipped. The admin ports read their
+/// token file with it, and clients (`recsysctl`) the same file.
+pub fn parse_tokens(text: &str) -> impl Iterator<Item = (&str, &str)> {
     text.lines()
         .map(str::trim)
         .filter(|line| !line.is_empty() && !line.starts_with('#'))
         .filter_map(|line| line.split_once(':'))
         .map(|(name, token)| (name.trim(), token.trim()))
         .filter(|(name, token)| !name.is_empty() && !token.is_empty())
+}
+
+/// The client side of the check: adds `authorization: Bearer <token>` to every call of a
+/// client built `with_interceptor`; without a token, calls go out as they are.
+#[derive(Debug, Clone, Default)]
+pub struct BearerToken(Option<MetadataValue<Ascii>>);
+
+impl BearerToken {
+    pub fn new(token: &str) -> Result<Self, InvalidMetadataValue> {
+        Ok(Self(Some(MetadataValue::try_from(format!("Bearer {token}"))?)))
+    }
+
+    pub fn none() -> Self {
+        Self(None)
+    }
+}
+
+impl Interceptor for BearerToken {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request.metadata_mut().insert(AUTHORIZATION.as_str(), value.clone());
+        }
+        Ok(request)
+    }
 }
 
 fn same_secret(known: &[u8], offered: &[u8]) -> bool {

@@ -99,11 +99,8 @@ const OPERATOR_TOKEN: &str = "bench-rerank";
 
 async fn upsert(feature_admin: SocketAddr, items: Vec<CatalogItem>) -> anyhow::Result<u64> {
     let channel = tonic::transport::Channel::from_shared(format!("http://{feature_admin}"))?.connect().await?;
-    let token: tonic::metadata::MetadataValue<_> = format!("Bearer {OPERATOR_TOKEN}").parse()?;
-    let mut client = CatalogAdminClient::with_interceptor(channel, move |mut request: tonic::Request<()>| {
-        request.metadata_mut().insert("authorization", token.clone());
-        Ok(request)
-    });
+    let mut client =
+        CatalogAdminClient::with_interceptor(channel, recsys_runtime::admin_auth::BearerToken::new(OPERATOR_TOKEN)?);
     let mut revision = 0;
     for chunk in items.chunks(1_000) {
         revision = client.upsert_items(UpsertItemsRequest { items: chunk.to_vec() }).await?.into_inner().revision;

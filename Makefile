@@ -4,7 +4,7 @@ SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
 ENV := source target/recsys.env
 
-.PHONY: run test bootstrap build bundle test-rust test-python test-scale-parity eval-scale synthetic-seed lint fmt clean-state chaos durability bench-observability eval bench-recall bench-rank bench-features bench-rerank synthetic-bundle fuzz
+.PHONY: run test bootstrap build bundle test-rust test-python test-scale-parity eval-scale synthetic-seed lint fmt clean-state chaos durability bench-observability eval bench-recall bench-rank bench-features bench-rerank synthetic-bundle fuzz bench synthetic-population-seed
 
 # Bootstrap (Python, data, bundle) and the Rust build are independent: run them side by side.
 # DATASET=synthetic runs the cluster on the catalogue-scale synthetic bundle instead (a
@@ -143,20 +143,37 @@ bench-rerank: bootstrap synthetic-bundle
 # on the first run (minutes) and reused. Writes target/reports/bench-features.json.
 BENCH_FEATURES := target/bench-features
 FEATURE_USERS ?= 200000
-bench-features: bootstrap
-	$(ENV) && if [ ! -f $(SYNTH_DIR)/interactions.parquet ]; then \
-	  "$$RECSYS_PYTHON" -m recsys_training synthesize --out $(SYNTH_DIR) --items $(SYNTH_ITEMS) \
-	    --users $(SYNTH_USERS) --interactions $(SYNTH_INTERACTIONS); fi
+bench-features: bootstrap synthetic-population-seed
 	$(ENV) && if [ ! -f $(BENCH_FEATURES)/seed-$(FEATURE_USERS)/interactions.csv ]; then \
 	  "$$RECSYS_PYTHON" crates/chaos/scripts/feature_seed.py --data $(SYNTH_DIR) \
 	    --out $(BENCH_FEATURES)/seed-$(FEATURE_USERS) --users $(FEATURE_USERS); fi
-	$(ENV) && if [ ! -f $(BENCH_FEATURES)/seed-all/interactions.csv ]; then \
-	  "$$RECSYS_PYTHON" crates/chaos/scripts/feature_seed.py --data $(SYNTH_DIR) --out $(BENCH_FEATURES)/seed-all; fi
 	@echo "==> release build of feature-svc and the benchmark"
 	cargo build --release -p feature-svc -p recsys-chaos --bin feature-svc --bin bench-features
 	$(ENV) && target/release/bench-features --seed $(BENCH_FEATURES)/seed-$(FEATURE_USERS) \
 	  --large-seed $(BENCH_FEATURES)/seed-all --bundle $(SYNTH_BUNDLES) --work $(BENCH_FEATURES) \
 	  --bin-dir target/release
+
+# The whole request path at a million items against its own compute floor (the same
+# requests' stages in-process, no gRPC), and on ML-100k for comparison: closed-loop
+# latency, peak sustainable open-loop rate and half of it, per-hop overhead from traces,
+# CPU efficiency. Release build; the feature store is seeded with the whole synthetic
+# population once (minutes) and kept in target/bench. Writes target/reports/bench.json,
+# bench-details.json and bench-latency.png (about fifteen minutes once the data exist).
+BENCH_PATH := target/bench
+bench: bootstrap synthetic-bundle synthetic-population-seed
+	@echo "==> release build of the five services and the benchmark"
+	cargo build --release -p feature-svc -p recall-svc -p rank-svc -p rerank-svc -p orchestrator -p recsys-chaos \
+	  --bin feature-svc --bin recall-svc --bin rank-svc --bin rerank-svc --bin orchestrator --bin bench-path
+	$(ENV) && target/release/bench-path run --catalogue $(SYNTH_BUNDLES) --catalogue-seed $(BENCH_FEATURES)/seed-all \
+	  --work $(BENCH_PATH) --bin-dir target/release
+	bench_python=$$(deploy/local/python-env.sh crates/chaos/scripts/requirements-bench.txt)/bin/python && \
+	  "$$bench_python" crates/chaos/scripts/latency_chart.py --latencies $(BENCH_PATH)/latencies.json \
+	    --out target/reports/bench-latency.png
+
+# Every user of the synthetic set as a feature-store seed (shared by bench-features).
+synthetic-population-seed: synthetic-bundle
+	$(ENV) && if [ ! -f $(BENCH_FEATURES)/seed-all/interactions.csv ]; then \
+	  "$$RECSYS_PYTHON" crates/chaos/scripts/feature_seed.py --data $(SYNTH_DIR) --out $(BENCH_FEATURES)/seed-all; fi
 
 # The served pipeline's hit rate@100 on the synthetic set's held-out engagements, against
 # popularity; writes target/reports/eval-scale.json.

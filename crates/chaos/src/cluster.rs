@@ -76,6 +76,7 @@ impl ClusterPaths {
             state: state.to_path_buf(),
             logs: PathBuf::from(logs),
             orchestrator_env: Vec::new(),
+            rank_proxy: true,
         })
     }
 }
@@ -93,6 +94,9 @@ pub struct Settings {
     pub state: PathBuf,
     pub logs: PathBuf,
     pub orchestrator_env: Vec<(String, String)>,
+    /// Route the orchestrator's rank calls through the latency-injecting proxy (the chaos
+    /// suite's slow-rank fault); off, it calls rank-svc directly, as in production.
+    pub rank_proxy: bool,
 }
 
 pub struct Cluster {
@@ -119,9 +123,14 @@ impl Cluster {
             addresses.insert(leaf, free_port().await?);
         }
         let rank_delay_ms = Arc::new(AtomicU64::new(0));
-        let proxy = TcpListener::bind("127.0.0.1:0").await?;
-        let proxy_address = proxy.local_addr()?;
-        tokio::spawn(run_proxy(proxy, addresses[&Leaf::Rank], Arc::clone(&rank_delay_ms)));
+        let rank_address = if settings.rank_proxy {
+            let proxy = TcpListener::bind("127.0.0.1:0").await?;
+            let proxy_address = proxy.local_addr()?;
+            tokio::spawn(run_proxy(proxy, addresses[&Leaf::Rank], Arc::clone(&rank_delay_ms)));
+            proxy_address
+        } else {
+            addresses[&Leaf::Rank]
+        };
         let orchestrator = free_port().await?;
 
         let mut children = HashMap::new();
@@ -143,7 +152,7 @@ impl Cluster {
             .envs(settings.otlp_sample_ratio.map(|r| ("RECSYS_ORCHESTRATOR__SERVER__OTLP_SAMPLE_RATIO", r.to_string())))
             .env("RECSYS_ORCHESTRATOR__DOWNSTREAM__FEATURE", addresses[&Leaf::Feature].to_string())
             .env("RECSYS_ORCHESTRATOR__DOWNSTREAM__RECALL", addresses[&Leaf::Recall].to_string())
-            .env("RECSYS_ORCHESTRATOR__DOWNSTREAM__RANK", proxy_address.to_string())
+            .env("RECSYS_ORCHESTRATOR__DOWNSTREAM__RANK", rank_address.to_string())
             .env("RECSYS_ORCHESTRATOR__DOWNSTREAM__RERANK", addresses[&Leaf::Rerank].to_string())
             .env("RECSYS_ORCHESTRATOR__FALLBACK_BUNDLE", &settings.bundle)
             .envs(settings.orchestrator_env.iter().cloned());
@@ -219,7 +228,8 @@ fn spawn_leaf(
         Leaf::Feature => {
             command
                 .env(format!("{prefix}__SEED_DIR"), &settings.seed)
-                .env(format!("{prefix}__STORE__PATH"), settings.state.join("features.redb"));
+                .env(format!("{prefix}__STORE__PATH"), settings.state.join("features.redb"))
+                .env(format!("{prefix}__BUNDLE"), &settings.bundle);
         }
         Leaf::Rank => {
             command.env(format!("{prefix}__BUNDLE"), &settings.bundle);

@@ -49,14 +49,33 @@ fn client_pool(target: SocketAddr) -> Vec<RecommenderClient<Channel>> {
     (0..CONNECTIONS).map(|_| RecommenderClient::new(channel(target))).collect()
 }
 
-/// One request for a MovieLens user (every tenth an unknown one).
+/// Whose recommendations the generator asks for.
+#[derive(Debug, Clone)]
+pub enum Users {
+    /// MovieLens-100k's 943 users in turn, every tenth request an unknown user.
+    MovieLens,
+    /// Drawn uniformly from a population (the synthetic set's users), by request number.
+    Drawn(Arc<Vec<String>>),
+}
+
+impl Users {
+    pub fn user(&self, sequence: u64) -> String {
+        match self {
+            Users::MovieLens if sequence.is_multiple_of(10) => format!("chaos-new-{sequence}"),
+            Users::MovieLens => (1 + sequence % 943).to_string(),
+            Users::Drawn(users) => users[crate::Rng(sequence).below(users.len())].clone(),
+        }
+    }
+}
+
+/// One request (top 10) for the request numbered `sequence`.
 async fn one_request(
     client: &mut RecommenderClient<Channel>,
+    users: &Users,
     sequence: u64,
     deadline: Duration,
 ) -> (Duration, Outcome) {
-    let user_id =
-        if sequence.is_multiple_of(10) { format!("chaos-new-{sequence}") } else { (1 + sequence % 943).to_string() };
+    let user_id = users.user(sequence);
     let mut request = tonic::Request::new(RecommendRequest { user_id, top_k: 10, ..RecommendRequest::default() });
     request.set_timeout(deadline);
     let started = Instant::now();
@@ -82,7 +101,7 @@ pub struct OpenLoop {
 }
 
 impl OpenLoop {
-    pub fn start(target: SocketAddr, rate: f64, deadline: Duration, t0: Instant) -> Self {
+    pub fn start(target: SocketAddr, rate: f64, deadline: Duration, t0: Instant, users: Users) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let (sender, samples) = mpsc::unbounded_channel();
         let clients = client_pool(target);
@@ -97,9 +116,10 @@ impl OpenLoop {
                 let n = sequence.fetch_add(1, Ordering::Relaxed);
                 let mut client = clients[n as usize % CONNECTIONS].clone();
                 let sender = sender.clone();
+                let users = users.clone();
                 in_flight.push(tokio::spawn(async move {
                     let started = t0.elapsed();
-                    let (latency, outcome) = one_request(&mut client, n, deadline).await;
+                    let (latency, outcome) = one_request(&mut client, &users, n, deadline).await;
                     let _ = sender.send(Sample { started, latency, outcome });
                 }));
                 in_flight.retain(|task: &JoinHandle<()>| !task.is_finished());
@@ -123,19 +143,43 @@ impl OpenLoop {
     }
 }
 
+/// `requests` requests from one client, back to back on one connection, numbered from
+/// `first`: each one's latency and outcome.
+pub async fn closed_loop(
+    target: SocketAddr,
+    first: u64,
+    requests: usize,
+    deadline: Duration,
+    users: &Users,
+) -> Vec<(Duration, Outcome)> {
+    let mut client = RecommenderClient::new(channel(target));
+    let mut samples = Vec::with_capacity(requests);
+    for n in first..first + requests as u64 {
+        samples.push(one_request(&mut client, users, n, deadline).await);
+    }
+    samples
+}
+
 /// Requests per second completed successfully by `workers` back-to-back clients.
-pub async fn closed_loop_throughput(target: SocketAddr, workers: usize, deadline: Duration, duration: Duration) -> f64 {
+pub async fn closed_loop_throughput(
+    target: SocketAddr,
+    workers: usize,
+    deadline: Duration,
+    duration: Duration,
+    users: Users,
+) -> f64 {
     let completed = Arc::new(AtomicU64::new(0));
     let end = Instant::now() + duration;
     let tasks: Vec<_> = (0..workers)
         .map(|worker| {
             let completed = Arc::clone(&completed);
             let mut client = RecommenderClient::new(channel(target));
+            let users = users.clone();
             tokio::spawn(async move {
                 let mut n = worker as u64 * 1_000_003;
                 while Instant::now() < end {
                     n += 1;
-                    if let (_, Outcome::Ok { .. }) = one_request(&mut client, n, deadline).await {
+                    if let (_, Outcome::Ok { .. }) = one_request(&mut client, &users, n, deadline).await {
                         completed.fetch_add(1, Ordering::Relaxed);
                     }
                 }

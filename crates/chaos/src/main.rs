@@ -68,13 +68,27 @@ async fn main() -> anyhow::Result<()> {
     // The sustainable rate is what the concurrency limit lets through back to back; the
     // steady phase runs below it, the overload phase at three times it.
     println!("==> measuring sustainable throughput ({} back-to-back clients)", args.max_concurrent);
-    let _warm_up = load::closed_loop_throughput(target, args.max_concurrent, deadline, Duration::from_secs(2)).await;
-    let capacity = load::closed_loop_throughput(target, args.max_concurrent, deadline, Duration::from_secs(5)).await;
+    let _warm_up = load::closed_loop_throughput(
+        target,
+        args.max_concurrent,
+        deadline,
+        Duration::from_secs(2),
+        load::Users::MovieLens,
+    )
+    .await;
+    let capacity = load::closed_loop_throughput(
+        target,
+        args.max_concurrent,
+        deadline,
+        Duration::from_secs(5),
+        load::Users::MovieLens,
+    )
+    .await;
     let steady_rate = args.rate;
     println!("    sustainable ≈ {capacity:.0} req/s");
     println!("==> steady load at {steady_rate:.0} req/s, deadline {} ms", args.deadline_ms);
     let t0 = Instant::now();
-    let steady = load::OpenLoop::start(target, steady_rate, deadline, t0);
+    let steady = load::OpenLoop::start(target, steady_rate, deadline, t0, load::Users::MovieLens);
     tokio::time::sleep(Duration::from_secs(3)).await;
     let fault = Duration::from_secs(args.fault_s);
     let settle = Duration::from_secs(6);
@@ -107,7 +121,7 @@ async fn main() -> anyhow::Result<()> {
 
     let overload_rate = capacity * 3.0;
     println!("==> overload: offering {overload_rate:.0} req/s (3x sustainable)");
-    let overload = load::OpenLoop::start(target, overload_rate, deadline, Instant::now());
+    let overload = load::OpenLoop::start(target, overload_rate, deadline, Instant::now(), load::Users::MovieLens);
     let probes = tokio::spawn(probe_health(target, Duration::from_secs(5)));
     tokio::time::sleep(Duration::from_secs(5)).await;
     let overload_samples = overload.stop().await;

@@ -4,6 +4,7 @@
 use std::{
     collections::{HashMap, HashSet},
     sync::Arc,
+    time::Duration,
 };
 
 use tracing::Instrument;
@@ -14,7 +15,7 @@ use recsys_proto::{
     v1::{
         feature_service_client::FeatureServiceClient,
         rerank_service_server::{RerankService, RerankServiceServer},
-        GetItemFeaturesRequest, RerankRequest, RerankResponse, RerankedItem, WindowedCounts,
+        GetItemFeaturesRequest, GetItemFeaturesResponse, RerankRequest, RerankResponse, RerankedItem, WindowedCounts,
     },
 };
 use recsys_runtime::{catalog::Catalog, model_admin::version_for};
@@ -45,6 +46,33 @@ static ITEM_COUNTS_MISSING: std::sync::LazyLock<prometheus::IntCounter> = std::s
     .expect("metric registers once")
 });
 
+/// Where the window's item counts are read: feature-svc over gRPC when serving; the
+/// store in the same process for the whole-path benchmark's compute floor (`bench-path`),
+/// which runs every stage without the network.
+#[tonic::async_trait]
+pub trait ItemCountSource: Send + Sync {
+    async fn item_features(
+        &self,
+        request: GetItemFeaturesRequest,
+        timeout: Duration,
+    ) -> Result<GetItemFeaturesResponse, Status>;
+}
+
+#[tonic::async_trait]
+impl ItemCountSource for FeatureServiceClient<tonic::transport::Channel> {
+    async fn item_features(
+        &self,
+        request: GetItemFeaturesRequest,
+        timeout: Duration,
+    ) -> Result<GetItemFeaturesResponse, Status> {
+        let mut request = Request::new(request);
+        request.set_timeout(timeout);
+        // The read is part of the request's trace.
+        recsys_runtime::telemetry::inject_trace_context(request.metadata_mut());
+        Ok(self.clone().get_item_features(request).await?.into_inner())
+    }
+}
+
 #[derive(Clone)]
 pub struct RerankGrpc {
     /// Item genres by bundle version.
@@ -52,11 +80,12 @@ pub struct RerankGrpc {
     rules: Arc<LiveRules>,
     catalog: Arc<Catalog>,
     /// feature-svc, for the window's item counts when a rule names one.
-    features: Option<FeatureServiceClient<tonic::transport::Channel>>,
+    item_counts: Option<Arc<dyn ItemCountSource>>,
     config: Arc<Config>,
 }
 
 impl RerankGrpc {
+    /// Reads item counts from the feature-svc the catalogue is followed from.
     pub fn new(
         registry: Arc<Registry<BundleItems>>,
         rules: Arc<LiveRules>,
@@ -65,26 +94,30 @@ impl RerankGrpc {
         tls: &recsys_runtime::Tls,
     ) -> Self {
         let features = (!config.catalog.feature.is_empty())
-            .then(|| {
-                recsys_runtime::client::lazy_channel(&config.catalog.feature, std::time::Duration::from_secs(1), tls)
-            })
+            .then(|| recsys_runtime::client::lazy_channel(&config.catalog.feature, Duration::from_secs(1), tls))
             .and_then(Result::ok)
-            .map(FeatureServiceClient::new);
-        Self { registry, rules, catalog, features, config: Arc::new(config) }
+            .map(|channel| Arc::new(FeatureServiceClient::new(channel)) as Arc<dyn ItemCountSource>);
+        Self::with_item_counts(registry, rules, catalog, config, features)
+    }
+
+    pub fn with_item_counts(
+        registry: Arc<Registry<BundleItems>>,
+        rules: Arc<LiveRules>,
+        catalog: Arc<Catalog>,
+        config: Config,
+        item_counts: Option<Arc<dyn ItemCountSource>>,
+    ) -> Self {
+        Self { registry, rules, catalog, item_counts, config: Arc::new(config) }
     }
 
     /// The window's item counts as of `now_ms`, in one `GetItemFeatures` call within
     /// `item_counts_timeout_ms`; empty (and counted) when feature-svc does not answer.
     async fn item_counts(&self, item_ids: Vec<String>, now_ms: i64) -> HashMap<String, WindowedCounts> {
-        let Some(client) = &self.features else { return HashMap::new() };
-        let mut request = Request::new(GetItemFeaturesRequest { item_ids, as_of_ms: now_ms });
-        request.set_timeout(std::time::Duration::from_millis(self.config.item_counts_timeout_ms));
-        // The read is part of the request's trace.
-        recsys_runtime::telemetry::inject_trace_context(request.metadata_mut());
-        match client.clone().get_item_features(request).await {
-            Ok(response) => {
-                response.into_inner().items.into_iter().filter_map(|item| Some((item.item_id, item.counts?))).collect()
-            }
+        let Some(source) = &self.item_counts else { return HashMap::new() };
+        let request = GetItemFeaturesRequest { item_ids, as_of_ms: now_ms };
+        let timeout = Duration::from_millis(self.config.item_counts_timeout_ms);
+        match source.item_features(request, timeout).await {
+            Ok(response) => response.items.into_iter().filter_map(|item| Some((item.item_id, item.counts?))).collect(),
             Err(status) => {
                 ITEM_COUNTS_MISSING.inc();
                 tracing::debug!(code = ?status.code(), message = status.message(), "item counts unavailable");

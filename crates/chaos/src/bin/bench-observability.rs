@@ -116,7 +116,13 @@ async fn main() -> anyhow::Result<()> {
             }
             settings.metrics = on && args.on != OnMode::Traces;
             let cluster = Cluster::start(settings).await?;
-            let warm_up = load::OpenLoop::start(cluster.orchestrator, args.rate, deadline, Instant::now());
+            let warm_up = load::OpenLoop::start(
+                cluster.orchestrator,
+                args.rate,
+                deadline,
+                Instant::now(),
+                load::Users::MovieLens,
+            );
             tokio::time::sleep(Duration::from_secs(2)).await;
             warm_up.stop().await;
             let scraper = on.then(|| {
@@ -135,7 +141,13 @@ async fn main() -> anyhow::Result<()> {
                     }
                 })
             });
-            let run = load::OpenLoop::start(cluster.orchestrator, args.rate, deadline, Instant::now());
+            let run = load::OpenLoop::start(
+                cluster.orchestrator,
+                args.rate,
+                deadline,
+                Instant::now(),
+                load::Users::MovieLens,
+            );
             tokio::time::sleep(Duration::from_secs(args.round_s)).await;
             let samples = run.stop().await;
             if let Some(scraper) = scraper {

@@ -21,6 +21,8 @@ from pathlib import Path
 
 from .data import load_dataset
 from .evaluation import ranking_metrics, stratified_split
+from .cold_start_eval import cold_start_protocol
+from .temporal_eval import temporal_protocol
 from .train import TrainConfig, train_bundle
 
 # Microsoft Recommenders README, "Algorithm comparison", MovieLens-100k, top 10.
@@ -33,10 +35,9 @@ PUBLISHED = {
 }
 
 
-def write_split(data_dir: Path, work: Path) -> tuple[Path, dict[str, set[str]]]:
-    dataset = load_dataset(data_dir)
-    train, test = stratified_split(dataset.interactions, ratio=0.75, filter_by="item", seed=42)
-    train_dir = work / "train"
+def write_training_dir(train: list, data_dir: Path, train_dir: Path) -> None:
+    """The training part of a split as a data directory (item and user tables copied whole,
+    so the bundle and the feature store know every item and user)."""
     train_dir.mkdir(parents=True, exist_ok=True)
     with open(train_dir / "interactions.csv", "w", newline="") as f:
         writer = csv.writer(f)
@@ -46,9 +47,21 @@ def write_split(data_dir: Path, work: Path) -> tuple[Path, dict[str, set[str]]]:
     for name in ("items.csv", "users.csv"):
         if (data_dir / name).exists():
             (train_dir / name).write_bytes((data_dir / name).read_bytes())
+
+
+def relevant_items(test: list) -> dict[str, set[str]]:
     relevant: dict[str, set[str]] = {}
     for row in test:
         relevant.setdefault(row.user_id, set()).add(row.item_id)
+    return relevant
+
+
+def write_split(data_dir: Path, work: Path) -> tuple[Path, dict[str, set[str]]]:
+    dataset = load_dataset(data_dir)
+    train, test = stratified_split(dataset.interactions, ratio=0.75, filter_by="item", seed=42)
+    train_dir = work / "train"
+    write_training_dir(train, data_dir, train_dir)
+    relevant = relevant_items(test)
     print(f"[eval] split: {len(train)} training and {len(test)} test interactions, {len(relevant)} test users", flush=True)
     return train_dir, relevant
 
@@ -61,12 +74,14 @@ REPRODUCIBILITY_TOLERANCE = 0.005
 
 
 def serve_and_collect(bin_dir: Path, bundles: Path, train_dir: Path, users_file: Path, out: Path, ablation: bool,
-                      fine_variant: str = "teacher", rules: Path | None = None) -> list[dict]:
+                      fine_variant: str = "teacher", rules: Path | None = None,
+                      settings: dict[str, str] | None = None) -> list[dict]:
     command = [str(bin_dir / "recsys-eval"), "--bin-dir", str(bin_dir), "--bundle", str(bundles), "--seed", str(train_dir),
                "--users", str(users_file), "--out", str(out)]
     # The services read their configuration from the environment (RECSYS_RANK__SECTION__KEY);
-    # rerank-svc serves deploy/rerank/rules.toml unless told another rules file.
-    env = {**os.environ, "RECSYS_RANK__MODELS__FINE_VARIANT": fine_variant}
+    # rerank-svc serves deploy/rerank/rules.toml unless told another rules file. `settings`
+    # adds more (e.g. a recall channel's quota).
+    env = {**os.environ, "RECSYS_RANK__MODELS__FINE_VARIANT": fine_variant, **(settings or {})}
     if rules is not None:
         env["RECSYS_RERANK__RULES"] = str(rules)
     subprocess.run(command + (["--ablation"] if ablation else []), check=True, env=env)
@@ -186,6 +201,17 @@ def print_table(result: dict) -> None:
           f"novelty {beyond['novelty']:.3f} / {plain['novelty']:.3f} bits")
     print(f"served nDCG@10 minus the best single channel's ({result['best_channel']}): "
           f"{result['fine_lift_over_best_channel']:+.4f}")
+    temporal = result["temporal"]
+    print(f"temporal split (last 20% of interactions by time): served nDCG@10 {temporal['ndcg@10']:.4f}, "
+          f"R@10 {temporal['recall@10']:.4f}; EASE with popularity fallback {temporal['ease_ndcg@10']:.4f} "
+          f"(ratio {temporal['ratio_vs_ease']:.3f}); users with history {temporal['warm_user_ndcg@10']:.4f} "
+          f"({temporal['warm_users']}, EASE {temporal['ease_warm_user_ndcg@10']:.4f}), without "
+          f"{temporal['new_user_ndcg@10']:.4f} ({temporal['new_users']}, popularity {temporal['ease_new_user_ndcg@10']:.4f})")
+    cold = result["cold_start"]
+    print(f"item cold start ({cold['cold_items']} items without training interactions): recall@10 on them "
+          f"{cold['cold_recall@10']:.4f} ({cold['cold_recall@10_machinery_off']:.4f} with the cold-start channel off), "
+          f"on warm items {cold['warm_recall@10']:.4f} ({cold['warm_recall@10_machinery_off']:.4f} off; "
+          f"drop {cold['warm_recall_drop']:+.4f})")
     repro = result["reproducibility"]
     print(f"reproducibility: {repro['runs']} runs with seed {repro['seed']}, largest metric difference "
           f"{repro['max_abs_difference']:.4f} (tolerance {REPRODUCIBILITY_TOLERANCE})")
@@ -213,6 +239,8 @@ def run(data_dir: Path, work: Path, bin_dir: Path, report: Path, seed: int = 42,
                                   "ndcg@10_delta": round(served["ndcg@10"] - first["metrics"]["ndcg@10"], 6),
                                   "auc_delta": manifest[f"{variant}_auc_delta"]}
     rerank_rules = rules_effect(work, bin_dir, train_dir, relevant, first["answers"])
+    temporal = temporal_protocol(data_dir, work / "temporal", bin_dir, config)
+    cold_start = cold_start_protocol(data_dir, work / "cold-start", bin_dir, config)
     # Beyond accuracy, of the served lists and of the same requests' ranked lists before
     # rerank (the ablation's "+fine" step: no MMR, no rules).
     served_lists = [answer["items"] for answer in first["answers"]]
@@ -237,6 +265,8 @@ def run(data_dir: Path, work: Path, bin_dir: Path, report: Path, seed: int = 42,
         "beyond_accuracy": beyond,
         "fine_lift_over_best_channel": fine_lift,
         "best_channel": best_channel,
+        "temporal": temporal,
+        "cold_start": cold_start,
         "reproducibility": {
             "runs": len(results), "seed": seed, "metrics": [r["metrics"] for r in results],
             "max_abs_difference": max_difference, "tolerance": REPRODUCIBILITY_TOLERANCE,

@@ -460,7 +460,10 @@ impl Ranker {
             .zip(cross.chunks_exact(cross_dim.max(1)))
             .map(|((&item, score), row)| (item, score, row))
             .collect();
-        coarse.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        // Stable: candidates the model cannot tell apart keep recall's order (for a user
+        // with no history every cross feature is zero and the coarse scores tie, and
+        // recall's popular order is then the best order known).
+        coarse.sort_by(|a, b| b.1.total_cmp(&a.1));
         coarse.truncate(coarse_keep);
         let kept: Vec<usize> = coarse.iter().map(|&(item, _, _)| item).collect();
         let kept_cross: Vec<f32> = coarse.iter().flat_map(|&(_, _, row)| row.iter().copied()).collect();
@@ -480,7 +483,8 @@ impl Ranker {
             .zip(fine)
             .map(|((item, coarse_score), fine_score)| RankedCandidate { item, coarse_score, fine_score })
             .collect();
-        ranked.sort_by(|a, b| b.fine_score.total_cmp(&a.fine_score).then(a.item.cmp(&b.item)));
+        // Stable, as the coarse cut: ties keep the coarse order.
+        ranked.sort_by(|a, b| b.fine_score.total_cmp(&a.fine_score));
         ranked
     }
 }

@@ -187,6 +187,32 @@ enum AbCommand {
         #[arg(long)]
         chart: Option<PathBuf>,
     },
+    /// The sample size and duration an experiment needs to detect an effect on a rate
+    /// (two-sided two-proportion z-test).
+    Plan {
+        /// The control's rate, e.g. today's CTR (clicks per impression).
+        #[arg(long)]
+        baseline: f64,
+        /// The smallest effect worth detecting, relative to the baseline (0.05 = +5%).
+        #[arg(long)]
+        mde: f64,
+        /// `--mde` is in rate points (0.002 = +0.2 points of CTR), not relative.
+        #[arg(long)]
+        absolute: bool,
+        #[arg(long, default_value_t = 0.05)]
+        alpha: f64,
+        #[arg(long, default_value_t = 0.8)]
+        power: f64,
+        /// Percent of all traffic the experiment's layer gets, split evenly over its variants.
+        #[arg(long, default_value_t = 100.0)]
+        traffic_percent: f64,
+        /// Variants, control included.
+        #[arg(long, default_value_t = 2)]
+        variants: u32,
+        /// Units of the rate's denominator per day on the surface (impressions for CTR).
+        #[arg(long)]
+        daily: f64,
+    },
 }
 
 // Parsed once per process: the size of the analysis variant does not matter.
@@ -291,6 +317,35 @@ async fn main() -> anyhow::Result<()> {
         Command::Ab { command: AbCommand::Report { events, control, config, chart } } => {
             ab_report(&events, &control, config.as_deref(), chart.as_deref())
         }
+        Command::Ab {
+            command: AbCommand::Plan { baseline, mde, absolute, alpha, power, traffic_percent, variants, daily },
+        } => {
+            let input = ab::PlanInput {
+                baseline,
+                minimum_effect: mde,
+                absolute,
+                alpha,
+                power,
+                traffic_share: traffic_percent / 100.0,
+                variants,
+                daily_units: daily,
+            };
+            let plan = ab::plan(&input)?;
+            println!(
+                "baseline {baseline:.4} → {:.4} ({}), α {alpha} two-sided, power {power}",
+                plan.treatment_rate,
+                if absolute { format!("{mde:+} points") } else { format!("{:+}%", mde * 100.0) }
+            );
+            println!("sample per variant: {}", plan.per_variant);
+            println!("sample in all ({variants} variants): {}", plan.total);
+            println!(
+                "duration at {daily} a day with {traffic_percent}% of traffic: {:.1} days ({} whole days; run whole \
+                 weeks, at least one, so weekday effects cancel)",
+                plan.days,
+                plan.days.ceil().max(1.0)
+            );
+            Ok(())
+        }
         Command::EvalChart { report, out } => eval_chart(&report, &out),
         Command::Canary { addr, command } => cluster::canary(access, &addr, command).await,
         Command::Model { addr, command } => cluster::model(access, &addr, command).await,
@@ -359,7 +414,7 @@ fn ab_report(
         None => std::collections::HashMap::new(),
     };
     let outcomes = ab::read_outcomes(events)?;
-    if outcomes.is_empty() {
+    if outcomes.layers.is_empty() {
         anyhow::bail!("no experiment-tagged events in {}", events.display());
     }
     let rows = ab::report(&outcomes, control, &shares);

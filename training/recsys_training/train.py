@@ -46,6 +46,11 @@ class TrainConfig:
     ranker_lr: float = 2e-3
     ranker_weight_decay: float = 0.0
     user_dropout: float = 0.1
+    # Share of fine-model training rows shown as a user with no behaviour (no id, no
+    # history, no cross features, profile only), as serving sees a user who has just
+    # arrived; without them the model never sees such a user and orders popular items
+    # worse than their popularity does (measured by `make eval`'s temporal protocol).
+    behaviour_dropout: float = 0.1
     batch_size: int = 512
     auc_negatives: int = 4
     threads: int = 2
@@ -200,9 +205,12 @@ def ranker_rows(state: ModelState, users: np.ndarray, held_out: dict[int, set[in
 
 
 def _fit(model, inputs: tuple[torch.Tensor, ...], targets: tuple[torch.Tensor, ...], loss_of, epochs: int,
-         config: TrainConfig, rng, evaluate, label: str, drop_user_ids: bool) -> None:
+         config: TrainConfig, rng, evaluate, label: str, drop_user_ids: bool,
+         cold_user_rows: torch.Tensor | None = None) -> None:
     """Mini-batch Adam on ``loss_of(model, feed, targets)``, keeping the epoch with the
-    best ``evaluate()`` (validation AUC)."""
+    best ``evaluate()`` (validation AUC). With ``cold_user_rows`` (each user's encoded
+    features with no history), a ``behaviour_dropout`` share of the fine model's rows is
+    shown as that user with no behaviour at all."""
     optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.ranker_lr,
                                   weight_decay=config.ranker_weight_decay)
     n = len(targets[0])
@@ -214,6 +222,9 @@ def _fit(model, inputs: tuple[torch.Tensor, ...], targets: tuple[torch.Tensor, .
         for start in range(0, n, config.batch_size):
             batch = permutation[start:start + config.batch_size]
             feed = [t[batch] for t in inputs]
+            if cold_user_rows is not None:
+                cold = torch.as_tensor(rng.random(len(batch)) < config.behaviour_dropout)
+                feed = as_new_users(feed, cold, cold_user_rows)
             if drop_user_ids:
                 # Drop user ids now and then so index 0 (unknown user) learns a sensible default.
                 dropped = torch.as_tensor(rng.random(len(batch)) < config.user_dropout)
@@ -231,6 +242,23 @@ def _fit(model, inputs: tuple[torch.Tensor, ...], targets: tuple[torch.Tensor, .
     # Early stopping: the epoch with the best validation AUC is kept.
     model.load_state_dict(best_state)
     model.eval()
+
+
+def as_new_users(feed: list[torch.Tensor], cold: torch.Tensor, cold_user_rows: torch.Tensor) -> list[torch.Tensor]:
+    """The fine model's inputs (FINE_INPUTS order) with the rows marked ``cold`` turned
+    into what serving builds for a user with no behaviour: unknown user id, an empty
+    history, the user's profile features with no events, and cross features of zero (no
+    history: no item-to-item scores, no embedding query)."""
+    users, items, history, user_features, item_features, cross = feed
+    column = cold[:, None]
+    return [
+        torch.where(cold, torch.zeros_like(users), users),
+        items,
+        torch.where(column, torch.zeros_like(history), history),
+        torch.where(column, cold_user_rows[users - 1], user_features),
+        item_features,
+        torch.where(column, torch.zeros_like(cross), cross),
+    ]
 
 
 def coarse_loss(model, feed, targets):
@@ -423,9 +451,13 @@ def train_bundle(data_dir: Path, out_root: Path, config: TrainConfig | None = No
     fine = FINE_RANKERS[features.fine_model](len(user_ids), len(dataset.items), features.user_dim, features.item_dim,
                                              features.cross_dim, features.embedding_dim, base=coarse,
                                              like_weight=features.like_weight)
+    # Each user's features as a user with no behaviour, at the same request time.
+    no_behaviour = [UserHistory(items=[], timestamps=[]) for _ in user_ids]
+    cold_user_rows = torch.as_tensor(user_feature_rows(
+        features, dataset, user_ids, no_behaviour, [max(h.timestamps, default=None) for h in final.histories]))
     _fit(fine, train_inputs, (clicks, likes), multi_task_loss(features.like_loss_weight), config.ranker_epochs, config,
          rng, lambda: auc(validation_rows.labels, predict(fine, validation_inputs)), features.fine_model,
-         drop_user_ids=True)
+         drop_user_ids=True, cold_user_rows=cold_user_rows)
     auc_inputs = auc_rows.tensors(past)
     metrics = {
         "coarse_auc": auc(auc_rows.labels, predict(coarse, (auc_inputs[-1],))),

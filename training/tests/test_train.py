@@ -127,3 +127,24 @@ def test_training_is_reproducible_with_a_seed(small_dataset, tmp_path):
     for key in ("coarse_auc", "fine_auc"):
         assert metrics[0][key] == metrics[1][key]
     assert (first / "ranker_fixture.json").read_text() == (second / "ranker_fixture.json").read_text()
+
+
+def test_rows_shown_as_new_users_look_like_a_user_without_behaviour():
+    import torch
+
+    from recsys_training.train import as_new_users
+
+    users = torch.tensor([1, 2])
+    items = torch.tensor([5, 6])
+    history = torch.tensor([[3, 4], [7, 8]])
+    user_features = torch.tensor([[1.0, 9.0], [2.0, 9.0]])  # (exact in float32)
+    item_features = torch.tensor([[0.5], [0.6]])
+    cross = torch.tensor([[0.5, 0.25], [0.75, 1.5]])
+    cold_rows = torch.tensor([[1.0, 0.0], [2.0, 0.0]])  # profile kept, event counts zero
+    feed = as_new_users([users, items, history, user_features, item_features, cross], torch.tensor([False, True]),
+                        cold_rows)
+    assert feed[0].tolist() == [1, 0]
+    assert feed[1] is items and feed[4] is item_features
+    assert feed[2].tolist() == [[3, 4], [0, 0]]
+    assert feed[3].tolist() == [[1.0, 9.0], [2.0, 0.0]]
+    assert feed[5].tolist() == [[0.5, 0.25], [0.0, 0.0]]

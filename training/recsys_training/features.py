@@ -28,7 +28,7 @@ ENCODINGS = ("scale", "log1p", "min_max", "one_hot", "multi_hot", "identity")
 CROSS_SOURCES = ("item_cf_score", "item_cf_zscore", "item_cf_recent_score", "embedding_score", "embedding_zscore")
 # item_cf_recent_score looks at this many of the latest history items (rank-svc: RECENT_ITEMS).
 RECENT_ITEMS = 10
-FINE_MODELS = ("din", "deepfm")
+FINE_MODELS = ("din", "deepfm", "wide_deep")
 
 
 def window_days(source: str) -> int | None:

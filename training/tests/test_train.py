@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pytest
 import onnxruntime
 
 from safetensors.numpy import load_file
@@ -105,16 +106,17 @@ def test_auc_matches_hand_computed_values():
     assert auc(np.array([1, 0, 1, 0]), np.array([0.5, 0.5, 0.5, 0.5])) == 0.5
 
 
-def test_deepfm_is_selected_by_the_feature_configuration(small_dataset, tmp_path):
+@pytest.mark.parametrize("fine_model", ["deepfm", "wide_deep"])
+def test_other_fine_models_are_selected_by_the_feature_configuration(small_dataset, tmp_path, fine_model):
     from recsys_training.features import CONFIG_PATH
 
     config_path = tmp_path / "features.toml"
-    config_path.write_text(CONFIG_PATH.read_text().replace('fine = "din"', 'fine = "deepfm"'))
+    config_path.write_text(CONFIG_PATH.read_text().replace('fine = "din"', f'fine = "{fine_model}"'))
     config = quick_config()
     config.feature_config = str(config_path)
     published = train_bundle(small_dataset, tmp_path / "b", config, version="v1")
     manifest = json.loads((published / "manifest.json").read_text())
-    assert manifest["feature_config"]["fine_model"] == "deepfm"
+    assert manifest["feature_config"]["fine_model"] == fine_model
     assert manifest["metrics"]["onnx_max_abs_diff"] <= 1e-4
     # Six validation users on this toy set: only "better than chance" is a stable claim.
     assert manifest["metrics"]["fine_auc"] > 0.5

@@ -123,7 +123,7 @@ impl Feature {
 /// The resolved feature configuration (manifest `feature_config`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FeatureConfig {
-    /// "din" or "deepfm": informational here, the ONNX graph is what runs.
+    /// "din", "deepfm" or "wide_deep": informational here, the ONNX graph is what runs.
     pub fine_model: String,
     pub coarse_model: String,
     pub embedding_dim: usize,

@@ -313,7 +313,8 @@ def export_onnx(model, inputs: tuple[torch.Tensor, ...], names: list[str], path:
 
 def smaller_fine_models(teacher, coarse, features: FeatureConfig, num_users: int, num_items: int,
                         train_inputs, clicks, validation_rows: RankerRows, validation_inputs, auc_rows: RankerRows,
-                        auc_inputs, staging: Path, config: TrainConfig, rng) -> dict[str, float]:
+                        auc_inputs, staging: Path, config: TrainConfig, rng,
+                        cold_user_rows: torch.Tensor | None = None) -> dict[str, float]:
     """Writes the INT8 copy of the exported teacher and the distilled student next to it,
     and returns their held-out AUCs against the teacher's, all scored by onnxruntime."""
     shape = compress.StudentShape(prune=config.student_prune)
@@ -332,7 +333,8 @@ def smaller_fine_models(teacher, coarse, features: FeatureConfig, num_users: int
     soft_clicks, soft_likes = compress.teacher_targets(teacher, train_inputs)
     _fit(student, train_inputs, (clicks, soft_clicks, soft_likes),
          compress.distillation_loss(shape.soft_weight, features.like_loss_weight), config.student_epochs, config, rng,
-         lambda: auc(validation_rows.labels, predict(student, validation_inputs)), "student", drop_user_ids=True)
+         lambda: auc(validation_rows.labels, predict(student, validation_inputs)), "student", drop_user_ids=True,
+         cold_user_rows=cold_user_rows)
     compress.prune_magnitude(student, shape.prune)
     student_diff = export_onnx(student, validation_inputs, FINE_INPUTS, staging / compress.STUDENT_FILE)
     if student_diff > 1e-4:
@@ -479,7 +481,7 @@ def train_bundle(data_dir: Path, out_root: Path, config: TrainConfig | None = No
         raise RuntimeError(f"ONNX export differs from PyTorch by {onnx_diff}")
     metrics.update(smaller_fine_models(fine, coarse, features, len(user_ids), len(dataset.items), train_inputs,
                                        clicks, validation_rows, validation_inputs, auc_rows, auc_inputs, staging,
-                                       config, rng))
+                                       config, rng, cold_user_rows))
 
     fixture = ranker_fixture(universe, final, features, validation_users, fine, coarse, rng)
     (staging / "ranker_fixture.json").write_text(json.dumps(fixture))

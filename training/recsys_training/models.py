@@ -95,6 +95,14 @@ class FineRanker(nn.Module):
         return torch.sigmoid(click) * (1.0 - self.like_weight + self.like_weight * torch.sigmoid(like))
 
 
+def sequence_mean(item_embedding: nn.Embedding, history: torch.Tensor) -> torch.Tensor:
+    """The mean embedding of a behaviour sequence's items (0 is padding; an empty sequence
+    gives zeros)."""
+    embedded = item_embedding(history)
+    mask = (history > 0).to(embedded.dtype).unsqueeze(-1)
+    return (embedded * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
 class Din(FineRanker):
     """Deep Interest Network (Zhou et al., 2018): the candidate attends over the user's
     behaviour sequence, so the user's interest vector depends on the item being scored.
@@ -158,8 +166,7 @@ class DeepFm(FineRanker):
 
     def trunk_input(self, user_index, item_index, history, user_features, item_features, cross_features):
         """The deep part's input: the field embeddings, flattened."""
-        mask = (history > 0).to(user_features.dtype).unsqueeze(-1)
-        behaviour = (self.item_embedding(history) * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        behaviour = sequence_mean(self.item_embedding, history)
         fields = torch.stack([
             self.user_embedding(user_index), self.item_embedding(item_index), behaviour,
             self.user_field(user_features), self.item_field(item_features), self.cross_field(cross_features),
@@ -203,8 +210,7 @@ class WideDeep(FineRanker):
             nn.init.zeros_(parameter)
 
     def trunk_input(self, user_index, item_index, history, user_features, item_features, cross_features):
-        mask = (history > 0).to(user_features.dtype).unsqueeze(-1)
-        behaviour = (self.item_embedding(history) * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        behaviour = sequence_mean(self.item_embedding, history)
         return torch.cat([self.user_embedding(user_index), self.item_embedding(item_index), behaviour,
                           user_features, item_features, cross_features], dim=-1)
 

@@ -100,11 +100,12 @@ def temporal_protocol(data_dir: Path, work: Path, bin_dir: Path, config) -> dict
     served = {answer["user_id"]: answer["items"] for answer in answers}
     baseline = ease_with_popularity(train, sorted(relevant))
 
+    ease = scores(relevant, baseline)
     result = {
         "cut_timestamp": cut,
         **scores(relevant, served),
-        "ease_ndcg@10": scores(relevant, baseline)["ndcg@10"],
-        "ease_recall@10": scores(relevant, baseline)["recall@10"],
+        "ease_ndcg@10": ease["ndcg@10"],
+        "ease_recall@10": ease["recall@10"],
         "warm_user_ndcg@10": scores(warm, served)["ndcg@10"],
         "new_user_ndcg@10": scores(new, served)["ndcg@10"],
         "ease_warm_user_ndcg@10": scores(warm, baseline)["ndcg@10"],

@@ -432,7 +432,8 @@ def train_bundle(data_dir: Path, out_root: Path, config: TrainConfig | None = No
     features = build_config(raw_features, dataset, user_ids, final.histories, final.statistics)
     # The rankers' "requests" happen right after each user's latest training activity
     # (held out or not), as an offline replay of the data would ask them.
-    encode_state(past, universe, features, [max(h.timestamps, default=None) for h in final.histories])
+    request_times = [max(h.timestamps, default=None) for h in final.histories]
+    encode_state(past, universe, features, request_times)
     encode_state(final, universe, features)
 
     users = rng.permutation(len(user_ids))
@@ -455,8 +456,7 @@ def train_bundle(data_dir: Path, out_root: Path, config: TrainConfig | None = No
                                              like_weight=features.like_weight)
     # Each user's features as a user with no behaviour, at the same request time.
     no_behaviour = [UserHistory(items=[], timestamps=[]) for _ in user_ids]
-    cold_user_rows = torch.as_tensor(user_feature_rows(
-        features, dataset, user_ids, no_behaviour, [max(h.timestamps, default=None) for h in final.histories]))
+    cold_user_rows = torch.as_tensor(user_feature_rows(features, dataset, user_ids, no_behaviour, request_times))
     _fit(fine, train_inputs, (clicks, likes), multi_task_loss(features.like_loss_weight), config.ranker_epochs, config,
          rng, lambda: auc(validation_rows.labels, predict(fine, validation_inputs)), features.fine_model,
          drop_user_ids=True, cold_user_rows=cold_user_rows)

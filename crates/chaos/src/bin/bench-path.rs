@@ -142,7 +142,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// The population requests are drawn from: the seed's `users.csv`, first column.
-fn read_users(seed: &Path) -> anyhow::Result<Users> {
+fn read_users(seed: &Path) -> anyhow::Result<Arc<Vec<String>>> {
     let path = seed.join("users.csv");
     let mut reader = csv::Reader::from_path(&path).with_context(|| path.display().to_string())?;
     let mut users = Vec::new();
@@ -150,7 +150,7 @@ fn read_users(seed: &Path) -> anyhow::Result<Users> {
         users.push(record?.get(0).context("empty row in users.csv")?.to_string());
     }
     anyhow::ensure!(!users.is_empty(), "{} lists no users", path.display());
-    Ok(Users::Drawn(Arc::new(users)))
+    Ok(Arc::new(users))
 }
 
 /// CPU time this process has used (user + system), from `/proc/self/stat`. Linux reports it
@@ -282,7 +282,7 @@ impl Stages {
 
 /// The compute floor of one data set, written to `args.out`.
 async fn floor(args: FloorArgs) -> anyhow::Result<()> {
-    let users = read_users(&args.seed)?;
+    let users = Users::Drawn(read_users(&args.seed)?);
     let stages = Stages::open(&args).await?;
     for n in 0..WARM_UP_REQUESTS as u64 {
         stages.recommend(users.user(n)).await?;
@@ -512,16 +512,10 @@ struct Measured {
 async fn measure(args: &RunArgs, data: &DataSet) -> anyhow::Result<Measured> {
     let work = args.work.join(data.name);
     std::fs::create_dir_all(work.join("state"))?;
-    let users = read_users(&data.seed)?;
+    let population = read_users(&data.seed)?;
     let items = recsys_bundle::read_catalog(&recsys_bundle::resolve_dir(&data.bundle)?)?.len();
-    println!(
-        "\n== {}: {items} items, {} users",
-        data.name,
-        match &users {
-            Users::Drawn(u) => u.len(),
-            _ => 0,
-        }
-    );
+    println!("\n== {}: {items} items, {} users", data.name, population.len());
+    let users = Users::Drawn(population);
 
     println!("compute floor (in-process, {} requests)...", args.requests);
     let floor_out = work.join("floor.json");
@@ -672,8 +666,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         "data", "items", "p50 ms", "p99 ms", "floor ms", "p50/flr", "peak/s", "½peak p99", "hop p50", "cpu eff"
     );
     let mut summaries = HashMap::new();
+    let mut all = serde_json::Map::new();
     for (name, measured) in &results {
         let s = summary(measured, cores);
+        let details = details(measured);
         println!(
             "{:<8} {:>8} {:>8.2} {:>8.2} {:>9.2} {:>9.2} {:>9.1} {:>11.2} {:>10.3} {:>8.3}",
             name,
@@ -688,15 +684,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             s["cpu_efficiency"].as_f64().unwrap_or_default(),
         );
         println!("         floor per stage p50 (ms): {}", measured.floor["stage_p50_ms"]);
-        println!("         traced (hop overhead, leaf server p50): {}", details(measured)["traced"]);
+        println!("         traced (hop overhead, leaf server p50): {}", details["traced"]);
+        all.insert(name.to_string(), json!({"summary": s, "details": details}));
         summaries.insert(*name, s);
     }
 
     let details_out = args.out.with_file_name("bench-details.json");
-    let all: serde_json::Map<_, _> = results
-        .iter()
-        .map(|(name, measured)| (name.to_string(), json!({"summary": summaries[name], "details": details(measured)})))
-        .collect();
     if let Some(reports) = details_out.parent() {
         std::fs::create_dir_all(reports)?;
     }

@@ -53,7 +53,7 @@ test-scale-parity: bootstrap
 	    --items 5000 --users 4000 --interactions 100000 --clusters 30 && \
 	  "$$RECSYS_PYTHON" -m recsys_training train-scale --data $(SCALE_PARITY)/data --out $(SCALE_PARITY)/bundles \
 	    --ann-min-items 1000 --ranker-users 2000
-	$(ENV) && RECSYS_TEST_BUNDLE=$(CURDIR)/$(SCALE_PARITY)/bundles cargo test -p rank-svc --test bundle_ranker -- serving_builds_training_tensors
+	$(ENV) && RECSYS_TEST_BUNDLE=$(CURDIR)/$(SCALE_PARITY)/bundles cargo test -p rank-svc --test bundle_ranker -- serving_builds_training_tensors live_item_counts_are_read
 
 lint:
 	@echo "==> rustfmt and clippy"

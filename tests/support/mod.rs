@@ -210,6 +210,7 @@ impl Cluster {
             server: server_config(Service::Rank, &listeners[&Service::Rank]),
             bundle: bundle.clone(),
             follow_current_ms,
+            feature: address(Service::Feature),
             ..rank_svc::Config::default()
         };
         let rerank_config = rerank_svc::Config {

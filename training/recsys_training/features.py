@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .counters import COUNTED, PRIOR_CLICKS, PRIOR_IMPRESSIONS
 from .data import Dataset, Interaction, Item, User
 
 CONFIG_PATH = Path(__file__).resolve().parent.parent / "feature_config.toml"
@@ -29,6 +30,23 @@ CROSS_SOURCES = ("item_cf_score", "item_cf_zscore", "item_cf_recent_score", "emb
 # item_cf_recent_score looks at this many of the latest history items (rank-svc: RECENT_ITEMS).
 RECENT_ITEMS = 10
 FINE_MODELS = ("din", "deepfm", "wide_deep")
+# Live item sources, ``<measure>_<window>``: the feature store's counters of the candidate
+# as of the request (crates/bundle/src/features.rs, LiveItemSource).
+LIVE_MEASURES = ("impressions", "clicks", "likes", "purchases", "ctr")
+# Each window's first bucket relative to the bucket holding the request time, as the
+# store sums them (counters.py): (bucket width in seconds, buckets).
+LIVE_WINDOWS = {"last_hour": (60, 60), "last_day": (3_600, 24), "last_7_days": (3_600, 7 * 24),
+                "last_30_days": (3_600, 30 * 24)}
+LIVE_ENCODINGS = ("scale", "log1p", "min_max", "identity")
+
+
+def live_source(name: str) -> tuple[str, str] | None:
+    """``clicks_last_7_days`` -> ("clicks", "last_7_days"); None for anything else."""
+    for window in LIVE_WINDOWS:
+        measure = name.removesuffix("_" + window)
+        if measure != name and measure in LIVE_MEASURES:
+            return measure, window
+    return None
 
 
 def window_days(source: str) -> int | None:
@@ -85,6 +103,10 @@ class FeatureConfig:
     # Multi-task fine ranker: weight of the like head in the served score, and of its loss.
     like_weight: float = 0.0
     like_loss_weight: float = 0.5
+    # The candidate's windowed counts as of the request, read from the feature store by
+    # rank-svc for the fine stage; they follow the item columns in the fine model's item
+    # input (``ranker_item_dim``). See ``resolve_live``.
+    live_item: list[Feature] = field(default_factory=list)
 
     @property
     def user_dim(self) -> int:
@@ -97,6 +119,15 @@ class FeatureConfig:
     @property
     def cross_dim(self) -> int:
         return len(self.cross)
+
+    @property
+    def live_item_dim(self) -> int:
+        return len(self.live_item)
+
+    @property
+    def ranker_item_dim(self) -> int:
+        """Width of the fine model's item input: the item columns, then the live ones."""
+        return self.item_dim + self.live_item_dim
 
     def offset(self, group: str, source: str) -> int:
         """Column of a (single-width) feature within its group's vector."""
@@ -125,6 +156,133 @@ class FeatureConfig:
 
 class FeatureConfigError(ValueError):
     pass
+
+
+class ItemEventLog:
+    """Every counted event (impression, click, like, purchase) by item and time, so that an
+    item's windowed counts can be read as of any moment, as feature-svc serves them
+    (``counters.py``: a window is whole buckets up to the one holding the request time).
+    Point in time: only events strictly before the request count — training must not see
+    the event it predicts."""
+
+    def __init__(self, items: np.ndarray, timestamps: np.ndarray, kinds: np.ndarray) -> None:
+        """``kinds``: index into ``counters.COUNTED`` per event, -1 for what is not counted
+        (ratings)."""
+        self.keys = []
+        for kind in range(len(COUNTED)):
+            chosen = kinds == kind
+            self.keys.append(np.sort(_item_time_key(items[chosen], timestamps[chosen])))
+
+    @staticmethod
+    def kinds(events) -> np.ndarray:
+        """Event type names -> indices into ``counters.COUNTED`` (-1: not counted)."""
+        return np.array([COUNTED.index(e) if e in COUNTED else -1 for e in events], dtype=np.int64)
+
+    @property
+    def empty(self) -> bool:
+        return all(len(keys) == 0 for keys in self.keys)
+
+    def _count(self, kind: int, items: np.ndarray, starts: np.ndarray, times: np.ndarray) -> np.ndarray:
+        keys = self.keys[kind]
+        return (np.searchsorted(keys, _item_time_key(items, times), side="left")
+                - np.searchsorted(keys, _item_time_key(items, starts), side="left")).astype(np.float64)
+
+    def values(self, items: np.ndarray, times: np.ndarray, sources: list[str]) -> dict[str, np.ndarray]:
+        """Raw values of each live source for candidate ``items[n]`` asked at ``times[n]``
+        (Unix seconds)."""
+        items, times = np.asarray(items, dtype=np.int64), np.asarray(times, dtype=np.int64)
+        out: dict[str, np.ndarray] = {}
+        counted: dict[tuple[str, str], np.ndarray] = {}
+
+        def count(measure: str, window: str) -> np.ndarray:
+            if (measure, window) not in counted:
+                width, buckets = LIVE_WINDOWS[window]
+                starts = (times // width - (buckets - 1)) * width
+                counted[(measure, window)] = self._count(COUNTED.index(measure[:-1]), items, starts, times)
+            return counted[(measure, window)]
+
+        for source in sources:
+            parsed = live_source(source)
+            if parsed is None:
+                raise FeatureConfigError(f"feature_config [[live_item]]: unknown source {source!r}")
+            measure, window = parsed
+            if measure == "ctr":
+                impressions, clicks = count("impressions", window), count("clicks", window)
+                # The store sends CTR as a 32-bit float; absent (0) without impressions.
+                ctr = ((clicks + PRIOR_CLICKS) / (impressions + PRIOR_IMPRESSIONS)).astype(np.float32)
+                out[source] = np.where(impressions > 0, ctr.astype(np.float64), 0.0)
+            else:
+                out[source] = count(measure, window)
+        return out
+
+    def windowed_counts(self, item: int, time: int) -> dict[str, dict[str, float]]:
+        """One item's counts as feature-svc's ``WindowedCounts`` names them (the parity
+        fixture's input)."""
+        sources = [f"{m}_{w}" for w in LIVE_WINDOWS for m in LIVE_MEASURES]
+        values = self.values(np.array([item]), np.array([time]), sources)
+        return {w: {m: float(values[f"{m}_{w}"][0]) for m in LIVE_MEASURES} for w in LIVE_WINDOWS}
+
+
+def _item_time_key(items: np.ndarray, times: np.ndarray) -> np.ndarray:
+    # Items below 2^28 and times below 2^34 s (the year 2514) share one sortable int64.
+    return (items.astype(np.int64) << 34) | np.clip(times.astype(np.int64), 0, (1 << 34) - 1)
+
+
+def live_sources(raw: dict) -> list[str]:
+    return source_names(raw, "live_item")
+
+
+def resolve_live(raw: dict, values: dict[str, np.ndarray]) -> list[Feature]:
+    """The ``[[live_item]]`` features resolved against the training rows' raw values. A
+    source that is constant over them is dropped: the model could learn nothing from it
+    (MovieLens has ratings only, so no counted event: its bundles read no live features)."""
+    resolved = []
+    for spec in _parse(raw, "live_item"):
+        source, encoding = spec["source"], spec.get("encoding", "identity")
+        if live_source(source) is None:
+            raise FeatureConfigError(f"feature_config [[live_item]]: unknown source {source!r} "
+                                     f"(expected <{'|'.join(LIVE_MEASURES)}>_<{'|'.join(LIVE_WINDOWS)}>)")
+        if encoding not in LIVE_ENCODINGS:
+            raise FeatureConfigError(f"feature_config [[live_item]] ({source}): encoding {encoding!r} is not numeric")
+        column = values[source]
+        if len(column) == 0 or float(column.min()) == float(column.max()):
+            continue
+        feature = Feature(source=source, encoding=encoding)
+        if encoding in ("scale", "log1p"):
+            scale = spec.get("scale", 1.0)
+            if scale == "max":
+                largest = float(column.max())
+                scale = max(math.log1p(largest), 1.0) if encoding == "log1p" else (largest if largest > 0 else 1.0)
+            feature.scale = float(scale)
+            feature.clip = bool(spec.get("clip", False))
+        elif encoding == "min_max":
+            known = column[column != 0]
+            feature.min = float(known.min()) if spec.get("min") == "from_data" and len(known) else float(spec.get("min", 0))
+            feature.max = float(known.max()) if spec.get("max") == "from_data" and len(known) else float(spec.get("max", 0))
+        resolved.append(feature)
+    return resolved
+
+
+def encode_live(features: list[Feature], values: dict[str, np.ndarray], rows: int) -> np.ndarray:
+    """[rows, live dim]: ``Feature.encode`` for numeric values, on whole columns (rank-svc
+    encodes in f64 and rounds to f32, as here)."""
+    columns = []
+    for feature in features:
+        value = values[feature.source].astype(np.float64)
+        clip = (lambda v: np.minimum(v, 1.0)) if feature.clip else (lambda v: v)
+        if feature.encoding == "scale":
+            columns.append(clip(value / feature.scale))
+        elif feature.encoding == "log1p":
+            columns.append(clip(np.log1p(value) / feature.scale))
+        elif feature.encoding == "min_max":
+            if feature.max <= feature.min:
+                columns.append(np.zeros(len(value)))
+            else:
+                scaled = (np.clip(value, feature.min, feature.max) - feature.min) / (feature.max - feature.min)
+                columns.append(np.where(value == 0, 0.0, scaled))
+        else:
+            columns.append(value)
+    return np.stack(columns, axis=1).astype(np.float32) if columns else np.zeros((rows, 0), dtype=np.float32)
 
 
 def time_context(request_time: int, latest_event: int | None) -> dict:

@@ -33,7 +33,9 @@ import numpy as np
 import torch
 
 from . import ann, bundle, item_to_item, scale_rankers
+from .counters import COUNTED
 from .data import DataError, table_path
+from .features import ItemEventLog
 
 #: Latest history items pooled into the user vector; recall-svc uses the same number.
 HISTORY_ITEMS = 50
@@ -83,6 +85,8 @@ class Columns:
     item_table: dict
     users_table: "scale_rankers.UserTable"
     sha256: str
+    #: Every counted event (impressions too) by item and time: the live item features.
+    events: ItemEventLog | None = None
 
     @property
     def num_users(self) -> int:
@@ -142,10 +146,13 @@ def load_columns(data_dir: Path) -> Columns:
     engaged = np.ones(len(timestamps), dtype=bool)
     if "rating" in interactions.column_names:
         liked |= np.nan_to_num(interactions.column("rating").cast(pa.float64()).to_numpy(zero_copy_only=False)) >= 4
+    kinds = np.full(len(timestamps), -1, dtype=np.int64)
     if "event" in interactions.column_names:
         event = interactions.column("event").cast(pa.string())
         liked |= pc.is_in(event, value_set=pa.array(["like", "purchase"])).to_numpy(zero_copy_only=False)
         engaged = pc.invert(pc.equal(event, "impression")).fill_null(True).to_numpy(zero_copy_only=False)
+        kinds = pc.index_in(event, value_set=pa.array(COUNTED)).fill_null(-1).to_numpy(zero_copy_only=False)
+    events = ItemEventLog(item_positions, timestamps, np.asarray(kinds, dtype=np.int64))
     order = np.flatnonzero(engaged)
     order = order[np.lexsort((timestamps[order], user_positions[order]))]
     users_path = table_path(data_dir, "users")
@@ -162,7 +169,7 @@ def load_columns(data_dir: Path) -> Columns:
         "year": np.nan_to_num(np.asarray(year, dtype=np.float64)).astype(np.int64) if year is not None else None,
     }
     return Columns(user_positions[order], item_positions[order], timestamps[order], liked[order], item_table,
-                   _user_table(users_path, user_dictionary), digest.hexdigest())
+                   _user_table(users_path, user_dictionary), digest.hexdigest(), events)
 
 
 def _user_table(path: Path, user_ids) -> "scale_rankers.UserTable":
@@ -350,6 +357,7 @@ def scale_fixture(users: "scale_rankers.Users", columns: Columns, rows: "scale_r
             "request_time": int(rows.request_times[row]),
             "history_item_ids": [item_ids[i] for i in history.tolist()], "history_timestamps": timestamps.tolist(),
             "item_id": item_ids[int(rows.items[row])],
+            "item_counts": columns.events.windowed_counts(int(rows.items[row]), int(rows.request_times[row])),
             **{name: tensor[n].tolist() for name, tensor in zip(FINE_INPUTS, tensors)},
             "fine_score": float(fine_scores[n]), "coarse_score": float(coarse_scores[n]),
         })

@@ -210,12 +210,17 @@ class RankerRows:
     user_features: np.ndarray
     histories: np.ndarray
     request_times: np.ndarray
+    #: The candidates' live item columns (``FeatureConfig.live_item``), encoded.
+    live: np.ndarray | None = None
 
     def tensors(self, item_rows: np.ndarray) -> tuple[torch.Tensor, ...]:
         """The fine model's inputs in ONNX order; every user is unknown (index 0)."""
+        items = item_rows[self.items]
+        if self.live is not None and self.live.shape[1]:
+            items = np.concatenate([items, self.live], axis=1)
         return (torch.zeros(len(self.items), dtype=torch.int64), torch.as_tensor(self.items + 1),
                 torch.as_tensor(self.histories), torch.as_tensor(self.user_features),
-                torch.as_tensor(item_rows[self.items]), torch.as_tensor(self.cross))
+                torch.as_tensor(items), torch.as_tensor(self.cross))
 
 
 def candidates_of(user_history: np.ndarray, cross: CrossFeatures, index, config: RankerScaleConfig,
@@ -326,6 +331,17 @@ def train_rankers(users: Users, held_rows: np.ndarray, columns, vectors: np.ndar
     train_rows, validation_rows = rows_for(training), rows_for(validation)
     log(f"ranker rows: {len(train_rows.labels):,} training ({int(train_rows.labels.sum()):,} positive) from "
         f"{len(training):,} users, {len(validation_rows.labels):,} validation, in {time.monotonic() - started:.0f} s")
+    # The candidates' windowed counts as of each request, from every event before it.
+    live_names = feature_module.live_sources(raw_features)
+
+    def live_values(rows: RankerRows) -> dict[str, np.ndarray]:
+        return columns.events.values(rows.items, rows.request_times, live_names)
+
+    started = time.monotonic()
+    features.live_item = feature_module.resolve_live(raw_features, live_values(train_rows))
+    for part in (train_rows, validation_rows):
+        part.live = feature_module.encode_live(features.live_item, live_values(part), len(part.items))
+    log(f"live item features {[f.source for f in features.live_item]} in {time.monotonic() - started:.0f} s")
     train_inputs, validation_inputs = train_rows.tensors(item_rows), validation_rows.tensors(item_rows)
     labels = torch.as_tensor(train_rows.labels)
 
@@ -343,8 +359,8 @@ def train_rankers(users: Users, held_rows: np.ndarray, columns, vectors: np.ndar
     fit(coarse, (train_inputs[-1],), labels, bce, config.coarse_epochs, config, rng, log, "coarse",
         lambda: auc(validation_rows.labels, predict(coarse, (validation_inputs[-1],))))
     # No user-id table: index 0 (unknown) is every user's.
-    fine = FINE_RANKERS[features.fine_model](0, num_items, features.user_dim, features.item_dim, features.cross_dim,
-                                             features.embedding_dim, base=coarse, like_weight=0.0)
+    fine = FINE_RANKERS[features.fine_model](0, num_items, features.user_dim, features.ranker_item_dim,
+                                             features.cross_dim, features.embedding_dim, base=coarse, like_weight=0.0)
     fit(fine, train_inputs, labels, bce, config.epochs, config, rng, log, features.fine_model,
         lambda: auc(validation_rows.labels, predict(fine, validation_inputs)))
     metrics = {

@@ -15,8 +15,9 @@ import torch
 from . import bundle, compress, item_to_item
 from .data import Dataset, Interaction, load_dataset
 from .features import (
-    CrossScorer, FeatureConfig, UserHistory, build_config, history_tensor, item_feature_rows, item_statistics,
-    load_raw_config, source_names, user_feature_rows, user_histories, user_sources,
+    CrossScorer, FeatureConfig, ItemEventLog, UserHistory, build_config, encode_live, history_tensor,
+    item_feature_rows, item_statistics, live_sources, load_raw_config, resolve_live, source_names, user_feature_rows,
+    user_histories, user_sources,
 )
 from .models import FINE_RANKERS, BprMatrixFactorization, CoarseRanker, auc
 
@@ -154,15 +155,21 @@ class RankerRows:
     labels: np.ndarray
     # 1 where the held-out interaction was a like (rating >= 4, like or purchase).
     likes: np.ndarray
+    # The candidates' live item columns (``FeatureConfig.live_item``), encoded.
+    live: np.ndarray | None = None
 
     def tensors(self, state: ModelState) -> tuple[torch.Tensor, ...]:
         """The fine model's inputs, in ONNX input order (ids are 1-based, 0 = unknown)."""
+        items = state.item_rows[self.items]
+        if self.live is not None and self.live.shape[1]:
+            items = np.concatenate([items, self.live], axis=1)
         return (torch.as_tensor(self.users + 1), torch.as_tensor(self.items + 1),
                 torch.as_tensor(state.history_rows[self.users]), torch.as_tensor(state.user_rows[self.users]),
-                torch.as_tensor(state.item_rows[self.items]), torch.as_tensor(self.cross))
+                torch.as_tensor(items), torch.as_tensor(self.cross))
 
     def take(self, index: np.ndarray) -> "RankerRows":
-        return RankerRows(self.users[index], self.items[index], self.cross[index], self.labels[index], self.likes[index])
+        return RankerRows(self.users[index], self.items[index], self.cross[index], self.labels[index], self.likes[index],
+                          None if self.live is None else self.live[index])
 
 
 def ranker_rows(state: ModelState, users: np.ndarray, held_out: dict[int, set[int]], liked: set[tuple[int, int]],
@@ -327,7 +334,7 @@ def smaller_fine_models(teacher, coarse, features: FeatureConfig, num_users: int
     int8_auc = onnx_auc(staging / compress.INT8_FILE)
 
     student = FINE_RANKERS[features.fine_model](
-        num_users, num_items, features.user_dim, features.item_dim, features.cross_dim,
+        num_users, num_items, features.user_dim, features.ranker_item_dim, features.cross_dim,
         max(4, features.embedding_dim // shape.dim_divisor), base=coarse, like_weight=features.like_weight,
         trunk=shape.trunk, attention=shape.attention)
     soft_clicks, soft_likes = compress.teacher_targets(teacher, train_inputs)
@@ -364,7 +371,12 @@ def ranker_fixture(universe: Universe, state: ModelState, features: FeatureConfi
                    count: int = 8) -> list[dict]:
     """Examples with the exact tensors and PyTorch scores of the published state, so
     rank-svc's tests can prove that serving builds the same inputs from the same user
-    (profile, history, timestamps) and the ONNX models give the same scores."""
+    (profile, history, timestamps) and item counts, and the ONNX models give the same
+    scores."""
+    interactions = universe.dataset.interactions
+    events = ItemEventLog(np.array([universe.item_position[i.item_id] for i in interactions], dtype=np.int64),
+                          np.array([i.timestamp for i in interactions], dtype=np.int64),
+                          ItemEventLog.kinds([i.event for i in interactions]))
     examples = []
     for user in users[:count]:
         history = state.histories[user]
@@ -379,6 +391,8 @@ def ranker_fixture(universe: Universe, state: ModelState, features: FeatureConfi
         request_time = max(history.timestamps, default=1_700_000_000) + 3_600 * int(rng.integers(1, 5_000)) + 1_234
         user_row = features.encode_user(user_sources(profile, history.timestamps, len(history.items),
                                                      [f.source for f in features.user], request_time))
+        live = events.values(items, np.full(2, request_time), [f.source for f in features.live_item])
+        rows.live = encode_live(features.live_item, live, 2)
         tensors = list(rows.tensors(state))
         tensors[3] = torch.as_tensor(np.asarray([user_row, user_row], dtype=np.float32))
         fine_scores, coarse_scores = predict(fine, tensors), predict(coarse, (tensors[-1],))
@@ -393,6 +407,7 @@ def ranker_fixture(universe: Universe, state: ModelState, features: FeatureConfi
                 "history_item_ids": [universe.dataset.items[i].item_id for i in history.items],
                 "history_timestamps": history.timestamps,
                 "item_id": universe.dataset.items[int(items[n])].item_id,
+                "item_counts": events.windowed_counts(int(items[n]), request_time),
                 **{name: tensor[n].tolist() for name, tensor in zip(FINE_INPUTS, tensors)},
                 "fine_score": float(fine_scores[n]),
                 "coarse_score": float(coarse_scores[n]),
@@ -442,6 +457,21 @@ def train_bundle(data_dir: Path, out_root: Path, config: TrainConfig | None = No
     train_rows = ranker_rows(past, training_users, held_out, liked, config, rng, hard=True)
     validation_rows = ranker_rows(past, validation_users, held_out, liked, config, rng, hard=True)
     auc_rows = ranker_rows(past, validation_users, held_out, liked, config, rng, hard=False)
+    # The candidates' windowed counts as of each user's request, from the events the
+    # feature store would hold then (held-out ones excluded: they are what is predicted).
+    past_events = ItemEventLog(np.array([item_position[i.item_id] for i in past_interactions], dtype=np.int64),
+                               np.array([i.timestamp for i in past_interactions], dtype=np.int64),
+                               ItemEventLog.kinds([i.event for i in past_interactions]))
+    asked_at = np.array([t or 0 for t in request_times], dtype=np.int64)
+    live_names = live_sources(raw_features)
+
+    def live_values(rows: RankerRows) -> dict[str, np.ndarray]:
+        return past_events.values(rows.items, asked_at[rows.users], live_names)
+
+    features.live_item = resolve_live(raw_features, live_values(train_rows))
+    for rows in (train_rows, validation_rows, auc_rows):
+        rows.live = encode_live(features.live_item, live_values(rows), len(rows.items))
+    log(f"live item features: {[f.source for f in features.live_item] or 'none (no counted events)'}")
     log(f"ranker data: {len(train_rows.labels)} training rows ({int(train_rows.labels.sum())} positive), "
         f"{len(validation_rows.labels)} validation rows from {validation_count} held-out users")
 
@@ -451,9 +481,9 @@ def train_bundle(data_dir: Path, out_root: Path, config: TrainConfig | None = No
     coarse = CoarseRanker(features.coarse_cross)
     _fit(coarse, (train_inputs[-1],), (clicks,), coarse_loss, config.coarse_epochs, config, rng,
          lambda: auc(validation_rows.labels, predict(coarse, (validation_inputs[-1],))), "coarse", drop_user_ids=False)
-    fine = FINE_RANKERS[features.fine_model](len(user_ids), len(dataset.items), features.user_dim, features.item_dim,
-                                             features.cross_dim, features.embedding_dim, base=coarse,
-                                             like_weight=features.like_weight)
+    fine = FINE_RANKERS[features.fine_model](len(user_ids), len(dataset.items), features.user_dim,
+                                             features.ranker_item_dim, features.cross_dim, features.embedding_dim,
+                                             base=coarse, like_weight=features.like_weight)
     # Each user's features as a user with no behaviour, at the same request time.
     no_behaviour = [UserHistory(items=[], timestamps=[]) for _ in user_ids]
     cold_user_rows = torch.as_tensor(user_feature_rows(features, dataset, user_ids, no_behaviour, request_times))

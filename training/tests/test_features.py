@@ -115,3 +115,59 @@ def test_recent_and_standardised_cross_features():
     # Unseen items are 12 and 13 (embedding scores 24 and 26): standardised to -1 and +1.
     assert embedding_z.tolist() == pytest.approx([-1.0, 1.0])
     assert item_cf_z.tolist() == pytest.approx([-1.0, 1.0])
+
+
+def test_live_item_counts_are_the_stores_windows_as_of_the_request():
+    """The training side of the live item features agrees with the store's definition
+    (counters.py, itself checked against feature-svc's Rust) for requests after the
+    events, and never counts an event at or after the request."""
+    from recsys_training.counters import COUNTED, Counters
+    from recsys_training.features import LIVE_MEASURES, LIVE_WINDOWS, ItemEventLog
+
+    rng = np.random.default_rng(3)
+    start = 1_700_000_000
+    items = rng.integers(0, 3, 400)
+    times = np.sort(start + rng.integers(0, 40 * 86_400, 400))
+    kinds = rng.integers(-1, len(COUNTED), 400)
+    log = ItemEventLog(items, times, kinds)
+    asked = int(times[-1]) + 1 + int(rng.integers(0, 7_200))
+    for item in range(3):
+        counters = Counters()
+        for i, t, k in zip(items, times, kinds):
+            if i == item and k >= 0:
+                counters.record(COUNTED[k], int(t) * 1_000)
+        expected = counters.windows(asked * 1_000)
+        served = log.windowed_counts(item, asked)
+        for window in LIVE_WINDOWS:
+            for measure in LIVE_MEASURES:
+                want = expected[window][measure]
+                want = 0.0 if want is None else float(np.float32(want))
+                assert served[window][measure] == pytest.approx(want), (item, window, measure)
+    # Point in time: an event at the request's second is not counted.
+    at_request = ItemEventLog(np.array([0]), np.array([start]), np.array([COUNTED.index("click")]))
+    assert at_request.values(np.array([0, 0]), np.array([start, start + 1]), ["clicks_last_hour"])[
+        "clicks_last_hour"].tolist() == [0.0, 1.0]
+
+
+def test_live_features_resolve_encode_and_drop_constant_sources():
+    from recsys_training.features import encode_live, resolve_live
+
+    raw = {"live_item": [{"source": "clicks_last_day", "encoding": "log1p", "scale": "max"},
+                         {"source": "ctr_last_7_days", "encoding": "scale", "scale": "max"},
+                         {"source": "purchases_last_hour", "encoding": "log1p"}]}
+    values = {"clicks_last_day": np.array([0.0, 3.0, 7.0]), "ctr_last_7_days": np.array([0.05, 0.0, 0.1]),
+              "purchases_last_hour": np.zeros(3)}
+    features = resolve_live(raw, values)
+    assert [f.source for f in features] == ["clicks_last_day", "ctr_last_7_days"], "constant sources are dropped"
+    encoded = encode_live(features, values, 3)
+    for row in range(3):
+        out: list[float] = []
+        for feature in features:
+            feature.encode(values[feature.source][row], out)
+        assert encoded[row].tolist() == pytest.approx(out)
+    assert encoded[2].tolist() == pytest.approx([1.0, 1.0])
+    assert encode_live([], values, 3).shape == (3, 0)
+    with pytest.raises(FeatureConfigError, match="views_last_day"):
+        resolve_live({"live_item": [{"source": "views_last_day"}]}, {})
+    with pytest.raises(FeatureConfigError, match="not numeric"):
+        resolve_live({"live_item": [{"source": "clicks_last_day", "encoding": "one_hot"}]}, {})

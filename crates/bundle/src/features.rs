@@ -136,6 +136,69 @@ pub struct FeatureConfig {
     /// Columns of `cross` the coarse model reads (it selects them inside its graph).
     #[serde(default)]
     pub coarse_cross: Vec<usize>,
+    /// The candidate's windowed counts as of the request, read from the feature store for
+    /// the fine stage's candidates (`<measure>_<window>`, see [`LiveItemSource`]); they follow
+    /// the `item` columns in the fine model's item input. Empty when the training data had
+    /// no counted events (MovieLens has ratings only).
+    #[serde(default)]
+    pub live_item: Vec<Feature>,
+}
+
+/// A window of the feature store's counters (`WindowedCounts`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CountWindow {
+    LastHour,
+    LastDay,
+    Last7Days,
+    Last30Days,
+}
+
+/// What is counted in a window (`EventCounts`); CTR is the store's smoothed one, 0 where
+/// the window has no impressions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CountMeasure {
+    Impressions,
+    Clicks,
+    Likes,
+    Purchases,
+    Ctr,
+}
+
+/// One item's windowed counts as the feature store serves them, by window then measure
+/// (the enums' order).
+pub type ItemWindowCounts = [[f64; 5]; 4];
+
+/// A live item source, `<measure>_<window>`: e.g. `clicks_last_7_days`, `ctr_last_day`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LiveItemSource {
+    pub measure: CountMeasure,
+    pub window: CountWindow,
+}
+
+impl LiveItemSource {
+    pub fn parse(name: &str) -> Option<Self> {
+        const WINDOWS: [(&str, CountWindow); 4] = [
+            ("_last_hour", CountWindow::LastHour),
+            ("_last_day", CountWindow::LastDay),
+            ("_last_7_days", CountWindow::Last7Days),
+            ("_last_30_days", CountWindow::Last30Days),
+        ];
+        let (measure, window) =
+            WINDOWS.iter().find_map(|&(suffix, window)| Some((name.strip_suffix(suffix)?, window)))?;
+        let measure = match measure {
+            "impressions" => CountMeasure::Impressions,
+            "clicks" => CountMeasure::Clicks,
+            "likes" => CountMeasure::Likes,
+            "purchases" => CountMeasure::Purchases,
+            "ctr" => CountMeasure::Ctr,
+            _ => return None,
+        };
+        Some(Self { measure, window })
+    }
+
+    pub fn value(self, counts: &ItemWindowCounts) -> f64 {
+        counts[self.window as usize][self.measure as usize]
+    }
 }
 
 /// What the ranker knows about the user of a request.
@@ -188,6 +251,10 @@ impl FeatureConfig {
         self.cross.len()
     }
 
+    pub fn live_item_dim(&self) -> usize {
+        self.live_item.iter().map(Feature::width).sum()
+    }
+
     /// Column of a single-width user feature by source name.
     pub fn user_offset(&self, source: &str) -> Option<usize> {
         offset(&self.user, source)
@@ -206,7 +273,8 @@ impl FeatureConfig {
                 && time_context(s, 0, None).is_none()
         });
         let cross = self.cross.iter().map(String::as_str).filter(|s| CrossSource::parse(s).is_none());
-        user.chain(cross).map(String::from).collect()
+        let live = self.live_item.iter().map(|f| f.source.as_str()).filter(|s| LiveItemSource::parse(s).is_none());
+        user.chain(cross).chain(live).map(String::from).collect()
     }
 
     pub fn user_features(&self, user: &UserAttributes<'_>, out: &mut Vec<f32>) {
@@ -244,6 +312,20 @@ impl FeatureConfig {
                 source => SourceValue::Number(item.stats.get(source).copied().unwrap_or_default()),
             };
             feature.encode(value, out);
+        }
+    }
+}
+
+impl FeatureConfig {
+    /// The live item columns of one candidate from its windowed counts (all zeros when the
+    /// store could not answer: `counts` is then `None`).
+    pub fn live_item_features(&self, counts: Option<&ItemWindowCounts>, out: &mut Vec<f32>) {
+        for feature in &self.live_item {
+            let value = match (counts, LiveItemSource::parse(&feature.source)) {
+                (Some(counts), Some(source)) => source.value(counts),
+                _ => 0.0,
+            };
+            feature.encode(SourceValue::Number(value), out);
         }
     }
 }
@@ -342,7 +424,32 @@ mod tests {
             ],
             cross: vec!["item_cf_score".into()],
             coarse_cross: vec![0],
+            live_item: vec![
+                Feature { scale: 2.0, ..feature("clicks_last_7_days", Encoding::Log1p) },
+                feature("ctr_last_day", Encoding::Scale),
+            ],
         }
+    }
+
+    #[test]
+    fn live_item_features_read_the_named_window_and_measure() {
+        let mut counts: ItemWindowCounts = [[0.0; 5]; 4];
+        counts[CountWindow::Last7Days as usize][CountMeasure::Clicks as usize] = std::f64::consts::E - 1.0;
+        counts[CountWindow::LastDay as usize][CountMeasure::Ctr as usize] = 0.25;
+        let mut out = Vec::new();
+        config().live_item_features(Some(&counts), &mut out);
+        assert!((out[0] - 0.5).abs() < 1e-6, "log1p(e - 1) / 2: {}", out[0]);
+        assert_eq!(out[1], 0.25);
+        out.clear();
+        config().live_item_features(None, &mut out);
+        assert_eq!(out, vec![0.0, 0.0], "unknown counts encode as zeros");
+        assert_eq!(config().live_item_dim(), 2);
+        assert_eq!(
+            LiveItemSource::parse("purchases_last_hour"),
+            Some(LiveItemSource { measure: CountMeasure::Purchases, window: CountWindow::LastHour })
+        );
+        assert_eq!(LiveItemSource::parse("clicks_last_week"), None);
+        assert_eq!(LiveItemSource::parse("views_last_day"), None);
     }
 
     #[test]

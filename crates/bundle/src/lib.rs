@@ -41,7 +41,10 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 pub use embeddings::{EmbeddingSpace, VectorMoments};
-pub use features::{CrossSource, Encoding, Feature, FeatureConfig, RankerInputs, UserAttributes, RECENT_ITEMS};
+pub use features::{
+    CountMeasure, CountWindow, CrossSource, Encoding, Feature, FeatureConfig, ItemWindowCounts, LiveItemSource,
+    RankerInputs, UserAttributes, RECENT_ITEMS,
+};
 pub use item_ids::{read_item_columns, ItemColumns, ItemIds};
 pub use item_to_item::{ItemScores, ItemToItem, PositionHasher};
 pub use registry::{QualityGate, Registry, VersionInfo};

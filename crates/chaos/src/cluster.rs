@@ -232,7 +232,10 @@ fn spawn_leaf(
                 .env(format!("{prefix}__BUNDLE"), &settings.bundle);
         }
         Leaf::Rank => {
-            command.env(format!("{prefix}__BUNDLE"), &settings.bundle);
+            // The fine stage's item counts come from this cluster's feature-svc.
+            command
+                .env(format!("{prefix}__BUNDLE"), &settings.bundle)
+                .env(format!("{prefix}__FEATURE"), addresses[&Leaf::Feature].to_string());
         }
         Leaf::Recall | Leaf::Rerank => {
             // They follow this cluster's catalogue, not one at the default address.

@@ -29,7 +29,7 @@ pub use drift::{psi, ScoreDrift};
 pub use error::{RankError, Result};
 pub use model::{onnx_environment, FineVariant, ModelInput, ModelOptions, OnnxModel, COARSE_INPUTS, FINE_INPUTS};
 pub use ranking::{Candidates, FineStage, RankedCandidate, Ranker};
-pub use service::RankGrpc;
+pub use service::{item_window_counts, RankGrpc};
 
 pub const SERVICE_NAME: &str = "recsys.v1.RankService";
 /// How this service names itself in logs and in `ModelAdmin` answers.
@@ -55,6 +55,11 @@ pub struct Config {
     pub follow_current_ms: u64,
     /// The deployment check a new version passes before it serves.
     pub quality_gate: QualityGate,
+    /// feature-svc's address, for the fine stage's windowed item counts when the bundle's
+    /// fine model reads them (`live_item` features); empty: not read, those columns are 0.
+    pub feature: String,
+    /// How long the fine stage waits for those counts before ranking without them.
+    pub item_counts_timeout_ms: u64,
 }
 
 impl Default for Config {
@@ -68,6 +73,8 @@ impl Default for Config {
             batching: BatchingConfig::default(),
             follow_current_ms: 2_000,
             quality_gate: QualityGate::default(),
+            feature: "127.0.0.1:50052".into(),
+            item_counts_timeout_ms: 10,
         }
     }
 }
@@ -119,7 +126,9 @@ pub async fn serve(listeners: Listeners, config: Config, shutdown: impl Future<O
     let max_message_bytes = config.server.max_message_bytes;
     let options = config.server.serve_options(&tls);
     let guard = AdminAuthLayer::new(SERVICE_BINARY, &config.server.admin);
-    let service = RankGrpc::new(Arc::clone(&registry), config.coarse_keep)
+    let item_features = recsys_runtime::item_features::feature_client(&config.feature, &tls);
+    let item_counts_timeout = std::time::Duration::from_millis(config.item_counts_timeout_ms);
+    let service = RankGrpc::new(Arc::clone(&registry), config.coarse_keep, item_features, item_counts_timeout)
         .into_server()
         .max_decoding_message_size(max_message_bytes);
     let admin = ModelAdminGrpc::new(SERVICE_BINARY, registry).into_server();

@@ -9,7 +9,7 @@ use std::{
 use ort::environment::Environment;
 use recsys_bundle::{
     read_catalog, read_manifest, read_user_ids, CatalogItem, CrossSource, EmbeddingSpace, FeatureConfig, ItemIds,
-    ItemScores, ItemToItem, PositionHasher, RankerInputs, UserAttributes, RECENT_ITEMS,
+    ItemScores, ItemToItem, ItemWindowCounts, PositionHasher, RankerInputs, UserAttributes, RECENT_ITEMS,
 };
 use recsys_proto::v1::{Candidate, Channel, UserFeatures};
 
@@ -350,17 +350,43 @@ impl Ranker {
         self.inputs_for(&context, items, self.cross_features(&context, items, None))
     }
 
+    /// Each row's item input is the bundle's item columns, then the live ones as zeros
+    /// (`fill_live_item_features` writes them once the store has answered).
     fn inputs_for(&self, context: &UserContext, items: &[usize], cross_features: Vec<f32>) -> RankerInputs {
         let item_dim = self.features.item_dim();
+        let live_dim = self.features.live_item_dim();
         let mut inputs = RankerInputs { cross_features, ..RankerInputs::default() };
+        inputs.item_features.reserve(items.len() * (item_dim + live_dim));
         for &item in items {
             inputs.user_index.push(context.index);
             inputs.item_index.push(item as i64 + 1);
             inputs.history.extend_from_slice(&context.history);
             inputs.user_features.extend_from_slice(&context.features);
             inputs.item_features.extend_from_slice(&self.item_features[item * item_dim..(item + 1) * item_dim]);
+            inputs.item_features.extend(std::iter::repeat_n(0.0, live_dim));
         }
         inputs
+    }
+
+    /// Whether the fine model reads the candidates' windowed counts from the feature store
+    /// (the bundle's `live_item` features).
+    pub fn reads_live_item_features(&self) -> bool {
+        self.features.live_item_dim() > 0
+    }
+
+    /// Writes the live item columns of each row of `inputs` from its candidate's counts
+    /// (`counts[n]` for row n; `None` where the store did not answer encodes as zeros).
+    pub fn fill_live_item_features(&self, inputs: &mut RankerInputs, counts: &[Option<ItemWindowCounts>]) {
+        let (item_dim, live_dim) = (self.features.item_dim(), self.features.live_item_dim());
+        if live_dim == 0 {
+            return;
+        }
+        let mut live = Vec::with_capacity(live_dim);
+        for (row, counts) in inputs.item_features.chunks_exact_mut(item_dim + live_dim).zip(counts) {
+            live.clear();
+            self.features.live_item_features(counts.as_ref(), &mut live);
+            row[item_dim..].copy_from_slice(&live);
+        }
     }
 
     /// Scores a batch with the fine model. Blocking.

@@ -1,23 +1,33 @@
 //! gRPC surface of rank-svc: validation, then the model run on a blocking thread so it
 //! never stalls the async workers.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use recsys_proto::{
     limits::{MAX_CANDIDATES, MAX_HISTORY, MAX_ID_BYTES},
     v1::{
         rank_service_server::{RankService, RankServiceServer},
-        RankRequest, RankResponse, RankedItem,
+        EventCounts, GetItemFeaturesRequest, RankRequest, RankResponse, RankedItem, WindowedCounts,
     },
 };
 use tonic::{Request, Response, Status};
 
 use tracing::Instrument;
 
-use recsys_bundle::Registry;
-use recsys_runtime::model_admin::version_for;
+use recsys_bundle::{ItemWindowCounts, Registry};
+use recsys_runtime::{item_features::ItemFeatureSource, model_admin::version_for};
 
-use crate::{RankError, RankerVersion};
+use crate::{FineStage, RankError, Ranker, RankerVersion};
+
+/// Fine stages served without their candidates' windowed counts (feature-svc slow, down or
+/// not configured): the live item columns were zeros.
+static LIVE_COUNTS_MISSING: std::sync::LazyLock<prometheus::IntCounter> = std::sync::LazyLock::new(|| {
+    prometheus::register_int_counter!(
+        "recsys_rank_item_counts_unavailable_total",
+        "Fine stages ranked without the candidates' windowed counts (feature-svc slow, down or not configured)"
+    )
+    .expect("metric registers once")
+});
 
 /// Runs model work on a blocking thread, so it never stalls the async workers.
 async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T, Status> {
@@ -31,15 +41,74 @@ fn request_time_or_now(request_time: Option<i64>) -> i64 {
     })
 }
 
+/// The store's counters in the bundle's order (window, then measure); an absent CTR (no
+/// impressions in the window) is 0, as training encodes it.
+pub fn item_window_counts(counts: &WindowedCounts) -> ItemWindowCounts {
+    let row = |counts: Option<EventCounts>| {
+        let counts = counts.unwrap_or_default();
+        [
+            f64::from(counts.impressions),
+            f64::from(counts.clicks),
+            f64::from(counts.likes),
+            f64::from(counts.purchases),
+            counts.ctr.map_or(0.0, f64::from),
+        ]
+    };
+    [row(counts.last_hour), row(counts.last_day), row(counts.last_7_days), row(counts.last_30_days)]
+}
+
 #[derive(Clone)]
 pub struct RankGrpc {
     registry: Arc<Registry<RankerVersion>>,
     default_coarse_keep: usize,
+    /// feature-svc, for the fine stage's windowed item counts when the bundle's fine model
+    /// reads them.
+    item_features: Option<Arc<dyn ItemFeatureSource>>,
+    item_features_timeout: Duration,
 }
 
 impl RankGrpc {
-    pub fn new(registry: Arc<Registry<RankerVersion>>, default_coarse_keep: usize) -> Self {
-        Self { registry, default_coarse_keep }
+    pub fn new(
+        registry: Arc<Registry<RankerVersion>>,
+        default_coarse_keep: usize,
+        item_features: Option<Arc<dyn ItemFeatureSource>>,
+        item_features_timeout: Duration,
+    ) -> Self {
+        Self { registry, default_coarse_keep, item_features, item_features_timeout }
+    }
+
+    /// Writes the fine stage's live item columns from one `GetItemFeatures` read of its
+    /// candidates as of the request's time; zeros (and counted) when it fails or is late.
+    async fn read_live_item_features(&self, ranker: &Ranker, stage: &mut FineStage, request_time: i64) {
+        let counts = match &self.item_features {
+            Some(source) => {
+                let item_ids = stage.coarse.iter().map(|&(item, _)| ranker.item_id(item).to_string()).collect();
+                let request = GetItemFeaturesRequest { item_ids, as_of_ms: request_time.saturating_mul(1_000) };
+                match source.item_features(request, self.item_features_timeout).await {
+                    Ok(response) if response.items.len() == stage.coarse.len() => {
+                        response.items.iter().map(|item| item.counts.as_ref().map(item_window_counts)).collect()
+                    }
+                    Ok(response) => {
+                        tracing::warn!(
+                            asked = stage.coarse.len(),
+                            answered = response.items.len(),
+                            "item counts misaligned"
+                        );
+                        Vec::new()
+                    }
+                    Err(status) => {
+                        tracing::debug!(code = ?status.code(), message = status.message(), "item counts unavailable");
+                        Vec::new()
+                    }
+                }
+            }
+            None => Vec::new(),
+        };
+        if counts.is_empty() {
+            LIVE_COUNTS_MISSING.inc();
+            return;
+        }
+        ranker.fill_live_item_features(&mut stage.inputs, &counts);
     }
 
     pub fn into_server(self) -> RankServiceServer<Self> {
@@ -82,7 +151,8 @@ impl RankService for RankGrpc {
         // The models run on a blocking thread; carry the request's span there.
         let span = tracing::Span::current();
         let (ranked, unscored) = match &version.batcher {
-            None => {
+            // One hand-off to the blocking pool for both stages when nothing is read between them.
+            None if !ranker.reads_live_item_features() => {
                 blocking(move || {
                     let _entered = span.enter();
                     let candidates = ranker.candidates(&candidates, scored_here)?;
@@ -91,20 +161,32 @@ impl RankService for RankGrpc {
                 })
                 .await??
             }
-            Some(batcher) => {
-                let arriving = batcher.arriving();
-                let (stage, unscored) = blocking(move || {
+            batcher => {
+                let arriving = batcher.as_ref().map(|batcher| batcher.arriving());
+                let stage_ranker = Arc::clone(&ranker);
+                let (mut stage, unscored) = blocking(move || {
                     let _entered = span.enter();
-                    let candidates = ranker.candidates(&candidates, scored_here)?;
-                    let stage = ranker.coarse_stage(&user, &candidates, coarse_keep, request_time)?;
+                    let candidates = stage_ranker.candidates(&candidates, scored_here)?;
+                    let stage = stage_ranker.coarse_stage(&user, &candidates, coarse_keep, request_time)?;
                     Ok::<_, RankError>((stage, candidates.unscored))
                 })
                 .await??;
-                let fine = batcher
-                    .score(stage.inputs, arriving)
-                    .instrument(tracing::info_span!("fine", batched = true))
-                    .await?;
-                (version.ranker.finish(stage.coarse, fine), unscored)
+                if ranker.reads_live_item_features() {
+                    let span = tracing::info_span!("item_counts", items = stage.coarse.len());
+                    self.read_live_item_features(&ranker, &mut stage, request_time).instrument(span).await;
+                }
+                let FineStage { coarse, inputs } = stage;
+                let fine = match (batcher, arriving) {
+                    (Some(batcher), Some(arriving)) => {
+                        batcher.score(inputs, arriving).instrument(tracing::info_span!("fine", batched = true)).await?
+                    }
+                    _ => {
+                        let fine_ranker = Arc::clone(&ranker);
+                        let span = tracing::info_span!("fine", items = inputs.len());
+                        blocking(move || span.in_scope(|| fine_ranker.fine_scores(&inputs))).await??
+                    }
+                };
+                (ranker.finish(coarse, fine), unscored)
             }
         };
         let keep = if fine_keep == 0 { ranked.len() + unscored.len() } else { fine_keep as usize };

@@ -6,8 +6,14 @@ use std::path::PathBuf;
 
 use std::sync::Arc;
 
-use rank_svc::{onnx_environment, BatchingConfig, FineVariant, MicroBatcher, ModelOptions, Ranker};
-use recsys_proto::v1::{UserFeatures, UserProfile};
+use std::collections::HashMap;
+
+use rank_svc::{item_window_counts, onnx_environment, BatchingConfig, FineVariant, MicroBatcher, ModelOptions, Ranker};
+use recsys_proto::v1::{
+    rank_service_server::RankService, Candidate, EventCounts, GetItemFeaturesRequest, GetItemFeaturesResponse,
+    ItemFeatures, RankRequest, RankResponse, UserFeatures, UserProfile, WindowedCounts,
+};
+use recsys_runtime::item_features::ItemFeatureSource;
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
@@ -21,6 +27,10 @@ struct FixtureExample {
     history_item_ids: Vec<String>,
     history_timestamps: Vec<i64>,
     item_id: String,
+    /// The item's windowed counts as of the request (window -> measure -> value), as the
+    /// feature store would serve them.
+    #[serde(default)]
+    item_counts: Option<HashMap<String, HashMap<String, f64>>>,
     user_index: i64,
     item_index: i64,
     history: Vec<i64>,
@@ -69,6 +79,28 @@ fn user(example: &FixtureExample) -> UserFeatures {
     }
 }
 
+/// The fixture's counts as feature-svc's answer carries them (CTR only where the window
+/// has impressions).
+fn windowed_counts(counts: &HashMap<String, HashMap<String, f64>>) -> WindowedCounts {
+    let window = |name: &str| {
+        let measures = &counts[name];
+        let count = |measure: &str| measures[measure] as u32;
+        Some(EventCounts {
+            impressions: count("impressions"),
+            clicks: count("clicks"),
+            likes: count("likes"),
+            purchases: count("purchases"),
+            ctr: (count("impressions") > 0).then(|| measures["ctr"] as f32),
+        })
+    };
+    WindowedCounts {
+        last_hour: window("last_hour"),
+        last_day: window("last_day"),
+        last_7_days: window("last_7_days"),
+        last_30_days: window("last_30_days"),
+    }
+}
+
 #[test]
 fn serving_builds_training_tensors_and_onnx_reproduces_pytorch_scores() {
     let ranker = load_ranker();
@@ -77,7 +109,10 @@ fn serving_builds_training_tensors_and_onnx_reproduces_pytorch_scores() {
     assert!(!fixture.is_empty());
     for example in &fixture {
         let items = ranker.resolve_items([example.item_id.as_str()]);
-        let inputs = ranker.fine_inputs(&user(example), &items, example.request_time);
+        let mut inputs = ranker.fine_inputs(&user(example), &items, example.request_time);
+        if let Some(counts) = &example.item_counts {
+            ranker.fill_live_item_features(&mut inputs, &[Some(item_window_counts(&windowed_counts(counts)))]);
+        }
         assert_eq!(inputs.user_index, vec![example.user_index], "{}", example.user_id);
         assert_eq!(inputs.item_index, vec![example.item_index], "{}", example.user_id);
         assert_eq!(inputs.history, example.history, "behaviour sequence of {}", example.user_id);
@@ -91,11 +126,11 @@ fn serving_builds_training_tensors_and_onnx_reproduces_pytorch_scores() {
             coarse[0],
             example.coarse_score
         );
-        let ranked = ranker.rank(&user(example), &items, 10, example.request_time).unwrap();
+        let fine = ranker.fine_scores(&inputs).unwrap();
         assert!(
-            (ranked[0].fine_score - example.fine_score).abs() <= 1e-4,
+            (fine[0] - example.fine_score).abs() <= 1e-4,
             "fine onnx {} vs pytorch {}",
-            ranked[0].fine_score,
+            fine[0],
             example.fine_score
         );
     }
@@ -210,4 +245,116 @@ fn the_int8_copy_and_the_student_serve_in_the_teachers_place() {
         let kept = top(&served, 50);
         assert!(top(&teacher, 10).iter().all(|item| kept.contains(item)), "{variant:?}");
     }
+}
+
+/// A feature store that answers every item with counts that differ by item (or fails),
+/// and records what it was asked.
+struct RecordingStore {
+    asked: std::sync::Mutex<Vec<GetItemFeaturesRequest>>,
+    fail: bool,
+}
+
+#[tonic::async_trait]
+impl ItemFeatureSource for RecordingStore {
+    async fn item_features(
+        &self,
+        request: GetItemFeaturesRequest,
+        _timeout: std::time::Duration,
+    ) -> Result<GetItemFeaturesResponse, tonic::Status> {
+        self.asked.lock().unwrap().push(request.clone());
+        if self.fail {
+            return Err(tonic::Status::unavailable("feature-svc is down"));
+        }
+        let counts =
+            |n: u32| EventCounts { impressions: 40 * n, clicks: 3 * n, likes: n, purchases: n / 2, ctr: Some(0.1) };
+        let items = (0u32..)
+            .zip(&request.item_ids)
+            .map(|(n, item_id)| ItemFeatures {
+                item_id: item_id.clone(),
+                known: true,
+                counts: Some(WindowedCounts {
+                    last_hour: Some(counts(n % 3)),
+                    last_day: Some(counts(n % 7)),
+                    last_7_days: Some(counts(n)),
+                    last_30_days: Some(counts(2 * n)),
+                }),
+                ..ItemFeatures::default()
+            })
+            .collect();
+        Ok(GetItemFeaturesResponse { items, bundle_stat_names: Vec::new() })
+    }
+}
+
+/// With a bundle whose fine model reads live item counts (the catalogue-scale parity
+/// bundle), rank-svc asks the feature store once, for exactly the fine stage's candidates
+/// as of the request's time, and their counts change the fine scores; when the store
+/// fails the request is still ranked (counts as zeros, counted). With a bundle that reads
+/// none (MovieLens), the store is never asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_item_counts_are_read_for_the_fine_stages_candidates() {
+    let ranker = load_ranker();
+    let config = rank_svc::Config {
+        bundle: bundle_dir(),
+        follow_current_ms: 0,
+        models: ModelOptions { sessions: 1, ..ModelOptions::default() },
+        ..rank_svc::Config::default()
+    };
+    let registry = rank_svc::open_registry(&config).unwrap();
+    let candidates: Vec<Candidate> = (0..200.min(ranker.item_count()))
+        .map(|n| Candidate { item_id: ranker.item_id(n).to_string(), ..Candidate::default() })
+        .collect();
+    let history: Vec<String> = (200..205.min(ranker.item_count())).map(|n| ranker.item_id(n).to_string()).collect();
+    let request = RankRequest {
+        user: Some(UserFeatures { user_id: "someone".into(), history_item_ids: history, ..UserFeatures::default() }),
+        candidates,
+        coarse_keep: 20,
+        request_time: Some(NOW),
+        ..RankRequest::default()
+    };
+    let rank = |fail: bool| {
+        let store = Arc::new(RecordingStore { asked: std::sync::Mutex::new(Vec::new()), fail });
+        let source: Arc<dyn ItemFeatureSource> = store.clone();
+        let service =
+            rank_svc::RankGrpc::new(Arc::clone(&registry), 50, Some(source), std::time::Duration::from_millis(500));
+        let request = request.clone();
+        async move {
+            let response = service.rank(tonic::Request::new(request)).await.expect("ranked").into_inner();
+            let asked = store.asked.lock().unwrap().clone();
+            (response, asked)
+        }
+    };
+    let (answered, asked) = rank(false).await;
+    assert_eq!(answered.items.len(), 20);
+    if !ranker.reads_live_item_features() {
+        assert!(asked.is_empty(), "a bundle without live item features never asks the store");
+        return;
+    }
+    assert_eq!(asked.len(), 1, "one read per request");
+    assert_eq!(asked[0].as_of_ms, NOW * 1_000);
+    let mut read: Vec<&String> = asked[0].item_ids.iter().collect();
+    let mut ranked: Vec<&String> = answered.items.iter().map(|item| &item.item_id).collect();
+    read.sort();
+    ranked.sort();
+    assert_eq!(read, ranked, "the fine stage's candidates are read, and only they");
+
+    let before = missing_counts();
+    let (degraded, asked) = rank(true).await;
+    assert_eq!(asked.len(), 1);
+    assert_eq!(degraded.items.len(), 20, "a failed read still ranks");
+    assert_eq!(missing_counts(), before + 1, "and is counted");
+    let scores = |response: &RankResponse| {
+        let mut scores: Vec<(String, f32)> =
+            response.items.iter().map(|item| (item.item_id.clone(), item.fine_score)).collect();
+        scores.sort_by(|a, b| a.0.cmp(&b.0));
+        scores
+    };
+    assert_ne!(scores(&answered), scores(&degraded), "the counts are model inputs");
+}
+
+fn missing_counts() -> u64 {
+    let metrics = recsys_runtime::metrics::render();
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("recsys_rank_item_counts_unavailable_total "))
+        .map_or(0, |value| value.trim().parse().unwrap())
 }

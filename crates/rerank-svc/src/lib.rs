@@ -27,7 +27,7 @@ pub use error::{RerankError, Result};
 pub use mmr::BundleItems;
 pub use policy::{arrange, ListRequest, Placed, CATALOG_RULE};
 pub use rules::{LiveRules, RuleSet};
-pub use service::{ItemCountSource, RerankGrpc};
+pub use service::RerankGrpc;
 
 pub const SERVICE_NAME: &str = "recsys.v1.RerankService";
 /// How this service names itself in logs and in `ModelAdmin` answers.

@@ -13,12 +13,11 @@ use recsys_bundle::Registry;
 use recsys_proto::{
     limits::{MAX_CANDIDATES, MAX_CONTEXT_ENTRIES, MAX_ID_BYTES, MAX_SCENE_BYTES, MAX_TOP_K},
     v1::{
-        feature_service_client::FeatureServiceClient,
         rerank_service_server::{RerankService, RerankServiceServer},
-        GetItemFeaturesRequest, GetItemFeaturesResponse, RerankRequest, RerankResponse, RerankedItem, WindowedCounts,
+        GetItemFeaturesRequest, RerankRequest, RerankResponse, RerankedItem, WindowedCounts,
     },
 };
-use recsys_runtime::{catalog::Catalog, model_admin::version_for};
+use recsys_runtime::{catalog::Catalog, item_features::ItemFeatureSource, model_admin::version_for};
 use tonic::{Request, Response, Status};
 
 use crate::{arrange, rules::need_item_counts, BundleItems, Config, ListRequest, LiveRules, RerankError};
@@ -46,33 +45,6 @@ static ITEM_COUNTS_MISSING: std::sync::LazyLock<prometheus::IntCounter> = std::s
     .expect("metric registers once")
 });
 
-/// Where the window's item counts are read: feature-svc over gRPC when serving; the
-/// store in the same process for the whole-path benchmark's compute floor (`bench-path`),
-/// which runs every stage without the network.
-#[tonic::async_trait]
-pub trait ItemCountSource: Send + Sync {
-    async fn item_features(
-        &self,
-        request: GetItemFeaturesRequest,
-        timeout: Duration,
-    ) -> Result<GetItemFeaturesResponse, Status>;
-}
-
-#[tonic::async_trait]
-impl ItemCountSource for FeatureServiceClient<tonic::transport::Channel> {
-    async fn item_features(
-        &self,
-        request: GetItemFeaturesRequest,
-        timeout: Duration,
-    ) -> Result<GetItemFeaturesResponse, Status> {
-        let mut request = Request::new(request);
-        request.set_timeout(timeout);
-        // The read is part of the request's trace.
-        recsys_runtime::telemetry::inject_trace_context(request.metadata_mut());
-        Ok(self.clone().get_item_features(request).await?.into_inner())
-    }
-}
-
 #[derive(Clone)]
 pub struct RerankGrpc {
     /// Item genres by bundle version.
@@ -80,7 +52,7 @@ pub struct RerankGrpc {
     rules: Arc<LiveRules>,
     catalog: Arc<Catalog>,
     /// feature-svc, for the window's item counts when a rule names one.
-    item_counts: Option<Arc<dyn ItemCountSource>>,
+    item_counts: Option<Arc<dyn ItemFeatureSource>>,
     config: Arc<Config>,
 }
 
@@ -93,10 +65,7 @@ impl RerankGrpc {
         config: Config,
         tls: &recsys_runtime::Tls,
     ) -> Self {
-        let features = (!config.catalog.feature.is_empty())
-            .then(|| recsys_runtime::client::lazy_channel(&config.catalog.feature, Duration::from_secs(1), tls))
-            .and_then(Result::ok)
-            .map(|channel| Arc::new(FeatureServiceClient::new(channel)) as Arc<dyn ItemCountSource>);
+        let features = recsys_runtime::item_features::feature_client(&config.catalog.feature, tls);
         Self::with_item_counts(registry, rules, catalog, config, features)
     }
 
@@ -105,7 +74,7 @@ impl RerankGrpc {
         rules: Arc<LiveRules>,
         catalog: Arc<Catalog>,
         config: Config,
-        item_counts: Option<Arc<dyn ItemCountSource>>,
+        item_counts: Option<Arc<dyn ItemFeatureSource>>,
     ) -> Self {
         Self { registry, rules, catalog, item_counts, config: Arc::new(config) }
     }

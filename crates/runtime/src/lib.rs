@@ -8,6 +8,7 @@ pub mod certs;
 pub mod client;
 pub mod config;
 mod connections;
+pub mod item_features;
 pub mod metrics;
 pub mod model_admin;
 mod observe;

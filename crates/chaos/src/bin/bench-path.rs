@@ -54,6 +54,7 @@ use recsys_proto::{
         RankRequest, RecallRequest, RerankCandidate, RerankRequest,
     },
 };
+use recsys_runtime::item_features::ItemFeatureSource;
 use serde_json::json;
 use tonic::{Request, Status};
 
@@ -163,12 +164,12 @@ fn process_cpu_time() -> anyhow::Result<Duration> {
     Ok(Duration::from_millis(ticks * 10))
 }
 
-/// feature-svc's handler answers rerank's item-count reads in the floor, as it does over
+/// feature-svc's handler answers rank's and rerank's item-count reads in the floor, as it does over
 /// gRPC in the cluster.
 struct InProcessCounts(feature_svc::FeatureGrpc);
 
 #[tonic::async_trait]
-impl rerank_svc::ItemCountSource for InProcessCounts {
+impl ItemFeatureSource for InProcessCounts {
     async fn item_features(
         &self,
         request: GetItemFeaturesRequest,
@@ -210,12 +211,17 @@ impl Stages {
         );
 
         let rank_config = rank_svc::Config { bundle: args.bundle.clone(), ..Default::default() };
-        let rank = rank_svc::RankGrpc::new(rank_svc::open_registry(&rank_config)?, rank_config.coarse_keep);
+        let counts: Arc<dyn ItemFeatureSource> = Arc::new(InProcessCounts(feature.clone()));
+        let rank = rank_svc::RankGrpc::new(
+            rank_svc::open_registry(&rank_config)?,
+            rank_config.coarse_keep,
+            Some(Arc::clone(&counts)),
+            Duration::from_millis(rank_config.item_counts_timeout_ms),
+        );
 
         let rerank_config =
             rerank_svc::Config { bundle: args.bundle.clone(), catalog: no_catalog, ..Default::default() };
         let rules = Arc::new(rerank_svc::LiveRules::open(rerank_config.rules.as_deref()).map_err(anyhow::Error::msg)?);
-        let counts: Arc<dyn rerank_svc::ItemCountSource> = Arc::new(InProcessCounts(feature.clone()));
         let rerank = rerank_svc::RerankGrpc::with_item_counts(
             rerank_svc::open_registry(&rerank_config)?,
             rules,

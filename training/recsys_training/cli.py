@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     retrieval.add_argument("--retrieval-only", action="store_true",
                            help="no rankers: a bundle recall-svc serves and rank-svc refuses")
     retrieval.add_argument("--ranker-users", type=int, default=30_000, help="users whose held-out item trains the rankers")
+    retrieval.add_argument("--feature-config", type=Path, help="feature configuration (default: training/feature_config.toml)")
 
     evaluate = commands.add_parser("eval", help="score the served pipeline on the published MovieLens-100k protocol")
     evaluate.add_argument("--data", type=Path, required=True)
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             rankers = None if args.retrieval_only else RankerScaleConfig(training_users=args.ranker_users)
             config = ScaleConfig(seed=args.seed, epochs=args.epochs, ann_min_items=args.ann_min_items,
                                  ann_connectivity=args.ann_connectivity, ann_expansion_add=args.ann_expansion_add,
-                                 rankers=rankers)
+                                 rankers=rankers, feature_config=str(args.feature_config or ""))
             train_scale_bundle(args.data, args.out, config, args.version)
         elif args.command == "synthesize":
             from .synthetic import SyntheticConfig, generate

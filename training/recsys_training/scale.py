@@ -61,6 +61,8 @@ class ScaleConfig:
     threads: int = 2
     #: The rankers' training; None for a retrieval bundle (no rankers).
     rankers: scale_rankers.RankerScaleConfig | None = None
+    #: Feature configuration file; empty for ``training/feature_config.toml``.
+    feature_config: str = ""
 
     def __post_init__(self):
         if self.item_to_item is None:
@@ -415,7 +417,7 @@ def train_scale_bundle(data_dir: Path, out_root: Path, config: ScaleConfig | Non
         "num_items": num_items,
         "training_config": asdict(config),
     }
-    raw_features = load_raw_config()
+    raw_features = load_raw_config(Path(config.feature_config) if config.feature_config else None)
     stats = scale_rankers.item_statistics(columns.items[train_mask], columns.timestamps[train_mask],
                                           columns.liked[train_mask], num_items, [
                                               f["source"] for f in raw_features.get("item", [])])

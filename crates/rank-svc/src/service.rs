@@ -80,11 +80,19 @@ impl RankGrpc {
     /// Writes the fine stage's live item columns from one `GetItemFeatures` read of its
     /// candidates as of the request's time; zeros (and counted) when it fails or is late.
     async fn read_live_item_features(&self, ranker: &Ranker, stage: &mut FineStage, request_time: i64) {
+        if stage.coarse.is_empty() {
+            return;
+        }
         let counts = match &self.item_features {
             Some(source) => {
                 let item_ids = stage.coarse.iter().map(|&(item, _)| ranker.item_id(item).to_string()).collect();
                 let request = GetItemFeaturesRequest { item_ids, as_of_ms: request_time.saturating_mul(1_000) };
-                match source.item_features(request, self.item_features_timeout).await {
+                // The deadline is also sent to feature-svc; this bounds the wait here too.
+                let read = source.item_features(request, self.item_features_timeout);
+                let answer = tokio::time::timeout(self.item_features_timeout, read)
+                    .await
+                    .unwrap_or_else(|_| Err(Status::deadline_exceeded("item counts were late")));
+                match answer {
                     Ok(response) if response.items.len() == stage.coarse.len() => {
                         response.items.iter().map(|item| item.counts.as_ref().map(item_window_counts)).collect()
                     }

@@ -13,7 +13,7 @@
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
-    sync::{mpsc, Arc},
+    sync::Arc,
 };
 
 use recsys_proto::v1::{CatalogItem, EventType, UserFeatures};
@@ -49,12 +49,15 @@ const CATALOG_LOG: TableDefinition<u64, &str> = TableDefinition::new("catalog_lo
 
 /// Events one commit takes at most: bounds a commit's latency under a burst.
 const MAX_GROUP_EVENTS: usize = 16_384;
+/// Batches waiting for the writer thread at most: beyond it an append waits for room (its
+/// caller's deadline bounds the wait), so a burst cannot grow memory without limit.
+const MAX_QUEUED_BATCHES: usize = 1_024;
 
 pub struct EmbeddedStore {
     db: Arc<Database>,
     path: PathBuf,
     /// `None` only while dropping.
-    writer: Option<mpsc::Sender<WriteJob>>,
+    writer: Option<tokio::sync::mpsc::Sender<WriteJob>>,
     writer_thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -114,12 +117,12 @@ impl EmbeddedStore {
                 Some(_) => {}
             }
         }
-        let (writer, jobs) = mpsc::channel();
+        let (writer, mut jobs) = tokio::sync::mpsc::channel(MAX_QUEUED_BATCHES);
         let writer_db = Arc::clone(&db);
         let writer_path = path.to_path_buf();
         let writer_thread = std::thread::Builder::new()
             .name("feature-store-writer".into())
-            .spawn(move || write_groups(&writer_db, &writer_path, &jobs, max_history))
+            .spawn(move || write_groups(&writer_db, &writer_path, &mut jobs, max_history))
             .map_err(|error| store_error(redb::Error::Io(error)))?;
         tracing::info!(store = %path.display(), "embedded feature store opened");
         Ok(Self { db, path: path.to_path_buf(), writer: Some(writer), writer_thread: Some(writer_thread) })
@@ -207,7 +210,7 @@ impl FeatureStore for EmbeddedStore {
             reason: "the writer thread has stopped".into(),
         };
         let writer = self.writer.as_ref().ok_or_else(closed)?;
-        writer.send(WriteJob { events, reply }).map_err(|_| closed())?;
+        writer.send(WriteJob { events, reply }).await.map_err(|_| closed())?;
         answer.await.map_err(|_| closed())?
     }
 
@@ -327,8 +330,8 @@ impl EmbeddedStore {
 }
 
 /// The writer thread: takes every batch waiting, commits them together, answers each.
-fn write_groups(db: &Database, path: &Path, jobs: &mpsc::Receiver<WriteJob>, max_history: usize) {
-    while let Ok(first) = jobs.recv() {
+fn write_groups(db: &Database, path: &Path, jobs: &mut tokio::sync::mpsc::Receiver<WriteJob>, max_history: usize) {
+    while let Some(first) = jobs.blocking_recv() {
         let mut group = vec![first];
         let mut events = group[0].events.len();
         while events < MAX_GROUP_EVENTS {

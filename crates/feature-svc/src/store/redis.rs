@@ -335,7 +335,39 @@ impl RedisStore {
             }
         }
         tracing::info!(redis = %name, prefix = %config.key_prefix, "Redis feature store connected");
+        store.warn_unless_durable().await;
         Ok(store)
+    }
+
+    /// Says at start-up what an acknowledgement is worth on this Redis: only `appendonly
+    /// yes` with `appendfsync always` keeps every acknowledged event through a crash of the
+    /// server (README, *Feature store*). On a cluster this reads the node the command is
+    /// routed to.
+    async fn warn_unless_durable(&self) {
+        let settings: redis::RedisResult<HashMap<String, String>> =
+            redis::cmd("CONFIG").arg("GET").arg("append*").query_async(&mut self.connection.clone()).await;
+        match settings {
+            Ok(settings) => {
+                let setting = |key: &str| settings.get(key).map_or("?", String::as_str);
+                let (appendonly, appendfsync) = (setting("appendonly"), setting("appendfsync"));
+                if appendonly == "yes" && appendfsync == "always" {
+                    tracing::info!(redis = %self.name, "Redis fsyncs every write: acknowledged events survive a crash");
+                } else {
+                    tracing::warn!(
+                        redis = %self.name,
+                        appendonly,
+                        appendfsync,
+                        "Redis does not fsync every write: a crash of the server can lose acknowledged events \
+                         (set appendonly yes and appendfsync always)"
+                    );
+                }
+            }
+            Err(error) => tracing::warn!(
+                redis = %self.name,
+                %error,
+                "could not read Redis's persistence settings (CONFIG disabled?): durability unknown"
+            ),
+        }
     }
 
     /// The catalogue's keys: records, change log, revision counter (one hash tag).

@@ -382,7 +382,7 @@ impl Pipeline {
                 let items = response
                     .items
                     .into_iter()
-                    .map(|item| RerankCandidate { item_id: item.item_id, score: item.fine_score })
+                    .map(|item| RerankCandidate { item_id: item.item_id, score: item.fine_score, counts: item.counts })
                     .collect();
                 Outcome::served(Ranked { items, model_version: Some(response.model_version), stage_scores })
             }
@@ -393,7 +393,11 @@ impl Pipeline {
                 let items = candidates
                     .into_iter()
                     .take(plan.window)
-                    .map(|candidate| RerankCandidate { item_id: candidate.item_id, score: candidate.score })
+                    .map(|candidate| RerankCandidate {
+                        item_id: candidate.item_id,
+                        score: candidate.score,
+                        counts: None,
+                    })
                     .collect();
                 Outcome::fallback(Ranked { items, model_version: None, stage_scores: HashMap::new() })
             }

@@ -1,7 +1,7 @@
 //! gRPC surface of rank-svc: validation, then the model run on a blocking thread so it
 //! never stalls the async workers.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use recsys_proto::{
     limits::{MAX_CANDIDATES, MAX_HISTORY, MAX_ID_BYTES},
@@ -79,44 +79,47 @@ impl RankGrpc {
 
     /// Writes the fine stage's live item columns from one `GetItemFeatures` read of its
     /// candidates as of the request's time; zeros (and counted) when it fails or is late.
-    async fn read_live_item_features(&self, ranker: &Ranker, stage: &mut FineStage, request_time: i64) {
+    /// Returns the counts read, by catalogue position, for the response (rerank-svc reads
+    /// the same counts: they travel on instead of being read twice).
+    async fn read_live_item_features(
+        &self,
+        ranker: &Ranker,
+        stage: &mut FineStage,
+        request_time: i64,
+    ) -> HashMap<usize, WindowedCounts> {
         if stage.coarse.is_empty() {
-            return;
+            return HashMap::new();
         }
-        let counts = match &self.item_features {
+        let answer = match &self.item_features {
             Some(source) => {
                 let item_ids = stage.coarse.iter().map(|&(item, _)| ranker.item_id(item).to_string()).collect();
                 let request = GetItemFeaturesRequest { item_ids, as_of_ms: request_time.saturating_mul(1_000) };
                 // The deadline is also sent to feature-svc; this bounds the wait here too.
                 let read = source.item_features(request, self.item_features_timeout);
-                let answer = tokio::time::timeout(self.item_features_timeout, read)
+                tokio::time::timeout(self.item_features_timeout, read)
                     .await
-                    .unwrap_or_else(|_| Err(Status::deadline_exceeded("item counts were late")));
-                match answer {
-                    Ok(response) if response.items.len() == stage.coarse.len() => {
-                        response.items.iter().map(|item| item.counts.as_ref().map(item_window_counts)).collect()
-                    }
-                    Ok(response) => {
-                        tracing::warn!(
-                            asked = stage.coarse.len(),
-                            answered = response.items.len(),
-                            "item counts misaligned"
-                        );
-                        Vec::new()
-                    }
-                    Err(status) => {
-                        tracing::debug!(code = ?status.code(), message = status.message(), "item counts unavailable");
-                        Vec::new()
-                    }
-                }
+                    .unwrap_or_else(|_| Err(Status::deadline_exceeded("item counts were late")))
             }
-            None => Vec::new(),
+            None => Err(Status::failed_precondition("no feature-svc address is configured")),
         };
-        if counts.is_empty() {
+        let items = match answer {
+            Ok(response) if response.items.len() == stage.coarse.len() => response.items,
+            Ok(response) => {
+                tracing::warn!(asked = stage.coarse.len(), answered = response.items.len(), "item counts misaligned");
+                Vec::new()
+            }
+            Err(status) => {
+                tracing::debug!(code = ?status.code(), message = status.message(), "item counts unavailable");
+                Vec::new()
+            }
+        };
+        if items.is_empty() {
             LIVE_COUNTS_MISSING.inc();
-            return;
+            return HashMap::new();
         }
+        let counts: Vec<_> = items.iter().map(|item| item.counts.as_ref().map(item_window_counts)).collect();
         ranker.fill_live_item_features(&mut stage.inputs, &counts);
+        stage.coarse.iter().zip(items).filter_map(|(&(position, _), item)| Some((position, item.counts?))).collect()
     }
 
     pub fn into_server(self) -> RankServiceServer<Self> {
@@ -158,14 +161,14 @@ impl RankService for RankGrpc {
         let ranker = Arc::clone(&version.ranker);
         // The models run on a blocking thread; carry the request's span there.
         let span = tracing::Span::current();
-        let (ranked, unscored) = match &version.batcher {
+        let (ranked, unscored, mut counts) = match &version.batcher {
             // One hand-off to the blocking pool for both stages when nothing is read between them.
             None if !ranker.reads_live_item_features() => {
                 blocking(move || {
                     let _entered = span.enter();
                     let candidates = ranker.candidates(&candidates, scored_here)?;
                     let ranked = ranker.rank_candidates(&user, &candidates, coarse_keep, request_time)?;
-                    Ok::<_, RankError>((ranked, candidates.unscored))
+                    Ok::<_, RankError>((ranked, candidates.unscored, HashMap::new()))
                 })
                 .await??
             }
@@ -179,10 +182,12 @@ impl RankService for RankGrpc {
                     Ok::<_, RankError>((stage, candidates.unscored))
                 })
                 .await??;
-                if ranker.reads_live_item_features() {
+                let counts = if ranker.reads_live_item_features() {
                     let span = tracing::info_span!("item_counts", items = stage.coarse.len());
-                    self.read_live_item_features(&ranker, &mut stage, request_time).instrument(span).await;
-                }
+                    self.read_live_item_features(&ranker, &mut stage, request_time).instrument(span).await
+                } else {
+                    HashMap::new()
+                };
                 let FineStage { coarse, inputs } = stage;
                 let fine = match (batcher, arriving) {
                     (Some(batcher), Some(arriving)) => {
@@ -194,7 +199,7 @@ impl RankService for RankGrpc {
                         blocking(move || span.in_scope(|| fine_ranker.fine_scores(&inputs))).await??
                     }
                 };
-                (ranker.finish(coarse, fine), unscored)
+                (ranker.finish(coarse, fine), unscored, counts)
             }
         };
         let keep = if fine_keep == 0 { ranked.len() + unscored.len() } else { fine_keep as usize };
@@ -208,6 +213,7 @@ impl RankService for RankGrpc {
                 item_id: version.ranker.item_id(candidate.item).to_string(),
                 coarse_score: candidate.coarse_score,
                 fine_score: candidate.fine_score,
+                counts: counts.remove(&candidate.item),
             })
             .collect();
         let lowest = items.last().map_or((0.0, 0.0), |item| (item.coarse_score, item.fine_score));
@@ -215,6 +221,7 @@ impl RankService for RankGrpc {
             item_id,
             coarse_score: lowest.0,
             fine_score: lowest.1,
+            counts: None,
         }));
         Ok(Response::new(RankResponse { items, model_version: version.ranker.version().to_string() }))
     }

@@ -336,12 +336,14 @@ async fn live_item_counts_are_read_for_the_fine_stages_candidates() {
     read.sort();
     ranked.sort();
     assert_eq!(read, ranked, "the fine stage's candidates are read, and only they");
+    assert!(answered.items.iter().all(|item| item.counts.is_some()), "the counts travel on to rerank");
 
     let before = missing_counts();
     let (degraded, asked) = rank(true).await;
     assert_eq!(asked.len(), 1);
     assert_eq!(degraded.items.len(), 20, "a failed read still ranks");
     assert_eq!(missing_counts(), before + 1, "and is counted");
+    assert!(degraded.items.iter().all(|item| item.counts.is_none()));
     let scores = |response: &RankResponse| {
         let mut scores: Vec<(String, f32)> =
             response.items.iter().map(|item| (item.item_id.clone(), item.fine_score)).collect();

@@ -160,18 +160,34 @@ impl RerankService for RerankGrpc {
         })?;
         // The orchestrator chose the window; a duplicate id would only mean a bad caller.
         let mut seen = HashSet::new();
-        let allowed: Vec<(String, f32)> =
-            candidates.into_iter().filter(|c| seen.insert(c.item_id.clone())).map(|c| (c.item_id, c.score)).collect();
+        // Counts rank-svc read for its fine model travel with the candidates.
+        let mut carried_counts = HashMap::new();
+        let allowed: Vec<(String, f32)> = candidates
+            .into_iter()
+            .filter(|c| seen.insert(c.item_id.clone()))
+            .map(|c| {
+                if let Some(counts) = c.counts {
+                    carried_counts.insert(c.item_id.clone(), counts);
+                }
+                (c.item_id, c.score)
+            })
+            .collect();
         let variants: Vec<String> =
             experiments.iter().map(|assignment| format!("{}/{}", assignment.layer, assignment.variant)).collect();
         let rule_set = self.rules.current();
         let rules = rule_set.for_request(&scene, &variants);
         let now_ms = if request_time > 0 { request_time.saturating_mul(1000) } else { now_ms() };
-        // The window's item counts (feature-svc's item-feature RPC), only when a rule
-        // names one: the other rules need nothing beyond the request and the catalogue.
+        // The window's item counts, only when a rule names one (the other rules need nothing
+        // beyond the request and the catalogue): those rank-svc carried, and one
+        // feature-svc read for the rest.
         let item_counts = if need_item_counts(&rules) {
-            let ids = allowed.iter().map(|(id, _)| id.clone()).collect();
-            self.item_counts(ids, now_ms).instrument(tracing::info_span!("item_counts")).await
+            let missing: Vec<String> =
+                allowed.iter().filter(|(id, _)| !carried_counts.contains_key(id)).map(|(id, _)| id.clone()).collect();
+            if !missing.is_empty() {
+                let read = self.item_counts(missing, now_ms).instrument(tracing::info_span!("item_counts")).await;
+                carried_counts.extend(read);
+            }
+            carried_counts
         } else {
             HashMap::new()
         };
@@ -206,4 +222,93 @@ impl RerankService for RerankGrpc {
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_millis() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use recsys_proto::v1::{EventCounts, GetItemFeaturesResponse, ItemFeatures, RerankCandidate};
+
+    use super::*;
+
+    /// A feature store where every item has 3 clicks in the last hour; it records the ids
+    /// it was asked for.
+    #[derive(Default)]
+    struct RecordingStore(Mutex<Vec<Vec<String>>>);
+
+    #[tonic::async_trait]
+    impl ItemFeatureSource for RecordingStore {
+        async fn item_features(
+            &self,
+            request: GetItemFeaturesRequest,
+            _timeout: Duration,
+        ) -> Result<GetItemFeaturesResponse, Status> {
+            self.0.lock().unwrap().push(request.item_ids.clone());
+            let items = request
+                .item_ids
+                .into_iter()
+                .map(|item_id| ItemFeatures { item_id, counts: Some(clicks_last_hour(3)), ..ItemFeatures::default() })
+                .collect();
+            Ok(GetItemFeaturesResponse { items, bundle_stat_names: Vec::new() })
+        }
+    }
+
+    fn clicks_last_hour(clicks: u32) -> WindowedCounts {
+        WindowedCounts {
+            last_hour: Some(EventCounts { clicks, ..EventCounts::default() }),
+            ..WindowedCounts::default()
+        }
+    }
+
+    /// Counts rank-svc carried are used as they are; feature-svc is read only for the
+    /// window's items that came without them.
+    #[tokio::test]
+    async fn counts_carried_from_rank_are_not_read_again() {
+        let bundle = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/bundles");
+        let rules_file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(
+            rules_file.path(),
+            "[[rule]]\nname = \"trending\"\nkind = \"boost\"\n\
+             when = [{ attribute = \"clicks_1h\", op = \"ge\", value = 2 }]\nadd = 5.0\n",
+        )
+        .unwrap();
+        let config = Config {
+            bundle,
+            rules: Some(rules_file.path().to_path_buf()),
+            catalog: recsys_runtime::catalog::CatalogConfig { feature: String::new(), ..Default::default() },
+            follow_current_ms: 0,
+            ..Config::default()
+        };
+        let store = Arc::new(RecordingStore::default());
+        let source: Arc<dyn ItemFeatureSource> = store.clone();
+        let service = RerankGrpc::with_item_counts(
+            crate::open_registry(&config).unwrap(),
+            Arc::new(LiveRules::open(config.rules.as_deref()).unwrap()),
+            Catalog::follow(&config.catalog, &recsys_runtime::Tls::plaintext()),
+            config,
+            Some(source),
+        );
+        let candidate = |item_id: &str, score: f32, counts: Option<WindowedCounts>| RerankCandidate {
+            item_id: item_id.into(),
+            score,
+            counts,
+        };
+        let request = RerankRequest {
+            // Item 1 leads on relevance; rank carried item 50's (trending) and item 1's
+            // (quiet) counts, not item 100's.
+            candidates: vec![
+                candidate("1", 0.9, Some(clicks_last_hour(0))),
+                candidate("50", 0.5, Some(clicks_last_hour(9))),
+                candidate("100", 0.4, None),
+            ],
+            top_k: 3,
+            relevance_weight: Some(1.0),
+            ..RerankRequest::default()
+        };
+        let response = service.rerank(Request::new(request)).await.unwrap().into_inner();
+        let order: Vec<&str> = response.items.iter().map(|item| item.item_id.as_str()).collect();
+        assert_eq!(*store.0.lock().unwrap(), vec![vec!["100".to_string()]], "only the item without counts is read");
+        assert_eq!(order[2], "1", "the carried counts were used: trending 50 and read 100 are boosted past 1");
+    }
 }

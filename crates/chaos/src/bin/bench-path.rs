@@ -272,7 +272,7 @@ impl Stages {
             candidates: ranked
                 .items
                 .into_iter()
-                .map(|item| RerankCandidate { item_id: item.item_id, score: item.fine_score })
+                .map(|item| RerankCandidate { item_id: item.item_id, score: item.fine_score, counts: item.counts })
                 .collect(),
             top_k: TOP_K,
             bundle_version: recalled.bundle_version,

@@ -116,7 +116,11 @@ async fn measure(address: SocketAddr, ids: &[String], args: &Args, rng: &mut Rng
     let mut samples = Vec::with_capacity(args.requests);
     for round in 0..args.requests + args.requests / 10 {
         let candidates: Vec<RerankCandidate> = (0..args.window)
-            .map(|n| RerankCandidate { item_id: ids[rng.below(ids.len())].clone(), score: 1.0 - n as f32 * 0.01 })
+            .map(|n| RerankCandidate {
+                item_id: ids[rng.below(ids.len())].clone(),
+                score: 1.0 - n as f32 * 0.01,
+                counts: None,
+            })
             .collect();
         let recent_impressions = (0..20)
             .map(|n| Impression {

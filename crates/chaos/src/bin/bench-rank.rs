@@ -443,6 +443,9 @@ impl RankService {
             .env("RECSYS_RANK__SERVER__METRICS_LISTEN", "")
             .env("RECSYS_RANK__BUNDLE", bundle)
             .env("RECSYS_RANK__MODELS__INTRA_OP_THREADS", "1")
+            // rank-svc alone: a bundle with live item features gets zeros for them (and
+            // counts it) instead of reading whatever feature-svc runs at the default address.
+            .env("RECSYS_RANK__FEATURE", "")
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

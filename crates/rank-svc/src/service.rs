@@ -161,9 +161,16 @@ impl RankService for RankGrpc {
         let ranker = Arc::clone(&version.ranker);
         // The models run on a blocking thread; carry the request's span there.
         let span = tracing::Span::current();
+        // The fine stage waits for the candidates' counts only when the bundle's model reads
+        // them and feature-svc is configured (without it those columns are zeros: counted).
+        let reads_counts = ranker.reads_live_item_features();
+        if reads_counts && self.item_features.is_none() {
+            LIVE_COUNTS_MISSING.inc();
+        }
+        let reads_counts = reads_counts && self.item_features.is_some();
         let (ranked, unscored, mut counts) = match &version.batcher {
             // One hand-off to the blocking pool for both stages when nothing is read between them.
-            None if !ranker.reads_live_item_features() => {
+            None if !reads_counts => {
                 blocking(move || {
                     let _entered = span.enter();
                     let candidates = ranker.candidates(&candidates, scored_here)?;
@@ -182,7 +189,7 @@ impl RankService for RankGrpc {
                     Ok::<_, RankError>((stage, candidates.unscored))
                 })
                 .await??;
-                let counts = if ranker.reads_live_item_features() {
+                let counts = if reads_counts {
                     let span = tracing::info_span!("item_counts", items = stage.coarse.len());
                     self.read_live_item_features(&ranker, &mut stage, request_time).instrument(span).await
                 } else {

@@ -351,6 +351,13 @@ async fn live_item_counts_are_read_for_the_fine_stages_candidates() {
         scores
     };
     assert_ne!(scores(&answered), scores(&degraded), "the counts are model inputs");
+
+    // Without a feature-svc address the same bundle ranks on zeros, in one hand-off.
+    let before = missing_counts();
+    let unconfigured = rank_svc::RankGrpc::new(Arc::clone(&registry), 50, None, std::time::Duration::from_millis(500));
+    let alone = unconfigured.rank(tonic::Request::new(request.clone())).await.expect("ranked").into_inner();
+    assert_eq!(missing_counts(), before + 1);
+    assert_eq!(scores(&alone), scores(&degraded), "zeros, as when the store fails");
 }
 
 fn missing_counts() -> u64 {

@@ -173,14 +173,12 @@ class ItemEventLog:
             chosen = kinds == kind
             self.keys.append(np.sort(_item_time_key(items[chosen], timestamps[chosen])))
 
-    @staticmethod
-    def kinds(events) -> np.ndarray:
-        """Event type names -> indices into ``counters.COUNTED`` (-1: not counted)."""
-        return np.array([COUNTED.index(e) if e in COUNTED else -1 for e in events], dtype=np.int64)
-
-    @property
-    def empty(self) -> bool:
-        return all(len(keys) == 0 for keys in self.keys)
+    @classmethod
+    def from_interactions(cls, interactions: list[Interaction], item_position: dict[str, int]) -> "ItemEventLog":
+        return cls(np.array([item_position[i.item_id] for i in interactions], dtype=np.int64),
+                   np.array([i.timestamp for i in interactions], dtype=np.int64),
+                   np.array([COUNTED.index(i.event) if i.event in COUNTED else -1 for i in interactions],
+                            dtype=np.int64))
 
     def _count(self, kind: int, items: np.ndarray, starts: np.ndarray, times: np.ndarray) -> np.ndarray:
         keys = self.keys[kind]
@@ -261,6 +259,22 @@ def resolve_live(raw: dict, values: dict[str, np.ndarray]) -> list[Feature]:
             feature.max = float(known.max()) if spec.get("max") == "from_data" and len(known) else float(spec.get("max", 0))
         resolved.append(feature)
     return resolved
+
+
+def attach_live_items(features: FeatureConfig, raw: dict, values_of, train_rows, *other_rows) -> None:
+    """Resolves ``features.live_item`` on the training rows' raw values and sets every
+    rows' encoded ``live`` columns; ``values_of(rows)`` gives a rows' raw values (computed
+    once per rows)."""
+    values = values_of(train_rows)
+    features.live_item = resolve_live(raw, values)
+    train_rows.live = encode_live(features.live_item, values, len(train_rows.items))
+    for rows in other_rows:
+        rows.live = encode_live(features.live_item, values_of(rows), len(rows.items))
+
+
+def with_live_columns(item_rows: np.ndarray, live: np.ndarray | None) -> np.ndarray:
+    """The fine model's item input: the candidates' item rows, then their live columns."""
+    return np.concatenate([item_rows, live], axis=1) if live is not None and live.shape[1] else item_rows
 
 
 def encode_live(features: list[Feature], values: dict[str, np.ndarray], rows: int) -> np.ndarray:

@@ -95,6 +95,15 @@ class FineRanker(nn.Module):
         return torch.sigmoid(click) * (1.0 - self.like_weight + self.like_weight * torch.sigmoid(like))
 
 
+def id_embeddings(num_users: int, num_items: int, dim: int) -> tuple[nn.Embedding, nn.Embedding]:
+    """The fine rankers' user and item id tables (index 0: the unknown user or item, and
+    the sequence padding), with small initial values."""
+    user, item = nn.Embedding(num_users + 1, dim), nn.Embedding(num_items + 1, dim)
+    nn.init.normal_(user.weight, std=0.05)
+    nn.init.normal_(item.weight, std=0.05)
+    return user, item
+
+
 def sequence_mean(item_embedding: nn.Embedding, history: torch.Tensor) -> torch.Tensor:
     """The mean embedding of a behaviour sequence's items (0 is padding; an empty sequence
     gives zeros)."""
@@ -115,10 +124,7 @@ class Din(FineRanker):
                  base: CoarseRanker | None = None, like_weight: float = 0.0, trunk: tuple[int, int] = (128, 64),
                  attention: int = 32) -> None:
         super().__init__(base, 3 * dim + user_dim + item_dim + cross_dim, like_weight, trunk)
-        self.user_embedding = nn.Embedding(num_users + 1, dim)
-        self.item_embedding = nn.Embedding(num_items + 1, dim)
-        nn.init.normal_(self.user_embedding.weight, std=0.05)
-        nn.init.normal_(self.item_embedding.weight, std=0.05)
+        self.user_embedding, self.item_embedding = id_embeddings(num_users, num_items, dim)
         self.attention = nn.Sequential(nn.Linear(4 * dim, attention), nn.ReLU(), nn.Linear(attention, 1))
 
     def trunk_input(self, user_index, item_index, history, user_features, item_features, cross_features):
@@ -143,10 +149,7 @@ class DeepFm(FineRanker):
                  attention: int = 0) -> None:
         # ``attention`` is DIN's; accepted so that both rankers take the same widths.
         super().__init__(base, 6 * dim, like_weight, trunk)
-        self.user_embedding = nn.Embedding(num_users + 1, dim)
-        self.item_embedding = nn.Embedding(num_items + 1, dim)
-        nn.init.normal_(self.user_embedding.weight, std=0.05)
-        nn.init.normal_(self.item_embedding.weight, std=0.05)
+        self.user_embedding, self.item_embedding = id_embeddings(num_users, num_items, dim)
         self.user_bias = nn.Embedding(num_users + 1, 1)
         self.item_bias = nn.Embedding(num_items + 1, 1)
         nn.init.zeros_(self.user_bias.weight)
@@ -199,10 +202,7 @@ class WideDeep(FineRanker):
                  attention: int = 0) -> None:
         # ``attention`` is DIN's; accepted so that every ranker takes the same widths.
         super().__init__(base, 3 * dim + user_dim + item_dim + cross_dim, like_weight, trunk)
-        self.user_embedding = nn.Embedding(num_users + 1, dim)
-        self.item_embedding = nn.Embedding(num_items + 1, dim)
-        nn.init.normal_(self.user_embedding.weight, std=0.05)
-        nn.init.normal_(self.item_embedding.weight, std=0.05)
+        self.user_embedding, self.item_embedding = id_embeddings(num_users, num_items, dim)
         self.user_bias = nn.Embedding(num_users + 1, 1)
         self.item_bias = nn.Embedding(num_items + 1, 1)
         self.wide = nn.Linear(user_dim + item_dim + cross_dim + user_dim * item_dim, 1)

@@ -215,12 +215,10 @@ class RankerRows:
 
     def tensors(self, item_rows: np.ndarray) -> tuple[torch.Tensor, ...]:
         """The fine model's inputs in ONNX order; every user is unknown (index 0)."""
-        items = item_rows[self.items]
-        if self.live is not None and self.live.shape[1]:
-            items = np.concatenate([items, self.live], axis=1)
         return (torch.zeros(len(self.items), dtype=torch.int64), torch.as_tensor(self.items + 1),
                 torch.as_tensor(self.histories), torch.as_tensor(self.user_features),
-                torch.as_tensor(items), torch.as_tensor(self.cross))
+                torch.as_tensor(feature_module.with_live_columns(item_rows[self.items], self.live)),
+                torch.as_tensor(self.cross))
 
 
 def candidates_of(user_history: np.ndarray, cross: CrossFeatures, index, config: RankerScaleConfig,
@@ -338,9 +336,7 @@ def train_rankers(users: Users, held_rows: np.ndarray, columns, vectors: np.ndar
         return columns.events.values(rows.items, rows.request_times, live_names)
 
     started = time.monotonic()
-    features.live_item = feature_module.resolve_live(raw_features, live_values(train_rows))
-    for part in (train_rows, validation_rows):
-        part.live = feature_module.encode_live(features.live_item, live_values(part), len(part.items))
+    feature_module.attach_live_items(features, raw_features, live_values, train_rows, validation_rows)
     log(f"live item features {[f.source for f in features.live_item]} in {time.monotonic() - started:.0f} s")
     train_inputs, validation_inputs = train_rows.tensors(item_rows), validation_rows.tensors(item_rows)
     labels = torch.as_tensor(train_rows.labels)

@@ -15,9 +15,9 @@ import torch
 from . import bundle, compress, item_to_item
 from .data import Dataset, Interaction, load_dataset
 from .features import (
-    CrossScorer, FeatureConfig, ItemEventLog, UserHistory, build_config, encode_live, history_tensor,
-    item_feature_rows, item_statistics, live_sources, load_raw_config, resolve_live, source_names, user_feature_rows,
-    user_histories, user_sources,
+    CrossScorer, FeatureConfig, ItemEventLog, UserHistory, attach_live_items, build_config, encode_live,
+    history_tensor, item_feature_rows, item_statistics, live_sources, load_raw_config, source_names,
+    user_feature_rows, user_histories, user_sources, with_live_columns,
 )
 from .models import FINE_RANKERS, BprMatrixFactorization, CoarseRanker, auc
 
@@ -160,12 +160,10 @@ class RankerRows:
 
     def tensors(self, state: ModelState) -> tuple[torch.Tensor, ...]:
         """The fine model's inputs, in ONNX input order (ids are 1-based, 0 = unknown)."""
-        items = state.item_rows[self.items]
-        if self.live is not None and self.live.shape[1]:
-            items = np.concatenate([items, self.live], axis=1)
         return (torch.as_tensor(self.users + 1), torch.as_tensor(self.items + 1),
                 torch.as_tensor(state.history_rows[self.users]), torch.as_tensor(state.user_rows[self.users]),
-                torch.as_tensor(items), torch.as_tensor(self.cross))
+                torch.as_tensor(with_live_columns(state.item_rows[self.items], self.live)),
+                torch.as_tensor(self.cross))
 
     def take(self, index: np.ndarray) -> "RankerRows":
         return RankerRows(self.users[index], self.items[index], self.cross[index], self.labels[index], self.likes[index],
@@ -373,10 +371,7 @@ def ranker_fixture(universe: Universe, state: ModelState, features: FeatureConfi
     rank-svc's tests can prove that serving builds the same inputs from the same user
     (profile, history, timestamps) and item counts, and the ONNX models give the same
     scores."""
-    interactions = universe.dataset.interactions
-    events = ItemEventLog(np.array([universe.item_position[i.item_id] for i in interactions], dtype=np.int64),
-                          np.array([i.timestamp for i in interactions], dtype=np.int64),
-                          ItemEventLog.kinds([i.event for i in interactions]))
+    events = ItemEventLog.from_interactions(universe.dataset.interactions, universe.item_position)
     examples = []
     for user in users[:count]:
         history = state.histories[user]
@@ -459,18 +454,14 @@ def train_bundle(data_dir: Path, out_root: Path, config: TrainConfig | None = No
     auc_rows = ranker_rows(past, validation_users, held_out, liked, config, rng, hard=False)
     # The candidates' windowed counts as of each user's request, from the events the
     # feature store would hold then (held-out ones excluded: they are what is predicted).
-    past_events = ItemEventLog(np.array([item_position[i.item_id] for i in past_interactions], dtype=np.int64),
-                               np.array([i.timestamp for i in past_interactions], dtype=np.int64),
-                               ItemEventLog.kinds([i.event for i in past_interactions]))
+    past_events = ItemEventLog.from_interactions(past_interactions, item_position)
     asked_at = np.array([t or 0 for t in request_times], dtype=np.int64)
     live_names = live_sources(raw_features)
 
     def live_values(rows: RankerRows) -> dict[str, np.ndarray]:
         return past_events.values(rows.items, asked_at[rows.users], live_names)
 
-    features.live_item = resolve_live(raw_features, live_values(train_rows))
-    for rows in (train_rows, validation_rows, auc_rows):
-        rows.live = encode_live(features.live_item, live_values(rows), len(rows.items))
+    attach_live_items(features, raw_features, live_values, train_rows, validation_rows, auc_rows)
     log(f"live item features: {[f.source for f in features.live_item] or 'none (no counted events)'}")
     log(f"ranker data: {len(train_rows.labels)} training rows ({int(train_rows.labels.sum())} positive), "
         f"{len(validation_rows.labels)} validation rows from {validation_count} held-out users")

@@ -83,6 +83,7 @@ impl RankGrpc {
     /// the same counts: they travel on instead of being read twice).
     async fn read_live_item_features(
         &self,
+        source: &dyn ItemFeatureSource,
         ranker: &Ranker,
         stage: &mut FineStage,
         request_time: i64,
@@ -90,18 +91,9 @@ impl RankGrpc {
         if stage.coarse.is_empty() {
             return HashMap::new();
         }
-        let answer = match &self.item_features {
-            Some(source) => {
-                let item_ids = stage.coarse.iter().map(|&(item, _)| ranker.item_id(item).to_string()).collect();
-                let request = GetItemFeaturesRequest { item_ids, as_of_ms: request_time.saturating_mul(1_000) };
-                // The deadline is also sent to feature-svc; this bounds the wait here too.
-                let read = source.item_features(request, self.item_features_timeout);
-                tokio::time::timeout(self.item_features_timeout, read)
-                    .await
-                    .unwrap_or_else(|_| Err(Status::deadline_exceeded("item counts were late")))
-            }
-            None => Err(Status::failed_precondition("no feature-svc address is configured")),
-        };
+        let item_ids = stage.coarse.iter().map(|&(item, _)| ranker.item_id(item).to_string()).collect();
+        let request = GetItemFeaturesRequest { item_ids, as_of_ms: request_time.saturating_mul(1_000) };
+        let answer = source.item_features(request, self.item_features_timeout).await;
         let items = match answer {
             Ok(response) if response.items.len() == stage.coarse.len() => response.items,
             Ok(response) => {
@@ -167,10 +159,10 @@ impl RankService for RankGrpc {
         if reads_counts && self.item_features.is_none() {
             LIVE_COUNTS_MISSING.inc();
         }
-        let reads_counts = reads_counts && self.item_features.is_some();
+        let counts_source = self.item_features.as_deref().filter(|_| reads_counts);
         let (ranked, unscored, mut counts) = match &version.batcher {
             // One hand-off to the blocking pool for both stages when nothing is read between them.
-            None if !reads_counts => {
+            None if counts_source.is_none() => {
                 blocking(move || {
                     let _entered = span.enter();
                     let candidates = ranker.candidates(&candidates, scored_here)?;
@@ -189,11 +181,12 @@ impl RankService for RankGrpc {
                     Ok::<_, RankError>((stage, candidates.unscored))
                 })
                 .await??;
-                let counts = if reads_counts {
-                    let span = tracing::info_span!("item_counts", items = stage.coarse.len());
-                    self.read_live_item_features(&ranker, &mut stage, request_time).instrument(span).await
-                } else {
-                    HashMap::new()
+                let counts = match counts_source {
+                    Some(source) => {
+                        let span = tracing::info_span!("item_counts", items = stage.coarse.len());
+                        self.read_live_item_features(source, &ranker, &mut stage, request_time).instrument(span).await
+                    }
+                    None => HashMap::new(),
                 };
                 let FineStage { coarse, inputs } = stage;
                 let fine = match (batcher, arriving) {

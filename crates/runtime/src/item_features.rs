@@ -30,7 +30,13 @@ impl ItemFeatureSource for FeatureServiceClient<tonic::transport::Channel> {
         request.set_timeout(timeout);
         // The read is part of the request's trace.
         crate::telemetry::inject_trace_context(request.metadata_mut());
-        Ok(self.clone().get_item_features(request).await?.into_inner())
+        // The deadline goes to feature-svc and bounds the wait here too (a connection that
+        // hangs is not feature-svc's to time out).
+        let mut client = self.clone();
+        match tokio::time::timeout(timeout, client.get_item_features(request)).await {
+            Ok(answer) => Ok(answer?.into_inner()),
+            Err(_) => Err(Status::deadline_exceeded("feature-svc's item features were late")),
+        }
     }
 }
 

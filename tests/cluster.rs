@@ -446,7 +446,7 @@ async fn candidates_carry_every_channels_work_and_requests_stay_on_one_bundle() 
     assert_eq!(rank.code(), Code::FailedPrecondition);
     assert!(rank.message().contains(&pinned_elsewhere) && rank.message().contains(&recalled.bundle_version));
     let rerank_request = |bundle_version: String| RerankRequest {
-        candidates: vec![RerankCandidate { item_id: "50".into(), score: 1.0, counts: None }],
+        candidates: vec![RerankCandidate { item_id: "50".into(), score: 1.0, counts: None, cold_start: false }],
         top_k: 1,
         bundle_version,
         ..RerankRequest::default()

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import bundle, compress, item_to_item
+from . import bundle, compress, content, item_to_item
 from .data import Dataset, Interaction, load_dataset
 from .features import (
     CrossScorer, FeatureConfig, ItemEventLog, UserHistory, attach_live_items, build_config, encode_live,
@@ -59,6 +59,11 @@ class TrainConfig:
     # The distilled student (compress.py): epochs, and the fraction of its weights pruned.
     student_epochs: int = 4
     student_prune: float = 0.0
+    # Items without interactions take the vector their attributes map to (content.py):
+    # the ridge strength of that map, and the share of users whose best such item scores
+    # high enough to be shown in rerank's new-item slot (the bundle's threshold).
+    content_l2: float = 30.0
+    cold_start_share: float = 0.3
 
 
 _STARTED = time.monotonic()
@@ -125,6 +130,12 @@ def fit_state(universe: Universe, interactions: list[Interaction], config: Train
     user_idx = np.array([p[0] for p in pairs], dtype=np.int64)
     item_idx = np.array([p[1] for p in pairs], dtype=np.int64)
     user_vectors, item_vectors = train_bpr(num_users, num_items, user_idx, item_idx, config, rng, label)
+    has_interactions = np.zeros(num_items, dtype=bool)
+    has_interactions[item_idx] = True
+    if not has_interactions.all():
+        log(f"content vectors ({label}) for {int((~has_interactions).sum())} items without interactions")
+        item_vectors = content.impute_vectors(item_vectors, has_interactions,
+                                              content.content_features(universe.dataset.items), config.content_l2)
     log(f"item-to-item weights ({label}): EASE for up to {config.item_cf_head_items} head items (l2 "
         f"{config.item_cf_l2}), co-occurrence for the rest, {config.neighbors} per item")
     rows = item_to_item.fit(
@@ -410,6 +421,37 @@ def ranker_fixture(universe: Universe, state: ModelState, features: FeatureConfi
     return examples
 
 
+def cold_start_policy(universe: Universe, state: ModelState, new_items: np.ndarray, config: TrainConfig,
+                      rng) -> dict | None:
+    """The manifest's `cold_start` section when the catalogue has items without
+    interactions: the cold-start channel's score at or above which rank-svc marks one
+    for the new-item slot.
+
+    The threshold is set on stand-ins, not on the new items themselves: as many known
+    items, drawn at random, their vectors mapped from their attributes as a new item's
+    are. It shows one to `cold_start_share` of the users when the new items are like the
+    catalogue's typical item, fewer when they are weaker (a catalogue's never-chosen
+    items are mostly the unpopular ones), more when they are stronger."""
+    known = np.flatnonzero(~new_items)
+    if not new_items.any() or len(known) < 2:
+        return None
+    stand_ins = rng.choice(known, size=min(int(new_items.sum()), len(known) // 2), replace=False)
+    without_stand_ins = ~new_items
+    without_stand_ins[stand_ins] = False
+    mapped = content.impute_vectors(state.item_vectors, without_stand_ins,
+                                    content.content_features(universe.dataset.items), config.content_l2)
+    threshold = content.cold_start_threshold(state.user_vectors, mapped[stand_ins], config.cold_start_share)
+    if threshold is None:
+        return None
+    shown = content.cold_start_scores(state.user_vectors, state.item_vectors[new_items])
+    shown_share = float(np.mean(shown[np.isfinite(shown)] >= threshold))
+    log(f"cold start: {int(new_items.sum())} items without interactions; score {threshold:.4f} (set on "
+        f"{len(stand_ins)} known items' mapped vectors for {config.cold_start_share:.0%} of the users) shows one "
+        f"to {shown_share:.1%} of the training users")
+    return {"items": int(new_items.sum()), "share": config.cold_start_share, "threshold": round(threshold, 6),
+            "training_users_shown": round(shown_share, 6), "content_l2": config.content_l2}
+
+
 def train_bundle(data_dir: Path, out_root: Path, config: TrainConfig | None = None, version: str | None = None) -> Path:
     config = config or TrainConfig()
     started = time.monotonic()
@@ -518,6 +560,7 @@ def train_bundle(data_dir: Path, out_root: Path, config: TrainConfig | None = No
     bundle.write_item_to_item(staging / bundle.ITEM_TO_ITEM, rows.offsets, rows.neighbors, rows.weights)
     interactions = np.array([final.statistics[item.item_id]["interactions"] for item in dataset.items], dtype=np.float64)
     bundle.write_item_signals(staging / bundle.ITEM_SIGNALS, interactions / max(interactions.max(), 1.0))
+    cold_start = cold_start_policy(universe, final, interactions == 0, config, rng)
 
     val_scores = predict(fine, validation_inputs)
     counts, edges = np.histogram(val_scores, bins=20, range=(0.0, 1.0))
@@ -545,6 +588,8 @@ def train_bundle(data_dir: Path, out_root: Path, config: TrainConfig | None = No
         "feature_distributions": feature_distributions,
         "training_config": config.__dict__,
     }
+    if cold_start is not None:
+        manifest["cold_start"] = cold_start
     published = bundle.publish(staging, out_root, version, manifest)
     log(f"published bundle {version} at {published} in {time.monotonic() - started:.1f}s "
         f"(AUC coarse {metrics['coarse_auc']:.4f}, fine {metrics['fine_auc']:.4f})")

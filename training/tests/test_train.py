@@ -150,3 +150,25 @@ def test_rows_shown_as_new_users_look_like_a_user_without_behaviour():
     assert feed[2].tolist() == [[3, 4], [0, 0]]
     assert feed[3].tolist() == [[1.0, 9.0], [2.0, 0.0]]
     assert feed[5].tolist() == [[0.5, 0.25], [0.0, 0.0]]
+
+
+def test_new_items_get_vectors_from_their_attributes_and_a_cold_start_threshold(small_dataset, tmp_path):
+    plain = train_bundle(small_dataset, tmp_path / "plain", quick_config(), version="v1")
+    assert "cold_start" not in json.loads((plain / "manifest.json").read_text()), "every item has interactions"
+    # Four items nobody has interacted with: two of each genre cluster.
+    with (small_dataset / "items.csv").open("a") as items:
+        items.write("40,New 40,Action,1999\n41,New 41,Action,1999\n42,New 42,Comedy|Romance,1999\n"
+                    "43,New 43,Comedy|Romance,1999\n")
+    published = train_bundle(small_dataset, tmp_path / "b", quick_config(), version="v1")
+    manifest = json.loads((published / "manifest.json").read_text())
+    cold_start = manifest["cold_start"]
+    assert cold_start["items"] == 4 and cold_start["share"] == 0.3
+    assert np.isfinite(cold_start["threshold"]) and 0.0 <= cold_start["training_users_shown"] <= 1.0
+    embeddings = load_file(published / "embeddings.safetensors")
+    users, vectors = embeddings["user_vectors"], embeddings["item_vectors"]
+    user_ids = json.loads((published / "users.json").read_text())
+    action_fans = [n for n, user in enumerate(user_ids) if int(user) % 2]  # odd users take items 0-19 (Action)
+    comedy_fans = [n for n, user in enumerate(user_ids) if int(user) % 2 == 0]
+    for item, fans, others in ((40, action_fans, comedy_fans), (42, comedy_fans, action_fans)):
+        scores = users @ vectors[item]
+        assert scores[fans].mean() > scores[others].mean(), f"new item {item} leans to its genre's users"

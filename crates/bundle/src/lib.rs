@@ -93,6 +93,23 @@ pub struct Manifest {
     /// Training-time histograms of selected ranker inputs (encoded values), by feature.
     #[serde(default)]
     pub feature_distributions: HashMap<String, ScoreDistribution>,
+    /// Present when the catalogue had items without interactions: their vectors were
+    /// mapped from their attributes (training's content.py), and this says when one is
+    /// worth a slot.
+    #[serde(default)]
+    pub cold_start: Option<ColdStartPolicy>,
+}
+
+/// How the bundle's new items (no interactions at training time) are served.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ColdStartPolicy {
+    /// How many items had no interactions.
+    pub items: usize,
+    /// The share of training users whose best new item reaches `threshold`.
+    pub share: f64,
+    /// The cold-start channel's score (u·v / |u|) at or above which rank-svc marks a new
+    /// item for the new-item slot.
+    pub threshold: f32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -382,7 +382,12 @@ impl Pipeline {
                 let items = response
                     .items
                     .into_iter()
-                    .map(|item| RerankCandidate { item_id: item.item_id, score: item.fine_score, counts: item.counts })
+                    .map(|item| RerankCandidate {
+                        item_id: item.item_id,
+                        score: item.fine_score,
+                        counts: item.counts,
+                        cold_start: item.cold_start,
+                    })
                     .collect();
                 Outcome::served(Ranked { items, model_version: Some(response.model_version), stage_scores })
             }
@@ -397,6 +402,7 @@ impl Pipeline {
                         item_id: candidate.item_id,
                         score: candidate.score,
                         counts: None,
+                        cold_start: false,
                     })
                     .collect();
                 Outcome::fallback(Ranked { items, model_version: None, stage_scores: HashMap::new() })

@@ -8,8 +8,9 @@ use std::{
 
 use ort::environment::Environment;
 use recsys_bundle::{
-    read_catalog, read_manifest, read_user_ids, CatalogItem, CrossSource, EmbeddingSpace, FeatureConfig, ItemIds,
-    ItemScores, ItemToItem, ItemWindowCounts, PositionHasher, RankerInputs, UserAttributes, RECENT_ITEMS,
+    read_catalog, read_manifest, read_user_ids, CatalogItem, ColdStartPolicy, CrossSource, EmbeddingSpace,
+    FeatureConfig, ItemIds, ItemScores, ItemToItem, ItemWindowCounts, PositionHasher, RankerInputs, UserAttributes,
+    RECENT_ITEMS,
 };
 use recsys_proto::v1::{Candidate, Channel, UserFeatures};
 
@@ -71,6 +72,9 @@ pub struct RankedCandidate {
 
 pub struct Ranker {
     version: String,
+    /// When a new item earns the new-item slot (`Manifest::cold_start`); `None`: the
+    /// bundle has no items without interactions.
+    cold_start: Option<ColdStartPolicy>,
     embeddings: EmbeddingSpace,
     catalog: Vec<CatalogItem>,
     features: FeatureConfig,
@@ -170,6 +174,7 @@ impl Ranker {
         let item_popularity_drift = feature_drift("item_interactions", features.item_offset("interactions"));
         MODEL_INFO.with_label_values(&["rank", manifest.version.as_str()]).set(1);
         let ranker = Self {
+            cold_start: manifest.cold_start,
             version: manifest.version,
             embeddings,
             catalog,
@@ -213,6 +218,10 @@ impl Ranker {
         let mut items = Vec::with_capacity(candidates.len());
         let mut unscored = Vec::new();
         let mut embedding_scores = scored_here.then(|| Vec::with_capacity(candidates.len()));
+        // The best new item recall's cold-start channel proposed at or above the bundle's
+        // threshold, by that channel's score.
+        let threshold = self.cold_start.map(|policy| policy.threshold);
+        let mut cold_start_pick: Option<(f32, usize)> = None;
         for (index, candidate) in candidates.iter().enumerate() {
             let item = match candidate.position {
                 // Recall's position on this very version: checked, not looked up.
@@ -236,6 +245,11 @@ impl Ranker {
                 },
             };
             items.push(item);
+            if let Some(score) = threshold.and_then(|threshold| new_item_score(candidate, threshold)) {
+                if cold_start_pick.is_none_or(|(best, _)| score > best) {
+                    cold_start_pick = Some((score, item));
+                }
+            }
             let recalled = candidate.channel_scores.iter().find(|score| score.channel() == Channel::Embedding);
             match (recalled, &mut embedding_scores) {
                 (Some(score), Some(scores)) if score.score.is_finite() => scores.push(score.score),
@@ -249,7 +263,7 @@ impl Ranker {
                 (_, None) => {}
             }
         }
-        Ok(Candidates { items, embedding_scores, unscored })
+        Ok(Candidates { items, embedding_scores, unscored, cold_start_pick: cold_start_pick.map(|(_, item)| item) })
     }
 
     /// Positions of the known items among `item_ids` (unknown ids are dropped: they
@@ -442,7 +456,7 @@ impl Ranker {
         coarse_keep: usize,
         request_time: i64,
     ) -> Result<Vec<RankedCandidate>> {
-        let candidates = Candidates { items: items.to_vec(), embedding_scores: None, unscored: Vec::new() };
+        let candidates = Candidates { items: items.to_vec(), ..Candidates::default() };
         self.rank_candidates(user, &candidates, coarse_keep, request_time)
     }
 
@@ -490,6 +504,14 @@ impl Ranker {
         // with no history every cross feature is zero and the coarse scores tie, and
         // recall's popular order is then the best order known).
         coarse.sort_by(|a, b| b.1.total_cmp(&a.1));
+        // The new-item pick is fine-ranked whatever its coarse score: the coarse model has
+        // no item-to-item evidence for an item nobody has interacted with.
+        if let Some(pick) = candidates.cold_start_pick {
+            if let Some(at) = coarse.iter().position(|&(item, _, _)| item == pick).filter(|&at| at >= coarse_keep) {
+                let entry = coarse.remove(at);
+                coarse.insert(coarse_keep.saturating_sub(1), entry);
+            }
+        }
         coarse.truncate(coarse_keep);
         let kept: Vec<usize> = coarse.iter().map(|&(item, _, _)| item).collect();
         let kept_cross: Vec<f32> = coarse.iter().flat_map(|&(_, _, row)| row.iter().copied()).collect();
@@ -515,6 +537,13 @@ impl Ranker {
     }
 }
 
+/// A candidate's cold-start channel score when that channel proposed it (one of the
+/// bundle's items without interactions) and it reaches `threshold`.
+fn new_item_score(candidate: &Candidate, threshold: f32) -> Option<f32> {
+    let score = candidate.channel_scores.iter().find(|score| score.channel() == Channel::ColdStart)?;
+    (score.rank > 0 && score.score.is_finite() && score.score >= threshold).then_some(score.score)
+}
+
 /// Candidates of one request: catalogue positions, and recall's embedding inner product of
 /// each when recall computed them on the same bundle version.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -524,6 +553,10 @@ pub struct Candidates {
     /// Candidates this bundle does not hold (new run-time catalogue items recall's
     /// cold-start channel proposed): no model can score them, so they are passed on last.
     pub unscored: Vec<String>,
+    /// The best of the bundle's items without interactions that recall's cold-start
+    /// channel proposed at or above the bundle's threshold: it passes the coarse cut and
+    /// the window, marked for rerank's new-item slot.
+    pub cold_start_pick: Option<usize>,
 }
 
 /// The candidates that survived the coarse cut, best first with their coarse scores, and
@@ -531,4 +564,28 @@ pub struct Candidates {
 pub struct FineStage {
     pub coarse: Vec<(usize, f32)>,
     pub inputs: RankerInputs,
+}
+
+#[cfg(test)]
+mod tests {
+    use recsys_proto::v1::ChannelScore;
+
+    use super::*;
+
+    #[test]
+    fn a_new_item_is_the_cold_start_channels_proposal_at_or_above_the_threshold() {
+        let candidate = |rank: u32, score: f32| Candidate {
+            item_id: "i".into(),
+            channel_scores: vec![
+                ChannelScore { channel: Channel::Embedding as i32, score: 9.0, rank: 1 },
+                ChannelScore { channel: Channel::ColdStart as i32, score, rank },
+            ],
+            ..Candidate::default()
+        };
+        assert_eq!(new_item_score(&candidate(2, 0.3), 0.3), Some(0.3));
+        assert_eq!(new_item_score(&candidate(2, 0.3), 0.31), None, "below the threshold");
+        assert_eq!(new_item_score(&candidate(0, 0.3), 0.0), None, "scored, not proposed: a known item");
+        assert_eq!(new_item_score(&candidate(1, f32::NAN), 0.0), None);
+        assert_eq!(new_item_score(&Candidate::default(), 0.0), None);
+    }
 }

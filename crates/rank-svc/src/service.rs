@@ -17,7 +17,7 @@ use tracing::Instrument;
 use recsys_bundle::{ItemWindowCounts, Registry};
 use recsys_runtime::{item_features::ItemFeatureSource, model_admin::version_for};
 
-use crate::{FineStage, RankError, Ranker, RankerVersion};
+use crate::{Candidates, FineStage, RankError, Ranker, RankerVersion};
 
 /// Fine stages served without their candidates' windowed counts (feature-svc slow, down or
 /// not configured): the live item columns were zeros.
@@ -160,25 +160,25 @@ impl RankService for RankGrpc {
             LIVE_COUNTS_MISSING.inc();
         }
         let counts_source = self.item_features.as_deref().filter(|_| reads_counts);
-        let (ranked, unscored, mut counts) = match &version.batcher {
+        let (mut ranked, Candidates { unscored, cold_start_pick, .. }, mut counts) = match &version.batcher {
             // One hand-off to the blocking pool for both stages when nothing is read between them.
             None if counts_source.is_none() => {
                 blocking(move || {
                     let _entered = span.enter();
                     let candidates = ranker.candidates(&candidates, scored_here)?;
                     let ranked = ranker.rank_candidates(&user, &candidates, coarse_keep, request_time)?;
-                    Ok::<_, RankError>((ranked, candidates.unscored, HashMap::new()))
+                    Ok::<_, RankError>((ranked, candidates, HashMap::new()))
                 })
                 .await??
             }
             batcher => {
                 let arriving = batcher.as_ref().map(|batcher| batcher.arriving());
                 let stage_ranker = Arc::clone(&ranker);
-                let (mut stage, unscored) = blocking(move || {
+                let (mut stage, candidates) = blocking(move || {
                     let _entered = span.enter();
                     let candidates = stage_ranker.candidates(&candidates, scored_here)?;
                     let stage = stage_ranker.coarse_stage(&user, &candidates, coarse_keep, request_time)?;
-                    Ok::<_, RankError>((stage, candidates.unscored))
+                    Ok::<_, RankError>((stage, candidates))
                 })
                 .await??;
                 let counts = match counts_source {
@@ -199,21 +199,30 @@ impl RankService for RankGrpc {
                         blocking(move || span.in_scope(|| fine_ranker.fine_scores(&inputs))).await??
                     }
                 };
-                (ranker.finish(coarse, fine), unscored, counts)
+                (ranker.finish(coarse, fine), candidates, counts)
             }
         };
         let keep = if fine_keep == 0 { ranked.len() + unscored.len() } else { fine_keep as usize };
         // Unscored new items take at most a fifth of the window, after the scored ones,
         // with the lowest score kept (rerank's freshness and pins decide their place).
         let unscored_kept = unscored.len().min(keep.div_ceil(5));
+        let scored_kept = keep - unscored_kept;
+        // The new-item pick stays in the window, in place of the last scored item if it
+        // ranked below it (rerank's `new_item_slot` rule places it).
+        if let Some(at) = cold_start_pick.and_then(|pick| ranked.iter().position(|c| c.item == pick)) {
+            if at >= scored_kept && scored_kept > 0 {
+                ranked.swap(at, scored_kept - 1);
+            }
+        }
         let mut items: Vec<RankedItem> = ranked
             .into_iter()
-            .take(keep - unscored_kept)
+            .take(scored_kept)
             .map(|candidate| RankedItem {
                 item_id: version.ranker.item_id(candidate.item).to_string(),
                 coarse_score: candidate.coarse_score,
                 fine_score: candidate.fine_score,
                 counts: counts.remove(&candidate.item),
+                cold_start: cold_start_pick == Some(candidate.item),
             })
             .collect();
         let lowest = items.last().map_or((0.0, 0.0), |item| (item.coarse_score, item.fine_score));
@@ -222,6 +231,7 @@ impl RankService for RankGrpc {
             coarse_score: lowest.0,
             fine_score: lowest.1,
             counts: None,
+            cold_start: false,
         }));
         Ok(Response::new(RankResponse { items, model_version: version.ranker.version().to_string() }))
     }

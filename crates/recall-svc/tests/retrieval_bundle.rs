@@ -11,6 +11,8 @@ use serde_json::json;
 
 const ITEMS: usize = 3_000;
 const DIM: usize = 8;
+/// The last items have no interactions: two per cluster.
+const NEW_ITEMS: usize = 60;
 
 fn bytes<T: Copy>(values: &[T], to_le: impl Fn(T) -> Vec<u8>) -> Vec<u8> {
     values.iter().flat_map(|&v| to_le(v)).collect()
@@ -42,7 +44,8 @@ fn vectors() -> Vec<f32> {
     values
 }
 
-fn write_bundle(dir: &Path) {
+/// `cold_start`: the manifest says the items without interactions have content vectors.
+fn write_bundle(dir: &Path, cold_start: bool) {
     let vectors = vectors();
     write_tensors(
         &dir.join(EMBEDDINGS_FILE),
@@ -92,8 +95,12 @@ fn write_bundle(dir: &Path) {
             ("item_code_scales", Dtype::F32, vec![ITEMS], bytes(&scales, |v: f32| v.to_le_bytes().to_vec())),
         ],
     );
-    let catalog: Vec<_> =
-        (0..ITEMS).map(|n| json!({"id": format!("i{n}"), "title": "", "genres": [], "year": 2000 + n % 20})).collect();
+    let catalog: Vec<_> = (0..ITEMS)
+        .map(|n| {
+            let interactions = if n < ITEMS - NEW_ITEMS { 5 } else { 0 };
+            json!({"id": format!("i{n}"), "title": "", "genres": [], "year": 2000 + n % 20, "interactions": interactions})
+        })
+        .collect();
     std::fs::write(dir.join("items.json"), serde_json::to_string(&catalog).unwrap()).unwrap();
     std::fs::write(dir.join("users.json"), "[]").unwrap();
     let files: HashMap<String, serde_json::Value> =
@@ -106,20 +113,23 @@ fn write_bundle(dir: &Path) {
                 (name.to_string(), entry)
             })
             .collect();
-    let manifest = json!({
+    let mut manifest = json!({
         "format": recsys_bundle::FORMAT_VERSION, "version": "retrieval-test", "created_at": "",
         "training_data_sha256": "", "embedding_dim": DIM, "num_users": 0, "num_items": ITEMS, "files": files,
         "contents": "retrieval",
         "feature_config": {"fine_model": "", "coarse_model": "", "embedding_dim": DIM, "history_length": 0,
                            "user": [], "item": [], "cross": []},
     });
+    if cold_start {
+        manifest["cold_start"] = json!({"items": NEW_ITEMS, "share": 0.3, "threshold": 0.5});
+    }
     std::fs::write(dir.join("manifest.json"), serde_json::to_string(&manifest).unwrap()).unwrap();
 }
 
 #[test]
 fn a_retrieval_bundle_is_served_from_its_index_with_the_history_excluded() {
     let dir = tempfile::tempdir().unwrap();
-    write_bundle(dir.path());
+    write_bundle(dir.path(), false);
     let index = RecallIndex::load(dir.path(), 64).unwrap();
     assert!(index.is_approximate());
 
@@ -149,7 +159,7 @@ fn a_retrieval_bundle_is_served_from_its_index_with_the_history_excluded() {
 #[test]
 fn a_bundle_whose_index_was_altered_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    write_bundle(dir.path());
+    write_bundle(dir.path(), false);
     let path = dir.path().join(ANN_INDEX_FILE);
     let mut bytes = std::fs::read(&path).unwrap();
     let last = bytes.len() - 1;
@@ -157,4 +167,30 @@ fn a_bundle_whose_index_was_altered_is_refused() {
     std::fs::write(&path, bytes).unwrap();
     let error = RecallIndex::load(dir.path(), 64).err().expect("refused").to_string();
     assert!(error.contains(ANN_INDEX_FILE) && error.contains("sha256"), "{error}");
+}
+
+#[test]
+fn the_cold_start_channel_finds_new_items_near_the_users_vector() {
+    let dir = tempfile::tempdir().unwrap();
+    write_bundle(dir.path(), true);
+    let index = RecallIndex::load(dir.path(), 64).unwrap();
+    assert_eq!(index.new_item_count(), NEW_ITEMS);
+    let history: Vec<String> = ["i5", "i35"].iter().map(|id| id.to_string()).collect();
+    let signals = index.signals("someone-new", &history);
+    let excluded = ExcludedItems::from_iter([ITEMS - NEW_ITEMS + 35]);
+    let proposals = index.propose(Channel::ColdStart, &signals, &excluded, 10);
+    assert_eq!(proposals.len(), 10);
+    assert!(proposals.iter().all(|&item| item >= ITEMS - NEW_ITEMS), "only items without interactions: {proposals:?}");
+    // Cluster 5 holds two new items; one is excluded, the other leads.
+    assert_eq!(proposals[0], ITEMS - NEW_ITEMS + 5, "{proposals:?}");
+    // Its score is the cosine with the user's vector (u·v / |u|, unit item vectors).
+    let score = index.score(Channel::ColdStart, &signals, proposals[0]).unwrap();
+    assert!(score > 0.99 && score <= 1.0001, "{score}");
+
+    // Without the manifest's cold-start section the channel proposes nothing from the bundle.
+    let plain = tempfile::tempdir().unwrap();
+    write_bundle(plain.path(), false);
+    let index = RecallIndex::load(plain.path(), 64).unwrap();
+    let signals = index.signals("someone-new", &history);
+    assert!(index.propose(Channel::ColdStart, &signals, &ExcludedItems::default(), 10).is_empty());
 }

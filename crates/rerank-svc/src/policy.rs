@@ -5,7 +5,11 @@
 //! take their positions — so a filter can never be undone by a boost, caps hold for
 //! everything picked (strict ones also for pins and backfill), and a pinned slot is exact.
 
-use std::{borrow::Cow, collections::HashMap, sync::Arc};
+use std::{
+    borrow::Cow,
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
 
 use recsys_proto::v1::{Availability, CatalogItem, EventCounts, Impression, RuleEffect, WindowedCounts};
 use recsys_runtime::catalog::servable;
@@ -32,6 +36,8 @@ pub struct ListRequest<'a> {
     pub impressions: &'a [Impression],
     /// Each item's windowed event counts, when a rule names one (`clicks_1h`...).
     pub item_counts: &'a HashMap<String, WindowedCounts>,
+    /// Rank's new-item pick(s) (`RerankCandidate.cold_start`): the `cold_start` attribute.
+    pub cold_start: &'a HashSet<String>,
     /// Keep each item's rule effects.
     pub debug: bool,
 }
@@ -55,6 +61,7 @@ struct ItemView<'a> {
     bundle: Option<&'a crate::mmr::BundleItem>,
     catalog: Option<Arc<CatalogItem>>,
     counts: Option<&'a WindowedCounts>,
+    cold_start: bool,
 }
 
 impl ItemView<'_> {
@@ -76,6 +83,7 @@ impl ItemView<'_> {
                 _ => self.bundle.map(|bundle| Cow::Borrowed(bundle.category.as_str())),
             },
             "promoted" => Some(Cow::Borrowed(if catalog.is_some_and(|item| item.promoted) { "true" } else { "false" })),
+            "cold_start" => Some(Cow::Borrowed(if self.cold_start { "true" } else { "false" })),
             "availability" => {
                 Some(Cow::Borrowed(match catalog.map_or(Availability::Unspecified, |item| item.availability()) {
                     Availability::Unspecified => "unspecified",
@@ -138,7 +146,12 @@ pub fn arrange(
         .get_many(ids.iter().copied())
         .into_iter()
         .zip(&ids)
-        .map(|(catalog, id)| ItemView { bundle: bundle.get(id), catalog, counts: request.item_counts.get(*id) })
+        .map(|(catalog, id)| ItemView {
+            bundle: bundle.get(id),
+            catalog,
+            counts: request.item_counts.get(*id),
+            cold_start: request.cold_start.contains(*id),
+        })
         .collect();
     let scores: Vec<f32> = candidates.iter().map(|(_, score)| *score).collect();
     let mut relevance = normalise(&scores);
@@ -350,14 +363,15 @@ mod tests {
     }
 
     fn run(rules: &str, catalog: &Catalog, impressions: &[Impression], top_k: usize) -> (Vec<Placed>, Firings) {
-        run_with_counts(rules, catalog, impressions, &HashMap::new(), top_k)
+        run_with(rules, catalog, impressions, &HashMap::new(), &HashSet::new(), top_k)
     }
 
-    fn run_with_counts(
+    fn run_with(
         rules: &str,
         catalog: &Catalog,
         impressions: &[Impression],
         item_counts: &HashMap<String, WindowedCounts>,
+        cold_start: &HashSet<String>,
         top_k: usize,
     ) -> (Vec<Placed>, Firings) {
         let rules = RuleSet::parse(rules).unwrap();
@@ -372,6 +386,7 @@ mod tests {
             now_ms: NOW,
             impressions,
             item_counts,
+            cold_start,
             debug: true,
         };
         arrange(&request, &chosen, &bundle(), catalog)
@@ -510,6 +525,24 @@ mod tests {
     }
 
     #[test]
+    fn ranks_new_item_pick_takes_the_new_item_slot() {
+        let rules = r#"
+            [[rule]]
+            name = "new_item_slot"
+            kind = "pin"
+            when = [{ attribute = "cold_start", op = "eq", value = true }]
+            positions = [4]
+        "#;
+        let pick = HashSet::from(["i9".to_string()]);
+        let (list, firings) = run_with(rules, &Catalog::default(), &[], &HashMap::new(), &pick, 5);
+        assert_eq!(ids(&list)[3], "i9", "the least relevant candidate, in its slot: {:?}", ids(&list));
+        assert_eq!(firings[&("new_item_slot".to_string(), "pin")], 1);
+        // Without rank's mark the rule finds nothing.
+        let (list, _) = run(rules, &Catalog::default(), &[], 5);
+        assert!(!ids(&list).contains(&"i9"));
+    }
+
+    #[test]
     fn a_pin_past_the_list_leaves_its_item_to_the_ranking() {
         let catalog = catalog(vec![CatalogItem { promoted: true, ..record("i1") }]);
         let rules = r#"
@@ -550,7 +583,7 @@ mod tests {
             when = [{ attribute = "clicks_1h", op = "ge", value = 10 }]
             add = 1.0
         "#;
-        let (list, firings) = run_with_counts(rules, &Catalog::default(), &[], &counts, 3);
+        let (list, firings) = run_with(rules, &Catalog::default(), &[], &counts, &HashSet::new(), 3);
         assert_eq!(ids(&list), ["i7", "i0", "i1"]);
         assert_eq!(firings[&("trending".to_string(), "boost")], 1);
         let (list, _) = run(rules, &Catalog::default(), &[], 3);

@@ -160,14 +160,19 @@ impl RerankService for RerankGrpc {
         })?;
         // The orchestrator chose the window; a duplicate id would only mean a bad caller.
         let mut seen = HashSet::new();
-        // Counts rank-svc read for its fine model travel with the candidates.
+        // Counts rank-svc read for its fine model travel with the candidates, and so does
+        // its new-item pick.
         let mut carried_counts = HashMap::new();
+        let mut cold_start = HashSet::new();
         let allowed: Vec<(String, f32)> = candidates
             .into_iter()
             .filter(|c| seen.insert(c.item_id.clone()))
             .map(|c| {
                 if let Some(counts) = c.counts {
                     carried_counts.insert(c.item_id.clone(), counts);
+                }
+                if c.cold_start {
+                    cold_start.insert(c.item_id.clone());
                 }
                 (c.item_id, c.score)
             })
@@ -199,6 +204,7 @@ impl RerankService for RerankGrpc {
             now_ms,
             impressions: &recent_impressions,
             item_counts: &item_counts,
+            cold_start: &cold_start,
             debug,
         };
         let (placed, firings) = tracing::info_span!("rules_and_mmr", candidates = allowed.len(), rules = rules.len())
@@ -293,6 +299,7 @@ mod tests {
             item_id: item_id.into(),
             score,
             counts,
+            cold_start: false,
         };
         let request = RerankRequest {
             // Item 1 leads on relevance; rank carried item 50's (trending) and item 1's

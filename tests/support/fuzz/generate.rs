@@ -253,7 +253,9 @@ pub fn rank(u: &mut Unstructured) -> Result<RankRequest> {
 pub fn rerank(u: &mut Unstructured) -> Result<RerankRequest> {
     let _mode = Mode::choose(u)?;
     Ok(RerankRequest {
-        candidates: list(u, 1_100, |u| Ok(RerankCandidate { item_id: id(u)?, score: score(u)?, counts: None }))?,
+        candidates: list(u, 1_100, |u| {
+            Ok(RerankCandidate { item_id: id(u)?, score: score(u)?, counts: None, cold_start: u.arbitrary()? })
+        })?,
         top_k: count(u)?,
         relevance_weight: if u.arbitrary()? { Some(score(u)?) } else { None },
         bundle_version: rarely_set(u)?,

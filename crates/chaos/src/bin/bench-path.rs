@@ -272,7 +272,12 @@ impl Stages {
             candidates: ranked
                 .items
                 .into_iter()
-                .map(|item| RerankCandidate { item_id: item.item_id, score: item.fine_score, counts: item.counts })
+                .map(|item| RerankCandidate {
+                    item_id: item.item_id,
+                    score: item.fine_score,
+                    counts: item.counts,
+                    cold_start: item.cold_start,
+                })
                 .collect(),
             top_k: TOP_K,
             bundle_version: recalled.bundle_version,

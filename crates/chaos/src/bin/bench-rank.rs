@@ -375,7 +375,7 @@ fn write_model_inputs(work: &Path, case: &Case, ranker: &Ranker, requests: &[Ran
         let user = request.user.clone().unwrap_or_default();
         let items = ranker.resolve_items(request.candidates.iter().map(|c| c.item_id.as_str()));
         let all = ranker.fine_inputs(&user, &items, REQUEST_TIME);
-        let candidates = rank_svc::Candidates { items: items.clone(), embedding_scores: None, unscored: Vec::new() };
+        let candidates = rank_svc::Candidates { items: items.clone(), ..rank_svc::Candidates::default() };
         let stage = ranker.coarse_stage(&user, &candidates, case.coarse_keep, REQUEST_TIME)?;
         let coarse = tensor(&mut data, &f32_bytes(&all.cross_features), "float32", all.len(), all.cross_features.len());
         let fine = fine_tensors(&stage.inputs, &mut |bytes, dtype, len| {

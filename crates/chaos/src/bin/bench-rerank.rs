@@ -120,6 +120,7 @@ async fn measure(address: SocketAddr, ids: &[String], args: &Args, rng: &mut Rng
                 item_id: ids[rng.below(ids.len())].clone(),
                 score: 1.0 - n as f32 * 0.01,
                 counts: None,
+                cold_start: false,
             })
             .collect();
         let recent_impressions = (0..20)

@@ -21,6 +21,8 @@ const REALTIME_WINDOW: usize = 5;
 /// The cold-start channel scans its pool on every request: the newest this many items
 /// without interactions bound that scan (about 0.3 ms at 64 dimensions).
 const NEW_ITEM_POOL: usize = 10_000;
+/// A new-item pool up to this size is scanned inline (a few microseconds).
+const INLINE_NEW_ITEMS: usize = 2_000;
 
 /// Everything recall needs from a bundle, indexed by item position.
 pub struct RecallIndex {
@@ -98,10 +100,15 @@ impl RecallIndex {
     }
 
     /// Whether a channel's proposals cost enough to run on the blocking pool under a
-    /// budget: the popular list is precomputed, so taking the first `quota` allowed items
-    /// costs less than handing the work to another thread.
-    pub fn is_costly(channel: Channel) -> bool {
-        matches!(channel, Channel::Embedding | Channel::Realtime | Channel::ItemCf | Channel::ColdStart)
+    /// budget: the popular list is precomputed, and a scan of a small new-item pool, so
+    /// taking the first `quota` allowed items costs less than handing the work to another
+    /// thread.
+    pub fn is_costly(&self, channel: Channel) -> bool {
+        match channel {
+            Channel::Embedding | Channel::Realtime | Channel::ItemCf => true,
+            Channel::ColdStart => self.new_items.len() > INLINE_NEW_ITEMS,
+            Channel::Popular | Channel::Unspecified => false,
+        }
     }
 
     /// One channel's proposals, best first, skipping `excluded` so that the quota is

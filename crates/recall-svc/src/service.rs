@@ -107,7 +107,7 @@ impl RecallGrpc {
         .map_err(|error| RecallError::Internal(format!("preparing the request failed: {error}")))?;
         // The costly channels run at once, each within its budget; the cheap ones here.
         let (costly, cheap): (Vec<Channel>, Vec<Channel>) =
-            Channel::ALL.iter().partition(|&&channel| RecallIndex::is_costly(channel));
+            Channel::ALL.iter().partition(|&&channel| index.is_costly(channel));
         let jobs = costly
             .into_iter()
             .map(|channel| {

@@ -6,7 +6,8 @@ models can tell. The served top 10 (over the whole catalogue, seen items exclude
 test user is scored by recall@10 on the test interactions with those cold items and on the
 warm ones, with the cold-start machinery on (as shipped) and off (recall's cold-start
 channel given no quota), so that lifting cold items at the expense of warm ones shows as
-``warm_recall_drop`` (warm recall@10 with the machinery off minus on).
+``warm_recall_drop`` (warm recall@10 with the machinery off minus on), and what it costs
+the request path as ``serving_cost_ratio`` (mean Recommend latency on ÷ off, same run).
 """
 
 from __future__ import annotations
@@ -69,11 +70,12 @@ def cold_start_protocol(data_dir: Path, work: Path, bin_dir: Path, config) -> di
     train_bundle(train_dir, bundles, config, version="eval-cold-start")
     users_file = work / "users.txt"
     users_file.write_text("\n".join(sorted(set(cold_relevant) | set(warm_relevant))) + "\n")
-    served = {}
+    served, latency = {}, {}
     for mode, settings in (("on", {}), ("off", MACHINERY_OFF)):
         answers = serve_and_collect(bin_dir, bundles, train_dir, users_file, work / f"predictions-{mode}.jsonl", False,
                                     settings=settings)
         served[mode] = {answer["user_id"]: answer["items"] for answer in answers}
+        latency[mode] = float(np.mean([answer["latency_ms"] for answer in answers]))
     result = {
         "cold_items": len(cold),
         "cold_recall@10": round(recall_at_k(cold_relevant, served["on"]), 6),
@@ -84,5 +86,8 @@ def cold_start_protocol(data_dir: Path, work: Path, bin_dir: Path, config) -> di
         "warm_users": len(warm_relevant),
     }
     result["warm_recall_drop"] = round(result["warm_recall@10_machinery_off"] - result["warm_recall@10"], 6)
+    # What the machinery costs the request path: mean Recommend latency on ÷ off.
+    result["mean_latency_ms"] = {mode: round(value, 3) for mode, value in latency.items()}
+    result["serving_cost_ratio"] = round(latency["on"] / latency["off"], 4)
     (work / "cold_start.json").write_text(json.dumps(result, indent=2))
     return result

@@ -5,8 +5,8 @@ vector points away from every user and no channel can find it. Here a ridge regr
 learns, over the items that do have interactions, how their attributes (genres, release
 era) map to their trained vectors; each item without interactions takes the vector its
 attributes map to. The embedding space is unchanged, so a user's vector (or, for a user
-without one, the mean vector of the items they interacted with) finds such an item by
-inner product, which is what recall's cold-start channel scores.
+without a trained one, the mean vector of their latest 50 items, as serving computes it)
+finds such an item by inner product, which is what recall's cold-start channel scores.
 
 The bundle ships the score that a configured share of the training users' best new item
 reaches (`cold_start.threshold` in the manifest): rank-svc marks a cold-start candidate
@@ -57,7 +57,9 @@ def impute_vectors(item_vectors: np.ndarray, has_interactions: np.ndarray, featu
     if not cold.any() or not has_interactions.any():
         return vectors
     warm_features = features[has_interactions]
-    gram = warm_features.T @ warm_features + l2 * np.eye(features.shape[1])
+    penalty = l2 * np.eye(features.shape[1])
+    penalty[-1, -1] = 0.0  # the intercept (content_features' constant column) is not shrunk
+    gram = warm_features.T @ warm_features + penalty
     mapping = np.linalg.solve(gram, warm_features.T @ item_vectors[has_interactions].astype(np.float64))
     vectors[cold] = (features[cold] @ mapping).astype(vectors.dtype)
     return vectors
@@ -78,7 +80,7 @@ def cold_start_scores(user_vectors: np.ndarray, pool_vectors: np.ndarray) -> np.
 
 def cold_start_threshold(user_vectors: np.ndarray, pool_vectors: np.ndarray, share: float) -> float | None:
     """The score at or above which a `share` of the users have a new item to be shown;
-    None without users or new items."""
+    None without users or new items, or for a share outside (0, 1]."""
     if len(pool_vectors) == 0 or not 0.0 < share <= 1.0:
         return None
     best = cold_start_scores(user_vectors, pool_vectors)

@@ -122,6 +122,8 @@ class Universe:
     user_position: dict[str, int]
     item_position: dict[str, int]
     raw_features: dict
+    # The items' attributes as the content map reads them (content.py).
+    content_features: np.ndarray
 
 
 def fit_state(universe: Universe, interactions: list[Interaction], config: TrainConfig, rng, label: str) -> ModelState:
@@ -134,8 +136,8 @@ def fit_state(universe: Universe, interactions: list[Interaction], config: Train
     has_interactions[item_idx] = True
     if not has_interactions.all():
         log(f"content vectors ({label}) for {int((~has_interactions).sum())} items without interactions")
-        item_vectors = content.impute_vectors(item_vectors, has_interactions,
-                                              content.content_features(universe.dataset.items), config.content_l2)
+        item_vectors = content.impute_vectors(item_vectors, has_interactions, universe.content_features,
+                                              config.content_l2)
     log(f"item-to-item weights ({label}): EASE for up to {config.item_cf_head_items} head items (l2 "
         f"{config.item_cf_l2}), co-occurrence for the rest, {config.neighbors} per item")
     rows = item_to_item.fit(
@@ -428,18 +430,22 @@ def cold_start_policy(universe: Universe, state: ModelState, new_items: np.ndarr
     for the new-item slot.
 
     The threshold is set on stand-ins, not on the new items themselves: as many known
-    items, drawn at random, their vectors mapped from their attributes as a new item's
-    are. It shows one to `cold_start_share` of the users when the new items are like the
-    catalogue's typical item, fewer when they are weaker (a catalogue's never-chosen
-    items are mostly the unpopular ones), more when they are stronger."""
+    items (at most half of them), drawn at random, their vectors mapped from their
+    attributes as a new item's are. It shows one to `cold_start_share` of the users when
+    the new items are like the catalogue's typical item, fewer when they are weaker (a
+    catalogue's never-chosen items are mostly the unpopular ones), more when they are
+    stronger. It is set on the trained users' vectors; a user new since training is
+    scored with the mean of their latest items, and serving scans at most the newest
+    10,000 new items (recall's NEW_ITEM_POOL), so beyond that size the share shown
+    drifts from the one set here."""
     known = np.flatnonzero(~new_items)
     if not new_items.any() or len(known) < 2:
         return None
     stand_ins = rng.choice(known, size=min(int(new_items.sum()), len(known) // 2), replace=False)
     without_stand_ins = ~new_items
     without_stand_ins[stand_ins] = False
-    mapped = content.impute_vectors(state.item_vectors, without_stand_ins,
-                                    content.content_features(universe.dataset.items), config.content_l2)
+    mapped = content.impute_vectors(state.item_vectors, without_stand_ins, universe.content_features,
+                                    config.content_l2)
     threshold = content.cold_start_threshold(state.user_vectors, mapped[stand_ins], config.cold_start_share)
     if threshold is None:
         return None
@@ -464,7 +470,8 @@ def train_bundle(data_dir: Path, out_root: Path, config: TrainConfig | None = No
     raw_features = load_raw_config(Path(config.feature_config) if config.feature_config else None)
     item_position = {item.item_id: n for n, item in enumerate(dataset.items)}
     user_ids = _numeric_first({i.user_id for i in dataset.interactions})
-    universe = Universe(dataset, user_ids, {uid: n for n, uid in enumerate(user_ids)}, item_position, raw_features)
+    universe = Universe(dataset, user_ids, {uid: n for n, uid in enumerate(user_ids)}, item_position, raw_features,
+                        content.content_features(dataset.items))
 
     # 1. Feature models on the "past" part; rankers learn to predict the held-out part.
     held = rng.random(len(dataset.interactions)) < config.ranker_holdout

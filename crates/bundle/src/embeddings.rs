@@ -139,15 +139,21 @@ impl EmbeddingSpace {
 
     /// Mean vector of the given items that the bundle knows.
     pub fn mean_item_vector<'a>(&self, items: impl Iterator<Item = &'a String>) -> Option<Vec<f32>> {
+        self.weighted_mean_item_vector(items.map(|id| (id, 1.0)))
+    }
+
+    /// Weighted mean vector of the given items that the bundle knows; `None` when none is
+    /// known or their weights sum to zero.
+    pub fn weighted_mean_item_vector<'a>(&self, items: impl Iterator<Item = (&'a String, f32)>) -> Option<Vec<f32>> {
         let mut sum = vec![0.0f32; self.item_vectors.cols];
-        let mut count = 0usize;
-        for position in items.filter_map(|id| self.item_position(id)) {
+        let mut total_weight = 0.0f32;
+        for (position, weight) in items.filter_map(|(id, weight)| Some((self.item_position(id)?, weight))) {
             for (total, value) in sum.iter_mut().zip(self.item_vectors.row(position)) {
-                *total += value;
+                *total += weight * value;
             }
-            count += 1;
+            total_weight += weight;
         }
-        (count > 0).then(|| sum.into_iter().map(|value| value / count as f32).collect())
+        (total_weight > 0.0).then(|| sum.into_iter().map(|value| value / total_weight).collect())
     }
 
     pub fn score(&self, user_vector: &[f32], item_position: usize) -> f32 {

@@ -105,7 +105,10 @@ pub struct Manifest {
 pub struct ColdStartPolicy {
     /// How many items had no interactions.
     pub items: usize,
-    /// The share of training users whose best new item reaches `threshold`.
+    /// The share of users `threshold` was set for, on stand-ins for the new items (known
+    /// items with their vectors mapped from their attributes: training's
+    /// `cold_start_share`); how many training users it shows one to is in the manifest
+    /// too (`training_users_shown`).
     pub share: f64,
     /// The cold-start channel's score (u·v / |u|) at or above which rank-svc marks a new
     /// item for the new-item slot.

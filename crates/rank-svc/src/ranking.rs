@@ -73,7 +73,7 @@ pub struct RankedCandidate {
 pub struct Ranker {
     version: String,
     /// When a new item earns the new-item slot (`Manifest::cold_start`); `None`: the
-    /// bundle has no items without interactions.
+    /// bundle has no items without interactions, or training set no threshold.
     cold_start: Option<ColdStartPolicy>,
     embeddings: EmbeddingSpace,
     catalog: Vec<CatalogItem>,
@@ -245,7 +245,12 @@ impl Ranker {
                 },
             };
             items.push(item);
-            if let Some(score) = threshold.and_then(|threshold| new_item_score(candidate, threshold)) {
+            // Only an item recall proposed from this very version, which this version
+            // says nobody has interacted with, can be the pick.
+            let new_here = scored_here && candidate.position > 0 && self.catalog[item].interactions == 0;
+            if let Some(score) =
+                threshold.filter(|_| new_here).and_then(|threshold| new_item_score(candidate, threshold))
+            {
                 if cold_start_pick.is_none_or(|(best, _)| score > best) {
                     cold_start_pick = Some((score, item));
                 }

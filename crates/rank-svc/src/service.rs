@@ -208,12 +208,20 @@ impl RankService for RankGrpc {
         let unscored_kept = unscored.len().min(keep.div_ceil(5));
         let scored_kept = keep - unscored_kept;
         // The new-item pick stays in the window, in place of the last scored item if it
-        // ranked below it (rerank's `new_item_slot` rule places it).
+        // ranked below it, with that item's scores (rerank normalises relevance over the
+        // window: a far lower score would squeeze everyone else's); rerank's
+        // `new_item_slot` rule places it.
         if let Some(at) = cold_start_pick.and_then(|pick| ranked.iter().position(|c| c.item == pick)) {
             if at >= scored_kept && scored_kept > 0 {
-                ranked.swap(at, scored_kept - 1);
+                let last = scored_kept - 1;
+                let (coarse_score, fine_score) = (ranked[last].coarse_score, ranked[last].fine_score);
+                ranked.swap(at, last);
+                ranked[last].coarse_score = coarse_score;
+                ranked[last].fine_score = fine_score;
             }
         }
+        // At most one mark, should a caller repeat the item.
+        let mut unmarked = cold_start_pick;
         let mut items: Vec<RankedItem> = ranked
             .into_iter()
             .take(scored_kept)
@@ -222,7 +230,7 @@ impl RankService for RankGrpc {
                 coarse_score: candidate.coarse_score,
                 fine_score: candidate.fine_score,
                 counts: counts.remove(&candidate.item),
-                cold_start: cold_start_pick == Some(candidate.item),
+                cold_start: unmarked.take_if(|pick| *pick == candidate.item).is_some(),
             })
             .collect();
         let lowest = items.last().map_or((0.0, 0.0), |item| (item.coarse_score, item.fine_score));

@@ -368,75 +368,104 @@ fn missing_counts() -> u64 {
         .map_or(0, |value| value.trim().parse().unwrap())
 }
 
-/// The default bundle, copied with a cold-start section in its manifest: its items
-/// "without interactions" are whatever recall's cold-start channel proposes.
-fn bundle_with_new_items(threshold: f32) -> tempfile::TempDir {
+/// The default bundle, copied with a cold-start section in its manifest and `new` (item
+/// positions) marked as having no interactions in its catalogue.
+fn bundle_with_new_items(threshold: f32, new: &[usize]) -> tempfile::TempDir {
     let copy = tempfile::tempdir().unwrap();
     for entry in std::fs::read_dir(bundle_dir()).unwrap() {
         let path = entry.unwrap().path();
         std::fs::copy(&path, copy.path().join(path.file_name().unwrap())).unwrap();
     }
-    let manifest_path = copy.path().join("manifest.json");
-    let mut manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&manifest_path).unwrap()).unwrap();
-    manifest["cold_start"] = serde_json::json!({"items": 3, "share": 0.3, "threshold": threshold});
-    std::fs::write(&manifest_path, manifest.to_string()).unwrap();
+    let read = |name: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(copy.path().join(name)).unwrap()).unwrap()
+    };
+    let mut items = read("items.json");
+    for &n in new {
+        items[n]["interactions"] = 0.into();
+    }
+    let items_path = copy.path().join("items.json");
+    std::fs::write(&items_path, items.to_string()).unwrap();
+    let mut manifest = read("manifest.json");
+    manifest["files"]["items.json"] = serde_json::json!({
+        "sha256": recsys_bundle::tensors::sha256_file(&items_path).unwrap(),
+        "bytes": std::fs::metadata(&items_path).unwrap().len(),
+    });
+    manifest["cold_start"] = serde_json::json!({"items": new.len(), "share": 0.3, "threshold": threshold});
+    std::fs::write(copy.path().join("manifest.json"), manifest.to_string()).unwrap();
     copy
 }
 
 /// rank-svc keeps the best new item recall's cold-start channel proposed at or above the
 /// bundle's threshold, whatever its coarse and fine scores, and marks it (only it) for
-/// rerank's new-item slot; below the threshold nothing is marked.
+/// rerank's new-item slot; below the threshold, for an item the bundle says has
+/// interactions, or for a request not pinned to the bundle, nothing is marked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_best_new_item_above_the_threshold_is_kept_and_marked() {
     use recsys_proto::v1::{Channel, ChannelScore};
     let ranker = load_ranker();
-    let copy = bundle_with_new_items(0.5);
-    let config = rank_svc::Config {
-        bundle: copy.path().to_path_buf(),
-        follow_current_ms: 0,
-        models: ModelOptions { sessions: 1, ..ModelOptions::default() },
-        ..rank_svc::Config::default()
+    // The last three of 100 candidates are the cold-start channel's, scoring 0.9, 0.7,
+    // 0.6; 98 and 99 are new in the copied bundle, 97 is not (it has interactions).
+    let cold = [(97usize, 0.9f32), (98, 0.7), (99, 0.6)];
+    let serve = |threshold: f32, pinned: bool| {
+        let copy = bundle_with_new_items(threshold, &[98, 99]);
+        let config = rank_svc::Config {
+            bundle: copy.path().to_path_buf(),
+            follow_current_ms: 0,
+            models: ModelOptions { sessions: 1, ..ModelOptions::default() },
+            ..rank_svc::Config::default()
+        };
+        let service = rank_svc::RankGrpc::new(
+            rank_svc::open_registry(&config).unwrap(),
+            50,
+            None,
+            std::time::Duration::from_millis(500),
+        );
+        let candidates: Vec<Candidate> = (0..100)
+            .map(|n| {
+                let (rank, score) =
+                    cold.iter().position(|&(item, _)| item == n).map_or((0, 0.1), |at| (at as u32 + 1, cold[at].1));
+                Candidate {
+                    item_id: ranker.item_id(n).to_string(),
+                    position: n as u32 + 1,
+                    channel_scores: vec![ChannelScore { channel: Channel::ColdStart as i32, score, rank }],
+                    ..Candidate::default()
+                }
+            })
+            .collect();
+        let history: Vec<String> = (200..205).map(|n| ranker.item_id(n).to_string()).collect();
+        let request = RankRequest {
+            user: Some(UserFeatures {
+                user_id: "someone".into(),
+                history_item_ids: history,
+                ..UserFeatures::default()
+            }),
+            candidates,
+            coarse_keep: 5,
+            fine_keep: 3,
+            request_time: Some(NOW),
+            bundle_version: if pinned { ranker.version().to_string() } else { String::new() },
+        };
+        async move {
+            let answered = service.rank(tonic::Request::new(request)).await.expect("ranked").into_inner();
+            drop(copy);
+            answered
+        }
     };
-    let registry = rank_svc::open_registry(&config).unwrap();
-    let service = rank_svc::RankGrpc::new(registry, 50, None, std::time::Duration::from_millis(500));
-    // 100 candidates; the last three are the cold-start channel's, scoring 0.4, 0.7, 0.6.
-    let cold = [(97usize, 0.4f32), (98, 0.7), (99, 0.6)];
-    let candidates: Vec<Candidate> = (0..100.min(ranker.item_count()))
-        .map(|n| {
-            let (rank, score) =
-                cold.iter().position(|&(item, _)| item == n).map_or((0, 0.1), |at| (at as u32 + 1, cold[at].1));
-            Candidate {
-                item_id: ranker.item_id(n).to_string(),
-                channel_scores: vec![ChannelScore { channel: Channel::ColdStart as i32, score, rank }],
-                ..Candidate::default()
-            }
-        })
-        .collect();
-    let history: Vec<String> = (200..205).map(|n| ranker.item_id(n).to_string()).collect();
-    let request = RankRequest {
-        user: Some(UserFeatures { user_id: "someone".into(), history_item_ids: history, ..UserFeatures::default() }),
-        candidates,
-        coarse_keep: 5,
-        fine_keep: 3,
-        request_time: Some(NOW),
-        ..RankRequest::default()
+    let marked = |answered: &RankResponse| -> Vec<String> {
+        answered.items.iter().filter(|item| item.cold_start).map(|item| item.item_id.clone()).collect()
     };
-    let answered = service.rank(tonic::Request::new(request.clone())).await.expect("ranked").into_inner();
+    let answered = serve(0.5, true).await;
     assert_eq!(answered.items.len(), 3);
-    let marked: Vec<&str> =
-        answered.items.iter().filter(|item| item.cold_start).map(|item| item.item_id.as_str()).collect();
-    assert_eq!(marked, [ranker.item_id(98)], "the best new item above 0.5, and only it");
+    assert_eq!(marked(&answered), [ranker.item_id(98)], "the best new item above 0.5, and only it");
+    let scores: Vec<f32> = answered.items.iter().map(|item| item.fine_score).collect();
+    assert!(scores.windows(2).all(|pair| pair[0] >= pair[1]), "still best first: {scores:?}");
 
-    // Nothing reaches a higher threshold: nothing is marked.
-    let strict = bundle_with_new_items(0.8);
-    let config = rank_svc::Config { bundle: strict.path().to_path_buf(), ..config };
-    let service = rank_svc::RankGrpc::new(
-        rank_svc::open_registry(&config).unwrap(),
-        50,
-        None,
-        std::time::Duration::from_millis(500),
-    );
-    let answered = service.rank(tonic::Request::new(request)).await.expect("ranked").into_inner();
-    assert!(answered.items.iter().all(|item| !item.cold_start));
+    // Only 97 reaches 0.8, and the bundle says it has interactions; an unpinned request's
+    // channel scores may come from another version.
+    for (threshold, pinned) in [(0.8, true), (0.5, false)] {
+        let answered = serve(threshold, pinned).await;
+        assert!(marked(&answered).is_empty(), "threshold {threshold}, pinned {pinned}");
+        let ids: Vec<&str> = answered.items.iter().map(|item| item.item_id.as_str()).collect();
+        assert!(!ids.contains(&ranker.item_id(98)), "unmarked, 98 does not make the top 3 on its scores: {ids:?}");
+    }
 }

@@ -16,12 +16,11 @@ use crate::{
     ExcludedItems, Result,
 };
 
-/// The session-intent channel looks at this many of the latest items.
-const REALTIME_WINDOW: usize = 5;
 /// The cold-start channel scans its pool on every request: the newest this many items
 /// without interactions bound that scan (about 0.3 ms at 64 dimensions).
 const NEW_ITEM_POOL: usize = 10_000;
-/// A new-item pool up to this size is scanned inline (a few microseconds).
+/// A new-item pool up to this size is scanned inline (tens of microseconds, less than a
+/// hand-off to the blocking pool costs under load).
 const INLINE_NEW_ITEMS: usize = 2_000;
 
 /// Everything recall needs from a bundle, indexed by item position.
@@ -44,7 +43,7 @@ pub struct RecallIndex {
 pub struct UserSignals {
     /// The long-term vector (trained, or the mean of the history for a new user).
     vector: Option<Vec<f32>>,
-    /// The mean vector of the latest few items.
+    /// The session's items' vectors, weighted by recency and kind (`SessionConfig`).
     recent: Option<Vec<f32>>,
     /// The item-to-item model's scores given the whole history, for the items it has a
     /// weight towards (the rest score 0); `None` without a known history item.
@@ -80,29 +79,29 @@ impl RecallIndex {
         let ids: Vec<String> =
             self.popular.iter().take(USERS * HISTORY).map(|&n| self.embeddings.item_ids.get(n).to_string()).collect();
         for history in ids.chunks(HISTORY) {
-            let signals = self.signals("", history);
+            let signals = self.signals("", history, &[1.0; HISTORY]);
             for channel in Channel::ALL {
                 self.propose(channel, &signals, &ExcludedItems::default(), quota);
             }
         }
     }
 
-    /// The user's signals from `history` (most recent first).
-    pub fn signals(&self, user_id: &str, history: &[String]) -> UserSignals {
+    /// The user's signals from `history` (most recent first); `session` weighs the
+    /// history's first entries for the real-time channel (`SessionConfig::weights`).
+    pub fn signals(&self, user_id: &str, history: &[String], session: &[f32]) -> UserSignals {
         let seeds: Vec<usize> = history.iter().filter_map(|id| self.embeddings.item_position(id)).collect();
         let vector = self.embeddings.user_vector(user_id, history);
         UserSignals {
             unit_vector: vector.as_deref().and_then(unit_length),
             vector,
-            recent: self.embeddings.mean_item_vector(history.iter().take(REALTIME_WINDOW)),
+            recent: self.embeddings.weighted_mean_item_vector(history.iter().zip(session.iter().copied())),
             item_cf: (!seeds.is_empty()).then(|| self.item_to_item.sparse_scores(&seeds)),
         }
     }
 
     /// Whether a channel's proposals cost enough to run on the blocking pool under a
-    /// budget: the popular list is precomputed, and a scan of a small new-item pool, so
-    /// taking the first `quota` allowed items costs less than handing the work to another
-    /// thread.
+    /// budget. The popular list is precomputed and a small new-item pool is scanned
+    /// quickly: either costs less than handing the work to another thread.
     pub fn is_costly(&self, channel: Channel) -> bool {
         match channel {
             Channel::Embedding | Channel::Realtime | Channel::ItemCf => true,
@@ -143,6 +142,8 @@ impl RecallIndex {
             Channel::Realtime => signals.recent.as_ref().map(|v| self.embeddings.score(v, item)),
             Channel::ItemCf => signals.item_cf.as_ref().map(|scores| scores.get(item) as f32),
             Channel::Popular => Some(self.popularity.as_slice()[item]),
+            // Nothing to say without new items (a bundle without a cold-start section).
+            Channel::ColdStart if self.new_items.is_empty() => None,
             Channel::ColdStart => signals.unit_vector.as_ref().map(|v| self.embeddings.score(v, item)),
             Channel::Unspecified => None,
         }

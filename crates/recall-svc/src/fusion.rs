@@ -11,6 +11,10 @@ pub struct ChannelList {
     pub channel: Channel,
     pub weight: f32,
     pub items: Vec<usize>,
+    /// The first proposal stays in the fused list whatever its fused score (the
+    /// cold-start channel's: rank-svc's new-item pick is the best of its proposals, and
+    /// the bundle's threshold is set on that best one).
+    pub keeps_first: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -43,6 +47,14 @@ pub fn fuse_channels(lists: &[ChannelList], excluded: &ExcludedItems, rrf_k: f32
     let mut candidates: Vec<FusedCandidate> = fused.into_values().collect();
     // Ties broken by item position so the output is deterministic.
     candidates.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.item.cmp(&b.item)));
+    for list in lists.iter().filter(|list| list.keeps_first) {
+        let Some(first) = list.items.iter().find(|item| !excluded.contains(item)) else { continue };
+        let kept = limit.saturating_sub(1);
+        if let Some(at) = candidates.iter().position(|c| c.item == *first).filter(|&at| at > kept) {
+            let candidate = candidates.remove(at);
+            candidates.insert(kept, candidate);
+        }
+    }
     candidates.truncate(limit);
     candidates
 }
@@ -52,7 +64,7 @@ mod tests {
     use super::*;
 
     fn list(channel: Channel, weight: f32, items: &[usize]) -> ChannelList {
-        ChannelList { channel, weight, items: items.to_vec() }
+        ChannelList { channel, weight, items: items.to_vec(), keeps_first: false }
     }
 
     #[test]
@@ -73,6 +85,20 @@ mod tests {
         let eight = fused.iter().find(|c| c.item == 8).unwrap();
         assert!((eight.score - (1.0 / 61.0 + 1.0 / 62.0)).abs() < 1e-6);
         assert_eq!(eight.channels, vec![(Channel::Popular, 1), (Channel::Embedding, 2)]);
+    }
+
+    #[test]
+    fn a_channel_that_keeps_its_first_proposal_keeps_it_in_the_last_place() {
+        let mut cold = list(Channel::ColdStart, 0.01, &[5, 9, 6]);
+        cold.keeps_first = true;
+        let lists = [list(Channel::Embedding, 1.0, &[1, 2, 3, 4]), cold];
+        let fused = fuse_channels(&lists, &ExcludedItems::from_iter([5]), 60.0, 3);
+        let items: Vec<usize> = fused.iter().map(|c| c.item).collect();
+        assert_eq!(items, [1, 2, 9], "the first proposal not excluded takes the last place");
+        assert_eq!(fused[2].channels, vec![(Channel::ColdStart, 1)]);
+        // Already inside the limit: left where it is.
+        let fused = fuse_channels(&lists, &ExcludedItems::from_iter([5]), 60.0, 10);
+        assert_eq!(fused.iter().map(|c| c.item).collect::<Vec<_>>(), [1, 2, 3, 4, 9, 6]);
     }
 
     #[test]

@@ -13,6 +13,7 @@ mod fusion;
 pub mod hnsw;
 pub mod nearest;
 mod service;
+mod session;
 
 use std::{future::Future, path::PathBuf, sync::Arc};
 
@@ -29,6 +30,7 @@ pub use error::{RecallError, Result};
 pub use fusion::{fuse_channels, ChannelList, FusedCandidate};
 pub use recsys_proto::v1::Channel;
 pub use service::RecallGrpc;
+pub use session::SessionConfig;
 
 pub const SERVICE_NAME: &str = "recsys.v1.RecallService";
 /// How this service names itself in logs and in `ModelAdmin` answers.
@@ -52,6 +54,8 @@ pub struct Config {
     /// asking for more items than this searches with its quota instead.
     pub ann_expansion: usize,
     pub channels: ChannelSettings,
+    /// The real-time channel's session: its window, decay and event weights.
+    pub realtime: SessionConfig,
     /// How often the bundle root's `current` link is checked for a new version (0: never;
     /// `recsysctl model load` still works).
     pub follow_current_ms: u64,
@@ -128,6 +132,7 @@ impl Default for Config {
             rrf_k: 60.0,
             ann_expansion: 128,
             channels: ChannelSettings::default(),
+            realtime: SessionConfig::default(),
             follow_current_ms: 2_000,
             quality_gate: QualityGate::default(),
             catalog: recsys_runtime::catalog::CatalogConfig::default(),
@@ -171,6 +176,7 @@ pub fn open_registry(config: &Config) -> anyhow::Result<Arc<Registry<RecallIndex
 }
 
 pub async fn serve(listeners: Listeners, config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    config.realtime.validate().map_err(anyhow::Error::msg)?;
     let tls = Tls::load(&config.server.tls)?;
     let registry = open_registry(&config)?;
     let max_message_bytes = config.server.max_message_bytes;

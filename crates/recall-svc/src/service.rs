@@ -58,6 +58,17 @@ impl RecallGrpc {
                 "at most {MAX_HISTORY} history items and {MAX_EXCLUDED_ITEMS} exclusions are accepted"
             ));
         }
+        for (name, len) in [
+            ("history_timestamps", user.history_timestamps.len()),
+            ("history_event_types", user.history_event_types.len()),
+        ] {
+            if len != 0 && len != user.history_item_ids.len() {
+                return invalid(format!(
+                    "{name} has {len} entries for {} history items (aligned, or empty)",
+                    user.history_item_ids.len()
+                ));
+            }
+        }
         let weights = channel_weight_overrides(&channel_weights)?;
         let limit = match candidate_count as usize {
             0 => self.config.candidate_count,
@@ -75,6 +86,11 @@ impl RecallGrpc {
             weights[Channel::ColdStart as usize].unwrap_or(self.config.channels.quota(Channel::ColdStart).weight);
         let newest = (cold_start_weight > 0.0 && self.config.new_items > 0).then(|| self.catalog.newest());
         let (new_count, new_since_ms) = (self.config.new_items, new_items_since_ms(self.config.new_item_days));
+        let session = self.config.realtime.weights(
+            user.history_item_ids.len(),
+            &user.history_timestamps,
+            &user.history_event_types,
+        );
         // The user's signals (vectors, item-to-item scores) and what to leave out, computed
         // once off the async workers and shared by every channel.
         let request = tokio::task::spawn_blocking(move || {
@@ -100,7 +116,7 @@ impl RecallGrpc {
                 .take(new_count)
                 .map(|item| item.item_id.clone())
                 .collect();
-            let signals = index.signals(&user.user_id, &user.history_item_ids);
+            let signals = index.signals(&user.user_id, &user.history_item_ids, &session);
             Arc::new(UserRequest { signals, excluded, new_items })
         })
         .await
@@ -130,7 +146,8 @@ impl RecallGrpc {
             .map(|(channel, items)| {
                 CHANNEL_CANDIDATES.with_label_values(&[channel.name()]).observe(items.len() as f64);
                 let weight = weights[channel as usize].unwrap_or(self.config.channels.quota(channel).weight);
-                ChannelList { channel, weight, items }
+                // A channel weighted 0 (an ablation, an experiment switching it off) keeps nothing.
+                ChannelList { channel, weight, items, keeps_first: channel == Channel::ColdStart && weight > 0.0 }
             })
             .collect();
         // New run-time items take the last places of the list, proposed by the cold-start

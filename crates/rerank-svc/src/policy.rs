@@ -1,7 +1,8 @@
 //! The final list, in the documented order: items the run-time catalogue marks retired or
 //! out of stock are dropped whatever proposed them, then the request's rules run by kind
 //! — hard filters → score changes (boosts, freshness, exposure, in file order) → pins
-//! choose their items → diversity (MMR) with per-list caps fills the other slots → pins
+//! choose their items (never one an exposure rule acted on: the user has seen it enough)
+//! → diversity (MMR) with per-list caps fills the other slots → pins
 //! take their positions — so a filter can never be undone by a boost, caps hold for
 //! everything picked (strict ones also for pins and backfill), and a pinned slot is exact.
 
@@ -192,6 +193,8 @@ pub fn arrange(
         relevance[n] = after;
     };
     let mut dropped = vec![false; candidates.len()];
+    // Items an exposure rule acted on: the user has seen them enough, so no pin forces them.
+    let mut fatigued = vec![false; candidates.len()];
     for rule in rules {
         for &n in &pool {
             let current = relevance[n];
@@ -212,6 +215,7 @@ pub fn arrange(
                     let since = request.now_ms - (window_hours * 3_600_000.0) as i64;
                     let count = shown.get(ids[n]).map_or(0, |times| times.iter().filter(|&&t| t > since).count());
                     if count >= *max_impressions as usize {
+                        fatigued[n] = true;
                         match multiply {
                             Some(multiply) => adjust(n, rule, "exposure", current * multiply, &mut relevance),
                             None => dropped[n] = true,
@@ -253,7 +257,8 @@ pub fn arrange(
                 .filter(|&p| p as usize <= request.top_k && pinned.iter().all(|(taken, _, _)| *taken != p))
                 .collect();
             free.sort_unstable();
-            let mut matching: Vec<usize> = pool.iter().copied().filter(|&n| views[n].meets(when, request)).collect();
+            let mut matching: Vec<usize> =
+                pool.iter().copied().filter(|&n| !fatigued[n] && views[n].meets(when, request)).collect();
             matching.sort_by(|&a, &b| relevance[b].total_cmp(&relevance[a]).then(a.cmp(&b)));
             let mut slots = free.into_iter();
             for n in matching {
@@ -540,6 +545,13 @@ mod tests {
         // Without rank's mark the rule finds nothing.
         let (list, _) = run(rules, &Catalog::default(), &[], 5);
         assert!(!ids(&list).contains(&"i9"));
+        // Seen three times today, it is left to its relevance: the slot does not repeat it.
+        let fatigue = format!("{rules}\n[[rule]]\nname = \"fatigue\"\nkind = \"exposure\"\nmax_impressions = 3\nwindow_hours = 24\nmultiply = 0.5\n");
+        let seen: Vec<Impression> =
+            (1..=3).map(|n| Impression { item_id: "i9".into(), timestamp_ms: NOW - n * 60_000 }).collect();
+        let (list, firings) = run_with(&fatigue, &Catalog::default(), &seen, &HashMap::new(), &pick, 5);
+        assert!(!ids(&list).contains(&"i9"), "{:?}", ids(&list));
+        assert!(!firings.contains_key(&("new_item_slot".to_string(), "pin")));
     }
 
     #[test]

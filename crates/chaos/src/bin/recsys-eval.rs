@@ -13,7 +13,13 @@
 
 #![forbid(unsafe_code)]
 
-use std::{collections::HashMap, io::Write, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    io::Write,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use clap::Parser;
 use recsys_chaos::cluster::{Cluster, ClusterPaths, Leaf};
@@ -101,16 +107,18 @@ fn replay_context(user: &UserFeatures) -> HashMap<String, String> {
 /// measures quality, so such an answer is asked again rather than scored.
 const ATTEMPTS: usize = 3;
 
-/// The served answer and how many degraded answers were asked again.
+/// The served answer, how many degraded answers were asked again, and how long the
+/// answer kept took (`make eval`'s serving cost compares two runs' means).
 async fn recommend(
     clients: &Clients,
     user: &str,
     top_k: u32,
     context: HashMap<String, String>,
-) -> anyhow::Result<(RecommendResponse, usize)> {
+) -> anyhow::Result<(RecommendResponse, usize, Duration)> {
     let mut client = RecommenderClient::new(clients.orchestrator.clone());
     let mut retried = 0;
     loop {
+        let started = Instant::now();
         let response = client
             .recommend(request(RecommendRequest {
                 user_id: user.to_string(),
@@ -122,7 +130,7 @@ async fn recommend(
             .map_err(|status| anyhow::anyhow!("user {user}: {status}"))?
             .into_inner();
         if response.degraded_stages.is_empty() || retried + 1 >= ATTEMPTS {
-            return Ok((response, retried));
+            return Ok((response, retried, started.elapsed()));
         }
         retried += 1;
     }
@@ -221,7 +229,7 @@ async fn main() -> anyhow::Result<()> {
     let (mut served, mut degraded, mut retried) = (0usize, 0usize, 0usize);
     for task in tasks {
         let (user, response, steps) = task.await?;
-        let (response, user_retries) = response?;
+        let (response, user_retries, latency) = response?;
         served += 1;
         retried += user_retries;
         degraded += usize::from(!response.degraded_stages.is_empty());
@@ -230,6 +238,7 @@ async fn main() -> anyhow::Result<()> {
             "items": response.items.iter().map(|i| i.item_id.as_str()).collect::<Vec<_>>(),
             "model_version": response.model_version,
             "degraded_stages": response.degraded_stages,
+            "latency_ms": latency.as_secs_f64() * 1e3,
         });
         if let Some(steps) = steps {
             line["ablation"] = serde_json::to_value(steps.map_err(|error| anyhow::anyhow!("user {user}: {error}"))?)?;

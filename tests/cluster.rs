@@ -413,10 +413,13 @@ async fn candidates_carry_every_channels_work_and_requests_stay_on_one_bundle() 
         .into_inner();
     assert_eq!(recalled.candidates.len(), 200);
     assert!(!recalled.bundle_version.is_empty());
+    // A known user with history: every channel can score every candidate — but the
+    // cold-start one, which has nothing to say where every item of the bundle has
+    // interactions (MovieLens's).
+    let scoring: Vec<Channel> = Channel::ALL.into_iter().filter(|&channel| channel != Channel::ColdStart).collect();
     for candidate in &recalled.candidates {
-        // A known user with history: every channel can score every candidate.
         let channels: Vec<Channel> = candidate.channel_scores.iter().map(|score| score.channel()).collect();
-        assert_eq!(channels, Channel::ALL.to_vec(), "{}", candidate.item_id);
+        assert_eq!(channels, scoring, "{}", candidate.item_id);
         assert!(
             candidate.channel_scores.iter().any(|score| score.rank > 0),
             "some channel proposed {}",
@@ -431,6 +434,15 @@ async fn candidates_carry_every_channels_work_and_requests_stay_on_one_bundle() 
     let first = recalled.candidates.iter().find(|c| item_cf(c).rank == 1).expect("item_cf's first proposal is fused");
     let best = recalled.candidates.iter().map(|c| item_cf(c).score).fold(f32::MIN, f32::max);
     assert_eq!(item_cf(first).score, best);
+    // Event times must be aligned with the history (the real-time channel's session).
+    let mut misaligned = user.clone();
+    misaligned.history_timestamps.pop();
+    let refused = RecallServiceClient::new(cluster.channel(Service::Recall))
+        .recall(RecallRequest { user: Some(misaligned), ..RecallRequest::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(refused.message().contains("history_timestamps"), "{}", refused.message());
 
     // rank and rerank refuse a request pinned to a bundle they do not serve.
     let pinned_elsewhere = "some-other-bundle".to_string();

@@ -8,14 +8,18 @@ attributes map to. The embedding space is unchanged, so a user's vector (or, for
 without a trained one, the mean vector of their latest 50 items, as serving computes it)
 finds such an item by inner product, which is what recall's cold-start channel scores.
 
-The bundle ships the score that a configured share of the training users' best new item
-reaches (`cold_start.threshold` in the manifest): rank-svc marks a cold-start candidate
-at or above it, and rerank's `new_item_slot` rule gives it a slot. (Judging the new item
+The bundle ships the map (`cold_start.content` in the manifest: recall-svc maps a run-time
+catalogue item's attributes the same way, so an item added after training is scored
+too) and a threshold on that score (`cold_start.threshold`, set on stand-ins:
+train.py's `cold_start_policy`): rank-svc marks a cold-start candidate at or above it,
+and rerank's `new_item_slot` rule gives it a slot. (Judging the new item
 instead by its margin over the known item it would displace was measured too: it showed
 fewer of the users' test items per warm item lost on `make eval`'s cold-start protocol.)
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -27,41 +31,77 @@ ERA_EDGES = (0, 1, 2, 4, 8, 18, 38)
 USER_CHUNK = 4096
 
 
+@dataclass
+class ContentEncoding:
+    """How attributes become content features: the genre vocabulary (sorted) and the
+    newest release year the eras count back from. recall-svc encodes run-time catalogue
+    items the same way (`recsys_bundle::ContentMap`, from the manifest), so a new item
+    gets a vector without retraining."""
+    genres: list[str]
+    newest_year: int
+
+    @staticmethod
+    def of(items: list[Item]) -> "ContentEncoding":
+        known_years = [item.year for item in items if item.year > 0]
+        return ContentEncoding(sorted({genre for item in items for genre in item.genres}), max(known_years, default=0))
+
+    @property
+    def width(self) -> int:
+        return len(self.genres) + len(ERA_EDGES) + 2  # genres, eras and an unknown year, intercept
+
+    def features(self, items: list[Item]) -> np.ndarray:
+        """One row per item: genres (multi-hot), release era (one-hot, unknown year apart)
+        and a constant column for the regression's intercept."""
+        column = {genre: n for n, genre in enumerate(self.genres)}
+        unknown_era = len(ERA_EDGES)
+        rows = np.zeros((len(items), self.width), dtype=np.float64)
+        for n, item in enumerate(items):
+            for genre in item.genres:
+                if genre in column:
+                    rows[n, column[genre]] = 1.0
+            if item.year > 0:
+                before_newest = max(self.newest_year - item.year, 0)
+                era = int(np.searchsorted(ERA_EDGES, before_newest, side="right")) - 1
+            else:
+                era = unknown_era
+            rows[n, len(self.genres) + era] = 1.0
+            rows[n, -1] = 1.0
+        return rows
+
+    def to_json(self, mapping: np.ndarray) -> dict:
+        """The manifest's `cold_start.content`: the encoding and the map's rows."""
+        return {"genres": self.genres, "newest_year": self.newest_year, "era_edges": list(ERA_EDGES),
+                "mapping": [[round(float(v), 6) for v in row] for row in mapping]}
+
+
 def content_features(items: list[Item]) -> np.ndarray:
-    """One row per item: genres (multi-hot), release era (one-hot, unknown year apart) and
-    a constant column for the regression's intercept."""
-    genres = sorted({genre for item in items for genre in item.genres})
-    column = {genre: n for n, genre in enumerate(genres)}
-    known_years = [item.year for item in items if item.year > 0]
-    newest = max(known_years, default=0)
-    eras = len(ERA_EDGES) + 1  # the buckets, and one for an unknown year
-    rows = np.zeros((len(items), len(genres) + eras + 1), dtype=np.float64)
-    for n, item in enumerate(items):
-        for genre in item.genres:
-            rows[n, column[genre]] = 1.0
-        if item.year > 0:
-            era = int(np.searchsorted(ERA_EDGES, newest - item.year, side="right")) - 1
-        else:
-            era = eras - 1
-        rows[n, len(genres) + era] = 1.0
-        rows[n, -1] = 1.0
-    return rows
+    """`ContentEncoding.features` with the encoding these items define."""
+    return ContentEncoding.of(items).features(items)
+
+
+def fit_content_map(item_vectors: np.ndarray, has_interactions: np.ndarray, features: np.ndarray,
+                    l2: float) -> np.ndarray | None:
+    """The ridge regression (strength `l2`, the intercept not shrunk) of the vectors of
+    the items with interactions on their content features: [features, dim]; None
+    without any such item."""
+    if not has_interactions.any():
+        return None
+    warm_features = features[has_interactions]
+    penalty = l2 * np.eye(features.shape[1])
+    penalty[-1, -1] = 0.0  # the intercept (the constant column) is not shrunk
+    gram = warm_features.T @ warm_features + penalty
+    return np.linalg.solve(gram, warm_features.T @ item_vectors[has_interactions].astype(np.float64))
 
 
 def impute_vectors(item_vectors: np.ndarray, has_interactions: np.ndarray, features: np.ndarray,
                    l2: float) -> np.ndarray:
-    """`item_vectors` with the rows of items without interactions replaced by the ridge
-    regression (strength `l2`) of the others' vectors on their content features."""
+    """`item_vectors` with the rows of items without interactions replaced by what their
+    content features map to (`fit_content_map` on the others)."""
     vectors = item_vectors.copy()
     cold = ~has_interactions
-    if not cold.any() or not has_interactions.any():
-        return vectors
-    warm_features = features[has_interactions]
-    penalty = l2 * np.eye(features.shape[1])
-    penalty[-1, -1] = 0.0  # the intercept (content_features' constant column) is not shrunk
-    gram = warm_features.T @ warm_features + penalty
-    mapping = np.linalg.solve(gram, warm_features.T @ item_vectors[has_interactions].astype(np.float64))
-    vectors[cold] = (features[cold] @ mapping).astype(vectors.dtype)
+    mapping = fit_content_map(item_vectors, has_interactions, features, l2) if cold.any() else None
+    if mapping is not None:
+        vectors[cold] = (features[cold] @ mapping).astype(vectors.dtype)
     return vectors
 
 

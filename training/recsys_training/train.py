@@ -110,6 +110,8 @@ class ModelState:
     neighbor_rows: item_to_item.SparseRows
     neighbor_weights: np.ndarray
     cross: CrossScorer
+    # Content features → item vector (content.py), fitted on the items with interactions.
+    content_map: np.ndarray | None = None
     user_rows: np.ndarray | None = None
     item_rows: np.ndarray | None = None
     history_rows: np.ndarray | None = None
@@ -123,6 +125,7 @@ class Universe:
     item_position: dict[str, int]
     raw_features: dict
     # The items' attributes as the content map reads them (content.py).
+    content_encoding: content.ContentEncoding
     content_features: np.ndarray
 
 
@@ -134,10 +137,13 @@ def fit_state(universe: Universe, interactions: list[Interaction], config: Train
     user_vectors, item_vectors = train_bpr(num_users, num_items, user_idx, item_idx, config, rng, label)
     has_interactions = np.zeros(num_items, dtype=bool)
     has_interactions[item_idx] = True
-    if not has_interactions.all():
+    content_map = content.fit_content_map(item_vectors, has_interactions, universe.content_features,
+                                          config.content_l2)
+    if content_map is not None and not has_interactions.all():
         log(f"content vectors ({label}) for {int((~has_interactions).sum())} items without interactions")
-        item_vectors = content.impute_vectors(item_vectors, has_interactions, universe.content_features,
-                                              config.content_l2)
+        item_vectors = item_vectors.copy()
+        item_vectors[~has_interactions] = (universe.content_features[~has_interactions] @ content_map).astype(
+            item_vectors.dtype)
     log(f"item-to-item weights ({label}): EASE for up to {config.item_cf_head_items} head items (l2 "
         f"{config.item_cf_l2}), co-occurrence for the rest, {config.neighbors} per item")
     rows = item_to_item.fit(
@@ -150,7 +156,8 @@ def fit_state(universe: Universe, interactions: list[Interaction], config: Train
     histories = user_histories(interactions, universe.user_position, universe.item_position, num_users)
     statistics = item_statistics(universe.dataset.items, interactions, source_names(universe.raw_features, "item"))
     return ModelState(histories, statistics, user_vectors, item_vectors, rows, weights,
-                      CrossScorer(weights, user_vectors, item_vectors, source_names(universe.raw_features, "cross")))
+                      CrossScorer(weights, user_vectors, item_vectors, source_names(universe.raw_features, "cross")),
+                      content_map)
 
 
 def encode_state(state: ModelState, universe: Universe, features: FeatureConfig,
@@ -425,23 +432,26 @@ def ranker_fixture(universe: Universe, state: ModelState, features: FeatureConfi
 
 def cold_start_policy(universe: Universe, state: ModelState, new_items: np.ndarray, config: TrainConfig,
                       rng) -> dict | None:
-    """The manifest's `cold_start` section when the catalogue has items without
-    interactions: the cold-start channel's score at or above which rank-svc marks one
-    for the new-item slot.
+    """The manifest's `cold_start` section: the content map (run-time catalogue items are
+    mapped with it) and the cold-start channel's score at or above which rank-svc marks
+    one of the bundle's items without interactions for the new-item slot.
 
     The threshold is set on stand-ins, not on the new items themselves: as many known
-    items (at most half of them), drawn at random, their vectors mapped from their
-    attributes as a new item's are. It shows one to `cold_start_share` of the users when
-    the new items are like the catalogue's typical item, fewer when they are weaker (a
-    catalogue's never-chosen items are mostly the unpopular ones), more when they are
-    stronger. It is set on the trained users' vectors; a user new since training is
-    scored with the mean of their latest items, and serving scans at most the newest
-    10,000 new items (recall's NEW_ITEM_POOL), so beyond that size the share shown
-    drifts from the one set here."""
+    items as there are new ones (at most half of the known), drawn at
+    random, their vectors mapped from their attributes as a new item's are. It shows one
+    to `cold_start_share` of the users when the new items are like the catalogue's
+    typical item, fewer when they are weaker (a catalogue's never-chosen items are mostly
+    the unpopular ones), more when they are stronger. It is set on the trained users'
+    vectors; a user new since training is scored with the mean of their latest items, and
+    serving scans at most the newest 10,000 new items (recall's NEW_ITEM_POOL), so beyond
+    that size the share shown drifts from the one set here."""
     known = np.flatnonzero(~new_items)
-    if not new_items.any() or len(known) < 2:
+    if state.content_map is None or len(known) < 2:
         return None
-    stand_ins = rng.choice(known, size=min(int(new_items.sum()), len(known) // 2), replace=False)
+    # The best of a larger pool scores higher: the stand-ins are as many as the new items
+    # (100 when there are none: the threshold then waits for items added after training).
+    count = min(int(new_items.sum()) or 100, len(known) // 2)
+    stand_ins = rng.choice(known, size=count, replace=False)
     without_stand_ins = ~new_items
     without_stand_ins[stand_ins] = False
     mapped = content.impute_vectors(state.item_vectors, without_stand_ins, universe.content_features,
@@ -449,13 +459,15 @@ def cold_start_policy(universe: Universe, state: ModelState, new_items: np.ndarr
     threshold = content.cold_start_threshold(state.user_vectors, mapped[stand_ins], config.cold_start_share)
     if threshold is None:
         return None
-    shown = content.cold_start_scores(state.user_vectors, state.item_vectors[new_items])
-    shown_share = float(np.mean(shown[np.isfinite(shown)] >= threshold))
-    log(f"cold start: {int(new_items.sum())} items without interactions; score {threshold:.4f} (set on "
-        f"{len(stand_ins)} known items' mapped vectors for {config.cold_start_share:.0%} of the users) shows one "
-        f"to {shown_share:.1%} of the training users")
-    return {"items": int(new_items.sum()), "share": config.cold_start_share, "threshold": round(threshold, 6),
-            "training_users_shown": round(shown_share, 6), "content_l2": config.content_l2}
+    policy = {"items": int(new_items.sum()), "share": config.cold_start_share, "threshold": round(threshold, 6),
+              "content_l2": config.content_l2, "content": universe.content_encoding.to_json(state.content_map)}
+    if new_items.any():
+        shown = content.cold_start_scores(state.user_vectors, state.item_vectors[new_items])
+        policy["training_users_shown"] = round(float(np.mean(shown[np.isfinite(shown)] >= threshold)), 6)
+        log(f"cold start: {int(new_items.sum())} items without interactions; score {threshold:.4f} (set on "
+            f"{count} known items' mapped vectors for {config.cold_start_share:.0%} of the users) shows one "
+            f"to {policy['training_users_shown']:.1%} of the training users")
+    return policy
 
 
 def train_bundle(data_dir: Path, out_root: Path, config: TrainConfig | None = None, version: str | None = None) -> Path:
@@ -470,8 +482,9 @@ def train_bundle(data_dir: Path, out_root: Path, config: TrainConfig | None = No
     raw_features = load_raw_config(Path(config.feature_config) if config.feature_config else None)
     item_position = {item.item_id: n for n, item in enumerate(dataset.items)}
     user_ids = _numeric_first({i.user_id for i in dataset.interactions})
+    encoding = content.ContentEncoding.of(dataset.items)
     universe = Universe(dataset, user_ids, {uid: n for n, uid in enumerate(user_ids)}, item_position, raw_features,
-                        content.content_features(dataset.items))
+                        encoding, encoding.features(dataset.items))
 
     # 1. Feature models on the "past" part; rankers learn to predict the held-out part.
     held = rng.random(len(dataset.interactions)) < config.ranker_holdout

@@ -1,7 +1,7 @@
 import numpy as np
 
 from recsys_training.content import (
-    cold_start_scores, cold_start_threshold, content_features, impute_vectors,
+    ContentEncoding, cold_start_scores, cold_start_threshold, content_features, impute_vectors,
 )
 from recsys_training.data import Item
 
@@ -52,3 +52,18 @@ def test_the_threshold_shows_a_new_item_to_the_configured_share_of_users():
     assert abs(np.mean(best[1:] >= threshold) - 0.3) < 0.002
     assert cold_start_threshold(users, pool[:0], share=0.3) is None
     assert cold_start_threshold(users, pool, share=0.0) is None
+
+
+def test_an_item_added_after_training_is_encoded_with_the_bundles_vocabulary():
+    # The same cases as recsys_bundle's ContentMap tests (crates/bundle/src/content.rs):
+    # the two encoders must agree.
+    encoding = ContentEncoding(["Comedy", "Drama"], 1998)
+    rows = encoding.features([Item("x", "", ["Drama", "Western"], 2001), Item("y", "", ["Comedy"], 1960),
+                              Item("z", "", [], 0)])
+    assert rows.tolist() == [
+        # Comedy Drama | 0  1  2-3 4-7 8-17 18-37 38+ unknown | intercept
+        [0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 1],  # an unknown genre is ignored; a year past the newest is the newest era
+        [1, 0, 0, 0, 0, 0, 0, 0, 1, 0, 1],  # 38 years before the newest
+        [0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1],
+    ]
+    assert encoding.to_json(np.ones((11, 2)))["era_edges"] == [0, 1, 2, 4, 8, 18, 38]

@@ -155,7 +155,14 @@ def test_rows_shown_as_new_users_look_like_a_user_without_behaviour():
 
 def test_new_items_get_vectors_from_their_attributes_and_a_cold_start_threshold(small_dataset, tmp_path):
     plain = train_bundle(small_dataset, tmp_path / "plain", quick_config(), version="v1")
-    assert "cold_start" not in json.loads((plain / "manifest.json").read_text()), "every item has interactions"
+    plain_policy = json.loads((plain / "manifest.json").read_text())["cold_start"]
+    assert plain_policy["items"] == 0 and "training_users_shown" not in plain_policy, "every item has interactions"
+    # The content map ships anyway (run-time catalogue items are mapped with it): a row
+    # per feature (3 genres, 7 eras and an unknown year, the intercept), a column per
+    # dimension.
+    encoding = plain_policy["content"]
+    assert encoding["genres"] == ["Action", "Comedy", "Romance"] and encoding["newest_year"] == 1999
+    assert np.array(encoding["mapping"]).shape == (3 + 8 + 1, 16)
     # Four items nobody has interacted with: two of each genre cluster.
     with (small_dataset / "items.csv").open("a") as items:
         items.write("40,New 40,Action,1999\n41,New 41,Action,1999\n42,New 42,Comedy|Romance,1999\n"

@@ -25,6 +25,7 @@
 // Denied everywhere but the one function that memory-maps a file (`tensors`).
 #![deny(unsafe_code)]
 
+mod content;
 pub mod embeddings;
 mod features;
 mod item_ids;
@@ -40,6 +41,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+pub use content::{year_of_ms, ContentMap, ContentMapFile};
 pub use embeddings::{EmbeddingSpace, VectorMoments};
 pub use features::{
     CountMeasure, CountWindow, CrossSource, Encoding, Feature, FeatureConfig, ItemWindowCounts, LiveItemSource,
@@ -93,15 +95,16 @@ pub struct Manifest {
     /// Training-time histograms of selected ranker inputs (encoded values), by feature.
     #[serde(default)]
     pub feature_distributions: HashMap<String, ScoreDistribution>,
-    /// Present when the catalogue had items without interactions: their vectors were
-    /// mapped from their attributes (training's content.py), and this says when one is
-    /// worth a slot.
+    /// How items without interactions are served: the vectors of the bundle's were mapped
+    /// from their attributes (training's content.py), the map is here for items added
+    /// after training, and the threshold says when one is worth a slot.
     #[serde(default)]
     pub cold_start: Option<ColdStartPolicy>,
 }
 
-/// How the bundle's new items (no interactions at training time) are served.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+/// How the bundle's new items (no interactions at training time) and items added after
+/// it are served.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ColdStartPolicy {
     /// How many items had no interactions.
     pub items: usize,
@@ -113,6 +116,9 @@ pub struct ColdStartPolicy {
     /// The cold-start channel's score (u·v / |u|) at or above which rank-svc marks a new
     /// item for the new-item slot.
     pub threshold: f32,
+    /// The map from attributes to vectors, for items added after training.
+    #[serde(default)]
+    pub content: Option<ContentMapFile>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

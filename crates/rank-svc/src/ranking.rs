@@ -8,9 +8,8 @@ use std::{
 
 use ort::environment::Environment;
 use recsys_bundle::{
-    read_catalog, read_manifest, read_user_ids, CatalogItem, ColdStartPolicy, CrossSource, EmbeddingSpace,
-    FeatureConfig, ItemIds, ItemScores, ItemToItem, ItemWindowCounts, PositionHasher, RankerInputs, UserAttributes,
-    RECENT_ITEMS,
+    read_catalog, read_manifest, read_user_ids, CatalogItem, CrossSource, EmbeddingSpace, FeatureConfig, ItemIds,
+    ItemScores, ItemToItem, ItemWindowCounts, PositionHasher, RankerInputs, UserAttributes, RECENT_ITEMS,
 };
 use recsys_proto::v1::{Candidate, Channel, UserFeatures};
 
@@ -72,9 +71,9 @@ pub struct RankedCandidate {
 
 pub struct Ranker {
     version: String,
-    /// When a new item earns the new-item slot (`Manifest::cold_start`); `None`: the
-    /// bundle has no items without interactions, or training set no threshold.
-    cold_start: Option<ColdStartPolicy>,
+    /// The score at which a new item earns the new-item slot (`Manifest::cold_start`);
+    /// `None`: training set no threshold.
+    cold_start_threshold: Option<f32>,
     embeddings: EmbeddingSpace,
     catalog: Vec<CatalogItem>,
     features: FeatureConfig,
@@ -174,7 +173,7 @@ impl Ranker {
         let item_popularity_drift = feature_drift("item_interactions", features.item_offset("interactions"));
         MODEL_INFO.with_label_values(&["rank", manifest.version.as_str()]).set(1);
         let ranker = Self {
-            cold_start: manifest.cold_start,
+            cold_start_threshold: manifest.cold_start.as_ref().map(|policy| policy.threshold),
             version: manifest.version,
             embeddings,
             catalog,
@@ -220,7 +219,7 @@ impl Ranker {
         let mut embedding_scores = scored_here.then(|| Vec::with_capacity(candidates.len()));
         // The best new item recall's cold-start channel proposed at or above the bundle's
         // threshold, by that channel's score.
-        let threshold = self.cold_start.map(|policy| policy.threshold);
+        let threshold = self.cold_start_threshold;
         let mut cold_start_pick: Option<(f32, usize)> = None;
         for (index, candidate) in candidates.iter().enumerate() {
             let item = match candidate.position {

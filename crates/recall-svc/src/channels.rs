@@ -6,10 +6,10 @@
 use std::path::Path;
 
 use recsys_bundle::{
-    by_popularity, read_item_columns, read_manifest, read_popularity, Column, EmbeddingSpace, ItemColumns, ItemScores,
-    ItemToItem,
+    by_popularity, read_item_columns, read_manifest, read_popularity, year_of_ms, BundleError, Column, ContentMap,
+    EmbeddingSpace, ItemColumns, ItemScores, ItemToItem,
 };
-use recsys_proto::v1::Channel;
+use recsys_proto::v1::{CatalogItem, Channel};
 
 use crate::{
     nearest::{top_by_score, NearestItems},
@@ -36,6 +36,9 @@ pub struct RecallIndex {
     /// their attributes: training's content.py), newest first; empty when the bundle has
     /// no cold-start section.
     new_items: Vec<usize>,
+    /// Attributes → vector (`Manifest::cold_start`), for run-time catalogue items no
+    /// bundle knows.
+    content: Option<ContentMap>,
 }
 
 /// What one user gives the channels, computed once per request and shared by every
@@ -67,7 +70,23 @@ impl RecallIndex {
             Some(_) => newest_without_interactions(&years, &interactions, NEW_ITEM_POOL),
             None => Vec::new(),
         };
-        Ok(Self { version: manifest.version, embeddings, nearest, item_to_item, popular, popularity, new_items })
+        let content = match manifest.cold_start.as_ref().and_then(|policy| policy.content.as_ref()) {
+            Some(file) => Some(
+                ContentMap::new(file, embeddings.item_vectors.cols)
+                    .map_err(|reason| BundleError::Malformed { path: dir.join("manifest.json"), reason })?,
+            ),
+            None => None,
+        };
+        Ok(Self {
+            version: manifest.version,
+            embeddings,
+            nearest,
+            item_to_item,
+            popular,
+            popularity,
+            new_items,
+            content,
+        })
     }
 
     /// Runs every channel for a few users made of the most popular items, before the
@@ -159,6 +178,34 @@ impl RecallIndex {
             .map(|&n| (self.embeddings.score(unit_vector, n), n))
             .collect();
         top_by_score(&mut scored, quota)
+    }
+
+    /// Run-time catalogue items no bundle knows (newest first), as the cold-start channel
+    /// proposes them: the best `count` for the user by the score of the vector their
+    /// attributes map to (`category` genres, publish year), with that score; without a
+    /// content map or a user vector, the newest `count`, each scored 1.
+    pub fn order_runtime_items(
+        &self,
+        signals: &UserSignals,
+        items: &[std::sync::Arc<CatalogItem>],
+        count: usize,
+    ) -> Vec<(String, f32)> {
+        let (Some(content), Some(query)) = (&self.content, &signals.unit_vector) else {
+            return items.iter().take(count).map(|item| (item.item_id.clone(), 1.0)).collect();
+        };
+        let mut scored: Vec<(String, f32)> = items
+            .iter()
+            .map(|item| {
+                let genres = item.category.split('|').filter(|genre| !genre.is_empty());
+                let vector = content.vector(genres, year_of_ms(item.publish_time_ms));
+                let score: f32 = vector.iter().zip(query).map(|(v, q)| v * q).sum();
+                (item.item_id.clone(), score)
+            })
+            .collect();
+        // Stable: equal scores keep the newest first.
+        scored.sort_by(|a, b| b.1.total_cmp(&a.1));
+        scored.truncate(count);
+        scored
     }
 
     /// How many items the cold-start channel chooses from.

@@ -8,7 +8,7 @@ use recsys_proto::{
     limits::{MAX_CANDIDATES, MAX_EXCLUDED_ITEMS, MAX_HISTORY},
     v1::{
         recall_service_server::{RecallService, RecallServiceServer},
-        Candidate, ChannelScore, ChannelWeight, RecallRequest, RecallResponse,
+        Candidate, CatalogItem, ChannelScore, ChannelWeight, RecallRequest, RecallResponse,
     },
 };
 use recsys_runtime::catalog::Catalog;
@@ -104,8 +104,9 @@ impl RecallGrpc {
                 .chain(unservable.iter())
                 .filter_map(|id| embeddings.item_position(id))
                 .collect();
-            // New items no bundle knows yet, for the cold-start channel (unseen, not excluded).
-            let new_items: Vec<String> = newest
+            // New items no bundle knows yet, for the cold-start channel (unseen, not
+            // excluded): the newest `RUNTIME_ITEMS_SCANNED`, the best `new_count` for the user.
+            let eligible: Vec<Arc<CatalogItem>> = newest
                 .iter()
                 .flat_map(|newest| newest.iter())
                 .take_while(|item| item.publish_time_ms >= new_since_ms)
@@ -113,10 +114,11 @@ impl RecallGrpc {
                 .filter(|item| {
                     !user.history_item_ids.contains(&item.item_id) && !exclude_item_ids.contains(&item.item_id)
                 })
-                .take(new_count)
-                .map(|item| item.item_id.clone())
+                .take(if new_count == 0 { 0 } else { RUNTIME_ITEMS_SCANNED.max(new_count) })
+                .cloned()
                 .collect();
             let signals = index.signals(&user.user_id, &user.history_item_ids, &session);
+            let new_items = index.order_runtime_items(&signals, &eligible, new_count);
             Arc::new(UserRequest { signals, excluded, new_items })
         })
         .await
@@ -169,13 +171,13 @@ impl RecallGrpc {
                     })
                     .collect(),
             })
-            .chain(request.new_items.iter().enumerate().map(|(n, item_id)| Candidate {
+            .chain(request.new_items.iter().enumerate().map(|(n, (item_id, score))| Candidate {
                 item_id: item_id.clone(),
                 position: 0,
                 score: 0.0,
                 channel_scores: vec![ChannelScore {
                     channel: Channel::ColdStart as i32,
-                    score: 1.0,
+                    score: *score,
                     rank: n as u32 + 1,
                 }],
             }))
@@ -188,9 +190,14 @@ impl RecallGrpc {
 struct UserRequest {
     signals: UserSignals,
     excluded: ExcludedItems,
-    /// Run-time catalogue items no bundle knows, newest first.
-    new_items: Vec<String>,
+    /// Run-time catalogue items no bundle knows, in the cold-start channel's order, with
+    /// its score.
+    new_items: Vec<(String, f32)>,
 }
+
+/// The cold-start channel scores at most this many run-time new items per request (the
+/// newest): each costs one small matrix product.
+const RUNTIME_ITEMS_SCANNED: usize = 1_000;
 
 /// The oldest publish time a new run-time item may have, in Unix ms.
 fn new_items_since_ms(days: u32) -> i64 {

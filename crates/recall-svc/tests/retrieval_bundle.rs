@@ -6,6 +6,7 @@ use std::{collections::HashMap, path::Path};
 
 use recall_svc::{Channel, ExcludedItems, RecallIndex};
 use recsys_bundle::{tensors::sha256_file, ANN_INDEX_FILE, EMBEDDINGS_FILE, ITEM_SIGNALS_FILE, ITEM_TO_ITEM_FILE};
+use recsys_proto::v1::CatalogItem;
 use safetensors::{tensor::TensorView, Dtype};
 use serde_json::json;
 
@@ -30,6 +31,13 @@ fn write_tensors(path: &Path, tensors: Vec<(&str, Dtype, Vec<usize>, Vec<u8>)>) 
 fn scatter(a: usize, b: usize) -> f32 {
     let mixed = (a as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (b as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     ((mixed.wrapping_mul(0x94D0_49BB_1331_11EB) >> 40) % 2000) as f32 / 1000.0 - 1.0
+}
+
+/// Cluster `c`'s direction, unit length.
+fn cluster_direction(c: usize) -> Vec<f32> {
+    let raw: Vec<f32> = (0..DIM).map(|d| scatter(c, d)).collect();
+    let norm = raw.iter().map(|v| v * v).sum::<f32>().sqrt();
+    raw.iter().map(|v| v / norm).collect()
 }
 
 /// Unit vectors in 30 directions (item n points mostly along direction n % 30).
@@ -121,7 +129,14 @@ fn write_bundle(dir: &Path, cold_start: bool) {
                            "user": [], "item": [], "cross": []},
     });
     if cold_start {
-        manifest["cold_start"] = json!({"items": NEW_ITEMS, "share": 0.3, "threshold": 0.5});
+        // Genre "g{c}" maps to cluster c's direction (eras and the intercept to nothing).
+        let mut mapping: Vec<Vec<f32>> = (0..30).map(cluster_direction).collect();
+        mapping.extend(std::iter::repeat_n(vec![0.0; DIM], 7 + 2));
+        let genres: Vec<String> = (0..30).map(|c| format!("g{c}")).collect();
+        manifest["cold_start"] = json!({
+            "items": NEW_ITEMS, "share": 0.3, "threshold": 0.5,
+            "content": {"genres": genres, "newest_year": 2019, "era_edges": [0, 1, 2, 4, 8, 18, 38], "mapping": mapping},
+        });
     }
     std::fs::write(dir.join("manifest.json"), serde_json::to_string(&manifest).unwrap()).unwrap();
 }
@@ -187,10 +202,24 @@ fn the_cold_start_channel_finds_new_items_near_the_users_vector() {
     let score = index.score(Channel::ColdStart, &signals, proposals[0]).unwrap();
     assert!(score > 0.99 && score <= 1.0001, "{score}");
 
-    // Without the manifest's cold-start section the channel proposes nothing from the bundle.
+    // An item added after training is placed by the vector its attributes map to: a
+    // genre of the user's cluster first, whatever is newer.
+    let runtime = |id: &str, category: &str| {
+        std::sync::Arc::new(CatalogItem { item_id: id.into(), category: category.into(), ..CatalogItem::default() })
+    };
+    let added = [runtime("newest", "g7"), runtime("of-cluster-5", "g5|unknown"), runtime("no-genre", "")];
+    let ordered = index.order_runtime_items(&signals, &added, 2);
+    assert_eq!(ordered[0].0, "of-cluster-5", "{ordered:?}");
+    assert!(ordered[0].1 > 0.99, "cosine with the user's direction: {ordered:?}");
+    assert_eq!(ordered.len(), 2);
+
+    // Without the manifest's cold-start section the channel proposes nothing from the
+    // bundle, and run-time items newest first.
     let plain = tempfile::tempdir().unwrap();
     write_bundle(plain.path(), false);
     let index = RecallIndex::load(plain.path(), 64).unwrap();
     let signals = index.signals("someone-new", &history, &[1.0; 5]);
     assert!(index.propose(Channel::ColdStart, &signals, &ExcludedItems::default(), 10).is_empty());
+    let ordered = index.order_runtime_items(&signals, &added, 2);
+    assert_eq!(ordered, [("newest".to_string(), 1.0), ("of-cluster-5".to_string(), 1.0)]);
 }

@@ -245,10 +245,11 @@ impl Ranker {
             };
             items.push(item);
             // Only an item recall proposed from this very version, which this version
-            // says nobody has interacted with, can be the pick.
-            let new_here = scored_here && candidate.position > 0 && self.catalog[item].interactions == 0;
+            // says nobody has interacted with, can be the pick (the catalogue is read
+            // last: at a million items each read is a cache miss).
+            let new_here = || scored_here && candidate.position > 0 && self.catalog[item].interactions == 0;
             if let Some(score) =
-                threshold.filter(|_| new_here).and_then(|threshold| new_item_score(candidate, threshold))
+                threshold.and_then(|threshold| new_item_score(candidate, threshold)).filter(|_| new_here())
             {
                 if cold_start_pick.is_none_or(|(best, _)| score > best) {
                     cold_start_pick = Some((score, item));

@@ -154,7 +154,8 @@ impl RecallIndex {
     }
 
     /// The channel's own score of `item` for this user, whether or not it proposed the
-    /// item; `None` when the channel has nothing to say about this user.
+    /// item; `None` when the channel has nothing to say about this user (or, for the
+    /// cold-start channel, about this bundle: it has no items without interactions).
     pub fn score(&self, channel: Channel, signals: &UserSignals, item: usize) -> Option<f32> {
         match channel {
             Channel::Embedding => signals.vector.as_ref().map(|v| self.embeddings.score(v, item)),

@@ -65,9 +65,10 @@ pub struct Config {
     /// are left out of every channel.
     pub catalog: recsys_runtime::catalog::CatalogConfig,
     /// New items from the run-time catalogue that no bundle knows yet (published within
-    /// `new_item_days`), newest first, which the cold-start channel proposes beside the
-    /// bundle's candidates (0: none). rank-svc cannot score them and passes them on last;
-    /// rerank's rules (freshness, pins) decide where they show.
+    /// `new_item_days`) which the cold-start channel proposes beside the bundle's
+    /// candidates (0: none): the ones whose attributes map nearest the user through the
+    /// bundle's content map (newest first without one). rank-svc cannot score them and
+    /// passes them on last; rerank's rules (freshness, pins) decide where they show.
     pub new_items: usize,
     pub new_item_days: u32,
 }

@@ -411,29 +411,28 @@ async fn candidates_carry_every_channels_work_and_requests_stay_on_one_bundle() 
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(recalled.candidates.len(), 200);
+    let candidates = recalled.candidates.clone().expect("recall answers with candidates");
+    assert_eq!(candidates.len(), 200);
+    assert_eq!(candidates.check_aligned(), Ok(()));
     assert!(!recalled.bundle_version.is_empty());
     // A known user with history: every channel can score every candidate — but the
     // cold-start one, which has nothing to say where every item of the bundle has
     // interactions (MovieLens's).
     let scoring: Vec<Channel> = Channel::ALL.into_iter().filter(|&channel| channel != Channel::ColdStart).collect();
-    for candidate in &recalled.candidates {
-        let channels: Vec<Channel> = candidate.channel_scores.iter().map(|score| score.channel()).collect();
-        assert_eq!(channels, scoring, "{}", candidate.item_id);
-        assert!(
-            candidate.channel_scores.iter().any(|score| score.rank > 0),
-            "some channel proposed {}",
-            candidate.item_id
-        );
-        assert!(candidate.channel_scores.iter().all(|score| score.score.is_finite()));
+    let channels: Vec<Channel> = candidates.channels.iter().map(|column| column.channel()).collect();
+    assert_eq!(channels, scoring);
+    for column in &candidates.channels {
+        assert_eq!((column.scores.len(), column.ranks.len()), (200, 200), "{:?}", column.channel());
+        assert!(column.scores.iter().all(|score| score.is_finite()));
+    }
+    for (index, item_id) in candidates.item_ids.iter().enumerate() {
+        assert!(candidates.channels.iter().any(|column| column.rank(index) > 0), "some channel proposed {item_id}");
     }
     // The ranks are the channels' own orders: rank 1 of item-to-item is its best score.
-    let item_cf = |candidate: &recsys_proto::v1::Candidate| {
-        candidate.channel_scores.iter().find(|score| score.channel() == Channel::ItemCf).cloned().unwrap()
-    };
-    let first = recalled.candidates.iter().find(|c| item_cf(c).rank == 1).expect("item_cf's first proposal is fused");
-    let best = recalled.candidates.iter().map(|c| item_cf(c).score).fold(f32::MIN, f32::max);
-    assert_eq!(item_cf(first).score, best);
+    let item_cf = candidates.channel(Channel::ItemCf).unwrap();
+    let first = item_cf.ranks.iter().position(|&rank| rank == 1).expect("item_cf's first proposal is fused");
+    let best = item_cf.scores.iter().copied().fold(f32::MIN, f32::max);
+    assert_eq!(item_cf.scores[first], best);
     // Event times must be aligned with the history (the real-time channel's session).
     let mut misaligned = user.clone();
     misaligned.history_timestamps.pop();
@@ -449,7 +448,7 @@ async fn candidates_carry_every_channels_work_and_requests_stay_on_one_bundle() 
     let rank = RankServiceClient::new(cluster.channel(Service::Rank))
         .rank(RankRequest {
             user: Some(user.clone()),
-            candidates: recalled.candidates.clone(),
+            candidates: Some(candidates.clone()),
             bundle_version: pinned_elsewhere.clone(),
             ..RankRequest::default()
         })
@@ -470,24 +469,20 @@ async fn candidates_carry_every_channels_work_and_requests_stay_on_one_bundle() 
 
     // Pinned to recall's bundle, rank accepts the candidates as recall sent them.
     let mut rank = RankServiceClient::new(cluster.channel(Service::Rank));
-    let request = |candidates: Vec<recsys_proto::v1::Candidate>| RankRequest {
+    let request = |candidates: recsys_proto::v1::CandidateColumns| RankRequest {
         user: Some(user.clone()),
-        candidates,
+        candidates: Some(candidates),
         bundle_version: recalled.bundle_version.clone(),
         fine_keep: 20,
         ..RankRequest::default()
     };
-    let ranked = rank.rank(request(recalled.candidates.clone())).await.unwrap().into_inner();
+    let ranked = rank.rank(request(candidates.clone())).await.unwrap().into_inner();
     assert_eq!(ranked.items.len(), 20);
     assert_eq!(ranked.model_version, recalled.bundle_version);
 
     // Recall's embedding scores are rank's features as they are: the same candidates without
     // them (rank computes the inner products itself) rank identically.
-    let bare: Vec<_> = recalled
-        .candidates
-        .iter()
-        .map(|candidate| recsys_proto::v1::Candidate { channel_scores: Vec::new(), ..candidate.clone() })
-        .collect();
+    let bare = recsys_proto::v1::CandidateColumns { channels: Vec::new(), ..candidates.clone() };
     let recomputed = rank.rank(request(bare)).await.unwrap().into_inner();
     assert_eq!(
         ranked.items.iter().map(|item| &item.item_id).collect::<Vec<_>>(),
@@ -497,20 +492,27 @@ async fn candidates_carry_every_channels_work_and_requests_stay_on_one_bundle() 
         assert!((used.fine_score - computed.fine_score).abs() < 1e-6, "{used:?} vs {computed:?}");
     }
     // A score that is not a number is refused, naming the candidate.
-    let mut poisoned = recalled.candidates.clone();
-    for score in &mut poisoned[3].channel_scores {
-        if score.channel() == Channel::Embedding {
-            score.score = f32::NAN;
-        }
-    }
+    let mut poisoned = candidates.clone();
+    let embedding = poisoned.channels.iter().position(|column| column.channel() == Channel::Embedding).unwrap();
+    poisoned.channels[embedding].scores[3] = f32::NAN;
     let refused = rank.rank(request(poisoned)).await.unwrap_err();
     assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
-    assert!(refused.message().contains("candidates[3]"), "{}", refused.message());
+    assert!(
+        refused.message().contains(&format!("candidates.channels[{embedding}].scores[3]")),
+        "{}",
+        refused.message()
+    );
+    // A column that does not line up with the item ids is refused, naming it.
+    let mut short = candidates.clone();
+    short.channels[1].ranks.pop();
+    let refused = rank.rank(request(short)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("candidates.channels[1].ranks has 199 entries"), "{}", refused.message());
     // Recall's positions are read, not looked up — and checked against the ids.
-    assert!(recalled.candidates.iter().all(|candidate| candidate.position > 0));
-    let mut misplaced = recalled.candidates.clone();
-    misplaced[5].position = misplaced[6].position;
+    assert!(candidates.positions.iter().all(|&position| position > 0));
+    let mut misplaced = candidates.clone();
+    misplaced.positions[5] = misplaced.positions[6];
     let refused = rank.rank(request(misplaced)).await.unwrap_err();
     assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
-    assert!(refused.message().contains("candidates[5].position"), "{}", refused.message());
+    assert!(refused.message().contains("candidates.positions[5]"), "{}", refused.message());
 }

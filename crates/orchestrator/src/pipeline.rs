@@ -16,10 +16,10 @@ use std::{
 use recsys_proto::{
     limits::MAX_HISTORY,
     v1::{
-        feature_service_client::FeatureServiceClient, AppendEventsRequest, AppendEventsResponse, Candidate, Channel,
-        ChannelScore, ChannelWeight, Event, EventRejection, EventType, ExperimentAssignment, GetUserFeaturesRequest,
-        Impression, ItemTrace, LogEventsResponse, RankRequest, RecallRequest, RecallResponse, RecommendResponse,
-        RecommendedItem, RerankCandidate, RerankRequest, RerankResponse, RerankedItem, UserFeatures,
+        feature_service_client::FeatureServiceClient, AppendEventsRequest, AppendEventsResponse, CandidateColumns,
+        Channel, ChannelColumn, ChannelWeight, Event, EventRejection, EventType, ExperimentAssignment,
+        GetUserFeaturesRequest, Impression, ItemTrace, LogEventsResponse, RankRequest, RecallRequest, RecallResponse,
+        RecommendResponse, RecommendedItem, RerankCandidate, RerankRequest, RerankResponse, RerankedItem, UserFeatures,
     },
 };
 use recsys_runtime::{
@@ -49,7 +49,7 @@ pub struct Pipeline {
     rank: RankRouting,
     config: Config,
     /// Popular items: the answer of last resort.
-    popular_fallback: RwLock<Arc<Vec<Candidate>>>,
+    popular_fallback: RwLock<Arc<CandidateColumns>>,
     /// Lists computed in the last seconds, answering a user's repeats and next pages.
     cache: PredictionCache,
     /// Items changed at run time: the last check of every answer.
@@ -97,7 +97,7 @@ impl<T> Outcome<T> {
 
 /// Recall's candidates and the bundle they come from (empty for the popular fallback).
 struct Recalled {
-    candidates: Vec<Candidate>,
+    candidates: CandidateColumns,
     bundle_version: String,
 }
 
@@ -341,7 +341,7 @@ impl Pipeline {
         let user = Arc::unwrap_or_clone(request).user.unwrap_or_default();
         let outcome = match result {
             Ok(RecallResponse { candidates, bundle_version }) => {
-                Outcome::served(Recalled { candidates, bundle_version })
+                Outcome::served(Recalled { candidates: candidates.unwrap_or_default(), bundle_version })
             }
             Err(_) => Outcome::fallback(Recalled {
                 candidates: self.popular_excluding(&user, query),
@@ -361,7 +361,7 @@ impl Pipeline {
     ) -> Outcome<Ranked> {
         let request = Arc::new(RankRequest {
             user: Some(user),
-            candidates: recalled.candidates,
+            candidates: Some(recalled.candidates),
             coarse_keep: plan.coarse_keep,
             fine_keep: plan.window as u32,
             request_time: query.request_time.map(|time| time.0),
@@ -394,13 +394,16 @@ impl Pipeline {
             Err(_) => {
                 // The stack has dropped its references by now, so this takes the
                 // candidates back without a copy.
-                let candidates = Arc::unwrap_or_clone(request).candidates;
+                let candidates = Arc::unwrap_or_clone(request).candidates.unwrap_or_default();
+                let scores = candidates.scores;
                 let items = candidates
+                    .item_ids
                     .into_iter()
                     .take(plan.window)
-                    .map(|candidate| RerankCandidate {
-                        item_id: candidate.item_id,
-                        score: candidate.score,
+                    .enumerate()
+                    .map(|(index, item_id)| RerankCandidate {
+                        item_id,
+                        score: scores.get(index).copied().unwrap_or(0.0),
                         counts: None,
                         cold_start: false,
                     })
@@ -629,17 +632,17 @@ impl Pipeline {
             .call(Arc::new(request), until)
             .await
             .map_err(|source| OrchestratorError::Stage { stage: Stage::Recall, source })?;
-        let count = response.candidates.len();
+        let candidates = response.candidates.unwrap_or_default();
+        let count = candidates.len();
         if count > 0 {
-            *self.popular_fallback.write().unwrap_or_else(|poisoned| poisoned.into_inner()) =
-                Arc::new(response.candidates);
+            *self.popular_fallback.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(candidates);
         }
         Ok(count)
     }
 
     /// The popular list less the user's history and the caller's exclusions: the one
     /// place besides recall that filters, because here recall could not.
-    fn popular_excluding(&self, user: &UserFeatures, query: &RecommendQuery) -> Vec<Candidate> {
+    fn popular_excluding(&self, user: &UserFeatures, query: &RecommendQuery) -> CandidateColumns {
         let popular = Arc::clone(&self.popular_fallback.read().unwrap_or_else(|poisoned| poisoned.into_inner()));
         let excluded: std::collections::HashSet<&str> = user
             .history_item_ids
@@ -647,51 +650,49 @@ impl Pipeline {
             .map(String::as_str)
             .chain(query.exclude_item_ids.iter().map(|id| id.as_str()))
             .collect();
-        popular.iter().filter(|c| !excluded.contains(c.item_id.as_str())).cloned().collect()
+        popular.select((0..popular.len()).filter(|&index| !excluded.contains(popular.item_ids[index].as_str())))
     }
 }
 
 /// Recall's score and channels by item, for debug traces.
-fn recall_traces(candidates: &[Candidate]) -> HashMap<String, (f32, Vec<String>)> {
+fn recall_traces(candidates: &CandidateColumns) -> HashMap<String, (f32, Vec<String>)> {
     candidates
+        .item_ids
         .iter()
-        .map(|candidate| {
-            let channels = candidate
-                .channel_scores
+        .enumerate()
+        .map(|(index, item_id)| {
+            let channels = candidates
+                .channels
                 .iter()
-                .filter(|score| score.rank > 0)
-                .map(|score| score.channel().name().to_string())
+                .filter(|column| column.rank(index) > 0)
+                .map(|column| column.channel().name().to_string())
                 .collect();
-            (candidate.item_id.clone(), (candidate.score, channels))
+            (item_id.clone(), (candidates.score(index), channels))
         })
         .collect()
 }
 
 /// The bundle's popularity list, so the fallback exists before recall ever answers.
-fn seed_popular(config: &Config) -> Vec<Candidate> {
+fn seed_popular(config: &Config) -> CandidateColumns {
     let Some(root) = &config.fallback_bundle else {
-        return Vec::new();
+        return CandidateColumns::default();
     };
     let count = config.candidate_count as usize;
     match recsys_bundle::resolve_dir(root).and_then(|dir| recsys_bundle::most_popular(&dir, count)) {
-        Ok(popular) => popular
-            .into_iter()
-            .enumerate()
-            .map(|(position, (item_id, score))| Candidate {
-                item_id,
-                score,
-                channel_scores: vec![ChannelScore {
-                    channel: Channel::Popular as i32,
-                    score,
-                    rank: position as u32 + 1,
-                }],
+        Ok(popular) => {
+            let (item_ids, scores): (Vec<String>, Vec<f32>) = popular.into_iter().unzip();
+            let ranks = (1..=item_ids.len() as u32).collect();
+            CandidateColumns {
+                item_ids,
+                channels: vec![ChannelColumn { channel: Channel::Popular as i32, scores: scores.clone(), ranks }],
+                scores,
                 // The fallback is read by id: it may outlive the bundle it came from.
-                position: 0,
-            })
-            .collect(),
+                positions: Vec::new(),
+            }
+        }
         Err(error) => {
             tracing::warn!(%error, "no popular fallback from the bundle; waiting for recall");
-            Vec::new()
+            CandidateColumns::default()
         }
     }
 }

@@ -70,3 +70,128 @@ impl v1::EventType {
         !matches!(self, Self::Impression | Self::Unspecified)
     }
 }
+
+impl v1::CandidateColumns {
+    /// How many candidates: one per item id.
+    pub fn len(&self) -> usize {
+        self.item_ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.item_ids.is_empty()
+    }
+
+    /// Candidate `index`'s fused recall score; 0 when the column is not given.
+    pub fn score(&self, index: usize) -> f32 {
+        self.scores.get(index).copied().unwrap_or(0.0)
+    }
+
+    /// Candidate `index`'s 1-based catalogue position; 0 when not given.
+    pub fn position(&self, index: usize) -> u32 {
+        self.positions.get(index).copied().unwrap_or(0)
+    }
+
+    /// The column of `channel`, when it was sent.
+    pub fn channel(&self, channel: v1::Channel) -> Option<&v1::ChannelColumn> {
+        self.channels.iter().find(|column| column.channel() == channel)
+    }
+
+    /// Every column is empty or has one entry per item id; otherwise the first one that
+    /// has not, named as the request spells it (`candidates.channels[1].ranks`), with its
+    /// length and the item count.
+    pub fn check_aligned(&self) -> Result<(), String> {
+        let count = self.len();
+        let mut columns =
+            vec![("scores".to_string(), self.scores.len()), ("positions".to_string(), self.positions.len())];
+        for (n, column) in self.channels.iter().enumerate() {
+            columns.push((format!("channels[{n}].scores"), column.scores.len()));
+            columns.push((format!("channels[{n}].ranks"), column.ranks.len()));
+        }
+        match columns.into_iter().find(|&(_, len)| len != 0 && len != count) {
+            Some((name, len)) => Err(format!("candidates.{name} has {len} entries for {count} item ids")),
+            None => Ok(()),
+        }
+    }
+
+    /// The candidates at `indices`, in that order, every column with them (an index past
+    /// the end is skipped).
+    pub fn select(&self, indices: impl IntoIterator<Item = usize>) -> Self {
+        let indices: Vec<usize> = indices.into_iter().filter(|&index| index < self.len()).collect();
+        Self {
+            item_ids: indices.iter().map(|&index| self.item_ids[index].clone()).collect(),
+            scores: pick(&self.scores, &indices),
+            positions: pick(&self.positions, &indices),
+            channels: self
+                .channels
+                .iter()
+                .map(|column| v1::ChannelColumn {
+                    channel: column.channel,
+                    scores: pick(&column.scores, &indices),
+                    ranks: pick(&column.ranks, &indices),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// A column's entries at `indices`; a column not given stays empty (and a short one reads
+/// as zeros: the checked request path never sees one).
+fn pick<T: Copy + Default>(column: &[T], indices: &[usize]) -> Vec<T> {
+    if column.is_empty() {
+        return Vec::new();
+    }
+    indices.iter().map(|&index| column.get(index).copied().unwrap_or_default()).collect()
+}
+
+impl v1::ChannelColumn {
+    /// The channel's score of candidate `index`; 0 when not given.
+    pub fn score(&self, index: usize) -> f32 {
+        self.scores.get(index).copied().unwrap_or(0.0)
+    }
+
+    /// Candidate `index`'s 1-based rank among the channel's proposals; 0 when it did not
+    /// propose it (or the column is not given).
+    pub fn rank(&self, index: usize) -> u32 {
+        self.ranks.get(index).copied().unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::v1::{CandidateColumns, Channel, ChannelColumn};
+
+    fn three() -> CandidateColumns {
+        CandidateColumns {
+            item_ids: vec!["a".into(), "b".into(), "c".into()],
+            scores: vec![0.3, 0.2, 0.1],
+            positions: Vec::new(),
+            channels: vec![ChannelColumn {
+                channel: Channel::Popular as i32,
+                scores: vec![9.0, 8.0, 7.0],
+                ranks: vec![1, 0, 2],
+            }],
+        }
+    }
+
+    #[test]
+    fn a_column_is_empty_or_one_entry_per_item() {
+        assert_eq!(three().check_aligned(), Ok(()), "positions not given");
+        let mut short = three();
+        short.channels[0].ranks.pop();
+        assert_eq!(short.check_aligned(), Err("candidates.channels[0].ranks has 2 entries for 3 item ids".into()));
+        let mut long = three();
+        long.positions = vec![1, 2, 3, 4];
+        assert_eq!(long.check_aligned(), Err("candidates.positions has 4 entries for 3 item ids".into()));
+    }
+
+    #[test]
+    fn selecting_keeps_every_column_in_line() {
+        let picked = three().select([2, 0, 7]);
+        assert_eq!(picked.item_ids, ["c", "a"], "an index past the end is skipped");
+        assert_eq!(picked.scores, [0.1, 0.3]);
+        assert!(picked.positions.is_empty(), "a column not given stays so");
+        assert_eq!(picked.channels[0].scores, [7.0, 9.0]);
+        assert_eq!(picked.channels[0].ranks, [2, 1]);
+        assert_eq!((picked.score(1), picked.position(1), picked.channels[0].rank(5)), (0.3, 0, 0));
+    }
+}

@@ -11,7 +11,7 @@ use recsys_bundle::{
     read_catalog, read_manifest, read_user_ids, CatalogItem, CrossSource, EmbeddingSpace, FeatureConfig, ItemIds,
     ItemScores, ItemToItem, ItemWindowCounts, PositionHasher, RankerInputs, UserAttributes, RECENT_ITEMS,
 };
-use recsys_proto::v1::{Candidate, Channel, UserFeatures};
+use recsys_proto::v1::{CandidateColumns, Channel, ChannelColumn, UserFeatures};
 
 use crate::{drift::ScoreDrift, ModelInput, ModelOptions, OnnxModel, RankError, Result, COARSE_INPUTS, FINE_INPUTS};
 
@@ -213,32 +213,42 @@ impl Ranker {
     /// Recall's candidates as this version reads them. `scored_here` says recall scored
     /// them on this very bundle version (the request is pinned to it): then each one's
     /// catalogue position and embedding inner product come with it and are used as they are.
-    pub fn candidates(&self, candidates: &[Candidate], scored_here: bool) -> Result<Candidates> {
+    pub fn candidates(&self, candidates: &CandidateColumns, scored_here: bool) -> Result<Candidates> {
+        candidates.check_aligned().map_err(RankError::InvalidArgument)?;
         let mut items = Vec::with_capacity(candidates.len());
         let mut unscored = Vec::new();
-        let mut embedding_scores = scored_here.then(|| Vec::with_capacity(candidates.len()));
+        // Recall's inner products, when it computed them on this version for this user.
+        let recalled = candidates
+            .channels
+            .iter()
+            .enumerate()
+            .find(|(_, column)| column.channel() == Channel::Embedding && !column.scores.is_empty())
+            .filter(|_| scored_here);
+        let mut embedding_scores = recalled.map(|_| Vec::with_capacity(candidates.len()));
         // The best new item recall's cold-start channel proposed at or above the bundle's
         // threshold, by that channel's score.
+        let cold_start = candidates.channel(Channel::ColdStart);
         let threshold = self.cold_start_threshold;
         let mut cold_start_pick: Option<(f32, usize)> = None;
-        for (index, candidate) in candidates.iter().enumerate() {
-            let item = match candidate.position {
+        for (index, item_id) in candidates.item_ids.iter().enumerate() {
+            let position = candidates.position(index);
+            let item = match position {
                 // Recall's position on this very version: checked, not looked up.
                 position if scored_here && position > 0 => {
-                    match self.embeddings.item_at(position as usize - 1, &candidate.item_id) {
+                    match self.embeddings.item_at(position as usize - 1, item_id) {
                         Some(item) => item,
                         None => {
                             return Err(RankError::InvalidArgument(format!(
-                                "candidates[{index}].position {position} does not hold item {:?} in bundle {}",
-                                candidate.item_id, self.version
+                                "candidates.positions[{index}] {position} does not hold item {item_id:?} in bundle {}",
+                                self.version
                             )))
                         }
                     }
                 }
-                _ => match self.embeddings.item_position(&candidate.item_id) {
+                _ => match self.embeddings.item_position(item_id) {
                     Some(item) => item,
                     None => {
-                        unscored.push(candidate.item_id.clone());
+                        unscored.push(item_id.clone());
                         continue;
                     }
                 },
@@ -247,25 +257,24 @@ impl Ranker {
             // Only an item recall proposed from this very version, which this version
             // says nobody has interacted with, can be the pick (the catalogue is read
             // last: at a million items each read is a cache miss).
-            let new_here = || scored_here && candidate.position > 0 && self.catalog[item].interactions == 0;
-            if let Some(score) =
-                threshold.and_then(|threshold| new_item_score(candidate, threshold)).filter(|_| new_here())
+            let new_here = || scored_here && position > 0 && self.catalog[item].interactions == 0;
+            if let Some(score) = threshold
+                .zip(cold_start)
+                .and_then(|(threshold, column)| new_item_score(column, index, threshold))
+                .filter(|_| new_here())
             {
                 if cold_start_pick.is_none_or(|(best, _)| score > best) {
                     cold_start_pick = Some((score, item));
                 }
             }
-            let recalled = candidate.channel_scores.iter().find(|score| score.channel() == Channel::Embedding);
-            match (recalled, &mut embedding_scores) {
-                (Some(score), Some(scores)) if score.score.is_finite() => scores.push(score.score),
-                (Some(_), Some(_)) => {
+            if let (Some((channel, column)), Some(scores)) = (recalled, &mut embedding_scores) {
+                let score = column.score(index);
+                if !score.is_finite() {
                     return Err(RankError::InvalidArgument(format!(
-                        "candidates[{index}].channel_scores: the embedding score is not a finite number"
-                    )))
+                        "candidates.channels[{channel}].scores[{index}]: the embedding score is not a finite number"
+                    )));
                 }
-                // Recall did not score every candidate: they are all computed here.
-                (None, _) => embedding_scores = None,
-                (_, None) => {}
+                scores.push(score);
             }
         }
         Ok(Candidates { items, embedding_scores, unscored, cold_start_pick: cold_start_pick.map(|(_, item)| item) })
@@ -542,11 +551,11 @@ impl Ranker {
     }
 }
 
-/// A candidate's cold-start channel score when that channel proposed it (one of the
+/// Candidate `index`'s cold-start channel score when that channel proposed it (one of the
 /// bundle's items without interactions) and it reaches `threshold`.
-fn new_item_score(candidate: &Candidate, threshold: f32) -> Option<f32> {
-    let score = candidate.channel_scores.iter().find(|score| score.channel() == Channel::ColdStart)?;
-    (score.rank > 0 && score.score.is_finite() && score.score >= threshold).then_some(score.score)
+fn new_item_score(cold_start: &ChannelColumn, index: usize, threshold: f32) -> Option<f32> {
+    let score = cold_start.score(index);
+    (cold_start.rank(index) > 0 && score.is_finite() && score >= threshold).then_some(score)
 }
 
 /// Candidates of one request: catalogue positions, and recall's embedding inner product of
@@ -573,24 +582,20 @@ pub struct FineStage {
 
 #[cfg(test)]
 mod tests {
-    use recsys_proto::v1::ChannelScore;
-
     use super::*;
 
     #[test]
     fn a_new_item_is_the_cold_start_channels_proposal_at_or_above_the_threshold() {
-        let candidate = |rank: u32, score: f32| Candidate {
-            item_id: "i".into(),
-            channel_scores: vec![
-                ChannelScore { channel: Channel::Embedding as i32, score: 9.0, rank: 1 },
-                ChannelScore { channel: Channel::ColdStart as i32, score, rank },
-            ],
-            ..Candidate::default()
+        let column = ChannelColumn {
+            channel: Channel::ColdStart as i32,
+            scores: vec![0.3, 0.3, f32::NAN, 0.9],
+            ranks: vec![2, 0, 1],
         };
-        assert_eq!(new_item_score(&candidate(2, 0.3), 0.3), Some(0.3));
-        assert_eq!(new_item_score(&candidate(2, 0.3), 0.31), None, "below the threshold");
-        assert_eq!(new_item_score(&candidate(0, 0.3), 0.0), None, "scored, not proposed: a known item");
-        assert_eq!(new_item_score(&candidate(1, f32::NAN), 0.0), None);
-        assert_eq!(new_item_score(&Candidate::default(), 0.0), None);
+        assert_eq!(new_item_score(&column, 0, 0.3), Some(0.3));
+        assert_eq!(new_item_score(&column, 0, 0.31), None, "below the threshold");
+        assert_eq!(new_item_score(&column, 1, 0.0), None, "scored, not proposed: a known item");
+        assert_eq!(new_item_score(&column, 2, 0.0), None);
+        assert_eq!(new_item_score(&column, 3, 0.0), None, "no rank given");
+        assert_eq!(new_item_score(&ChannelColumn::default(), 0, 0.0), None);
     }
 }

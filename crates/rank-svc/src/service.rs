@@ -125,6 +125,7 @@ impl RankService for RankGrpc {
         let RankRequest { user, candidates, coarse_keep, fine_keep, request_time, bundle_version } =
             request.into_inner();
         let user = user.ok_or_else(|| RankError::InvalidArgument("user is required".into()))?;
+        let candidates = candidates.unwrap_or_default();
         if candidates.len() > MAX_CANDIDATES || user.history_item_ids.len() > MAX_HISTORY as usize {
             return Err(RankError::InvalidArgument(format!(
                 "{} candidates and {} history items; at most {MAX_CANDIDATES} and {MAX_HISTORY} allowed",

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 
 use rank_svc::{item_window_counts, onnx_environment, BatchingConfig, FineVariant, MicroBatcher, ModelOptions, Ranker};
 use recsys_proto::v1::{
-    rank_service_server::RankService, Candidate, EventCounts, GetItemFeaturesRequest, GetItemFeaturesResponse,
+    rank_service_server::RankService, CandidateColumns, EventCounts, GetItemFeaturesRequest, GetItemFeaturesResponse,
     ItemFeatures, RankRequest, RankResponse, UserFeatures, UserProfile, WindowedCounts,
 };
 use recsys_runtime::item_features::ItemFeatureSource;
@@ -300,13 +300,14 @@ async fn live_item_counts_are_read_for_the_fine_stages_candidates() {
         ..rank_svc::Config::default()
     };
     let registry = rank_svc::open_registry(&config).unwrap();
-    let candidates: Vec<Candidate> = (0..200.min(ranker.item_count()))
-        .map(|n| Candidate { item_id: ranker.item_id(n).to_string(), ..Candidate::default() })
-        .collect();
+    let candidates = CandidateColumns {
+        item_ids: (0..200.min(ranker.item_count())).map(|n| ranker.item_id(n).to_string()).collect(),
+        ..CandidateColumns::default()
+    };
     let history: Vec<String> = (200..205.min(ranker.item_count())).map(|n| ranker.item_id(n).to_string()).collect();
     let request = RankRequest {
         user: Some(UserFeatures { user_id: "someone".into(), history_item_ids: history, ..UserFeatures::default() }),
-        candidates,
+        candidates: Some(candidates),
         coarse_keep: 20,
         request_time: Some(NOW),
         ..RankRequest::default()
@@ -401,7 +402,7 @@ fn bundle_with_new_items(threshold: f32, new: &[usize]) -> tempfile::TempDir {
 /// interactions, or for a request not pinned to the bundle, nothing is marked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_best_new_item_above_the_threshold_is_kept_and_marked() {
-    use recsys_proto::v1::{Channel, ChannelScore};
+    use recsys_proto::v1::{Channel, ChannelColumn};
     let ranker = load_ranker();
     // The last three of 100 candidates are the cold-start channel's, scoring 0.9, 0.7,
     // 0.6; 98 and 99 are new in the copied bundle, 97 is not (it has interactions).
@@ -420,18 +421,15 @@ async fn the_best_new_item_above_the_threshold_is_kept_and_marked() {
             None,
             std::time::Duration::from_millis(500),
         );
-        let candidates: Vec<Candidate> = (0..100)
-            .map(|n| {
-                let (rank, score) =
-                    cold.iter().position(|&(item, _)| item == n).map_or((0, 0.1), |at| (at as u32 + 1, cold[at].1));
-                Candidate {
-                    item_id: ranker.item_id(n).to_string(),
-                    position: n as u32 + 1,
-                    channel_scores: vec![ChannelScore { channel: Channel::ColdStart as i32, score, rank }],
-                    ..Candidate::default()
-                }
-            })
-            .collect();
+        let (ranks, scores) = (0..100)
+            .map(|n| cold.iter().position(|&(item, _)| item == n).map_or((0, 0.1), |at| (at as u32 + 1, cold[at].1)))
+            .unzip();
+        let candidates = CandidateColumns {
+            item_ids: (0..100).map(|n| ranker.item_id(n).to_string()).collect(),
+            positions: (1..=100).collect(),
+            channels: vec![ChannelColumn { channel: Channel::ColdStart as i32, scores, ranks }],
+            ..CandidateColumns::default()
+        };
         let history: Vec<String> = (200..205).map(|n| ranker.item_id(n).to_string()).collect();
         let request = RankRequest {
             user: Some(UserFeatures {
@@ -439,7 +437,7 @@ async fn the_best_new_item_above_the_threshold_is_kept_and_marked() {
                 history_item_ids: history,
                 ..UserFeatures::default()
             }),
-            candidates,
+            candidates: Some(candidates),
             coarse_keep: 5,
             fine_keep: 3,
             request_time: Some(NOW),

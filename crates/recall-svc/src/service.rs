@@ -8,15 +8,15 @@ use recsys_proto::{
     limits::{MAX_CANDIDATES, MAX_EXCLUDED_ITEMS, MAX_HISTORY},
     v1::{
         recall_service_server::{RecallService, RecallServiceServer},
-        Candidate, CatalogItem, ChannelScore, ChannelWeight, RecallRequest, RecallResponse,
+        CandidateColumns, CatalogItem, ChannelColumn, ChannelWeight, RecallRequest, RecallResponse,
     },
 };
 use recsys_runtime::catalog::Catalog;
 use tonic::{Request, Response, Status};
 
 use crate::{
-    fuse_channels, propose_concurrently, Channel, ChannelJob, ChannelList, Config, ExcludedItems, RecallError,
-    RecallIndex, UserSignals,
+    fuse_channels, propose_concurrently, Channel, ChannelJob, ChannelList, Config, ExcludedItems, FusedCandidate,
+    RecallError, RecallIndex, UserSignals,
 };
 
 static CHANNEL_CANDIDATES: std::sync::LazyLock<prometheus::HistogramVec> = std::sync::LazyLock::new(|| {
@@ -156,34 +156,60 @@ impl RecallGrpc {
         // channel; position 0 says no bundle holds them.
         let fused_limit = limit.saturating_sub(request.new_items.len());
         let fused = fuse_channels(&lists, &request.excluded, self.config.rrf_k, fused_limit);
-        let candidates = fused
-            .into_iter()
-            .map(|candidate| Candidate {
-                item_id: index.embeddings.item_ids.get(candidate.item).to_string(),
-                position: candidate.item as u32 + 1,
-                score: candidate.score,
-                channel_scores: Channel::ALL
-                    .iter()
-                    .filter_map(|&channel| {
-                        let score = index.score(channel, &request.signals, candidate.item)?;
-                        let rank = candidate.channels.iter().find(|(c, _)| *c == channel).map_or(0, |&(_, rank)| rank);
-                        Some(ChannelScore { channel: channel as i32, score, rank })
-                    })
-                    .collect(),
-            })
-            .chain(request.new_items.iter().enumerate().map(|(n, (item_id, score))| Candidate {
-                item_id: item_id.clone(),
-                position: 0,
-                score: 0.0,
-                channel_scores: vec![ChannelScore {
-                    channel: Channel::ColdStart as i32,
-                    score: *score,
-                    rank: n as u32 + 1,
-                }],
-            }))
-            .collect();
-        Ok(RecallResponse { candidates, bundle_version: index.version.clone() })
+        let candidates = candidate_columns(&index, &request.signals, &fused, &request.new_items);
+        Ok(RecallResponse { candidates: Some(candidates), bundle_version: index.version.clone() })
     }
+}
+
+/// The fused candidates as the recall → rank contract's columns: every channel that can
+/// score this user scores every candidate; new run-time items (`new_items`, with their
+/// cold-start scores) come last, at position 0, with a score in the cold-start column only.
+fn candidate_columns(
+    index: &RecallIndex,
+    signals: &UserSignals,
+    fused: &[FusedCandidate],
+    new_items: &[(String, f32)],
+) -> CandidateColumns {
+    let count = fused.len() + new_items.len();
+    let mut columns = CandidateColumns {
+        item_ids: Vec::with_capacity(count),
+        scores: Vec::with_capacity(count),
+        positions: Vec::with_capacity(count),
+        channels: Vec::new(),
+    };
+    for candidate in fused {
+        columns.item_ids.push(index.embeddings.item_ids.get(candidate.item).to_string());
+        columns.scores.push(candidate.score);
+        columns.positions.push(candidate.item as u32 + 1);
+    }
+    for &channel in &Channel::ALL {
+        // Whether a channel can score depends on the user's signals, not on the item.
+        let scores: Option<Vec<f32>> =
+            fused.iter().map(|candidate| index.score(channel, signals, candidate.item)).collect();
+        let scores = match scores {
+            Some(scores) => scores,
+            None if channel == Channel::ColdStart && !new_items.is_empty() => vec![0.0; fused.len()],
+            None => continue,
+        };
+        let ranks = fused
+            .iter()
+            .map(|candidate| candidate.channels.iter().find(|(c, _)| *c == channel).map_or(0, |&(_, rank)| rank))
+            .collect();
+        columns.channels.push(ChannelColumn { channel: channel as i32, scores, ranks });
+    }
+    for column in &mut columns.channels {
+        let cold_start = column.channel() == Channel::ColdStart;
+        for (n, (_, score)) in new_items.iter().enumerate() {
+            column.scores.push(if cold_start { *score } else { 0.0 });
+            column.ranks.push(if cold_start { n as u32 + 1 } else { 0 });
+        }
+    }
+    for (item_id, _) in new_items {
+        columns.item_ids.push(item_id.clone());
+        columns.scores.push(0.0);
+        columns.positions.push(0);
+    }
+    columns
 }
 
 /// What every channel of one request reads.
@@ -229,7 +255,7 @@ fn channel_weight_overrides(weights: &[ChannelWeight]) -> Result<[Option<f32>; 6
 impl RecallService for RecallGrpc {
     async fn recall(&self, request: Request<RecallRequest>) -> Result<Response<RecallResponse>, Status> {
         let response = self.recall_candidates(request.into_inner()).await?;
-        tracing::debug!(candidates = response.candidates.len(), "recall served");
+        tracing::debug!(candidates = response.candidates.as_ref().map_or(0, CandidateColumns::len), "recall served");
         Ok(Response::new(response))
     }
 }

@@ -7,7 +7,7 @@ use std::{cell::Cell, collections::HashMap};
 
 use arbitrary::{Result, Unstructured};
 use recsys_proto::v1::{
-    Candidate, CatalogItem, ChannelScore, ChannelWeight, Event, ExperimentAssignment, GetItemFeaturesRequest,
+    CandidateColumns, CatalogItem, ChannelColumn, ChannelWeight, Event, ExperimentAssignment, GetItemFeaturesRequest,
     GetUserFeaturesRequest, Impression, LogEventsRequest, RankRequest, RecallRequest, RecommendRequest,
     RerankCandidate, RerankRequest, UpsertItemsRequest, UserFeatures, UserProfile,
 };
@@ -227,22 +227,41 @@ pub fn recall(u: &mut Unstructured) -> Result<RecallRequest> {
     })
 }
 
-fn candidate(u: &mut Unstructured) -> Result<Candidate> {
-    Ok(Candidate {
-        item_id: id(u)?,
-        score: score(u)?,
-        channel_scores: list(u, 8, |u| {
-            Ok(ChannelScore { channel: enum_value(u, 6)?, score: score(u)?, rank: count(u)? })
+fn candidates(u: &mut Unstructured) -> Result<CandidateColumns> {
+    let item_ids = list(u, 1_100, id)?;
+    let count = item_ids.len();
+    Ok(CandidateColumns {
+        item_ids,
+        scores: column(u, count, score)?,
+        positions: column(u, count, self::count)?,
+        channels: list(u, 8, |u| {
+            Ok(ChannelColumn {
+                channel: enum_value(u, 6)?,
+                scores: column(u, count, score)?,
+                ranks: column(u, count, self::count)?,
+            })
         })?,
-        position: count(u)?,
     })
+}
+
+/// A column of `count` entries, as the contract has it; when hostile, sometimes one of any
+/// length (empty is "not given").
+fn column<T>(
+    u: &mut Unstructured,
+    count: usize,
+    mut element: impl FnMut(&mut Unstructured) -> Result<T>,
+) -> Result<Vec<T>> {
+    if hostile() && u.ratio(1, 8)? {
+        return list(u, 1_100, element);
+    }
+    (0..count).map(|_| element(u)).collect()
 }
 
 pub fn rank(u: &mut Unstructured) -> Result<RankRequest> {
     let _mode = Mode::choose(u)?;
     Ok(RankRequest {
         user: if u.ratio(9, 10)? { Some(user(u)?) } else { None },
-        candidates: list(u, 1_100, candidate)?,
+        candidates: if u.ratio(19, 20)? { Some(candidates(u)?) } else { None },
         coarse_keep: count(u)?,
         fine_keep: count(u)?,
         request_time: if u.arbitrary()? { Some(time_ms(u)? / 1000) } else { None },

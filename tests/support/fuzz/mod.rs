@@ -209,7 +209,7 @@ impl Fuzzer {
             }
             Target::Rank => {
                 let Ok(request) = generate::rank(&mut u) else { return Ok(Verdict::Refused) };
-                let offered = request.candidates.len();
+                let offered = request.candidates.as_ref().map_or(0, |candidates| candidates.len());
                 let mut client = RankServiceClient::new(cluster.channel(Service::Rank));
                 judge(client.rank(with_timeout(request, CALL_TIMEOUT)).await, |response| {
                     match response.items.len() <= offered {

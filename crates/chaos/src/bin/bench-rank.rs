@@ -34,7 +34,7 @@ use recsys_chaos::{
     round, Rng,
 };
 use recsys_proto::v1::{
-    rank_service_client::RankServiceClient, Candidate, Channel, ChannelScore, RankRequest, UserFeatures,
+    rank_service_client::RankServiceClient, CandidateColumns, Channel, ChannelColumn, RankRequest, UserFeatures,
 };
 use serde_json::{json, Value};
 use tokio::process::{Child, Command};
@@ -305,14 +305,11 @@ fn build_requests(
                     history_item_ids: history,
                     ..UserFeatures::default()
                 }),
-                candidates: chosen
-                    .into_iter()
-                    .map(|item| Candidate {
-                        item_id: ranker.item_id(item).to_string(),
-                        position: item as u32 + 1,
-                        ..Candidate::default()
-                    })
-                    .collect(),
+                candidates: Some(CandidateColumns {
+                    item_ids: chosen.iter().map(|&item| ranker.item_id(item).to_string()).collect(),
+                    positions: chosen.iter().map(|&item| item as u32 + 1).collect(),
+                    ..CandidateColumns::default()
+                }),
                 coarse_keep: coarse_keep as u32,
                 fine_keep: 0,
                 request_time: Some(REQUEST_TIME),
@@ -322,18 +319,25 @@ fn build_requests(
         .collect();
     for request in &mut requests {
         let user = request.user.clone().unwrap_or_default();
-        let positions = ranker.resolve_items(request.candidates.iter().map(|c| c.item_id.as_str()));
+        let Some(candidates) = request.candidates.as_mut() else { continue };
+        let positions = ranker.resolve_items(candidates.item_ids.iter().map(String::as_str));
         let features = ranker.fine_inputs(&user, &positions, REQUEST_TIME).cross_features;
-        for (candidate, row) in request.candidates.iter_mut().zip(features.chunks_exact(cross.len().max(1))) {
-            candidate.channel_scores = recalled
-                .iter()
-                .filter_map(|&(channel, column)| {
-                    Some(ChannelScore { channel: channel as i32, score: row[column?], rank: 0 })
-                })
-                .collect();
-        }
+        let rows: Vec<&[f32]> = features.chunks_exact(cross.len().max(1)).collect();
+        candidates.channels = recalled
+            .iter()
+            .filter_map(|&(channel, column)| {
+                let column = column?;
+                let scores = rows.iter().map(|row| row[column]).collect();
+                Some(ChannelColumn { channel: channel as i32, scores, ranks: Vec::new() })
+            })
+            .collect();
     }
     Ok(requests)
+}
+
+/// The request's candidate ids.
+fn item_ids(request: &RankRequest) -> impl Iterator<Item = &str> {
+    request.candidates.iter().flat_map(|candidates| candidates.item_ids.iter().map(String::as_str))
 }
 
 /// `Ranker::rank` called directly (no gRPC, no thread hand-off), for the table: what of
@@ -342,7 +346,7 @@ fn rank_in_process(ranker: &Ranker, requests: &[RankRequest], count: usize) -> a
     let resolved: Vec<(UserFeatures, Vec<usize>)> = requests
         .iter()
         .map(|request| {
-            let items = ranker.resolve_items(request.candidates.iter().map(|c| c.item_id.as_str()));
+            let items = ranker.resolve_items(item_ids(request));
             (request.user.clone().unwrap_or_default(), items)
         })
         .collect();
@@ -373,7 +377,7 @@ fn write_model_inputs(work: &Path, case: &Case, ranker: &Ranker, requests: &[Ran
     };
     for request in requests {
         let user = request.user.clone().unwrap_or_default();
-        let items = ranker.resolve_items(request.candidates.iter().map(|c| c.item_id.as_str()));
+        let items = ranker.resolve_items(item_ids(request));
         let all = ranker.fine_inputs(&user, &items, REQUEST_TIME);
         let candidates = rank_svc::Candidates { items: items.clone(), ..rank_svc::Candidates::default() };
         let stage = ranker.coarse_stage(&user, &candidates, case.coarse_keep, REQUEST_TIME)?;

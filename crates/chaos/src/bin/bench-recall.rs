@@ -182,7 +182,7 @@ async fn main() -> anyhow::Result<()> {
         let started = Instant::now();
         let response = client.recall(request(n)).await?.into_inner();
         latencies.push(started.elapsed());
-        returned += response.candidates.len();
+        returned += response.candidates.map_or(0, |candidates| candidates.len());
     }
     latencies.sort();
     let quantile = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize].as_secs_f64() * 1e3;

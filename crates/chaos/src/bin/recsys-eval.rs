@@ -156,18 +156,26 @@ async fn ablation(clients: &Clients, user: UserFeatures, top_k: usize) -> anyhow
             .await?
             .into_inner();
         // Items other channels proposed score 0 and sort last: keep the channel's own.
-        let own = response
-            .candidates
-            .into_iter()
-            .filter(|c| c.channel_scores.iter().any(|score| score.channel() == channel && score.rank > 0));
-        steps.insert(format!("recall:{}", channel.name()), own.map(|c| c.item_id).collect());
+        let candidates = response.candidates.unwrap_or_default();
+        let own = match candidates.channel(channel) {
+            Some(column) => candidates
+                .item_ids
+                .iter()
+                .enumerate()
+                .filter(|&(index, _)| column.rank(index) > 0)
+                .map(|(_, item_id)| item_id.clone())
+                .collect(),
+            None => Vec::new(),
+        };
+        steps.insert(format!("recall:{}", channel.name()), own);
     }
     let fused = recall
         .recall(request(RecallRequest { user: Some(user.clone()), ..RecallRequest::default() }))
         .await?
         .into_inner()
         .candidates;
-    steps.insert("recall:fused".into(), fused.iter().take(top_k).map(|c| c.item_id.clone()).collect());
+    let fused_ids = fused.as_ref().map(|candidates| candidates.item_ids.iter().take(top_k).cloned().collect());
+    steps.insert("recall:fused".into(), fused_ids.unwrap_or_default());
     let ranked = RankServiceClient::new(clients.rank.clone())
         .rank(request(RankRequest {
             request_time: Some(replay_time(&user)),

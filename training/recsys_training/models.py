@@ -1,6 +1,6 @@
-"""The bundle's neural models: BPR matrix factorisation (embedding recall), the coarse MLP
-and the fine rankers (DIN, DeepFM), the last two exported to ONNX for rank-svc. The
-item-to-item model is in ``item_to_item``."""
+"""The bundle's neural models: the retrieval vectors (LightGCN over the user–item graph, or
+BPR matrix factorisation), the coarse MLP and the fine rankers (DIN, DeepFM, Wide & Deep),
+the last two exported to ONNX for rank-svc. The item-to-item model is in ``item_to_item``."""
 
 from __future__ import annotations
 
@@ -25,6 +25,59 @@ class BprMatrixFactorization(nn.Module):
         n = self.items(negatives)
         margin = (u * p).sum(-1) - (u * n).sum(-1)
         regulariser = l2 * (u.pow(2).sum(-1) + p.pow(2).sum(-1) + n.pow(2).sum(-1)).mean()
+        return -nn.functional.logsigmoid(margin).mean() + regulariser
+
+
+def normalised_graph(num_users: int, num_items: int, user_idx: np.ndarray, item_idx: np.ndarray,
+                     weights: np.ndarray) -> torch.Tensor:
+    """The user–item graph's adjacency, users first then items, each edge weighted and the
+    whole symmetrically normalised (D^-1/2 A D^-1/2, D the weighted degrees): LightGCN's
+    propagation matrix, sparse."""
+    nodes = num_users + num_items
+    rows = np.concatenate([user_idx, num_users + item_idx])
+    cols = np.concatenate([num_users + item_idx, user_idx])
+    values = np.concatenate([weights, weights]).astype(np.float64)
+    degree = np.bincount(rows, weights=values, minlength=nodes)
+    scale = np.zeros(nodes)
+    np.power(degree, -0.5, out=scale, where=degree > 0)
+    normalised = (values * scale[rows] * scale[cols]).astype(np.float32)
+    indices = torch.as_tensor(np.vstack([rows, cols]), dtype=torch.int64)
+    return torch.sparse_coo_tensor(indices, torch.as_tensor(normalised), (nodes, nodes)).coalesce()
+
+
+class LightGcn(nn.Module):
+    """LightGCN (He et al., 2020): one free vector per user and item, smoothed over the
+    interaction graph — each layer replaces a node's vector by the weighted, normalised sum
+    of its neighbours' — and the mean of the layers is the node's vector. Scored by the dot
+    product and trained with the BPR loss, L2 on the free vectors. A user's vector is thus
+    mostly the aggregate of the items they chose, which is what serving computes for a user
+    the bundle has not seen (the mean of their items' vectors)."""
+
+    def __init__(self, num_users: int, num_items: int, dim: int, graph: torch.Tensor, layers: int) -> None:
+        super().__init__()
+        self.num_users = num_users
+        self.layers = layers
+        self.graph = graph
+        self.free = nn.Embedding(num_users + num_items, dim)
+        nn.init.normal_(self.free.weight, std=0.1)
+
+    def propagate(self) -> torch.Tensor:
+        """Every node's vector: users, then items."""
+        layer = self.free.weight
+        total = layer
+        for _ in range(self.layers):
+            layer = torch.sparse.mm(self.graph, layer)
+            total = total + layer
+        return total / (self.layers + 1)
+
+    def bpr_loss(self, users: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor, l2: float) -> torch.Tensor:
+        vectors = self.propagate()
+        positives, negatives = positives + self.num_users, negatives + self.num_users
+        u, p, n = vectors[users], vectors[positives], vectors[negatives]
+        margin = (u * p).sum(-1) - (u * n).sum(-1)
+        free = self.free.weight
+        regulariser = l2 * (free[users].pow(2).sum(-1) + free[positives].pow(2).sum(-1)
+                            + free[negatives].pow(2).sum(-1)).mean()
         return -nn.functional.logsigmoid(margin).mean() + regulariser
 
 

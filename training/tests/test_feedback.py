@@ -34,7 +34,7 @@ def test_logged_events_train_the_next_bundle(small_dataset, tmp_path):
     rating = [i for i in data.interactions if i.user_id == "1" and i.event == "rating" and i.rating == 4.0]
     assert rating, "a logged rating keeps its value"
 
-    config = TrainConfig(bpr_epochs=5, ranker_epochs=1, student_epochs=1, batch_size=256, embedding_dim=16,
+    config = TrainConfig(bpr_epochs=5, graph_epochs=5, ranker_epochs=1, student_epochs=1, batch_size=256, embedding_dim=16,
                          ranker_candidates=10, ranker_random_negatives=10)
     published = train_bundle(tmp_path / "merged", tmp_path / "bundles", config, version="next")
     assert "newcomer" in json.loads((published / "users.json").read_text())

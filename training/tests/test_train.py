@@ -8,12 +8,13 @@ from safetensors.numpy import load_file
 
 from recsys_training.bundle import verify
 from recsys_training.content import cold_start_scores
-from recsys_training.models import auc
-from recsys_training.train import TrainConfig, train_bundle
+from recsys_training.data import Interaction
+from recsys_training.models import auc, normalised_graph
+from recsys_training.train import TrainConfig, edge_weight, train_bundle
 
 
 def quick_config() -> TrainConfig:
-    return TrainConfig(bpr_epochs=15, ranker_epochs=3, batch_size=256, embedding_dim=16, ranker_candidates=10,
+    return TrainConfig(bpr_epochs=15, graph_epochs=100, ranker_epochs=3, batch_size=256, embedding_dim=16, ranker_candidates=10,
                        ranker_random_negatives=10)
 
 
@@ -183,3 +184,33 @@ def test_new_items_get_vectors_from_their_attributes_and_a_cold_start_threshold(
     for item, fans, others in ((40, action_fans, comedy_fans), (42, comedy_fans, action_fans)):
         scores = users @ vectors[item]
         assert scores[fans].mean() > scores[others].mean(), f"new item {item} leans to its genre's users"
+
+
+def test_the_graph_is_weighted_and_symmetrically_normalised():
+    # Users 0, 1 then items 0, 1, 2: edges u0-i0 (1), u0-i1 (0.5), u1-i1 (2); item 2 alone.
+    graph = normalised_graph(2, 3, np.array([0, 0, 1]), np.array([0, 1, 1]), np.array([1.0, 0.5, 2.0]))
+    dense = graph.to_dense().numpy()
+    assert dense.shape == (5, 5) and np.allclose(dense, dense.T)
+    degrees = {"u0": 1.5, "u1": 2.0, "i0": 1.0, "i1": 2.5}
+    assert np.isclose(dense[0, 2], 1.0 / np.sqrt(degrees["u0"] * degrees["i0"]))
+    assert np.isclose(dense[0, 3], 0.5 / np.sqrt(degrees["u0"] * degrees["i1"]))
+    assert np.isclose(dense[1, 3], 2.0 / np.sqrt(degrees["u1"] * degrees["i1"]))
+    assert not dense[4].any() and not dense[:2, :2].any(), "no edge of item 2, none between users"
+
+
+def test_edge_weights_follow_the_event_type_and_the_stars():
+    config = TrainConfig()
+    weight = lambda event, rating=0.0: edge_weight(Interaction("u", "i", 0, event, rating), config)
+    assert weight("rating", 4.0) == 0.8
+    assert (weight("impression"), weight("click"), weight("like"), weight("purchase")) == (1.0, 2.0, 3.0, 5.0)
+    assert weight("share-to-a-friend") == 1.0, "an event type without a weight counts as a view"
+
+
+def test_the_bpr_vectors_remain_selectable(small_dataset, tmp_path):
+    config = quick_config()
+    config.vector_model = "bpr"
+    published = train_bundle(small_dataset, tmp_path / "b", config, version="v1")
+    assert verify(published) == []
+    config.vector_model = "svd"
+    with pytest.raises(ValueError, match="vector_model"):
+        train_bundle(small_dataset, tmp_path / "c", config, version="v1")

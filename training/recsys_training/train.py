@@ -93,26 +93,33 @@ def _numeric_first(ids):
     return sorted(ids, key=lambda s: (0, int(s), s) if s.isdigit() else (1, 0, s))
 
 
-def train_bpr(num_users, num_items, user_idx, item_idx, config: TrainConfig, rng, label: str) -> tuple[np.ndarray, np.ndarray]:
-    model = BprMatrixFactorization(num_users, num_items, config.embedding_dim)
-    optimiser = torch.optim.Adam(model.parameters(), lr=config.bpr_lr)
+def fit_bpr_loss(model, num_items: int, user_idx, item_idx, epochs: int, batch_size: int, lr: float, l2: float,
+                 rng, label: str) -> None:
+    """Adam on ``model.bpr_loss`` over the interactions in shuffled batches, one uniformly
+    sampled negative item per interaction and epoch."""
+    optimiser = torch.optim.Adam(model.parameters(), lr=lr)
     users_t = torch.as_tensor(user_idx)
     items_t = torch.as_tensor(item_idx)
     n = len(user_idx)
-    batch_size = 4096
-    for epoch in range(config.bpr_epochs):
+    for epoch in range(epochs):
         permutation = torch.as_tensor(rng.permutation(n))
         negatives = torch.as_tensor(rng.integers(0, num_items, n))
         total = 0.0
         for start in range(0, n, batch_size):
             batch = permutation[start:start + batch_size]
-            loss = model.bpr_loss(users_t[batch], items_t[batch], negatives[batch], config.bpr_l2)
+            loss = model.bpr_loss(users_t[batch], items_t[batch], negatives[batch], l2)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
             total += loss.item() * len(batch)
-        if epoch % 10 == 0 or epoch == config.bpr_epochs - 1:
-            log(f"bpr ({label}) epoch {epoch + 1}/{config.bpr_epochs} loss {total / n:.4f}")
+        if epoch % 10 == 0 or epoch == epochs - 1:
+            log(f"{label} epoch {epoch + 1}/{epochs} loss {total / max(n, 1):.4f}")
+
+
+def train_bpr(num_users, num_items, user_idx, item_idx, config: TrainConfig, rng, label: str) -> tuple[np.ndarray, np.ndarray]:
+    model = BprMatrixFactorization(num_users, num_items, config.embedding_dim)
+    fit_bpr_loss(model, num_items, user_idx, item_idx, config.bpr_epochs, 4096, config.bpr_lr, config.bpr_l2, rng,
+                 f"bpr ({label})")
     return model.users.weight.detach().numpy().copy(), model.items.weight.detach().numpy().copy()
 
 
@@ -127,23 +134,8 @@ def train_lightgcn(num_users, num_items, user_idx, item_idx, weights, config: Tr
                    label: str) -> tuple[np.ndarray, np.ndarray]:
     graph = normalised_graph(num_users, num_items, user_idx, item_idx, weights)
     model = LightGcn(num_users, num_items, config.embedding_dim, graph, config.graph_layers)
-    optimiser = torch.optim.Adam(model.parameters(), lr=config.graph_lr)
-    users_t = torch.as_tensor(user_idx)
-    items_t = torch.as_tensor(item_idx)
-    n = len(user_idx)
-    for epoch in range(config.graph_epochs):
-        permutation = torch.as_tensor(rng.permutation(n))
-        negatives = torch.as_tensor(rng.integers(0, num_items, n))
-        total = 0.0
-        for start in range(0, n, config.graph_batch):
-            batch = permutation[start:start + config.graph_batch]
-            loss = model.bpr_loss(users_t[batch], items_t[batch], negatives[batch], config.graph_l2)
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            total += loss.item() * len(batch)
-        if epoch % 10 == 0 or epoch == config.graph_epochs - 1:
-            log(f"lightgcn ({label}) epoch {epoch + 1}/{config.graph_epochs} loss {total / max(n, 1):.4f}")
+    fit_bpr_loss(model, num_items, user_idx, item_idx, config.graph_epochs, config.graph_batch, config.graph_lr,
+                 config.graph_l2, rng, f"lightgcn ({label})")
     with torch.no_grad():
         vectors = model.propagate().numpy().copy()
     return vectors[:num_users], vectors[num_users:]

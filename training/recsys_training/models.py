@@ -42,7 +42,9 @@ def normalised_graph(num_users: int, num_items: int, user_idx: np.ndarray, item_
     np.power(degree, -0.5, out=scale, where=degree > 0)
     normalised = (values * scale[rows] * scale[cols]).astype(np.float32)
     indices = torch.as_tensor(np.vstack([rows, cols]), dtype=torch.int64)
-    return torch.sparse_coo_tensor(indices, torch.as_tensor(normalised), (nodes, nodes)).coalesce()
+    # Built from checked arrays above: torch's own invariant checks would only repeat them.
+    return torch.sparse_coo_tensor(indices, torch.as_tensor(normalised), (nodes, nodes),
+                                   check_invariants=False).coalesce()
 
 
 class LightGcn(nn.Module):

@@ -93,16 +93,24 @@ def fit_content_map(item_vectors: np.ndarray, has_interactions: np.ndarray, feat
     return np.linalg.solve(gram, warm_features.T @ item_vectors[has_interactions].astype(np.float64))
 
 
-def impute_vectors(item_vectors: np.ndarray, has_interactions: np.ndarray, features: np.ndarray,
-                   l2: float) -> np.ndarray:
+def map_cold_vectors(item_vectors: np.ndarray, has_interactions: np.ndarray, features: np.ndarray,
+                     mapping: np.ndarray) -> np.ndarray:
     """`item_vectors` with the rows of items without interactions replaced by what their
-    content features map to (`fit_content_map` on the others)."""
+    content features map to through `mapping`."""
     vectors = item_vectors.copy()
     cold = ~has_interactions
-    mapping = fit_content_map(item_vectors, has_interactions, features, l2) if cold.any() else None
-    if mapping is not None:
-        vectors[cold] = (features[cold] @ mapping).astype(vectors.dtype)
+    vectors[cold] = (features[cold] @ mapping).astype(vectors.dtype)
     return vectors
+
+
+def impute_vectors(item_vectors: np.ndarray, has_interactions: np.ndarray, features: np.ndarray,
+                   l2: float) -> np.ndarray:
+    """`map_cold_vectors` through the map fitted on the items with interactions
+    (`fit_content_map`); the vectors unchanged when no item or every item has them."""
+    mapping = fit_content_map(item_vectors, has_interactions, features, l2) if not has_interactions.all() else None
+    if mapping is None:
+        return item_vectors.copy()
+    return map_cold_vectors(item_vectors, has_interactions, features, mapping)
 
 
 def cold_start_scores(user_vectors: np.ndarray, pool_vectors: np.ndarray) -> np.ndarray:

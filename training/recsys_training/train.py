@@ -193,9 +193,8 @@ def fit_state(universe: Universe, interactions: list[Interaction], config: Train
                                           config.content_l2)
     if content_map is not None and not has_interactions.all():
         log(f"content vectors ({label}) for {int((~has_interactions).sum())} items without interactions")
-        item_vectors = item_vectors.copy()
-        item_vectors[~has_interactions] = (universe.content_features[~has_interactions] @ content_map).astype(
-            item_vectors.dtype)
+        item_vectors = content.map_cold_vectors(item_vectors, has_interactions, universe.content_features,
+                                                content_map)
     log(f"item-to-item weights ({label}): EASE for up to {config.item_cf_head_items} head items (l2 "
         f"{config.item_cf_l2}), co-occurrence for the rest, {config.neighbors} per item")
     rows = item_to_item.fit(

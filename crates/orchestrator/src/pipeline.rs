@@ -394,16 +394,15 @@ impl Pipeline {
             Err(_) => {
                 // The stack has dropped its references by now, so this takes the
                 // candidates back without a copy.
-                let candidates = Arc::unwrap_or_clone(request).candidates.unwrap_or_default();
-                let scores = candidates.scores;
-                let items = candidates
-                    .item_ids
+                let mut candidates = Arc::unwrap_or_clone(request).candidates.unwrap_or_default();
+                let item_ids = std::mem::take(&mut candidates.item_ids);
+                let items = item_ids
                     .into_iter()
                     .take(plan.window)
                     .enumerate()
                     .map(|(index, item_id)| RerankCandidate {
                         item_id,
-                        score: scores.get(index).copied().unwrap_or(0.0),
+                        score: candidates.score(index),
                         counts: None,
                         cold_start: false,
                     })

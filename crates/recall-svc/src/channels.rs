@@ -6,8 +6,8 @@
 use std::path::Path;
 
 use recsys_bundle::{
-    by_popularity, read_item_columns, read_manifest, read_popularity, year_of_ms, BundleError, Column, ContentMap,
-    EmbeddingSpace, ItemColumns, ItemScores, ItemToItem,
+    by_popularity, embeddings::dot, read_item_columns, read_manifest, read_popularity, year_of_ms, BundleError, Column,
+    ContentMap, EmbeddingSpace, ItemColumns, ItemScores, ItemToItem,
 };
 use recsys_proto::v1::{CatalogItem, Channel};
 
@@ -199,8 +199,7 @@ impl RecallIndex {
             .map(|item| {
                 let genres = item.category.split('|').filter(|genre| !genre.is_empty());
                 let vector = content.vector(genres, year_of_ms(item.publish_time_ms));
-                let score: f32 = vector.iter().zip(query).map(|(v, q)| v * q).sum();
-                (item.item_id.clone(), score)
+                (item.item_id.clone(), dot(&vector, query))
             })
             .collect();
         // Stable: equal scores keep the newest first.

@@ -3,18 +3,26 @@
 hnswlib (PyPI) builds the graph: it is the fastest of the HNSW libraries measured on this
 project's benchmark (``make bench-recall``), and its saved index is a plain documented
 layout. We convert that layout here into tensors of our own bundle format, indexed by
-item position, so recall-svc memory-maps them like every other array and needs no C++
+graph node, so recall-svc memory-maps them like every other array and needs no C++
 library at serving time:
 
-- ``level0_links`` u32 [items, 1 + 2M]: each item's bottom-layer neighbour count, then
+- ``node_items`` u32 [items]: the item position of each node. Nodes are numbered in the
+  order a breadth-first walk of the bottom layer from the entry point reaches them, so
+  that linked nodes get nearby numbers: the links and codes a search reads one after
+  another then share cache lines and pages instead of being scattered over the whole
+  catalogue (hnswlib numbers nodes in insertion order). The items no walk reaches on the
+  bottom layer (with inner products, low-norm items that no other item links to) come
+  last, out of the way. Without this tensor, nodes are numbered by item position;
+- ``level0_links`` u32 [items, 1 + 2M]: each node's bottom-layer neighbour count, then
   its neighbours (unused slots are 0);
-- ``upper_offsets`` i64 [items + 1] and ``upper_links`` u32 [rows, 1 + M]: item i's
+- ``upper_offsets`` i64 [items + 1] and ``upper_links`` u32 [rows, 1 + M]: node i's
   layers 1, 2, ... are rows ``upper_offsets[i]..upper_offsets[i + 1]`` of
   ``upper_links``, each a count then neighbours;
-- ``entry_point`` u32 [1]: where every search starts (the only item on the top layer);
+- ``entry_point`` u32 [1]: the node every search starts from (the only one on the top
+  layer);
 - ``item_codes`` i8 [items, dim] and ``item_code_scales`` f32 [items]: the int8 copy of
-  the item vectors the search walks the graph with (a quarter of the memory traffic of
-  f32); the candidates it keeps are rescored with the f32 vectors.
+  each node's item vector the search walks the graph with (a quarter of the memory
+  traffic of f32); the candidates it keeps are rescored with the f32 item vectors.
 """
 
 from __future__ import annotations
@@ -52,13 +60,62 @@ def build(vectors: np.ndarray, connectivity: int, expansion_add: int, threads: i
 
 
 def bundle_tensors(index, vectors: np.ndarray) -> dict[str, np.ndarray]:
-    """The tensors of the bundle's index file: ``index``'s graph and the int8 codes."""
+    """The tensors of the bundle's index file: ``index``'s graph and the int8 codes, nodes
+    numbered in locality order."""
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / "hnswlib.bin"
         index.save_index(str(path))
         tensors = read_hnswlib(path.read_bytes())
     codes, scales = quantize(vectors)
-    return tensors | {"item_codes": codes, "item_code_scales": scales}
+    order = locality_order(tensors["level0_links"], int(tensors["entry_point"][0]))
+    return renumber(tensors | {"item_codes": codes, "item_code_scales": scales}, order)
+
+
+def locality_order(level0_links: np.ndarray, entry_point: int) -> np.ndarray:
+    """Item positions in the order a breadth-first walk of the bottom layer's links from
+    the entry point reaches them, then the items it never reaches (by position)."""
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import breadth_first_order
+
+    items = len(level0_links)
+    counts = level0_links[:, 0].astype(np.int64)
+    used = np.arange(level0_links.shape[1] - 1)[None, :] < counts[:, None]
+    neighbours = level0_links[:, 1:][used].astype(np.int32)
+    graph = csr_matrix((np.ones(len(neighbours), dtype=np.int8), neighbours, np.concatenate(([0], np.cumsum(counts)))),
+                       shape=(items, items))
+    reached = breadth_first_order(graph, entry_point, directed=True, return_predecessors=False)
+    unreached = np.ones(items, dtype=bool)
+    unreached[reached] = False
+    return np.concatenate((reached, np.flatnonzero(unreached))).astype(np.int64)
+
+
+def renumber(tensors: dict[str, np.ndarray], order: np.ndarray) -> dict[str, np.ndarray]:
+    """``tensors`` (nodes numbered by item position) with node ``n`` being item
+    ``order[n]``, and ``node_items`` recording it."""
+    node_of = np.empty(len(order), dtype=np.int64)
+    node_of[order] = np.arange(len(order))
+    levels = np.diff(tensors["upper_offsets"])
+    starts = tensors["upper_offsets"][:-1]
+    upper_rows = np.concatenate([np.arange(starts[i], starts[i] + levels[i]) for i in order if levels[i]]
+                                or [np.zeros(0, np.int64)])
+    return {
+        "node_items": order.astype("<u4"),
+        "level0_links": _rename(tensors["level0_links"][order], node_of),
+        "upper_offsets": np.concatenate(([0], np.cumsum(levels[order]))).astype(np.int64),
+        "upper_links": _rename(tensors["upper_links"][upper_rows], node_of),
+        "entry_point": node_of[tensors["entry_point"]].astype("<u4"),
+        "item_codes": tensors["item_codes"][order],
+        "item_code_scales": tensors["item_code_scales"][order],
+    }
+
+
+def _rename(rows: np.ndarray, names: np.ndarray) -> np.ndarray:
+    """Link rows (a count, then neighbours) with each neighbour ``n`` renamed ``names[n]``
+    and the unused slots zeroed."""
+    counts = rows[:, 0]
+    used = np.arange(rows.shape[1] - 1)[None, :] < counts[:, None]
+    neighbours = np.where(used, names[np.where(used, rows[:, 1:], 0)], 0)
+    return np.column_stack((counts, neighbours)).astype("<u4")
 
 
 def read_hnswlib(raw: bytes) -> dict[str, np.ndarray]:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 
 EMBEDDINGS = "embeddings.safetensors"
 ITEM_TO_ITEM = "item_to_item.safetensors"

@@ -53,7 +53,7 @@ pub use registry::{QualityGate, Registry, VersionInfo};
 pub use tensors::{Column, Matrix, TensorFile};
 
 /// Bundle format this code reads.
-pub const FORMAT_VERSION: u32 = 4;
+pub const FORMAT_VERSION: u32 = 5;
 
 pub const EMBEDDINGS_FILE: &str = "embeddings.safetensors";
 pub const ITEM_TO_ITEM_FILE: &str = "item_to_item.safetensors";

@@ -1,10 +1,14 @@
 //! Search of the bundle's HNSW graph (`item_index.safetensors`).
 //!
 //! The graph is built offline by the training pipeline with hnswlib and stored as flat
-//! arrays indexed by item position (`training/recsys_training/ann.py` documents the
-//! layout), so it is memory-mapped and shared between processes like the vectors. The
-//! search is the standard one (greedy descent through the upper layers, then a beam of
-//! `ef` candidates on the bottom layer) with two choices of ours:
+//! arrays indexed by graph node (`training/recsys_training/ann.py` documents the layout),
+//! so it is memory-mapped and shared between processes like the vectors. The search is
+//! the standard one (greedy descent through the upper layers, then a beam of `ef`
+//! candidates on the bottom layer) with three choices of ours:
+//! - nodes are numbered so that linked nodes lie near each other (`node_items` maps them
+//!   to item positions; an index without it numbers nodes by item): the links and codes a
+//!   walk reads next then share cache lines and pages instead of being scattered over
+//!   the whole catalogue;
 //! - the graph is walked with the bundle's int8 copy of the vectors, a quarter of the
 //!   memory traffic of f32 (a walk is a chain of cache misses), and only the `ef`
 //!   candidates kept are rescored with the f32 vectors;
@@ -39,6 +43,10 @@ pub struct HnswIndex {
     upper: Column<u32>,
     upper_width: usize,
     entry_point: usize,
+    /// Each node's item position, when nodes are not numbered by item.
+    node_items: Option<Column<u32>>,
+    /// Each item's node (the inverse of `node_items`), built at load.
+    item_nodes: Vec<u32>,
     codes: Column<i8>,
     code_scales: Column<f32>,
     dim: usize,
@@ -65,6 +73,16 @@ impl HnswIndex {
         if two_dimensional("item_codes", Some(items))? != dim {
             return Err(malformed(format!("item_codes are not {dim}-dimensional like the item vectors")));
         }
+        let node_items = match file.shape("node_items") {
+            Ok(&[rows]) if rows == items => Some(file.column::<u32>("node_items")?),
+            Ok(shape) => return Err(malformed(format!("node_items has shape {shape:?}, expected [{items}]"))),
+            Err(_) => None,
+        };
+        let item_nodes = match &node_items {
+            Some(node_items) => inverse_permutation(node_items.as_slice())
+                .ok_or_else(|| malformed(format!("node_items is not a permutation of 0..{items}")))?,
+            None => Vec::new(),
+        };
         let index = Self {
             items,
             level0: file.column("level0_links")?,
@@ -73,6 +91,8 @@ impl HnswIndex {
             upper: file.column("upper_links")?,
             upper_width,
             entry_point: file.column::<u32>("entry_point")?.as_slice().first().map_or(usize::MAX, |&e| e as usize),
+            node_items,
+            item_nodes,
             codes: file.column("item_codes")?,
             code_scales: file.column("item_code_scales")?,
             dim,
@@ -149,6 +169,14 @@ impl HnswIndex {
             }
         }
 
+        let excluded_nodes: ExcludedItems;
+        let excluded = if self.item_nodes.is_empty() {
+            excluded
+        } else {
+            excluded_nodes =
+                excluded.iter().filter_map(|&item| self.item_nodes.get(item)).map(|&n| n as usize).collect();
+            &excluded_nodes
+        };
         let pooled = self.visited_pool.lock().ok().and_then(|mut pool| pool.pop());
         let mut visited = pooled.unwrap_or_else(|| Visited::new(self.items));
         visited.clear();
@@ -157,13 +185,12 @@ impl HnswIndex {
             pool.push(visited);
         }
 
-        for Reverse(kept) in &kept {
-            vectors.row(kept.item as usize).chunks(16).for_each(|line| prefetch(&line[0]));
+        let items: Vec<usize> = kept.into_iter().map(|Reverse(kept)| self.item_of(kept.item as usize)).collect();
+        for &item in &items {
+            vectors.row(item).chunks(16).for_each(|line| prefetch(&line[0]));
         }
-        let mut rescored: Vec<(f32, usize)> = kept
-            .into_iter()
-            .map(|Reverse(kept)| (dot(query, vectors.row(kept.item as usize)), kept.item as usize))
-            .collect();
+        let mut rescored: Vec<(f32, usize)> =
+            items.into_iter().map(|item| (dot(query, vectors.row(item)), item)).collect();
         crate::nearest::top_by_score(&mut rescored, quota)
     }
 
@@ -221,6 +248,10 @@ impl HnswIndex {
         kept
     }
 
+    fn item_of(&self, node: usize) -> usize {
+        self.node_items.as_ref().map_or(node, |node_items| node_items.as_slice()[node] as usize)
+    }
+
     fn upper_row(&self, item: usize, layer: usize) -> &[u32] {
         let row = self.upper_offsets.as_slice()[item] as usize + layer - 1;
         &self.upper.as_slice()[row * self.upper_width..(row + 1) * self.upper_width]
@@ -242,6 +273,19 @@ impl Walk<'_> {
     fn score(&self, item: usize) -> f32 {
         dot_i8(self.query, &self.codes[item * self.dim..(item + 1) * self.dim]) as f32 * self.scales[item]
     }
+}
+
+/// The inverse of a permutation of `0..len` (`None` when `order` is not one).
+fn inverse_permutation(order: &[u32]) -> Option<Vec<u32>> {
+    let mut inverse = vec![u32::MAX; order.len()];
+    for (position, &value) in order.iter().enumerate() {
+        let slot = inverse.get_mut(value as usize)?;
+        if *slot != u32::MAX {
+            return None;
+        }
+        *slot = position as u32;
+    }
+    Some(inverse)
 }
 
 /// A link row: its neighbours (the first word is their count).
@@ -398,8 +442,14 @@ mod tests {
     /// A navigable two-layer graph in the bundle's layout (what hnswlib builds, by simpler
     /// means): on the bottom layer each item links to its 12 nearest items and to 4 items
     /// scattered over the catalogue; every 7th item is also on layer 1, linked to its 6
-    /// nearest such items and 2 scattered ones; the search starts from item 0.
+    /// nearest such items and 2 scattered ones; the search starts from item 0. Nodes are
+    /// numbered by item.
     fn graph(vectors: &Matrix) -> Tensors {
+        graph_in_order(vectors, None)
+    }
+
+    /// The same graph with node `n` being item `order[n]` (and `node_items` saying so).
+    fn graph_in_order(vectors: &Matrix, order: Option<&[usize]>) -> Tensors {
         let items = vectors.rows;
         let scattered = |item: usize, step: usize, among: usize| {
             let mixed =
@@ -426,16 +476,36 @@ mod tests {
                 row
             })
             .collect();
-        let offsets: Vec<i64> = (0..=items).map(|item| item.div_ceil(7) as i64).collect();
-        let (codes, scales): (Vec<Vec<i8>>, Vec<f32>) = (0..items).map(|item| quantize(vectors.row(item))).unzip();
-        HashMap::from([
+        let identity: Vec<usize> = (0..items).collect();
+        let node_items = order.unwrap_or(&identity);
+        let mut item_nodes = vec![0; items];
+        node_items.iter().enumerate().for_each(|(node, &item)| item_nodes[item] = node);
+        let renamed = |row: &Vec<usize>| row.iter().map(|&item| item_nodes[item]).collect::<Vec<_>>();
+        let bottom: Vec<Vec<usize>> = node_items.iter().map(|&item| renamed(&bottom[item])).collect();
+        let upper: Vec<Vec<usize>> =
+            node_items.iter().filter(|&&item| on_layer_1(item)).map(|&item| renamed(&upper[item / 7])).collect();
+        let mut offsets = vec![0i64];
+        offsets.extend(node_items.iter().scan(0i64, |rows, &item| {
+            *rows += i64::from(on_layer_1(item));
+            Some(*rows)
+        }));
+        let (codes, scales): (Vec<Vec<i8>>, Vec<f32>) =
+            node_items.iter().map(|&item| quantize(vectors.row(item))).unzip();
+        let words = |values: &mut dyn Iterator<Item = usize>| -> Vec<u8> {
+            values.flat_map(|value| (value as u32).to_le_bytes()).collect()
+        };
+        let mut tensors = HashMap::from([
             ("level0_links", (Dtype::U32, vec![items, 17], link_rows(&bottom, 17))),
             ("upper_offsets", (Dtype::I64, vec![items + 1], offsets.iter().flat_map(|o| o.to_le_bytes()).collect())),
             ("upper_links", (Dtype::U32, vec![upper.len(), 9], link_rows(&upper, 9))),
-            ("entry_point", (Dtype::U32, vec![1], 0u32.to_le_bytes().to_vec())),
+            ("entry_point", (Dtype::U32, vec![1], words(&mut std::iter::once(item_nodes[0])))),
             ("item_codes", (Dtype::I8, vec![items, vectors.cols], codes.concat().iter().map(|&c| c as u8).collect())),
             ("item_code_scales", (Dtype::F32, vec![items], scales.iter().flat_map(|s| s.to_le_bytes()).collect())),
-        ])
+        ]);
+        if order.is_some() {
+            tensors.insert("node_items", (Dtype::U32, vec![items], words(&mut node_items.iter().copied())));
+        }
+        tensors
     }
 
     /// Writes `tensors` as the bundle's index file and returns a manifest listing it.
@@ -485,6 +555,27 @@ mod tests {
     }
 
     #[test]
+    fn nodes_numbered_apart_from_items_find_the_same_items() {
+        let vectors = clustered(1_500, 16);
+        // A shuffle: node n is item (n * 7 + 3) mod 1500 (7 and 1500 are coprime).
+        let order: Vec<usize> = (0..1_500).map(|node| (node * 7 + 3) % 1_500).collect();
+        let load = |tensors: &Tensors| {
+            let dir = tempfile::tempdir().unwrap();
+            let manifest = write_index(dir.path(), tensors, 1_500, 16);
+            HnswIndex::load(dir.path(), &manifest, &vectors, 120).unwrap()
+        };
+        let (by_item, by_node) = (load(&graph(&vectors)), load(&graph_in_order(&vectors, Some(&order))));
+        assert!(by_item.node_items.is_none() && by_node.node_items.is_some());
+        for query_row in (11..1_500).step_by(150) {
+            let query = vectors.row(query_row);
+            let excluded: ExcludedItems = [query_row, (query_row + 1) % 1_500].into_iter().collect();
+            let found = by_node.search(&vectors, query, &excluded, 50);
+            assert_eq!(found, by_item.search(&vectors, query, &excluded, 50), "the same walk, renamed");
+            assert!(!found.contains(&query_row), "exclusions are by item, whatever the node numbers");
+        }
+    }
+
+    #[test]
     fn a_graph_that_leaves_its_arrays_is_refused_at_load() {
         let vectors = clustered(300, 8);
         let refused = |change: &dyn Fn(&mut Tensors)| -> String {
@@ -511,6 +602,13 @@ mod tests {
             codes.1 = vec![600, 4];
         });
         assert!(other_dimensions.contains("item_codes has shape [600, 4]"), "{other_dimensions}");
+        let repeated_item = refused(&|t| {
+            let (dtype, shape, _) = t["level0_links"].clone();
+            let words: Vec<u8> = (0..300u32).map(|n| n.min(298)).flat_map(u32::to_le_bytes).collect();
+            assert_eq!((dtype, shape[0]), (Dtype::U32, 300));
+            t.insert("node_items", (Dtype::U32, vec![300], words));
+        });
+        assert!(repeated_item.contains("node_items is not a permutation of 0..300"), "{repeated_item}");
     }
 
     #[test]

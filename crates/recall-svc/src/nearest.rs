@@ -13,7 +13,7 @@ use crate::{hnsw::HnswIndex, ExcludedItems, Result};
 
 pub enum NearestItems {
     Exact,
-    Hnsw(HnswIndex),
+    Hnsw(Box<HnswIndex>),
 }
 
 impl NearestItems {
@@ -24,7 +24,7 @@ impl NearestItems {
         if !manifest.files.contains_key(ANN_INDEX_FILE) {
             return Ok(Self::Exact);
         }
-        Ok(Self::Hnsw(HnswIndex::load(dir, manifest, vectors, expansion)?))
+        Ok(Self::Hnsw(Box::new(HnswIndex::load(dir, manifest, vectors, expansion)?)))
     }
 
     pub fn is_approximate(&self) -> bool {

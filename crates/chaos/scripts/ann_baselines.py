@@ -9,7 +9,7 @@ Writes into --out:
 - ``baselines.json``: per library, the ef sweep (recall@k, queries/s) and the lowest ef
   reaching the target recall, plus each binding's per-call overhead.
 
-Indexes are built with the same M and efConstruction as the bundle's usearch index and
+Indexes are built with the same M and efConstruction as the bundle's index (hnswlib's graph) and
 cached under --out by bundle version, so a rerun only queries.
 """
 

@@ -153,6 +153,9 @@ async fn main() -> anyhow::Result<()> {
         .env("RECSYS_RECALL__SERVER__METRICS_LISTEN", "")
         .env("RECSYS_RECALL__BUNDLE", &dir)
         .env("RECSYS_RECALL__ANN_EXPANSION", ours.ef.to_string())
+        // recall-svc runs alone, on the bundle only: no feature-svc whose run-time
+        // catalogue start-up would wait for (30 s, then serving anyway).
+        .env("RECSYS_RECALL__CATALOG__FEATURE", "")
         .stdout(Stdio::null())
         .kill_on_drop(true)
         .spawn()

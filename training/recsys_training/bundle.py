@@ -34,17 +34,24 @@ def write_tensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
     save_file({name: np.ascontiguousarray(array) for name, array in tensors.items()}, str(path))
 
 
-def write_embeddings(path: Path, item_vectors: np.ndarray, user_vectors: np.ndarray | None) -> None:
+def write_embeddings(path: Path, item_vectors: np.ndarray, user_vectors: np.ndarray | None,
+                     user_trained: np.ndarray | None = None) -> None:
     """``item_vectors`` [items, dim] f32; ``user_vectors`` [users, dim] f32 when the model
     has a per-user table (a cache: serving derives a user's vector from their history
-    otherwise); ``item_vector_sum`` [dim] and ``item_vector_gram`` [dim, dim] f64, Σx and
-    Σxxᵀ, with which rank-svc standardises a user's scores over the catalogue without
-    scoring it."""
+    otherwise), with ``user_trained`` [users, 2] i64 saying what each row was trained on —
+    the user's latest training event time (Unix seconds) and number of training events —
+    so that serving moves the vector by the user's later events; ``item_vector_sum`` [dim]
+    and ``item_vector_gram`` [dim, dim] f64, Σx and Σxxᵀ, with which rank-svc standardises
+    a user's scores over the catalogue without scoring it."""
     vectors = item_vectors.astype("<f4")
     wide = vectors.astype(np.float64)
     tensors = {"item_vectors": vectors, "item_vector_sum": wide.sum(axis=0), "item_vector_gram": wide.T @ wide}
     if user_vectors is not None:
         tensors["user_vectors"] = user_vectors.astype("<f4")
+        if user_trained is not None:
+            if user_trained.shape != (len(user_vectors), 2):
+                raise ValueError(f"user_trained is {user_trained.shape}, not [{len(user_vectors)}, 2]")
+            tensors["user_trained"] = user_trained.astype("<i8")
     write_tensors(path, tensors)
 
 

@@ -630,7 +630,9 @@ def train_bundle(data_dir: Path, out_root: Path, config: TrainConfig | None = No
     ]
     (staging / "items.json").write_text(json.dumps(catalog))
     (staging / "users.json").write_text(json.dumps(user_ids))
-    bundle.write_embeddings(staging / bundle.EMBEDDINGS, final.item_vectors, final.user_vectors)
+    # What each user's vector was trained on: serving moves it by the events after these.
+    trained_on = np.array([[max(h.timestamps, default=0), len(h.items)] for h in final.histories], dtype=np.int64)
+    bundle.write_embeddings(staging / bundle.EMBEDDINGS, final.item_vectors, final.user_vectors, trained_on)
     rows = final.neighbor_rows
     bundle.write_item_to_item(staging / bundle.ITEM_TO_ITEM, rows.offsets, rows.neighbors, rows.weights)
     interactions = np.array([final.statistics[item.item_id]["interactions"] for item in dataset.items], dtype=np.float64)

@@ -8,7 +8,7 @@ from safetensors.numpy import load_file
 
 from recsys_training.bundle import verify
 from recsys_training.content import cold_start_scores
-from recsys_training.data import Interaction
+from recsys_training.data import Interaction, load_dataset
 from recsys_training.models import auc, normalised_graph
 from recsys_training.train import TrainConfig, edge_weight, train_bundle
 
@@ -34,6 +34,13 @@ def test_training_publishes_a_complete_verified_bundle(small_dataset, tmp_path):
     embeddings = load_file(published / "embeddings.safetensors")
     assert embeddings["item_vectors"].shape == (40, 16) and embeddings["item_vectors"].dtype == np.float32
     assert embeddings["user_vectors"].shape == (60, 16)
+    # What each user's vector was trained on: their latest training event and event count.
+    users = json.loads((published / "users.json").read_text())
+    trained = embeddings["user_trained"]
+    assert trained.shape == (60, 2) and trained.dtype == np.int64
+    for position in (0, 17, 59):
+        events = [i for i in load_dataset(small_dataset).interactions if i.user_id == users[position]]
+        assert trained[position].tolist() == [max(i.timestamp for i in events), len(events)]
     item_to_item = load_file(published / "item_to_item.safetensors")
     offsets = item_to_item["offsets"]
     assert offsets.shape == (41,) and offsets[-1] == len(item_to_item["neighbors"]) == len(item_to_item["weights"])

@@ -16,7 +16,18 @@ pub struct EmbeddingSpace {
     user_positions: HashMap<String, usize>,
     pub item_vectors: Matrix,
     user_vectors: Matrix,
+    /// Per row of `user_vectors`, what it was trained on: the user's latest training
+    /// event time (Unix seconds) and their number of training events. Empty when the
+    /// bundle does not say (its table is then used as it is).
+    user_trained: Vec<TrainedOn>,
     pub moments: VectorMoments,
+}
+
+/// What a user's trained vector stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TrainedOn {
+    pub latest_event: i64,
+    pub events: u32,
 }
 
 /// Σx and Σxxᵀ over the item vectors: with them, the sum and the sum of squares of a
@@ -70,6 +81,23 @@ impl EmbeddingSpace {
         } else {
             (Vec::new(), Matrix::owned(0, manifest.embedding_dim, Vec::new()))
         };
+        let user_trained: Vec<TrainedOn> = if file.contains("user_trained") {
+            let pairs = file.column::<i64>("user_trained")?;
+            if pairs.len() != 2 * user_ids.len() {
+                return Err(crate::BundleError::Malformed {
+                    path: dir.join(EMBEDDINGS_FILE),
+                    reason: format!("user_trained is not [{}, 2]", user_ids.len()),
+                });
+            }
+            let events = |count: i64| u32::try_from(count.max(0)).unwrap_or(u32::MAX);
+            pairs
+                .as_slice()
+                .chunks_exact(2)
+                .map(|pair| TrainedOn { latest_event: pair[0], events: events(pair[1]) })
+                .collect()
+        } else {
+            Vec::new()
+        };
         let malformed = |what: &str, rows: usize, expected: usize| crate::BundleError::Malformed {
             path: dir.join(EMBEDDINGS_FILE),
             reason: format!("{rows} {what} vectors for {expected} {what}s"),
@@ -93,7 +121,7 @@ impl EmbeddingSpace {
         } else {
             VectorMoments::of(&item_vectors)
         };
-        Ok(Self::with_moments(item_ids, user_ids, item_vectors, user_vectors, moments))
+        Ok(Self { user_trained, ..Self::with_moments(item_ids, user_ids, item_vectors, user_vectors, moments) })
     }
 
     pub fn new(item_ids: ItemIds, user_ids: Vec<String>, item_vectors: Matrix, user_vectors: Matrix) -> Self {
@@ -109,7 +137,13 @@ impl EmbeddingSpace {
         moments: VectorMoments,
     ) -> Self {
         let user_positions = user_ids.into_iter().enumerate().map(|(n, id)| (id, n)).collect();
-        Self { item_ids, user_positions, item_vectors, user_vectors, moments }
+        Self { item_ids, user_positions, item_vectors, user_vectors, user_trained: Vec::new(), moments }
+    }
+
+    /// The same space, knowing what each user's trained vector was trained on.
+    pub fn with_user_trained(self, user_trained: Vec<TrainedOn>) -> Self {
+        assert_eq!(user_trained.len(), self.user_vectors.rows, "one entry per user vector");
+        Self { user_trained, ..self }
     }
 
     /// `position` if the item there is `item_id` (a position a caller sent with the id).
@@ -125,16 +159,46 @@ impl EmbeddingSpace {
         self.item_ids.len()
     }
 
-    /// The user's query vector. A bundle with a per-user table (MovieLens's BPR) answers
-    /// with the trained vector; otherwise — a catalogue-scale bundle, or a user who is
-    /// new since the bundle was built — it is the mean of the vectors of the user's
-    /// latest `HISTORY_ITEMS` items, computed now, so the click of a second ago counts.
+    /// The user's query vector, computed now from `history` (latest first, with its
+    /// `timestamps`), so the click of a second ago counts:
+    /// - a user the bundle's per-user table knows (MovieLens's graph model) starts from
+    ///   the trained vector, a cache of what training saw; each later event in the
+    ///   history (newer than the user's latest training event) pulls its direction
+    ///   toward that item's as much as one trained event weighs (the events' unit
+    ///   vectors averaged with the trained direction, `events` times), keeping its length;
+    /// - anyone else (a catalogue-scale bundle has no table; a user new since the bundle
+    ///   was built) is the mean of the vectors of their latest `HISTORY_ITEMS` items.
+    ///
     /// `None` with no signal at all.
-    pub fn user_vector(&self, user_id: &str, history: &[String]) -> Option<Vec<f32>> {
-        if let Some(&position) = self.user_positions.get(user_id) {
-            return Some(self.user_vectors.row(position).to_vec());
+    pub fn user_vector(&self, user_id: &str, history: &[String], timestamps: &[i64]) -> Option<Vec<f32>> {
+        let Some(&position) = self.user_positions.get(user_id) else {
+            return self.mean_item_vector(history.iter().take(HISTORY_ITEMS));
+        };
+        let trained = self.user_vectors.row(position);
+        let Some(&TrainedOn { latest_event, events }) = self.user_trained.get(position) else {
+            return Some(trained.to_vec());
+        };
+        let later: Vec<&[f32]> = history
+            .iter()
+            .zip(timestamps)
+            .take(HISTORY_ITEMS)
+            .take_while(|&(_, &time)| time > latest_event)
+            .filter_map(|(id, _)| Some(self.item_vectors.row(self.item_position(id)?)))
+            .collect();
+        let length = norm(trained);
+        if later.is_empty() || length == 0.0 {
+            return Some(trained.to_vec());
         }
-        self.mean_item_vector(history.iter().take(HISTORY_ITEMS))
+        let mut direction: Vec<f32> = trained.iter().map(|v| v / length * events.max(1) as f32).collect();
+        for item in later.into_iter().filter(|item| norm(item) > 0.0) {
+            let item_length = norm(item);
+            direction.iter_mut().zip(item).for_each(|(d, v)| *d += v / item_length);
+        }
+        let direction_length = norm(&direction);
+        if direction_length == 0.0 {
+            return Some(trained.to_vec());
+        }
+        Some(direction.into_iter().map(|d| d / direction_length * length).collect())
     }
 
     /// Mean vector of the given items that the bundle knows.
@@ -159,6 +223,10 @@ impl EmbeddingSpace {
     pub fn score(&self, user_vector: &[f32], item_position: usize) -> f32 {
         dot(user_vector, self.item_vectors.row(item_position))
     }
+}
+
+fn norm(vector: &[f32]) -> f32 {
+    dot(vector, vector).sqrt()
 }
 
 /// Inner product in eight independent lanes, so the compiler vectorises it (a single
@@ -195,7 +263,33 @@ mod tests {
 
     #[test]
     fn trained_user_uses_their_own_vector() {
-        assert_eq!(space().user_vector("u", &[]), Some(vec![0.5, 2.0]));
+        assert_eq!(space().user_vector("u", &[], &[]), Some(vec![0.5, 2.0]));
+    }
+
+    #[test]
+    fn events_after_training_move_a_trained_users_vector_and_earlier_ones_do_not() {
+        // "u" was trained on 3 events, the latest at t = 100; the vector [0.5, 2.0] (length
+        // √4.25) is the cache of those.
+        let space = space().with_user_trained(vec![TrainedOn { latest_event: 100, events: 3 }]);
+        let history = ["a".to_string(), "b".to_string()];
+        assert_eq!(space.user_vector("u", &history, &[90, 80]), Some(vec![0.5, 2.0]), "nothing new since training");
+        assert_eq!(space.user_vector("u", &history, &[]), Some(vec![0.5, 2.0]), "no times: nothing known to be new");
+
+        // A click on "a" ([1, 0]) at t = 150 weighs as one of four events.
+        let moved = space.user_vector("u", &history, &[150, 90]).unwrap();
+        let length = 4.25f32.sqrt();
+        let direction = [3.0 * 0.5 / length + 1.0, 3.0 * 2.0 / length];
+        let direction_length = (direction[0] * direction[0] + direction[1] * direction[1]).sqrt();
+        for (got, want) in moved.iter().zip(direction.map(|d| d / direction_length * length)) {
+            assert!((got - want).abs() < 1e-5, "{moved:?}");
+        }
+        assert!(moved[0] / moved[1] > 0.5 / 2.0, "toward the clicked item");
+        assert!((norm(&moved) - length).abs() < 1e-5, "the trained length is kept");
+
+        // Unknown items and users with no entry leave the vector as trained.
+        let unknown = ["zzz".to_string()];
+        assert_eq!(space.user_vector("u", &unknown, &[150]), Some(vec![0.5, 2.0]));
+        assert_eq!(self::space().user_vector("u", &history, &[150, 90]), Some(vec![0.5, 2.0]));
     }
 
     #[test]
@@ -211,7 +305,7 @@ mod tests {
     #[test]
     fn new_user_is_the_mean_of_their_known_history_items() {
         let history = vec!["a".to_string(), "zzz".to_string(), "b".to_string()];
-        assert_eq!(space().user_vector("new", &history), Some(vec![0.5, 0.5]));
-        assert_eq!(space().user_vector("new", &[]), None);
+        assert_eq!(space().user_vector("new", &history, &[]), Some(vec![0.5, 0.5]));
+        assert_eq!(space().user_vector("new", &[], &[]), None);
     }
 }

@@ -312,7 +312,7 @@ impl Ranker {
             .filter(|(item, _)| !seen.contains(item))
             .fold((0.0, 0.0), |(sum, squares), (_, score)| (sum + score, squares + score * score));
         let item_cf_spread = Spread::from_sums(sum, squares, unseen);
-        let vector = self.embeddings.user_vector(&user.user_id, &user.history_item_ids);
+        let vector = self.embeddings.user_vector(&user.user_id, &user.history_item_ids, &user.history_timestamps);
         let embedding_spread = match &vector {
             Some(vector) if wants(CrossSource::EmbeddingZscore) => {
                 let (mut sum, mut squares) = self.embeddings.moments.score_sums(vector);

@@ -98,18 +98,19 @@ impl RecallIndex {
         let ids: Vec<String> =
             self.popular.iter().take(USERS * HISTORY).map(|&n| self.embeddings.item_ids.get(n).to_string()).collect();
         for history in ids.chunks(HISTORY) {
-            let signals = self.signals("", history, &[1.0; HISTORY]);
+            let signals = self.signals("", history, &[], &[1.0; HISTORY]);
             for channel in Channel::ALL {
                 self.propose(channel, &signals, &ExcludedItems::default(), quota);
             }
         }
     }
 
-    /// The user's signals from `history` (most recent first); `session` weighs the
-    /// history's first entries for the real-time channel (`SessionConfig::weights`).
-    pub fn signals(&self, user_id: &str, history: &[String], session: &[f32]) -> UserSignals {
+    /// The user's signals from `history` (most recent first, with its `timestamps`);
+    /// `session` weighs the history's first entries for the real-time channel
+    /// (`SessionConfig::weights`).
+    pub fn signals(&self, user_id: &str, history: &[String], timestamps: &[i64], session: &[f32]) -> UserSignals {
         let seeds: Vec<usize> = history.iter().filter_map(|id| self.embeddings.item_position(id)).collect();
-        let vector = self.embeddings.user_vector(user_id, history);
+        let vector = self.embeddings.user_vector(user_id, history, timestamps);
         UserSignals {
             unit_vector: vector.as_deref().and_then(unit_length),
             vector,

@@ -117,7 +117,7 @@ impl RecallGrpc {
                 .take(if new_count == 0 { 0 } else { RUNTIME_ITEMS_SCANNED.max(new_count) })
                 .cloned()
                 .collect();
-            let signals = index.signals(&user.user_id, &user.history_item_ids, &session);
+            let signals = index.signals(&user.user_id, &user.history_item_ids, &user.history_timestamps, &session);
             let new_items = index.order_runtime_items(&signals, &eligible, new_count);
             Arc::new(UserRequest { signals, excluded, new_items })
         })

@@ -151,7 +151,7 @@ fn a_retrieval_bundle_is_served_from_its_index_with_the_history_excluded() {
     // A user the bundle has never seen: the query is pooled from the history.
     let history: Vec<String> = ["i5", "i35", "i65"].iter().map(|id| id.to_string()).collect();
     let excluded: ExcludedItems = [5, 35, 65].into_iter().collect();
-    let signals = index.signals("someone-new", &history, &[1.0; 5]);
+    let signals = index.signals("someone-new", &history, &[], &[1.0; 5]);
     let proposals = index.propose(Channel::Embedding, &signals, &excluded, 50);
     assert_eq!(proposals.len(), 50);
     assert!(proposals.iter().all(|item| !excluded.contains(item)), "seen items are skipped inside the search");
@@ -166,7 +166,7 @@ fn a_retrieval_bundle_is_served_from_its_index_with_the_history_excluded() {
     assert_eq!(index.propose(Channel::Popular, &signals, &excluded, 4), vec![0, 1, 2, 3]);
 
     // A click a second ago changes the query without retraining.
-    let moved = index.signals("someone-new", &["i7".to_string()], &[1.0]);
+    let moved = index.signals("someone-new", &["i7".to_string()], &[], &[1.0]);
     let after = index.propose(Channel::Embedding, &moved, &ExcludedItems::default(), 5);
     assert!(after.iter().all(|item| item % 30 == 7), "{after:?}");
 }
@@ -191,7 +191,7 @@ fn the_cold_start_channel_finds_new_items_near_the_users_vector() {
     let index = RecallIndex::load(dir.path(), 64).unwrap();
     assert_eq!(index.new_item_count(), NEW_ITEMS);
     let history: Vec<String> = ["i5", "i35"].iter().map(|id| id.to_string()).collect();
-    let signals = index.signals("someone-new", &history, &[1.0; 5]);
+    let signals = index.signals("someone-new", &history, &[], &[1.0; 5]);
     let excluded = ExcludedItems::from_iter([ITEMS - NEW_ITEMS + 35]);
     let proposals = index.propose(Channel::ColdStart, &signals, &excluded, 10);
     assert_eq!(proposals.len(), 10);
@@ -218,7 +218,7 @@ fn the_cold_start_channel_finds_new_items_near_the_users_vector() {
     let plain = tempfile::tempdir().unwrap();
     write_bundle(plain.path(), false);
     let index = RecallIndex::load(plain.path(), 64).unwrap();
-    let signals = index.signals("someone-new", &history, &[1.0; 5]);
+    let signals = index.signals("someone-new", &history, &[], &[1.0; 5]);
     assert!(index.propose(Channel::ColdStart, &signals, &ExcludedItems::default(), 10).is_empty());
     let ordered = index.order_runtime_items(&signals, &added, 2);
     assert_eq!(ordered, [("newest".to_string(), 1.0), ("of-cluster-5".to_string(), 1.0)]);

@@ -100,22 +100,13 @@ def renumber(tensors: dict[str, np.ndarray], order: np.ndarray) -> dict[str, np.
                                 or [np.zeros(0, np.int64)])
     return {
         "node_items": order.astype("<u4"),
-        "level0_links": _rename(tensors["level0_links"][order], node_of),
+        "level0_links": _relabel(tensors["level0_links"][order], node_of),
         "upper_offsets": np.concatenate(([0], np.cumsum(levels[order]))).astype(np.int64),
-        "upper_links": _rename(tensors["upper_links"][upper_rows], node_of),
+        "upper_links": _relabel(tensors["upper_links"][upper_rows], node_of),
         "entry_point": node_of[tensors["entry_point"]].astype("<u4"),
         "item_codes": tensors["item_codes"][order],
         "item_code_scales": tensors["item_code_scales"][order],
     }
-
-
-def _rename(rows: np.ndarray, names: np.ndarray) -> np.ndarray:
-    """Link rows (a count, then neighbours) with each neighbour ``n`` renamed ``names[n]``
-    and the unused slots zeroed."""
-    counts = rows[:, 0]
-    used = np.arange(rows.shape[1] - 1)[None, :] < counts[:, None]
-    neighbours = np.where(used, names[np.where(used, rows[:, 1:], 0)], 0)
-    return np.column_stack((counts, neighbours)).astype("<u4")
 
 
 def read_hnswlib(raw: bytes) -> dict[str, np.ndarray]:
@@ -161,8 +152,9 @@ def read_hnswlib(raw: bytes) -> dict[str, np.ndarray]:
 
 
 def _relabel(rows: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Link rows (count in the low 16 bits of the first word, then internal ids) with the
-    neighbours renamed to labels and the unused slots zeroed."""
+    """Link rows (count in the low 16 bits of the first word, as hnswlib and our layout
+    both have it, then neighbours) with each neighbour ``n`` renamed ``labels[n]`` and the
+    unused slots zeroed."""
     counts = rows[:, 0] & 0xFFFF
     used = np.arange(rows.shape[1] - 1)[None, :] < counts[:, None]
     neighbours = np.where(used, labels[np.where(used, rows[:, 1:], 0)], 0)

@@ -190,9 +190,11 @@ impl EmbeddingSpace {
             return Some(trained.to_vec());
         }
         let mut direction: Vec<f32> = trained.iter().map(|v| v / length * events.max(1) as f32).collect();
-        for item in later.into_iter().filter(|item| norm(item) > 0.0) {
+        for item in later {
             let item_length = norm(item);
-            direction.iter_mut().zip(item).for_each(|(d, v)| *d += v / item_length);
+            if item_length > 0.0 {
+                direction.iter_mut().zip(item).for_each(|(d, v)| *d += v / item_length);
+            }
         }
         let direction_length = norm(&direction);
         if direction_length == 0.0 {

@@ -43,10 +43,8 @@ pub struct HnswIndex {
     upper: Column<u32>,
     upper_width: usize,
     entry_point: usize,
-    /// Each node's item position, when nodes are not numbered by item.
-    node_items: Option<Column<u32>>,
-    /// Each item's node (the inverse of `node_items`), built at load.
-    item_nodes: Vec<u32>,
+    /// How nodes map to items, when they are not numbered by item.
+    numbering: Option<NodeNumbering>,
     codes: Column<i8>,
     code_scales: Column<f32>,
     dim: usize,
@@ -73,15 +71,15 @@ impl HnswIndex {
         if two_dimensional("item_codes", Some(items))? != dim {
             return Err(malformed(format!("item_codes are not {dim}-dimensional like the item vectors")));
         }
-        let node_items = match file.shape("node_items") {
-            Ok(&[rows]) if rows == items => Some(file.column::<u32>("node_items")?),
+        let numbering = match file.shape("node_items") {
+            Ok(&[rows]) if rows == items => {
+                let node_items = file.column::<u32>("node_items")?;
+                let item_nodes = inverse_permutation(node_items.as_slice())
+                    .ok_or_else(|| malformed(format!("node_items is not a permutation of 0..{items}")))?;
+                Some(NodeNumbering { node_items, item_nodes })
+            }
             Ok(shape) => return Err(malformed(format!("node_items has shape {shape:?}, expected [{items}]"))),
             Err(_) => None,
-        };
-        let item_nodes = match &node_items {
-            Some(node_items) => inverse_permutation(node_items.as_slice())
-                .ok_or_else(|| malformed(format!("node_items is not a permutation of 0..{items}")))?,
-            None => Vec::new(),
         };
         let index = Self {
             items,
@@ -91,8 +89,7 @@ impl HnswIndex {
             upper: file.column("upper_links")?,
             upper_width,
             entry_point: file.column::<u32>("entry_point")?.as_slice().first().map_or(usize::MAX, |&e| e as usize),
-            node_items,
-            item_nodes,
+            numbering,
             codes: file.column("item_codes")?,
             code_scales: file.column("item_code_scales")?,
             dim,
@@ -170,12 +167,16 @@ impl HnswIndex {
         }
 
         let excluded_nodes: ExcludedItems;
-        let excluded = if self.item_nodes.is_empty() {
-            excluded
-        } else {
-            excluded_nodes =
-                excluded.iter().filter_map(|&item| self.item_nodes.get(item)).map(|&n| n as usize).collect();
-            &excluded_nodes
+        let excluded = match &self.numbering {
+            None => excluded,
+            Some(numbering) => {
+                excluded_nodes = excluded
+                    .iter()
+                    .filter_map(|&item| numbering.item_nodes.get(item))
+                    .map(|&node| node as usize)
+                    .collect();
+                &excluded_nodes
+            }
         };
         let pooled = self.visited_pool.lock().ok().and_then(|mut pool| pool.pop());
         let mut visited = pooled.unwrap_or_else(|| Visited::new(self.items));
@@ -249,13 +250,19 @@ impl HnswIndex {
     }
 
     fn item_of(&self, node: usize) -> usize {
-        self.node_items.as_ref().map_or(node, |node_items| node_items.as_slice()[node] as usize)
+        self.numbering.as_ref().map_or(node, |numbering| numbering.node_items.as_slice()[node] as usize)
     }
 
     fn upper_row(&self, item: usize, layer: usize) -> &[u32] {
         let row = self.upper_offsets.as_slice()[item] as usize + layer - 1;
         &self.upper.as_slice()[row * self.upper_width..(row + 1) * self.upper_width]
     }
+}
+
+/// Nodes numbered apart from items: each node's item, and each item's node.
+struct NodeNumbering {
+    node_items: Column<u32>,
+    item_nodes: Vec<u32>,
 }
 
 /// What the walk scores items with: the query's int8 codes against the items'.
@@ -565,7 +572,7 @@ mod tests {
             HnswIndex::load(dir.path(), &manifest, &vectors, 120).unwrap()
         };
         let (by_item, by_node) = (load(&graph(&vectors)), load(&graph_in_order(&vectors, Some(&order))));
-        assert!(by_item.node_items.is_none() && by_node.node_items.is_some());
+        assert!(by_item.numbering.is_none() && by_node.numbering.is_some());
         for query_row in (11..1_500).step_by(150) {
             let query = vectors.row(query_row);
             let excluded: ExcludedItems = [query_row, (query_row + 1) % 1_500].into_iter().collect();

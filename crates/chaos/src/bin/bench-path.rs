@@ -21,6 +21,9 @@
 //! Writes `target/reports/bench.json` (the million-item figures, the issue's keys),
 //! `target/reports/bench-details.json` (both data sets, per-stage and per-leaf figures,
 //! the peak search) and the latencies the chart script draws (`latency_chart.py`).
+//!
+//! `bench-path probe` is a diagnosis apart from the report: one hop's round trip and the
+//! client's CPU per call, against a running feature-svc.
 
 #![forbid(unsafe_code)]
 
@@ -71,6 +74,23 @@ enum Command {
     Run(RunArgs),
     /// The compute floor of one data set (started by `run` as a child process).
     Floor(FloorArgs),
+    /// Diagnosis of one hop: closed-loop unary calls from this process to a running
+    /// feature-svc — a health check (transport only) and `GetUserFeatures` through the
+    /// orchestrator's client stack — with their latency and this process's CPU per call.
+    Probe(ProbeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ProbeArgs {
+    /// feature-svc's gRPC address.
+    #[arg(long, default_value = "127.0.0.1:50052")]
+    address: String,
+    /// The user whose features are read.
+    #[arg(long, default_value = "196")]
+    user: String,
+    /// Calls per kind (after as many again to warm up).
+    #[arg(long, default_value_t = 3_000)]
+    calls: usize,
 }
 
 #[derive(Debug, clap::Args)]
@@ -139,7 +159,72 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Run(args) => run(args).await,
         Command::Floor(args) => floor(args).await,
+        Command::Probe(args) => probe(args).await,
     }
+}
+
+/// Times `calls` sequential awaits of `call` (after as many to warm up): latency
+/// quantiles in µs and this process's CPU time per call.
+async fn probe_calls<F, Fut>(calls: usize, mut call: F) -> anyhow::Result<(f64, f64, f64, f64)>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    for _ in 0..calls {
+        call().await?;
+    }
+    let cpu_before = process_cpu_time()?;
+    let mut latencies = Vec::with_capacity(calls);
+    for _ in 0..calls {
+        let started = Instant::now();
+        call().await?;
+        latencies.push(started.elapsed());
+    }
+    let cpu_per_call = (process_cpu_time()? - cpu_before).as_secs_f64() * 1e6 / calls as f64;
+    let micros = |q| load::quantile_ms(latencies.iter().copied(), q) * 1000.0;
+    Ok((micros(0.5), micros(0.9), micros(0.99), cpu_per_call))
+}
+
+/// `bench-path probe`: what one hop costs, apart from any handler (README, "What a hop is
+/// made of here").
+async fn probe(args: ProbeArgs) -> anyhow::Result<()> {
+    use recsys_proto::v1::UserFeatures;
+    use recsys_runtime::{client::ResilientClient, resilience::ResilienceConfig};
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+
+    let channel =
+        recsys_runtime::client::lazy_channel(&args.address, Duration::from_secs(1), &recsys_runtime::Tls::plaintext())?;
+    let health = HealthClient::new(channel.clone());
+    let features: ResilientClient<GetUserFeaturesRequest, UserFeatures> = ResilientClient::new(
+        "probe",
+        channel,
+        "/recsys.v1.FeatureService/GetUserFeatures",
+        Duration::from_secs(1),
+        &ResilienceConfig::default(),
+    );
+    let request = Arc::new(GetUserFeaturesRequest { user_id: args.user, max_history: MAX_HISTORY, as_of_ms: 0 });
+    let checked = probe_calls(args.calls, || {
+        let mut health = health.clone();
+        async move {
+            health.check(HealthCheckRequest { service: String::new() }).await?;
+            Ok(())
+        }
+    })
+    .await?;
+    let read = probe_calls(args.calls, || {
+        let (features, request) = (features.clone(), Arc::clone(&request));
+        async move {
+            features.call(request, tokio::time::Instant::now() + Duration::from_secs(1)).await?;
+            Ok(())
+        }
+    })
+    .await?;
+    println!("one client, closed loop, {} calls each to {}", args.calls, args.address);
+    println!("{:<34} {:>8} {:>8} {:>8} {:>14}", "call", "p50 µs", "p90 µs", "p99 µs", "client CPU µs");
+    for (name, (p50, p90, p99, cpu)) in [("health check", checked), ("GetUserFeatures (client stack)", read)] {
+        println!("{name:<34} {p50:>8.0} {p90:>8.0} {p99:>8.0} {cpu:>14.0}");
+    }
+    Ok(())
 }
 
 /// The population requests are drawn from: the seed's `users.csv`, first column.

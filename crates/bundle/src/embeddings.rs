@@ -25,9 +25,9 @@ pub struct EmbeddingSpace {
 
 /// What a user's trained vector stands for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TrainedOn {
-    pub latest_event: i64,
-    pub events: u32,
+struct TrainedOn {
+    latest_event: i64,
+    events: u32,
 }
 
 /// Σx and Σxxᵀ over the item vectors: with them, the sum and the sum of squares of a
@@ -138,12 +138,6 @@ impl EmbeddingSpace {
     ) -> Self {
         let user_positions = user_ids.into_iter().enumerate().map(|(n, id)| (id, n)).collect();
         Self { item_ids, user_positions, item_vectors, user_vectors, user_trained: Vec::new(), moments }
-    }
-
-    /// The same space, knowing what each user's trained vector was trained on.
-    pub fn with_user_trained(self, user_trained: Vec<TrainedOn>) -> Self {
-        assert_eq!(user_trained.len(), self.user_vectors.rows, "one entry per user vector");
-        Self { user_trained, ..self }
     }
 
     /// `position` if the item there is `item_id` (a position a caller sent with the id).
@@ -272,7 +266,7 @@ mod tests {
     fn events_after_training_move_a_trained_users_vector_and_earlier_ones_do_not() {
         // "u" was trained on 3 events, the latest at t = 100; the vector [0.5, 2.0] (length
         // √4.25) is the cache of those.
-        let space = space().with_user_trained(vec![TrainedOn { latest_event: 100, events: 3 }]);
+        let space = EmbeddingSpace { user_trained: vec![TrainedOn { latest_event: 100, events: 3 }], ..space() };
         let history = ["a".to_string(), "b".to_string()];
         assert_eq!(space.user_vector("u", &history, &[90, 80]), Some(vec![0.5, 2.0]), "nothing new since training");
         assert_eq!(space.user_vector("u", &history, &[]), Some(vec![0.5, 2.0]), "no times: nothing known to be new");

@@ -42,7 +42,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 pub use content::{year_of_ms, ContentMap, ContentMapFile};
-pub use embeddings::{EmbeddingSpace, TrainedOn, VectorMoments};
+pub use embeddings::{EmbeddingSpace, VectorMoments};
 pub use features::{
     CountMeasure, CountWindow, CrossSource, Encoding, Feature, FeatureConfig, ItemWindowCounts, LiveItemSource,
     RankerInputs, UserAttributes, RECENT_ITEMS,

@@ -54,12 +54,18 @@ use recsys_proto::{
     v1::{
         feature_service_server::FeatureService, rank_service_server::RankService, recall_service_server::RecallService,
         rerank_service_server::RerankService, GetItemFeaturesRequest, GetItemFeaturesResponse, GetUserFeaturesRequest,
-        RankRequest, RecallRequest, RerankCandidate, RerankRequest,
+        RankRequest, RecallRequest, RerankCandidate, RerankRequest, UserFeatures,
     },
 };
-use recsys_runtime::item_features::ItemFeatureSource;
+use recsys_runtime::{
+    client::{lazy_channel, ResilientClient},
+    item_features::ItemFeatureSource,
+    resilience::ResilienceConfig,
+    Tls,
+};
 use serde_json::json;
 use tonic::{Request, Status};
+use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
 
 #[derive(Debug, Parser)]
 #[command(name = "bench-path")]
@@ -188,12 +194,7 @@ where
 /// `bench-path probe`: what one hop costs, apart from any handler (README, "What a hop is
 /// made of here").
 async fn probe(args: ProbeArgs) -> anyhow::Result<()> {
-    use recsys_proto::v1::UserFeatures;
-    use recsys_runtime::{client::ResilientClient, resilience::ResilienceConfig};
-    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
-
-    let channel =
-        recsys_runtime::client::lazy_channel(&args.address, Duration::from_secs(1), &recsys_runtime::Tls::plaintext())?;
+    let channel = lazy_channel(&args.address, Duration::from_secs(1), &Tls::plaintext())?;
     let health = HealthClient::new(channel.clone());
     let features: ResilientClient<GetUserFeaturesRequest, UserFeatures> = ResilientClient::new(
         "probe",
@@ -288,7 +289,7 @@ impl Stages {
 
         let recall_config =
             recall_svc::Config { bundle: args.bundle.clone(), catalog: no_catalog.clone(), ..Default::default() };
-        let catalog = recsys_runtime::catalog::Catalog::follow(&no_catalog, &recsys_runtime::Tls::plaintext());
+        let catalog = recsys_runtime::catalog::Catalog::follow(&no_catalog, &Tls::plaintext());
         let recall = recall_svc::RecallGrpc::new(
             recall_svc::open_registry(&recall_config)?,
             Arc::clone(&catalog),

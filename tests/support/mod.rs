@@ -331,14 +331,10 @@ impl Cluster {
 }
 
 fn generous_channel_budgets(mut channels: recall_svc::ChannelSettings) -> recall_svc::ChannelSettings {
-    for quota in [
-        &mut channels.embedding,
-        &mut channels.item_cf,
-        &mut channels.realtime,
-        &mut channels.popular,
-        &mut channels.cold_start,
-    ] {
-        quota.budget_ms = 2_000;
+    for channel in recall_svc::Channel::ALL {
+        if let Some(quota) = channels.quota_mut(channel) {
+            quota.budget_ms = 2_000;
+        }
     }
     channels
 }

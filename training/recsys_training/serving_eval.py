@@ -69,6 +69,7 @@ def write_split(data_dir: Path, work: Path) -> tuple[Path, dict[str, set[str]]]:
 METRIC_KEYS = ("ndcg@10", "map", "precision@10", "recall@10")
 # Ablation steps in pipeline order; "+rerank" is the served answer.
 ABLATION_STEPS = ("recall:embedding", "recall:item_cf", "recall:realtime", "recall:popular", "recall:cold_start",
+                  "recall:sequence",
                   "recall:fused", "+coarse", "+fine", "+rerank")
 REPRODUCIBILITY_TOLERANCE = 0.005
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import bundle, compress, content, item_to_item
+from . import bundle, compress, content, item_to_item, sequence
 from .data import Dataset, Interaction, load_dataset
 from .features import (
     CrossScorer, FeatureConfig, ItemEventLog, UserHistory, attach_live_items, build_config, encode_live,
@@ -80,6 +80,11 @@ class TrainConfig:
     # high enough to be shown in rerank's new-item slot (the bundle's threshold).
     content_l2: float = 30.0
     cold_start_share: float = 0.3
+    # The sequence channel's encoder (sequence.py): the latest items it reads, the span of
+    # later items each position learns to predict, epochs (0: the bundle ships none).
+    sequence_length: int = 50
+    sequence_future_window: int = 10
+    sequence_epochs: int = 20
 
 
 _STARTED = time.monotonic()
@@ -525,6 +530,33 @@ def cold_start_policy(universe: Universe, state: ModelState, new_items: np.ndarr
     return policy
 
 
+def sequence_encoder(state: ModelState, item_ids: list[str], sample_users: np.ndarray, config: TrainConfig,
+                     staging: Path, rng: np.random.Generator) -> dict | None:
+    """Trains the sequence channel's encoder on every user's chronological items over the
+    final item vectors, exports it (checked against onnxruntime on `sample_users`), writes
+    the parity fixture recall-svc's test serves (histories as serving sends them, most
+    recent first, and their query vectors) and returns the manifest's `sequence` section;
+    `None` when configured off."""
+    if config.sequence_epochs <= 0:
+        return None
+    settings = sequence.SequenceConfig(length=config.sequence_length, epochs=config.sequence_epochs,
+                                       future_window=config.sequence_future_window)
+    chronological = [list(reversed(history.items)) for history in state.histories]
+    model = sequence.train_sequence_encoder(chronological, state.item_vectors, settings, rng, log)
+    sample = [chronological[user] for user in sample_users[:64]]
+    difference = sequence.export_encoder(model, state.item_vectors, sample, staging / sequence.FILE)
+    log(f"sequence encoder exported; max |pytorch - onnxruntime| = {difference:.2e}")
+    if difference > 1e-4:
+        raise RuntimeError(f"sequence encoder's ONNX export differs from PyTorch by {difference}")
+    fixture_histories = [history for history in sample[:8] if history]
+    fixture = [{"history_item_ids": [item_ids[n] for n in reversed(history)], "query": query.tolist()}
+               for history, query in zip(fixture_histories,
+                                          sequence.queries(model, fixture_histories, state.item_vectors))]
+    (staging / sequence.FIXTURE).write_text(json.dumps(fixture))
+    return {"file": sequence.FILE, "length": settings.length, "future_window": settings.future_window,
+            "onnx_max_abs_diff": difference}
+
+
 def train_bundle(data_dir: Path, out_root: Path, config: TrainConfig | None = None, version: str | None = None) -> Path:
     config = config or TrainConfig()
     started = time.monotonic()
@@ -638,6 +670,8 @@ def train_bundle(data_dir: Path, out_root: Path, config: TrainConfig | None = No
     interactions = np.array([final.statistics[item.item_id]["interactions"] for item in dataset.items], dtype=np.float64)
     bundle.write_item_signals(staging / bundle.ITEM_SIGNALS, interactions / max(interactions.max(), 1.0))
     cold_start = cold_start_policy(universe, final, interactions == 0, config, rng)
+    sequence_section = sequence_encoder(final, [item.item_id for item in dataset.items], validation_users, config,
+                                        staging, rng)
 
     val_scores = predict(fine, validation_inputs)
     counts, edges = np.histogram(val_scores, bins=20, range=(0.0, 1.0))
@@ -667,6 +701,8 @@ def train_bundle(data_dir: Path, out_root: Path, config: TrainConfig | None = No
     }
     if cold_start is not None:
         manifest["cold_start"] = cold_start
+    if sequence_section is not None:
+        manifest["sequence"] = sequence_section
     published = bundle.publish(staging, out_root, version, manifest)
     log(f"published bundle {version} at {published} in {time.monotonic() - started:.1f}s "
         f"(AUC coarse {metrics['coarse_auc']:.4f}, fine {metrics['fine_auc']:.4f})")

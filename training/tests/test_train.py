@@ -28,8 +28,10 @@ def test_training_publishes_a_complete_verified_bundle(small_dataset, tmp_path):
     assert manifest["num_items"] == 40 and manifest["num_users"] == 60
     assert set(manifest["files"]) >= {"ranker.onnx", "items.json", "users.json", "embeddings.safetensors",
                                       "item_to_item.safetensors", "item_signals.safetensors", "coarse.onnx",
-                                      "ranker_fixture.json"}
+                                      "ranker_fixture.json", "sequence_encoder.onnx", "sequence_fixture.json"}
     assert manifest["metrics"]["onnx_max_abs_diff"] <= 1e-4
+    assert manifest["sequence"]["file"] == "sequence_encoder.onnx" and manifest["sequence"]["length"] == 50
+    assert manifest["sequence"]["onnx_max_abs_diff"] <= 1e-4
     assert sum(manifest["score_distribution"]["counts"]) > 0
     embeddings = load_file(published / "embeddings.safetensors")
     assert embeddings["item_vectors"].shape == (40, 16) and embeddings["item_vectors"].dtype == np.float32

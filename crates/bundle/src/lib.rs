@@ -17,7 +17,9 @@
 //!   position and an int8 copy of the vectors to walk it with (layout in
 //!   `training/recsys_training/ann.py`, search in recall-svc's `hnsw`);
 //! - `coarse.onnx`, `ranker.onnx`: the coarse and fine rankers;
-//! - `ranker_fixture.json`: examples with their exact inputs and scores (parity tests).
+//! - `ranker_fixture.json`: examples with their exact inputs and scores (parity tests);
+//! - `sequence_encoder.onnx` (optional, `Manifest::sequence`): the sequence channel's
+//!   encoder, with `sequence_fixture.json` (histories and their query vectors).
 //!
 //! The `.safetensors` files are memory-mapped after their checksums are verified
 //! (`tensors`).
@@ -30,6 +32,7 @@ pub mod embeddings;
 mod features;
 mod item_ids;
 mod item_to_item;
+pub mod onnx;
 pub mod registry;
 pub mod tensors;
 
@@ -100,6 +103,20 @@ pub struct Manifest {
     /// after training, and the threshold says when one is worth a slot.
     #[serde(default)]
     pub cold_start: Option<ColdStartPolicy>,
+    /// The sequence channel's encoder, when the bundle ships one.
+    #[serde(default)]
+    pub sequence: Option<SequenceEncoderSpec>,
+}
+
+/// The sequence channel's encoder (training's `sequence.py`): an ONNX model from the
+/// history's item vectors `history_vectors` [batch, length, dim] (oldest first, padding in
+/// front) and `history_mask` [batch, length] (1 for an item) to `query` [batch, dim], a
+/// vector in the bundle's item space.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SequenceEncoderSpec {
+    pub file: String,
+    /// Latest items the encoder reads.
+    pub length: usize,
 }
 
 /// How the bundle's new items (no interactions at training time) and items added after

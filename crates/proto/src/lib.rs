@@ -22,7 +22,8 @@ pub const REQUEST_TIME_CONTEXT_KEY: &str = "request_time";
 
 impl v1::Channel {
     /// Every real channel, in the order recall runs them.
-    pub const ALL: [v1::Channel; 5] = [Self::Embedding, Self::ItemCf, Self::Realtime, Self::Popular, Self::ColdStart];
+    pub const ALL: [v1::Channel; 6] =
+        [Self::Embedding, Self::ItemCf, Self::Realtime, Self::Popular, Self::ColdStart, Self::Sequence];
 
     /// The name used in configuration files, metrics and debug traces.
     pub fn name(self) -> &'static str {
@@ -33,6 +34,7 @@ impl v1::Channel {
             Self::Realtime => "realtime",
             Self::Popular => "popular",
             Self::ColdStart => "cold_start",
+            Self::Sequence => "sequence",
         }
     }
 

@@ -6,7 +6,7 @@ use std::{
     path::Path,
     sync::{
         atomic::{AtomicUsize, Ordering},
-        Mutex, OnceLock,
+        Mutex,
     },
 };
 
@@ -90,26 +90,10 @@ impl ModelInput<'_> {
     }
 }
 
-/// ONNX Runtime allows one environment per process (and one library load), so it is
-/// created once and shared, also by tests that start several rank services.
+/// The process's ONNX Runtime environment (`recsys_bundle::onnx`: one per process, shared
+/// with any other service's handlers running in it).
 pub fn onnx_environment(library: Option<&Path>) -> Result<Environment> {
-    static ENVIRONMENT: OnceLock<Result<Environment, String>> = OnceLock::new();
-    ENVIRONMENT
-        .get_or_init(|| {
-            let library = library
-                .map(Path::to_path_buf)
-                .or_else(|| std::env::var_os("ORT_DYLIB_PATH").map(Into::into))
-                .ok_or_else(|| {
-                    "no ONNX Runtime library: set onnxruntime_library or ORT_DYLIB_PATH (see README)".to_string()
-                })?;
-            ort::init_from(&library)
-                .map_err(|error| format!("cannot load {}: {error}", library.display()))?
-                .with_name("rank-svc")
-                .build()
-                .map_err(|error| error.to_string())
-        })
-        .clone()
-        .map_err(RankError::Onnx)
+    recsys_bundle::onnx::environment(library).map_err(RankError::Onnx)
 }
 
 pub struct OnnxModel {

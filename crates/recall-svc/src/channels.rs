@@ -13,6 +13,7 @@ use recsys_proto::v1::{CatalogItem, Channel};
 
 use crate::{
     nearest::{top_by_score, NearestItems},
+    sequence::SequenceEncoder,
     ExcludedItems, Result,
 };
 
@@ -39,6 +40,8 @@ pub struct RecallIndex {
     /// Attributes → vector (`Manifest::cold_start`), for run-time catalogue items no
     /// bundle knows.
     content: Option<ContentMap>,
+    /// The sequence channel's encoder, when the bundle ships one.
+    sequence: Option<SequenceEncoder>,
 }
 
 /// What one user gives the channels, computed once per request and shared by every
@@ -54,11 +57,16 @@ pub struct UserSignals {
     /// `vector` scaled to unit length: the cold-start channel's query, so that its score
     /// (u·v / |u|) compares users with one threshold (the bundle's `cold_start`).
     unit_vector: Option<Vec<f32>>,
+    /// The sequence encoder's query from the latest items in their order; `None` without
+    /// an encoder or a known history item.
+    sequence: Option<Vec<f32>>,
 }
 
 impl RecallIndex {
-    /// `ann_expansion`: the HNSW search's candidate list size when the bundle has an index.
-    pub fn load(dir: &Path, ann_expansion: usize) -> Result<Self> {
+    /// `ann_expansion`: the HNSW search's candidate list size when the bundle has an index;
+    /// `onnx_library`: ONNX Runtime (else `ORT_DYLIB_PATH`), loaded only for a bundle with a
+    /// sequence encoder.
+    pub fn load(dir: &Path, ann_expansion: usize, onnx_library: Option<&Path>) -> Result<Self> {
         let manifest = read_manifest(dir)?;
         let ItemColumns { ids, years, interactions } = read_item_columns(dir)?;
         let embeddings = EmbeddingSpace::load_with(dir, &manifest, ids)?;
@@ -77,6 +85,15 @@ impl RecallIndex {
             ),
             None => None,
         };
+        let sequence = match &manifest.sequence {
+            Some(spec) => {
+                let environment = recsys_bundle::onnx::environment(onnx_library).map_err(|reason| {
+                    BundleError::Malformed { path: dir.join(&spec.file), reason: format!("cannot be run: {reason}") }
+                })?;
+                Some(SequenceEncoder::load(dir, &manifest, spec, &environment)?)
+            }
+            None => None,
+        };
         Ok(Self {
             version: manifest.version,
             embeddings,
@@ -86,6 +103,7 @@ impl RecallIndex {
             popularity,
             new_items,
             content,
+            sequence,
         })
     }
 
@@ -116,7 +134,19 @@ impl RecallIndex {
             vector,
             recent: self.embeddings.weighted_mean_item_vector(history.iter().zip(session.iter().copied())),
             item_cf: (!seeds.is_empty()).then(|| self.item_to_item.sparse_scores(&seeds)),
+            sequence: self.sequence_query(&seeds),
         }
+    }
+
+    /// The sequence encoder's query for the known history items (`seeds`, newest first);
+    /// a failing run leaves the channel out of this request, logged.
+    fn sequence_query(&self, seeds: &[usize]) -> Option<Vec<f32>> {
+        let encoder = self.sequence.as_ref()?;
+        let vectors = seeds.iter().map(|&n| self.embeddings.item_vectors.row(n));
+        encoder.query(vectors).unwrap_or_else(|error| {
+            tracing::warn!(%error, "sequence encoder failed: the sequence channel sits this request out");
+            None
+        })
     }
 
     /// Whether a channel's proposals cost enough to run on the blocking pool under a
@@ -124,7 +154,7 @@ impl RecallIndex {
     /// quickly: either costs less than handing the work to another thread.
     pub fn is_costly(&self, channel: Channel) -> bool {
         match channel {
-            Channel::Embedding | Channel::Realtime | Channel::ItemCf => true,
+            Channel::Embedding | Channel::Realtime | Channel::ItemCf | Channel::Sequence => true,
             Channel::ColdStart => self.new_items.len() > INLINE_NEW_ITEMS,
             Channel::Popular | Channel::Unspecified => false,
         }
@@ -145,6 +175,9 @@ impl RecallIndex {
         match channel {
             Channel::Embedding => signals.vector.as_ref().map(|v| self.nearest(v, excluded, quota)).unwrap_or_default(),
             Channel::Realtime => signals.recent.as_ref().map(|v| self.nearest(v, excluded, quota)).unwrap_or_default(),
+            Channel::Sequence => {
+                signals.sequence.as_ref().map(|v| self.nearest(v, excluded, quota)).unwrap_or_default()
+            }
             Channel::ItemCf => signals.item_cf.as_ref().map(|s| item_cf_top(s, excluded, quota)).unwrap_or_default(),
             Channel::Popular => take_allowed(&self.popular, excluded, quota),
             Channel::ColdStart => {
@@ -161,6 +194,7 @@ impl RecallIndex {
         match channel {
             Channel::Embedding => signals.vector.as_ref().map(|v| self.embeddings.score(v, item)),
             Channel::Realtime => signals.recent.as_ref().map(|v| self.embeddings.score(v, item)),
+            Channel::Sequence => signals.sequence.as_ref().map(|v| self.embeddings.score(v, item)),
             Channel::ItemCf => signals.item_cf.as_ref().map(|scores| scores.get(item) as f32),
             Channel::Popular => Some(self.popularity.as_slice()[item]),
             // Nothing to say without new items (a bundle without a cold-start section).

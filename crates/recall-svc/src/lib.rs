@@ -1,5 +1,5 @@
 //! recall-svc: turns one user into ~hundreds of candidates. Each channel (embedding,
-//! item-to-item, real-time behaviour, popular, cold start) proposes a ranked list on its
+//! item-to-item, real-time behaviour, popular, cold start, sequence) proposes a ranked list on its
 //! own; `fusion` merges them by weighted reciprocal rank and removes what the user has
 //! already seen or asked to exclude.
 
@@ -12,6 +12,7 @@ mod error;
 mod fusion;
 pub mod hnsw;
 pub mod nearest;
+mod sequence;
 mod service;
 mod session;
 
@@ -71,6 +72,9 @@ pub struct Config {
     /// passes them on last; rerank's rules (freshness, pins) decide where they show.
     pub new_items: usize,
     pub new_item_days: u32,
+    /// ONNX Runtime shared library, for a bundle with a sequence encoder; when unset,
+    /// `ORT_DYLIB_PATH` is used.
+    pub onnxruntime_library: Option<PathBuf>,
 }
 
 /// Per channel: how many items it proposes (0 disables it) and its weight in fusion.
@@ -82,6 +86,7 @@ pub struct ChannelSettings {
     pub realtime: ChannelQuota,
     pub popular: ChannelQuota,
     pub cold_start: ChannelQuota,
+    pub sequence: ChannelQuota,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
@@ -107,6 +112,7 @@ impl Default for ChannelSettings {
             realtime: ChannelQuota { quota: 200, weight: 0.6, budget_ms: default_channel_budget_ms() },
             popular: ChannelQuota { quota: 150, weight: 0.5, budget_ms: default_channel_budget_ms() },
             cold_start: ChannelQuota { quota: 50, weight: 0.2, budget_ms: default_channel_budget_ms() },
+            sequence: ChannelQuota { quota: 200, weight: 0.2, budget_ms: default_channel_budget_ms() },
         }
     }
 }
@@ -119,7 +125,21 @@ impl ChannelSettings {
             Channel::Realtime => self.realtime,
             Channel::Popular => self.popular,
             Channel::ColdStart => self.cold_start,
+            Channel::Sequence => self.sequence,
             Channel::Unspecified => ChannelQuota { quota: 0, weight: 0.0, budget_ms: 0 },
+        }
+    }
+
+    /// A channel's settings, to change (`Unspecified` has none).
+    pub fn quota_mut(&mut self, channel: Channel) -> Option<&mut ChannelQuota> {
+        match channel {
+            Channel::Embedding => Some(&mut self.embedding),
+            Channel::ItemCf => Some(&mut self.item_cf),
+            Channel::Realtime => Some(&mut self.realtime),
+            Channel::Popular => Some(&mut self.popular),
+            Channel::ColdStart => Some(&mut self.cold_start),
+            Channel::Sequence => Some(&mut self.sequence),
+            Channel::Unspecified => None,
         }
     }
 }
@@ -139,6 +159,7 @@ impl Default for Config {
             catalog: recsys_runtime::catalog::CatalogConfig::default(),
             new_items: 10,
             new_item_days: 30,
+            onnxruntime_library: None,
         }
     }
 }
@@ -153,16 +174,18 @@ impl ServiceConfig for Config {
 /// (every tensor checked and mapped, links bounds-checked) and warmed up before it serves.
 pub fn open_registry(config: &Config) -> anyhow::Result<Arc<Registry<RecallIndex>>> {
     let (ann_expansion, warm_up_quota) = (config.ann_expansion, config.channels.embedding.quota);
+    let onnx_library = config.onnxruntime_library.clone();
     let registry = Registry::open_shared(
         SERVICE_BINARY,
         &config.bundle,
         config.quality_gate.clone(),
         config.follow_current_ms,
         move |dir, _| {
-            let index = RecallIndex::load(dir, ann_expansion).map_err(|error| match error {
-                RecallError::Bundle(error) => error,
-                other => BundleError::Malformed { path: dir.to_path_buf(), reason: other.to_string() },
-            })?;
+            let index =
+                RecallIndex::load(dir, ann_expansion, onnx_library.as_deref()).map_err(|error| match error {
+                    RecallError::Bundle(error) => error,
+                    other => BundleError::Malformed { path: dir.to_path_buf(), reason: other.to_string() },
+                })?;
             index.warm_up(warm_up_quota);
             tracing::info!(
                 bundle = %index.version,

@@ -231,10 +231,14 @@ fn new_items_since_ms(days: u32) -> i64 {
     now_ms - i64::from(days) * 86_400_000
 }
 
+/// Weight overrides indexed by the channel's wire value (0 is `Unspecified`): one slot per
+/// real channel and one for it.
+const CHANNEL_SLOTS: usize = Channel::ALL.len() + 1;
+
 /// Fusion weight overrides by channel number. The orchestrator checked them when its
 /// configuration was loaded; this only protects recall from other callers.
-fn channel_weight_overrides(weights: &[ChannelWeight]) -> Result<[Option<f32>; 6], RecallError> {
-    let mut overrides = [None; 6];
+fn channel_weight_overrides(weights: &[ChannelWeight]) -> Result<[Option<f32>; CHANNEL_SLOTS], RecallError> {
+    let mut overrides = [None; CHANNEL_SLOTS];
     for (index, ChannelWeight { channel, weight }) in weights.iter().enumerate() {
         let known = Channel::try_from(*channel).ok().filter(|&c| c != Channel::Unspecified);
         let Some(channel) = known else {
@@ -246,7 +250,11 @@ fn channel_weight_overrides(weights: &[ChannelWeight]) -> Result<[Option<f32>; 6
                 channel.name()
             )));
         }
-        overrides[channel as usize] = Some(*weight);
+        // A wire value this build knows but does not serve gets a clear refusal, not a panic.
+        let Some(slot) = overrides.get_mut(channel as usize) else {
+            return Err(RecallError::InvalidArgument(format!("channel_weights[{index}] names no served channel")));
+        };
+        *slot = Some(*weight);
     }
     Ok(overrides)
 }
@@ -275,5 +283,9 @@ mod tests {
         assert!(channel_weight_overrides(&[weight(42, 1.0)]).is_err());
         let negative = channel_weight_overrides(&[weight(Channel::Popular as i32, -1.0)]).unwrap_err();
         assert!(negative.to_string().contains("popular"), "{negative}");
+        // Every channel has its slot, the newest included.
+        let all: Vec<ChannelWeight> = Channel::ALL.iter().map(|&channel| weight(channel as i32, 0.5)).collect();
+        let overrides = channel_weight_overrides(&all).unwrap();
+        assert!(Channel::ALL.iter().all(|&channel| overrides[channel as usize] == Some(0.5)));
     }
 }

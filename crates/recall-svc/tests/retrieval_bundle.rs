@@ -145,7 +145,7 @@ fn write_bundle(dir: &Path, cold_start: bool) {
 fn a_retrieval_bundle_is_served_from_its_index_with_the_history_excluded() {
     let dir = tempfile::tempdir().unwrap();
     write_bundle(dir.path(), false);
-    let index = RecallIndex::load(dir.path(), 64).unwrap();
+    let index = RecallIndex::load(dir.path(), 64, None).unwrap();
     assert!(index.is_approximate());
 
     // A user the bundle has never seen: the query is pooled from the history.
@@ -180,7 +180,7 @@ fn a_bundle_whose_index_was_altered_is_refused() {
     let last = bytes.len() - 1;
     bytes[last] ^= 0xff;
     std::fs::write(&path, bytes).unwrap();
-    let error = RecallIndex::load(dir.path(), 64).err().expect("refused").to_string();
+    let error = RecallIndex::load(dir.path(), 64, None).err().expect("refused").to_string();
     assert!(error.contains(ANN_INDEX_FILE) && error.contains("sha256"), "{error}");
 }
 
@@ -188,7 +188,7 @@ fn a_bundle_whose_index_was_altered_is_refused() {
 fn the_cold_start_channel_finds_new_items_near_the_users_vector() {
     let dir = tempfile::tempdir().unwrap();
     write_bundle(dir.path(), true);
-    let index = RecallIndex::load(dir.path(), 64).unwrap();
+    let index = RecallIndex::load(dir.path(), 64, None).unwrap();
     assert_eq!(index.new_item_count(), NEW_ITEMS);
     let history: Vec<String> = ["i5", "i35"].iter().map(|id| id.to_string()).collect();
     let signals = index.signals("someone-new", &history, &[], &[1.0; 5]);
@@ -217,7 +217,7 @@ fn the_cold_start_channel_finds_new_items_near_the_users_vector() {
     // bundle, and run-time items newest first.
     let plain = tempfile::tempdir().unwrap();
     write_bundle(plain.path(), false);
-    let index = RecallIndex::load(plain.path(), 64).unwrap();
+    let index = RecallIndex::load(plain.path(), 64, None).unwrap();
     let signals = index.signals("someone-new", &history, &[], &[1.0; 5]);
     assert!(index.propose(Channel::ColdStart, &signals, &ExcludedItems::default(), 10).is_empty());
     let ordered = index.order_runtime_items(&signals, &added, 2);

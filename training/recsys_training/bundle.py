@@ -66,8 +66,8 @@ def write_item_to_item(path: Path, offsets: np.ndarray, neighbors: np.ndarray, w
 
 
 def write_item_signals(path: Path, popularity: np.ndarray) -> None:
-    """Per-item signals by position: ``popularity`` in [0, 1] (interactions over the
-    most-interacted item's)."""
+    """Per-item signals by position: ``popularity`` in [0, 1] (the most popular item 1;
+    train.py weighs interactions by recency, scale.py counts them)."""
     write_tensors(path, {"popularity": popularity.astype("<f4")})
 
 

@@ -223,3 +223,20 @@ def test_the_bpr_vectors_remain_selectable(small_dataset, tmp_path):
     config.vector_model = "svd"
     with pytest.raises(ValueError, match="vector_model"):
         train_bundle(small_dataset, tmp_path / "c", config, version="v1")
+
+
+def test_popularity_weighs_interactions_by_recency_and_keeps_every_interacted_item_above_zero():
+    from recsys_training.train import recent_popularity
+
+    day = 86_400
+    rows = ([Interaction("u", "old", 0)] * 5 + [Interaction("u", "new", 100 * day)] * 2
+            + [Interaction("u", "ancient", -3000 * day)])
+    position = {"old": 0, "new": 1, "ancient": 2, "never": 3}
+    recent = recent_popularity(rows, position, 4, half_life_days=14.0)
+    # Five interactions 100 days old weigh less than two of the latest day's.
+    assert recent[1] == pytest.approx(1.0, abs=1e-5)
+    assert recent[0] == pytest.approx(5 * 0.5 ** (100 / 14) / 2, rel=1e-3)
+    assert 0.0 < recent[2] < recent[0] and recent[3] == 0.0
+    assert recent.max() <= 1.0
+    all_time = recent_popularity(rows, position, 4, half_life_days=0.0)
+    assert all_time.tolist() == pytest.approx([1.0, 0.4, 0.2, 0.0])

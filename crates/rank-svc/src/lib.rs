@@ -27,7 +27,9 @@ use tonic::service::Routes;
 pub use batching::{BatchingConfig, MicroBatcher};
 pub use drift::{psi, ScoreDrift};
 pub use error::{RankError, Result};
-pub use model::{onnx_environment, FineVariant, ModelInput, ModelOptions, OnnxModel, COARSE_INPUTS, FINE_INPUTS};
+pub use model::{
+    onnx_environment, FineVariant, ModelInput, ModelOptions, OnnxModel, WithoutBehaviour, COARSE_INPUTS, FINE_INPUTS,
+};
 pub use ranking::{Candidates, FineStage, RankedCandidate, Ranker};
 pub use service::{item_window_counts, RankGrpc};
 

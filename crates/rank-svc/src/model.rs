@@ -59,6 +59,21 @@ impl FineVariant {
     }
 }
 
+/// How a user with no behaviour this bundle knows (a new user, or one whose items are all
+/// unknown to it) is ranked. Every behaviour input is empty then, and the models rank by
+/// item features learned on users with behaviour: on `make eval`'s temporal split they
+/// served such users worse than plain popularity did. Recall's order for them is its
+/// popular channel's — the bundle's recency-weighted popularity.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WithoutBehaviour {
+    /// Recall's fused order and scores, no model run.
+    #[default]
+    RecallOrder,
+    /// The coarse and fine models, as for every other user.
+    Models,
+}
+
 /// How the models are run: shared by the coarse and the fine model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -68,11 +83,17 @@ pub struct ModelOptions {
     /// Threads each session may use inside one inference.
     pub intra_op_threads: usize,
     pub fine_variant: FineVariant,
+    pub without_behaviour: WithoutBehaviour,
 }
 
 impl Default for ModelOptions {
     fn default() -> Self {
-        Self { sessions: 2, intra_op_threads: 1, fine_variant: FineVariant::Teacher }
+        Self {
+            sessions: 2,
+            intra_op_threads: 1,
+            fine_variant: FineVariant::Teacher,
+            without_behaviour: WithoutBehaviour::RecallOrder,
+        }
     }
 }
 

@@ -13,7 +13,10 @@ use recsys_bundle::{
 };
 use recsys_proto::v1::{CandidateColumns, Channel, ChannelColumn, UserFeatures};
 
-use crate::{drift::ScoreDrift, ModelInput, ModelOptions, OnnxModel, RankError, Result, COARSE_INPUTS, FINE_INPUTS};
+use crate::{
+    drift::ScoreDrift, ModelInput, ModelOptions, OnnxModel, RankError, Result, WithoutBehaviour, COARSE_INPUTS,
+    FINE_INPUTS,
+};
 
 static BATCH_SIZE: std::sync::LazyLock<prometheus::HistogramVec> = std::sync::LazyLock::new(|| {
     prometheus::register_histogram_vec!(
@@ -90,6 +93,7 @@ pub struct Ranker {
     /// Drift of the user-activity and item-popularity inputs: (column, monitor).
     user_activity_drift: Option<(usize, ScoreDrift)>,
     item_popularity_drift: Option<(usize, ScoreDrift)>,
+    without_behaviour: WithoutBehaviour,
 }
 
 /// What one request's user contributes to every candidate's inputs, computed once, at a
@@ -97,6 +101,8 @@ pub struct Ranker {
 struct UserContext {
     index: i64,
     features: Vec<f32>,
+    /// Whether any history item is one this bundle knows.
+    has_behaviour: bool,
     /// `history_length` 1-based item indices, latest first, 0-padded.
     history: Vec<i64>,
     /// The item-to-item model's scores given the whole history (zero outside the
@@ -187,6 +193,7 @@ impl Ranker {
             drift,
             user_activity_drift,
             item_popularity_drift,
+            without_behaviour: options.without_behaviour,
         };
         ranker.warm_up()?;
         Ok(ranker)
@@ -225,6 +232,7 @@ impl Ranker {
             .find(|(_, column)| column.channel() == Channel::Embedding && !column.scores.is_empty())
             .filter(|_| scored_here);
         let mut embedding_scores = recalled.map(|_| Vec::with_capacity(candidates.len()));
+        let mut fused_scores = (!candidates.scores.is_empty()).then(|| Vec::with_capacity(candidates.len()));
         // The best new item recall's cold-start channel proposed at or above the bundle's
         // threshold, by that channel's score.
         let cold_start = candidates.channel(Channel::ColdStart);
@@ -267,6 +275,15 @@ impl Ranker {
                     cold_start_pick = Some((score, item));
                 }
             }
+            if let Some(scores) = &mut fused_scores {
+                let score = candidates.scores[index];
+                if !score.is_finite() {
+                    return Err(RankError::InvalidArgument(format!(
+                        "candidates.scores[{index}]: the fused score is not a finite number"
+                    )));
+                }
+                scores.push(score);
+            }
             if let (Some((channel, column)), Some(scores)) = (recalled, &mut embedding_scores) {
                 let score = column.score(index);
                 if !score.is_finite() {
@@ -277,7 +294,13 @@ impl Ranker {
                 scores.push(score);
             }
         }
-        Ok(Candidates { items, embedding_scores, unscored, cold_start_pick: cold_start_pick.map(|(_, item)| item) })
+        Ok(Candidates {
+            items,
+            embedding_scores,
+            fused_scores,
+            unscored,
+            cold_start_pick: cold_start_pick.map(|(_, item)| item),
+        })
     }
 
     /// Positions of the known items among `item_ids` (unknown ids are dropped: they
@@ -330,6 +353,7 @@ impl Ranker {
         UserContext {
             index: self.user_index.get(&user.user_id).copied().unwrap_or(0),
             features,
+            has_behaviour: !history_items.is_empty(),
             history,
             item_cf,
             item_cf_spread,
@@ -483,6 +507,9 @@ impl Ranker {
         request_time: i64,
     ) -> Result<Vec<RankedCandidate>> {
         let stage = self.coarse_stage(user, candidates, coarse_keep, request_time)?;
+        if stage.in_recall_order {
+            return Ok(Self::as_ranked(stage.coarse));
+        }
         let fine_span = tracing::info_span!("fine", items = stage.inputs.len()).entered();
         let fine = self.fine_scores(&stage.inputs)?;
         drop(fine_span);
@@ -502,9 +529,12 @@ impl Ranker {
         if candidates.embedding_scores.as_ref().is_some_and(|scores| scores.len() != items.len()) {
             return Err(RankError::InvalidArgument("one embedding score per candidate is required".into()));
         }
+        let context = self.user_context(user, request_time);
+        if let Some(stage) = self.recall_order_stage(&context, candidates, coarse_keep) {
+            return Ok(stage);
+        }
         let _coarse_span = tracing::info_span!("coarse", items = items.len()).entered();
         BATCH_SIZE.with_label_values(&["coarse"]).observe(items.len() as f64);
-        let context = self.user_context(user, request_time);
         let cross = self.cross_features(&context, items, candidates.embedding_scores.as_deref());
         let coarse_scores = self.coarse_scores(&cross)?;
         let cross_dim = self.features.cross_dim();
@@ -532,7 +562,39 @@ impl Ranker {
         BATCH_SIZE.with_label_values(&["fine"]).observe(kept.len() as f64);
         let inputs = self.inputs_for(&context, &kept, kept_cross);
         self.observe_input_drift(&inputs);
-        Ok(FineStage { coarse: coarse.into_iter().map(|(item, score, _)| (item, score)).collect(), inputs })
+        Ok(FineStage {
+            coarse: coarse.into_iter().map(|(item, score, _)| (item, score)).collect(),
+            inputs,
+            in_recall_order: false,
+        })
+    }
+
+    /// For a user without behaviour (and `WithoutBehaviour::RecallOrder`), the first
+    /// `coarse_keep` candidates in recall's order with recall's fused scores: no model
+    /// runs, and the fine stage is already decided (`FineStage::in_recall_order`).
+    fn recall_order_stage(
+        &self,
+        context: &UserContext,
+        candidates: &Candidates,
+        coarse_keep: usize,
+    ) -> Option<FineStage> {
+        if context.has_behaviour || self.without_behaviour != WithoutBehaviour::RecallOrder {
+            return None;
+        }
+        let scores = candidates.fused_scores.as_ref()?;
+        let coarse: Vec<(usize, f32)> =
+            candidates.items.iter().copied().zip(scores.iter().copied()).take(coarse_keep).collect();
+        let kept: Vec<usize> = coarse.iter().map(|&(item, _)| item).collect();
+        let cross = self.cross_features(context, &kept, None);
+        Some(FineStage { inputs: self.inputs_for(context, &kept, cross), coarse, in_recall_order: true })
+    }
+
+    /// A stage decided without the fine model, as ranked candidates (its scores both ways).
+    pub fn as_ranked(coarse: Vec<(usize, f32)>) -> Vec<RankedCandidate> {
+        coarse
+            .into_iter()
+            .map(|(item, score)| RankedCandidate { item, coarse_score: score, fine_score: score })
+            .collect()
     }
 
     /// Orders a coarse stage's survivors by their fine scores (one per row of its inputs).
@@ -564,6 +626,8 @@ fn new_item_score(cold_start: &ChannelColumn, index: usize, threshold: f32) -> O
 pub struct Candidates {
     pub items: Vec<usize>,
     pub embedding_scores: Option<Vec<f32>>,
+    /// Recall's fused score of each of `items`, when it sent them.
+    pub fused_scores: Option<Vec<f32>>,
     /// Candidates this bundle does not hold (new run-time catalogue items recall's
     /// cold-start channel proposed): no model can score them, so they are passed on last.
     pub unscored: Vec<String>,
@@ -578,6 +642,8 @@ pub struct Candidates {
 pub struct FineStage {
     pub coarse: Vec<(usize, f32)>,
     pub inputs: RankerInputs,
+    /// The order is recall's and final (a user without behaviour): the fine model is not run.
+    pub in_recall_order: bool,
 }
 
 #[cfg(test)]

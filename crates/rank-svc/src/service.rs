@@ -182,25 +182,34 @@ impl RankService for RankGrpc {
                     Ok::<_, RankError>((stage, candidates))
                 })
                 .await??;
-                let counts = match counts_source {
-                    Some(source) => {
-                        let span = tracing::info_span!("item_counts", items = stage.coarse.len());
-                        self.read_live_item_features(source, &ranker, &mut stage, request_time).instrument(span).await
-                    }
-                    None => HashMap::new(),
-                };
-                let FineStage { coarse, inputs } = stage;
-                let fine = match (batcher, arriving) {
-                    (Some(batcher), Some(arriving)) => {
-                        batcher.score(inputs, arriving).instrument(tracing::info_span!("fine", batched = true)).await?
-                    }
-                    _ => {
-                        let fine_ranker = Arc::clone(&ranker);
-                        let span = tracing::info_span!("fine", items = inputs.len());
-                        blocking(move || span.in_scope(|| fine_ranker.fine_scores(&inputs))).await??
-                    }
-                };
-                (ranker.finish(coarse, fine), candidates, counts)
+                if stage.in_recall_order {
+                    (Ranker::as_ranked(stage.coarse), candidates, HashMap::new())
+                } else {
+                    let counts = match counts_source {
+                        Some(source) => {
+                            let span = tracing::info_span!("item_counts", items = stage.coarse.len());
+                            self.read_live_item_features(source, &ranker, &mut stage, request_time)
+                                .instrument(span)
+                                .await
+                        }
+                        None => HashMap::new(),
+                    };
+                    let FineStage { coarse, inputs, .. } = stage;
+                    let fine = match (batcher, arriving) {
+                        (Some(batcher), Some(arriving)) => {
+                            batcher
+                                .score(inputs, arriving)
+                                .instrument(tracing::info_span!("fine", batched = true))
+                                .await?
+                        }
+                        _ => {
+                            let fine_ranker = Arc::clone(&ranker);
+                            let span = tracing::info_span!("fine", items = inputs.len());
+                            blocking(move || span.in_scope(|| fine_ranker.fine_scores(&inputs))).await??
+                        }
+                    };
+                    (ranker.finish(coarse, fine), candidates, counts)
+                }
             }
         };
         let keep = if fine_keep == 0 { ranked.len() + unscored.len() } else { fine_keep as usize };

@@ -8,7 +8,10 @@ use std::sync::Arc;
 
 use std::collections::HashMap;
 
-use rank_svc::{item_window_counts, onnx_environment, BatchingConfig, FineVariant, MicroBatcher, ModelOptions, Ranker};
+use rank_svc::{
+    item_window_counts, onnx_environment, BatchingConfig, FineVariant, MicroBatcher, ModelOptions, Ranker,
+    WithoutBehaviour,
+};
 use recsys_proto::v1::{
     rank_service_server::RankService, CandidateColumns, EventCounts, GetItemFeaturesRequest, GetItemFeaturesResponse,
     ItemFeatures, RankRequest, RankResponse, UserFeatures, UserProfile, WindowedCounts,
@@ -172,6 +175,46 @@ fn a_user_without_any_signal_is_still_ranked() {
     assert_eq!(ranked.len(), 3);
 }
 
+/// A user none of whose behaviour the bundle knows keeps recall's fused order and scores
+/// (no model runs); configured otherwise, or with one known item, the models rank.
+#[test]
+fn a_user_without_behaviour_keeps_recalls_order_unless_configured_otherwise() {
+    let environment = onnx_environment(None).unwrap();
+    let ids: Vec<String> = (1..=120).map(|n| n.to_string()).collect();
+    // Recall's fused scores, best first.
+    let fused: Vec<f32> = (0..ids.len()).map(|n| 1.0 / (60.0 + n as f32)).collect();
+    let columns = CandidateColumns { item_ids: ids.clone(), scores: fused.clone(), ..CandidateColumns::default() };
+    let newcomer = UserFeatures {
+        user_id: "someone-new".into(),
+        history_item_ids: vec!["not-in-this-bundle".into()],
+        ..UserFeatures::default()
+    };
+    let ranked_ids = |without_behaviour, user: &UserFeatures| {
+        let options = ModelOptions { sessions: 1, without_behaviour, ..ModelOptions::default() };
+        let ranker = Ranker::load(&bundle_dir(), &environment, &options).unwrap();
+        let candidates = ranker.candidates(&columns, false).unwrap();
+        let ranked = ranker.rank_candidates(user, &candidates, 50, NOW).unwrap();
+        let scores: Vec<f32> = ranked.iter().map(|c| c.fine_score).collect();
+        (ranked.iter().map(|c| ranker.item_id(c.item).to_string()).collect::<Vec<_>>(), scores)
+    };
+    let (order, scores) = ranked_ids(WithoutBehaviour::RecallOrder, &newcomer);
+    assert_eq!(order, ids[..50].to_vec(), "recall's first 50, in its order");
+    assert_eq!(scores, fused[..50].to_vec(), "with recall's fused scores");
+    let (modelled, _) = ranked_ids(WithoutBehaviour::Models, &newcomer);
+    assert_eq!(modelled.len(), 50);
+    assert_ne!(modelled, order, "the models reorder");
+    let known = UserFeatures { history_item_ids: vec!["50".into()], ..newcomer.clone() };
+    let (with_behaviour, _) = ranked_ids(WithoutBehaviour::RecallOrder, &known);
+    assert_ne!(with_behaviour, order, "one known item is behaviour: the models rank");
+    // A fused score that is not a number is refused, naming it.
+    let mut bad = columns.clone();
+    bad.scores[3] = f32::NAN;
+    let ranker =
+        Ranker::load(&bundle_dir(), &environment, &ModelOptions { sessions: 1, ..ModelOptions::default() }).unwrap();
+    let Err(error) = ranker.candidates(&bad, false) else { panic!("a NaN fused score is refused") };
+    assert!(error.to_string().contains("candidates.scores[3]"), "{error}");
+}
+
 /// Concurrent requests whose rows share fine-model runs get exactly the scores they get
 /// alone: rows are independent, and each request gets its own rows back, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -225,7 +268,7 @@ fn the_int8_copy_and_the_student_serve_in_the_teachers_place() {
         ..UserFeatures::default()
     };
     let scores = |fine_variant| {
-        let options = ModelOptions { sessions: 1, intra_op_threads: 1, fine_variant };
+        let options = ModelOptions { sessions: 1, intra_op_threads: 1, fine_variant, ..ModelOptions::default() };
         let ranker = Ranker::load(&bundle_dir(), &environment, &options).expect("every variant loads");
         let items = ranker.resolve_items(ids.iter().map(String::as_str));
         ranker.fine_scores(&ranker.fine_inputs(&user, &items, NOW)).unwrap()

@@ -132,7 +132,8 @@ async fn main() -> anyhow::Result<()> {
     let mut raw_cases = Vec::new();
     let mut in_process = Vec::new();
     for case in &cases {
-        let options = ModelOptions { sessions: 1, intra_op_threads: 1, fine_variant: case.variant };
+        let options =
+            ModelOptions { sessions: 1, intra_op_threads: 1, fine_variant: case.variant, ..ModelOptions::default() };
         let ranker = Ranker::load(&case.bundle, &environment, &options).with_context(|| case.name.clone())?;
         let users = read_user_ids(&case.bundle)?;
         let built = build_requests(&ranker, &case.bundle, &users, case.candidates, case.coarse_keep)?;

@@ -1,20 +1,15 @@
-//! The ranking models: a small pool of ONNX Runtime sessions over one of the bundle's
-//! `.onnx` files (`coarse.onnx`, `ranker.onnx`). `Session::run` needs exclusive access,
-//! so each session sits behind its own mutex and a request takes whichever is free.
+//! The ranking models: a small pool of ONNX Runtime sessions (`recsys_bundle::onnx`) over
+//! one of the bundle's `.onnx` files (`coarse.onnx`, `ranker.onnx`), checked against the
+//! inputs rank-svc feeds.
 
-use std::{
-    path::Path,
-    sync::{
-        atomic::{AtomicUsize, Ordering},
-        Mutex,
-    },
-};
+use std::path::Path;
 
 use ort::{
     environment::Environment,
     session::{Session, SessionInputValue},
     value::TensorRef,
 };
+use recsys_bundle::onnx::SessionPool;
 use serde::{Deserialize, Serialize};
 
 use crate::{RankError, Result};
@@ -120,8 +115,7 @@ pub fn onnx_environment(library: Option<&Path>) -> Result<Environment> {
 pub struct OnnxModel {
     name: String,
     inputs: &'static [&'static str],
-    sessions: Vec<Mutex<Session>>,
-    next: AtomicUsize,
+    sessions: SessionPool,
 }
 
 impl OnnxModel {
@@ -133,30 +127,16 @@ impl OnnxModel {
         sessions: usize,
         intra_op_threads: usize,
     ) -> Result<Self> {
-        let name = path.display().to_string();
-        let onnx = |error: ort::Error| RankError::Onnx(format!("{name}: {error}"));
-        let sessions = (0..sessions.max(1))
-            .map(|_| {
-                Session::builder(environment)
-                    .map_err(onnx)?
-                    .with_intra_threads(intra_op_threads.max(1))
-                    .map_err(|error| RankError::Onnx(error.to_string()))?
-                    .commit_from_file(path)
-                    .map_err(onnx)
-                    .map(Mutex::new)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let ranker = Self { name, inputs, sessions, next: AtomicUsize::new(0) };
+        let sessions = SessionPool::load(path, environment, sessions, intra_op_threads).map_err(RankError::Onnx)?;
+        let ranker = Self { name: path.display().to_string(), inputs, sessions };
         ranker.check_contract()?;
         Ok(ranker)
     }
 
     /// Fails at load time, not on the first request, if the model's inputs are not ours.
     fn check_contract(&self) -> Result<()> {
-        let session = self.sessions[0].lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let inputs: Vec<&str> = session.inputs().iter().map(|input| input.name()).collect();
-        let outputs: Vec<&str> = session.outputs().iter().map(|output| output.name()).collect();
-        if inputs != self.inputs || outputs.first() != Some(&OUTPUT_NAME) {
+        let (inputs, outputs) = self.sessions.signature();
+        if inputs != self.inputs || outputs.first().map(String::as_str) != Some(OUTPUT_NAME) {
             return Err(RankError::ModelContract {
                 model: self.name.clone(),
                 reason: format!(
@@ -173,7 +153,7 @@ impl OnnxModel {
         if batch == 0 {
             return Ok(Vec::new());
         }
-        self.run(&mut self.acquire(), batch, inputs)
+        self.run(&mut self.sessions.acquire(), batch, inputs)
     }
 
     /// Runs `inputs` once on every session, and refuses the model if a score is not
@@ -181,8 +161,7 @@ impl OnnxModel {
     /// a whole rank budget here: done at load, before the service reports SERVING, the
     /// first live requests do not pay for it.
     pub fn warm_up(&self, batch: usize, inputs: &[ModelInput<'_>]) -> Result<()> {
-        for session in &self.sessions {
-            let mut session = session.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        for mut session in self.sessions.each() {
             let scores = self.run(&mut session, batch, inputs)?;
             if let Some(bad) = scores.iter().find(|score| !score.is_finite()) {
                 return Err(RankError::ModelContract {
@@ -225,16 +204,6 @@ impl OnnxModel {
             });
         }
         Ok(scores.to_vec())
-    }
-
-    fn acquire(&self) -> std::sync::MutexGuard<'_, Session> {
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        for offset in 0..self.sessions.len() {
-            if let Ok(session) = self.sessions[(start + offset) % self.sessions.len()].try_lock() {
-                return session;
-            }
-        }
-        self.sessions[start % self.sessions.len()].lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 

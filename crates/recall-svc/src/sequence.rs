@@ -6,20 +6,14 @@
 //! It reads item vectors, not item ids, so it holds no per-item table: its size and cost
 //! do not grow with the catalogue.
 
-use std::{
-    path::Path,
-    sync::{
-        atomic::{AtomicUsize, Ordering},
-        Mutex,
-    },
-};
+use std::path::Path;
 
 use ort::{
     environment::Environment,
     session::{Session, SessionInputValue},
     value::TensorRef,
 };
-use recsys_bundle::{tensors::verify_file, BundleError, Manifest, SequenceEncoderSpec};
+use recsys_bundle::{onnx::SessionPool, tensors::verify_file, BundleError, Manifest, SequenceEncoderSpec};
 
 const INPUTS: [&str; 2] = ["history_vectors", "history_mask"];
 const OUTPUT: &str = "query";
@@ -31,8 +25,7 @@ pub struct SequenceEncoder {
     name: String,
     length: usize,
     dim: usize,
-    sessions: Vec<Mutex<Session>>,
-    next: AtomicUsize,
+    sessions: SessionPool,
 }
 
 impl SequenceEncoder {
@@ -51,28 +44,11 @@ impl SequenceEncoder {
         if spec.length == 0 {
             return Err(malformed("the manifest's sequence length is 0".into()));
         }
-        let sessions = (0..SESSIONS)
-            .map(|_| {
-                Session::builder(environment)
-                    .map_err(|error| malformed(error.to_string()))?
-                    .with_intra_threads(1)
-                    .map_err(|error| malformed(error.to_string()))?
-                    .commit_from_file(&path)
-                    .map(Mutex::new)
-                    .map_err(|error| malformed(error.to_string()))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let encoder = Self {
-            name: path.display().to_string(),
-            length: spec.length,
-            dim: manifest.embedding_dim,
-            sessions,
-            next: AtomicUsize::new(0),
-        };
+        let sessions = SessionPool::load(&path, environment, SESSIONS, 1).map_err(malformed)?;
+        let encoder =
+            Self { name: path.display().to_string(), length: spec.length, dim: manifest.embedding_dim, sessions };
         {
-            let session = encoder.sessions[0].lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            let inputs: Vec<&str> = session.inputs().iter().map(|input| input.name()).collect();
-            let outputs: Vec<&str> = session.outputs().iter().map(|output| output.name()).collect();
+            let (inputs, outputs) = encoder.sessions.signature();
             if inputs != INPUTS || outputs != [OUTPUT] {
                 return Err(malformed(format!(
                     "expected inputs {INPUTS:?} and output {OUTPUT:?}, found {inputs:?} -> {outputs:?}"
@@ -80,8 +56,7 @@ impl SequenceEncoder {
             }
         }
         let probe = vec![0.1_f32; encoder.dim];
-        for session in &encoder.sessions {
-            let mut session = session.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        for mut session in encoder.sessions.each() {
             encoder.encode(&mut session, std::iter::once(probe.as_slice())).map_err(malformed)?;
         }
         Ok(encoder)
@@ -90,13 +65,7 @@ impl SequenceEncoder {
     /// The query vector for a history given newest first (the newest `length` are read);
     /// `None` for an empty history. Blocking (runs the model).
     pub fn query<'a>(&self, newest_first: impl Iterator<Item = &'a [f32]>) -> Result<Option<Vec<f32>>, String> {
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let free = (0..self.sessions.len())
-            .find_map(|offset| self.sessions[(start + offset) % self.sessions.len()].try_lock().ok());
-        let mut session = match free {
-            Some(session) => session,
-            None => self.sessions[start % self.sessions.len()].lock().unwrap_or_else(|poisoned| poisoned.into_inner()),
-        };
+        let mut session = self.sessions.acquire();
         self.encode(&mut session, newest_first)
     }
 

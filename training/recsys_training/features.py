@@ -107,6 +107,9 @@ class FeatureConfig:
     # rank-svc for the fine stage; they follow the item columns in the fine model's item
     # input (``ranker_item_dim``). See ``resolve_live``.
     live_item: list[Feature] = field(default_factory=list)
+    # The automated crosses kept for this bundle (crosses.AttributeCross as JSON), in the
+    # order their names follow the configured ones in ``cross``.
+    attribute_crosses: list[dict] = field(default_factory=list)
 
     @property
     def user_dim(self) -> int:

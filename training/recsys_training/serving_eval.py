@@ -163,7 +163,8 @@ def one_run(work: Path, bin_dir: Path, config: TrainConfig, name: str, ablation:
     result = {"metrics": served, "users": len(answers), "model_version": manifest["version"], "answers": answers,
               "ranker_auc": {k: manifest["metrics"][k] for k in ("coarse_auc", "fine_auc", "coarse_auc_recall_candidates",
                                                                   "fine_auc_recall_candidates")},
-              "fine_model": manifest["feature_config"]["fine_model"]}
+              "fine_model": manifest["feature_config"]["fine_model"],
+              "feature_selection": manifest.get("feature_selection")}
     if ablation:
         result["ablation"] = {}
         for step in ABLATION_STEPS:
@@ -192,6 +193,13 @@ def print_table(result: dict) -> None:
     for variant, row in result["fine_variants"].items():
         print(f"fine model {variant:<8} served nDCG@10 {row['ndcg@10']:.4f} "
               f"({row.get('ndcg@10_delta', 0.0):+.4f}), held-out AUC {row['auc']:.4f} ({row.get('auc_delta', 0.0):+.4f})")
+    crosses = result["feature_crosses"]
+    print(f"automated feature crosses: kept {', '.join(crosses['kept']) or 'none'}; served nDCG@10 "
+          f"{crosses['ndcg@10_with']:.4f} with, {crosses['ndcg@10_without']:.4f} without "
+          f"({crosses['ndcg@10_lift']:+.4f})")
+    for row in crosses.get("candidates", []):
+        print(f"  {row['name']:<24} held-out log-loss gain {row['held_out_log_loss_gain']:+.5f}, "
+              f"mutual information {row['mutual_information']:.5f}")
     rules = result["rerank_rules"]
     print(f"default business rules (deploy/rerank/rules.toml): nDCG@10 {rules['ndcg@10_without_rules']:.4f} without, "
           f"{rules['ndcg@10_with_rules']:.4f} with; catalogue coverage {rules['coverage_without_rules']:.4f} without, "
@@ -240,6 +248,16 @@ def run(data_dir: Path, work: Path, bin_dir: Path, report: Path, seed: int = 42,
         fine_variants[variant] = {"ndcg@10": served["ndcg@10"], "auc": manifest[f"{variant}_auc"],
                                   "ndcg@10_delta": round(served["ndcg@10"] - first["metrics"]["ndcg@10"], 6),
                                   "auc_delta": manifest[f"{variant}_auc_delta"]}
+    # What the automated feature crosses add: the same pipeline trained without them.
+    without_crosses = one_run(work, bin_dir, TrainConfig(seed=seed, feature_config=feature_config,
+                                                         feature_crosses=False),
+                              "eval-without-crosses", False, relevant, train_dir)
+    feature_crosses = {
+        **(first["feature_selection"] or {"kept": []}),
+        "ndcg@10_with": first["metrics"]["ndcg@10"], "ndcg@10_without": without_crosses["metrics"]["ndcg@10"],
+        "ndcg@10_lift": round(first["metrics"]["ndcg@10"] - without_crosses["metrics"]["ndcg@10"], 6),
+        "fine_auc_recall_candidates_without": without_crosses["ranker_auc"]["fine_auc_recall_candidates"],
+    }
     rerank_rules = rules_effect(work, bin_dir, train_dir, relevant, first["answers"])
     temporal = temporal_protocol(data_dir, work / "temporal", bin_dir, config)
     cold_start = cold_start_protocol(data_dir, work / "cold-start", bin_dir, config)
@@ -264,6 +282,7 @@ def run(data_dir: Path, work: Path, bin_dir: Path, report: Path, seed: int = 42,
         "sparse_item_to_item": {**sparse["metrics"], "ranker_auc": sparse["ranker_auc"]},
         "fine_variants": fine_variants,
         "rerank_rules": rerank_rules,
+        "feature_crosses": feature_crosses,
         "beyond_accuracy": beyond,
         "fine_lift_over_best_channel": fine_lift,
         "best_channel": best_channel,

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import bundle, compress, content, item_to_item, sequence
+from . import bundle, compress, content, crosses, item_to_item, sequence
 from .data import Dataset, Interaction, load_dataset
 from .features import (
     CrossScorer, FeatureConfig, ItemEventLog, UserHistory, attach_live_items, build_config, encode_live,
@@ -91,6 +91,9 @@ class TrainConfig:
     # On make eval's temporal split, 14 days served users who arrived after the cut
     # nDCG@10 0.514 where all-time popularity served 0.451 (7 days 0.508, 30 days 0.506).
     popularity_half_life_days: float = 14.0
+    # Automated feature crosses (crosses.py, the feature configuration's `[crosses]`):
+    # False trains without them (make eval's ablation of what they add).
+    feature_crosses: bool = True
 
 
 _STARTED = time.monotonic()
@@ -295,6 +298,54 @@ def ranker_rows(state: ModelState, users: np.ndarray, held_out: dict[int, set[in
                       np.concatenate(all_labels), np.concatenate(all_likes))
 
 
+def automated_crosses(universe: Universe, past: ModelState, past_interactions: list[Interaction],
+                      features: FeatureConfig, config: TrainConfig, asked_at: np.ndarray, rng, train_rows: RankerRows,
+                      validation_rows: RankerRows, *other_rows: RankerRows) -> dict | None:
+    """The feature configuration's `[crosses]` (crosses.py): every candidate fitted on the
+    past interactions, those the probe keeps (trained on `train_rows`, judged on
+    `validation_rows`) appended to every row set's cross columns, and their tables —
+    refitted on all the data, as every shipped model is — to `features`. Returns the
+    selection report (None without a `[crosses]` section)."""
+    spec = universe.raw_features.get("crosses")
+    if not spec or not config.feature_crosses:
+        return None
+    dataset = universe.dataset
+    items_by_id = {item.item_id: item for item in dataset.items}
+    smoothing = float(spec.get("smoothing", 50.0))
+    pairs = [(user_field, item_field) for user_field in spec.get("user", []) for item_field in spec.get("item", [])]
+    candidates = [crosses.fit_cross(u, i, past_interactions, dataset.users, items_by_id, smoothing) for u, i in pairs]
+
+    profiles = [dataset.users.get(user_id) for user_id in universe.user_ids]
+    histories = [history.items for history in past.histories]
+
+    def candidate_columns(rows: RankerRows, chosen: list[crosses.AttributeCross]) -> np.ndarray:
+        return crosses.columns(chosen, dataset.items, profiles, histories, rows.users, rows.items,
+                               asked_at[rows.users])
+
+    def probe_inputs(rows: RankerRows) -> np.ndarray:
+        return np.hstack([past.user_rows[rows.users], past.item_rows[rows.items], rows.cross])
+
+    train_columns, validation_columns = candidate_columns(train_rows, candidates), candidate_columns(validation_rows,
+                                                                                                       candidates)
+    selection = crosses.select(probe_inputs(train_rows), train_columns, train_rows.labels,
+                               probe_inputs(validation_rows), validation_columns, validation_rows.labels,
+                               [c.name for c in candidates], float(spec.get("min_gain", 0.0)),
+                               float(spec.get("min_z", 2.0)), int(spec.get("max_kept", len(candidates))), rng)
+    log(f"feature crosses: kept {selection.report['kept'] or 'none'} of {len(candidates)} candidates "
+        f"(held-out log-loss gains: " + ", ".join(f"{row['name']} {row['held_out_log_loss_gain']:+.5f}"
+                                                 for row in selection.report["candidates"]) + ")")
+    kept = [candidates[n] for n in selection.kept]
+    train_rows.cross = np.hstack([train_rows.cross, train_columns[:, selection.kept]])
+    validation_rows.cross = np.hstack([validation_rows.cross, validation_columns[:, selection.kept]])
+    for rows in other_rows:
+        rows.cross = np.hstack([rows.cross, candidate_columns(rows, kept)])
+    shipped = [crosses.fit_cross(c.user_field, c.item_field, dataset.interactions, dataset.users, items_by_id,
+                                 smoothing) for c in kept]
+    features.attribute_crosses = [table.to_json() for table in shipped]
+    features.cross = features.cross + [table.name for table in shipped]
+    return selection.report
+
+
 def _fit(model, inputs: tuple[torch.Tensor, ...], targets: tuple[torch.Tensor, ...], loss_of, epochs: int,
          config: TrainConfig, rng, evaluate, label: str, drop_user_ids: bool,
          cold_user_rows: torch.Tensor | None = None) -> None:
@@ -474,6 +525,9 @@ def ranker_fixture(universe: Universe, state: ModelState, features: FeatureConfi
                                                      [f.source for f in features.user], request_time))
         live = events.values(items, np.full(2, request_time), [f.source for f in features.live_item])
         rows.live = encode_live(features.live_item, live, 2)
+        rows.cross = np.hstack([rows.cross, crosses.columns(
+            [crosses.AttributeCross(**table) for table in features.attribute_crosses], universe.dataset.items,
+            [profile], [history.items], np.zeros(2, dtype=np.int64), items, np.full(2, request_time))])
         tensors = list(rows.tensors(state))
         tensors[3] = torch.as_tensor(np.asarray([user_row, user_row], dtype=np.float32))
         fine_scores, coarse_scores = predict(fine, tensors), predict(coarse, (tensors[-1],))
@@ -634,6 +688,8 @@ def train_bundle(data_dir: Path, out_root: Path, config: TrainConfig | None = No
         return past_events.values(rows.items, asked_at[rows.users], live_names)
 
     attach_live_items(features, raw_features, live_values, train_rows, validation_rows, auc_rows)
+    feature_selection = automated_crosses(universe, past, past_interactions, features, config, asked_at, rng,
+                                          train_rows, validation_rows, auc_rows)
     log(f"live item features: {[f.source for f in features.live_item] or 'none (no counted events)'}")
     log(f"ranker data: {len(train_rows.labels)} training rows ({int(train_rows.labels.sum())} positive), "
         f"{len(validation_rows.labels)} validation rows from {validation_count} held-out users")
@@ -726,6 +782,8 @@ def train_bundle(data_dir: Path, out_root: Path, config: TrainConfig | None = No
     }
     if cold_start is not None:
         manifest["cold_start"] = cold_start
+    if feature_selection is not None:
+        manifest["feature_selection"] = feature_selection
     if sequence_section is not None:
         manifest["sequence"] = sequence_section
     published = bundle.publish(staging, out_root, version, manifest)

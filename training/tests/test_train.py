@@ -240,3 +240,45 @@ def test_popularity_weighs_interactions_by_recency_and_keeps_every_interacted_it
     assert recent.max() <= 1.0
     all_time = recent_popularity(rows, position, 4, half_life_days=0.0)
     assert all_time.tolist() == pytest.approx([1.0, 0.4, 0.2, 0.0])
+
+
+def test_automated_crosses_are_measured_on_held_out_rows_and_the_kept_ones_shipped(small_dataset, tmp_path):
+    from recsys_training.crosses import AttributeCross, columns
+    from recsys_training.features import CONFIG_PATH
+
+    # Keep the two best whatever they gain, so that the shipped path is exercised.
+    text = CONFIG_PATH.read_text()
+    assert "min_gain = 0.00005" in text and "min_z = 2.0" in text and "max_kept = 4" in text
+    forced = tmp_path / "features.toml"
+    forced.write_text(text.replace("min_gain = 0.00005", "min_gain = -1.0").replace("min_z = 2.0", "min_z = -1e9")
+                      .replace("max_kept = 4", "max_kept = 2"))
+    config = quick_config()
+    config.feature_config = str(forced)
+    published = train_bundle(small_dataset, tmp_path / "b", config, version="v1")
+    manifest = json.loads((published / "manifest.json").read_text())
+    selection = manifest["feature_selection"]
+    assert [row["name"] for row in selection["candidates"]] == [
+        f"{user}×{item}" for user in ("gender", "occupation", "age_band", "daypart", "history")
+        for item in ("genres", "decade")]
+    assert len(selection["kept"]) == 2 and "probe_held_out_auc_with" in selection
+    # Users of the planted data choose by gender: gender × genres carries it.
+    gains = {row["name"]: row["held_out_log_loss_gain"] for row in selection["candidates"]}
+    assert "gender×genres" in selection["kept"], gains
+    features = manifest["feature_config"]
+    tables = [AttributeCross(**table) for table in features["attribute_crosses"]]
+    assert [table.name for table in tables] == selection["kept"] == features["cross"][-2:]
+    # The fine model reads them; the fixture's rows hold what crosses.columns computes.
+    session = onnxruntime.InferenceSession(str(published / "ranker.onnx"))
+    assert session.get_inputs()[-1].shape[-1] == len(features["cross"])
+    dataset = load_dataset(small_dataset)
+    items = {item.item_id: n for n, item in enumerate(dataset.items)}
+    for example in json.loads((published / "ranker_fixture.json").read_text())[:4]:
+        history = [items[i] for i in example["history_item_ids"]]
+        expected = columns(tables, dataset.items, [dataset.users[example["user_id"]]], [history], np.zeros(1, np.int64),
+                           np.array([items[example["item_id"]]]), np.array([example["request_time"]]))
+        assert np.allclose(example["cross_features"][-2:], expected[0], atol=1e-6)
+    # Without them: no selection, no tables.
+    config.feature_crosses = False
+    manifest = json.loads((train_bundle(small_dataset, tmp_path / "c", config, version="v1") / "manifest.json")
+                          .read_text())
+    assert "feature_selection" not in manifest and manifest["feature_config"]["attribute_crosses"] == []

@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::CatalogItem;
+use crate::{AttributeCross, CatalogItem};
 
 const DAY_SECONDS: i64 = 86_400;
 
@@ -21,9 +21,13 @@ pub enum CrossSource {
     ItemCfRecentScore,
     EmbeddingScore,
     EmbeddingZscore,
+    /// The configuration's `attribute_crosses[n]`: an automated user × item attribute cross.
+    Attribute(usize),
 }
 
 impl CrossSource {
+    /// A built-in source by name (an attribute cross is named by its configuration:
+    /// [`FeatureConfig::cross_source`]).
     pub fn parse(name: &str) -> Option<Self> {
         Some(match name {
             "item_cf_score" => Self::ItemCfScore,
@@ -142,6 +146,9 @@ pub struct FeatureConfig {
     /// no counted events (MovieLens has ratings only).
     #[serde(default)]
     pub live_item: Vec<Feature>,
+    /// The automated crosses training kept (their names are `cross` columns).
+    #[serde(default)]
+    pub attribute_crosses: Vec<AttributeCross>,
 }
 
 /// A window of the feature store's counters (`WindowedCounts`).
@@ -264,6 +271,12 @@ impl FeatureConfig {
         offset(&self.item, source)
     }
 
+    /// A cross column's source: built in, or one of the configuration's attribute crosses.
+    pub fn cross_source(&self, name: &str) -> Option<CrossSource> {
+        CrossSource::parse(name)
+            .or_else(|| self.attribute_crosses.iter().position(|cross| cross.name == name).map(CrossSource::Attribute))
+    }
+
     /// Sources this code cannot provide, so a bundle from a newer pipeline is refused at
     /// load time instead of being fed zeros.
     pub fn unknown_sources(&self) -> Vec<String> {
@@ -272,7 +285,7 @@ impl FeatureConfig {
                 && window_days(s, "events_").is_none()
                 && time_context(s, 0, None).is_none()
         });
-        let cross = self.cross.iter().map(String::as_str).filter(|s| CrossSource::parse(s).is_none());
+        let cross = self.cross.iter().map(String::as_str).filter(|s| self.cross_source(s).is_none());
         let live = self.live_item.iter().map(|f| f.source.as_str()).filter(|s| LiveItemSource::parse(s).is_none());
         user.chain(cross).chain(live).map(String::from).collect()
     }
@@ -428,6 +441,7 @@ mod tests {
                 Feature { scale: 2.0, ..feature("clicks_last_7_days", Encoding::Log1p) },
                 feature("ctr_last_day", Encoding::Scale),
             ],
+            attribute_crosses: Vec::new(),
         }
     }
 
@@ -497,5 +511,20 @@ mod tests {
         config.user.push(feature("shoe_size", Encoding::Scale));
         config.cross.push("graph_score".into());
         assert_eq!(config.unknown_sources(), vec!["shoe_size".to_string(), "graph_score".to_string()]);
+        // An attribute cross is known by the name its table gives it.
+        config.cross.push("gender×genres".into());
+        assert_eq!(config.unknown_sources().len(), 3);
+        config.attribute_crosses.push(AttributeCross {
+            name: "gender×genres".into(),
+            user_field: crate::UserField::Gender,
+            item_field: crate::ItemField::Genres,
+            user_values: vec!["F".into()],
+            item_values: vec!["Drama".into()],
+            lift: vec![vec![0.5]],
+            prior: vec![1.0],
+            smoothing: 1.0,
+        });
+        assert_eq!(config.unknown_sources().len(), 2);
+        assert_eq!(config.cross_source("gender×genres"), Some(CrossSource::Attribute(0)));
     }
 }

@@ -27,6 +27,7 @@
 // Denied everywhere but the one function that memory-maps a file (`tensors`).
 #![deny(unsafe_code)]
 
+mod attribute_crosses;
 mod content;
 pub mod embeddings;
 mod features;
@@ -44,6 +45,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+pub use attribute_crosses::{AttributeCross, AttributeCrosses, ItemField, UserField};
 pub use content::{year_of_ms, ContentMap, ContentMapFile};
 pub use embeddings::{EmbeddingSpace, VectorMoments};
 pub use features::{

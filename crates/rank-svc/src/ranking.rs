@@ -8,8 +8,9 @@ use std::{
 
 use ort::environment::Environment;
 use recsys_bundle::{
-    read_catalog, read_manifest, read_user_ids, CatalogItem, CrossSource, EmbeddingSpace, FeatureConfig, ItemIds,
-    ItemScores, ItemToItem, ItemWindowCounts, PositionHasher, RankerInputs, UserAttributes, RECENT_ITEMS,
+    read_catalog, read_manifest, read_user_ids, AttributeCrosses, CatalogItem, CrossSource, EmbeddingSpace,
+    FeatureConfig, ItemIds, ItemScores, ItemToItem, ItemWindowCounts, PositionHasher, RankerInputs, UserAttributes,
+    RECENT_ITEMS,
 };
 use recsys_proto::v1::{CandidateColumns, Channel, ChannelColumn, UserFeatures};
 
@@ -86,6 +87,8 @@ pub struct Ranker {
     item_features: Vec<f32>,
     /// The cross features in column order (parsed once from `features.cross`).
     cross: Vec<CrossSource>,
+    /// The automated attribute crosses' tables, resolved against the catalogue.
+    attribute_crosses: AttributeCrosses,
     item_to_item: ItemToItem,
     coarse_model: OnnxModel,
     fine_model: Arc<OnnxModel>,
@@ -114,6 +117,8 @@ struct UserContext {
     /// The user's query vector and the spread of its inner products over unseen items.
     vector: Option<Vec<f32>>,
     embedding_spread: Spread,
+    /// The user's lift row of each attribute cross (`None`: nothing known of the user).
+    attribute_lifts: Vec<Option<Vec<f64>>>,
 }
 
 /// Mean and standard deviation of a user's scores over the unseen catalogue, from sums
@@ -161,7 +166,9 @@ impl Ranker {
             features.item_features(item, &mut item_features);
         }
         let item_to_item = ItemToItem::load(dir, &manifest)?;
-        let cross = features.cross.iter().filter_map(|name| CrossSource::parse(name)).collect();
+        let cross = features.cross.iter().filter_map(|name| features.cross_source(name)).collect();
+        let attribute_crosses = AttributeCrosses::resolve(&features.attribute_crosses, &catalog)
+            .map_err(|reason| RankError::ModelContract { model: dir.display().to_string(), reason })?;
         let load = |file: &str, inputs| {
             OnnxModel::load(&dir.join(file), inputs, environment, options.sessions, options.intra_op_threads)
         };
@@ -187,6 +194,7 @@ impl Ranker {
             user_index,
             item_features,
             cross,
+            attribute_crosses,
             item_to_item,
             coarse_model,
             fine_model,
@@ -321,11 +329,13 @@ impl Ranker {
         };
         let mut features = Vec::with_capacity(self.features.user_dim());
         self.features.user_features(&attributes, &mut features);
+
         let history_items: Vec<usize> = self.resolve_items(user.history_item_ids.iter().map(String::as_str));
         let mut history = vec![0i64; self.features.history_length];
         for (slot, &item) in history.iter_mut().zip(&history_items) {
             *slot = item as i64 + 1;
         }
+        let attribute_lifts = self.attribute_crosses.user_lifts(&attributes, &history_items);
         let seen: HashSet<usize, PositionHasher> = history_items.iter().copied().collect();
         let unseen = self.catalog.len().saturating_sub(seen.len());
         let wants = |source: CrossSource| self.cross.contains(&source);
@@ -360,6 +370,7 @@ impl Ranker {
             item_cf_recent,
             vector,
             embedding_spread,
+            attribute_lifts,
         }
     }
 
@@ -390,6 +401,9 @@ impl Ranker {
                     }
                     CrossSource::EmbeddingScore => embedding,
                     CrossSource::EmbeddingZscore => context.embedding_spread.z(f64::from(embedding)),
+                    CrossSource::Attribute(cross) => {
+                        self.attribute_crosses.value(*cross, context.attribute_lifts[*cross].as_deref(), item)
+                    }
                 });
             }
         }

@@ -39,32 +39,37 @@ pub fn environment(library: Option<&Path>) -> Result<Environment, String> {
 /// behind its own mutex and a caller takes whichever is free (round robin, then waits on
 /// one), so concurrent requests do not queue on a single session.
 pub struct SessionPool {
+    /// The model file, for the callers' error messages.
+    name: String,
     sessions: Vec<Mutex<Session>>,
     next: AtomicUsize,
 }
 
 impl SessionPool {
     /// `sessions` (at least one) sessions of the model at `path`, each running one
-    /// inference on up to `intra_op_threads` threads; the error names the file.
+    /// inference on up to `intra_op_threads` threads; the error is ONNX Runtime's (the
+    /// caller names the file).
     pub fn load(
         path: &Path,
         environment: &Environment,
         sessions: usize,
         intra_op_threads: usize,
     ) -> Result<Self, String> {
-        let failed = |error: String| format!("{}: {error}", path.display());
         let sessions = (0..sessions.max(1))
             .map(|_| {
-                Session::builder(environment)
-                    .map_err(|error| failed(error.to_string()))?
-                    .with_intra_threads(intra_op_threads.max(1))
-                    .map_err(|error| failed(error.to_string()))?
+                Session::builder(environment)?
+                    .with_intra_threads(intra_op_threads.max(1))?
                     .commit_from_file(path)
                     .map(Mutex::new)
-                    .map_err(|error| failed(error.to_string()))
             })
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Self { sessions, next: AtomicUsize::new(0) })
+            .collect::<Result<Vec<_>, ort::Error>>()
+            .map_err(|error| error.to_string())?;
+        Ok(Self { name: path.display().to_string(), sessions, next: AtomicUsize::new(0) })
+    }
+
+    /// The model file's path, as loaded.
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// The model's input and output names, in order.

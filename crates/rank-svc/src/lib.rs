@@ -30,7 +30,7 @@ pub use error::{RankError, Result};
 pub use model::{
     onnx_environment, FineVariant, ModelInput, ModelOptions, OnnxModel, WithoutBehaviour, COARSE_INPUTS, FINE_INPUTS,
 };
-pub use ranking::{Candidates, FineStage, RankedCandidate, Ranker};
+pub use ranking::{Candidates, CoarseOutcome, FineStage, RankedCandidate, Ranker};
 pub use service::{item_window_counts, RankGrpc};
 
 pub const SERVICE_NAME: &str = "recsys.v1.RankService";

@@ -113,7 +113,6 @@ pub fn onnx_environment(library: Option<&Path>) -> Result<Environment> {
 }
 
 pub struct OnnxModel {
-    name: String,
     inputs: &'static [&'static str],
     sessions: SessionPool,
 }
@@ -127,8 +126,9 @@ impl OnnxModel {
         sessions: usize,
         intra_op_threads: usize,
     ) -> Result<Self> {
-        let sessions = SessionPool::load(path, environment, sessions, intra_op_threads).map_err(RankError::Onnx)?;
-        let ranker = Self { name: path.display().to_string(), inputs, sessions };
+        let sessions = SessionPool::load(path, environment, sessions, intra_op_threads)
+            .map_err(|error| RankError::Onnx(format!("{}: {error}", path.display())))?;
+        let ranker = Self { inputs, sessions };
         ranker.check_contract()?;
         Ok(ranker)
     }
@@ -138,7 +138,7 @@ impl OnnxModel {
         let (inputs, outputs) = self.sessions.signature();
         if inputs != self.inputs || outputs.first().map(String::as_str) != Some(OUTPUT_NAME) {
             return Err(RankError::ModelContract {
-                model: self.name.clone(),
+                model: self.sessions.name().to_string(),
                 reason: format!(
                     "expected inputs {:?} and output {OUTPUT_NAME:?}, found {inputs:?} -> {outputs:?}",
                     self.inputs
@@ -165,7 +165,7 @@ impl OnnxModel {
             let scores = self.run(&mut session, batch, inputs)?;
             if let Some(bad) = scores.iter().find(|score| !score.is_finite()) {
                 return Err(RankError::ModelContract {
-                    model: self.name.clone(),
+                    model: self.sessions.name().to_string(),
                     reason: format!("scored {bad} on the warm-up batch"),
                 });
             }
@@ -180,7 +180,7 @@ impl OnnxModel {
         let names: Vec<&str> = inputs.iter().map(ModelInput::name).collect();
         if names != self.inputs {
             return Err(RankError::ModelContract {
-                model: self.name.clone(),
+                model: self.sessions.name().to_string(),
                 reason: format!("fed {names:?}, the model takes {:?}", self.inputs),
             });
         }
@@ -199,7 +199,7 @@ impl OnnxModel {
         let (_, scores) = outputs[OUTPUT_NAME].try_extract_tensor::<f32>().map_err(onnx)?;
         if scores.len() != batch {
             return Err(RankError::ModelContract {
-                model: self.name.clone(),
+                model: self.sessions.name().to_string(),
                 reason: format!("returned {} scores for a batch of {batch}", scores.len()),
             });
         }

@@ -520,10 +520,10 @@ impl Ranker {
         coarse_keep: usize,
         request_time: i64,
     ) -> Result<Vec<RankedCandidate>> {
-        let stage = self.coarse_stage(user, candidates, coarse_keep, request_time)?;
-        if stage.in_recall_order {
-            return Ok(Self::as_ranked(stage.coarse));
-        }
+        let stage = match self.coarse_stage(user, candidates, coarse_keep, request_time)? {
+            CoarseOutcome::Decided(ranked) => return Ok(ranked),
+            CoarseOutcome::Fine(stage) => stage,
+        };
         let fine_span = tracing::info_span!("fine", items = stage.inputs.len()).entered();
         let fine = self.fine_scores(&stage.inputs)?;
         drop(fine_span);
@@ -531,21 +531,22 @@ impl Ranker {
     }
 
     /// Coarse-ranks `items` and keeps the best `coarse_keep` with the fine model's inputs
-    /// built for them. Blocking (runs the coarse model).
+    /// built for them — or, for a user without behaviour, decides the order without either
+    /// model. Blocking (runs the coarse model).
     pub fn coarse_stage(
         &self,
         user: &UserFeatures,
         candidates: &Candidates,
         coarse_keep: usize,
         request_time: i64,
-    ) -> Result<FineStage> {
+    ) -> Result<CoarseOutcome> {
         let items = candidates.items.as_slice();
         if candidates.embedding_scores.as_ref().is_some_and(|scores| scores.len() != items.len()) {
             return Err(RankError::InvalidArgument("one embedding score per candidate is required".into()));
         }
         let context = self.user_context(user, request_time);
-        if let Some(stage) = self.recall_order_stage(&context, candidates, coarse_keep) {
-            return Ok(stage);
+        if let Some(ranked) = self.in_recall_order(&context, candidates, coarse_keep) {
+            return Ok(CoarseOutcome::Decided(ranked));
         }
         let _coarse_span = tracing::info_span!("coarse", items = items.len()).entered();
         BATCH_SIZE.with_label_values(&["coarse"]).observe(items.len() as f64);
@@ -576,39 +577,33 @@ impl Ranker {
         BATCH_SIZE.with_label_values(&["fine"]).observe(kept.len() as f64);
         let inputs = self.inputs_for(&context, &kept, kept_cross);
         self.observe_input_drift(&inputs);
-        Ok(FineStage {
+        Ok(CoarseOutcome::Fine(FineStage {
             coarse: coarse.into_iter().map(|(item, score, _)| (item, score)).collect(),
             inputs,
-            in_recall_order: false,
-        })
+        }))
     }
 
     /// For a user without behaviour (and `WithoutBehaviour::RecallOrder`), the first
-    /// `coarse_keep` candidates in recall's order with recall's fused scores: no model
-    /// runs, and the fine stage is already decided (`FineStage::in_recall_order`).
-    fn recall_order_stage(
+    /// `coarse_keep` candidates in recall's order with recall's fused scores as both their
+    /// scores: neither model runs. `None` when the models rank this user.
+    fn in_recall_order(
         &self,
         context: &UserContext,
         candidates: &Candidates,
         coarse_keep: usize,
-    ) -> Option<FineStage> {
+    ) -> Option<Vec<RankedCandidate>> {
         if context.has_behaviour || self.without_behaviour != WithoutBehaviour::RecallOrder {
             return None;
         }
         let scores = candidates.fused_scores.as_ref()?;
-        let coarse: Vec<(usize, f32)> =
-            candidates.items.iter().copied().zip(scores.iter().copied()).take(coarse_keep).collect();
-        let kept: Vec<usize> = coarse.iter().map(|&(item, _)| item).collect();
-        let cross = self.cross_features(context, &kept, None);
-        Some(FineStage { inputs: self.inputs_for(context, &kept, cross), coarse, in_recall_order: true })
-    }
-
-    /// A stage decided without the fine model, as ranked candidates (its scores both ways).
-    pub fn as_ranked(coarse: Vec<(usize, f32)>) -> Vec<RankedCandidate> {
-        coarse
-            .into_iter()
-            .map(|(item, score)| RankedCandidate { item, coarse_score: score, fine_score: score })
-            .collect()
+        let ranked = candidates
+            .items
+            .iter()
+            .zip(scores)
+            .take(coarse_keep)
+            .map(|(&item, &score)| RankedCandidate { item, coarse_score: score, fine_score: score })
+            .collect();
+        Some(ranked)
     }
 
     /// Orders a coarse stage's survivors by their fine scores (one per row of its inputs).
@@ -651,13 +646,20 @@ pub struct Candidates {
     pub cold_start_pick: Option<usize>,
 }
 
+/// What the coarse stage decided.
+pub enum CoarseOutcome {
+    /// The order is final without the fine model (a user without behaviour, served
+    /// recall's order).
+    Decided(Vec<RankedCandidate>),
+    /// The survivors, for the fine model.
+    Fine(FineStage),
+}
+
 /// The candidates that survived the coarse cut, best first with their coarse scores, and
 /// the fine model's inputs for them (row n is `coarse[n]`).
 pub struct FineStage {
     pub coarse: Vec<(usize, f32)>,
     pub inputs: RankerInputs,
-    /// The order is recall's and final (a user without behaviour): the fine model is not run.
-    pub in_recall_order: bool,
 }
 
 #[cfg(test)]

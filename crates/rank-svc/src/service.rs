@@ -17,7 +17,10 @@ use tracing::Instrument;
 use recsys_bundle::{ItemWindowCounts, Registry};
 use recsys_runtime::{item_features::ItemFeatureSource, model_admin::version_for};
 
-use crate::{Candidates, FineStage, RankError, Ranker, RankerVersion};
+use crate::{
+    batching::{Arriving, MicroBatcher},
+    Candidates, CoarseOutcome, FineStage, RankError, RankedCandidate, Ranker, RankerVersion,
+};
 
 /// Fine stages served without their candidates' windowed counts (feature-svc slow, down or
 /// not configured): the live item columns were zeros.
@@ -114,6 +117,39 @@ impl RankGrpc {
         stage.coarse.iter().zip(items).filter_map(|(&(position, _), item)| Some((position, item.counts?))).collect()
     }
 
+    /// The fine stage after a coarse one ran on its own: the candidates' counts read (when
+    /// configured), then the fine model — batched with other requests' when a batcher is
+    /// set. Returns the ranked candidates and the counts read.
+    async fn fine_stage(
+        &self,
+        ranker: &Arc<Ranker>,
+        mut stage: FineStage,
+        counts_source: Option<&dyn ItemFeatureSource>,
+        batcher: Option<&MicroBatcher>,
+        arriving: Option<Arriving>,
+        request_time: i64,
+    ) -> Result<(Vec<RankedCandidate>, HashMap<usize, WindowedCounts>), Status> {
+        let counts = match counts_source {
+            Some(source) => {
+                let span = tracing::info_span!("item_counts", items = stage.coarse.len());
+                self.read_live_item_features(source, ranker, &mut stage, request_time).instrument(span).await
+            }
+            None => HashMap::new(),
+        };
+        let FineStage { coarse, inputs } = stage;
+        let fine = match (batcher, arriving) {
+            (Some(batcher), Some(arriving)) => {
+                batcher.score(inputs, arriving).instrument(tracing::info_span!("fine", batched = true)).await?
+            }
+            _ => {
+                let fine_ranker = Arc::clone(ranker);
+                let span = tracing::info_span!("fine", items = inputs.len());
+                blocking(move || span.in_scope(|| fine_ranker.fine_scores(&inputs))).await??
+            }
+        };
+        Ok((ranker.finish(coarse, fine), counts))
+    }
+
     pub fn into_server(self) -> RankServiceServer<Self> {
         RankServiceServer::new(self)
     }
@@ -175,40 +211,21 @@ impl RankService for RankGrpc {
             batcher => {
                 let arriving = batcher.as_ref().map(|batcher| batcher.arriving());
                 let stage_ranker = Arc::clone(&ranker);
-                let (mut stage, candidates) = blocking(move || {
+                let (outcome, candidates) = blocking(move || {
                     let _entered = span.enter();
                     let candidates = stage_ranker.candidates(&candidates, scored_here)?;
-                    let stage = stage_ranker.coarse_stage(&user, &candidates, coarse_keep, request_time)?;
-                    Ok::<_, RankError>((stage, candidates))
+                    let outcome = stage_ranker.coarse_stage(&user, &candidates, coarse_keep, request_time)?;
+                    Ok::<_, RankError>((outcome, candidates))
                 })
                 .await??;
-                if stage.in_recall_order {
-                    (Ranker::as_ranked(stage.coarse), candidates, HashMap::new())
-                } else {
-                    let counts = match counts_source {
-                        Some(source) => {
-                            let span = tracing::info_span!("item_counts", items = stage.coarse.len());
-                            self.read_live_item_features(source, &ranker, &mut stage, request_time)
-                                .instrument(span)
-                                .await
-                        }
-                        None => HashMap::new(),
-                    };
-                    let FineStage { coarse, inputs, .. } = stage;
-                    let fine = match (batcher, arriving) {
-                        (Some(batcher), Some(arriving)) => {
-                            batcher
-                                .score(inputs, arriving)
-                                .instrument(tracing::info_span!("fine", batched = true))
-                                .await?
-                        }
-                        _ => {
-                            let fine_ranker = Arc::clone(&ranker);
-                            let span = tracing::info_span!("fine", items = inputs.len());
-                            blocking(move || span.in_scope(|| fine_ranker.fine_scores(&inputs))).await??
-                        }
-                    };
-                    (ranker.finish(coarse, fine), candidates, counts)
+                match outcome {
+                    CoarseOutcome::Decided(ranked) => (ranked, candidates, HashMap::new()),
+                    CoarseOutcome::Fine(stage) => {
+                        let fine =
+                            self.fine_stage(&ranker, stage, counts_source, batcher.as_deref(), arriving, request_time);
+                        let (ranked, counts) = fine.await?;
+                        (ranked, candidates, counts)
+                    }
                 }
             }
         };

@@ -17,6 +17,14 @@ use crate::{
     ExcludedItems, Result,
 };
 
+/// Requests whose sequence encoder run failed (the channel sat them out).
+static SEQUENCE_FAILURES: std::sync::LazyLock<prometheus::IntCounter> = std::sync::LazyLock::new(|| {
+    prometheus::register_int_counter!(
+        "recsys_recall_sequence_encoder_failures_total",
+        "Requests whose sequence encoder run failed, so the sequence channel sat them out"
+    )
+    .expect("metric registers once")
+});
 /// The cold-start channel scans its pool on every request: the newest this many items
 /// without interactions bound that scan (about 0.3 ms at 64 dimensions).
 const NEW_ITEM_POOL: usize = 10_000;
@@ -127,6 +135,20 @@ impl RecallIndex {
     /// `session` weighs the history's first entries for the real-time channel
     /// (`SessionConfig::weights`).
     pub fn signals(&self, user_id: &str, history: &[String], timestamps: &[i64], session: &[f32]) -> UserSignals {
+        self.signals_with(user_id, history, timestamps, session, true)
+    }
+
+    /// [`Self::signals`], running the sequence encoder only when `sequence` says its
+    /// channel is on (given a quota and a weight): a request that will not use its query
+    /// does not pay for it.
+    pub fn signals_with(
+        &self,
+        user_id: &str,
+        history: &[String],
+        timestamps: &[i64],
+        session: &[f32],
+        sequence: bool,
+    ) -> UserSignals {
         let seeds: Vec<usize> = history.iter().filter_map(|id| self.embeddings.item_position(id)).collect();
         let vector = self.embeddings.user_vector(user_id, history, timestamps);
         UserSignals {
@@ -134,17 +156,22 @@ impl RecallIndex {
             vector,
             recent: self.embeddings.weighted_mean_item_vector(history.iter().zip(session.iter().copied())),
             item_cf: (!seeds.is_empty()).then(|| self.item_to_item.sparse_scores(&seeds)),
-            sequence: self.sequence_query(&seeds),
+            sequence: if sequence { self.sequence_query(&seeds) } else { None },
         }
     }
 
     /// The sequence encoder's query for the known history items (`seeds`, newest first);
-    /// a failing run leaves the channel out of this request, logged.
+    /// a failing run leaves the channel out of this request — counted, and logged at the
+    /// 1st, 2nd, 4th, 8th … failure so that a broken encoder cannot flood the log.
     fn sequence_query(&self, seeds: &[usize]) -> Option<Vec<f32>> {
         let encoder = self.sequence.as_ref()?;
         let vectors = seeds.iter().map(|&n| self.embeddings.item_vectors.row(n));
         encoder.query(vectors).unwrap_or_else(|error| {
-            tracing::warn!(%error, "sequence encoder failed: the sequence channel sits this request out");
+            SEQUENCE_FAILURES.inc();
+            let failures = SEQUENCE_FAILURES.get();
+            if failures.is_power_of_two() {
+                tracing::warn!(%error, failures, "sequence encoder failed: the sequence channel sits this request out");
+            }
             None
         })
     }

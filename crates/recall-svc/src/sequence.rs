@@ -21,8 +21,6 @@ const OUTPUT: &str = "query";
 const SESSIONS: usize = 2;
 
 pub struct SequenceEncoder {
-    /// The model file, for error messages.
-    name: String,
     length: usize,
     dim: usize,
     sessions: SessionPool,
@@ -45,8 +43,7 @@ impl SequenceEncoder {
             return Err(malformed("the manifest's sequence length is 0".into()));
         }
         let sessions = SessionPool::load(&path, environment, SESSIONS, 1).map_err(malformed)?;
-        let encoder =
-            Self { name: path.display().to_string(), length: spec.length, dim: manifest.embedding_dim, sessions };
+        let encoder = Self { length: spec.length, dim: manifest.embedding_dim, sessions };
         {
             let (inputs, outputs) = encoder.sessions.signature();
             if inputs != INPUTS || outputs != [OUTPUT] {
@@ -83,7 +80,7 @@ impl SequenceEncoder {
             if vector.len() != dim {
                 return Err(format!(
                     "{}: an item vector of {} values for a {dim}-wide encoder",
-                    self.name,
+                    self.sessions.name(),
                     vector.len()
                 ));
             }
@@ -94,7 +91,7 @@ impl SequenceEncoder {
         if read == 0 {
             return Ok(None);
         }
-        let onnx = |error: ort::Error| format!("{}: {error}", self.name);
+        let onnx = |error: ort::Error| format!("{}: {error}", self.sessions.name());
         let feed: [SessionInputValue<'_>; 2] = [
             TensorRef::from_array_view(([1, length, dim], vectors.as_slice())).map_err(onnx)?.into(),
             TensorRef::from_array_view(([1, length], mask.as_slice())).map_err(onnx)?.into(),
@@ -102,10 +99,10 @@ impl SequenceEncoder {
         let outputs = session.run(feed).map_err(onnx)?;
         let (_, query) = outputs[OUTPUT].try_extract_tensor::<f32>().map_err(onnx)?;
         if query.len() != dim {
-            return Err(format!("{}: a query of {} values, expected {dim}", self.name, query.len()));
+            return Err(format!("{}: a query of {} values, expected {dim}", self.sessions.name(), query.len()));
         }
         if let Some(bad) = query.iter().find(|value| !value.is_finite()) {
-            return Err(format!("{}: the query holds {bad}", self.name));
+            return Err(format!("{}: the query holds {bad}", self.sessions.name()));
         }
         Ok(Some(query.to_vec()))
     }

@@ -85,6 +85,9 @@ impl RecallGrpc {
         let cold_start_weight =
             weights[Channel::ColdStart as usize].unwrap_or(self.config.channels.quota(Channel::ColdStart).weight);
         let newest = (cold_start_weight > 0.0 && self.config.new_items > 0).then(|| self.catalog.newest());
+        let sequence_quota = self.config.channels.quota(Channel::Sequence);
+        let sequence_on =
+            sequence_quota.quota > 0 && weights[Channel::Sequence as usize].unwrap_or(sequence_quota.weight) > 0.0;
         let (new_count, new_since_ms) = (self.config.new_items, new_items_since_ms(self.config.new_item_days));
         let session = self.config.realtime.weights(
             user.history_item_ids.len(),
@@ -117,7 +120,13 @@ impl RecallGrpc {
                 .take(if new_count == 0 { 0 } else { RUNTIME_ITEMS_SCANNED.max(new_count) })
                 .cloned()
                 .collect();
-            let signals = index.signals(&user.user_id, &user.history_item_ids, &user.history_timestamps, &session);
+            let signals = index.signals_with(
+                &user.user_id,
+                &user.history_item_ids,
+                &user.history_timestamps,
+                &session,
+                sequence_on,
+            );
             let new_items = index.order_runtime_items(&signals, &eligible, new_count);
             Arc::new(UserRequest { signals, excluded, new_items })
         })

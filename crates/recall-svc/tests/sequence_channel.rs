@@ -61,6 +61,10 @@ fn the_served_encoder_gives_trainings_queries_and_the_channel_searches_by_them()
         let (one, other) = (index.signals("", history, &[], &[]), index.signals("", &swapped, &[], &[]));
         assert_ne!(index.score(Channel::Sequence, &one, 0), index.score(Channel::Sequence, &other, 0));
     }
+    // The channel off (no quota or weight): the encoder does not run, the channel is silent.
+    let off = index.signals_with("", history, &[], &[], false);
+    assert_eq!(index.score(Channel::Sequence, &off, 0), None);
+    assert!(index.propose(Channel::Sequence, &off, &ExcludedItems::default(), 10).is_empty());
     // Nothing known to read, nothing to say.
     let unknown = index.signals("", &["no-such-item".to_string()], &[], &[]);
     assert_eq!(index.score(Channel::Sequence, &unknown, 0), None);

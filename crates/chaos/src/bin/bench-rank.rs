@@ -381,7 +381,11 @@ fn write_model_inputs(work: &Path, case: &Case, ranker: &Ranker, requests: &[Ran
         let items = ranker.resolve_items(item_ids(request));
         let all = ranker.fine_inputs(&user, &items, REQUEST_TIME);
         let candidates = rank_svc::Candidates { items: items.clone(), ..rank_svc::Candidates::default() };
-        let stage = ranker.coarse_stage(&user, &candidates, case.coarse_keep, REQUEST_TIME)?;
+        let rank_svc::CoarseOutcome::Fine(stage) =
+            ranker.coarse_stage(&user, &candidates, case.coarse_keep, REQUEST_TIME)?
+        else {
+            bail!("the coarse stage decided without the fine model: the benchmark's users have behaviour");
+        };
         let coarse = tensor(&mut data, &f32_bytes(&all.cross_features), "float32", all.len(), all.cross_features.len());
         let fine = fine_tensors(&stage.inputs, &mut |bytes, dtype, len| {
             tensor(&mut data, bytes, dtype, stage.inputs.len(), len)

@@ -19,6 +19,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
+
 from .data import load_dataset
 from .evaluation import ranking_metrics, stratified_split
 from .cold_start_eval import cold_start_protocol
@@ -72,6 +74,28 @@ ABLATION_STEPS = ("recall:embedding", "recall:item_cf", "recall:realtime", "reca
                   "recall:sequence",
                   "recall:fused", "+coarse", "+fine", "+rerank")
 REPRODUCIBILITY_TOLERANCE = 0.005
+
+
+# The models serving runs per request for quality beyond the original pipeline: the
+# sequence encoder and the cold-start machinery (recall-svc). With both off, the request
+# path is the one before them (the bundle's attribute crosses stay: a few additions per
+# candidate in rank-svc).
+NEW_MODELS_OFF = {"RECSYS_RECALL__CHANNELS__SEQUENCE__QUOTA": "0",
+                  "RECSYS_RECALL__CHANNELS__COLD_START__QUOTA": "0"}
+
+
+def serving_cost(work: Path, bin_dir: Path, train_dir: Path, rounds: int = 2) -> dict:
+    """Mean `Recommend` latency of the first run's bundle with the new models on ÷ off,
+    served alternately `rounds` times each so that drift of a shared machine falls on both."""
+    latencies: dict[str, list[float]] = {"on": [], "off": []}
+    for round_ in range(rounds):
+        for mode, settings in (("on", {}), ("off", NEW_MODELS_OFF)):
+            answers = serve_and_collect(bin_dir, work / "bundles-eval-run1", train_dir, work / "users.txt",
+                                        work / f"predictions-cost-{mode}-{round_}.jsonl", False, settings=settings)
+            latencies[mode].extend(answer["latency_ms"] for answer in answers)
+    mean = {mode: float(np.mean(values)) for mode, values in latencies.items()}
+    return {"mean_latency_ms": {mode: round(value, 3) for mode, value in mean.items()},
+            "serving_cost_ratio": round(mean["on"] / mean["off"], 4), "models": sorted(NEW_MODELS_OFF)}
 
 
 def serve_and_collect(bin_dir: Path, bundles: Path, train_dir: Path, users_file: Path, out: Path, ablation: bool,
@@ -194,8 +218,12 @@ def print_table(result: dict) -> None:
         print(f"fine model {variant:<8} served nDCG@10 {row['ndcg@10']:.4f} "
               f"({row.get('ndcg@10_delta', 0.0):+.4f}), held-out AUC {row['auc']:.4f} ({row.get('auc_delta', 0.0):+.4f})")
     crosses = result["feature_crosses"]
-    print(f"automated feature crosses: kept {', '.join(crosses['kept']) or 'none'}; served nDCG@10 "
-          f"{crosses['ndcg@10_with']:.4f} with, {crosses['ndcg@10_without']:.4f} without "
+    check = (f"; the fine model's AUC on held-out candidates {crosses['fine_auc_recall_candidates_with']:.4f} with "
+             f"them, {crosses['fine_auc_recall_candidates_without']:.4f} without"
+             if "fine_auc_recall_candidates_with" in crosses else "")
+    print(f"automated feature crosses: the probe kept {', '.join(crosses['kept']) or 'none'}{check}; shipped "
+          f"{', '.join(crosses.get('shipped', crosses['kept'])) or 'none'}; served nDCG@10 "
+          f"{crosses['ndcg@10_with']:.4f}, {crosses['ndcg@10_without']:.4f} trained without crosses "
           f"({crosses['ndcg@10_lift']:+.4f})")
     for row in crosses.get("candidates", []):
         print(f"  {row['name']:<24} held-out log-loss gain {row['held_out_log_loss_gain']:+.5f}, "
@@ -221,7 +249,11 @@ def print_table(result: dict) -> None:
           f"{cold['cold_recall@10']:.4f} ({cold['cold_recall@10_machinery_off']:.4f} with the cold-start channel off), "
           f"on warm items {cold['warm_recall@10']:.4f} ({cold['warm_recall@10_machinery_off']:.4f} off; "
           f"drop {cold['warm_recall_drop']:+.4f}); mean Recommend latency {cold['mean_latency_ms']['on']:.2f} ms on, "
-          f"{cold['mean_latency_ms']['off']:.2f} ms off (serving_cost_ratio {result['serving_cost_ratio']:.3f})")
+          f"{cold['mean_latency_ms']['off']:.2f} ms off (ratio {cold['serving_cost_ratio']:.3f})")
+    cost = result["serving_cost"]
+    print(f"serving cost of the new request-time models (sequence encoder, cold-start machinery): mean Recommend "
+          f"latency {cost['mean_latency_ms']['on']:.2f} ms on, {cost['mean_latency_ms']['off']:.2f} ms off "
+          f"(serving_cost_ratio {result['serving_cost_ratio']:.3f})")
     repro = result["reproducibility"]
     print(f"reproducibility: {repro['runs']} runs with seed {repro['seed']}, largest metric difference "
           f"{repro['max_abs_difference']:.4f} (tolerance {REPRODUCIBILITY_TOLERANCE})")
@@ -256,9 +288,11 @@ def run(data_dir: Path, work: Path, bin_dir: Path, report: Path, seed: int = 42,
         **(first["feature_selection"] or {"kept": []}),
         "ndcg@10_with": first["metrics"]["ndcg@10"], "ndcg@10_without": without_crosses["metrics"]["ndcg@10"],
         "ndcg@10_lift": round(first["metrics"]["ndcg@10"] - without_crosses["metrics"]["ndcg@10"], 6),
-        "fine_auc_recall_candidates_without": without_crosses["ranker_auc"]["fine_auc_recall_candidates"],
+        # The pipeline trained without crosses: its fine AUC on held-out candidates.
+        "fine_auc_recall_candidates_trained_without": without_crosses["ranker_auc"]["fine_auc_recall_candidates"],
     }
     rerank_rules = rules_effect(work, bin_dir, train_dir, relevant, first["answers"])
+    cost = serving_cost(work, bin_dir, train_dir)
     temporal = temporal_protocol(data_dir, work / "temporal", bin_dir, config)
     cold_start = cold_start_protocol(data_dir, work / "cold-start", bin_dir, config)
     # Beyond accuracy, of the served lists and of the same requests' ranked lists before
@@ -288,8 +322,8 @@ def run(data_dir: Path, work: Path, bin_dir: Path, report: Path, seed: int = 42,
         "best_channel": best_channel,
         "temporal": temporal,
         "cold_start": cold_start,
-        # The serving models added for quality so far are the cold-start machinery's.
-        "serving_cost_ratio": cold_start["serving_cost_ratio"],
+        "serving_cost_ratio": cost["serving_cost_ratio"],
+        "serving_cost": cost,
         "reproducibility": {
             "runs": len(results), "seed": seed, "metrics": [r["metrics"] for r in results],
             "max_abs_difference": max_difference, "tolerance": REPRODUCIBILITY_TOLERANCE,

@@ -688,8 +688,11 @@ def train_bundle(data_dir: Path, out_root: Path, config: TrainConfig | None = No
         return past_events.values(rows.items, asked_at[rows.users], live_names)
 
     attach_live_items(features, raw_features, live_values, train_rows, validation_rows, auc_rows)
-    feature_selection = automated_crosses(universe, past, past_interactions, features, config, asked_at, rng,
-                                          train_rows, validation_rows, auc_rows)
+    # The selection draws from its own generator: with or without crosses, every other
+    # model of the bundle sees the same random stream (make eval compares the two).
+    feature_selection = automated_crosses(universe, past, past_interactions, features, config, asked_at,
+                                          np.random.default_rng(config.seed + 1), train_rows, validation_rows,
+                                          auc_rows)
     log(f"live item features: {[f.source for f in features.live_item] or 'none (no counted events)'}")
     log(f"ranker data: {len(train_rows.labels)} training rows ({int(train_rows.labels.sum())} positive), "
         f"{len(validation_rows.labels)} validation rows from {validation_count} held-out users")
@@ -700,15 +703,51 @@ def train_bundle(data_dir: Path, out_root: Path, config: TrainConfig | None = No
     coarse = CoarseRanker(features.coarse_cross)
     _fit(coarse, (train_inputs[-1],), (clicks,), coarse_loss, config.coarse_epochs, config, rng,
          lambda: auc(validation_rows.labels, predict(coarse, (validation_inputs[-1],))), "coarse", drop_user_ids=False)
-    fine = FINE_RANKERS[features.fine_model](len(user_ids), len(dataset.items), features.user_dim,
-                                             features.ranker_item_dim, features.cross_dim, features.embedding_dim,
-                                             base=coarse, like_weight=features.like_weight)
     # Each user's features as a user with no behaviour, at the same request time.
     no_behaviour = [UserHistory(items=[], timestamps=[]) for _ in user_ids]
     cold_user_rows = torch.as_tensor(user_feature_rows(features, dataset, user_ids, no_behaviour, request_times))
-    _fit(fine, train_inputs, (clicks, likes), multi_task_loss(features.like_loss_weight), config.ranker_epochs, config,
-         rng, lambda: auc(validation_rows.labels, predict(fine, validation_inputs)), features.fine_model,
-         drop_user_ids=True, cold_user_rows=cold_user_rows)
+
+    def fit_fine(cross_columns: int):
+        """The fine model over the first `cross_columns` cross features, and its AUC on the
+        validation users' recall-style candidates."""
+        def inputs(tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+            return (*tensors[:-1], tensors[-1][:, :cross_columns])
+
+        model = FINE_RANKERS[features.fine_model](len(user_ids), len(dataset.items), features.user_dim,
+                                                  features.ranker_item_dim, cross_columns, features.embedding_dim,
+                                                  base=coarse, like_weight=features.like_weight)
+        _fit(model, inputs(train_inputs), (clicks, likes), multi_task_loss(features.like_loss_weight),
+             config.ranker_epochs, config, rng, lambda: auc(validation_rows.labels, predict(model, inputs(validation_inputs))),
+             features.fine_model, drop_user_ids=True, cold_user_rows=cold_user_rows)
+        return model, auc(validation_rows.labels, predict(model, inputs(validation_inputs)))
+
+    kept_crosses = len(features.attribute_crosses) if raw_features.get("crosses", {}).get("fine_check", True) else 0
+    before_fine = (torch.get_rng_state(), copy.deepcopy(rng.bit_generator.state))
+    fine, with_auc = fit_fine(features.cross_dim)
+    if kept_crosses:
+        # The probe judged each cross beside main effects; the fine model has the last word.
+        # Without the crosses, from the same random state: the crosses stay only if the
+        # fine model ranks the held-out candidates better with them.
+        after_fine = (torch.get_rng_state(), copy.deepcopy(rng.bit_generator.state))
+        torch.set_rng_state(before_fine[0])
+        rng.bit_generator.state = before_fine[1]
+        base_columns = features.cross_dim - kept_crosses
+        without, without_auc = fit_fine(base_columns)
+        feature_selection.update(fine_auc_recall_candidates_with=round(with_auc, 6),
+                                 fine_auc_recall_candidates_without=round(without_auc, 6))
+        if without_auc >= with_auc:
+            log(f"feature crosses dropped: the fine model's AUC on held-out candidates is {without_auc:.4f} "
+                f"without them, {with_auc:.4f} with")
+            fine = without
+            features.cross = features.cross[:base_columns]
+            features.attribute_crosses = []
+            for rows in (train_rows, validation_rows, auc_rows):
+                rows.cross = rows.cross[:, :base_columns]
+            train_inputs, validation_inputs = train_rows.tensors(past), validation_rows.tensors(past)
+        else:
+            torch.set_rng_state(after_fine[0])
+            rng.bit_generator.state = after_fine[1]
+        feature_selection["shipped"] = [table["name"] for table in features.attribute_crosses]
     auc_inputs = auc_rows.tensors(past)
     metrics = {
         "coarse_auc": auc(auc_rows.labels, predict(coarse, (auc_inputs[-1],))),

@@ -248,12 +248,23 @@ def test_automated_crosses_are_measured_on_held_out_rows_and_the_kept_ones_shipp
 
     # Keep the two best whatever they gain, so that the shipped path is exercised.
     text = CONFIG_PATH.read_text()
-    assert "min_gain = 0.00005" in text and "min_z = 2.0" in text and "max_kept = 4" in text
-    forced = tmp_path / "features.toml"
-    forced.write_text(text.replace("min_gain = 0.00005", "min_gain = -1.0").replace("min_z = 2.0", "min_z = -1e9")
-                      .replace("max_kept = 4", "max_kept = 2"))
+    assert all(line in text for line in ("min_gain = 0.00005", "min_z = 2.0", "max_kept = 4", "fine_check = true"))
+    forced = text.replace("min_gain = 0.00005", "min_gain = -1.0").replace("min_z = 2.0", "min_z = -1e9") \
+        .replace("max_kept = 4", "max_kept = 2")
     config = quick_config()
-    config.feature_config = str(forced)
+    # With the fine model's check: its AUC with and without them decides what ships.
+    (tmp_path / "checked.toml").write_text(forced)
+    config.feature_config = str(tmp_path / "checked.toml")
+    checked = json.loads((train_bundle(small_dataset, tmp_path / "checked", config, version="v1") / "manifest.json")
+                         .read_text())
+    selection = checked["feature_selection"]
+    with_auc, without_auc = selection["fine_auc_recall_candidates_with"], selection["fine_auc_recall_candidates_without"]
+    assert selection["shipped"] == (selection["kept"] if with_auc > without_auc else [])
+    assert [table["name"] for table in checked["feature_config"]["attribute_crosses"]] == selection["shipped"]
+    assert checked["metrics"]["fine_auc_recall_candidates"] == round(max(with_auc, without_auc), 6)
+    # Without it, the kept ones ship.
+    (tmp_path / "forced.toml").write_text(forced.replace("fine_check = true", "fine_check = false"))
+    config.feature_config = str(tmp_path / "forced.toml")
     published = train_bundle(small_dataset, tmp_path / "b", config, version="v1")
     manifest = json.loads((published / "manifest.json").read_text())
     selection = manifest["feature_selection"]

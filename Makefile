@@ -4,7 +4,7 @@ SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
 ENV := source target/recsys.env
 
-.PHONY: run test bootstrap build bundle test-rust test-python test-scale-parity eval-scale synthetic-seed lint fmt clean-state chaos durability bench-observability eval bench-recall bench-rank bench-features bench-rerank synthetic-bundle fuzz bench synthetic-population-seed
+.PHONY: run test bootstrap build bundle test-rust test-python test-scale-parity test-cross-parity eval-scale synthetic-seed lint fmt clean-state chaos durability bench-observability eval bench-recall bench-rank bench-features bench-rerank synthetic-bundle fuzz bench synthetic-population-seed
 
 # Bootstrap (Python, data, bundle) and the Rust build are independent: run them side by side.
 # DATASET=synthetic runs the cluster on the catalogue-scale synthetic bundle instead (a
@@ -25,7 +25,7 @@ else
 	@deploy/local/run-cluster.sh
 endif
 
-test: bootstrap test-rust test-python test-scale-parity lint
+test: bootstrap test-rust test-python test-scale-parity test-cross-parity lint
 
 bootstrap:
 	@deploy/local/bootstrap.sh
@@ -54,6 +54,21 @@ test-scale-parity: bootstrap
 	  "$$RECSYS_PYTHON" -m recsys_training train-scale --data $(SCALE_PARITY)/data --out $(SCALE_PARITY)/bundles \
 	    --ann-min-items 1000 --ranker-users 2000
 	$(ENV) && RECSYS_TEST_BUNDLE=$(CURDIR)/$(SCALE_PARITY)/bundles cargo test -p rank-svc --test bundle_ranker -- serving_builds_training_tensors live_item_counts_are_read
+
+# Every automated feature cross candidate forced into a quick bundle (no probe threshold,
+# no fine-model check), so that rank-svc's computation of each is compared with training's
+# on real tables, whatever the default selection ships.
+CROSS_PARITY := target/cross-parity
+test-cross-parity: bootstrap
+	@echo "==> rank-svc computes every automated feature cross as training does"
+	rm -rf $(CROSS_PARITY) && mkdir -p $(CROSS_PARITY)
+	sed -e 's/^min_gain = .*/min_gain = -1.0/' -e 's/^min_z = .*/min_z = -1e9/' -e 's/^max_kept = .*/max_kept = 100/' \
+	    -e 's/^fine_check = .*/fine_check = false/' training/feature_config.toml > $(CROSS_PARITY)/features.toml
+	$(ENV) && "$$RECSYS_PYTHON" -m recsys_training train --data data/ml-100k --out $(CROSS_PARITY)/bundles --quick \
+	    --feature-config $(CURDIR)/$(CROSS_PARITY)/features.toml && \
+	  "$$RECSYS_PYTHON" -c 'import json, sys; crosses = json.load(open(sys.argv[1]))["feature_config"]["attribute_crosses"]; \
+	    assert len(crosses) == 10, [c["name"] for c in crosses]' $(CROSS_PARITY)/bundles/current/manifest.json
+	$(ENV) && RECSYS_TEST_BUNDLE=$(CURDIR)/$(CROSS_PARITY)/bundles cargo test -p rank-svc --test bundle_ranker -- serving_builds_training_tensors
 
 lint:
 	@echo "==> rustfmt and clippy"

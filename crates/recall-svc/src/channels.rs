@@ -98,7 +98,10 @@ impl RecallIndex {
                 let environment = recsys_bundle::onnx::environment(onnx_library).map_err(|reason| {
                     BundleError::Malformed { path: dir.join(&spec.file), reason: format!("cannot be run: {reason}") }
                 })?;
-                Some(SequenceEncoder::load(dir, &manifest, spec, &environment)?)
+                let encoder = SequenceEncoder::load(dir, &manifest, spec, &environment)?;
+                // The failure count is exported from the first encoder on, at zero.
+                std::sync::LazyLock::force(&SEQUENCE_FAILURES);
+                Some(encoder)
             }
             None => None,
         };

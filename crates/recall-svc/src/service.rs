@@ -82,9 +82,10 @@ impl RecallGrpc {
         let (_, index) = self.registry.current();
         let request_index = Arc::clone(&index);
         let unservable = self.catalog.unservable();
-        let cold_start_weight =
-            weights[Channel::ColdStart as usize].unwrap_or(self.config.channels.quota(Channel::ColdStart).weight);
-        let newest = (cold_start_weight > 0.0 && self.config.new_items > 0).then(|| self.catalog.newest());
+        let cold_start = self.config.channels.quota(Channel::ColdStart);
+        let cold_start_on =
+            cold_start.quota > 0 && weights[Channel::ColdStart as usize].unwrap_or(cold_start.weight) > 0.0;
+        let newest = (cold_start_on && self.config.new_items > 0).then(|| self.catalog.newest());
         let sequence_quota = self.config.channels.quota(Channel::Sequence);
         let sequence_on =
             sequence_quota.quota > 0 && weights[Channel::Sequence as usize].unwrap_or(sequence_quota.weight) > 0.0;

@@ -80,6 +80,8 @@ class TrainConfig:
     # high enough to be shown in rerank's new-item slot (the bundle's threshold).
     content_l2: float = 30.0
     cold_start_share: float = 0.3
+    # Draws of stand-in items the threshold is the median of (cold_start_policy).
+    cold_start_draws: int = 25
     # The sequence channel's encoder (sequence.py): the latest items it reads, the span of
     # later items each position learns to predict, epochs (0: the bundle ships none).
     sequence_length: int = 50
@@ -571,32 +573,42 @@ def cold_start_policy(universe: Universe, state: ModelState, new_items: np.ndarr
     random, their vectors mapped from their attributes as a new item's are. It shows one
     to `cold_start_share` of the users when the new items are like the catalogue's
     typical item, fewer when they are weaker (a catalogue's never-chosen items are mostly
-    the unpopular ones), more when they are stronger. It is set on the trained users'
-    vectors; a user new since training is scored with the mean of their latest items, and
-    serving scans at most the newest 10,000 new items (recall's NEW_ITEM_POOL), so beyond
-    that size the share shown drifts from the one set here."""
+    the unpopular ones), more when they are stronger. One draw of stand-ins moves the
+    share shown by a third or more either way (a few strong stand-ins decide the best
+    score of many users), so the threshold is the median of `cold_start_draws` draws'.
+    It is set on the trained users' vectors; a user new since training is scored with the
+    mean of their latest items, and serving scans at most the newest 10,000 new items
+    (recall's NEW_ITEM_POOL), so beyond that size the share shown drifts from the one set
+    here."""
     known = np.flatnonzero(~new_items)
-    if state.content_map is None or len(known) < 2:
+    if state.content_map is None or len(known) < 2 or config.cold_start_draws < 1:
         return None
     # The best of a larger pool scores higher: the stand-ins are as many as the new items
     # (100 when there are none: the threshold then waits for items added after training).
     count = min(int(new_items.sum()) or 100, len(known) // 2)
-    stand_ins = rng.choice(known, size=count, replace=False)
-    without_stand_ins = ~new_items
-    without_stand_ins[stand_ins] = False
-    mapped = content.impute_vectors(state.item_vectors, without_stand_ins, universe.content_features,
-                                    config.content_l2)
-    threshold = content.cold_start_threshold(state.user_vectors, mapped[stand_ins], config.cold_start_share)
-    if threshold is None:
+    thresholds = []
+    for _ in range(config.cold_start_draws):
+        stand_ins = rng.choice(known, size=count, replace=False)
+        without_stand_ins = ~new_items
+        without_stand_ins[stand_ins] = False
+        mapped = content.impute_vectors(state.item_vectors, without_stand_ins, universe.content_features,
+                                        config.content_l2)
+        drawn = content.cold_start_threshold(state.user_vectors, mapped[stand_ins], config.cold_start_share)
+        if drawn is not None:
+            thresholds.append(drawn)
+    if not thresholds:
         return None
+    threshold = float(np.median(thresholds))
     policy = {"items": int(new_items.sum()), "share": config.cold_start_share, "threshold": round(threshold, 6),
+              "threshold_draws": [round(t, 6) for t in sorted(thresholds)],
               "content_l2": config.content_l2, "content": universe.content_encoding.to_json(state.content_map)}
     if new_items.any():
         shown = content.cold_start_scores(state.user_vectors, state.item_vectors[new_items])
         policy["training_users_shown"] = round(float(np.mean(shown[np.isfinite(shown)] >= threshold)), 6)
-        log(f"cold start: {int(new_items.sum())} items without interactions; score {threshold:.4f} (set on "
-            f"{count} known items' mapped vectors for {config.cold_start_share:.0%} of the users) shows one "
-            f"to {policy['training_users_shown']:.1%} of the training users")
+        log(f"cold start: {int(new_items.sum())} items without interactions; score {threshold:.4f} (the median "
+            f"of {len(thresholds)} draws of {count} known items' mapped vectors for {config.cold_start_share:.0%} "
+            f"of the users, {min(thresholds):.4f}..{max(thresholds):.4f}) shows one to "
+            f"{policy['training_users_shown']:.1%} of the training users")
     return policy
 
 
@@ -807,7 +819,7 @@ def train_bundle(data_dir: Path, out_root: Path, config: TrainConfig | None = No
     bundle.write_item_signals(staging / bundle.ITEM_SIGNALS,
                               recent_popularity(dataset.interactions, item_position, len(dataset.items),
                                                 config.popularity_half_life_days))
-    cold_start = cold_start_policy(universe, final, interactions == 0, config, rng)
+    cold_start = cold_start_policy(universe, final, interactions == 0, config, np.random.default_rng(config.seed + 4))
     sequence_section = sequence_encoder(final, [item.item_id for item in dataset.items], validation_users, config,
                                         staging, rng)
 

@@ -185,6 +185,11 @@ def test_new_items_get_vectors_from_their_attributes_and_a_cold_start_threshold(
     manifest = json.loads((published / "manifest.json").read_text())
     cold_start = manifest["cold_start"]
     assert cold_start["items"] == 4 and cold_start["share"] == 0.3
+    # The threshold is the median of its draws' (one draw of stand-ins alone moves the
+    # share shown by a third either way).
+    draws = cold_start["threshold_draws"]
+    assert len(draws) == quick_config().cold_start_draws and draws == sorted(draws)
+    assert cold_start["threshold"] == round(float(np.median(draws)), 6)
     embeddings = load_file(published / "embeddings.safetensors")
     users, vectors = embeddings["user_vectors"], embeddings["item_vectors"]
     # The share reported is the one the shipped threshold shows a new item to, scored as

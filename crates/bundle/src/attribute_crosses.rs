@@ -5,6 +5,8 @@
 //! of the table's lifts over the item's values (a film has several genres); an unknown user
 //! or item value contributes nothing, as in training.
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
 
 use crate::{features::UserAttributes, CatalogItem};
@@ -147,15 +149,18 @@ impl AttributeCrosses {
 
     /// Each cross's lift row for this user: the table's row of their value, or for
     /// `history` the one their latest items make (`history`: catalogue positions, latest
-    /// first); `None` when training never saw the value or no history item has one.
-    pub fn user_lifts(&self, user: &UserAttributes<'_>, history: &[usize]) -> Vec<Option<Vec<f64>>> {
+    /// first); `None` when training never saw the value or no history item has one. A
+    /// profile's row is the table's own, borrowed.
+    pub fn user_lifts(&self, user: &UserAttributes<'_>, history: &[usize]) -> Vec<Option<Cow<'_, [f64]>>> {
         self.tables
             .iter()
             .map(|table| match table.user_field.value(user) {
-                Some(value) => {
-                    table.user_values.iter().position(|known| *known == value).map(|row| table.lift[row].clone())
-                }
-                None => table.history_lift(&history[..history.len().min(HISTORY_ITEMS)]),
+                Some(value) => table
+                    .user_values
+                    .iter()
+                    .position(|known| *known == value)
+                    .map(|row| Cow::Borrowed(table.lift[row].as_slice())),
+                None => table.history_lift(&history[..history.len().min(HISTORY_ITEMS)]).map(Cow::Owned),
             })
             .collect()
     }

@@ -1,6 +1,7 @@
 //! Coarse then fine ranking of one user's candidates.
 
 use std::{
+    borrow::Cow,
     collections::{HashMap, HashSet},
     path::Path,
     sync::Arc,
@@ -101,7 +102,7 @@ pub struct Ranker {
 
 /// What one request's user contributes to every candidate's inputs, computed once, at a
 /// cost of history × neighbours and dim² — never the catalogue.
-struct UserContext {
+struct UserContext<'r> {
     index: i64,
     features: Vec<f32>,
     /// Whether any history item is one this bundle knows.
@@ -118,7 +119,7 @@ struct UserContext {
     vector: Option<Vec<f32>>,
     embedding_spread: Spread,
     /// The user's lift row of each attribute cross (`None`: nothing known of the user).
-    attribute_lifts: Vec<Option<Vec<f64>>>,
+    attribute_lifts: Vec<Option<Cow<'r, [f64]>>>,
 }
 
 /// Mean and standard deviation of a user's scores over the unseen catalogue, from sums
@@ -317,7 +318,7 @@ impl Ranker {
         item_ids.into_iter().filter_map(|id| self.embeddings.item_position(id)).collect()
     }
 
-    fn user_context(&self, user: &UserFeatures, request_time: i64) -> UserContext {
+    fn user_context(&self, user: &UserFeatures, request_time: i64) -> UserContext<'_> {
         let profile = user.profile.clone().unwrap_or_default();
         let attributes = UserAttributes {
             age: profile.age,
@@ -376,7 +377,7 @@ impl Ranker {
 
     /// The cross features of `items`, rows in the configuration's column order;
     /// `recalled` holds recall's embedding inner products of the same items, if it sent them.
-    fn cross_features(&self, context: &UserContext, items: &[usize], recalled: Option<&[f32]>) -> Vec<f32> {
+    fn cross_features(&self, context: &UserContext<'_>, items: &[usize], recalled: Option<&[f32]>) -> Vec<f32> {
         let mut out = Vec::with_capacity(items.len() * self.cross.len());
         let wants_embedding = self
             .cross
@@ -418,7 +419,7 @@ impl Ranker {
 
     /// Each row's item input is the bundle's item columns, then the live ones as zeros
     /// (`fill_live_item_features` writes them once the store has answered).
-    fn inputs_for(&self, context: &UserContext, items: &[usize], cross_features: Vec<f32>) -> RankerInputs {
+    fn inputs_for(&self, context: &UserContext<'_>, items: &[usize], cross_features: Vec<f32>) -> RankerInputs {
         let item_dim = self.features.item_dim();
         let live_dim = self.features.live_item_dim();
         let mut inputs = RankerInputs { cross_features, ..RankerInputs::default() };
@@ -588,7 +589,7 @@ impl Ranker {
     /// scores: neither model runs. `None` when the models rank this user.
     fn in_recall_order(
         &self,
-        context: &UserContext,
+        context: &UserContext<'_>,
         candidates: &Candidates,
         coarse_keep: usize,
     ) -> Option<Vec<RankedCandidate>> {

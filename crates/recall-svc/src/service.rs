@@ -82,13 +82,13 @@ impl RecallGrpc {
         let (_, index) = self.registry.current();
         let request_index = Arc::clone(&index);
         let unservable = self.catalog.unservable();
-        let cold_start = self.config.channels.quota(Channel::ColdStart);
-        let cold_start_on =
-            cold_start.quota > 0 && weights[Channel::ColdStart as usize].unwrap_or(cold_start.weight) > 0.0;
-        let newest = (cold_start_on && self.config.new_items > 0).then(|| self.catalog.newest());
-        let sequence_quota = self.config.channels.quota(Channel::Sequence);
-        let sequence_on =
-            sequence_quota.quota > 0 && weights[Channel::Sequence as usize].unwrap_or(sequence_quota.weight) > 0.0;
+        // A channel's weight is the request's (an experiment's) or the configured one; a
+        // channel with no quota or weight 0 is off, and its request-time work is skipped.
+        let weight_of =
+            |channel: Channel| weights[channel as usize].unwrap_or(self.config.channels.quota(channel).weight);
+        let is_on = |channel: Channel| self.config.channels.quota(channel).quota > 0 && weight_of(channel) > 0.0;
+        let newest = (is_on(Channel::ColdStart) && self.config.new_items > 0).then(|| self.catalog.newest());
+        let sequence_on = is_on(Channel::Sequence);
         let (new_count, new_since_ms) = (self.config.new_items, new_items_since_ms(self.config.new_item_days));
         let session = self.config.realtime.weights(
             user.history_item_ids.len(),
@@ -157,7 +157,7 @@ impl RecallGrpc {
             .into_iter()
             .map(|(channel, items)| {
                 CHANNEL_CANDIDATES.with_label_values(&[channel.name()]).observe(items.len() as f64);
-                let weight = weights[channel as usize].unwrap_or(self.config.channels.quota(channel).weight);
+                let weight = weight_of(channel);
                 // A channel weighted 0 (an ablation, an experiment switching it off) keeps nothing.
                 ChannelList { channel, weight, items, keeps_first: channel == Channel::ColdStart && weight > 0.0 }
             })

@@ -28,7 +28,7 @@
 #![forbid(unsafe_code)]
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -494,10 +494,10 @@ async fn peak_search(cluster: &Cluster, start: f64, args: &RunArgs, users: &User
     (passing, steps)
 }
 
-/// Collects every exported span.
+/// Collects every exported span, with the name of the service that exported it.
 #[derive(Clone, Default)]
 struct Collector {
-    spans: Arc<Mutex<Vec<Span>>>,
+    spans: Arc<Mutex<Vec<(String, Span)>>>,
 }
 
 #[tonic::async_trait]
@@ -508,8 +508,17 @@ impl TraceService for Collector {
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
         let mut spans = self.spans.lock().expect("span lock");
         for resource in request.into_inner().resource_spans {
+            let service = resource
+                .resource
+                .as_ref()
+                .and_then(|resource| resource.attributes.iter().find(|kv| kv.key == "service.name"))
+                .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+                    Value::StringValue(name) => Some(name.clone()),
+                    _ => None,
+                })
+                .unwrap_or_default();
             for scope in resource.scope_spans {
-                spans.extend(scope.spans);
+                spans.extend(scope.spans.into_iter().map(|span| (service.clone(), span)));
             }
         }
         Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
@@ -539,18 +548,22 @@ struct Traced {
     hops: HashMap<&'static str, Vec<Duration>>,
     leaf_handling: HashMap<&'static str, Vec<Duration>>,
     orchestrator_own: Vec<Duration>,
+    /// Every span's duration by "service/span name": where a server's own time goes
+    /// (nested reads, blocking hand-offs, model runs).
+    by_name: BTreeMap<String, Vec<Duration>>,
 }
 
 impl Traced {
     /// A trace whose stage was retried (two server spans) is left out for that leaf.
-    fn from_spans(spans: &[Span]) -> Self {
+    fn from_spans(spans: &[(String, Span)]) -> Self {
         let duration =
             |span: &Span| Duration::from_nanos(span.end_time_unix_nano.saturating_sub(span.start_time_unix_nano));
         let mut by_trace: HashMap<&[u8], Vec<&Span>> = HashMap::new();
-        for span in spans {
-            by_trace.entry(span.trace_id.as_slice()).or_default().push(span);
-        }
         let mut traced = Traced::default();
+        for (service, span) in spans {
+            by_trace.entry(span.trace_id.as_slice()).or_default().push(span);
+            traced.by_name.entry(format!("{service}/{}", span.name)).or_default().push(duration(span));
+        }
         for spans in by_trace.values() {
             let mut stages_total = Duration::ZERO;
             let mut whole = true;
@@ -725,6 +738,9 @@ fn details(measured: &Measured) -> serde_json::Value {
             "p50_ms": round(load::quantile_ms(measured.traced.orchestrator_own.iter().copied(), 0.5), 3),
             "traces": measured.traced.orchestrator_own.len(),
         }))]).collect::<serde_json::Map<_, _>>(),
+        "spans_p50_ms": measured.traced.by_name.iter()
+            .map(|(name, times)| (name.clone(), json!(round(load::quantile_ms(times.iter().copied(), 0.5), 3))))
+            .collect::<serde_json::Map<_, _>>(),
     })
 }
 

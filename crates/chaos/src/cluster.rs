@@ -111,7 +111,36 @@ pub struct Cluster {
 }
 
 /// A loopback address no one listens on now, for a child process to bind.
+///
+/// It is drawn below the kernel's ephemeral range: a port the kernel handed out for
+/// `127.0.0.1:0` is free again once the check's listener closes, and any outgoing
+/// connection (a client, another test) may take it before the child binds it — which
+/// happened, and the harness then talked to whatever held the port. No port is handed
+/// out twice by one process.
 pub async fn free_port() -> anyhow::Result<SocketAddr> {
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    let (low, high) = (ephemeral_low.saturating_sub(12_000).max(1_024), ephemeral_low);
+    let mut state = u64::from(std::process::id())
+        ^ std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |t| t.as_nanos() as u64);
+    for _ in 0..1_000 {
+        // xorshift: ports spread over the range, differently per process and start.
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let port = low + (state % u64::from(high - low)) as u16;
+        if HANDED_OUT.lock().expect("port list lock").contains(&port) {
+            continue;
+        }
+        if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)).await {
+            HANDED_OUT.lock().expect("port list lock").push(port);
+            return Ok(listener.local_addr()?);
+        }
+    }
+    // A machine whose ports below the ephemeral range are all taken: the kernel's choice.
     Ok(TcpListener::bind("127.0.0.1:0").await?.local_addr()?)
 }
 
@@ -303,5 +332,27 @@ async fn run_proxy(listener: TcpListener, target: SocketAddr, delay_ms: Arc<Atom
             };
             let _: (std::io::Result<()>, std::io::Result<()>) = tokio::join!(upstream, downstream);
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn free_ports_are_distinct_bindable_and_below_the_ephemeral_range() {
+        let ephemeral_low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|range| range.split_whitespace().next()?.parse().ok())
+            .unwrap_or(32_768);
+        let mut ports = Vec::new();
+        for _ in 0..50 {
+            let address = free_port().await.unwrap();
+            assert!(address.port() < ephemeral_low, "{address} is in the ephemeral range");
+            assert!(!ports.contains(&address.port()), "{address} handed out twice");
+            ports.push(address.port());
+            // Bindable by whoever it is handed to.
+            drop(TcpListener::bind(address).await.unwrap());
+        }
     }
 }

@@ -17,7 +17,7 @@ use recsysctl::canary_analysis::{analyze, Sides, Thresholds, Verdict};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn free_port() -> SocketAddr {
-    tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap()
+    recsys_chaos::cluster::free_port().await.unwrap()
 }
 
 /// A Prometheus server scraping each `(job, target)` every 250 ms; killed when dropped.

@@ -80,7 +80,8 @@ class TrainConfig:
     # high enough to be shown in rerank's new-item slot (the bundle's threshold).
     content_l2: float = 30.0
     cold_start_share: float = 0.3
-    # Draws of stand-in items the threshold is the median of (cold_start_policy).
+    # Draws of stand-in items the threshold is the median of (cold_start_policy; odd, so the
+    # median is a draw's; 0 ships no cold-start section).
     cold_start_draws: int = 25
     # The sequence channel's encoder (sequence.py): the latest items it reads, the span of
     # later items each position learns to predict, epochs (0: the bundle ships none).
@@ -819,6 +820,7 @@ def train_bundle(data_dir: Path, out_root: Path, config: TrainConfig | None = No
     bundle.write_item_signals(staging / bundle.ITEM_SIGNALS,
                               recent_popularity(dataset.interactions, item_position, len(dataset.items),
                                                 config.popularity_half_life_days))
+    # Its own generator: the threshold's draws do not move the sequence encoder's random stream.
     cold_start = cold_start_policy(universe, final, interactions == 0, config, np.random.default_rng(config.seed + 4))
     sequence_section = sequence_encoder(final, [item.item_id for item in dataset.items], validation_users, config,
                                         staging, rng)

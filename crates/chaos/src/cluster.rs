@@ -116,7 +116,7 @@ pub struct Cluster {
 /// `127.0.0.1:0` is free again once the check's listener closes, and any outgoing
 /// connection (a client, another test) may take it before the child binds it — which
 /// happened, and the harness then talked to whatever held the port. No port is handed
-/// out twice by one process.
+/// out twice by one process (other processes draw from the same range at random).
 pub async fn free_port() -> anyhow::Result<SocketAddr> {
     static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
@@ -124,23 +124,29 @@ pub async fn free_port() -> anyhow::Result<SocketAddr> {
         .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
         .unwrap_or(32_768);
     let (low, high) = (ephemeral_low.saturating_sub(12_000).max(1_024), ephemeral_low);
-    let mut state = u64::from(std::process::id())
-        ^ std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |t| t.as_nanos() as u64);
-    for _ in 0..1_000 {
-        // xorshift: ports spread over the range, differently per process and start.
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        let port = low + (state % u64::from(high - low)) as u16;
-        if HANDED_OUT.lock().expect("port list lock").contains(&port) {
-            continue;
-        }
-        if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)).await {
-            HANDED_OUT.lock().expect("port list lock").push(port);
-            return Ok(listener.local_addr()?);
+    // Too few ports below the range to draw from: the kernel's choice, as before.
+    if high.saturating_sub(low) >= 1_000 {
+        let clock =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |t| t.as_nanos() as u64);
+        // Never 0: xorshift would stay there.
+        let mut state = (u64::from(std::process::id()) ^ clock) | 1;
+        for _ in 0..1_000 {
+            // xorshift: ports spread over the range, differently per process and start.
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let port = low + (state % u64::from(high - low)) as u16;
+            // Checked and reserved under one lock: two concurrent callers never get one port.
+            let mut handed_out = HANDED_OUT.lock().expect("port list lock");
+            if handed_out.contains(&port) {
+                continue;
+            }
+            if let Ok(listener) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+                handed_out.push(port);
+                return Ok(listener.local_addr()?);
+            }
         }
     }
-    // A machine whose ports below the ephemeral range are all taken: the kernel's choice.
     Ok(TcpListener::bind("127.0.0.1:0").await?.local_addr()?)
 }
 

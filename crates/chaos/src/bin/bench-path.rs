@@ -562,7 +562,13 @@ impl Traced {
         let mut traced = Traced::default();
         for (service, span) in spans {
             by_trace.entry(span.trace_id.as_slice()).or_default().push(span);
-            traced.by_name.entry(format!("{service}/{}", span.name)).or_default().push(duration(span));
+            // The orchestrator's four `stage` spans are told apart by their attribute.
+            let name = match attribute(span, "stage") {
+                Some(stage) => format!("{}:{stage}", span.name),
+                None => span.name.clone(),
+            };
+            let service = if service.is_empty() { "unknown" } else { service };
+            traced.by_name.entry(format!("{service}/{name}")).or_default().push(duration(span));
         }
         for spans in by_trace.values() {
             let mut stages_total = Duration::ZERO;

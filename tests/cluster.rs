@@ -146,7 +146,11 @@ async fn recommend_serves_known_and_unknown_users_and_learns_from_events() {
     let mut response = recsys_proto::v1::GetItemFeaturesResponse::default();
     for _ in 0..100 {
         response = client_features
-            .get_item_features(GetItemFeaturesRequest { item_ids: vec![clicked.clone()], as_of_ms: 0 })
+            .get_item_features(GetItemFeaturesRequest {
+                item_ids: vec![clicked.clone()],
+                as_of_ms: 0,
+                counts_only: false,
+            })
             .await
             .unwrap()
             .into_inner();

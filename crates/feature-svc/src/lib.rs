@@ -27,7 +27,9 @@ pub use error::{FeatureError, Result};
 pub use event::StoredEvent;
 pub use service::FeatureGrpc;
 pub use store::redis::{item_keys as redis_item_keys, user_keys as redis_user_keys};
-pub use store::{redis::RedisConfig, Appended, BundleItem, EmbeddedStore, EventPage, FeatureStore, RedisStore};
+pub use store::{
+    redis::RedisConfig, Appended, BundleItem, EmbeddedStore, EventPage, FeatureStore, ItemRead, RedisStore,
+};
 
 pub const SERVICE_NAME: &str = "recsys.v1.FeatureService";
 

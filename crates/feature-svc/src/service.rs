@@ -10,7 +10,7 @@ use recsys_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::{FeatureError, FeatureStore, StoredEvent};
+use crate::{FeatureError, FeatureStore, ItemRead, StoredEvent};
 
 /// Events per exported message.
 const EXPORT_PAGE: usize = 1_000;
@@ -106,7 +106,8 @@ impl FeatureService for FeatureGrpc {
         &self,
         request: Request<GetItemFeaturesRequest>,
     ) -> Result<Response<GetItemFeaturesResponse>, Status> {
-        let GetItemFeaturesRequest { item_ids, as_of_ms } = request.into_inner();
+        let GetItemFeaturesRequest { item_ids, as_of_ms, counts_only } = request.into_inner();
+        let read = if counts_only { ItemRead::Counts } else { ItemRead::WithBundleStats };
         if item_ids.len() > MAX_CANDIDATES {
             return Err(FeatureError::InvalidArgument(format!(
                 "{} item_ids in one call; at most {MAX_CANDIDATES} allowed",
@@ -119,7 +120,7 @@ impl FeatureService for FeatureGrpc {
         }
         let as_of_ms = as_of(as_of_ms)?;
         let batch = tracing::Instrument::instrument(
-            self.store.item_features(&item_ids, as_of_ms),
+            self.store.item_features(&item_ids, as_of_ms, read),
             tracing::info_span!("item_feature_read", backend = self.store.backend(), items = item_ids.len()),
         )
         .await?;

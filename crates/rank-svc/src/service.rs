@@ -95,7 +95,9 @@ impl RankGrpc {
             return HashMap::new();
         }
         let item_ids = stage.coarse.iter().map(|&(item, _)| ranker.item_id(item).to_string()).collect();
-        let request = GetItemFeaturesRequest { item_ids, as_of_ms: request_time.saturating_mul(1_000) };
+        // The counts alone: the bundle's statistics are in the ranker already.
+        let request =
+            GetItemFeaturesRequest { item_ids, as_of_ms: request_time.saturating_mul(1_000), counts_only: true };
         let answer = source.item_features(request, self.item_features_timeout).await;
         let items = match answer {
             Ok(response) if response.items.len() == stage.coarse.len() => response.items,

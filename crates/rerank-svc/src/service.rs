@@ -83,7 +83,7 @@ impl RerankGrpc {
     /// `item_counts_timeout_ms`; empty (and counted) when feature-svc does not answer.
     async fn item_counts(&self, item_ids: Vec<String>, now_ms: i64) -> HashMap<String, WindowedCounts> {
         let Some(source) = &self.item_counts else { return HashMap::new() };
-        let request = GetItemFeaturesRequest { item_ids, as_of_ms: now_ms };
+        let request = GetItemFeaturesRequest { item_ids, as_of_ms: now_ms, counts_only: true };
         let timeout = Duration::from_millis(self.config.item_counts_timeout_ms);
         match source.item_features(request, timeout).await {
             Ok(response) => response.items.into_iter().filter_map(|item| Some((item.item_id, item.counts?))).collect(),

@@ -294,7 +294,7 @@ pub fn user_features(u: &mut Unstructured) -> Result<GetUserFeaturesRequest> {
 
 pub fn item_features(u: &mut Unstructured) -> Result<GetItemFeaturesRequest> {
     let _mode = Mode::choose(u)?;
-    Ok(GetItemFeaturesRequest { item_ids: list(u, 1_100, id)?, as_of_ms: time_ms(u)? })
+    Ok(GetItemFeaturesRequest { item_ids: list(u, 1_100, id)?, as_of_ms: time_ms(u)?, counts_only: u.arbitrary()? })
 }
 
 pub fn upsert_items(u: &mut Unstructured) -> Result<UpsertItemsRequest> {

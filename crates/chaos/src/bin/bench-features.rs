@@ -207,7 +207,7 @@ async fn measure_gets(
         let started = Instant::now();
         let (user, items) = tokio::try_join!(
             user_client.get_user_features(GetUserFeaturesRequest { user_id: user, max_history: 0, as_of_ms }),
-            item_client.get_item_features(GetItemFeaturesRequest { item_ids, as_of_ms }),
+            item_client.get_item_features(GetItemFeaturesRequest { item_ids, as_of_ms, counts_only: false }),
         )?;
         let elapsed = started.elapsed();
         anyhow::ensure!(user.into_inner().known, "a seeded user is unknown");
@@ -527,7 +527,11 @@ async fn wait_for_bundle(client: &FeatureServiceClient<Channel>, item: &str) -> 
     loop {
         let response = client
             .clone()
-            .get_item_features(GetItemFeaturesRequest { item_ids: vec![item.to_string()], as_of_ms: 0 })
+            .get_item_features(GetItemFeaturesRequest {
+                item_ids: vec![item.to_string()],
+                as_of_ms: 0,
+                counts_only: false,
+            })
             .await?
             .into_inner();
         if response.items.first().is_some_and(|features| !features.bundle_version.is_empty()) {

@@ -22,7 +22,7 @@ use tokio::sync::oneshot;
 
 use super::{
     decode_catalog, decode_names, decode_stats, encode_catalog, encode_names, encode_stats, Appended, BundleItem,
-    EventPage, FeatureStore, ItemBatch,
+    EventPage, FeatureStore, ItemBatch, ItemRead,
 };
 use crate::{
     event::id_digest,
@@ -178,22 +178,29 @@ impl FeatureStore for EmbeddedStore {
         .await
     }
 
-    async fn item_features(&self, item_ids: &[String], as_of_ms: i64) -> Result<ItemBatch> {
+    async fn item_features(&self, item_ids: &[String], as_of_ms: i64, read: ItemRead) -> Result<ItemBatch> {
         let item_ids = item_ids.to_vec();
         self.read(move |txn| {
             let items = txn.open_table(ITEMS)?;
-            let stats = txn.open_table(BUNDLE_STATS)?;
-            let bundle = txn.open_table(META)?.get("bundle")?.and_then(|stored| decode_names(stored.value()));
+            let (stats, bundle) = match read {
+                ItemRead::Counts => (None, None),
+                ItemRead::WithBundleStats => (
+                    Some(txn.open_table(BUNDLE_STATS)?),
+                    txn.open_table(META)?.get("bundle")?.and_then(|stored| decode_names(stored.value())),
+                ),
+            };
             let items = item_ids
                 .iter()
                 .map(|id| {
                     let record =
                         items.get(id.as_str())?.map(|bytes| decode::<ItemRecord>(bytes.value())).transpose()?;
                     let mut features = record.map_or_else(|| unknown_item(id), |item| item.to_features(id, as_of_ms));
-                    if let (Some((version, _)), Some(bytes)) = (&bundle, stats.get(id.as_str())?) {
-                        features.bundle_stats = decode_stats(bytes.value());
-                        features.bundle_version = version.clone();
-                        features.known = true;
+                    if let (Some((version, _)), Some(stats)) = (&bundle, &stats) {
+                        if let Some(bytes) = stats.get(id.as_str())? {
+                            features.bundle_stats = decode_stats(bytes.value());
+                            features.bundle_version = version.clone();
+                            features.known = true;
+                        }
                     }
                     Ok(features)
                 })

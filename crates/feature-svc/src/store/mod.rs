@@ -29,6 +29,16 @@ pub struct BundleItem {
     pub stats: Vec<f32>,
 }
 
+/// What an item read returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ItemRead {
+    /// Records and windowed counts, without the bundle's statistics: one store lookup
+    /// per item fewer (`GetItemFeaturesRequest.counts_only`).
+    Counts,
+    /// Records, windowed counts and the current bundle's statistics.
+    WithBundleStats,
+}
+
 /// Items' features and the names of their bundle statistics.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ItemBatch {
@@ -74,8 +84,9 @@ pub trait FeatureStore: Send + Sync + 'static {
     /// windowed counts as of `as_of_ms`.
     async fn user_features(&self, user_id: &str, max_history: usize, as_of_ms: i64) -> Result<UserFeatures>;
 
-    /// Features of each item, in the order asked, in one round trip to the store.
-    async fn item_features(&self, item_ids: &[String], as_of_ms: i64) -> Result<ItemBatch>;
+    /// Features of each item, in the order asked, in one round trip to the store; the
+    /// bundle's statistics only when `read` asks for them.
+    async fn item_features(&self, item_ids: &[String], as_of_ms: i64, read: ItemRead) -> Result<ItemBatch>;
 
     /// Durably stores `events` — but not those whose `event_id` was stored already (a
     /// retried batch) or appears earlier in the batch — and applies them to the features.

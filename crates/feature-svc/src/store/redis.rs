@@ -36,7 +36,7 @@ use redis::{aio::ConnectionManager, cluster_async::ClusterConnection, Cmd, Redis
 
 use super::{
     decode_catalog, decode_names, decode_stats, encode_catalog, encode_names, encode_stats, Appended, BundleItem,
-    EventPage, FeatureStore, ItemBatch,
+    EventPage, FeatureStore, ItemBatch, ItemRead,
 };
 use crate::{
     counters::{counted_index, Counters},
@@ -631,15 +631,19 @@ impl FeatureStore for RedisStore {
         Ok(features)
     }
 
-    async fn item_features(&self, item_ids: &[String], as_of_ms: i64) -> Result<ItemBatch> {
+    async fn item_features(&self, item_ids: &[String], as_of_ms: i64, read: ItemRead) -> Result<ItemBatch> {
+        let with_stats = read == ItemRead::WithBundleStats;
         let mut commands = Vec::with_capacity(3 * item_ids.len() + 1);
-        let mut bundle = redis::cmd("HGET");
-        bundle.arg(self.key("meta")).arg("bundle");
-        commands.push(("meta".to_string(), bundle));
+        if with_stats {
+            let mut bundle = redis::cmd("HGET");
+            bundle.arg(self.key("meta")).arg("bundle");
+            commands.push(("meta".to_string(), bundle));
+        }
         for id in item_ids {
             let tag = format!("i{}", bucket_of(id));
             let [item_key, counters_key, stats_key] = item_keys(&self.config.key_prefix, id);
-            for (verb, key) in [("HGETALL", item_key), ("HGETALL", counters_key), ("GET", stats_key)] {
+            let stats = with_stats.then_some(("GET", stats_key));
+            for (verb, key) in [("HGETALL", item_key), ("HGETALL", counters_key)].into_iter().chain(stats) {
                 let mut command = redis::cmd(verb);
                 command.arg(key);
                 commands.push((tag.clone(), command));
@@ -647,23 +651,32 @@ impl FeatureStore for RedisStore {
         }
         let store_error = |reason: String| FeatureError::Store { store: self.name.clone(), reason };
         let mut values = self.run_grouped(commands).await?.into_iter();
-        let bundle = values
-            .next()
-            .map(redis::from_redis_value::<Option<String>>)
-            .transpose()
-            .map_err(|error| store_error(error.to_string()))?
-            .flatten()
-            .and_then(|stored| decode_names(&stored));
+        let bundle = match with_stats {
+            true => values
+                .next()
+                .map(redis::from_redis_value::<Option<String>>)
+                .transpose()
+                .map_err(|error| store_error(error.to_string()))?
+                .flatten()
+                .and_then(|stored| decode_names(&stored)),
+            false => None,
+        };
         let items = item_ids
             .iter()
             .map(|id| {
-                let (Some(item), Some(counters), Some(stats)) = (values.next(), values.next(), values.next()) else {
+                let (Some(item), Some(counters)) = (values.next(), values.next()) else {
                     return Err(store_error("missing replies".into()));
                 };
                 let parse_error = |error: redis::ParsingError| store_error(format!("item {id}: {error}"));
                 let item: HashMap<String, String> = redis::from_redis_value(item).map_err(parse_error)?;
                 let counters: HashMap<String, String> = redis::from_redis_value(counters).map_err(parse_error)?;
-                let stats: Option<Vec<u8>> = redis::from_redis_value(stats).map_err(parse_error)?;
+                let stats: Option<Vec<u8>> = match with_stats {
+                    true => {
+                        let stats = values.next().ok_or_else(|| store_error("missing replies".into()))?;
+                        redis::from_redis_value(stats).map_err(parse_error)?
+                    }
+                    false => None,
+                };
                 // Statistics of another bundle version (an item the current one dropped) are not read.
                 let current = match (&bundle, &stats) {
                     (Some((version, _)), Some(stats)) => stats

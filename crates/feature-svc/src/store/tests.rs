@@ -141,7 +141,8 @@ async fn counts_are_windowed_as_of_the_asked_time_for_users_items_and_categories
         assert_eq!(features.category_counts.len(), 1, "{name}");
         assert_eq!(features.category_counts[0].category, "Drama", "{name}");
         assert_eq!(counts(features.category_counts[0].counts.as_ref().unwrap()), expected, "{name} category");
-        let items = store.item_features(&["x".into(), "unseen".into()], T0).await.unwrap().items;
+        let items =
+            store.item_features(&["x".into(), "unseen".into()], T0, ItemRead::WithBundleStats).await.unwrap().items;
         assert_eq!(items.len(), 2);
         assert_eq!(counts(items[0].counts.as_ref().unwrap()), expected, "{name} item");
         assert_eq!(items[0].category, "Drama");
@@ -150,7 +151,7 @@ async fn counts_are_windowed_as_of_the_asked_time_for_users_items_and_categories
         assert!((ctr - 2.0 / 21.0).abs() < 1e-6, "{name}: {ctr}");
         assert!(!items[1].known && items[1].item_id == "unseen", "{name}");
         // Later, the click after T0 counts too.
-        let later = store.item_features(&["x".into()], T0 + 2 * HOUR_MS).await.unwrap().items;
+        let later = store.item_features(&["x".into()], T0 + 2 * HOUR_MS, ItemRead::Counts).await.unwrap().items;
         assert_eq!(later[0].counts.as_ref().unwrap().last_day.unwrap().clicks, 2, "{name}");
     }
 }
@@ -171,7 +172,7 @@ async fn the_seed_loads_once_with_profiles_and_time_ordered_history() {
             assert_eq!(features.history_item_ids, vec!["10", "11"], "{name}");
             assert_eq!(features.profile.unwrap().occupation, "artist", "{name}");
             assert_eq!(features.event_count, 2, "{name}: loaded once");
-            let item = &store.item_features(&["10".into()], 200_000).await.unwrap().items[0];
+            let item = &store.item_features(&["10".into()], 200_000, ItemRead::WithBundleStats).await.unwrap().items[0];
             assert_eq!(item.first_seen_ms, 150_000, "{name}: first event");
             assert_eq!(item.counts.as_ref().unwrap().last_hour.unwrap().impressions, 1, "{name}");
         }
@@ -243,13 +244,19 @@ async fn a_new_bundles_statistics_replace_the_old_ones() {
         store.load_bundle("v1", names(&["like_rate"]), vec![item("a", &[0.5]), item("b", &[0.25])]).await.unwrap();
         store.load_bundle("v2", names(&["interactions", "like_rate"]), vec![item("a", &[3.0, 0.75])]).await.unwrap();
         assert_eq!(store.bundle_version().await.unwrap().as_deref(), Some("v2"), "{name}");
-        let batch = store.item_features(&["a".into(), "b".into()], T0).await.unwrap();
+        let batch = store.item_features(&["a".into(), "b".into()], T0, ItemRead::WithBundleStats).await.unwrap();
         assert_eq!(batch.stat_names, names(&["interactions", "like_rate"]), "{name}");
         let items = batch.items;
         assert!(items[0].known, "{name}");
         assert_eq!(items[0].bundle_version, "v2", "{name}");
         assert_eq!(items[0].bundle_stats, vec![3.0, 0.75], "{name}");
         assert!(items[1].bundle_stats.is_empty() && !items[1].known, "{name}: b is not in v2");
+        // Counts only (rank's and rerank's reads): no statistics, and an item the store has
+        // no record or event of is not known to it.
+        let batch = store.item_features(&["a".into()], T0, ItemRead::Counts).await.unwrap();
+        assert!(batch.stat_names.is_empty(), "{name}");
+        assert!(batch.items[0].bundle_stats.is_empty() && batch.items[0].bundle_version.is_empty(), "{name}");
+        assert!(!batch.items[0].known, "{name}");
     }
 }
 

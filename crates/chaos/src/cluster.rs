@@ -119,10 +119,7 @@ pub struct Cluster {
 /// out twice by one process (other processes draw from the same range at random).
 pub async fn free_port() -> anyhow::Result<SocketAddr> {
     static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap_or(32_768);
+    let ephemeral_low = ephemeral_range_start();
     let (low, high) = (ephemeral_low.saturating_sub(12_000).max(1_024), ephemeral_low);
     // Too few ports below the range to draw from: the kernel's choice, as before.
     if high.saturating_sub(low) >= 1_000 {
@@ -148,6 +145,15 @@ pub async fn free_port() -> anyhow::Result<SocketAddr> {
         }
     }
     Ok(TcpListener::bind("127.0.0.1:0").await?.local_addr()?)
+}
+
+/// The first port the kernel hands out for outgoing connections (Linux's default when it
+/// cannot be read).
+fn ephemeral_range_start() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
 }
 
 impl Cluster {
@@ -347,10 +353,7 @@ mod tests {
 
     #[tokio::test]
     async fn free_ports_are_distinct_bindable_and_below_the_ephemeral_range() {
-        let ephemeral_low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-            .ok()
-            .and_then(|range| range.split_whitespace().next()?.parse().ok())
-            .unwrap_or(32_768);
+        let ephemeral_low = ephemeral_range_start();
         let mut ports = Vec::new();
         for _ in 0..50 {
             let address = free_port().await.unwrap();

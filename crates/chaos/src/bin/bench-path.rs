@@ -41,7 +41,7 @@ use opentelemetry_proto::tonic::{
         trace_service_server::{TraceService, TraceServiceServer},
         ExportTraceServiceRequest, ExportTraceServiceResponse,
     },
-    common::v1::any_value::Value,
+    common::v1::{any_value::Value, KeyValue},
     trace::v1::Span,
 };
 use recsys_chaos::{
@@ -550,11 +550,7 @@ impl TraceService for Collector {
             let service = resource
                 .resource
                 .as_ref()
-                .and_then(|resource| resource.attributes.iter().find(|kv| kv.key == "service.name"))
-                .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
-                    Value::StringValue(name) => Some(name.clone()),
-                    _ => None,
-                })
+                .and_then(|resource| string_attribute(&resource.attributes, "service.name"))
                 .unwrap_or_default();
             for scope in resource.scope_spans {
                 spans.extend(scope.spans.into_iter().map(|span| (service.clone(), span)));
@@ -565,7 +561,12 @@ impl TraceService for Collector {
 }
 
 fn attribute(span: &Span, key: &str) -> Option<String> {
-    span.attributes.iter().find(|kv| kv.key == key).and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+    string_attribute(&span.attributes, key)
+}
+
+/// The string value of `key` among a span's or a resource's attributes.
+fn string_attribute(attributes: &[KeyValue], key: &str) -> Option<String> {
+    attributes.iter().find(|kv| kv.key == key).and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
         Value::StringValue(value) => Some(value.clone()),
         _ => None,
     })

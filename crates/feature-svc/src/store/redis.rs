@@ -650,32 +650,32 @@ impl FeatureStore for RedisStore {
             }
         }
         let store_error = |reason: String| FeatureError::Store { store: self.name.clone(), reason };
+        let missing = || store_error("missing replies".into());
         let mut values = self.run_grouped(commands).await?.into_iter();
-        let bundle = match with_stats {
-            true => values
+        let bundle = if with_stats {
+            values
                 .next()
                 .map(redis::from_redis_value::<Option<String>>)
                 .transpose()
                 .map_err(|error| store_error(error.to_string()))?
                 .flatten()
-                .and_then(|stored| decode_names(&stored)),
-            false => None,
+                .and_then(|stored| decode_names(&stored))
+        } else {
+            None
         };
         let items = item_ids
             .iter()
             .map(|id| {
                 let (Some(item), Some(counters)) = (values.next(), values.next()) else {
-                    return Err(store_error("missing replies".into()));
+                    return Err(missing());
                 };
                 let parse_error = |error: redis::ParsingError| store_error(format!("item {id}: {error}"));
                 let item: HashMap<String, String> = redis::from_redis_value(item).map_err(parse_error)?;
                 let counters: HashMap<String, String> = redis::from_redis_value(counters).map_err(parse_error)?;
-                let stats: Option<Vec<u8>> = match with_stats {
-                    true => {
-                        let stats = values.next().ok_or_else(|| store_error("missing replies".into()))?;
-                        redis::from_redis_value(stats).map_err(parse_error)?
-                    }
-                    false => None,
+                let stats: Option<Vec<u8>> = if with_stats {
+                    redis::from_redis_value(values.next().ok_or_else(missing)?).map_err(parse_error)?
+                } else {
+                    None
                 };
                 // Statistics of another bundle version (an item the current one dropped) are not read.
                 let current = match (&bundle, &stats) {

@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             config = TrainConfig(seed=args.seed, feature_config=str(args.feature_config or ""))
             if args.quick:
                 config.bpr_epochs, config.graph_epochs, config.ranker_epochs = 3, 3, 1
-                config.sequence_epochs = config.student_epochs = 1
+                config.sequence_epochs = config.student_epochs = config.ranker_folds = 1
             train_bundle(args.data, args.out, config, args.version)
         elif args.command == "train-scale":
             from .scale import ScaleConfig, train_scale_bundle

@@ -55,6 +55,14 @@ class TrainConfig:
     # Rankers learn from a part of the training data held out from the models that make
     # their features (like serving, where features come from past behaviour only).
     ranker_holdout: float = 0.2
+    # Disjoint held-out parts the rankers learn from, each `ranker_holdout` of the data with
+    # its features fitted on the rest (cross-fitting): with all five, every training
+    # interaction is a label once. The first part also gives the validation rows; the others
+    # add training rows only, at the cost of fitting the feature models once more each. On
+    # the published MovieLens split (make eval's protocol, one training run each): 1 part
+    # served nDCG@10 0.4776 (+fine step 0.4841), 2 parts 0.4819 (0.4868), 5 parts 0.4861
+    # (0.4914); training takes about 3x as long as with one part.
+    ranker_folds: int = 5
     ranker_candidates: int = 100
     ranker_random_negatives: int = 100
     ranker_validation_users: float = 0.1
@@ -302,11 +310,13 @@ def ranker_rows(state: ModelState, users: np.ndarray, held_out: dict[int, set[in
 
 
 def automated_crosses(universe: Universe, past: ModelState, past_interactions: list[Interaction],
-                      features: FeatureConfig, config: TrainConfig, asked_at: np.ndarray, rng, train_rows: RankerRows,
-                      validation_rows: RankerRows, *other_rows: RankerRows) -> dict | None:
+                      features: FeatureConfig, config: TrainConfig, asked_at: np.ndarray, rng,
+                      other_folds: list[OtherFold], train_rows: RankerRows, validation_rows: RankerRows,
+                      *other_rows: RankerRows) -> dict | None:
     """The feature configuration's `[crosses]` (crosses.py): every candidate fitted on the
     past interactions, those the probe keeps (trained on `train_rows`, judged on
-    `validation_rows`) appended to every row set's cross columns, and their tables —
+    `validation_rows`) appended to every row set's cross columns (``other_folds``' from
+    their own histories), and their tables —
     refitted on all the data, as every shipped model is — to `features`. Returns the
     selection report (None without a `[crosses]` section)."""
     spec = universe.raw_features.get("crosses")
@@ -324,11 +334,10 @@ def automated_crosses(universe: Universe, past: ModelState, past_interactions: l
     candidates = [c for c in candidates if c.item_values and (c.user_values or c.user_field == "history")]
 
     profiles = [dataset.users.get(user_id) for user_id in universe.user_ids]
-    histories = [history.items for history in past.histories]
-
-    def candidate_columns(rows: RankerRows, chosen: list[crosses.AttributeCross]) -> np.ndarray:
-        return crosses.columns(chosen, dataset.items, profiles, histories, rows.users, rows.items,
-                               asked_at[rows.users])
+    def candidate_columns(rows: RankerRows, chosen: list[crosses.AttributeCross],
+                          state: ModelState = past) -> np.ndarray:
+        return crosses.columns(chosen, dataset.items, profiles, [history.items for history in state.histories],
+                               rows.users, rows.items, asked_at[rows.users])
 
     def probe_inputs(rows: RankerRows) -> np.ndarray:
         return np.hstack([past.user_rows[rows.users], past.item_rows[rows.items], rows.cross])
@@ -347,6 +356,8 @@ def automated_crosses(universe: Universe, past: ModelState, past_interactions: l
     validation_rows.cross = np.hstack([validation_rows.cross, validation_columns[:, selection.kept]])
     for rows in other_rows:
         rows.cross = np.hstack([rows.cross, candidate_columns(rows, kept)])
+    for fold in other_folds:
+        fold.rows.cross = np.hstack([fold.rows.cross, candidate_columns(fold.rows, kept, fold.state)])
     shipped = [crosses.fit_cross(c.user_field, c.item_field, dataset.interactions, dataset.users, items_by_id,
                                  smoothing) for c in kept]
     features.attribute_crosses = [table.to_json() for table in shipped]
@@ -657,6 +668,65 @@ def sequence_encoder(state: ModelState, item_ids: list[str], sample_users: np.nd
             "onnx_max_abs_diff": difference}
 
 
+def held_out_part(universe: Universe, held: np.ndarray) -> tuple[list[Interaction], dict[int, set[int]],
+                                                                  set[tuple[int, int]]]:
+    """The interactions not ``held`` (what features are fitted on), and the held ones as
+    each user's held-out items and the (user, item) pairs among them that were liked."""
+    interactions = universe.dataset.interactions
+    past_interactions = [i for i, h in zip(interactions, held) if not h]
+    held_out: dict[int, set[int]] = {}
+    liked: set[tuple[int, int]] = set()
+    for interaction, h in zip(interactions, held):
+        if h:
+            pair = (universe.user_position[interaction.user_id], universe.item_position[interaction.item_id])
+            held_out.setdefault(pair[0], set()).add(pair[1])
+            if interaction.rating >= 4 or interaction.event in ("like", "purchase"):
+                liked.add(pair)
+    return past_interactions, held_out, liked
+
+
+def held_out_mask(draws: np.ndarray, holdout: float, part: int) -> np.ndarray:
+    """The interactions in held-out part ``part``: those whose draw (uniform in [0, 1)) lies in
+    [part x holdout, (part + 1) x holdout), so that parts are disjoint."""
+    return (draws >= part * holdout) & (draws < (part + 1) * holdout)
+
+
+def forget_reconsumed(held_out: dict[int, set[int]], past: ModelState) -> None:
+    """Re-consumed items are not news: a held-out item already in the user's past is dropped."""
+    for user, items in held_out.items():
+        items.difference_update(past.histories[user].items)
+
+
+@dataclass
+class OtherFold:
+    """A further held-out part's training rows, with the state their features come from."""
+    state: ModelState
+    rows: RankerRows
+    events: ItemEventLog
+
+
+def other_fold(universe: Universe, features: FeatureConfig, config: TrainConfig, draws: np.ndarray, fold: int,
+               users: np.ndarray, request_times: list[int | None]) -> OtherFold:
+    """Held-out part ``fold`` (> 0): its feature models fitted on the rest, and ``users``'
+    recall-style rows. Its own generators (numpy and torch), so that the first part's
+    models see the same random streams whatever the number of parts."""
+    rng = np.random.default_rng(config.seed + 100 + fold)
+    torch_state = torch.get_rng_state()
+    torch.manual_seed(config.seed + 100 + fold)
+    past_interactions, held_out, liked = held_out_part(universe, held_out_mask(draws, config.ranker_holdout, fold))
+    state = fit_state(universe, past_interactions, config, rng, f"past, part {fold + 1}")
+    forget_reconsumed(held_out, state)
+    encode_state(state, universe, features, request_times)
+    rows = ranker_rows(state, users, held_out, liked, config, rng, hard=True)
+    torch.set_rng_state(torch_state)
+    return OtherFold(state, rows, ItemEventLog.from_interactions(past_interactions, universe.item_position))
+
+
+def fold_tensors(parts: list[tuple[RankerRows, ModelState]]) -> tuple[torch.Tensor, ...]:
+    """The fine model's inputs of several parts' rows, each with its own state's features."""
+    return tuple(torch.cat(columns) for columns in zip(*(rows.tensors(state) for rows, state in parts)))
+
+
 def train_bundle(data_dir: Path, out_root: Path, config: TrainConfig | None = None, version: str | None = None) -> Path:
     config = config or TrainConfig()
     started = time.monotonic()
@@ -674,19 +744,13 @@ def train_bundle(data_dir: Path, out_root: Path, config: TrainConfig | None = No
                         encoding, encoding.features(dataset.items))
 
     # 1. Feature models on the "past" part; rankers learn to predict the held-out part.
-    held = rng.random(len(dataset.interactions)) < config.ranker_holdout
-    past_interactions = [i for i, h in zip(dataset.interactions, held) if not h]
-    held_out: dict[int, set[int]] = {}
-    liked: set[tuple[int, int]] = set()
-    for interaction, h in zip(dataset.interactions, held):
-        if h:
-            pair = (universe.user_position[interaction.user_id], item_position[interaction.item_id])
-            held_out.setdefault(pair[0], set()).add(pair[1])
-            if interaction.rating >= 4 or interaction.event in ("like", "purchase"):
-                liked.add(pair)
+    if not 1 <= config.ranker_folds <= int(1 / config.ranker_holdout):
+        raise ValueError(f"ranker_folds = {config.ranker_folds}: between 1 and 1 / ranker_holdout "
+                         f"({int(1 / config.ranker_holdout)}), the disjoint parts of that size")
+    draws = rng.random(len(dataset.interactions))
+    past_interactions, held_out, liked = held_out_part(universe, held_out_mask(draws, config.ranker_holdout, 0))
     past = fit_state(universe, past_interactions, config, rng, "past")
-    for user, items in held_out.items():
-        items.difference_update(past.histories[user].items)  # re-consumed items are not news
+    forget_reconsumed(held_out, past)
     final = fit_state(universe, dataset.interactions, config, rng, "all")
     features = build_config(raw_features, dataset, user_ids, final.histories, final.statistics)
     # The rankers' "requests" happen right after each user's latest training activity
@@ -701,6 +765,8 @@ def train_bundle(data_dir: Path, out_root: Path, config: TrainConfig | None = No
     train_rows = ranker_rows(past, training_users, held_out, liked, config, rng, hard=True)
     validation_rows = ranker_rows(past, validation_users, held_out, liked, config, rng, hard=True)
     auc_rows = ranker_rows(past, validation_users, held_out, liked, config, rng, hard=False)
+    other_folds = [other_fold(universe, features, config, draws, fold, training_users, request_times)
+                   for fold in range(1, config.ranker_folds)]
     # The candidates' windowed counts as of each user's request, from the events the
     # feature store would hold then (held-out ones excluded: they are what is predicted).
     past_events = ItemEventLog.from_interactions(past_interactions, item_position)
@@ -711,17 +777,22 @@ def train_bundle(data_dir: Path, out_root: Path, config: TrainConfig | None = No
         return past_events.values(rows.items, asked_at[rows.users], live_names)
 
     attach_live_items(features, raw_features, live_values, train_rows, validation_rows, auc_rows)
+    for fold in other_folds:
+        fold.rows.live = encode_live(features.live_item, fold.events.values(fold.rows.items, asked_at[fold.rows.users],
+                                                                            live_names), len(fold.rows.items))
     # The selection draws from its own generator: with or without crosses, every other
     # model of the bundle sees the same random stream (make eval compares the two).
     feature_selection = automated_crosses(universe, past, past_interactions, features, config, asked_at,
-                                          np.random.default_rng(config.seed + 1), train_rows, validation_rows,
-                                          auc_rows)
+                                          np.random.default_rng(config.seed + 1), other_folds, train_rows,
+                                          validation_rows, auc_rows)
     log(f"live item features: {[f.source for f in features.live_item] or 'none (no counted events)'}")
-    log(f"ranker data: {len(train_rows.labels)} training rows ({int(train_rows.labels.sum())} positive), "
-        f"{len(validation_rows.labels)} validation rows from {validation_count} held-out users")
+    train_parts = [(train_rows, past)] + [(fold.rows, fold.state) for fold in other_folds]
+    train_inputs = fold_tensors(train_parts)
+    clicks = torch.as_tensor(np.concatenate([rows.labels for rows, _ in train_parts]))
+    likes = torch.as_tensor(np.concatenate([rows.likes for rows, _ in train_parts]))
+    log(f"ranker data: {len(clicks)} training rows ({int(clicks.sum())} positive) from {config.ranker_folds} "
+        f"held-out part(s), {len(validation_rows.labels)} validation rows from {validation_count} held-out users")
 
-    train_inputs = train_rows.tensors(past)
-    clicks, likes = torch.as_tensor(train_rows.labels), torch.as_tensor(train_rows.likes)
     validation_inputs = validation_rows.tensors(past)
     coarse = CoarseRanker(features.coarse_cross)
     _fit(coarse, (train_inputs[-1],), (clicks,), coarse_loss, config.coarse_epochs, config, rng,
@@ -769,9 +840,9 @@ def train_bundle(data_dir: Path, out_root: Path, config: TrainConfig | None = No
             features.cross = features.cross[:base_columns]
             features.attribute_crosses = []
             profile_cross = profile_cross[:base_columns]
-            for rows in (train_rows, validation_rows, auc_rows):
+            for rows in (train_rows, validation_rows, auc_rows, *(fold.rows for fold in other_folds)):
                 rows.cross = rows.cross[:, :base_columns]
-            train_inputs, validation_inputs = train_rows.tensors(past), validation_rows.tensors(past)
+            train_inputs, validation_inputs = fold_tensors(train_parts), validation_rows.tensors(past)
     if feature_selection is not None:
         feature_selection["shipped"] = [table["name"] for table in features.attribute_crosses]
     # What follows (the student, the sequence encoder) starts from the same random state
@@ -846,7 +917,8 @@ def train_bundle(data_dir: Path, out_root: Path, config: TrainConfig | None = No
         "num_items": len(dataset.items),
         "feature_config": features.to_json(),
         "metrics": {**{k: round(v, 6) for k, v in metrics.items()}, "ranker_val_auc": round(metrics["fine_auc"], 6),
-                    "onnx_max_abs_diff": onnx_diff, "training_seconds": round(time.monotonic() - started, 1)},
+                    "onnx_max_abs_diff": onnx_diff, "training_seconds": round(time.monotonic() - started, 1),
+                    "ranker_training_rows": len(clicks)},
         "score_distribution": {"edges": [round(e, 4) for e in edges.tolist()], "counts": counts.tolist()},
         "feature_distributions": feature_distributions,
         "training_config": config.__dict__,

@@ -10,12 +10,12 @@ from recsys_training.bundle import verify
 from recsys_training.content import cold_start_scores
 from recsys_training.data import Interaction, load_dataset
 from recsys_training.models import auc, normalised_graph
-from recsys_training.train import TrainConfig, edge_weight, train_bundle
+from recsys_training.train import TrainConfig, edge_weight, held_out_mask, train_bundle
 
 
-def quick_config() -> TrainConfig:
+def quick_config(ranker_folds: int = 1) -> TrainConfig:
     return TrainConfig(bpr_epochs=15, graph_epochs=100, ranker_epochs=3, batch_size=256, embedding_dim=16, ranker_candidates=10,
-                       ranker_random_negatives=10)
+                       ranker_random_negatives=10, ranker_folds=ranker_folds)
 
 
 def test_training_publishes_a_complete_verified_bundle(small_dataset, tmp_path):
@@ -303,3 +303,25 @@ def test_automated_crosses_are_measured_on_held_out_rows_and_the_kept_ones_shipp
     manifest = json.loads((train_bundle(small_dataset, tmp_path / "c", config, version="v1") / "manifest.json")
                           .read_text())
     assert "feature_selection" not in manifest and manifest["feature_config"]["attribute_crosses"] == []
+
+
+def test_rankers_learn_from_every_held_out_part(small_dataset, tmp_path):
+    def trained(parts: int) -> dict:
+        published = train_bundle(small_dataset, tmp_path / f"parts-{parts}", quick_config(parts), version="v1")
+        return json.loads((published / "manifest.json").read_text())
+
+    one, three = trained(1), trained(3)
+    # Each further part adds about as many rows as the first (its own candidates per user).
+    assert three["metrics"]["ranker_training_rows"] > 2 * one["metrics"]["ranker_training_rows"]
+    assert three["training_config"]["ranker_folds"] == 3
+    assert three["metrics"]["fine_auc"] > 0.7 and three["metrics"]["coarse_auc"] > 0.7
+
+
+def test_held_out_parts_are_disjoint_and_never_more_than_fit(small_dataset, tmp_path):
+    draws = np.random.default_rng(0).random(10_000)
+    holdout = 0.2
+    parts = [held_out_mask(draws, holdout, part) for part in range(5)]
+    assert (np.sum(parts, axis=0) == 1).all(), "every draw is in exactly one part"
+    assert (parts[0] == (draws < holdout)).all(), "the first part is the one-part default's"
+    with pytest.raises(ValueError, match="ranker_folds = 6"):
+        train_bundle(small_dataset, tmp_path / "b", quick_config(6), version="v1")

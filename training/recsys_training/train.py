@@ -334,6 +334,7 @@ def automated_crosses(universe: Universe, past: ModelState, past_interactions: l
     candidates = [c for c in candidates if c.item_values and (c.user_values or c.user_field == "history")]
 
     profiles = [dataset.users.get(user_id) for user_id in universe.user_ids]
+
     def candidate_columns(rows: RankerRows, chosen: list[crosses.AttributeCross],
                           state: ModelState = past) -> np.ndarray:
         return crosses.columns(chosen, dataset.items, profiles, [history.items for history in state.histories],
@@ -743,7 +744,8 @@ def train_bundle(data_dir: Path, out_root: Path, config: TrainConfig | None = No
     universe = Universe(dataset, user_ids, {uid: n for n, uid in enumerate(user_ids)}, item_position, raw_features,
                         encoding, encoding.features(dataset.items))
 
-    # 1. Feature models on the "past" part; rankers learn to predict the held-out part.
+    # 1. Feature models on the "past" part; rankers learn to predict the held-out part (the
+    # first of `ranker_folds`; the others add training rows below, `other_fold`).
     if not 1 <= config.ranker_folds <= int(1 / config.ranker_holdout):
         raise ValueError(f"ranker_folds = {config.ranker_folds}: between 1 and 1 / ranker_holdout "
                          f"({int(1 / config.ranker_holdout)}), the disjoint parts of that size")

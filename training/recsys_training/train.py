@@ -48,10 +48,15 @@ class TrainConfig:
         default_factory=lambda: {"impression": 1.0, "click": 2.0, "like": 3.0, "purchase": 5.0})
     # Item-to-item model: EASE for the head items, windowed co-occurrence for the tail
     # (item_to_item.py); ridge strength, head size, window and weights kept per item.
+    # EASE's weights are dense and serving reads the strongest `neighbors` per item: on the
+    # published MovieLens split EASE (λ 400) scores nDCG@10 0.4856 with every weight, 0.4844
+    # with 400 per item and 0.4810 with 200 (the item-CF channel served 0.4810 → 0.4844 and
+    # the ranked list rose as much: recall and rank-svc add one weight per history item and
+    # neighbour, so serving work grows with it).
     item_cf_l2: float = 400.0
     item_cf_head_items: int = 8_000
     item_cf_window: int = 5
-    neighbors: int = 200
+    neighbors: int = 400
     # Rankers learn from a part of the training data held out from the models that make
     # their features (like serving, where features come from past behaviour only).
     ranker_holdout: float = 0.2

@@ -278,16 +278,34 @@ fn the_int8_copy_and_the_student_serve_in_the_teachers_place() {
         let served = scores(variant);
         assert!(served.iter().all(|s| (0.0..=1.0).contains(s)), "{variant:?}");
         assert_ne!(served, teacher, "{variant:?} is a different model");
-        // The top ten of the teacher stay in the variant's top 50.
-        let top = |scores: &[f32], k: usize| {
-            let mut order: Vec<usize> = (0..scores.len()).collect();
-            order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
-            order.truncate(k);
-            order
-        };
-        let kept = top(&served, 50);
-        assert!(top(&teacher, 10).iter().all(|item| kept.contains(item)), "{variant:?}");
+        // The two orders agree overall, and most of the teacher's top ten stay in the
+        // variant's top 50 (an unrelated order keeps about 2.5 of them; a smaller model
+        // may put one or two of them much lower: the student of one full-data bundle
+        // ranked two of them 101st and 151st, at a rank correlation of 0.80).
+        let (served_ranks, teacher_ranks) = (ranks(&served), ranks(&teacher));
+        let correlation = spearman(&served_ranks, &teacher_ranks);
+        assert!(correlation >= 0.7, "{variant:?}: rank correlation {correlation}");
+        let kept = (0..teacher.len()).filter(|&item| teacher_ranks[item] < 10 && served_ranks[item] < 50).count();
+        assert!(kept >= 7, "{variant:?}: {kept} of the teacher's top ten in its top 50");
     }
+}
+
+/// Each item's 0-based place when `scores` are sorted best first.
+fn ranks(scores: &[f32]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+    let mut rank = vec![0; scores.len()];
+    for (place, item) in order.into_iter().enumerate() {
+        rank[item] = place;
+    }
+    rank
+}
+
+/// Spearman's rank correlation of two tie-free rankings of the same items.
+fn spearman(a: &[usize], b: &[usize]) -> f64 {
+    let n = a.len() as f64;
+    let squared: f64 = a.iter().zip(b).map(|(&x, &y)| (x as f64 - y as f64).powi(2)).sum();
+    1.0 - 6.0 * squared / (n * (n * n - 1.0))
 }
 
 /// A feature store that answers every item with counts that differ by item (or fails),

@@ -179,8 +179,12 @@ async fn each_rule_kind_acts_on_the_served_list_and_a_bad_rules_file_changes_not
         ..CatalogItem::default()
     };
     catalog.upsert_items(UpsertItemsRequest { items: vec![new_item] }).await.expect("upsert");
-    let served_new = eventually(&cluster, "the new item", |r| ids(r).contains(&"new-item-1".to_string())).await;
-    assert!(effects(&served_new, "new-item-1").contains(&("fresh", "freshness")));
+    // Recall and rerank follow the catalogue each on its own, so recall may propose the
+    // item a poll before rerank knows its publish time: wait for both.
+    let served_new = eventually(&cluster, "the new item, lifted by freshness", |r| {
+        ids(r).contains(&"new-item-1".to_string()) && effects(r, "new-item-1").contains(&("fresh", "freshness"))
+    })
+    .await;
     let trace = served_new.items.iter().find(|item| item.item_id == "new-item-1").unwrap().trace.clone().unwrap();
     assert_eq!(trace.recall_channels, ["cold_start"]);
 

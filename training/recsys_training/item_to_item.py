@@ -3,8 +3,11 @@
 Two methods, chosen by item popularity:
 
 - the **head** (the ``head_items`` most-interacted items) gets EASE (Steck, 2019), a
-  closed-form regression of each item on all others, which is the best item-to-item model
-  on MovieLens but needs a dense head x head Gram matrix and its inverse;
+  closed-form regression of each item on all others, or with ``dropout`` above 0 its
+  denoising form DLAE (Steck, 2020: the same regression trained as if each input item were
+  dropped with that probability, which penalises every weight by its item's popularity
+  instead of forbidding self-weights); the best item-to-item models on MovieLens, they need
+  a dense head x head Gram matrix and its inverse;
 - the **tail** gets windowed co-occurrence: items consumed within ``window`` steps of
   each other in a user's time-ordered history, weighted by 1/distance and normalised by
   both items' popularity (cosine), computed with sparse matrices only.
@@ -27,8 +30,11 @@ import scipy.sparse as sp
 class ItemToItemConfig:
     #: Items (by interaction count) whose rows come from EASE; 0 = co-occurrence only.
     head_items: int = 8_000
-    #: EASE ridge strength.
+    #: Ridge strength.
     l2: float = 400.0
+    #: DLAE's input dropout probability (0: EASE). The regression's penalty on item j's
+    #: weights becomes l2 + dropout / (1 - dropout) * count_j.
+    dropout: float = 0.0
     #: Co-occurrence window (steps in a user's history) for the tail.
     window: int = 5
     #: Weights kept per item.
@@ -63,7 +69,7 @@ def fit(users: np.ndarray, items: np.ndarray, timestamps: np.ndarray, num_users:
     # Keep the strongest per row, then drop the head rows (EASE replaces them).
     tail = top_per_row(tail_matrix, config.keep, by_magnitude=False)
     if len(head):
-        ease = ease_rows(users, items, num_users, num_items, head, config.l2, config.keep)
+        ease = ease_rows(users, items, num_users, num_items, head, config.l2, config.keep, config.dropout)
         scale = _typical_top(ease) / max(_typical_top(tail), 1e-12)
         tail = SparseRows(tail.offsets, tail.neighbors, tail.weights * scale)
         return _merge(ease, tail, is_head)
@@ -92,9 +98,11 @@ def cooccurrence(users: np.ndarray, items: np.ndarray, timestamps: np.ndarray, n
 
 
 def ease_rows(users: np.ndarray, items: np.ndarray, num_users: int, num_items: int, head: np.ndarray, l2: float,
-              keep: int) -> SparseRows:
-    """EASE over the ``head`` items (their rows and columns only), as sparse rows of the
-    whole catalogue (rows of other items are empty)."""
+              keep: int, dropout: float = 0.0) -> SparseRows:
+    """EASE (``dropout`` 0) or DLAE over the ``head`` items (their rows and columns only),
+    as sparse rows of the whole catalogue (rows of other items are empty)."""
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     column = np.full(num_items, -1, dtype=np.int64)
     column[head] = np.arange(len(head))
     in_head = column[items] >= 0
@@ -103,9 +111,16 @@ def ease_rows(users: np.ndarray, items: np.ndarray, num_users: int, num_items: i
     x.sum_duplicates()
     x.data[:] = 1.0  # repeated interactions count once
     gram = (x.T @ x).toarray()
-    gram[np.diag_indices_from(gram)] += l2
+    penalty = l2 + dropout / (1.0 - dropout) * np.diag(gram)
+    gram[np.diag_indices_from(gram)] += penalty
     inverse = np.linalg.inv(gram)
-    weights = -inverse / np.diag(inverse)
+    if dropout > 0.0:
+        # DLAE: B = (G + Λ)^-1 G = I - (G + Λ)^-1 Λ, so B_ij = -inverse_ij * Λ_j off the diagonal.
+        weights = -inverse * penalty[None, :]
+    else:
+        # EASE: the same regression with B_jj = 0 enforced, B_ij = -inverse_ij / inverse_jj.
+        weights = -inverse / np.diag(inverse)
+    # A self-weight only scores items the user already has, which are never served.
     np.fill_diagonal(weights, 0.0)
     local = top_per_row(sp.csr_matrix(weights.astype(np.float32)), keep, by_magnitude=True)
     # Back to catalogue positions: row r of `local` is item head[r].

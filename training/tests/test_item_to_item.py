@@ -49,6 +49,39 @@ def test_the_head_path_is_exactly_dense_ease():
         assert list(weights) == sorted(weights, reverse=True), "rows are strongest first"
 
 
+def test_with_dropout_the_head_path_is_dense_dlae():
+    """DLAE's definition, B = (G + Λ)^-1 G with Λ = l2 + p / (1 - p) * diag(G), computed
+    directly (the pipeline uses the equivalent I - (G + Λ)^-1 Λ), self-weights dropped."""
+    users, items, times, num_users, num_items = planted()
+    x = np.zeros((num_users, num_items))
+    x[users, items] = 1.0
+    gram = x.T @ x
+    penalty = 50.0 + 0.5 / (1 - 0.5) * np.diag(gram)
+    weights = np.linalg.solve(gram + np.diag(penalty), gram)
+    np.fill_diagonal(weights, 0.0)
+    expected = np.zeros_like(weights, dtype=np.float32)
+    for row, values in enumerate(weights):
+        top = np.argsort(-np.abs(values), kind="stable")[:10]
+        expected[row, top] = values[top]
+
+    config = ItemToItemConfig(head_items=1_000, l2=50.0, dropout=0.5, keep=10)
+    result = fit(users, items, times, num_users, num_items, config)
+    np.testing.assert_allclose(result.dense(num_items), expected, rtol=1e-4, atol=1e-6)
+    ease = fit(users, items, times, num_users, num_items, ItemToItemConfig(head_items=1_000, l2=50.0, keep=10))
+    assert not np.allclose(result.dense(num_items), ease.dense(num_items)), "dropout changes the weights"
+
+
+def test_a_dropout_outside_zero_to_one_is_refused():
+    users, items, times, num_users, num_items = planted()
+    for dropout in (-0.1, 1.0):
+        try:
+            fit(users, items, times, num_users, num_items, ItemToItemConfig(head_items=1_000, dropout=dropout))
+        except ValueError as error:
+            assert "dropout" in str(error)
+        else:
+            raise AssertionError(f"dropout {dropout} was accepted")
+
+
 def test_the_sparse_path_finds_the_clusters_without_a_dense_matrix():
     users, items, times, num_users, num_items = planted()
     result = fit(users, items, times, num_users, num_items, ItemToItemConfig(head_items=0, window=3, keep=8))

@@ -228,7 +228,8 @@ def fit_state(universe: Universe, interactions: list[Interaction], config: Train
         log(f"content vectors ({label}) for {int((~has_interactions).sum())} items without interactions")
         item_vectors = content.map_cold_vectors(item_vectors, has_interactions, universe.content_features,
                                                 content_map)
-    log(f"item-to-item weights ({label}): DLAE for up to {config.item_cf_head_items} head items (l2 "
+    head_method = "DLAE" if config.item_cf_dropout > 0 else "EASE"
+    log(f"item-to-item weights ({label}): {head_method} for up to {config.item_cf_head_items} head items (l2 "
         f"{config.item_cf_l2}, dropout {config.item_cf_dropout}), co-occurrence for the rest, "
         f"{config.neighbors} per item")
     rows = item_to_item.fit(

@@ -6,15 +6,18 @@ learns, over the items that do have interactions, how their attributes (genres, 
 era) map to their trained vectors; each item without interactions takes the vector its
 attributes map to. The embedding space is unchanged, so a user's vector (or, for a user
 without a trained one, the mean vector of their latest 50 items, as serving computes it)
-finds such an item by inner product, which is what recall's cold-start channel scores.
+finds such an item by inner product u·v, which is what recall's cold-start channel scores
+(the manifest's `cold_start.score`, "inner_product").
 
 The bundle ships the map (`cold_start.content` in the manifest: recall-svc maps a run-time
 catalogue item's attributes the same way, so an item added after training is scored
 too) and a threshold on that score (`cold_start.threshold`, set on stand-ins:
 train.py's `cold_start_policy`): rank-svc marks a cold-start candidate at or above it,
-and rerank's `new_item_slot` rule gives it a slot. (Judging the new item
-instead by its margin over the known item it would displace was measured too: it showed
-fewer of the users' test items per warm item lost on `make eval`'s cold-start protocol.)
+and rerank's `new_item_slot` rule gives it a slot. The score is not divided by |u|
+(bundles before `cold_start.score` did): the user's norm carries how sure the model is of
+the user, and thresholding the model's own score showed more of the users' test items per
+warm item displaced on `make eval`'s cold-start protocol. (Judging the new item instead by
+its margin over the known item it would displace was measured too: it showed fewer.)
 """
 
 from __future__ import annotations
@@ -114,15 +117,14 @@ def impute_vectors(item_vectors: np.ndarray, has_interactions: np.ndarray, featu
 
 
 def cold_start_scores(user_vectors: np.ndarray, pool_vectors: np.ndarray) -> np.ndarray:
-    """Each user's best score over the pool: max over items of u·v / |u| (what recall's
-    cold-start channel scores), NaN for a user with a zero vector."""
+    """Each user's best score over the pool: max over items of u·v (what recall's
+    cold-start channel scores), NaN for a user with a zero vector (who gets no query)."""
     best = np.full(len(user_vectors), np.nan)
     for start in range(0, len(user_vectors), USER_CHUNK):
         users = user_vectors[start:start + USER_CHUNK].astype(np.float64)
-        norms = np.linalg.norm(users, axis=1)
+        has_vector = np.linalg.norm(users, axis=1) > 0
         scores = (users @ pool_vectors.T.astype(np.float64)).max(axis=1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            best[start:start + USER_CHUNK] = np.where(norms > 0, scores / norms, np.nan)
+        best[start:start + USER_CHUNK] = np.where(has_vector, scores, np.nan)
     return best
 
 

@@ -93,9 +93,11 @@ class TrainConfig:
     student_prune: float = 0.0
     # Items without interactions take the vector their attributes map to (content.py):
     # the ridge strength of that map, and the share of users whose best such item scores
-    # high enough to be shown in rerank's new-item slot (the bundle's threshold).
+    # high enough to be shown in rerank's new-item slot (the bundle's threshold): a third,
+    # where `make eval`'s cold-start protocol keeps both of its targets with a margin
+    # (new items' recall against the warm items' loss; measured along it in the README).
     content_l2: float = 30.0
-    cold_start_share: float = 0.3
+    cold_start_share: float = 0.33
     # Draws of stand-in items the threshold is the median of (cold_start_policy; odd, so the
     # median is a draw's; 0 ships no cold-start section).
     cold_start_draws: int = 25
@@ -601,7 +603,8 @@ def cold_start_policy(universe: Universe, state: ModelState, new_items: np.ndarr
     share shown by a third or more either way (a few strong stand-ins decide the best
     score of many users), so the threshold is the median of `cold_start_draws` draws'.
     It is set on the trained users' vectors; a user new since training is scored with the
-    mean of their latest items, and serving scans at most the newest 10,000 new items
+    mean of their latest items (a vector of another length: the score, u·v, is not divided
+    by it), and serving scans at most the newest 10,000 new items
     (recall's NEW_ITEM_POOL), so beyond that size the share shown drifts from the one set
     here."""
     known = np.flatnonzero(~new_items)
@@ -623,7 +626,8 @@ def cold_start_policy(universe: Universe, state: ModelState, new_items: np.ndarr
     if not thresholds:
         return None
     threshold = float(np.median(thresholds))
-    policy = {"items": int(new_items.sum()), "share": config.cold_start_share, "threshold": round(threshold, 6),
+    policy = {"items": int(new_items.sum()), "share": config.cold_start_share, "score": "inner_product",
+              "threshold": round(threshold, 6),
               "threshold_draws": [round(t, 6) for t in sorted(thresholds)],
               "content_l2": config.content_l2, "content": universe.content_encoding.to_json(state.content_map)}
     if new_items.any():

@@ -184,7 +184,7 @@ def test_new_items_get_vectors_from_their_attributes_and_a_cold_start_threshold(
     published = train_bundle(small_dataset, tmp_path / "b", quick_config(), version="v1")
     manifest = json.loads((published / "manifest.json").read_text())
     cold_start = manifest["cold_start"]
-    assert cold_start["items"] == 4 and cold_start["share"] == 0.3
+    assert cold_start["items"] == 4 and cold_start["share"] == 0.33 and cold_start["score"] == "inner_product"
     # The threshold is the median of its draws' (one draw of stand-ins alone moves the
     # share shown by a third either way).
     draws = cold_start["threshold_draws"]
@@ -193,7 +193,7 @@ def test_new_items_get_vectors_from_their_attributes_and_a_cold_start_threshold(
     embeddings = load_file(published / "embeddings.safetensors")
     users, vectors = embeddings["user_vectors"], embeddings["item_vectors"]
     # The share reported is the one the shipped threshold shows a new item to, scored as
-    # recall's cold-start channel scores (u·v / |u| over the new items).
+    # recall's cold-start channel scores (u·v over the new items).
     best = cold_start_scores(users, vectors[40:44])
     assert abs(np.mean(best >= cold_start["threshold"]) - cold_start["training_users_shown"]) < 0.02  # one user in 60
     user_ids = json.loads((published / "users.json").read_text())

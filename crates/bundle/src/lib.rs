@@ -132,12 +132,29 @@ pub struct ColdStartPolicy {
     /// `cold_start_share`); how many training users it shows one to is in the manifest
     /// too (`training_users_shown`).
     pub share: f64,
-    /// The cold-start channel's score (u·v / |u|) at or above which rank-svc marks a new
-    /// item for the new-item slot.
+    /// How the cold-start channel scores a new item for a user: what `threshold` is on.
+    #[serde(default)]
+    pub score: ColdStartScore,
+    /// The cold-start channel's score at or above which rank-svc marks a new item for the
+    /// new-item slot.
     pub threshold: f32,
     /// The map from attributes to vectors, for items added after training.
     #[serde(default)]
     pub content: Option<ContentMapFile>,
+}
+
+/// The cold-start channel's score of a new item `v` for a user `u`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ColdStartScore {
+    /// u·v / |u|: every user's vector scaled to unit length. What bundles written before
+    /// `score` was recorded used, hence the default.
+    #[default]
+    UnitUser,
+    /// u·v: the model's own score. The user's norm carries how sure the model is of the
+    /// user, so the threshold picks the surest (user, new item) pairs: on `make eval`'s
+    /// cold-start protocol it found more of the users' test items per warm item displaced.
+    InnerProduct,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -6,8 +6,8 @@
 use std::path::Path;
 
 use recsys_bundle::{
-    by_popularity, embeddings::dot, read_item_columns, read_manifest, read_popularity, year_of_ms, BundleError, Column,
-    ContentMap, EmbeddingSpace, ItemColumns, ItemScores, ItemToItem,
+    by_popularity, embeddings::dot, read_item_columns, read_manifest, read_popularity, year_of_ms, BundleError,
+    ColdStartScore, Column, ContentMap, EmbeddingSpace, ItemColumns, ItemScores, ItemToItem,
 };
 use recsys_proto::v1::{CatalogItem, Channel};
 
@@ -48,6 +48,8 @@ pub struct RecallIndex {
     /// Attributes → vector (`Manifest::cold_start`), for run-time catalogue items no
     /// bundle knows.
     content: Option<ContentMap>,
+    /// How the cold-start channel scores (the bundle's threshold is on this score).
+    cold_start_score: ColdStartScore,
     /// The sequence channel's encoder, when the bundle ships one.
     sequence: Option<SequenceEncoder>,
 }
@@ -62,9 +64,9 @@ pub struct UserSignals {
     /// The item-to-item model's scores given the whole history, for the items it has a
     /// weight towards (the rest score 0); `None` without a known history item.
     item_cf: Option<ItemScores>,
-    /// `vector` scaled to unit length: the cold-start channel's query, so that its score
-    /// (u·v / |u|) compares users with one threshold (the bundle's `cold_start`).
-    unit_vector: Option<Vec<f32>>,
+    /// The cold-start channel's query: `vector`, scaled to unit length when the bundle's
+    /// threshold is on u·v / |u| (`ColdStartScore`); `None` for a zero vector.
+    cold_start_query: Option<Vec<f32>>,
     /// The sequence encoder's query from the latest items in their order; `None` without
     /// an encoder or a known history item.
     sequence: Option<Vec<f32>>,
@@ -93,6 +95,7 @@ impl RecallIndex {
             ),
             None => None,
         };
+        let cold_start_score = manifest.cold_start.as_ref().map(|policy| policy.score).unwrap_or_default();
         let sequence = match &manifest.sequence {
             Some(spec) => {
                 let environment = recsys_bundle::onnx::environment(onnx_library).map_err(|reason| {
@@ -114,6 +117,7 @@ impl RecallIndex {
             popularity,
             new_items,
             content,
+            cold_start_score,
             sequence,
         })
     }
@@ -155,7 +159,7 @@ impl RecallIndex {
         let seeds: Vec<usize> = history.iter().filter_map(|id| self.embeddings.item_position(id)).collect();
         let vector = self.embeddings.user_vector(user_id, history, timestamps);
         UserSignals {
-            unit_vector: vector.as_deref().and_then(unit_length),
+            cold_start_query: vector.as_deref().and_then(|vector| cold_start_query(vector, self.cold_start_score)),
             vector,
             recent: self.embeddings.weighted_mean_item_vector(history.iter().zip(session.iter().copied())),
             item_cf: (!seeds.is_empty()).then(|| self.item_to_item.sparse_scores(&seeds)),
@@ -211,7 +215,7 @@ impl RecallIndex {
             Channel::ItemCf => signals.item_cf.as_ref().map(|s| item_cf_top(s, excluded, quota)).unwrap_or_default(),
             Channel::Popular => take_allowed(&self.popular, excluded, quota),
             Channel::ColdStart => {
-                signals.unit_vector.as_ref().map(|v| self.best_new_items(v, excluded, quota)).unwrap_or_default()
+                signals.cold_start_query.as_ref().map(|v| self.best_new_items(v, excluded, quota)).unwrap_or_default()
             }
             Channel::Unspecified => Vec::new(),
         }
@@ -229,19 +233,19 @@ impl RecallIndex {
             Channel::Popular => Some(self.popularity.as_slice()[item]),
             // Nothing to say without new items (a bundle without a cold-start section).
             Channel::ColdStart if self.new_items.is_empty() => None,
-            Channel::ColdStart => signals.unit_vector.as_ref().map(|v| self.embeddings.score(v, item)),
+            Channel::ColdStart => signals.cold_start_query.as_ref().map(|v| self.embeddings.score(v, item)),
             Channel::Unspecified => None,
         }
     }
 
     /// The content-based cold-start channel: the bundle's items without interactions
     /// whose (attribute-mapped) vectors are nearest the user's, by a scan of that pool.
-    fn best_new_items(&self, unit_vector: &[f32], excluded: &ExcludedItems, quota: usize) -> Vec<usize> {
+    fn best_new_items(&self, query: &[f32], excluded: &ExcludedItems, quota: usize) -> Vec<usize> {
         let mut scored: Vec<(f32, usize)> = self
             .new_items
             .iter()
             .filter(|n| !excluded.contains(n))
-            .map(|&n| (self.embeddings.score(unit_vector, n), n))
+            .map(|&n| (self.embeddings.score(query, n), n))
             .collect();
         top_by_score(&mut scored, quota)
     }
@@ -256,7 +260,7 @@ impl RecallIndex {
         items: &[std::sync::Arc<CatalogItem>],
         count: usize,
     ) -> Vec<(String, f32)> {
-        let (Some(content), Some(query)) = (&self.content, &signals.unit_vector) else {
+        let (Some(content), Some(query)) = (&self.content, &signals.cold_start_query) else {
             return items.iter().take(count).map(|item| (item.item_id.clone(), 1.0)).collect();
         };
         let mut scored: Vec<(String, f32)> = items
@@ -312,9 +316,14 @@ fn newest_without_interactions(years: &[u32], interactions: &[u64], limit: usize
     items
 }
 
-fn unit_length(vector: &[f32]) -> Option<Vec<f32>> {
+/// The cold-start channel's query from the user's vector, as the bundle scores
+/// (`ColdStartScore`); `None` for a zero (or not finite) vector, which finds nothing.
+fn cold_start_query(vector: &[f32], score: ColdStartScore) -> Option<Vec<f32>> {
     let norm = vector.iter().map(|v| v * v).sum::<f32>().sqrt();
-    (norm > 0.0 && norm.is_finite()).then(|| vector.iter().map(|v| v / norm).collect())
+    (norm > 0.0 && norm.is_finite()).then(|| match score {
+        ColdStartScore::UnitUser => vector.iter().map(|v| v / norm).collect(),
+        ColdStartScore::InnerProduct => vector.to_vec(),
+    })
 }
 
 #[cfg(test)]
@@ -335,8 +344,12 @@ mod tests {
     }
 
     #[test]
-    fn the_cold_start_query_has_unit_length() {
-        assert_eq!(unit_length(&[3.0, 4.0]), Some(vec![0.6, 0.8]));
-        assert_eq!(unit_length(&[0.0, 0.0]), None);
+    fn the_cold_start_query_is_the_users_vector_or_its_unit_length_as_the_bundle_scores() {
+        assert_eq!(cold_start_query(&[3.0, 4.0], ColdStartScore::InnerProduct), Some(vec![3.0, 4.0]));
+        assert_eq!(cold_start_query(&[3.0, 4.0], ColdStartScore::UnitUser), Some(vec![0.6, 0.8]));
+        for score in [ColdStartScore::InnerProduct, ColdStartScore::UnitUser] {
+            assert_eq!(cold_start_query(&[0.0, 0.0], score), None);
+            assert_eq!(cold_start_query(&[f32::NAN, 1.0], score), None);
+        }
     }
 }

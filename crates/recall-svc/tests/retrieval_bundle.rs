@@ -134,7 +134,7 @@ fn write_bundle(dir: &Path, cold_start: bool) {
         mapping.extend(std::iter::repeat_n(vec![0.0; DIM], 7 + 2));
         let genres: Vec<String> = (0..30).map(|c| format!("g{c}")).collect();
         manifest["cold_start"] = json!({
-            "items": NEW_ITEMS, "share": 0.3, "threshold": 0.5,
+            "items": NEW_ITEMS, "share": 0.3, "score": "inner_product", "threshold": 0.5,
             "content": {"genres": genres, "newest_year": 2019, "era_edges": [0, 1, 2, 4, 8, 18, 38], "mapping": mapping},
         });
     }
@@ -198,9 +198,10 @@ fn the_cold_start_channel_finds_new_items_near_the_users_vector() {
     assert!(proposals.iter().all(|&item| item >= ITEMS - NEW_ITEMS), "only items without interactions: {proposals:?}");
     // Cluster 5 holds two new items; one is excluded, the other leads.
     assert_eq!(proposals[0], ITEMS - NEW_ITEMS + 5, "{proposals:?}");
-    // Its score is the cosine with the user's vector (u·v / |u|, unit item vectors).
+    // Its score is the model's, u·v: the embedding channel's for the same item.
     let score = index.score(Channel::ColdStart, &signals, proposals[0]).unwrap();
-    assert!(score > 0.99 && score <= 1.0001, "{score}");
+    let inner_product = index.score(Channel::Embedding, &signals, proposals[0]).unwrap();
+    assert!((score - inner_product).abs() < 1e-6, "{score} against u·v {inner_product}");
 
     // An item added after training is placed by the vector its attributes map to: a
     // genre of the user's cluster first, whatever is newer.
@@ -210,8 +211,27 @@ fn the_cold_start_channel_finds_new_items_near_the_users_vector() {
     let added = [runtime("newest", "g7"), runtime("of-cluster-5", "g5|unknown"), runtime("no-genre", "")];
     let ordered = index.order_runtime_items(&signals, &added, 2);
     assert_eq!(ordered[0].0, "of-cluster-5", "{ordered:?}");
-    assert!(ordered[0].1 > 0.99, "cosine with the user's direction: {ordered:?}");
+    assert!(ordered[0].1 > 0.99, "u·v with the cluster's direction, |u| about 1 here: {ordered:?}");
     assert_eq!(ordered.len(), 2);
+
+    // A bundle whose manifest does not say how the channel scores was written when it
+    // scored u·v / |u|: its threshold is on that. A user between two clusters has a
+    // vector shorter than 1, which that score divides out.
+    let manifest_path = dir.path().join("manifest.json");
+    let mut manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
+    manifest["cold_start"].as_object_mut().unwrap().remove("score");
+    std::fs::write(&manifest_path, serde_json::to_string(&manifest).unwrap()).unwrap();
+    let index = RecallIndex::load(dir.path(), 64, None).unwrap();
+    let between: Vec<String> = ["i5", "i6"].iter().map(|id| id.to_string()).collect();
+    let signals = index.signals("someone-new", &between, &[], &[1.0; 5]);
+    let scaled: Vec<f32> = [ITEMS - NEW_ITEMS + 5, ITEMS - NEW_ITEMS + 6]
+        .into_iter()
+        .map(|item| {
+            index.score(Channel::ColdStart, &signals, item).unwrap()
+                / index.score(Channel::Embedding, &signals, item).unwrap()
+        })
+        .collect();
+    assert!(scaled[0] > 1.1 && (scaled[0] - scaled[1]).abs() < 1e-4, "both divided by the same |u| < 1: {scaled:?}");
 
     // Without the manifest's cold-start section the channel proposes nothing from the
     // bundle, and run-time items newest first.

@@ -32,6 +32,9 @@ from .data import Item
 # newest year, the one before, 2-3 years, 4-7, 8-17, 18-37, older (and unknown apart).
 ERA_EDGES = (0, 1, 2, 4, 8, 18, 38)
 USER_CHUNK = 4096
+# The manifest's `cold_start.score`: how `cold_start_scores` (and recall's cold-start
+# channel) score a new item for a user.
+COLD_START_SCORE = "inner_product"
 
 
 @dataclass

@@ -626,7 +626,7 @@ def cold_start_policy(universe: Universe, state: ModelState, new_items: np.ndarr
     if not thresholds:
         return None
     threshold = float(np.median(thresholds))
-    policy = {"items": int(new_items.sum()), "share": config.cold_start_share, "score": "inner_product",
+    policy = {"items": int(new_items.sum()), "share": config.cold_start_share, "score": content.COLD_START_SCORE,
               "threshold": round(threshold, 6),
               "threshold_draws": [round(t, 6) for t in sorted(thresholds)],
               "content_l2": config.content_l2, "content": universe.content_encoding.to_json(state.content_map)}

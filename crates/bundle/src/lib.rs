@@ -273,6 +273,21 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn the_cold_start_score_is_u_dot_v_over_its_norm_unless_the_manifest_says() {
+        let policy = |extra: serde_json::Value| {
+            let mut json = serde_json::json!({"items": 3, "share": 0.33, "threshold": 1.5});
+            json.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            serde_json::from_value::<ColdStartPolicy>(json)
+        };
+        assert_eq!(policy(serde_json::json!({})).unwrap().score, ColdStartScore::UnitUser);
+        let inner = policy(serde_json::json!({"score": "inner_product"})).unwrap();
+        assert_eq!(inner.score, ColdStartScore::InnerProduct);
+        assert_eq!(policy(serde_json::json!({"score": "unit_user"})).unwrap().score, ColdStartScore::UnitUser);
+        let unknown = policy(serde_json::json!({"score": "cosine"})).unwrap_err().to_string();
+        assert!(unknown.contains("cosine"), "{unknown}");
+    }
+
+    #[test]
     fn missing_bundle_says_how_to_make_one() {
         let dir = tempfile::tempdir().unwrap();
         let error = resolve_dir(dir.path()).unwrap_err();

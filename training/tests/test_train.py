@@ -167,6 +167,59 @@ def test_rows_shown_as_new_users_look_like_a_user_without_behaviour():
     assert feed[5].tolist() == [[0.5, 0.25], [0.0, 1.5]]
 
 
+def test_grouped_batches_keep_each_users_rows_together_in_a_random_group_order():
+    from recsys_training.train import RankerRows, grouped_permutation, row_groups
+
+    def rows(users):
+        users = np.asarray(users)
+        empty = np.zeros(len(users))
+        return RankerRows(users, users, empty[:, None], empty, empty)
+
+    # Two held-out parts; user 1 appears in both, and is a different request in each.
+    groups = row_groups([rows([0, 0, 1]), rows([1, 2, 2, 2])], num_users=3)
+    assert groups.tolist() == [0, 0, 1, 4, 5, 5, 5]
+    orders = set()
+    for seed in range(20):
+        order = grouped_permutation(groups, np.random.default_rng(seed))
+        assert sorted(order.tolist()) == list(range(len(groups)))
+        runs = [groups[order][0]] + [g for previous, g in zip(groups[order], groups[order][1:]) if g != previous]
+        assert sorted(runs) == [0, 1, 4, 5]  # each group is one contiguous run
+        orders.add(tuple(runs))
+    assert len(orders) > 1
+
+
+def test_the_coarse_loss_adds_a_per_user_softmax_of_the_positive_rows():
+    import torch
+
+    from recsys_training.train import coarse_loss
+
+    class Logits(torch.nn.Module):
+        def logit(self, values):
+            return values
+
+    logits = torch.tensor([2.0, 0.0, -1.0, 3.0, 1.0])
+    clicks = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0])
+    groups = torch.tensor([7, 7, 7, 9, 9])
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, clicks)
+    assert torch.isclose(coarse_loss(0.0)(Logits(), [logits], [clicks, groups]), bce)
+    # Each positive's log-softmax over its own user's rows only.
+    first = 2.0 - np.log(np.exp(2.0) + np.exp(0.0) + np.exp(-1.0))
+    second = 1.0 - np.log(np.exp(3.0) + np.exp(1.0))
+    expected = bce - 0.5 * (first + second) / 2
+    assert torch.isclose(coarse_loss(0.5)(Logits(), [logits], [clicks, groups]), expected.float())
+    # Large logits stay finite (the log-sum-exp is shifted by each group's maximum).
+    huge = coarse_loss(1.0)(Logits(), [logits * 1000], [clicks, groups])
+    assert torch.isfinite(huge)
+    # A batch without positives is the click loss alone.
+    none = torch.zeros(5)
+    assert torch.isclose(coarse_loss(1.0)(Logits(), [logits], [none, groups]),
+                         torch.nn.functional.binary_cross_entropy_with_logits(logits, none))
+    # Gradients reach every row of a group with a positive.
+    values = logits.clone().requires_grad_()
+    coarse_loss(1.0)(Logits(), [values], [clicks, groups]).backward()
+    assert (values.grad != 0).all()
+
+
 def test_new_items_get_vectors_from_their_attributes_and_a_cold_start_threshold(small_dataset, tmp_path):
     plain = train_bundle(small_dataset, tmp_path / "plain", quick_config(), version="v1")
     plain_policy = json.loads((plain / "manifest.json").read_text())["cold_start"]

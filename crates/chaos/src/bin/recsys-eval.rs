@@ -107,6 +107,12 @@ fn replay_context(user: &UserFeatures) -> HashMap<String, String> {
 /// measures quality, so such an answer is asked again rather than scored.
 const ATTEMPTS: usize = 3;
 
+/// The pause before asking a degraded answer again. A burst of misses opens the stage's
+/// circuit breaker, and every answer asked while it is open is degraded too: asked again at
+/// once, a whole run of consecutive users stayed degraded on all three attempts (a `make
+/// eval` failed so). The pause outlasts the breaker's longest open period (2 s by default).
+const RETRY_PAUSE: Duration = Duration::from_millis(2_500);
+
 /// The served answer, how many degraded answers were asked again, and how long the
 /// answer kept took (`make eval`'s serving cost compares two runs' means).
 async fn recommend(
@@ -133,6 +139,7 @@ async fn recommend(
             return Ok((response, retried, started.elapsed()));
         }
         retried += 1;
+        tokio::time::sleep(RETRY_PAUSE).await;
     }
 }
 
